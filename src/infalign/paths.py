@@ -1,0 +1,42 @@
+"""Where the project's config tree lives.
+
+The Hydra configs sit at the repository root (`conf/`, as in lightning-hydra-template) rather than inside
+the package, so entry points find them relative to this file in an editable install (the supported way,
+see README) or through `INFALIGN_CONF_DIR`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def conf_dir() -> str:
+    path = Path(os.environ.get("INFALIGN_CONF_DIR", REPO_ROOT / "conf")).resolve()
+    if not (path / "transform").is_dir():
+        raise FileNotFoundError(
+            f"config directory {path} not found (it needs conf/transform/): install infalign editable from a "
+            "checkout (`pip install -e .`) or point INFALIGN_CONF_DIR at the repository's conf/ folder"
+        )
+    return str(path)
+
+
+def data_root() -> str:
+    """HH-RLHF root: `INFALIGN_DATA_ROOT`, else `../shared/data/hh-rlhf` beside the checkout."""
+    return str(Path(os.environ.get("INFALIGN_DATA_ROOT", REPO_ROOT.parent / "shared" / "data" / "hh-rlhf")))
+
+
+def cache_root() -> str:
+    """Built models and calibration caches: `INFALIGN_CACHE`, else `<repo>/.cache` (git-ignored)."""
+    return str(Path(os.environ.get("INFALIGN_CACHE", REPO_ROOT / ".cache")))
+
+
+def register_resolvers() -> None:
+    """Register `${infalign.data_root:}` and `${infalign.cache_root:}` for the Hydra configs (idempotent)."""
+    from omegaconf import OmegaConf
+
+    for name, fn in (("infalign.data_root", data_root), ("infalign.cache_root", cache_root)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)

@@ -1,0 +1,51 @@
+"""Closed-form InfAlign analysis (math page, section 3): tilted densities, KL, win rates, optimal transforms.
+
+Run `python -m infalign.theory transform=bon_exp transform.t=4 beta=0.1 n=4` for one point (the last line
+of standard output is a JSON object), or `... mode=curve` for win-rate-vs-KL curves (CSV + PNG).
+"""
+
+from infalign.theory.core import (
+    MODES,
+    TiltedDensity,
+    analyze,
+    bon_win_rate,
+    check_beta,
+    check_mode,
+    check_n,
+    default_grid,
+    inference_win_rate,
+    kl,
+    tilted_density,
+    win_rate,
+    won_win_rate,
+)
+from infalign.theory.solve import (
+    TabulatedPhi,
+    best_t,
+    beta_for_kl,
+    optimal_density,
+    optimal_transform,
+    win_rate_curves,
+)
+
+__all__ = [
+    "MODES",
+    "TabulatedPhi",
+    "TiltedDensity",
+    "analyze",
+    "best_t",
+    "beta_for_kl",
+    "bon_win_rate",
+    "check_beta",
+    "check_mode",
+    "check_n",
+    "default_grid",
+    "inference_win_rate",
+    "kl",
+    "optimal_density",
+    "optimal_transform",
+    "tilted_density",
+    "win_rate",
+    "win_rate_curves",
+    "won_win_rate",
+]

@@ -1,0 +1,88 @@
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from infalign.transforms import (
+    BoNExpTransform,
+    IdentityTransform,
+    LogTransform,
+    OptimalTransform,
+    RawTransform,
+    WoNExpTransform,
+)
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+U = np.linspace(0.0, 1.0, 101)
+
+
+@pytest.mark.parametrize("t", [0.5, 4.0, 30.0])
+def test_exp_family_matches_paper_forms(t):
+    naive_bon = (np.exp(t * U) - 1) / (np.exp(t) - 1)
+    naive_won = (1 - np.exp(-t * U)) / (1 - np.exp(-t))
+    np.testing.assert_allclose(BoNExpTransform(t)(U), naive_bon, atol=1e-12)
+    np.testing.assert_allclose(WoNExpTransform(t)(U), naive_won, atol=1e-12)
+
+
+@pytest.mark.parametrize("transform", [BoNExpTransform(3.0), WoNExpTransform(3.0), IdentityTransform(), LogTransform()])
+def test_torch_and_numpy_agree(transform):
+    out_np = transform(U)
+    out_t = transform(torch.tensor(U))
+    assert isinstance(out_np, np.ndarray) and isinstance(out_t, torch.Tensor)
+    np.testing.assert_allclose(out_t.numpy(), out_np, atol=1e-12)
+    assert transform(torch.tensor(U, dtype=torch.float32)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("cls", [BoNExpTransform, WoNExpTransform])
+@pytest.mark.parametrize("t", [1e-3, 1.0, 1e3, 1e6])
+def test_exp_family_normalised_monotone_and_finite_for_any_t(cls, t):
+    phi = cls(t)(U)
+    assert np.all(np.isfinite(phi))
+    assert phi[0] == pytest.approx(0.0, abs=1e-12) and phi[-1] == pytest.approx(1.0)
+    assert np.all(np.diff(phi) >= 0)
+
+
+def test_log_is_safe_at_zero():
+    assert LogTransform(eps=1e-3)(np.array([0.0]))[0] == pytest.approx(math.log(1e-3))
+    assert torch.isfinite(LogTransform()(torch.zeros(3))).all()
+    assert LogTransform()(np.array([0.5]))[0] == pytest.approx(math.log(0.5))
+
+
+def test_raw_accepts_any_real_reward_but_calibrated_transforms_do_not():
+    r = torch.tensor([-3.0, 12.0])
+    assert torch.equal(RawTransform()(r), r)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        IdentityTransform()(r)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), "abc"])
+def test_t_must_be_positive(bad):
+    with pytest.raises(ValueError, match="`t` must be a positive"):
+        BoNExpTransform(t=bad)
+
+
+def test_nan_input_rejected():
+    with pytest.raises(ValueError, match="NaN"):
+        WoNExpTransform(2.0)(torch.tensor([0.1, float("nan")]))
+
+
+def test_optimal_transform_interpolates_its_table_in_torch_and_numpy():
+    opt = OptimalTransform(n=4, mode="bon", beta=0.2)
+    u = np.random.default_rng(0).random(50)
+    np.testing.assert_allclose(opt(torch.tensor(u)).numpy(), opt(u), atol=1e-10)
+    assert np.all(np.diff(opt(U)) >= 0)  # best-of-N rewards higher u
+    # N = 1: the optimum is the identity (the standard win rate's functional derivative is u)
+    np.testing.assert_allclose(OptimalTransform(n=1, mode="bon", beta=0.3)(U), U, atol=1e-9)
+
+
+def test_every_transform_config_instantiates():
+    names = sorted(p.stem for p in (CONF / "transform").glob("*.yaml"))
+    assert {"raw", "identity", "bon_exp", "won_exp", "log", "optimal"} <= set(names)
+    for name in names:
+        cfg = OmegaConf.create({"n": 2, "beta": 0.5, "transform": OmegaConf.load(CONF / "transform" / f"{name}.yaml")})
+        transform = instantiate(cfg.transform)
+        assert np.all(np.isfinite(transform(U)))
