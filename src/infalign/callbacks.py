@@ -1,0 +1,127 @@
+"""Win-rate evaluation as a Lightning callback: best-of-N and worst-of-N win rates against the reference.
+
+Every `every` iterations and at the end of training, the policy samples `k` responses for each held-out
+prompt; the torchmetrics `InferenceTimeWinRate` compares their rewards with the M cached reference
+rewards of the same prompt (exact U-statistic, any K, M >= N). Results go to every logger (W&B, CSV),
+to `eval_metrics.csv` (one row per evaluation); the final one is kept in `final` for `final_metrics.json`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from infalign.calibration import EmpiricalCalibrator
+from infalign.metrics import InferenceTimeWinRate
+from infalign.reference_samples import check_finite_rewards
+from infalign.rl import sequence_kl
+from infalign.rollout import decode_responses, generate, response_logprobs
+
+log = logging.getLogger(__name__)
+
+__all__ = ["WinRateCallback", "atomic_write_json"]
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+class WinRateCallback(L.Callback):
+    def __init__(self, eval_prompts: list[tuple[str, str]], reference_samples, ns: list[int], k: int, every: int,
+                 gen_kwargs: dict, out_dir: str | Path, seed: int = 0, batch_prompts: int = 8):
+        self.prompt_ids = [p[0] for p in eval_prompts]
+        self.prompts = [p[1] for p in eval_prompts]
+        if len(set(self.prompt_ids)) != len(self.prompt_ids):
+            raise ValueError("evaluation prompts must be unique: each prompt is counted once")
+        self.reference_samples, self.ns, self.k, self.every = reference_samples, sorted(set(ns)), int(k), int(every)
+        too_big = [n for n in self.ns if n > min(self.k, reference_samples.m)]
+        if too_big:
+            raise ValueError(f"eval N={too_big} needs eval.k and calibration.m >= N (got k={self.k}, "
+                             f"M={reference_samples.m}); raise them or drop those N from eval.ns")
+        self.gen_kwargs, self.out_dir, self.seed, self.batch_prompts = gen_kwargs, Path(out_dir), seed, batch_prompts
+        self.metrics = {(mode, n): InferenceTimeWinRate(n=n, mode=mode) for mode in ("bon", "won") for n in self.ns}
+        self.history: list[dict] = []
+        self.final: dict | None = None
+
+    # ------------------------------------------------------------------ hooks
+    def on_train_epoch_end(self, trainer, module) -> None:
+        iteration = trainer.current_epoch + 1
+        if self.every and iteration % self.every == 0 and iteration < trainer.max_epochs:
+            self.run_eval(trainer, module, iteration)
+
+    def on_train_end(self, trainer, module) -> None:
+        # after the last epoch Lightning has already advanced current_epoch to the number completed
+        self.final = self.run_eval(trainer, module, trainer.current_epoch)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, module) -> dict[str, float]:
+        """Win rates, KL and mean rewards of the current policy on the evaluation prompts."""
+        for metric in self.metrics.values():
+            metric.reset()
+        kl1, kl3, raw_sum, cal_sum, count = 0.0, 0.0, 0.0, 0.0, 0
+        state = torch.random.get_rng_state()
+        torch.manual_seed(self.seed * 1_000_003 + 424_242)  # same eval samples' randomness at every evaluation
+        try:
+            for start in range(0, len(self.prompts), self.batch_prompts):
+                ids = self.prompt_ids[start : start + self.batch_prompts]
+                prompts = self.prompts[start : start + self.batch_prompts]
+                rollout = generate(module.policy, module.tokenizer, prompts, self.k, self.gen_kwargs)
+                texts = decode_responses(module.tokenizer, rollout)
+                raw = module.reward_model.score([p for p in prompts for _ in range(self.k)], texts)
+                check_finite_rewards(raw, prompts, "an evaluation sample")
+                raw = raw.view(len(prompts), self.k).double()
+                ref = self.reference_samples.rewards_for(ids).double()
+                for metric in self.metrics.values():
+                    metric.update(raw, ref)
+                kl = sequence_kl(response_logprobs(module.policy, rollout), response_logprobs(module.reference, rollout),
+                                 rollout.response_mask)
+                kl1 += kl["k1"].sum().item()
+                kl3 += kl["k3"].sum().item()
+                raw_sum += raw.sum().item()
+                cal_sum += EmpiricalCalibrator()(raw, ref).sum().item()
+                count += raw.numel()
+        finally:
+            torch.random.set_rng_state(state)
+        out = {"eval/kl": kl1 / count, "eval/kl_k3": kl3 / count, "eval/reward_raw": raw_sum / count,
+               "eval/reward_calibrated": cal_sum / count}
+        for (mode, n), metric in self.metrics.items():
+            out[f"eval/{mode}_win_rate@{n}"] = metric.compute().item()
+            out[f"eval/{mode}_win_rate@{n}_se"] = metric.standard_error().item()
+        return out
+
+    def run_eval(self, trainer, module, iteration: int) -> dict:
+        results = self.evaluate(module)
+        results = {"iteration": iteration, "step": trainer.global_step, **results}
+        for logger in trainer.loggers:
+            logger.log_metrics({k: v for k, v in results.items() if k.startswith("eval/")}, step=trainer.global_step)
+        if trainer.is_global_zero:
+            self._append_csv(results)
+        log.info("eval @ iteration %d: %s", results["iteration"],
+                 ", ".join(f"{k[5:]}={v:.4f}" for k, v in results.items() if k.startswith("eval/") and "_se" not in k))
+        self.history.append(results)
+        return results
+
+    def _append_csv(self, row: dict) -> None:
+        path = self.out_dir / "eval_metrics.csv"
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        rows = []
+        if path.exists():
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f))
+        rows.append({k: row[k] for k in row})
+        fields = list(dict.fromkeys(k for r in rows for k in r))
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)

@@ -1,0 +1,128 @@
+"""Prompts, the calibration cache and rollout buffers, as a LightningDataModule.
+
+One training iteration = one Lightning epoch of one batch: a batch of training prompts. Making the
+iteration an epoch means a checkpoint always falls between iterations, so resuming continues with the
+next iteration's prompts (the sampler derives them from the seed and the epoch number) instead of
+restarting an epoch. The module turns the prompt batch into a `RolloutBuffer` with `build_rollout`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from infalign.reference_samples import ReferenceSamples, check_finite_rewards
+from infalign.rl import rloo_advantages, sequence_kl
+from infalign.rollout import Rollout, decode_responses, generate, response_logprobs
+
+__all__ = ["IterationSampler", "RolloutBuffer", "RolloutDataModule", "build_rollout"]
+
+
+class IterationSampler(Sampler[int]):
+    """Yields `per_iteration` prompt indices for the current epoch (= iteration), walking through seeded
+    permutations of all prompts, so the data order depends only on (seed, iteration)."""
+
+    def __init__(self, num_prompts: int, per_iteration: int, seed: int):
+        if per_iteration > num_prompts:
+            raise ValueError(
+                f"rl.prompts_per_iteration={per_iteration} exceeds the {num_prompts} training prompts; lower it "
+                "or raise calibration.train_prompts"
+            )
+        self.num_prompts, self.per_iteration, self.seed, self.epoch = num_prompts, per_iteration, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.per_iteration
+
+    def __iter__(self):
+        start = self.epoch * self.per_iteration
+        out = []
+        while len(out) < self.per_iteration:
+            cycle, offset = divmod(start + len(out), self.num_prompts)
+            perm = torch.randperm(self.num_prompts, generator=torch.Generator().manual_seed(self.seed * 7919 + cycle))
+            take = min(self.per_iteration - len(out), self.num_prompts - offset)
+            out.extend(perm[offset : offset + take].tolist())
+        return iter(out)
+
+
+@dataclass
+class RolloutBuffer:
+    """One iteration's samples with everything the update needs (rows prompt-major, k per prompt)."""
+
+    rollout: Rollout
+    old_logp: torch.Tensor  # [S, T] policy log-probs at sampling time
+    advantages: torch.Tensor  # [S]
+    stats: dict[str, float]
+
+    def __len__(self) -> int:
+        return self.advantages.shape[0]
+
+    def minibatches(self, size: int, generator: torch.Generator):
+        """Shuffled minibatches covering the buffer once: (sub-rollout, old_logp, advantages)."""
+        order = torch.randperm(len(self), generator=generator)
+        r = self.rollout
+        for idx in order.split(size):
+            sub = Rollout(r.input_ids[idx], r.attention_mask[idx], r.response_mask[idx], r.prompt_len)
+            yield sub, self.old_logp[idx], self.advantages[idx]
+
+
+@torch.no_grad()
+def build_rollout(module, prompt_ids: list[str], prompts: list[str], reference_samples: ReferenceSamples) -> RolloutBuffer:
+    """Generate k responses per prompt with the policy, score, calibrate, transform, and compute advantages."""
+    k, beta = module.rl.k, module.beta
+    rollout = generate(module.policy, module.tokenizer, prompts, k, module.gen_kwargs)
+    texts = decode_responses(module.tokenizer, rollout)
+    raw = module.reward_model.score([p for p in prompts for _ in range(k)], texts).to(module.device)
+    check_finite_rewards(raw, prompts, "a training rollout")
+    raw = raw.view(len(prompts), k).double()
+    ref_rewards = reference_samples.rewards_for(prompt_ids).to(module.device) if module.calibrator.needs_reference else None
+    calibrated = module.calibrator(raw, ref_rewards)
+    transformed = torch.as_tensor(module.transform(calibrated)).double()
+
+    old_logp, entropy = response_logprobs(module.policy, rollout, with_entropy=True)
+    ref_logp = response_logprobs(module.reference, rollout)
+    kl = sequence_kl(old_logp, ref_logp, rollout.response_mask)
+    seq_reward = transformed.flatten()
+    if module.rl.kl_penalty == "reward":  # R = Phi(C) - beta * KL (k1, per sequence)
+        seq_reward = seq_reward - beta * kl["k1"].double()
+    advantages = rloo_advantages(seq_reward.view(len(prompts), k)).flatten().float()
+
+    lengths = rollout.lengths.float()
+    stats = {
+        "reward/raw": raw.mean().item(),
+        "reward/calibrated": calibrated.double().mean().item(),
+        "reward/transformed": transformed.mean().item(),
+        "reward/total": seq_reward.mean().item(),
+        "kl/k1": kl["k1"].mean().item(),
+        "kl/k3": kl["k3"].mean().item(),
+        "policy/entropy": (entropy.sum() / lengths.sum().clamp_min(1)).item(),
+        "policy/response_length": lengths.mean().item(),
+        "beta": beta,
+    }
+    return RolloutBuffer(rollout=rollout, old_logp=old_logp, advantages=advantages, stats=stats)
+
+
+class RolloutDataModule(L.LightningDataModule):
+    """Training prompts (one batch per iteration), evaluation prompts, and the calibration cache."""
+
+    def __init__(self, train_prompts: list[tuple[str, str]], eval_prompts: list[tuple[str, str]],
+                 reference_samples: ReferenceSamples, prompts_per_iteration: int, seed: int):
+        super().__init__()
+        self.train_prompts, self.eval_prompts = train_prompts, eval_prompts
+        self.reference_samples = reference_samples
+        self.prompts_per_iteration, self.seed = int(prompts_per_iteration), int(seed)
+        self.sampler = IterationSampler(len(train_prompts), self.prompts_per_iteration, self.seed)
+
+    def train_dataloader(self) -> DataLoader:
+        # Items are (prompt_id, prompt text); the batch is a list of them (no tensors to collate).
+        return DataLoader(self.train_prompts, batch_size=self.prompts_per_iteration, sampler=self.sampler,
+                          collate_fn=list, num_workers=0)
+
+    def build_rollout(self, module, batch: list[tuple[str, str]]) -> RolloutBuffer:
+        ids, prompts = [b[0] for b in batch], [b[1] for b in batch]
+        return build_rollout(module, ids, prompts, self.reference_samples)

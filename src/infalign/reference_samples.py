@@ -1,0 +1,106 @@
+"""The calibration cache: M reference responses per prompt and their rewards, generated once.
+
+The reference policy is frozen, so its samples and their rewards depend only on (reference model, reward
+model, prompt set, M, generation config, seed). They are built once into the content-addressed cache
+(`infalign.cache`: temp dir + atomic rename, manifest with checksums verified on every load) and reused
+by every run and sweep member with the same key. They serve twice: as the calibration set `z_1..z_M`
+of each training prompt and as the reference side of the win-rate evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from infalign.cache import get_or_build
+from infalign.rollout import decode_responses, generate
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ReferenceSamples", "load_or_build_reference_samples", "check_finite_rewards"]
+
+
+def check_finite_rewards(rewards: torch.Tensor, prompts: list[str], where: str) -> None:
+    """Refuse NaN/inf rewards with the prompt that produced them (flattened prompt-major `[P * k]`)."""
+    bad = ~torch.isfinite(rewards)
+    if bad.any():
+        row = int(bad.nonzero()[0, 0]) * len(prompts) // rewards.numel()
+        raise ValueError(
+            f"the reward model returned {int(bad.sum())} non-finite score(s) for {where}, first for the prompt "
+            f"{prompts[row][-200:]!r}; check the reward model (its dtype, its inputs' length)"
+        )
+
+
+@dataclass
+class ReferenceSamples:
+    prompt_ids: list[str]
+    rewards: torch.Tensor  # [P, M] float32
+    responses: list[list[str]]
+    cache_path: Path | None = None
+    cache_hit: bool = False
+
+    def __post_init__(self):
+        self._row = {pid: i for i, pid in enumerate(self.prompt_ids)}
+
+    @property
+    def m(self) -> int:
+        return self.rewards.shape[1]
+
+    def rewards_for(self, prompt_ids: list[str]) -> torch.Tensor:
+        """`[len(prompt_ids), M]` reference rewards, in the order asked."""
+        missing = [p for p in prompt_ids if p not in self._row]
+        if missing:
+            raise KeyError(f"{len(missing)} prompt(s) are not in the calibration cache, e.g. {missing[0]}")
+        return self.rewards[[self._row[p] for p in prompt_ids]]
+
+
+def load_or_build_reference_samples(
+    *,
+    cache_root,
+    key: dict,
+    prompt_ids: list[str],
+    prompts: list[str],
+    reference,
+    tokenizer,
+    reward_model,
+    m: int,
+    gen_kwargs: dict,
+    seed: int,
+    prompts_per_batch: int = 8,
+    progress: bool = True,
+) -> ReferenceSamples:
+    """Load the calibration cache for `key`, or generate and score `m` reference samples per prompt first."""
+
+    def build(out: Path) -> dict:
+        rewards, responses = [], []
+        batches = range(0, len(prompts), prompts_per_batch)
+        for b, start in enumerate(tqdm(batches, desc=f"calibration cache: {len(prompts)} prompts x M={m}",
+                                       disable=not progress)):
+            chunk = prompts[start : start + prompts_per_batch]
+            torch.manual_seed(seed * 1_000_003 + b)  # each batch seeded: independent of batch order/resume
+            rollout = generate(reference, tokenizer, chunk, m, gen_kwargs)
+            texts = decode_responses(tokenizer, rollout)
+            scores = reward_model.score([p for p in chunk for _ in range(m)], texts)
+            check_finite_rewards(scores, chunk, "the calibration cache")
+            rewards.append(scores.view(len(chunk), m))
+            responses.extend(texts[i * m : (i + 1) * m] for i in range(len(chunk)))
+        table = torch.cat(rewards).float().contiguous()
+        save_file({"rewards": table}, str(out / "rewards.safetensors"))
+        (out / "prompt_ids.json").write_text(json.dumps(prompt_ids))
+        (out / "responses.json").write_text(json.dumps(responses))
+        return {"prompts": len(prompts), "m": m, "mean_reward": float(table.mean())}
+
+    entry = get_or_build(cache_root, "reference_samples", key, build)
+    rewards = load_file(str(entry.path / "rewards.safetensors"))["rewards"]
+    ids = json.loads((entry.path / "prompt_ids.json").read_text())
+    if ids != list(prompt_ids) or tuple(rewards.shape) != (len(prompt_ids), m):
+        raise RuntimeError(f"calibration cache {entry.path} does not match its key; delete it and re-run")
+    responses = json.loads((entry.path / "responses.json").read_text())
+    log.info("calibration cache %s: %s (%d prompts x M=%d)", "hit" if entry.hit else "built", entry.path, *rewards.shape)
+    return ReferenceSamples(ids, rewards, responses, cache_path=entry.path, cache_hit=entry.hit)

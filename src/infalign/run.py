@@ -1,0 +1,220 @@
+"""The main job behind `python train.py`: check the config, build or load everything, fit, report.
+
+Order matters for users' time: every config check runs before any model is built or loaded, and the
+expensive shared artefacts (reference policy, reward model, calibration cache) come from the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+from infalign.cache import fingerprint
+from infalign.callbacks import WinRateCallback, atomic_write_json
+from infalign.data import load_partitions, partition_fingerprint, truncate_prompt
+from infalign.datamodule import RolloutDataModule
+from infalign.module import InfAlignModule
+from infalign.policy import load_policy
+from infalign.reference_samples import load_or_build_reference_samples
+from infalign.reward import load_reward_model
+from infalign.rollout import sampling_kwargs
+from infalign.theory import check_beta, check_n
+
+# The frozen reference (and the policy, whose dropout we turn off) are in eval mode on purpose.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+
+log = logging.getLogger(__name__)
+
+__all__ = ["run", "validate_config"]
+
+
+def _positive_int(value, key: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Every check that needs no model: clear errors naming the key, raised before heavy compute."""
+    n = check_n(cfg.n)
+    check_beta(cfg.beta)
+    rl, cal, ev = cfg.rl, cfg.calibration, cfg.eval
+    if rl.algo not in ("rloo", "ppo"):
+        raise ValueError(f"rl.algo must be 'rloo' or 'ppo', got {rl.algo!r}")
+    _positive_int(rl.k, "rl.k", 2)  # both use the leave-one-out baseline
+    for key in ("iterations", "prompts_per_iteration", "minibatch_size", "ppo_epochs"):
+        _positive_int(rl[key], f"rl.{key}")
+    m = _positive_int(cal.m, "calibration.m")
+    eval_k = _positive_int(ev.k, "eval.k")
+    ns = sorted({check_n(x) for x in ev.ns} | {n})
+    if m < ns[-1]:
+        raise ValueError(f"calibration.m={m} is below N={ns[-1]}: the win rate at N needs M >= N reference samples "
+                         "per prompt; raise calibration.m or lower n / eval.ns")
+    if eval_k < ns[-1]:
+        raise ValueError(f"eval.k={eval_k} is below N={ns[-1]}: raise eval.k or lower n / eval.ns")
+    if rl.prompts_per_iteration > cal.train_prompts:
+        raise ValueError(f"rl.prompts_per_iteration={rl.prompts_per_iteration} exceeds calibration.train_prompts="
+                         f"{cal.train_prompts}")
+    sampling_kwargs(cfg.generation, for_training=True)
+    if rl.kl_penalty not in ("reward", "loss"):
+        raise ValueError(f"rl.kl_penalty must be 'reward' or 'loss', got {rl.kl_penalty!r}")
+    if rl.target_kl is not None and not rl.target_kl > 0:
+        raise ValueError(f"rl.target_kl must be a positive number or null, got {rl.target_kl!r}")
+
+
+def _prompt_sets(cfg, partitions, tokenizer) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Unique (prompt_id, truncated prompt) lists: a seeded subset of train, the first of the eval partition."""
+
+    def unique(records):
+        seen = {}
+        for r in records:
+            seen.setdefault(r.prompt_id, r.prompt)
+        return list(seen.items())
+
+    train = unique(partitions["train"])
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(int(cfg.calibration.seed)))
+    train = [train[i] for i in order[: int(cfg.calibration.train_prompts)].tolist()]
+    part = cfg.calibration.eval_partition
+    if part not in partitions or part == "train":
+        raise ValueError(f"calibration.eval_partition must be a held-out partition (validation or test), got {part!r}")
+    held_out = unique(partitions[part])[: int(cfg.calibration.eval_prompts)]
+    for name, got, want in (("train", train, cfg.calibration.train_prompts), (part, held_out, cfg.calibration.eval_prompts)):
+        if len(got) < want:
+            raise ValueError(f"the {name} partition has {len(got)} unique prompts, fewer than the {want} asked "
+                             f"(calibration.{'train' if name == 'train' else 'eval'}_prompts); lower it or use more data")
+    budget = int(cfg.data.max_prompt_tokens)
+    return ([(pid, truncate_prompt(p, tokenizer, budget)) for pid, p in train],
+            [(pid, truncate_prompt(p, tokenizer, budget)) for pid, p in held_out])
+
+
+def _check_context(model, cfg) -> None:
+    context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    need = int(cfg.data.max_prompt_tokens) + int(cfg.generation.max_new_tokens)
+    if context is not None and need > context:
+        raise ValueError(f"data.max_prompt_tokens + generation.max_new_tokens = {need} exceeds the model's context "
+                         f"of {context} tokens; lower them")
+
+
+def _guard_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path | None:
+    """The checkpoint to resume from, or None; refuses to clobber another run's checkpoints."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if resume:
+        if not last.exists():
+            raise FileNotFoundError(f"resume=true but {last} does not exist; point hydra.run.dir at the run to resume")
+        return last
+    if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{run_dir} already holds a run's checkpoints: pass resume=true to continue it, "
+                                  "overwrite=true to replace it, or choose another hydra.run.dir")
+        shutil.rmtree(run_dir / "checkpoints")
+    return None
+
+
+def _save_policy(policy, tokenizer, out: Path) -> None:
+    """save_pretrained (safetensors) into a temp dir, then an atomic rename over the old one."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    old = out.with_name(f".{out.name}.old")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def run(cfg: DictConfig) -> dict:
+    started = time.time()
+    validate_config(cfg)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    choices = HydraConfig.get().runtime.choices
+    resume_from = _guard_run_dir(run_dir, bool(cfg.resume), bool(cfg.overwrite))
+    if cfg.num_threads:
+        torch.set_num_threads(int(cfg.num_threads))
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    calibrator, transform = instantiate(cfg.calibrator), instantiate(cfg.transform)
+    if transform.needs_calibration != calibrator.needs_reference:
+        raise ValueError(f"transform={choices.get('transform')} and calibrator={choices.get('calibrator')} do not fit: "
+                         "raw rewards go with calibrator=passthrough, calibrated transforms with calibrator=empirical")
+
+    partitions = load_partitions(cfg.data)
+    reference, tokenizer = load_policy(cfg.model, cfg.data, cfg.cache_root, partitions=partitions, progress=cfg.progress)
+    _check_context(reference, cfg)
+    reward_model = load_reward_model(cfg.reward, cfg.data, cfg.model, cfg.cache_root, partitions=partitions,
+                                     progress=cfg.progress)
+    train_prompts, eval_prompts = _prompt_sets(cfg, partitions, tokenizer)
+    gen_kwargs = sampling_kwargs(cfg.generation)
+    ids = [p[0] for p in train_prompts + eval_prompts]
+    key = {"version": 1, "model": OmegaConf.to_container(cfg.model, resolve=True),
+           "reward": OmegaConf.to_container(cfg.reward, resolve=True), "data": partition_fingerprint(partitions),
+           "max_prompt_tokens": int(cfg.data.max_prompt_tokens), "prompts": fingerprint(ids), "m": int(cfg.calibration.m),
+           "generation": gen_kwargs, "seed": int(cfg.calibration.seed)}
+    reference_samples = load_or_build_reference_samples(
+        cache_root=cfg.cache_root, key=key, prompt_ids=ids, prompts=[p[1] for p in train_prompts + eval_prompts],
+        reference=reference, tokenizer=tokenizer, reward_model=reward_model, m=int(cfg.calibration.m),
+        gen_kwargs=gen_kwargs, seed=int(cfg.calibration.seed), prompts_per_batch=int(cfg.calibration.prompts_per_batch),
+        progress=cfg.progress)
+
+    module = InfAlignModule(reference, tokenizer, reward_model, calibrator, transform, beta=float(cfg.beta),
+                            rl=OmegaConf.to_container(cfg.rl, resolve=True), gen_kwargs=gen_kwargs, seed=int(cfg.seed))
+    datamodule = RolloutDataModule(train_prompts, eval_prompts, reference_samples, cfg.rl.prompts_per_iteration, cfg.seed)
+    ns = sorted({int(x) for x in cfg.eval.ns} | {int(cfg.n)})
+    win_rates = WinRateCallback(eval_prompts, reference_samples, ns, cfg.eval.k, cfg.eval.every, gen_kwargs, run_dir,
+                                seed=int(cfg.seed), batch_prompts=int(cfg.eval.prompts_per_batch))
+    checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
+                                  every_n_epochs=int(cfg.checkpoint.every), save_on_train_epoch_end=True)
+    loggers = [CSVLogger(save_dir=run_dir, name="logs", version="")]  # logs/metrics.csv: every logged metric
+    if cfg.get("logger") and cfg.logger.get("_target_"):
+        loggers.append(instantiate(cfg.logger))
+    run_info = {"n": int(cfg.n), "beta": float(cfg.beta), "transform": choices.get("transform"),
+                "calibrator": choices.get("calibrator"), "seed": int(cfg.seed), "run_dir": str(run_dir)}
+    for lg in loggers:
+        lg.log_hyperparams({**run_info, **OmegaConf.to_container(cfg, resolve=True)})
+    trainer = instantiate(cfg.trainer, logger=loggers, callbacks=[win_rates, checkpoints],
+                          enable_progress_bar=bool(cfg.progress), default_root_dir=str(run_dir))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
+        if trainer.is_global_zero:
+            _save_policy(module.policy, tokenizer, run_dir / "policy")
+        final = {**run_info, **(win_rates.final or {}), "calibration_cache": str(reference_samples.cache_path),
+                 "calibration_cache_hit": reference_samples.cache_hit, "wall_seconds": round(time.time() - started, 1)}
+        if trainer.is_global_zero:
+            atomic_write_json(run_dir / "final_metrics.json", final)
+            _print_summary(final, run_dir, int(cfg.n))
+        return final
+    finally:
+        if any(isinstance(lg, WandbLogger) for lg in loggers):
+            import wandb
+
+            wandb.finish()  # between multirun members, so one run's logger never swallows the next
+
+
+def _print_summary(final: dict, run_dir: Path, n: int) -> None:
+    def get(key):
+        v = final.get(key)
+        return f"{v:.3f}" if isinstance(v, float) else "n/a"
+
+    lines = [
+        "",
+        f"infalign run finished in {final['wall_seconds']:.0f} s: transform={final['transform']} n={n} beta={final['beta']}",
+        f"  best-of-{n} win rate  {get(f'eval/bon_win_rate@{n}')} ± {get(f'eval/bon_win_rate@{n}_se')}",
+        f"  worst-of-{n} win rate {get(f'eval/won_win_rate@{n}')} ± {get(f'eval/won_win_rate@{n}_se')}",
+        f"  standard win rate   {get('eval/bon_win_rate@1')} ± {get('eval/bon_win_rate@1_se')}",
+        f"  KL(policy || ref)   {get('eval/kl')} nats/response",
+        f"  outputs: {run_dir}  (final_metrics.json, eval_metrics.csv, metrics.csv, policy/, checkpoints/)",
+    ]
+    print("\n".join(lines), flush=True)
+    log.info("final metrics: %s", json.dumps(final))

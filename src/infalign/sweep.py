@@ -1,0 +1,112 @@
+"""End-of-multirun summary: one row per run and win rate vs KL with the theory curves overlaid.
+
+A Hydra callback (`hydra.callbacks.sweep_summary` in conf/train.yaml): when a multirun ends it reads
+each member's `final_metrics.json` and writes `sweep_summary.csv` and `sweep_summary.png` into the
+sweep directory. `python -m infalign.sweep <sweep dir>` rebuilds them for an existing sweep.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from hydra.experimental.callback import Callback
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SweepSummaryCallback", "collect_runs", "write_summary"]
+
+
+def collect_runs(sweep_dir: Path) -> list[dict]:
+    """final_metrics.json of every finished member (members that failed have none and are skipped)."""
+    rows = []
+    for path in sorted(Path(sweep_dir).glob("*/final_metrics.json")):
+        row = json.loads(path.read_text())
+        row["member"] = path.parent.name
+        rows.append(row)
+    return rows
+
+
+def _theory_curves(sweep_dir: Path, rows: list[dict]) -> dict[tuple[str, int], list[tuple[float, float, float]]]:
+    """(transform, n) -> [(kl, bon, won)] of the optimal policy over a beta grid, from each member's config."""
+    from infalign.theory import tilted_density
+
+    curves, betas = {}, np.geomspace(0.005, 5.0, 30)
+    for row in rows:
+        name, n = row.get("transform"), int(row["n"])
+        cfg_path = sweep_dir / row["member"] / ".hydra" / "config.yaml"
+        if (name, n) in curves or not cfg_path.exists():
+            continue
+        transform = instantiate(OmegaConf.load(cfg_path).transform)
+        if not transform.needs_calibration or name == "optimal":
+            continue  # raw rewards have no model-agnostic curve; optimal is beta-specific
+        pts = []
+        for b in betas:
+            d = tilted_density(transform, float(b))
+            pts.append((d.kl(), d.bon_win_rate(n), d.won_win_rate(n)))
+        curves[(name, n)] = pts
+    return curves
+
+
+def write_summary(sweep_dir: Path) -> tuple[Path, Path] | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep_dir = Path(sweep_dir)
+    rows = collect_runs(sweep_dir)
+    if not rows:
+        log.warning("no finished runs under %s: no sweep summary", sweep_dir)
+        return None
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    csv_path, png_path = sweep_dir / "sweep_summary.csv", sweep_dir / "sweep_summary.png"
+    tmp = sweep_dir / ".sweep_summary.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, csv_path)
+
+    curves = _theory_curves(sweep_dir, rows)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, (mode, label, idx) in zip(axes, (("bon", "best-of-N", 1), ("won", "worst-of-N", 2))):
+        for i, ((name, n), pts) in enumerate(sorted(curves.items())):
+            ax.plot([p[0] for p in pts], [p[idx] for p in pts], color=f"C{i}", alpha=0.5, label=f"theory {name} N={n}")
+        groups = sorted({(r.get("transform"), int(r["n"])) for r in rows})
+        for i, (name, n) in enumerate(groups):
+            pts = [r for r in rows if r.get("transform") == name and int(r["n"]) == n and f"eval/{mode}_win_rate@{n}" in r]
+            ax.errorbar([r["eval/kl"] for r in pts], [r[f"eval/{mode}_win_rate@{n}"] for r in pts],
+                        yerr=[r[f"eval/{mode}_win_rate@{n}_se"] for r in pts], fmt="o", color=f"C{i}",
+                        label=f"{name} N={n}", capsize=3)
+        ax.set_xscale("symlog", linthresh=0.01)
+        ax.set_xlabel("KL(policy || reference) [nats]")
+        ax.set_ylabel(f"{label} win rate vs reference")
+        ax.grid(alpha=0.3)
+        ax.set_title(f"{label}: runs (points ± s.e.) and theory (lines)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    tmp_png = sweep_dir / ".sweep_summary.tmp.png"
+    fig.savefig(tmp_png, dpi=110)
+    plt.close(fig)
+    os.replace(tmp_png, png_path)
+    log.info("sweep summary: %s, %s", csv_path, png_path)
+    return csv_path, png_path
+
+
+class SweepSummaryCallback(Callback):
+    def on_multirun_end(self, config, **kwargs) -> None:
+        write_summary(Path(config.hydra.sweep.dir))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m infalign.sweep <sweep dir>")
+    print(write_summary(Path(sys.argv[1])))

@@ -1,0 +1,125 @@
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from infalign.rl import AdaptiveKLController, ppo_clip_loss, rloo_advantages, rloo_loss, sequence_kl
+from infalign.rollout import decode_responses, generate, response_logprobs, sampling_kwargs
+
+
+def test_rloo_advantages_hand_computed():
+    rewards = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 6.0]])
+    # A_i = R_i - mean of the other two
+    expected = torch.tensor([[1 - 2.5, 2 - 2.0, 3 - 1.5], [0 - 3.0, 0 - 3.0, 6 - 0.0]])
+    assert torch.allclose(rloo_advantages(rewards), expected)
+    with pytest.raises(ValueError, match="k >= 2"):
+        rloo_advantages(torch.ones(3, 1))
+
+
+def test_rloo_loss_hand_computed():
+    logp = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    adv = torch.tensor([2.0, -1.0])
+    loss = rloo_loss(logp, mask, adv)
+    # -(2 * (-3) + (-1) * (-0.5)) / 2 = (6 - 0.5) / 2
+    assert loss.item() == pytest.approx(2.75)
+    loss.backward()
+    assert torch.allclose(logp.grad, torch.tensor([[-1.0, -1.0, 0.0], [0.5, 0.0, 0.0]]))
+
+
+def test_ppo_first_pass_has_rloo_gradient_and_clips_later():
+    torch.manual_seed(0)
+    logp = torch.randn(4, 5)
+    mask = (torch.rand(4, 5) > 0.2).long()
+    adv = torch.randn(4)
+    a = logp.clone().requires_grad_(True)
+    b = logp.clone().requires_grad_(True)
+    rloo_loss(a, mask, adv).backward()
+    loss, clip_frac = ppo_clip_loss(b, logp, mask, adv)
+    loss.backward()
+    assert torch.allclose(a.grad, b.grad, atol=1e-6) and clip_frac == 0
+    _, clip_frac = ppo_clip_loss(logp + 1.0, logp, mask, adv, clip=0.2)  # ratio e > 1.2 everywhere
+    assert clip_frac == pytest.approx(1.0)
+
+
+def test_sequence_kl_estimators():
+    logp = torch.tensor([[-1.0, -2.0, -9.0]])
+    ref = torch.tensor([[-1.5, -1.0, -1.0]])
+    mask = torch.tensor([[1, 1, 0]])
+    kl = sequence_kl(logp, ref, mask)
+    assert kl["k1"].item() == pytest.approx(0.5 - 1.0)
+    r = torch.tensor([-0.5, 1.0])  # log(ref / pi) per unmasked token
+    assert kl["k3"].item() == pytest.approx(float((r.exp() - 1 - r).sum()))
+    assert kl["k3"].item() >= 0
+
+
+def test_adaptive_kl_moves_beta_towards_target():
+    ctl = AdaptiveKLController(beta=0.1, target=1.0, horizon=100)
+    assert ctl.update(kl=3.0, n_steps=10) > 0.1  # too much KL: penalise more
+    ctl = AdaptiveKLController(beta=0.1, target=1.0, horizon=100)
+    assert ctl.update(kl=0.2, n_steps=10) < 0.1
+
+
+def test_training_sampling_must_be_pure():
+    assert sampling_kwargs({"max_new_tokens": 5})["top_k"] == 0
+    for bad in ({"temperature": 0.7}, {"top_k": 50}, {"top_p": 0.9}):
+        with pytest.raises(ValueError, match="sample from the policy itself"):
+            sampling_kwargs(bad)
+    assert sampling_kwargs({"temperature": 0.7}, for_training=False)["temperature"] == 0.7
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    vocab = {f"w{i}": i for i in range(40)}
+    vocab.update({"<pad>": 40, "<eos>": 41})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=42, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                       eos_token_id=41, bos_token_id=41, pad_token_id=40))
+    return model.eval(), tokenizer
+
+
+def test_logprobs_match_generate_scores_with_left_padding(tiny_lm):
+    model, tokenizer = tiny_lm
+    prompts = ["w1 w2 w3 w4 w5 w6", "w7", "w8 w9 w10"]  # very different lengths: heavy left padding
+    torch.manual_seed(1)
+    kwargs = sampling_kwargs({"max_new_tokens": 8})
+    rollout = generate(model, tokenizer, prompts, 2, kwargs)
+    torch.manual_seed(1)
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    out = model.generate(**batch, num_return_sequences=2, pad_token_id=40, eos_token_id=41, output_scores=True,
+                         return_dict_in_generate=True, **kwargs)
+    assert torch.equal(out.sequences, rollout.input_ids)  # same samples
+    scores = torch.stack(out.scores, dim=1).log_softmax(-1)  # [S, T, V], unprocessed at temperature 1
+    from_generate = scores.gather(-1, rollout.response_ids.unsqueeze(-1)).squeeze(-1) * rollout.response_mask
+    ours = response_logprobs(model, rollout)
+    assert torch.allclose(ours, from_generate, atol=1e-5)
+
+
+def test_logprobs_do_not_depend_on_batch_padding(tiny_lm):
+    model, tokenizer = tiny_lm
+    torch.manual_seed(2)
+    rollout = generate(model, tokenizer, ["w3 w4", "w1 w2 w3 w4 w5 w6 w7 w8"], 1, sampling_kwargs({"max_new_tokens": 6}))
+    batched = response_logprobs(model, rollout)
+    # the short prompt alone, without padding, scored on the same response
+    alone_ids = torch.cat([tokenizer(["w3 w4"], return_tensors="pt")["input_ids"], rollout.response_ids[:1]], dim=1)
+    from infalign.rollout import Rollout
+
+    alone = Rollout(alone_ids, torch.cat([torch.ones(1, 2, dtype=torch.long), rollout.response_mask[:1]], 1),
+                    rollout.response_mask[:1], prompt_len=2)
+    assert torch.allclose(response_logprobs(model, alone), batched[:1], atol=1e-5)
+
+
+def test_response_mask_stops_after_first_eos(tiny_lm):
+    model, tokenizer = tiny_lm
+    torch.manual_seed(3)
+    rollout = generate(model, tokenizer, ["w1"] * 4, 4, sampling_kwargs({"max_new_tokens": 12}))
+    for ids, mask in zip(rollout.response_ids, rollout.response_mask):
+        n = int(mask.sum())
+        assert mask[:n].all() and not mask[n:].any()  # a prefix
+        eos = (ids[:n] == 41).nonzero()
+        assert len(eos) <= 1 and (len(eos) == 0 or eos[0, 0] == n - 1)  # ends at its first EOS, if any
+    texts = decode_responses(tokenizer, rollout)
+    assert all("<pad>" not in t and "<eos>" not in t for t in texts)

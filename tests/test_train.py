@@ -1,0 +1,116 @@
+"""End to end: `python train.py experiment=smoke` and friends, on the seconds-sized smoke preset."""
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from infalign.paths import conf_dir
+from infalign.run import validate_config
+
+SMOKE = ["experiment=smoke", "progress=false"]
+
+
+def read_final(run_dir):
+    return json.loads((run_dir / "final_metrics.json").read_text())
+
+
+def test_smoke_run_end_to_end(run_train, tmp_path):
+    run_dir = tmp_path / "run"
+    out = run_train(*SMOKE, "logger=wandb", f"hydra.run.dir={run_dir}")
+    final = read_final(run_dir)
+    for n in (1, 2, 4):  # eval.ns of the smoke preset, with the run's n=4
+        for mode in ("bon", "won"):
+            for suffix in ("", "_se"):
+                assert math.isfinite(final[f"eval/{mode}_win_rate@{n}{suffix}"])
+    assert math.isfinite(final["eval/kl"]) and math.isfinite(final["eval/reward_calibrated"])
+    assert final["transform"] == "bon_exp" and final["n"] == 4 and final["iteration"] == 3
+    rows = list(csv.DictReader(open(run_dir / "eval_metrics.csv")))
+    assert [int(r["iteration"]) for r in rows] == [2, 3]  # every 2 iterations, and at the end
+    logged = open(run_dir / "logs" / "metrics.csv").readline()
+    for key in ("train/policy/loss", "train/kl/k1", "train/kl/k3", "train/reward/raw", "train/reward/calibrated",
+                "train/reward/transformed", "train/policy/entropy", "train/policy/response_length"):
+        assert key in logged
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+    assert list((run_dir / "wandb").glob("offline-run-*")), "W&B offline run missing"
+    assert "best-of-4 win rate" in out.stdout  # the end-of-run summary
+    from transformers import AutoModelForCausalLM
+
+    policy = AutoModelForCausalLM.from_pretrained(run_dir / "policy")  # loads directly with transformers
+    assert (run_dir / "policy" / "model.safetensors").exists() and policy.config.n_layer == 1
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert not [k for k in ckpt["state_dict"] if k.startswith("reference.")], "frozen reference saved in checkpoint"
+    assert ckpt["global_step"] == 3 * 2  # 3 iterations x (4 prompts x k=4 / minibatch 8) optimizer steps
+
+
+def test_multirun_shares_the_calibration_cache_and_writes_a_summary(run_train, tmp_path):
+    sweep = tmp_path / "sweep"
+    run_train("-m", *SMOKE, "logger=none", "transform=bon_exp,identity", "rl.iterations=2", f"hydra.sweep.dir={sweep}")
+    finals = [read_final(sweep / str(i)) for i in (0, 1)]
+    assert {f["transform"] for f in finals} == {"bon_exp", "identity"}
+    assert finals[0]["calibration_cache"] == finals[1]["calibration_cache"]
+    assert finals[1]["calibration_cache_hit"] is True  # the second member generated no reference samples
+    rows = list(csv.DictReader(open(sweep / "sweep_summary.csv")))
+    assert len(rows) == 2
+    assert (sweep / "sweep_summary.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resume_continues_and_matches_an_uninterrupted_run(run_train, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    args = [*SMOKE, "logger=none", "eval.every=0"]
+    run_train(*args, "rl.iterations=3", f"hydra.run.dir={straight}")
+    run_train(*args, "rl.iterations=2", f"hydra.run.dir={resumed}")
+    refused = run_train(*args, "rl.iterations=3", f"hydra.run.dir={resumed}", check=False)
+    assert refused.returncode != 0 and "resume=true" in refused.stderr  # never clobbers a run silently
+    run_train(*args, "rl.iterations=3", "resume=true", f"hydra.run.dir={resumed}")
+    a, b = read_final(straight), read_final(resumed)
+    assert b["step"] == a["step"] == 6
+    for key in ("eval/kl", "eval/bon_win_rate@4", "eval/won_win_rate@4", "eval/reward_raw"):
+        assert b[key] == pytest.approx(a[key], abs=1e-6), key
+
+
+def compose_train(*overrides):
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=False)
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("n=0", "n must be >= 1"),
+        ("n=2.5", "positive integer"),
+        ("beta=0", "beta"),
+        ("beta=-1", "beta"),
+        ("calibration.m=2", "calibration.m=2 is below N=8"),
+        ("rl.k=1", "rl.k must be an integer >= 2"),
+        ("generation.temperature=0.7", "sample from the policy itself"),
+        ("transform.t=0", None),
+    ],
+)
+def test_bad_config_is_refused_before_any_model(override, match):
+    cfg = compose_train(override)
+    if match is None:  # transform parameters are checked when the transform is built, also before models
+        from hydra.utils import instantiate
+
+        with pytest.raises(Exception, match="`t` must be a positive"):
+            instantiate(cfg.transform)
+        return
+    with pytest.raises(ValueError, match=match):
+        validate_config(cfg)
+
+
+def test_unknown_transform_fails_fast_with_the_options(run_train, tmp_path):
+    out = run_train("transform=bon_expp", f"hydra.run.dir={tmp_path}", check=False)
+    assert out.returncode != 0
+    assert "bon_expp" in out.stderr and "bon_exp" in out.stderr and "Available options" in out.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_help_and_cfg_job_work(run_train):
+    out = run_train("--cfg", "job", "transform=won_exp", "n=8")
+    assert "won_exp" in out.stdout.lower() or "WoNExpTransform" in out.stdout
+    assert "'n': 8" in out.stdout  # YAML quotes the key n
+    assert "transform: bon_exp" in run_train("--help").stdout
