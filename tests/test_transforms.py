@@ -86,3 +86,14 @@ def test_every_transform_config_instantiates():
         cfg = OmegaConf.create({"n": 2, "beta": 0.5, "transform": OmegaConf.load(CONF / "transform" / f"{name}.yaml")})
         transform = instantiate(cfg.transform)
         assert np.all(np.isfinite(transform(U)))
+
+
+def test_auto_t_is_the_theory_best_t_at_the_optimums_kl():
+    from infalign import theory
+
+    auto = BoNExpTransform(t="auto", n=4, beta=0.2)
+    want = theory.best_t("bon", 4, theory.optimal_density(4, "bon", 0.2).kl())["t"]
+    assert auto.auto and auto.t == pytest.approx(want)
+    assert WoNExpTransform(t="auto", n=4, target_kl=0.5).t == pytest.approx(theory.best_t("won", 4, 0.5)["t"])
+    with pytest.raises(ValueError, match="t=auto needs n"):
+        BoNExpTransform(t="auto")

@@ -8,6 +8,7 @@ restarting an epoch. The module turns the prompt batch into a `RolloutBuffer` wi
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import lightning as L
@@ -75,17 +76,27 @@ class RolloutBuffer:
 def build_rollout(module, prompt_ids: list[str], prompts: list[str], reference_samples: ReferenceSamples) -> RolloutBuffer:
     """Generate k responses per prompt with the policy, score, calibrate, transform, and compute advantages."""
     k, beta = module.rl.k, module.beta
+    clock = [time.perf_counter()]
+
+    def lap() -> float:
+        clock.append(time.perf_counter())
+        return clock[-1] - clock[-2]
+
     rollout = generate(module.policy, module.tokenizer, prompts, k, module.gen_kwargs)
+    t_generate = lap()
     texts = decode_responses(module.tokenizer, rollout)
     raw = module.reward_model.score([p for p in prompts for _ in range(k)], texts).to(module.device)
     check_finite_rewards(raw, prompts, "a training rollout")
     raw = raw.view(len(prompts), k).double()
+    t_score = lap()
     ref_rewards = reference_samples.rewards_for(prompt_ids).to(module.device) if module.calibrator.needs_reference else None
     calibrated = module.calibrator(raw, ref_rewards)
     transformed = torch.as_tensor(module.transform(calibrated)).double()
+    t_calibrate = lap()
 
     old_logp, entropy = response_logprobs(module.policy, rollout, with_entropy=True)
     ref_logp = response_logprobs(module.reference, rollout)
+    t_logprobs = lap()
     kl = sequence_kl(old_logp, ref_logp, rollout.response_mask)
     seq_reward = transformed.flatten()
     if module.rl.kl_penalty == "reward":  # R = Phi(C) - beta * KL (k1, per sequence)
@@ -103,6 +114,11 @@ def build_rollout(module, prompt_ids: list[str], prompts: list[str], reference_s
         "policy/entropy": (entropy.sum() / lengths.sum().clamp_min(1)).item(),
         "policy/response_length": lengths.mean().item(),
         "beta": beta,
+        "time/generate": t_generate,
+        "time/score": t_score,
+        "time/calibrate": t_calibrate,
+        "time/logprobs": t_logprobs,
+        "throughput/generated_tokens_per_s": lengths.sum().item() / max(t_generate, 1e-9),
     }
     return RolloutBuffer(rollout=rollout, old_logp=old_logp, advantages=advantages, stats=stats)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from types import SimpleNamespace
 
 import lightning as L
@@ -64,6 +65,7 @@ class InfAlignModule(L.LightningModule):
         optimizer = self.optimizers()
         generator = torch.Generator().manual_seed(self.seed * 31 + iteration)
         losses, clip_fracs = [], []
+        t_update = time.perf_counter()
         for _ in range(self.rl.ppo_epochs if self.rl.algo == "ppo" else 1):
             for rollout, old_logp, adv in buffer.minibatches(self.rl.minibatch_size, generator):
                 logp = response_logprobs(self.policy, rollout)
@@ -84,6 +86,7 @@ class InfAlignModule(L.LightningModule):
                 optimizer.step()
                 losses.append(loss.item())
         stats = dict(buffer.stats)
+        stats["time/update"] = time.perf_counter() - t_update
         stats["policy/loss"] = sum(losses) / len(losses)
         if clip_fracs:
             stats["policy/clip_fraction"] = sum(clip_fracs) / len(clip_fracs)

@@ -42,16 +42,17 @@ def _theory_curves(sweep_dir: Path, rows: list[dict]) -> dict[tuple[str, int], l
     for row in rows:
         name, n = row.get("transform"), int(row["n"])
         cfg_path = sweep_dir / row["member"] / ".hydra" / "config.yaml"
-        if (name, n) in curves or not cfg_path.exists():
-            continue
-        transform = instantiate(OmegaConf.load(cfg_path).transform)
-        if not transform.needs_calibration or name == "optimal":
+        if name in ("raw", "optimal") or not cfg_path.exists():
             continue  # raw rewards have no model-agnostic curve; optimal is beta-specific
+        transform = instantiate(OmegaConf.load(cfg_path).transform)  # interpolations resolve against the root
+        label = f"{name}(t={transform.t:.3g})" if hasattr(transform, "t") else name
+        if (label, n) in curves:
+            continue
         pts = []
         for b in betas:
             d = tilted_density(transform, float(b))
             pts.append((d.kl(), d.bon_win_rate(n), d.won_win_rate(n)))
-        curves[(name, n)] = pts
+        curves[(label, n)] = pts
     return curves
 
 

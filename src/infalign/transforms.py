@@ -99,13 +99,32 @@ class IdentityTransform(Transform):
         return u
 
 
+def _resolve_t(t, mode: str, n, beta, target_kl, owner: str) -> float:
+    """A fixed `t`, or with `t="auto"` the theory's best `t` for best-/worst-of-N at a target KL.
+
+    The target KL defaults to the KL of the optimal policy for (N, mode, beta): the exp-family member that
+    is best at the KL the inference-aware optimum itself spends at this beta.
+    """
+    if t != "auto":
+        return _positive("t", t, owner)
+    from infalign.theory import best_t, check_beta, check_n, optimal_density
+
+    if n is None or (beta is None and target_kl is None):
+        raise ValueError(f"{owner}: t=auto needs n and beta (or target_kl) to choose t; they default to the run's")
+    if target_kl is None:
+        target_kl = optimal_density(check_n(n), mode, check_beta(beta)).kl()
+    return best_t(mode, n, _positive("target_kl", target_kl, owner))["t"]
+
+
 class BoNExpTransform(Transform):
-    """`Phi(u) = (exp(t u) - 1) / (exp(t) - 1)`, t > 0: for best-of-N."""
+    """`Phi(u) = (exp(t u) - 1) / (exp(t) - 1)`, t > 0: for best-of-N. `t="auto"`: see `_resolve_t`."""
 
     name = "bon_exp"
 
-    def __init__(self, t: float = 10.0):
-        self.t = _positive("t", t, "bon_exp")
+    def __init__(self, t: float | str = 10.0, n: int | None = None, beta: float | None = None,
+                 target_kl: float | None = None):
+        self.t = _resolve_t(t, "bon", n, beta, target_kl, "bon_exp")
+        self.auto = t == "auto"
 
     def phi(self, u):
         xp, t = _xp(u), self.t
@@ -114,12 +133,14 @@ class BoNExpTransform(Transform):
 
 
 class WoNExpTransform(Transform):
-    """`Phi(u) = (1 - exp(-t u)) / (1 - exp(-t))`, t > 0: for worst-of-N."""
+    """`Phi(u) = (1 - exp(-t u)) / (1 - exp(-t))`, t > 0: for worst-of-N. `t="auto"`: see `_resolve_t`."""
 
     name = "won_exp"
 
-    def __init__(self, t: float = 8.0):
-        self.t = _positive("t", t, "won_exp")
+    def __init__(self, t: float | str = 8.0, n: int | None = None, beta: float | None = None,
+                 target_kl: float | None = None):
+        self.t = _resolve_t(t, "won", n, beta, target_kl, "won_exp")
+        self.auto = t == "auto"
 
     def phi(self, u):
         xp = _xp(u)
