@@ -35,10 +35,11 @@ def atomic_write_json(path: Path, obj) -> None:
 
 
 class WinRateCallback(L.Callback):
-    def __init__(self, eval_prompts: list[tuple[str, str]], reference_samples, ns: list[int], k: int, every: int,
+    def __init__(self, eval_prompts: list[tuple[str, str, str]], reference_samples, ns: list[int], k: int, every: int,
                  gen_kwargs: dict, out_dir: str | Path, seed: int = 0, batch_prompts: int = 8):
         self.prompt_ids = [p[0] for p in eval_prompts]
-        self.prompts = [p[1] for p in eval_prompts]
+        self.prompts = [p[1] for p in eval_prompts]  # as the policy reads them
+        self.reward_prompts = [p[2] for p in eval_prompts]  # as the reward model reads them
         if len(set(self.prompt_ids)) != len(self.prompt_ids):
             raise ValueError("evaluation prompts must be unique: each prompt is counted once")
         self.reference_samples, self.ns, self.k, self.every = reference_samples, sorted(set(ns)), int(k), int(every)
@@ -74,10 +75,11 @@ class WinRateCallback(L.Callback):
             for start in range(0, len(self.prompts), self.batch_prompts):
                 ids = self.prompt_ids[start : start + self.batch_prompts]
                 prompts = self.prompts[start : start + self.batch_prompts]
+                reward_prompts = self.reward_prompts[start : start + self.batch_prompts]
                 rollout = generate(module.policy, module.tokenizer, prompts, self.k, self.gen_kwargs)
                 texts = decode_responses(module.tokenizer, rollout)
-                raw = module.reward_model.score([p for p in prompts for _ in range(self.k)], texts)
-                check_finite_rewards(raw, prompts, "an evaluation sample")
+                raw = module.reward_model.score([p for p in reward_prompts for _ in range(self.k)], texts)
+                check_finite_rewards(raw, reward_prompts, "an evaluation sample")
                 raw = raw.view(len(prompts), self.k).double()
                 ref = self.reference_samples.rewards_for(ids).double()
                 for metric in self.metrics.values():

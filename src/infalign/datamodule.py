@@ -73,7 +73,8 @@ class RolloutBuffer:
 
 
 @torch.no_grad()
-def build_rollout(module, prompt_ids: list[str], prompts: list[str], reference_samples: ReferenceSamples) -> RolloutBuffer:
+def build_rollout(module, prompt_ids: list[str], prompts: list[str], reward_prompts: list[str],
+                  reference_samples: ReferenceSamples) -> RolloutBuffer:
     """Generate k responses per prompt with the policy, score, calibrate, transform, and compute advantages."""
     k, beta = module.rl.k, module.beta
     clock = [time.perf_counter()]
@@ -85,8 +86,8 @@ def build_rollout(module, prompt_ids: list[str], prompts: list[str], reference_s
     rollout = generate(module.policy, module.tokenizer, prompts, k, module.gen_kwargs)
     t_generate = lap()
     texts = decode_responses(module.tokenizer, rollout)
-    raw = module.reward_model.score([p for p in prompts for _ in range(k)], texts).to(module.device)
-    check_finite_rewards(raw, prompts, "a training rollout")
+    raw = module.reward_model.score([p for p in reward_prompts for _ in range(k)], texts).to(module.device)
+    check_finite_rewards(raw, reward_prompts, "a training rollout")
     raw = raw.view(len(prompts), k).double()
     t_score = lap()
     ref_rewards = reference_samples.rewards_for(prompt_ids).to(module.device) if module.calibrator.needs_reference else None
@@ -126,7 +127,7 @@ def build_rollout(module, prompt_ids: list[str], prompts: list[str], reference_s
 class RolloutDataModule(L.LightningDataModule):
     """Training prompts (one batch per iteration), evaluation prompts, and the calibration cache."""
 
-    def __init__(self, train_prompts: list[tuple[str, str]], eval_prompts: list[tuple[str, str]],
+    def __init__(self, train_prompts: list[tuple[str, str, str]], eval_prompts: list[tuple[str, str, str]],
                  reference_samples: ReferenceSamples, prompts_per_iteration: int, seed: int):
         super().__init__()
         self.train_prompts, self.eval_prompts = train_prompts, eval_prompts
@@ -135,10 +136,10 @@ class RolloutDataModule(L.LightningDataModule):
         self.sampler = IterationSampler(len(train_prompts), self.prompts_per_iteration, self.seed)
 
     def train_dataloader(self) -> DataLoader:
-        # Items are (prompt_id, prompt text); the batch is a list of them (no tensors to collate).
+        # Items are (prompt_id, policy text, reward text); the batch is a list of them (nothing to collate).
         return DataLoader(self.train_prompts, batch_size=self.prompts_per_iteration, sampler=self.sampler,
                           collate_fn=list, num_workers=0)
 
-    def build_rollout(self, module, batch: list[tuple[str, str]]) -> RolloutBuffer:
-        ids, prompts = [b[0] for b in batch], [b[1] for b in batch]
-        return build_rollout(module, ids, prompts, self.reference_samples)
+    def build_rollout(self, module, batch: list[tuple[str, str, str]]) -> RolloutBuffer:
+        ids, prompts, reward_prompts = (list(x) for x in zip(*batch))
+        return build_rollout(module, ids, prompts, reward_prompts, self.reference_samples)

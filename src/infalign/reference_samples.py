@@ -66,6 +66,7 @@ def load_or_build_reference_samples(
     key: dict,
     prompt_ids: list[str],
     prompts: list[str],
+    reward_prompts: list[str],
     reference,
     tokenizer,
     reward_model,
@@ -75,7 +76,9 @@ def load_or_build_reference_samples(
     prompts_per_batch: int = 8,
     progress: bool = True,
 ) -> ReferenceSamples:
-    """Load the calibration cache for `key`, or generate and score `m` reference samples per prompt first."""
+    """Load the calibration cache for `key`, or generate and score `m` reference samples per prompt first.
+
+    `prompts` are the policy's inputs, `reward_prompts` the same prompts as the reward model reads them."""
 
     def build(out: Path) -> dict:
         rewards, responses = [], []
@@ -83,11 +86,12 @@ def load_or_build_reference_samples(
         for b, start in enumerate(tqdm(batches, desc=f"calibration cache: {len(prompts)} prompts x M={m}",
                                        disable=not progress)):
             chunk = prompts[start : start + prompts_per_batch]
+            reward_chunk = reward_prompts[start : start + prompts_per_batch]
             torch.manual_seed(seed * 1_000_003 + b)  # each batch seeded: independent of batch order/resume
             rollout = generate(reference, tokenizer, chunk, m, gen_kwargs)
             texts = decode_responses(tokenizer, rollout)
-            scores = reward_model.score([p for p in chunk for _ in range(m)], texts)
-            check_finite_rewards(scores, chunk, "the calibration cache")
+            scores = reward_model.score([p for p in reward_chunk for _ in range(m)], texts)
+            check_finite_rewards(scores, reward_chunk, "the calibration cache")
             rewards.append(scores.view(len(chunk), m))
             responses.extend(texts[i * m : (i + 1) * m] for i in range(len(chunk)))
         table = torch.cat(rewards).float().contiguous()

@@ -27,7 +27,7 @@ from infalign.callbacks import WinRateCallback, atomic_write_json
 from infalign.data import load_partitions, partition_fingerprint, truncate_prompt
 from infalign.datamodule import RolloutDataModule
 from infalign.module import InfAlignModule
-from infalign.policy import load_policy
+from infalign.policy import format_prompts, load_policy
 from infalign.reference_samples import load_or_build_reference_samples
 from infalign.reward import load_reward_model
 from infalign.rollout import sampling_kwargs
@@ -75,8 +75,10 @@ def validate_config(cfg: DictConfig) -> None:
         raise ValueError(f"rl.target_kl must be a positive number or null, got {rl.target_kl!r}")
 
 
-def _prompt_sets(cfg, partitions, tokenizer) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """Unique (prompt_id, truncated prompt) lists: a seeded subset of train, the first of the eval partition."""
+def _prompt_sets(cfg, partitions, tokenizer) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:
+    """Unique (prompt_id, policy text, reward text) lists: a seeded subset of train, the first of the eval
+    partition. The HH prompt is cut from the left to the token budget; the policy sees it in its own format
+    (raw HH text or its chat template), the reward model the HH text it was trained on."""
 
     def unique(records):
         seen = {}
@@ -95,9 +97,13 @@ def _prompt_sets(cfg, partitions, tokenizer) -> tuple[list[tuple[str, str]], lis
         if len(got) < want:
             raise ValueError(f"the {name} partition has {len(got)} unique prompts, fewer than the {want} asked "
                              f"(calibration.{'train' if name == 'train' else 'eval'}_prompts); lower it or use more data")
-    budget = int(cfg.data.max_prompt_tokens)
-    return ([(pid, truncate_prompt(p, tokenizer, budget)) for pid, p in train],
-            [(pid, truncate_prompt(p, tokenizer, budget)) for pid, p in held_out])
+    budget, fmt = int(cfg.data.max_prompt_tokens), cfg.model.get("prompt_format", "raw")
+
+    def render(items):
+        hh = [truncate_prompt(p, tokenizer, budget) for _, p in items]
+        return list(zip([pid for pid, _ in items], format_prompts(hh, tokenizer, fmt), hh))
+
+    return render(train), render(held_out)
 
 
 def _check_context(model, cfg) -> None:
@@ -157,13 +163,15 @@ def run(cfg: DictConfig) -> dict:
                                      progress=cfg.progress)
     train_prompts, eval_prompts = _prompt_sets(cfg, partitions, tokenizer)
     gen_kwargs = sampling_kwargs(cfg.generation)
-    ids = [p[0] for p in train_prompts + eval_prompts]
+    everything = train_prompts + eval_prompts
+    ids = [p[0] for p in everything]
     key = {"version": 1, "model": OmegaConf.to_container(cfg.model, resolve=True),
            "reward": OmegaConf.to_container(cfg.reward, resolve=True), "data": partition_fingerprint(partitions),
            "max_prompt_tokens": int(cfg.data.max_prompt_tokens), "prompts": fingerprint(ids), "m": int(cfg.calibration.m),
            "generation": gen_kwargs, "seed": int(cfg.calibration.seed)}
     reference_samples = load_or_build_reference_samples(
-        cache_root=cfg.cache_root, key=key, prompt_ids=ids, prompts=[p[1] for p in train_prompts + eval_prompts],
+        cache_root=cfg.cache_root, key=key, prompt_ids=ids, prompts=[p[1] for p in everything],
+        reward_prompts=[p[2] for p in everything],
         reference=reference, tokenizer=tokenizer, reward_model=reward_model, m=int(cfg.calibration.m),
         gen_kwargs=gen_kwargs, seed=int(cfg.calibration.seed), prompts_per_batch=int(cfg.calibration.prompts_per_batch),
         progress=cfg.progress)
@@ -214,7 +222,7 @@ def _print_summary(final: dict, run_dir: Path, n: int) -> None:
         f"  worst-of-{n} win rate {get(f'eval/won_win_rate@{n}')} ± {get(f'eval/won_win_rate@{n}_se')}",
         f"  standard win rate   {get('eval/bon_win_rate@1')} ± {get('eval/bon_win_rate@1_se')}",
         f"  KL(policy || ref)   {get('eval/kl')} nats/response",
-        f"  outputs: {run_dir}  (final_metrics.json, eval_metrics.csv, metrics.csv, policy/, checkpoints/)",
+        f"  outputs: {run_dir}  (final_metrics.json, eval_metrics.csv, logs/metrics.csv, policy/, checkpoints/)",
     ]
     print("\n".join(lines), flush=True)
     log.info("final metrics: %s", json.dumps(final))
