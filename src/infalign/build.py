@@ -1,0 +1,99 @@
+"""Build (or find in the cache) the tokenizer, reference policy and reward model: ``python -m infalign.build``.
+
+    python -m infalign.build                           # defaults: data=hh_rlhf model=tiny reward=trained
+    python -m infalign.build model=smollm2 reward.backbone=policy_frozen
+    python -m infalign.build +preset=test              # seconds-sized models, for tests and smoke runs
+    python -m infalign.build stages=[policy] samples=4 # only the reference, then sample 4 test prompts
+
+Every stage is content-addressed in the cache (``cache_root``, default ``$INFALIGN_CACHE`` or
+``<repo>/.cache``): whatever is already built for this exact configuration is loaded, not rebuilt. The trainer
+calls the same loaders (``load_partitions``, ``load_policy``, ``load_reward_model``) and so triggers the same
+builds on a fresh machine.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from infalign.cache import atomic_write_text
+from infalign.data import load_partitions, partition_fingerprint
+from infalign.paths import conf_dir
+from infalign.policy import call_target, format_prompts
+
+log = logging.getLogger("infalign.build")
+STAGES = ("policy", "reward")
+
+
+@torch.no_grad()
+def sample_responses(model, tokenizer, prompts: list[str], max_new_tokens: int, prompt_format: str = "raw",
+                     max_prompt_tokens: int | None = None, seed: int = 0, temperature: float = 1.0) -> list[str]:
+    """Sampled responses (ancestral sampling, as the RL stage and best-of-N use) to HH prompts."""
+    from infalign.data import truncate_prompt
+
+    if max_prompt_tokens:
+        prompts = [truncate_prompt(p, tokenizer, max_prompt_tokens) for p in prompts]
+    texts = format_prompts(prompts, tokenizer, prompt_format)
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    torch.manual_seed(seed)
+    out = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                         max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def build_all(cfg: DictConfig, progress: bool = True) -> dict[str, Any]:
+    """Run the configured stages; returns a JSON-able summary (cache paths, hits, metrics, timings)."""
+    stages = list(cfg.get("stages", STAGES))
+    if unknown := set(stages) - set(STAGES):
+        raise ValueError(f"unknown stages {sorted(unknown)}; choose from {STAGES}")
+    cache_root = cfg.get("cache_root")
+    summary: dict[str, Any] = {"cache_root": str(cache_root), "stages": {}}
+    t0 = time.time()
+    parts = load_partitions(cfg.data)  # fails fast (missing data root) before any model work
+    summary["data"] = {"fingerprint": partition_fingerprint(parts), **{k: len(v) for k, v in parts.items()}}
+    model = tok = None
+    if "policy" in stages or cfg.get("samples", 0):
+        t = time.time()
+        model, tok, entry = call_target(cfg.model, data_cfg=cfg.data, cache_root=cache_root, partitions=parts,
+                                        progress=progress)
+        summary["stages"]["policy"] = {"seconds": round(time.time() - t, 1), "path": str(entry.path) if entry else None,
+                                       "cache_hit": entry.hit if entry else None, "meta": entry.meta if entry else {}}
+        log.info("reference policy ready (%.1f s): %s", time.time() - t, summary["stages"]["policy"]["meta"])
+    if "reward" in stages:
+        t = time.time()
+        _, entry = call_target(cfg.reward, data_cfg=cfg.data, model_cfg=cfg.model, cache_root=cache_root,
+                               partitions=parts, progress=progress)
+        summary["stages"]["reward"] = {"seconds": round(time.time() - t, 1), "path": str(entry.path) if entry else None,
+                                       "cache_hit": entry.hit if entry else None, "meta": entry.meta if entry else {}}
+        log.info("reward model ready (%.1f s): %s", time.time() - t, summary["stages"]["reward"]["meta"])
+    if n := int(cfg.get("samples", 0)):
+        prompts = [r.prompt for r in parts["test"][:n]]
+        responses = sample_responses(model, tok, prompts, int(cfg.data.max_response_tokens),
+                                     cfg.model.get("prompt_format", "raw"), cfg.data.get("max_prompt_tokens"),
+                                     seed=int(cfg.get("seed", 0)))
+        summary["samples"] = [{"prompt": p[-300:], "response": r} for p, r in zip(prompts, responses)]
+        for s in summary["samples"]:
+            log.info("sample\n...%s\n  -> %r", s["prompt"][-200:], s["response"])
+    summary["seconds"] = round(time.time() - t0, 1)
+    return summary
+
+
+@hydra.main(config_path=conf_dir(), config_name="build", version_base="1.3")
+def main(cfg: DictConfig) -> dict[str, Any]:
+    torch.set_num_threads(int(cfg.get("num_threads") or torch.get_num_threads()))
+    log.info("build config:\n%s", OmegaConf.to_yaml(cfg))
+    summary = build_all(cfg, progress=bool(cfg.get("progress", True)))
+    out = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir) / "build_summary.json"
+    atomic_write_text(out, json.dumps(summary, indent=2, default=str))
+    log.info("summary written to %s (total %.1f s)", out, summary["seconds"])
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""HH-RLHF preference pairs: loading, prompt/response splitting, the by-prompt partition, truncation.
+
+Every stage (tokenizer, SFT reference, reward model, calibration, RL) calls :func:`load_partitions` with the
+same ``cfg.data`` and therefore sees the same train / validation / test partition; its
+:func:`partition_fingerprint` goes into every cache key built from the data.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from infalign.cache import fingerprint
+from infalign.paths import data_root as default_data_root
+
+log = logging.getLogger(__name__)
+
+HUB_DATASET = "Anthropic/hh-rlhf"
+ASSISTANT = "\n\nAssistant:"
+HUMAN = "\n\nHuman:"
+PARTITIONS = ("train", "validation", "test")
+
+
+class DataNotFoundError(FileNotFoundError):
+    """Neither the local copy nor the hub dataset could be read."""
+
+
+@dataclass(frozen=True)
+class PreferenceRecord:
+    prompt: str  # the dialogue up to and including the last "\n\nAssistant:"
+    chosen: str  # preferred response text (usually starts with a space)
+    rejected: str  # dispreferred response text
+    prompt_id: str  # stable hash of the prompt: groups duplicates, keys partitions and caches
+
+    @property
+    def chosen_text(self) -> str:
+        return self.prompt + self.chosen
+
+    @property
+    def rejected_text(self) -> str:
+        return self.prompt + self.rejected
+
+
+def prompt_id(prompt: str) -> str:
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16]
+
+
+def split_dialogue(text: str) -> tuple[str, str]:
+    """Split at the last ``"\\n\\nAssistant:"``: ``(prompt including the marker, response)``."""
+    i = text.rfind(ASSISTANT)
+    if i < 0:
+        raise ValueError("no '\\n\\nAssistant:' turn in dialogue")
+    i += len(ASSISTANT)
+    return text[:i], text[i:]
+
+
+def parse_pair(raw: Mapping[str, Any]) -> PreferenceRecord | str:
+    """A :class:`PreferenceRecord`, or the reason (a short string) why the raw pair is malformed."""
+    chosen, rejected = raw.get("chosen"), raw.get("rejected")
+    if not isinstance(chosen, str) or not isinstance(rejected, str):
+        return "missing_field"
+    try:
+        p_c, r_c = split_dialogue(chosen)
+        p_r, r_r = split_dialogue(rejected)
+    except ValueError:
+        return "no_assistant_turn"
+    # Broken turn markers ("  Human:" without the blank line) move the last Assistant turn to different
+    # places in the two dialogues; such a pair does not compare two answers to one prompt.
+    if p_c != p_r:
+        return "prompt_mismatch"
+    if not r_c.strip() or not r_r.strip():
+        return "empty_response"
+    if r_c.strip() == r_r.strip():
+        return "identical_responses"  # carries no preference signal
+    return PreferenceRecord(prompt=p_c, chosen=r_c, rejected=r_r, prompt_id=prompt_id(p_c))
+
+
+def parse_pairs(raws: Iterable[Mapping[str, Any]], source: str = "") -> tuple[list[PreferenceRecord], Counter]:
+    """Parse raw pairs, returning the good records and a Counter of drop reasons (also logged)."""
+    records, dropped, n = [], Counter(), 0
+    for n, raw in enumerate(raws, 1):
+        out = parse_pair(raw)
+        if isinstance(out, str):
+            dropped[out] += 1
+        else:
+            records.append(out)
+    if dropped:
+        log.warning("%s: dropped %d of %d malformed pairs: %s", source or "data", sum(dropped.values()), n,
+                    ", ".join(f"{k}={v}" for k, v in sorted(dropped.items())))
+    else:
+        log.info("%s: parsed %d pairs, none dropped", source or "data", n)
+    return records, dropped
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def _local_file(root: Path, subset: str, split: str) -> Path | None:
+    for name in (f"{split}.jsonl.gz", f"{split}.jsonl"):
+        if (p := root / subset / name).is_file():
+            return p
+    return None
+
+
+def _read_jsonl(path: Path, limit: int | None) -> list[dict]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    rows = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if limit is not None and len(rows) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                # A bad line is a malformed record: counted as such, not fatal.
+                log.warning("%s:%d: invalid JSON (%s)", path, lineno, e.msg)
+                rows.append({})
+    return rows
+
+
+def _read_hub(subset: str, split: str, limit: int | None, revision: str | None) -> list[dict]:
+    import datasets  # heavy import, only when the hub is actually used
+
+    ds = datasets.load_dataset(HUB_DATASET, data_dir=subset, split=split, revision=revision)
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    return [{"chosen": r["chosen"], "rejected": r["rejected"]} for r in ds]
+
+
+def read_raw_pairs(data_cfg: Mapping[str, Any]) -> list[tuple[str, list[dict]]]:
+    """``[(source_name, raw_rows)]`` for every configured subset, from the local root or the hub.
+
+    ``source``: ``local`` (only the local root), ``hub`` (only ``datasets``), ``auto`` (local when the file
+    exists, else hub). ``limit`` caps the rows read per subset (tiny test configs).
+    """
+    source = data_cfg.get("source", "auto")
+    if source not in ("local", "hub", "auto"):
+        raise ValueError(f"data.source must be local, hub or auto, got {source!r}")
+    root = Path(str(data_cfg.get("root") or default_data_root())).expanduser()
+    split = data_cfg.get("split", "test")
+    subsets = list(data_cfg.get("subsets", ["harmless-base"]))
+    if not subsets:
+        raise ValueError("data.subsets is empty")
+    limit = data_cfg.get("limit")
+    limit = None if limit in (None, 0) else int(limit)
+    out = []
+    for subset in subsets:
+        path = _local_file(root, subset, split) if source != "hub" else None
+        if path is not None:
+            out.append((str(path), _read_jsonl(path, limit)))
+            continue
+        local_hint = f"{root}/{subset}/{split}.jsonl.gz"
+        if source == "local":
+            raise DataNotFoundError(
+                f"HH-RLHF file not found: {local_hint}. Either put the upstream files there (or set "
+                f"data.root / $INFALIGN_DATA_ROOT to a folder laid out as <subset>/<split>.jsonl.gz), or use "
+                f"data.source=hub to load '{HUB_DATASET}' with `datasets` (needs network access).")
+        try:
+            rows = _read_hub(subset, split, limit, data_cfg.get("revision"))
+        except Exception as e:  # offline, unknown split, no credentials, ...
+            raise DataNotFoundError(
+                f"could not read HH-RLHF subset '{subset}' split '{split}': no local file at {local_hint} "
+                f"(set data.root or $INFALIGN_DATA_ROOT to a folder laid out as <subset>/<split>.jsonl.gz), "
+                f"and loading the hub dataset '{HUB_DATASET}' (data.source=hub) failed: "
+                f"{type(e).__name__}: {e}") from e
+        out.append((f"hub:{HUB_DATASET}/{subset}/{split}", rows))
+    return out
+
+
+# ------------------------------------------------------------------------------------------- partition
+def _check_fractions(fractions: Mapping[str, float]) -> dict[str, float]:
+    fr = {k: float(fractions.get(k, 0.0)) for k in PARTITIONS}
+    if unknown := set(fractions) - set(PARTITIONS):
+        raise ValueError(f"data.fractions has unknown partitions {sorted(unknown)}; use {PARTITIONS}")
+    if any(v < 0 for v in fr.values()) or abs(sum(fr.values()) - 1.0) > 1e-6:
+        raise ValueError(f"data.fractions must be non-negative and sum to 1, got {fr}")
+    return fr
+
+
+def partition_by_prompt(records: list[PreferenceRecord], fractions: Mapping[str, float],
+                        seed: int) -> dict[str, list[PreferenceRecord]]:
+    """Deterministic seeded train/validation/test cut in which no prompt lands in two partitions.
+
+    Unique prompt ids are ordered by ``sha256(seed:prompt_id)`` (a seeded shuffle that does not depend on
+    file order or Python's hash seed) and cut at the cumulative fractions; every record follows its prompt.
+    """
+    fr = _check_fractions(fractions)
+    ids = sorted({r.prompt_id for r in records},
+                 key=lambda pid: hashlib.sha256(f"{seed}:{pid}".encode()).hexdigest())
+    n = len(ids)
+    n_train = round(fr["train"] * n)
+    n_val = round((fr["train"] + fr["validation"]) * n) - n_train
+    assign = {pid: ("train" if i < n_train else "validation" if i < n_train + n_val else "test")
+              for i, pid in enumerate(ids)}
+    parts: dict[str, list[PreferenceRecord]] = {k: [] for k in PARTITIONS}
+    for r in records:  # keep file order inside each partition
+        parts[assign[r.prompt_id]].append(r)
+    return parts
+
+
+def load_partitions(data_cfg: Mapping[str, Any]) -> dict[str, list[PreferenceRecord]]:
+    """Read, parse and partition the configured data: ``{"train": [...], "validation": [...], "test": [...]}``."""
+    records = []
+    for source, rows in read_raw_pairs(data_cfg):
+        recs, _ = parse_pairs(rows, source)
+        records.extend(recs)
+    if not records:
+        raise ValueError("no valid preference pairs were read; check data.root / data.subsets / data.split")
+    parts = partition_by_prompt(records, data_cfg.get("fractions", {"train": 0.8, "validation": 0.1, "test": 0.1}),
+                                int(data_cfg.get("seed", 0)))
+    log.info("partition (by prompt, seed %s): %s", data_cfg.get("seed", 0),
+             ", ".join(f"{k}={len(v)}" for k, v in parts.items()))
+    return parts
+
+
+def partition_fingerprint(parts: Mapping[str, list[PreferenceRecord]]) -> str:
+    """Stable hash of the partition contents (texts and assignment), for cache keys."""
+    h = hashlib.sha256()
+    for name in PARTITIONS:
+        h.update(f"[{name}]".encode())
+        for r in parts.get(name, []):
+            h.update(fingerprint([r.prompt, r.chosen, r.rejected], length=0).encode())
+    return h.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------- truncation
+def _n_tokens(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def truncate_prompt(prompt: str, tokenizer, max_tokens: int) -> str:
+    """Drop text from the left until ``prompt`` fits ``max_tokens``, keeping the final Assistant marker.
+
+    The cut is moved forward to the next turn boundary when one exists, so the model never sees half a
+    turn; when the last Human turn alone is too long it is cut mid-turn (the marker is still kept).
+    """
+    if max_tokens is None or _n_tokens(tokenizer, prompt) <= max_tokens:
+        return prompt
+    if not prompt.endswith(ASSISTANT):
+        raise ValueError("prompt does not end with the '\\n\\nAssistant:' marker")
+    if _n_tokens(tokenizer, ASSISTANT) + 1 > max_tokens:
+        raise ValueError(f"max_prompt_tokens={max_tokens} cannot hold the Assistant marker")
+    lo, hi = 0, len(prompt) - len(ASSISTANT)  # smallest start offset whose suffix fits: binary search
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _n_tokens(tokenizer, prompt[mid:]) <= max_tokens:
+            hi = mid
+        else:
+            lo = mid + 1
+    body_end = len(prompt) - len(ASSISTANT)
+    starts = [i for i in (prompt.find(HUMAN, lo), prompt.find(ASSISTANT, lo)) if 0 <= i < body_end]
+    start = min(starts) if starts else lo
+    out = prompt[start:]
+    while _n_tokens(tokenizer, out) > max_tokens and len(out) > len(ASSISTANT):
+        out = out[1:]  # BPE merges at the cut can differ by a token; shave until it fits
+    return out
+
+
+def truncate_response(response: str, tokenizer, max_tokens: int) -> str:
+    """Keep the first ``max_tokens`` tokens of a response (decoded back to text)."""
+    if max_tokens is None:
+        return response
+    ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    if len(ids) <= max_tokens:
+        return response
+    return tokenizer.decode(ids[:max_tokens], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def hh_to_messages(prompt: str) -> list[dict[str, str]]:
+    """Turn an HH prompt into chat messages (``user``/``assistant``), for chat-template models.
+
+    A left-truncated prompt may start mid-turn; that leading fragment becomes a ``user`` message.
+    """
+    parts = re.split(r"\n\n(Human|Assistant):", prompt)
+    # parts = [leading text, "Human", text, "Assistant", text, ..., "Assistant", ""]
+    msgs = [{"role": "user", "content": parts[0].strip()}] if parts[0].strip() else []
+    for role, text in zip(parts[1::2], parts[2::2]):
+        if text.strip() or role == "Human":
+            msgs.append({"role": "user" if role == "Human" else "assistant", "content": text.strip()})
+    return msgs

