@@ -18,6 +18,8 @@ import lightning as L
 import torch
 
 from infalign.calibration import EmpiricalCalibrator
+from torchmetrics import MeanMetric
+
 from infalign.metrics import InferenceTimeWinRate
 from infalign.reference_samples import check_finite_rewards
 from infalign.rl import sequence_kl
@@ -49,6 +51,8 @@ class WinRateCallback(L.Callback):
                              f"M={reference_samples.m}); raise them or drop those N from eval.ns")
         self.gen_kwargs, self.out_dir, self.seed, self.batch_prompts = gen_kwargs, Path(out_dir), seed, batch_prompts
         self.metrics = {(mode, n): InferenceTimeWinRate(n=n, mode=mode) for mode in ("bon", "won") for n in self.ns}
+        # torchmetrics means: synchronised across processes like the win rates
+        self.means = {name: MeanMetric() for name in ("kl", "kl_k3", "reward_raw", "reward_calibrated")}
         self.history: list[dict] = []
         self.final: dict | None = None
 
@@ -66,16 +70,21 @@ class WinRateCallback(L.Callback):
     @torch.no_grad()
     def evaluate(self, module) -> dict[str, float]:
         """Win rates, KL and mean rewards of the current policy on the evaluation prompts."""
-        for metric in self.metrics.values():
+        for metric in [*self.metrics.values(), *self.means.values()]:
             metric.reset()
-        kl1, kl3, raw_sum, cal_sum, count = 0.0, 0.0, 0.0, 0.0, 0
         state = torch.random.get_rng_state()
-        torch.manual_seed(self.seed * 1_000_003 + 424_242)  # same eval samples' randomness at every evaluation
+        # Each process evaluates its own share of the prompts (every prompt exactly once overall); the
+        # seed depends on the rank so that shares never repeat randomness, and not on the step, so every
+        # evaluation of a run sees comparable samples.
+        rank, world = module.global_rank, module.trainer.world_size if module._trainer else 1
+        torch.manual_seed(self.seed * 1_000_003 + 424_242 + rank)
+        mine = list(range(rank, len(self.prompts), world))
         try:
-            for start in range(0, len(self.prompts), self.batch_prompts):
-                ids = self.prompt_ids[start : start + self.batch_prompts]
-                prompts = self.prompts[start : start + self.batch_prompts]
-                reward_prompts = self.reward_prompts[start : start + self.batch_prompts]
+            for start in range(0, len(mine), self.batch_prompts):
+                rows = mine[start : start + self.batch_prompts]
+                ids = [self.prompt_ids[i] for i in rows]
+                prompts = [self.prompts[i] for i in rows]
+                reward_prompts = [self.reward_prompts[i] for i in rows]
                 rollout = generate(module.policy, module.tokenizer, prompts, self.k, self.gen_kwargs)
                 texts = decode_responses(module.tokenizer, rollout)
                 raw = module.reward_model.score([p for p in reward_prompts for _ in range(self.k)], texts)
@@ -86,15 +95,13 @@ class WinRateCallback(L.Callback):
                     metric.update(raw, ref)
                 kl = sequence_kl(response_logprobs(module.policy, rollout), response_logprobs(module.reference, rollout),
                                  rollout.response_mask)
-                kl1 += kl["k1"].sum().item()
-                kl3 += kl["k3"].sum().item()
-                raw_sum += raw.sum().item()
-                cal_sum += EmpiricalCalibrator()(raw, ref).sum().item()
-                count += raw.numel()
+                self.means["kl"].update(kl["k1"].double())
+                self.means["kl_k3"].update(kl["k3"].double())
+                self.means["reward_raw"].update(raw.flatten())
+                self.means["reward_calibrated"].update(EmpiricalCalibrator()(raw, ref).flatten())
         finally:
             torch.random.set_rng_state(state)
-        out = {"eval/kl": kl1 / count, "eval/kl_k3": kl3 / count, "eval/reward_raw": raw_sum / count,
-               "eval/reward_calibrated": cal_sum / count}
+        out = {f"eval/{name}": metric.compute().item() for name, metric in self.means.items()}
         for (mode, n), metric in self.metrics.items():
             out[f"eval/{mode}_win_rate@{n}"] = metric.compute().item()
             out[f"eval/{mode}_win_rate@{n}_se"] = metric.standard_error().item()
