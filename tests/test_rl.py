@@ -81,11 +81,12 @@ def tiny_lm():
     return model.eval(), tokenizer
 
 
-def test_logprobs_match_generate_scores_with_left_padding(tiny_lm):
+@pytest.mark.parametrize("cache", [None, "static"])
+def test_logprobs_match_generate_scores_with_left_padding(tiny_lm, cache):
     model, tokenizer = tiny_lm
     prompts = ["w1 w2 w3 w4 w5 w6", "w7", "w8 w9 w10"]  # very different lengths: heavy left padding
     torch.manual_seed(1)
-    kwargs = sampling_kwargs({"max_new_tokens": 8})
+    kwargs = sampling_kwargs({"max_new_tokens": 8, "cache_implementation": cache})
     rollout = generate(model, tokenizer, prompts, 2, kwargs)
     torch.manual_seed(1)
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
