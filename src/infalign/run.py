@@ -168,7 +168,9 @@ def run(cfg: DictConfig) -> dict:
     key = {"version": 1, "model": OmegaConf.to_container(cfg.model, resolve=True),
            "reward": OmegaConf.to_container(cfg.reward, resolve=True), "data": partition_fingerprint(partitions),
            "max_prompt_tokens": int(cfg.data.max_prompt_tokens), "prompts": fingerprint(ids), "m": int(cfg.calibration.m),
-           "generation": gen_kwargs, "seed": int(cfg.calibration.seed)}
+           "seed": int(cfg.calibration.seed),
+           # the KV-cache layout changes no probabilities, so it does not split the cache
+           "generation": {k: v for k, v in gen_kwargs.items() if k != "cache_implementation"}}
     reference_samples = load_or_build_reference_samples(
         cache_root=cfg.cache_root, key=key, prompt_ids=ids, prompts=[p[1] for p in everything],
         reward_prompts=[p[2] for p in everything],
