@@ -65,7 +65,19 @@ def tiny_cfg(synth_root, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def one_thread():
+    """Seconds-sized models gain nothing from a second thread, and on a busy 2-core machine the OpenMP
+    threads of two processes fight each other (several-fold slowdowns): use one, restore afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, one_thread):
     """``(cfg, summary)`` of one tiny build (policy + fine-tuned GPT-2 reward) shared by a test module."""
     from infalign.build import build_all
 

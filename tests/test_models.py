@@ -3,7 +3,7 @@ import importlib.util
 
 import pytest
 import torch
-from hh_helpers import built, compose, synth_root, tiny_cfg  # noqa: F401  (fixtures)
+from hh_helpers import built, compose, one_thread, synth_root, tiny_cfg  # noqa: F401  (fixtures)
 
 from infalign.build import build_all
 from infalign.data import load_partitions
@@ -12,6 +12,8 @@ from infalign.reward import RewardModel, SequenceClassifierReward, load_reward_m
 from infalign.reward_train import pairwise_accuracy
 from infalign.sft import run_sft, sft_loaders
 from infalign.tokenizer import train_bpe_tokenizer, training_texts
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mean_loss(model, loader):

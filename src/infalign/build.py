@@ -64,7 +64,8 @@ def build_all(cfg: DictConfig, progress: bool = True) -> dict[str, Any]:
                                         progress=progress)
         summary["stages"]["policy"] = {"seconds": round(time.time() - t, 1), "path": str(entry.path) if entry else None,
                                        "cache_hit": entry.hit if entry else None, "meta": entry.meta if entry else {}}
-        log.info("reference policy ready (%.1f s): %s", time.time() - t, summary["stages"]["policy"]["meta"])
+        log.info("reference policy ready (%.1f s): %s", time.time() - t,
+                 {k: v for k, v in summary["stages"]["policy"]["meta"].items() if k != "history"})
     if "reward" in stages:
         t = time.time()
         _, entry = call_target(cfg.reward, data_cfg=cfg.data, model_cfg=cfg.model, cache_root=cache_root,
