@@ -33,10 +33,19 @@ def cache_root() -> str:
     return str(Path(os.environ.get("INFALIGN_CACHE", REPO_ROOT / ".cache")))
 
 
+def pick(values, index):
+    """`${infalign.pick:<list>,<i>}`: the i-th item of a list. Study presets sweep an index into per-method
+    beta grids (OmegaConf cannot index a list with an interpolated integer)."""
+    index = int(index)
+    if not 0 <= index < len(values):
+        raise IndexError(f"index {index} is outside the list {list(values)} (it has {len(values)} items)")
+    return values[index]
+
+
 def register_resolvers() -> None:
-    """Register `${infalign.data_root:}` and `${infalign.cache_root:}` for the Hydra configs (idempotent)."""
+    """Register `${infalign.data_root:}`, `${infalign.cache_root:}` and `${infalign.pick:...}` (idempotent)."""
     from omegaconf import OmegaConf
 
-    for name, fn in (("infalign.data_root", data_root), ("infalign.cache_root", cache_root)):
+    for name, fn in (("infalign.data_root", data_root), ("infalign.cache_root", cache_root), ("infalign.pick", pick)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

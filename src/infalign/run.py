@@ -189,7 +189,9 @@ def run(cfg: DictConfig) -> dict:
     loggers = [CSVLogger(save_dir=run_dir, name="logs", version="")]  # logs/metrics.csv: every logged metric
     if cfg.get("logger") and cfg.logger.get("_target_"):
         loggers.append(instantiate(cfg.logger))
+    # method: the experiment preset's name (studies group runs by it); t: the exp family's t as used (t=auto resolved)
     run_info = {"n": int(cfg.n), "beta": float(cfg.beta), "transform": choices.get("transform"),
+                "method": cfg.get("method") or choices.get("transform"), "t": getattr(transform, "t", None),
                 "calibrator": choices.get("calibrator"), "seed": int(cfg.seed), "run_dir": str(run_dir)}
     for lg in loggers:
         lg.log_hyperparams({**run_info, **OmegaConf.to_container(cfg, resolve=True)})
