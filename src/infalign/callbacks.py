@@ -44,19 +44,31 @@ class WinRateCallback(L.Callback):
         self.reward_prompts = [p[2] for p in eval_prompts]  # as the reward model reads them
         if len(set(self.prompt_ids)) != len(self.prompt_ids):
             raise ValueError("evaluation prompts must be unique: each prompt is counted once")
-        self.reference_samples, self.ns, self.k, self.every = reference_samples, sorted(set(ns)), int(k), int(every)
+        self.ns, self.k, self.every = sorted(set(ns)), int(k), int(every)
+        self.reference_samples = None
+        if reference_samples is not None:  # else the datamodule's, once it has loaded or built it (setup)
+            self._set_reference_samples(reference_samples)
+        self.gen_kwargs, self.out_dir, self.seed, self.batch_prompts = gen_kwargs, Path(out_dir), seed, batch_prompts
+        self.metrics = {(mode, n): InferenceTimeWinRate(n=n, mode=mode) for mode in ("bon", "won") for n in self.ns}
+        # torchmetrics means: synchronised across processes like the win rates
+        # float64 states: the sum over processes then matches one process to ~1e-15, not float32 rounding
+        self.means = {name: MeanMetric().set_dtype(torch.float64)
+                      for name in ("kl", "kl_k3", "reward_raw", "reward_calibrated")}
+        self.history: list[dict] = []
+        self.final: dict | None = None
+
+    def _set_reference_samples(self, reference_samples) -> None:
         too_big = [n for n in self.ns if n > min(self.k, reference_samples.m)]
         if too_big:
             raise ValueError(f"eval N={too_big} needs eval.k and calibration.m >= N (got k={self.k}, "
                              f"M={reference_samples.m}); raise them or drop those N from eval.ns")
-        self.gen_kwargs, self.out_dir, self.seed, self.batch_prompts = gen_kwargs, Path(out_dir), seed, batch_prompts
-        self.metrics = {(mode, n): InferenceTimeWinRate(n=n, mode=mode) for mode in ("bon", "won") for n in self.ns}
-        # torchmetrics means: synchronised across processes like the win rates
-        self.means = {name: MeanMetric() for name in ("kl", "kl_k3", "reward_raw", "reward_calibrated")}
-        self.history: list[dict] = []
-        self.final: dict | None = None
+        self.reference_samples = reference_samples
 
     # ------------------------------------------------------------------ hooks
+    def setup(self, trainer, module, stage: str) -> None:
+        if self.reference_samples is None:  # Lightning calls the datamodule's setup before the callbacks'
+            self._set_reference_samples(trainer.datamodule.reference_samples)
+
     def on_train_epoch_end(self, trainer, module) -> None:
         iteration = trainer.current_epoch + 1
         if self.every and iteration % self.every == 0 and iteration < trainer.max_epochs:
@@ -70,18 +82,21 @@ class WinRateCallback(L.Callback):
     @torch.no_grad()
     def evaluate(self, module) -> dict[str, float]:
         """Win rates, KL and mean rewards of the current policy on the evaluation prompts."""
+        device = module.device
         for metric in [*self.metrics.values(), *self.means.values()]:
             metric.reset()
+            metric.to(device)  # the states must live where the process group syncs them (nccl: on the GPU)
         state = torch.random.get_rng_state()
-        # Each process evaluates its own share of the prompts (every prompt exactly once overall); the
-        # seed depends on the rank so that shares never repeat randomness, and not on the step, so every
+        # The prompts are cut into fixed batches and process r of W evaluates batches r, r + W, ...: every
+        # prompt exactly once overall, no padding repeats. Each batch is seeded by its index (not the rank,
+        # nor the step), so a prompt gets the same samples whatever the number of processes, and every
         # evaluation of a run sees comparable samples.
         rank, world = module.global_rank, module.trainer.world_size if module._trainer else 1
-        torch.manual_seed(self.seed * 1_000_003 + 424_242 + rank)
-        mine = list(range(rank, len(self.prompts), world))
+        starts = range(0, len(self.prompts), self.batch_prompts)
         try:
-            for start in range(0, len(mine), self.batch_prompts):
-                rows = mine[start : start + self.batch_prompts]
+            for b in range(rank, len(starts), world):
+                rows = range(starts[b], min(starts[b] + self.batch_prompts, len(self.prompts)))
+                torch.manual_seed(self.seed * 1_000_003 + 424_242 + b)
                 ids = [self.prompt_ids[i] for i in rows]
                 prompts = [self.prompts[i] for i in rows]
                 reward_prompts = [self.reward_prompts[i] for i in rows]
@@ -89,8 +104,8 @@ class WinRateCallback(L.Callback):
                 texts = decode_responses(module.tokenizer, rollout)
                 raw = module.reward_model.score([p for p in reward_prompts for _ in range(self.k)], texts)
                 check_finite_rewards(raw, reward_prompts, "an evaluation sample")
-                raw = raw.view(len(prompts), self.k).double()
-                ref = self.reference_samples.rewards_for(ids).double()
+                raw = raw.view(len(prompts), self.k).double().to(device)
+                ref = self.reference_samples.rewards_for(ids).double().to(device)
                 for metric in self.metrics.values():
                     metric.update(raw, ref)
                 kl = sequence_kl(response_logprobs(module.policy, rollout), response_logprobs(module.reference, rollout),
@@ -105,6 +120,10 @@ class WinRateCallback(L.Callback):
         for (mode, n), metric in self.metrics.items():
             out[f"eval/{mode}_win_rate@{n}"] = metric.compute().item()
             out[f"eval/{mode}_win_rate@{n}_se"] = metric.standard_error().item()
+        # prompts counted over all processes: equals the number of evaluation prompts unless one was repeated
+        metric = next(iter(self.metrics.values()))
+        with metric.sync_context():
+            out["eval/prompts"] = int(metric.prompts.item())
         return out
 
     def run_eval(self, trainer, module, iteration: int) -> dict:
@@ -114,8 +133,8 @@ class WinRateCallback(L.Callback):
             logger.log_metrics({k: v for k, v in results.items() if k.startswith("eval/")}, step=trainer.global_step)
         if trainer.is_global_zero:
             self._append_csv(results)
-        log.info("eval @ iteration %d: %s", results["iteration"],
-                 ", ".join(f"{k[5:]}={v:.4f}" for k, v in results.items() if k.startswith("eval/") and "_se" not in k))
+            log.info("eval @ iteration %d: %s", results["iteration"],
+                     ", ".join(f"{k[5:]}={v:.4f}" for k, v in results.items() if k.startswith("eval/") and "_se" not in k))
         self.history.append(results)
         return results
 

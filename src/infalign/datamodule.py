@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import lightning as L
 import torch
@@ -23,8 +24,12 @@ __all__ = ["IterationSampler", "RolloutBuffer", "RolloutDataModule", "build_roll
 
 
 class IterationSampler(Sampler[int]):
-    """Yields `per_iteration` prompt indices for the current epoch (= iteration), walking through seeded
-    permutations of all prompts, so the data order depends only on (seed, iteration)."""
+    """Yields this process's share of the `per_iteration` prompt indices of the current epoch (= iteration),
+    walking through seeded permutations of all prompts, so the data order depends only on (seed, iteration).
+
+    Distributed, rank r of W takes every W-th index of the iteration's list: the shares are disjoint and
+    cover the iteration once, with no padding repeats (Lightning's DistributedSampler would pad and reshuffle,
+    so the trainer runs with `use_distributed_sampler=False`)."""
 
     def __init__(self, num_prompts: int, per_iteration: int, seed: int):
         if per_iteration > num_prompts:
@@ -33,12 +38,19 @@ class IterationSampler(Sampler[int]):
                 "or raise calibration.train_prompts"
             )
         self.num_prompts, self.per_iteration, self.seed, self.epoch = num_prompts, per_iteration, seed, 0
+        self.rank, self.world = 0, 1
+
+    def shard(self, rank: int, world: int) -> None:
+        if self.per_iteration % world:
+            raise ValueError(f"rl.prompts_per_iteration={self.per_iteration} must be divisible by the {world} "
+                             "processes (every process updates on the same number of prompts per iteration)")
+        self.rank, self.world = rank, world
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.per_iteration
+        return self.per_iteration // self.world
 
     def __iter__(self):
         start = self.epoch * self.per_iteration
@@ -48,7 +60,7 @@ class IterationSampler(Sampler[int]):
             perm = torch.randperm(self.num_prompts, generator=torch.Generator().manual_seed(self.seed * 7919 + cycle))
             take = min(self.per_iteration - len(out), self.num_prompts - offset)
             out.extend(perm[offset : offset + take].tolist())
-        return iter(out)
+        return iter(out[self.rank :: self.world])
 
 
 @dataclass
@@ -125,19 +137,36 @@ def build_rollout(module, prompt_ids: list[str], prompts: list[str], reward_prom
 
 
 class RolloutDataModule(L.LightningDataModule):
-    """Training prompts (one batch per iteration), evaluation prompts, and the calibration cache."""
+    """Training prompts (one batch per iteration), evaluation prompts, and the calibration cache.
+
+    `reference_samples` is the calibration cache or a zero-argument function that loads or builds it. The
+    function is called in `setup`, where every process exists and the process group is up (Lightning
+    re-launches the script per process on `trainer.fit`), so a distributed run splits the building across
+    ranks and stores it once (`load_or_build_reference_samples`)."""
 
     def __init__(self, train_prompts: list[tuple[str, str, str]], eval_prompts: list[tuple[str, str, str]],
-                 reference_samples: ReferenceSamples, prompts_per_iteration: int, seed: int):
+                 reference_samples: ReferenceSamples | Callable[[], ReferenceSamples], prompts_per_iteration: int,
+                 seed: int):
         super().__init__()
         self.train_prompts, self.eval_prompts = train_prompts, eval_prompts
-        self.reference_samples = reference_samples
+        self._build_reference_samples = None if isinstance(reference_samples, ReferenceSamples) else reference_samples
+        self.reference_samples = reference_samples if self._build_reference_samples is None else None
         self.prompts_per_iteration, self.seed = int(prompts_per_iteration), int(seed)
         self.sampler = IterationSampler(len(train_prompts), self.prompts_per_iteration, self.seed)
 
+    def setup(self, stage: str) -> None:
+        trainer = self.trainer
+        self.sampler.shard(trainer.global_rank, trainer.world_size)
+        if self.reference_samples is None:
+            # Lightning moves the module to its device only after setup: generate on that device already.
+            module, device = trainer.lightning_module, trainer.strategy.root_device
+            module.reference.to(device)
+            module.reward_model.to(device)
+            self.reference_samples = self._build_reference_samples()
+
     def train_dataloader(self) -> DataLoader:
         # Items are (prompt_id, policy text, reward text); the batch is a list of them (nothing to collate).
-        return DataLoader(self.train_prompts, batch_size=self.prompts_per_iteration, sampler=self.sampler,
+        return DataLoader(self.train_prompts, batch_size=len(self.sampler), sampler=self.sampler,
                           collate_fn=list, num_workers=0)
 
     def build_rollout(self, module, batch: list[tuple[str, str, str]]) -> RolloutBuffer:

@@ -52,6 +52,12 @@ class InfAlignModule(L.LightningModule):
         params = [p for p in self.policy.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=self.rl.lr, weight_decay=self.rl.weight_decay, betas=(0.9, 0.95))
 
+    def setup(self, stage: str) -> None:
+        world = self.trainer.world_size
+        if self.rl.minibatch_size % world:
+            raise ValueError(f"rl.minibatch_size={self.rl.minibatch_size} must be divisible by the {world} processes: "
+                             "each process takes an equal share of every optimizer step's minibatch")
+
     def on_fit_start(self) -> None:
         self.reward_model.to(self.device)
 
@@ -67,7 +73,9 @@ class InfAlignModule(L.LightningModule):
         losses, clip_fracs = [], []
         t_update = time.perf_counter()
         for _ in range(self.rl.ppo_epochs if self.rl.algo == "ppo" else 1):
-            for rollout, old_logp, adv in buffer.minibatches(self.rl.minibatch_size, generator):
+            # Distributed, each process holds 1/W of the rollout and DDP averages the gradients, so a per-process
+            # minibatch of minibatch_size / W keeps the optimizer steps (count, sequences each) of one process.
+            for rollout, old_logp, adv in buffer.minibatches(self.rl.minibatch_size // self.trainer.world_size, generator):
                 logp = response_logprobs(self.policy, rollout)
                 if self.rl.algo == "ppo":
                     loss, clip_frac = ppo_clip_loss(logp, old_logp, rollout.response_mask, adv, self.rl.clip)
@@ -90,10 +98,13 @@ class InfAlignModule(L.LightningModule):
         stats["policy/loss"] = sum(losses) / len(losses)
         if clip_fracs:
             stats["policy/clip_fraction"] = sum(clip_fracs) / len(clip_fracs)
+        if self.trainer.world_size > 1:  # means over all processes: beta must adapt identically everywhere
+            values = torch.tensor(list(stats.values()), dtype=torch.float64, device=self.device)
+            stats = dict(zip(stats, self.trainer.strategy.reduce(values, reduce_op="mean").tolist()))
         if not all(math.isfinite(v) for v in stats.values()):
             raise FloatingPointError(f"non-finite training statistics at iteration {iteration}: {stats}")
         if self.kl_controller:
-            self.kl_controller.update(stats["kl/k1"], n_steps=len(buffer))
+            self.kl_controller.update(stats["kl/k1"], n_steps=len(buffer) * self.trainer.world_size)  # all sequences
         self.log_dict({f"train/{k}": v for k, v in stats.items()}, on_step=True, on_epoch=False, prog_bar=False,
                       batch_size=len(batch))
         self.log("kl", stats["kl/k1"], prog_bar=True, on_step=True, on_epoch=False, batch_size=len(batch))

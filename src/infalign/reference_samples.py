@@ -18,12 +18,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from infalign.cache import get_or_build
+from infalign.cache import fingerprint, get_or_build, lookup
+from infalign.distributed import all_gather_object, barrier, broadcast_object, rank_and_world
 from infalign.rollout import decode_responses, generate
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ReferenceSamples", "load_or_build_reference_samples", "check_finite_rewards"]
+__all__ = ["ReferenceSamples", "load_or_build_reference_samples", "load_reference_samples", "check_finite_rewards"]
+
+KIND = "reference_samples"  # cache kind: <cache_root>/reference_samples/<hash>/
 
 
 def check_finite_rewards(rewards: torch.Tensor, prompts: list[str], where: str) -> None:
@@ -60,6 +63,17 @@ class ReferenceSamples:
         return self.rewards[[self._row[p] for p in prompt_ids]]
 
 
+def load_reference_samples(path: Path, prompt_ids: list[str], m: int, hit: bool = True) -> ReferenceSamples:
+    """Read a calibration-cache entry (already verified by the cache) and check it holds what was asked."""
+    path = Path(path)
+    rewards = load_file(str(path / "rewards.safetensors"))["rewards"]
+    ids = json.loads((path / "prompt_ids.json").read_text())
+    if ids != list(prompt_ids) or tuple(rewards.shape) != (len(prompt_ids), m):
+        raise RuntimeError(f"calibration cache {path} does not match its key; delete it and re-run")
+    responses = json.loads((path / "responses.json").read_text())
+    return ReferenceSamples(ids, rewards, responses, cache_path=path, cache_hit=hit)
+
+
 def load_or_build_reference_samples(
     *,
     cache_root,
@@ -78,33 +92,48 @@ def load_or_build_reference_samples(
 ) -> ReferenceSamples:
     """Load the calibration cache for `key`, or generate and score `m` reference samples per prompt first.
 
-    `prompts` are the policy's inputs, `reward_prompts` the same prompts as the reward model reads them."""
-
-    def build(out: Path) -> dict:
-        rewards, responses = [], []
-        batches = range(0, len(prompts), prompts_per_batch)
-        for b, start in enumerate(tqdm(batches, desc=f"calibration cache: {len(prompts)} prompts x M={m}",
-                                       disable=not progress)):
-            chunk = prompts[start : start + prompts_per_batch]
-            reward_chunk = reward_prompts[start : start + prompts_per_batch]
-            torch.manual_seed(seed * 1_000_003 + b)  # each batch seeded: independent of batch order/resume
+    `prompts` are the policy's inputs, `reward_prompts` the same prompts as the reward model reads them.
+    Distributed (a torch.distributed process group exists, as in `LightningDataModule.setup` under DDP):
+    rank r generates batches r, r + W, r + 2W, ...; rank 0 gathers them and stores the entry once, the
+    others wait at a barrier and load it. Each batch is seeded by its index, so the entry is the same
+    whatever the number of processes (and the cache key rightly ignores it)."""
+    rank, world = rank_and_world()
+    # Rank 0 decides, so that every rank takes the same branch through the collectives below.
+    entry = lookup(cache_root, KIND, key) if rank == 0 else None
+    found = broadcast_object(entry is not None)
+    if not found:
+        starts = list(range(0, len(prompts), prompts_per_batch))
+        mine = [b for b in range(len(starts)) if b % world == rank]
+        done = {}
+        desc = f"calibration cache: {len(prompts)} prompts x M={m}" + (f", {world} processes" if world > 1 else "")
+        for b in tqdm(mine, desc=desc, disable=not progress or rank != 0):
+            chunk = prompts[starts[b] : starts[b] + prompts_per_batch]
+            reward_chunk = reward_prompts[starts[b] : starts[b] + prompts_per_batch]
+            torch.manual_seed(seed * 1_000_003 + b)  # each batch seeded: independent of batch order/resume/rank
             rollout = generate(reference, tokenizer, chunk, m, gen_kwargs)
             texts = decode_responses(tokenizer, rollout)
             scores = reward_model.score([p for p in reward_chunk for _ in range(m)], texts)
             check_finite_rewards(scores, reward_chunk, "the calibration cache")
-            rewards.append(scores.view(len(chunk), m))
-            responses.extend(texts[i * m : (i + 1) * m] for i in range(len(chunk)))
-        table = torch.cat(rewards).float().contiguous()
-        save_file({"rewards": table}, str(out / "rewards.safetensors"))
-        (out / "prompt_ids.json").write_text(json.dumps(prompt_ids))
-        (out / "responses.json").write_text(json.dumps(responses))
-        return {"prompts": len(prompts), "m": m, "mean_reward": float(table.mean())}
+            done[b] = (scores.view(len(chunk), m).float().cpu(), [texts[i * m : (i + 1) * m] for i in range(len(chunk))])
+        shards = all_gather_object(done)
+        if rank == 0:
+            batches = {b: v for shard in shards for b, v in shard.items()}
 
-    entry = get_or_build(cache_root, "reference_samples", key, build)
-    rewards = load_file(str(entry.path / "rewards.safetensors"))["rewards"]
-    ids = json.loads((entry.path / "prompt_ids.json").read_text())
-    if ids != list(prompt_ids) or tuple(rewards.shape) != (len(prompt_ids), m):
-        raise RuntimeError(f"calibration cache {entry.path} does not match its key; delete it and re-run")
-    responses = json.loads((entry.path / "responses.json").read_text())
-    log.info("calibration cache %s: %s (%d prompts x M=%d)", "hit" if entry.hit else "built", entry.path, *rewards.shape)
-    return ReferenceSamples(ids, rewards, responses, cache_path=entry.path, cache_hit=entry.hit)
+            def write(out: Path) -> dict:
+                table = torch.cat([batches[b][0] for b in range(len(starts))]).contiguous()
+                responses = [r for b in range(len(starts)) for r in batches[b][1]]
+                save_file({"rewards": table}, str(out / "rewards.safetensors"))
+                (out / "prompt_ids.json").write_text(json.dumps(prompt_ids))
+                (out / "responses.json").write_text(json.dumps(responses))
+                return {"prompts": len(prompts), "m": m, "mean_reward": float(table.mean()), "processes": world}
+
+            entry = get_or_build(cache_root, KIND, key, write)  # temp dir + atomic rename: written once
+        barrier()  # the others load only once rank 0 has renamed the entry into place
+    if entry is None:
+        entry = lookup(cache_root, KIND, key)
+    if entry is None:
+        raise RuntimeError(f"calibration cache for {fingerprint(key)} missing after it was built (rank {rank}); "
+                           "is cache_root on a file system every process shares?")
+    samples = load_reference_samples(entry.path, prompt_ids, m, hit=found)
+    log.info("calibration cache %s: %s (%d prompts x M=%d)", "hit" if found else "built", entry.path, *samples.rewards.shape)
+    return samples

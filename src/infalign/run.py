@@ -6,6 +6,7 @@ expensive shared artefacts (reference policy, reward model, calibration cache) c
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -171,7 +172,10 @@ def run(cfg: DictConfig) -> dict:
            "seed": int(cfg.calibration.seed),
            # the KV-cache layout changes no probabilities, so it does not split the cache
            "generation": {k: v for k, v in gen_kwargs.items() if k != "cache_implementation"}}
-    reference_samples = load_or_build_reference_samples(
+    # Loaded or built in the datamodule's setup, where under DDP every process and the process group exist:
+    # the ranks share the generation and rank 0 stores it once.
+    reference_samples = functools.partial(
+        load_or_build_reference_samples,
         cache_root=cfg.cache_root, key=key, prompt_ids=ids, prompts=[p[1] for p in everything],
         reward_prompts=[p[2] for p in everything],
         reference=reference, tokenizer=tokenizer, reward_model=reward_model, m=int(cfg.calibration.m),
@@ -182,7 +186,7 @@ def run(cfg: DictConfig) -> dict:
                             rl=OmegaConf.to_container(cfg.rl, resolve=True), gen_kwargs=gen_kwargs, seed=int(cfg.seed))
     datamodule = RolloutDataModule(train_prompts, eval_prompts, reference_samples, cfg.rl.prompts_per_iteration, cfg.seed)
     ns = sorted({int(x) for x in cfg.eval.ns} | {int(cfg.n)})
-    win_rates = WinRateCallback(eval_prompts, reference_samples, ns, cfg.eval.k, cfg.eval.every, gen_kwargs, run_dir,
+    win_rates = WinRateCallback(eval_prompts, None, ns, cfg.eval.k, cfg.eval.every, gen_kwargs, run_dir,
                                 seed=int(cfg.seed), batch_prompts=int(cfg.eval.prompts_per_batch))
     checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
                                   every_n_epochs=int(cfg.checkpoint.every), save_on_train_epoch_end=True)
@@ -195,14 +199,18 @@ def run(cfg: DictConfig) -> dict:
                 "calibrator": choices.get("calibrator"), "seed": int(cfg.seed), "run_dir": str(run_dir)}
     for lg in loggers:
         lg.log_hyperparams({**run_info, **OmegaConf.to_container(cfg, resolve=True)})
+    # use_distributed_sampler=False: IterationSampler shards each iteration's prompts by rank itself; Lightning's
+    # DistributedSampler would pad with repeats and reshuffle them.
     trainer = instantiate(cfg.trainer, logger=loggers, callbacks=[win_rates, checkpoints],
-                          enable_progress_bar=bool(cfg.progress), default_root_dir=str(run_dir))
+                          enable_progress_bar=bool(cfg.progress), default_root_dir=str(run_dir),
+                          use_distributed_sampler=False)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
         if trainer.is_global_zero:
             _save_policy(module.policy, tokenizer, run_dir / "policy")
-        final = {**run_info, **(win_rates.final or {}), "calibration_cache": str(reference_samples.cache_path),
-                 "calibration_cache_hit": reference_samples.cache_hit, "wall_seconds": round(time.time() - started, 1)}
+        calibration = datamodule.reference_samples
+        final = {**run_info, **(win_rates.final or {}), "calibration_cache": str(calibration.cache_path),
+                 "calibration_cache_hit": calibration.cache_hit, "wall_seconds": round(time.time() - started, 1)}
         if trainer.is_global_zero:
             atomic_write_json(run_dir / "final_metrics.json", final)
             _print_summary(final, run_dir, int(cfg.n))
