@@ -2,7 +2,8 @@
 
 A Hydra callback (`hydra.callbacks.sweep_summary` in conf/train.yaml): when a multirun ends it reads
 each member's `final_metrics.json` and writes `sweep_summary.csv` and `sweep_summary.png` into the
-sweep directory. `python -m infalign.sweep <sweep dir>` rebuilds them for an existing sweep.
+sweep directory, then the study tables and figures (`infalign.study`: study_results.md, ...).
+`python -m infalign.sweep <sweep dir>` rebuilds the summary, `python -m infalign.study <sweep dir>` the study.
 """
 
 from __future__ import annotations
@@ -104,7 +105,17 @@ def write_summary(sweep_dir: Path) -> tuple[Path, Path] | None:
 
 class SweepSummaryCallback(Callback):
     def on_multirun_end(self, config, **kwargs) -> None:
-        write_summary(Path(config.hydra.sweep.dir))
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if write_summary(sweep_dir) is None:
+            return  # no finished runs (already logged)
+        # The study (infalign.study): mean ± SE over seeds per method x beta, gaps to theory, matched KL, figures.
+        # Its failure must not hide the finished runs: log it with the command that redoes it.
+        from infalign.study import write_study
+
+        try:
+            write_study(sweep_dir, OmegaConf.select(config, "study.matched_kl", default=None))
+        except Exception:
+            log.exception("study tables failed; rerun with: python -m infalign.study %s", sweep_dir)
 
 
 if __name__ == "__main__":
