@@ -103,23 +103,28 @@ def load_or_build_reference_samples(
     found = broadcast_object(entry is not None)
     if not found:
         starts = list(range(0, len(prompts), prompts_per_batch))
-        mine = [b for b in range(len(starts)) if b % world == rank]
-        done = {}
-        desc = f"calibration cache: {len(prompts)} prompts x M={m}" + (f", {world} processes" if world > 1 else "")
-        for b in tqdm(mine, desc=desc, disable=not progress or rank != 0):
-            chunk = prompts[starts[b] : starts[b] + prompts_per_batch]
-            reward_chunk = reward_prompts[starts[b] : starts[b] + prompts_per_batch]
-            torch.manual_seed(seed * 1_000_003 + b)  # each batch seeded: independent of batch order/resume/rank
-            rollout = generate(reference, tokenizer, chunk, m, gen_kwargs)
-            texts = decode_responses(tokenizer, rollout)
-            scores = reward_model.score([p for p in reward_chunk for _ in range(m)], texts)
-            check_finite_rewards(scores, reward_chunk, "the calibration cache")
-            done[b] = (scores.view(len(chunk), m).float().cpu(), [texts[i * m : (i + 1) * m] for i in range(len(chunk))])
-        shards = all_gather_object(done)
-        if rank == 0:
-            batches = {b: v for shard in shards for b, v in shard.items()}
 
-            def write(out: Path) -> dict:
+        def sample_my_share() -> dict[int, tuple[torch.Tensor, list[list[str]]]]:
+            done = {}
+            desc = f"calibration cache: {len(prompts)} prompts x M={m}" + (f", {world} processes" if world > 1 else "")
+            for b in tqdm(range(rank, len(starts), world), desc=desc, disable=not progress or rank != 0):
+                chunk = prompts[starts[b] : starts[b] + prompts_per_batch]
+                reward_chunk = reward_prompts[starts[b] : starts[b] + prompts_per_batch]
+                torch.manual_seed(seed * 1_000_003 + b)  # each batch seeded: independent of batch order/resume/rank
+                rollout = generate(reference, tokenizer, chunk, m, gen_kwargs)
+                texts = decode_responses(tokenizer, rollout)
+                scores = reward_model.score([p for p in reward_chunk for _ in range(m)], texts)
+                check_finite_rewards(scores, reward_chunk, "the calibration cache")
+                done[b] = (scores.view(len(chunk), m).float().cpu(), [texts[i * m : (i + 1) * m] for i in range(len(chunk))])
+            return done
+
+        if rank == 0:
+            gathered = False
+
+            def build(out: Path) -> dict:  # inside get_or_build, so the manifest's build_seconds covers it all
+                nonlocal gathered
+                batches = {b: v for shard in all_gather_object(sample_my_share()) for b, v in shard.items()}
+                gathered = True
                 table = torch.cat([batches[b][0] for b in range(len(starts))]).contiguous()
                 responses = [r for b in range(len(starts)) for r in batches[b][1]]
                 save_file({"rewards": table}, str(out / "rewards.safetensors"))
@@ -127,7 +132,11 @@ def load_or_build_reference_samples(
                 (out / "responses.json").write_text(json.dumps(responses))
                 return {"prompts": len(prompts), "m": m, "mean_reward": float(table.mean()), "processes": world}
 
-            entry = get_or_build(cache_root, KIND, key, write)  # temp dir + atomic rename: written once
+            entry = get_or_build(cache_root, KIND, key, build)  # temp dir + atomic rename: stored once
+            if not gathered:  # another job stored the entry meanwhile: still meet the other ranks' gather
+                all_gather_object({})
+        else:
+            all_gather_object(sample_my_share())
         barrier()  # the others load only once rank 0 has renamed the entry into place
     if entry is None:
         entry = lookup(cache_root, KIND, key)
