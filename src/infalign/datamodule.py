@@ -95,10 +95,17 @@ def build_rollout(module, prompt_ids: list[str], prompts: list[str], reward_prom
         clock.append(time.perf_counter())
         return clock[-1] - clock[-2]
 
+    # Under trainer.precision=bf16-mixed this runs inside Lightning's autocast. Sampling (and the update) may
+    # use bf16, but the rewards calibrated against the fp32-scored cache and the log-probs behind the KL are
+    # computed in fp32: bf16 would bias both (measured in docs/benchmarks.md, section 2).
+    def fp32():
+        return torch.autocast(module.device.type, enabled=False)
+
     rollout = generate(module.policy, module.tokenizer, prompts, k, module.gen_kwargs)
     t_generate = lap()
     texts = decode_responses(module.tokenizer, rollout)
-    raw = module.reward_model.score([p for p in reward_prompts for _ in range(k)], texts).to(module.device)
+    with fp32():
+        raw = module.reward_model.score([p for p in reward_prompts for _ in range(k)], texts).to(module.device)
     check_finite_rewards(raw, reward_prompts, "a training rollout")
     raw = raw.view(len(prompts), k).double()
     t_score = lap()
@@ -107,8 +114,9 @@ def build_rollout(module, prompt_ids: list[str], prompts: list[str], reward_prom
     transformed = torch.as_tensor(module.transform(calibrated)).double()
     t_calibrate = lap()
 
-    old_logp, entropy = response_logprobs(module.policy, rollout, with_entropy=True)
-    ref_logp = response_logprobs(module.reference, rollout)
+    with fp32():
+        old_logp, entropy = response_logprobs(module.policy, rollout, with_entropy=True)
+        ref_logp = response_logprobs(module.reference, rollout)
     t_logprobs = lap()
     kl = sequence_kl(old_logp, ref_logp, rollout.response_mask)
     seq_reward = transformed.flatten()

@@ -1,0 +1,59 @@
+"""bf16 mixed precision: the rollout's KL log-probs and rewards stay fp32 under Lightning's autocast."""
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from infalign.paths import conf_dir
+
+
+@pytest.fixture(scope="module")
+def smoke_models(session_cache):
+    from infalign.data import load_partitions
+    from infalign.policy import load_policy
+    from infalign.reward import load_reward_model
+    from infalign.run import _prompt_sets
+
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=smoke", f"cache_root={session_cache}"])
+    partitions = load_partitions(cfg.data)
+    reference, tokenizer = load_policy(cfg.model, cfg.data, cfg.cache_root, partitions=partitions, progress=False)
+    reward = load_reward_model(cfg.reward, cfg.data, cfg.model, cfg.cache_root, partitions=partitions, progress=False)
+    train_prompts, _ = _prompt_sets(cfg, partitions, tokenizer)
+    return cfg, reference, tokenizer, reward, train_prompts[:4]
+
+
+def test_rollout_scores_and_kl_logprobs_are_fp32_under_bf16_autocast(smoke_models):
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from infalign.calibration import EmpiricalCalibrator
+    from infalign.datamodule import build_rollout
+    from infalign.module import InfAlignModule
+    from infalign.reference_samples import ReferenceSamples
+    from infalign.rl import sequence_kl
+    from infalign.rollout import decode_responses, response_logprobs, sampling_kwargs
+    from infalign.transforms import BoNExpTransform
+
+    cfg, reference, tokenizer, reward, prompts = smoke_models
+    ids, texts, reward_texts = (list(x) for x in zip(*prompts))
+    module = InfAlignModule(reference, tokenizer, reward, EmpiricalCalibrator(), BoNExpTransform(t=4.0), beta=0.05,
+                            rl={"algo": "rloo", "k": 4, "kl_penalty": "reward", "target_kl": None},
+                            gen_kwargs=sampling_kwargs(cfg.generation))
+    with torch.no_grad():  # a policy unlike the reference, so the KL is not zero by construction
+        for p in module.policy.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05 * p.std().nan_to_num(0))
+    cache = ReferenceSamples(ids, torch.randn(len(ids), 8), [[""] * 8 for _ in ids])
+    torch.manual_seed(0)
+    with MixedPrecision("bf16-mixed", "cpu").forward_context():  # exactly what trainer.precision=bf16-mixed does
+        assert torch.is_autocast_enabled("cpu")
+        buffer = build_rollout(module, ids, texts, reward_texts, cache)
+    rollout = buffer.rollout
+    with torch.no_grad():
+        logp, ref_logp = response_logprobs(module.policy, rollout), response_logprobs(module.reference, rollout)
+        raw = reward.score([p for p in reward_texts for _ in range(4)], decode_responses(tokenizer, rollout))
+        with MixedPrecision("bf16-mixed", "cpu").forward_context():
+            logp_bf16 = response_logprobs(module.policy, rollout)
+    assert not torch.equal(logp_bf16, logp)  # bf16 does change them: the check below can tell
+    assert torch.equal(buffer.old_logp, logp)  # fp32, bit for bit
+    assert buffer.stats["kl/k1"] == sequence_kl(logp, ref_logp, rollout.response_mask)["k1"].mean().item()
+    assert buffer.stats["reward/raw"] == raw.double().mean().item()
