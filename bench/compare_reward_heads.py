@@ -71,7 +71,7 @@ def main() -> None:
     records = parts["train"] + parts["validation"] + parts["test"]
     t = time.time()
     if args.features and os.path.exists(args.features):
-        chosen, rejected = torch.load(args.features)
+        chosen, rejected = torch.load(args.features, weights_only=True)  # tensors only: never run pickled code
     else:
         enc = load_frozen_encoder(args.backbone, 192, 64, policy_path=args.policy_path)
         chosen, rejected = encode_pairs(enc, records, 32, True, f"{args.backbone} features")

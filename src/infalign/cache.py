@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import tempfile
 import time
 import uuid
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from infalign.atomic import atomic_write_text  # noqa: F401  (re-exported: build.py imports it from here)
 from infalign.paths import cache_root as default_cache_root
 
 log = logging.getLogger(__name__)
@@ -87,22 +89,6 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same directory + ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass(frozen=True)
@@ -167,6 +153,39 @@ def _discard(path: Path, reason: str) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def _temp_prefix(name: str) -> str:
+    # host and pid in the name: a later build can tell a dead builder's leftovers from a live one's work
+    return f".tmp-{name}-{socket.gethostname()}-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_dead_builds(kind_dir: Path) -> list[Path]:
+    """Delete temp build dirs of killed builders on this host, and trash a killed discard left behind."""
+    removed, marker = [], f"-{socket.gethostname()}-"
+    if not kind_dir.is_dir():
+        return removed
+    for p in kind_dir.iterdir():
+        dead = p.name.startswith(".trash-")
+        if p.name.startswith(".tmp-") and marker in p.name:  # .tmp-<hash>-<host>-<pid>-<random>
+            pid = p.name.rsplit(marker, 1)[1].split("-", 1)[0]
+            dead = pid.isdigit() and not _pid_alive(int(pid))
+        if dead:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    if removed:
+        log.info("cache: removed %d leftover(s) of interrupted builds in %s", len(removed), kind_dir)
+    return removed
+
+
 def entry_path(cache_root: str | Path | None, kind: str, key: Any) -> Path:
     root = Path(cache_root) if cache_root is not None else default_cache_root()
     if not kind or "/" in kind or kind.startswith("."):
@@ -207,7 +226,8 @@ def get_or_build(
 
     log.info("cache miss: %s/%s, building", kind, path.name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+    remove_dead_builds(path.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path.name), dir=path.parent))
     try:
         t0 = time.time()
         meta = dict(build(tmp) or {})

@@ -8,18 +8,16 @@ to `eval_metrics.csv` (one row per evaluation); the final one is kept in `final`
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
-import os
 from pathlib import Path
 
 import lightning as L
 import torch
 
-from infalign.calibration import EmpiricalCalibrator
 from torchmetrics import MeanMetric
 
+from infalign.atomic import atomic_write_csv, atomic_write_json, read_csv_rows
+from infalign.calibration import EmpiricalCalibrator
 from infalign.metrics import InferenceTimeWinRate
 from infalign.reference_samples import check_finite_rewards
 from infalign.rl import sequence_kl
@@ -28,12 +26,6 @@ from infalign.rollout import decode_responses, generate, response_logprobs
 log = logging.getLogger(__name__)
 
 __all__ = ["WinRateCallback", "atomic_write_json"]
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 class WinRateCallback(L.Callback):
@@ -139,17 +131,7 @@ class WinRateCallback(L.Callback):
         return results
 
     def _append_csv(self, row: dict) -> None:
+        # rewritten whole and renamed into place (infalign.atomic): a kill mid-write never truncates it
         path = self.out_dir / "eval_metrics.csv"
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        rows = []
-        if path.exists():
-            with open(path, newline="") as f:
-                rows = list(csv.DictReader(f))
-        rows.append({k: row[k] for k in row})
-        fields = list(dict.fromkeys(k for r in rows for k in r))
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
+        rows = read_csv_rows(path)[1] + [dict(row)]
+        atomic_write_csv(path, rows)

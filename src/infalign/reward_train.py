@@ -146,7 +146,8 @@ def train_finetuned_policy(out: Path, policy_path: Path, parts, train_cfg: Mappi
 
     tok = AutoTokenizer.from_pretrained(policy_path)
     torch.manual_seed(seed)  # the new score head is initialised here
-    model = GPT2ForSequenceClassification.from_pretrained(policy_path, num_labels=1, pad_token_id=tok.pad_token_id)
+    model = GPT2ForSequenceClassification.from_pretrained(policy_path, num_labels=1, pad_token_id=tok.pad_token_id,
+                                                          use_safetensors=True)
     rm = SequenceClassifierReward(model, tok, max_prompt_tokens=max_p, max_response_tokens=max_r, append_eos=True)
     bs = int(train_cfg.get("batch_size", 16))
 
@@ -233,7 +234,7 @@ def load_trained_reward(path: str | Path, policy_path=None, cache_root=None) -> 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     spec = json.loads((path / "reward.json").read_text())
-    return SequenceClassifierReward(AutoModelForSequenceClassification.from_pretrained(path),
+    return SequenceClassifierReward(AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True),
                                     AutoTokenizer.from_pretrained(path), **spec)
 
 

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -19,14 +20,15 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from infalign.cache import fingerprint
 from infalign.callbacks import WinRateCallback, atomic_write_json
+from infalign.checkpoint_io import SafeCheckpointIO
+from infalign.checkpointing import LastCheckpoint, TrainingInterrupted, check_run_options, resolve_resume, resume_command
 from infalign.data import load_partitions, partition_fingerprint, truncate_prompt
 from infalign.datamodule import RolloutDataModule
+from infalign.loggers import build_loggers, finish_loggers
 from infalign.module import InfAlignModule
 from infalign.policy import format_prompts, load_policy
 from infalign.reference_samples import load_or_build_reference_samples
@@ -74,6 +76,7 @@ def validate_config(cfg: DictConfig) -> None:
         raise ValueError(f"rl.kl_penalty must be 'reward' or 'loss', got {rl.kl_penalty!r}")
     if rl.target_kl is not None and not rl.target_kl > 0:
         raise ValueError(f"rl.target_kl must be a positive number or null, got {rl.target_kl!r}")
+    check_run_options(cfg)  # resume, overwrite, checkpoint.every
 
 
 def _prompt_sets(cfg, partitions, tokenizer) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:
@@ -115,21 +118,6 @@ def _check_context(model, cfg) -> None:
                          f"of {context} tokens; lower them")
 
 
-def _guard_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path | None:
-    """The checkpoint to resume from, or None; refuses to clobber another run's checkpoints."""
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if resume:
-        if not last.exists():
-            raise FileNotFoundError(f"resume=true but {last} does not exist; point hydra.run.dir at the run to resume")
-        return last
-    if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{run_dir} already holds a run's checkpoints: pass resume=true to continue it, "
-                                  "overwrite=true to replace it, or choose another hydra.run.dir")
-        shutil.rmtree(run_dir / "checkpoints")
-    return None
-
-
 def _save_policy(policy, tokenizer, out: Path) -> None:
     """save_pretrained (safetensors) into a temp dir, then an atomic rename over the old one."""
     tmp = out.with_name(f".{out.name}.tmp")
@@ -148,7 +136,7 @@ def run(cfg: DictConfig) -> dict:
     validate_config(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     choices = HydraConfig.get().runtime.choices
-    resume_from = _guard_run_dir(run_dir, bool(cfg.resume), bool(cfg.overwrite))
+    resume_from = resolve_resume(run_dir, cfg.resume, cfg.overwrite)  # refuses a bad checkpoint here, in seconds
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -188,11 +176,10 @@ def run(cfg: DictConfig) -> dict:
     ns = sorted({int(x) for x in cfg.eval.ns} | {int(cfg.n)})
     win_rates = WinRateCallback(eval_prompts, None, ns, cfg.eval.k, cfg.eval.every, gen_kwargs, run_dir,
                                 seed=int(cfg.seed), batch_prompts=int(cfg.eval.prompts_per_batch))
-    checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
-                                  every_n_epochs=int(cfg.checkpoint.every), save_on_train_epoch_end=True)
-    loggers = [CSVLogger(save_dir=run_dir, name="logs", version="")]  # logs/metrics.csv: every logged metric
-    if cfg.get("logger") and cfg.logger.get("_target_"):
-        loggers.append(instantiate(cfg.logger))
+    # last.ckpt between iterations, and on SIGINT/SIGTERM (infalign.checkpointing)
+    checkpoints = LastCheckpoint(run_dir, every=int(cfg.checkpoint.every))
+    # logs/metrics.csv (every logged metric) + the configured logger, guarded: W&B failing never stops training
+    loggers = build_loggers(cfg.get("logger"), run_dir, resuming=resume_from is not None)
     # method: the experiment preset's name (studies group runs by it); t: the exp family's t as used (t=auto resolved)
     run_info = {"n": int(cfg.n), "beta": float(cfg.beta), "transform": choices.get("transform"),
                 "method": cfg.get("method") or choices.get("transform"), "t": getattr(transform, "t", None),
@@ -201,11 +188,18 @@ def run(cfg: DictConfig) -> dict:
         lg.log_hyperparams({**run_info, **OmegaConf.to_container(cfg, resolve=True)})
     # use_distributed_sampler=False: IterationSampler shards each iteration's prompts by rank itself; Lightning's
     # DistributedSampler would pad with repeats and reshuffle them.
+    # SafeCheckpointIO: atomic, checksummed, weights_only checkpoints; LastCheckpoint replaces ModelCheckpoint
     trainer = instantiate(cfg.trainer, logger=loggers, callbacks=[win_rates, checkpoints],
                           enable_progress_bar=bool(cfg.progress), default_root_dir=str(run_dir),
-                          use_distributed_sampler=False)
+                          use_distributed_sampler=False, plugins=[SafeCheckpointIO()], enable_checkpointing=False)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None,
+                        weights_only=True)
+        except TrainingInterrupted as stop:
+            print(f"\n{stop}.\nContinue it with:\n  {resume_command(HydraConfig.get().overrides.task, run_dir)}",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(stop.exit_code) from None
         if trainer.is_global_zero:
             _save_policy(module.policy, tokenizer, run_dir / "policy")
         calibration = datamodule.reference_samples
@@ -216,10 +210,7 @@ def run(cfg: DictConfig) -> dict:
             _print_summary(final, run_dir, int(cfg.n))
         return final
     finally:
-        if any(isinstance(lg, WandbLogger) for lg in loggers):
-            import wandb
-
-            wandb.finish()  # between multirun members, so one run's logger never swallows the next
+        finish_loggers(loggers)  # between multirun members, so one run's W&B logger never swallows the next
 
 
 def _print_summary(final: dict, run_dir: Path, n: int) -> None:

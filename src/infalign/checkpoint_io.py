@@ -1,0 +1,141 @@
+"""Checkpoint files that survive crashes and refuse to load when damaged or unsafe.
+
+Lightning's default `TorchCheckpointIO` (2.6) writes through an fsspec transaction: the bytes go to a temp
+file in the *system* temp dir and are then `shutil.move`d into place, a copy (not a rename) when /tmp is
+another file system, without fsync. A SIGKILL or power cut mid-copy can leave a truncated `last.ckpt`.
+`SafeCheckpointIO` instead
+
+- writes a temp file next to the target, fsyncs it and renames it (`infalign.atomic`);
+- records its sha256 in `<name>.sha256` and checks it before loading, so truncation and bit rot are
+  refused with a message naming the file, instead of a zip error from deep inside torch;
+- loads with `torch.load(weights_only=True)`: a checkpoint is data, and unpickling arbitrary objects
+  would run code from whoever wrote the file.
+
+The sidecar is written *before* the checkpoint is renamed and lists the new digest followed by the
+previous ones, so a crash between the two renames leaves a valid (older) checkpoint that still verifies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from infalign.atomic import atomic_write, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CheckpointError", "SafeCheckpointIO", "load_checkpoint", "verify_checkpoint", "checksum_path"]
+
+_KEEP_DIGESTS = 3  # the new digest + the ones a crash between the two renames could leave in place
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that must not be used: missing, truncated, corrupted, or not plain data."""
+
+
+def checksum_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".sha256")
+
+
+def _sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _known_digests(path: Path) -> list[str] | None:
+    """The digests the sidecar accepts, or None when there is no (readable) sidecar."""
+    side = checksum_path(path)
+    if not side.is_file():
+        return None
+    try:
+        digests = json.loads(side.read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return [d for d in digests if isinstance(d, str)]
+
+
+def _what_to_do(path: Path) -> str:
+    return (f"Restore {path.name} from a backup, or start the run afresh in its directory with overwrite=true "
+            f"(its checkpoints and metrics are replaced), or point hydra.run.dir elsewhere.")
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Raise `CheckpointError` unless `path` exists and matches its recorded sha256 (when one is recorded)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    digests = _known_digests(path)
+    if digests is None:
+        log.info("checkpoint %s has no checksum file; it is load-checked only", path)
+        return
+    if _sha256(path) not in digests:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupted or truncated: its sha256 does not match {checksum_path(path).name} "
+            f"({path.stat().st_size} bytes on disk). {_what_to_do(path)}")
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
+    """Verify, then `torch.load(weights_only=True)`, turning every failure into a `CheckpointError`."""
+    path = Path(path)
+    verify_checkpoint(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # weights_only refuses any class it does not know: the file would run code if unpickled fully
+        raise CheckpointError(
+            f"checkpoint {path} holds objects other than tensors and plain data; refusing to unpickle it "
+            f"(weights_only=True), since that could execute code from the file. If you wrote it yourself and "
+            f"trust it, re-save its tensors as plain data. ({str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise CheckpointError(f"checkpoint {path} cannot be read (truncated or not a checkpoint: "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+                              f"{_what_to_do(path)}") from None
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Atomic, checksummed, weights-only checkpoint IO for Lightning (`Trainer(plugins=[SafeCheckpointIO()])`)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        path = Path(path)
+        digest = hashlib.sha256()
+
+        def write(f):
+            class Hashing:  # hash while torch writes, instead of reading the file back
+                def write(self, data):
+                    digest.update(data)
+                    return f.write(data)
+
+                def flush(self):
+                    f.flush()
+
+            torch.save(checkpoint, Hashing())
+
+        def record_digest(_tmp):  # before the rename: whatever is in place afterwards verifies
+            previous = _known_digests(path) or []
+            atomic_write_json(checksum_path(path), {"file": path.name,
+                                                    "sha256": list(dict.fromkeys([digest.hexdigest(), *previous]))[:_KEEP_DIGESTS]})
+
+        atomic_write(path, write, before_replace=record_digest)
+
+    def load_checkpoint(self, path, map_location: Callable | Any = None, weights_only: bool | None = None) -> dict:
+        if weights_only is False:
+            raise CheckpointError(f"{type(self).__name__} loads checkpoints with weights_only=True only")
+        return load_checkpoint(path, map_location=map_location or "cpu")
+
+    def remove_checkpoint(self, path) -> None:
+        super().remove_checkpoint(path)
+        checksum_path(path).unlink(missing_ok=True)

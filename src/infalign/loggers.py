@@ -1,0 +1,169 @@
+"""The run's loggers: the local CSV log, always, plus an optional remote one (W&B) that may never stop training.
+
+- `ResumableCSVLogger`: Lightning's CSV logger deletes an existing `metrics.csv` when it starts; on resume we
+  keep it (the checkpoint's row count trims what the dead run wrote after its last checkpoint, see
+  `infalign.checkpointing`), and the file is rewritten atomically when new columns appear.
+- `GuardedLogger`: wraps the configured remote logger. If it cannot be created (W&B not installed), cannot
+  start (not logged in, no network) or fails mid-run, the failure is reported once as a warning, the logger is
+  switched off, and training and the local files (logs/metrics.csv, eval_metrics.csv, final_metrics.json)
+  carry on unaffected.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+from infalign.atomic import atomic_write_csv, read_csv_rows
+
+log = logging.getLogger(__name__)
+
+__all__ = ["GuardedLogger", "ResumableCSVLogger", "build_loggers", "finish_loggers"]
+
+LOCAL_FILES = "logs/metrics.csv, eval_metrics.csv, final_metrics.json"
+
+
+class _CSVWriter(ExperimentWriter):
+    keep_existing = False
+
+    def _check_log_dir_exists(self) -> None:
+        if not self.keep_existing:
+            return super()._check_log_dir_exists()
+        # resume: append to the rows already there, under their header
+        self.metrics_keys = read_csv_rows(self.metrics_file_path)[0]
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        # Lightning rewrites the file in place: a kill mid-rewrite would lose every earlier row
+        atomic_write_csv(self.metrics_file_path, read_csv_rows(self.metrics_file_path)[1], fieldnames)
+
+
+class _AppendingCSVWriter(_CSVWriter):
+    keep_existing = True
+
+
+class ResumableCSVLogger(CSVLogger):
+    def __init__(self, *args, keep_existing: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.keep_existing = keep_existing
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            writer = _AppendingCSVWriter if self.keep_existing else _CSVWriter
+            self._experiment = writer(log_dir=self.log_dir)
+        return self._experiment
+
+
+class GuardedLogger(Logger):
+    """Delegates to `logger`; the first exception it raises is reported once and switches it off."""
+
+    def __init__(self, logger: Logger, label: str | None = None):
+        super().__init__()
+        self.logger, self.label = logger, label or type(logger).__name__
+        self.error: BaseException | None = None
+
+    def _call(self, what: str, *args, **kwargs) -> Any:
+        if self.error is not None:
+            return None
+        try:
+            return getattr(self.logger, what)(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - any failure of an optional logger
+            self.fail(e, what)
+            return None
+
+    def fail(self, error: BaseException, what: str) -> None:
+        self.error = error
+        log.warning("logger %s failed in %s (%s: %s); it is switched off for the rest of this run. Training goes "
+                    "on, and the local files (%s) stay complete.", self.label, what, type(error).__name__,
+                    str(error).splitlines()[0] if str(error) else "", LOCAL_FILES)
+
+    def _get(self, attr: str, default=None):
+        if self.error is not None:
+            return default
+        try:
+            return getattr(self.logger, attr)
+        except Exception as e:  # noqa: BLE001
+            self.fail(e, attr)
+            return default
+
+    @property
+    def name(self) -> str | None:
+        return self._get("name", self.label)
+
+    @property
+    def version(self) -> int | str | None:
+        return self._get("version")
+
+    @property
+    def save_dir(self) -> str | None:
+        return self._get("save_dir")
+
+    @property
+    def root_dir(self) -> str | None:
+        return self._get("root_dir")
+
+    @property
+    def log_dir(self) -> str | None:
+        return self._get("log_dir")
+
+    @property
+    def experiment(self) -> Any:
+        return self._get("experiment")
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self._call("log_metrics", metrics, step=step)
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        self._call("log_hyperparams", params, *args, **kwargs)
+
+    def log_graph(self, model, input_array=None) -> None:
+        self._call("log_graph", model, input_array)
+
+    def save(self) -> None:
+        self._call("save")
+
+    def finalize(self, status: str) -> None:
+        self._call("finalize", status)
+
+    def after_save_checkpoint(self, checkpoint_callback) -> None:
+        self._call("after_save_checkpoint", checkpoint_callback)
+
+
+def build_loggers(logger_cfg, run_dir: Path, resuming: bool = False) -> list[Logger]:
+    """`[CSV logger, guarded remote logger (if configured and it could be created)]`."""
+    loggers: list[Logger] = [ResumableCSVLogger(save_dir=run_dir, name="logs", version="", keep_existing=resuming)]
+    if logger_cfg and logger_cfg.get("_target_"):
+        target = logger_cfg.get("_target_")
+        try:
+            loggers.append(GuardedLogger(instantiate(logger_cfg), label=target.rsplit(".", 1)[-1]))
+        except Exception as e:  # noqa: BLE001 - e.g. wandb not installed
+            cause = e.__cause__ or e
+            log.warning("logger %s could not be created (%s: %s); running without it. The local files (%s) are "
+                        "written as always.", target, type(cause).__name__, str(cause).splitlines()[0] if str(cause)
+                        else "", LOCAL_FILES)
+    return loggers
+
+
+def finish_loggers(loggers: list[Logger]) -> None:
+    """End the W&B run between multirun members, so one run's logger never swallows the next."""
+    for lg in loggers:
+        inner = lg.logger if isinstance(lg, GuardedLogger) else lg
+        if not isinstance(inner, WandbLogger):
+            continue
+        try:
+            import wandb
+
+            wandb.finish()
+        except Exception as e:  # noqa: BLE001
+            if not isinstance(lg, GuardedLogger):
+                raise
+            if lg.error is None:  # reported once: a logger that already failed stays quiet
+                lg.fail(e, "finish")
