@@ -1,0 +1,242 @@
+"""Studies: the method presets and study configs compose as documented; infalign.study's numbers (gaps to
+theory, mean ± SE over seeds, matched KL) against closed forms; a smoke study end to end; both notebooks
+execute on it and are committed without outputs."""
+
+import csv
+import json
+import math
+
+import nbformat
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.utils import instantiate
+
+from infalign.paths import REPO_ROOT, conf_dir
+from infalign.study import analyze_sweep, optimum_at, write_study
+from infalign.study.analysis import RAW_NOTE
+from infalign.theory import analyze, best_t
+from infalign.transforms import BoNExpTransform, IdentityTransform, LogTransform, WoNExpTransform
+
+NOTEBOOKS = REPO_ROOT / "notebooks"
+METHODS = {  # preset -> (transform class, calibrator class)
+    "raw": ("RawTransform", "PassThroughCalibrator"),
+    "calibrated": ("IdentityTransform", "EmpiricalCalibrator"),
+    "bon_distill": ("LogTransform", "EmpiricalCalibrator"),
+    "bon_exp": ("BoNExpTransform", "EmpiricalCalibrator"),
+    "won_exp": ("WoNExpTransform", "EmpiricalCalibrator"),
+}
+
+
+def compose_train(*overrides, hydra_cfg=False):
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=hydra_cfg)
+
+
+# ------------------------------------------------------------------------------------------ configs
+@pytest.mark.parametrize("method", METHODS)
+def test_method_presets_choose_transform_and_calibrator(method):
+    cfg = compose_train(f"experiment={method}", "n=4", "beta=0.2")
+    transform_cls, calibrator_cls = METHODS[method]
+    assert cfg.method == method
+    assert cfg.transform._target_.endswith(transform_cls) and cfg.calibrator._target_.endswith(calibrator_cls)
+    transform = instantiate(cfg.transform)
+    if method.endswith("_exp"):  # t: auto resolves through the theory; transform.t=4 fixes it
+        assert cfg.transform.t == "auto" and transform.auto and 1.0 < transform.t < 100.0
+        assert instantiate(compose_train(f"experiment={method}", "transform.t=4").transform).t == 4.0
+
+
+@pytest.mark.parametrize("study, min_seeds", [("bon", 3), ("won", 3), ("smoke", 2)])
+def test_study_sweeps_every_method_over_its_own_beta_grid(study, min_seeds):
+    params = compose_train(f"study={study}", hydra_cfg=True).hydra.sweeper.params
+    parser = OverridesParser.create()
+
+    def values(key):
+        override = parser.parse_override(f"{key}={params[key]}")
+        return list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
+
+    methods, levels, seeds = values("experiment"), [int(i) for i in values("study.beta_index")], values("seed")
+    assert len(seeds) >= min_seeds and set(methods) <= set(METHODS)
+    for method in methods:
+        for level in {levels[0], levels[-1]}:  # composing is slow-ish: the ends of the grid suffice
+            cfg = compose_train(f"study={study}", f"experiment={method}", f"study.beta_index={level}")
+            assert cfg.method == method and cfg.beta == cfg.study.betas[method][level]
+        betas = list(cfg.study.betas[method])
+        assert len(betas) == len(levels) == len(set(betas)), f"{method}: grid and swept indices differ, or repeats"
+        assert all(b > 0 for b in betas)
+    assert set(cfg.study.betas) == set(methods), "a grid for every swept method and none unused"
+    bad = compose_train(f"study={study}", f"experiment={methods[0]}", "study.beta_index=99")
+    with pytest.raises(Exception, match="outside the list"):
+        _ = bad.beta
+
+
+# ------------------------------------------------------------------------------------------ analysis
+def identity_closed_form(beta: float) -> tuple[float, float]:
+    """KL and standard win rate of p(u) ∝ exp(u / beta), written out by hand (independent of the grid code)."""
+    a = 1.0 / beta
+    mean = 1.0 / (-math.expm1(-a)) - beta
+    log_z = math.log(beta) + a + math.log(-math.expm1(-a))
+    return mean / beta - log_z, mean
+
+
+def fake_member(root, i, final, transform_cfg):
+    d = root / str(i)
+    (d / ".hydra").mkdir(parents=True)
+    (d / ".hydra" / "config.yaml").write_text(json.dumps({"n": final["n"], "beta": final["beta"], "transform": transform_cfg}))
+    (d / "final_metrics.json").write_text(json.dumps(final))
+
+
+def fake_final(method, transform, beta, seed, kl, std, bon, won, se=0.02):
+    out = {"method": method, "transform": transform, "calibrator": "passthrough" if transform == "raw" else "empirical",
+           "n": 4, "beta": beta, "seed": seed, "t": None, "eval/kl": kl}
+    for n, (b, w) in {1: (std, std), 4: (bon, won)}.items():
+        out.update({f"eval/bon_win_rate@{n}": b, f"eval/won_win_rate@{n}": w,
+                    f"eval/bon_win_rate@{n}_se": se, f"eval/won_win_rate@{n}_se": se})
+    return out
+
+
+@pytest.fixture(scope="module")
+def closed_form_sweep(tmp_path_factory):
+    """calibrated runs exactly on identity's closed form plus a per-seed offset, and two raw runs."""
+    root, i = tmp_path_factory.mktemp("closed_form"), 0
+    for beta in (0.5, 0.2, 0.1):
+        kl, std = identity_closed_form(beta)
+        a = analyze(IdentityTransform(), beta, 4)
+        for seed in (0, 1, 2):
+            delta = 0.01 * (seed - 1)
+            final = fake_final("calibrated", "identity", beta, seed, kl, std + delta, a["bon_win_rate"] + delta,
+                               a["won_win_rate"] + delta)
+            fake_member(root, i, final, {"_target_": "infalign.transforms.IdentityTransform"})
+            i += 1
+    for seed in (0, 1):
+        final = fake_final("raw", "raw", 1.0, seed, 0.3 + 0.1 * seed, 0.6, 0.62, 0.7)
+        fake_member(root, i, final, {"_target_": "infalign.transforms.RawTransform"})
+        i += 1
+    return root
+
+
+def test_gaps_to_theory_recover_the_offset_from_the_closed_form(closed_form_sweep):
+    study = analyze_sweep(closed_form_sweep)
+    assert study.methods == ["calibrated", "raw"] and len(study.runs) == 11
+    for r in study.runs:
+        if r["method"] == "raw":
+            assert r["note"] == RAW_NOTE and math.isnan(r["theory_bon"]) and math.isnan(r["gap_theory_std"])
+            assert math.isfinite(r["gap_opt_bon"])
+            continue
+        delta = 0.01 * (r["seed"] - 1)
+        assert r["theory_beta"] == pytest.approx(r["beta"], rel=1e-3)  # beta_for_kl inverted the closed-form KL
+        for key in ("std", "bon", "won"):
+            assert r[f"gap_theory_{key}"] == pytest.approx(delta, abs=3e-4), (key, r["beta"])
+        assert r["gap_opt_std"] == pytest.approx(delta, abs=3e-4)  # identity is the standard win rate's optimum
+        assert r["gap_opt_bon"] < delta - 0.02  # but far from the best-of-4 optimum at these KL
+
+
+def test_seed_mean_and_standard_error_per_method_and_beta(closed_form_sweep):
+    study = analyze_sweep(closed_form_sweep)
+    groups = {(g["method"], g["beta"]): g for g in study.groups}
+    assert len(groups) == 4 and groups[("raw", 1.0)]["seeds"] == 2
+    g = groups[("calibrated", 0.2)]
+    kl, std = identity_closed_form(0.2)
+    assert g["seeds"] == 3 and g["kl"] == pytest.approx(kl) and g["kl_se"] == pytest.approx(0.0, abs=1e-12)
+    assert g["std"] == pytest.approx(std) and g["std_se"] == pytest.approx(np.std([-0.01, 0, 0.01], ddof=1) / math.sqrt(3))
+    assert g["gap_theory_bon"] == pytest.approx(0.0, abs=3e-4)
+    assert groups[("raw", 1.0)]["kl"] == pytest.approx(0.35) and groups[("raw", 1.0)]["kl_se"] == pytest.approx(0.05)
+
+
+def test_matched_kl_interpolates_inside_each_curve_only(closed_form_sweep):
+    (kl_lo, std_lo), (kl_hi, std_hi) = identity_closed_form(0.5), identity_closed_form(0.2)
+    target = 0.5 * (kl_lo + kl_hi)
+    study = analyze_sweep(closed_form_sweep, kls=[target, 1.5])
+    rows = {(m["method"], m["kl"]): m for m in study.matched}
+    assert rows[("calibrated", target)]["std"] == pytest.approx(0.5 * (std_lo + std_hi))
+    # the optimum (identity itself for N = 1) is concave in KL: above the chord, below the upper end
+    assert 0.5 * (std_lo + std_hi) < rows[("calibrated", target)]["opt_std"] < std_hi
+    assert math.isnan(rows[("calibrated", 1.5)]["std"])  # beyond the curve (KL <= 1.3): no extrapolation
+    assert math.isnan(rows[("raw", target)]["std"])  # raw's KL range (0.3..0.4) misses it
+    auto = analyze_sweep(closed_form_sweep).matched  # common range of calibrated (0.15..1.3) and raw (0.3..0.4)
+    assert auto and all(0.3 - 1e-9 <= m["kl"] <= 0.4 + 1e-9 and math.isfinite(m["bon"]) for m in auto)
+
+
+def test_optimum_dominates_every_transform_and_exp_family_nearly_reaches_it():
+    for transform in (IdentityTransform(), LogTransform(), BoNExpTransform(t=12.0), WoNExpTransform(t=8.0)):
+        for beta in (0.5, 0.3):  # KL below ~1.5 nats: the optimum curves already traced for the tests above
+            a = analyze(transform, beta, 4)
+            assert a["bon_win_rate"] <= optimum_at(4, "bon", a["kl"]) + 1e-4
+            assert a["won_win_rate"] <= optimum_at(4, "won", a["kl"]) + 1e-4
+            assert a["win_rate"] <= optimum_at(1, "std", a["kl"]) + 1e-4
+    for mode in ("bon", "won"):  # the paper's point: the exp family at its best t is within a fraction of a point
+        best = best_t(mode, 4, 0.5)
+        assert optimum_at(4, mode, 0.5) - 0.005 < best["win_rate"] <= optimum_at(4, mode, 0.5) + 1e-4
+
+
+def test_write_study_writes_tables_and_figures(closed_form_sweep):
+    paths = write_study(closed_form_sweep)
+    for key in ("figure_bon", "figure_won", "figure_std"):
+        assert paths[key].read_bytes()[:4] == b"\x89PNG"
+    runs = list(csv.DictReader(open(paths["runs"])))
+    assert len(runs) == 11 and {"gap_theory_bon", "gap_opt_won", "theory_std", "note"} <= set(runs[0])
+    md = paths["markdown"].read_text()
+    assert "| calibrated | 4 | 0.5 |" in md and "| raw | 4 | 1 |" in md and "n/a / n/a / n/a" in md
+
+
+# ------------------------------------------------------------------------------------------ smoke study
+@pytest.fixture(scope="module")
+def smoke_study(run_train, tmp_path_factory):
+    """`python train.py -m study=smoke`: calibrated and bon_exp x 1 beta x 2 seeds on the smoke models."""
+    sweep = tmp_path_factory.mktemp("study") / "smoke"
+    run_train("-m", "study=smoke", "progress=false", "num_threads=1", f"hydra.sweep.dir={sweep}")
+    return sweep
+
+
+def test_smoke_study_end_to_end(smoke_study):
+    finals = [json.loads(p.read_text()) for p in sorted(smoke_study.glob("*/final_metrics.json"))]
+    assert sorted((f["method"], f["seed"]) for f in finals) == [("bon_exp", 0), ("bon_exp", 1), ("calibrated", 0),
+                                                               ("calibrated", 1)]
+    assert len({f["calibration_cache"] for f in finals}) == 1  # one cache, one set of eval prompts and references
+    assert {f["beta"] for f in finals} == {0.05}
+    t_auto = BoNExpTransform(t="auto", n=4, beta=0.05).t
+    assert all(f["t"] == pytest.approx(t_auto) for f in finals if f["method"] == "bon_exp")
+    rows = list(csv.DictReader(open(smoke_study / "study_results.csv")))
+    assert [r["method"] for r in rows] == ["calibrated", "bon_exp"] and {r["seeds"] for r in rows} == {"2"}
+    for r in rows:  # the table's seed mean and SE, recomputed from the runs themselves
+        kls = [f["eval/kl"] for f in finals if f["method"] == r["method"]]
+        assert float(r["kl"]) == pytest.approx(np.mean(kls))
+        assert float(r["kl_se"]) == pytest.approx(np.std(kls, ddof=1) / math.sqrt(2))
+        assert math.isfinite(float(r["gap_theory_bon"])) and math.isfinite(float(r["gap_opt_won"]))
+    for name in ("study_bon.png", "study_won.png", "study_standard.png", "sweep_summary.png"):
+        assert (smoke_study / name).read_bytes()[:4] == b"\x89PNG", name
+    assert "bon_exp" in (smoke_study / "study_results.md").read_text()
+
+
+def execute(name: str, parameters: str) -> nbformat.NotebookNode:
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(cells) == 1, f"{name}: one cell tagged `parameters`"
+    cells[0].source = parameters
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO_ROOT)}}).execute()
+    return nb
+
+
+def images(nb) -> int:
+    return sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
+
+
+def test_notebooks_execute(smoke_study):
+    nb = execute("sweep_results.ipynb", f"sweep_dir = {str(smoke_study)!r}\nmatched_kl = None")
+    assert images(nb) >= 4  # bon, won, standard, gaps
+    text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    assert "4 runs" in text and "calibrated" in text
+    nb = execute("theory_explorer.ipynb", "ns = [4]\npoints = 6\nkl_grid = [0.5]\ncells = 1024")
+    assert images(nb) >= 4
+
+
+def test_notebooks_are_committed_without_outputs():
+    for path in sorted(NOTEBOOKS.glob("*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        nbformat.validate(nb)
+        for cell in nb.cells:
+            if cell.cell_type == "code":
+                assert not cell.outputs and cell.execution_count is None, f"{path.name}: strip outputs before committing"
