@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -49,10 +48,12 @@ def theory_at_kl(transform, kl: float, n: int) -> dict:
     return {"beta": beta, "std": d.win_rate(), "bon": d.bon_win_rate(n), "won": d.won_win_rate(n)}
 
 
-@lru_cache(maxsize=64)
-def _optimum_points(n: int, mode: str, kl_needed: float) -> tuple[np.ndarray, np.ndarray]:
+_CURVES: dict[tuple[int, str], tuple[float, np.ndarray, np.ndarray]] = {}  # (n, mode) -> (KL reached, kls, wins)
+
+
+def _trace_optimum(n: int, mode: str, kl_needed: float) -> tuple[np.ndarray, np.ndarray]:
     # Each beta costs a fixed-point solve (~0.05-0.4 s), so walk beta down only until the curve passes the
-    # largest KL asked for; `kl_needed` is rounded up by the caller so nearby requests share the cache.
+    # largest KL asked for.
     from infalign.transforms import IdentityTransform
 
     kls, wins = [0.0], [0.5]
@@ -73,9 +74,14 @@ def _optimum_points(n: int, mode: str, kl_needed: float) -> tuple[np.ndarray, np
 
 
 def optimum_curve(n: int, mode: str, kl_max: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """(KL, best achievable win rate) of the optimum from KL 0 to past `kl_max`; mode bon, won or std."""
-    need = 2.0 ** math.ceil(math.log2(max(float(kl_max), 0.0) * 1.25 + 0.05))
-    return _optimum_points(int(n), mode, need)
+    """(KL, best achievable win rate) of the optimum from KL 0 to past `kl_max` (it may extend further: one
+    curve per N and mode is kept and only ever extended); mode bon, won or std."""
+    key = (1 if mode == "std" else int(n), mode)  # the standard win rate's optimum does not depend on N
+    need = max(float(kl_max), 0.0) * 1.25 + 0.05
+    if key not in _CURVES or _CURVES[key][0] < need:
+        need = 2.0 ** math.ceil(math.log2(need))  # round up: a slightly larger KL later reuses this curve
+        _CURVES[key] = (need, *_trace_optimum(*key, need))
+    return _CURVES[key][1], _CURVES[key][2]
 
 
 def optimum_at(n: int, mode: str, kl: float) -> float:
@@ -114,13 +120,16 @@ def run_rows(raw_rows: list[dict], sweep_dir: Path, kl_max: float | None = None)
     """One flat row per finished run: identity columns, measured win rates, theory, optimum and gaps."""
     if kl_max is None:
         kl_max = max([float(r.get("eval/kl", 0.0)) for r in raw_rows] + [0.0])
+    for n in {int(r["n"]) for r in raw_rows}:  # trace each optimum once, far enough for every run
+        for key in ("std", "bon", "won"):
+            optimum_curve(n, key, kl_max)
     out = []
     for r in raw_rows:
         n = int(r["n"])
         row = {"member": r["member"], "method": r.get("method") or r.get("transform"), "transform": r.get("transform"),
                "n": n, "beta": float(r["beta"]), "t": r.get("t"), "seed": int(r.get("seed", 0)),
                "kl": float(r["eval/kl"])}
-        row["std"], row["std_pse"] = r["eval/bon_win_rate@1"], r["eval/bon_win_rate@1_se"]
+        row["std"], row["std_pse"] = r.get("eval/bon_win_rate@1", math.nan), r.get("eval/bon_win_rate@1_se", math.nan)
         for big_n in _ns_of(r):  # `_pse`: the within-run standard error over prompts
             for mode in ("bon", "won"):
                 row[f"{mode}@{big_n}"] = r[f"eval/{mode}_win_rate@{big_n}"]
@@ -246,7 +255,7 @@ def analyze_sweep(sweep_dir, kls=None, points: int = 3) -> Study:
     from infalign.sweep import collect_runs
 
     sweep_dir = Path(sweep_dir)
-    raw = [r for r in collect_runs(sweep_dir) if "eval/kl" in r and "eval/bon_win_rate@1" in r]
+    raw = [r for r in collect_runs(sweep_dir) if "eval/kl" in r]
     if not raw:
         raise FileNotFoundError(f"no finished runs with final win rates under {sweep_dir} (*/final_metrics.json)")
     raw.sort(key=lambda r: int(r["member"]) if str(r["member"]).isdigit() else 0)  # sweep (job) order
