@@ -95,3 +95,10 @@ def test_ddp_run_matches_one_process(run_train, session_cache, tmp_path):
     assert len(compared) == 4 * len(ns) + 5  # bon/won x N x (rate, se) + kl, kl_k3, rewards, prompts
     for k in compared:
         assert final[k] == pytest.approx(one[k], rel=1e-9, abs=1e-12), k
+
+
+def test_a_sweep_refuses_several_processes(run_train, tmp_path):
+    out = run_train("-m", "experiment=smoke", "logger=none", "trainer=ddp", "trainer.devices=2", "seed=1,2",
+                    f"hydra.sweep.dir={tmp_path}", check=False)
+    assert out.returncode != 0 and "sweep with a shell loop" in out.stderr
+    assert not list(tmp_path.glob("*/checkpoints"))

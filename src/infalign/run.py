@@ -19,6 +19,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -131,11 +132,25 @@ def _save_policy(policy, tokenizer, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _processes(trainer_cfg) -> int | None:
+    """Processes a trainer config starts (None when it is left to Lightning, e.g. devices=auto)."""
+    devices, nodes = trainer_cfg.get("devices", 1), int(trainer_cfg.get("num_nodes", 1) or 1)
+    if isinstance(devices, int):
+        return devices * nodes
+    if isinstance(devices, str) and devices.isdigit():
+        return int(devices) * nodes
+    return len(devices) * nodes if OmegaConf.is_list(devices) else None
+
+
 def run(cfg: DictConfig) -> dict:
     started = time.time()
     validate_config(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     choices = HydraConfig.get().runtime.choices
+    if HydraConfig.get().mode == RunMode.MULTIRUN and _processes(cfg.trainer) != 1:
+        # Lightning's launcher re-runs the whole command line per process: each would run the whole sweep
+        raise ValueError("a sweep (-m) runs in one process; it cannot start trainer.devices x trainer.num_nodes "
+                         "processes per member: sweep with a shell loop over single runs instead")
     resume_from = resolve_resume(run_dir, cfg.resume, cfg.overwrite)  # refuses a bad checkpoint here, in seconds
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))
