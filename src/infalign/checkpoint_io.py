@@ -71,27 +71,20 @@ def _what_to_do(path: Path) -> str:
             f"(its checkpoints and metrics are replaced), or point hydra.run.dir elsewhere.")
 
 
-def verify_checkpoint(path: str | Path) -> None:
-    """Raise `CheckpointError` unless `path` exists and matches its recorded sha256 (when one is recorded)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+def _check_digest(path: Path) -> None:
     digests = _known_digests(path)
     if digests is None:
         log.info("checkpoint %s has no checksum file; it is load-checked only", path)
-        return
-    if _sha256(path) not in digests:
+    elif _sha256(path) not in digests:
         raise CheckpointError(
             f"checkpoint {path} is corrupted or truncated: its sha256 does not match {checksum_path(path).name} "
             f"({path.stat().st_size} bytes on disk). {_what_to_do(path)}")
 
 
-def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
-    """Verify, then `torch.load(weights_only=True)`, turning every failure into a `CheckpointError`."""
-    path = Path(path)
-    verify_checkpoint(path)
+def _torch_load(path: Path, **kwargs) -> dict:
+    """`torch.load(weights_only=True)` with every failure turned into a `CheckpointError` naming the file."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, weights_only=True, **kwargs)
     except pickle.UnpicklingError as e:
         # weights_only refuses any class it does not know: the file would run code if unpickled fully
         raise CheckpointError(
@@ -102,6 +95,30 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
         raise CheckpointError(f"checkpoint {path} cannot be read (truncated or not a checkpoint: "
                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
                               f"{_what_to_do(path)}") from None
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Raise `CheckpointError` unless `path` matches its recorded sha256 (if any) and loads as plain data.
+
+    The load check maps the tensors (`mmap=True`) instead of reading them, so it costs little even for large
+    checkpoints; it catches truncation (no zip directory) and anything `weights_only` refuses."""
+    path = Path(path)
+    if path.is_dir():  # a sharded checkpoint (DeepSpeed, FSDP sharded): its strategy reads and checks it
+        log.info("checkpoint %s is a directory (sharded); left to the strategy to load", path)
+        return
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    _check_digest(path)
+    _torch_load(path, map_location="cpu", mmap=True)
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
+    """Verify the checksum, then `torch.load(weights_only=True)`; every failure is a `CheckpointError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    _check_digest(path)
+    return _torch_load(path, map_location=map_location)
 
 
 class SafeCheckpointIO(TorchCheckpointIO):

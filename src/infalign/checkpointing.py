@@ -100,10 +100,10 @@ def resolve_resume(run_dir: Path, resume, overwrite: bool) -> Path | None:
     run_dir = Path(run_dir)
     last = run_dir / "checkpoints" / LAST
     remove_stale_temps(last.parent)  # what a kill during a checkpoint write leaves behind
-    if resume is True and not last.is_file():
+    if resume is True and not last.exists():
         raise FileNotFoundError(f"resume=true but {last} does not exist: point hydra.run.dir at the run to "
                                 "continue, or pass resume=auto to start afresh when there is no checkpoint")
-    if resume is not False and last.is_file():
+    if resume is not False and last.exists():
         verify_checkpoint(last)  # before any model is built: a bad checkpoint fails in seconds
         log.info("resuming from %s", last)
         return last

@@ -86,8 +86,8 @@ class GuardedLogger(Logger):
                     str(error).splitlines()[0] if str(error) else "", LOCAL_FILES)
 
     def _get(self, attr: str, default=None):
-        if self.error is not None:
-            return default
+        if self.error is not None or not hasattr(type(self.logger), attr):
+            return default  # switched off, or a logger class without this (optional) attribute
         try:
             return getattr(self.logger, attr)
         except Exception as e:  # noqa: BLE001

@@ -1,0 +1,43 @@
+"""Run `train.py`'s job inside the current Python process (tests, notebooks, the soak benchmark).
+
+`hydra.main` does three things before calling the job: composes the config, fills `hydra.runtime`
+(output dir, choices) and makes it the global `HydraConfig`, then hands the job the config without its
+`hydra` node. `compose_run_config` does the same with Hydra's compose API, so `infalign.run.run` sees what
+it sees under `python train.py`. Repeating runs in one process is also what exposes leaks (memory, open
+files) that separate processes would hide.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from infalign.paths import conf_dir
+
+__all__ = ["compose_run_config", "run_in_process"]
+
+
+def compose_run_config(overrides: list[str], run_dir: str | Path) -> DictConfig:
+    """The job config for `python train.py <overrides> hydra.run.dir=<run_dir>`, with HydraConfig set."""
+    run_dir = Path(run_dir)
+    overrides = [*overrides, f"hydra.run.dir={run_dir}"]
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)  # set by Hydra's run_job, not by compose
+        cfg.hydra.job.name = "train"
+    HydraConfig.instance().set_config(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def run_in_process(overrides: list[str], run_dir: str | Path) -> dict:
+    """`infalign.run.run` on the composed config; returns the final metrics."""
+    from infalign.run import run
+
+    return run(compose_run_config(overrides, run_dir))

@@ -1,0 +1,117 @@
+"""Faults end to end (`python train.py` in subprocesses, smoke models): SIGKILL, SIGTERM and SIGINT mid-training
+followed by a resume end with exactly the metrics of an uninterrupted run; a logger failing mid-run costs no
+metric and is reported once."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from infalign.checkpoint_io import verify_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+# 30 iterations (~0.1-0.3 s each here), a checkpoint after every one, an evaluation every 10
+ARGS = ["experiment=smoke", "progress=false", "logger=none", "num_threads=1", "rl.iterations=30", "eval.every=10",
+        "checkpoint.every=1"]
+VOLATILE = ("run_dir", "wall_seconds", "calibration_cache_hit")  # final_metrics.json fields that may differ
+TIMING = ("train/time/", "train/throughput/")  # wall-clock columns of logs/metrics.csv
+
+
+def start(session_cache, run_dir, *extra) -> subprocess.Popen:
+    env = {**os.environ, "INFALIGN_CACHE": str(session_cache), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *ARGS, *extra, f"hydra.run.dir={run_dir}"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_checkpoint(proc, ckpt: Path, newer_than: float = 0.0, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not (ckpt.exists() and ckpt.stat().st_mtime > newer_than):
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before a checkpoint appeared:\n{proc.communicate()[1][-3000:]}")
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError("no checkpoint within the timeout")
+        time.sleep(0.02)
+
+
+def iteration_of(ckpt: Path) -> int:
+    return torch.load(ckpt, weights_only=True, map_location="cpu")["epoch"] + 1
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Bitwise-equal final metrics, evaluation rows and training rows (every column but wall-clock timings)."""
+    fa, fb = (json.loads((d / "final_metrics.json").read_text()) for d in (a, b))
+    assert {k: v for k, v in fa.items() if k not in VOLATILE} == {k: v for k, v in fb.items() if k not in VOLATILE}
+    assert (a / "eval_metrics.csv").read_text() == (b / "eval_metrics.csv").read_text()
+    ra, rb = (list(csv.DictReader(open(d / "logs" / "metrics.csv"))) for d in (a, b))
+    assert len(ra) == len(rb) == 30 + 3  # one row per iteration and per evaluation: none lost, none twice
+    for x, y in zip(ra, rb):
+        assert {k: v for k, v in x.items() if not k.startswith(TIMING)} == \
+               {k: v for k, v in y.items() if not k.startswith(TIMING)}
+
+
+@pytest.fixture(scope="module")
+def straight(run_train, tmp_path_factory) -> Path:
+    """The uninterrupted run every interrupted one must reproduce."""
+    run_dir = tmp_path_factory.mktemp("faults") / "straight"
+    run_train(*ARGS, f"hydra.run.dir={run_dir}")
+    return run_dir
+
+
+def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(run_train, session_cache, straight, tmp_path):
+    run_dir = tmp_path / "killed"
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    proc = start(session_cache, run_dir)
+    wait_for_checkpoint(proc, ckpt)
+    time.sleep(0.3)  # land somewhere inside a later iteration, or inside a checkpoint write
+    proc.kill()
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run_dir / "final_metrics.json").exists(), "the run finished before the kill"
+    verify_checkpoint(ckpt)  # whatever the kill interrupted, the checkpoint in place is whole
+    assert 1 <= iteration_of(ckpt) < 30
+    run_train(*ARGS, "resume=auto", f"hydra.run.dir={run_dir}")  # auto: finds and continues the checkpoint
+    assert_same_run(straight, run_dir)
+    assert not [p for p in run_dir.rglob("*") if p.name.endswith(".tmp")], "temporary files left behind"
+
+
+def test_sigterm_and_sigint_stop_at_an_iteration_boundary_with_a_checkpoint(run_train, session_cache, straight,
+                                                                              tmp_path):
+    run_dir = tmp_path / "signalled"
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    last_mtime = 0.0
+    for sig, extra in ((signal.SIGTERM, []), (signal.SIGINT, ["resume=true"])):
+        proc = start(session_cache, run_dir, *extra)
+        wait_for_checkpoint(proc, ckpt, newer_than=last_mtime)  # this process has saved at least once
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 128 + sig, err[-3000:]  # non-zero: a supervisor sees the run did not finish
+        assert f"{sig.name} received: stopped after iteration" in err
+        assert f"hydra.run.dir={run_dir} resume=true" in err  # the message says how to continue
+        assert not (run_dir / "final_metrics.json").exists()
+        verify_checkpoint(ckpt)
+        stopped_at = int(err.split("stopped after iteration ")[1].split(",")[0])
+        assert iteration_of(ckpt) == stopped_at < 30  # saved at the stop, not only at the last periodic save
+        last_mtime = ckpt.stat().st_mtime
+    run_train(*ARGS, "resume=true", f"hydra.run.dir={run_dir}")
+    assert_same_run(straight, run_dir)
+
+
+def test_logger_failing_mid_run_costs_no_metrics_and_warns_once(run_train, tmp_path):
+    run_dir = tmp_path / "flaky"
+    out = run_train(*ARGS[:4], "rl.iterations=6", "eval.every=2", "+logger._target_=tests.fake_loggers.FailingLogger",
+                    "+logger.fail_after=3", f"hydra.run.dir={run_dir}")
+    final = json.loads((run_dir / "final_metrics.json").read_text())
+    assert final["iteration"] == 6
+    assert [int(r["iteration"]) for r in csv.DictReader(open(run_dir / "eval_metrics.csv"))] == [2, 4, 6]
+    assert len(list(csv.DictReader(open(run_dir / "logs" / "metrics.csv")))) == 6 + 3
+    warning = "logger FailingLogger failed in log_metrics"
+    assert (out.stdout + out.stderr).count(warning) == 1
+    assert "ConnectionError" in (run_dir / "train.log").read_text()

@@ -1,0 +1,269 @@
+"""Unit level: atomic writes, checkpoint checksums and safe loading, resume decisions, metric files on resume,
+guarded loggers, the cache under kills and planted pickles."""
+
+import json
+import logging
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from infalign import atomic
+from infalign.atomic import atomic_write, atomic_write_csv, read_csv_rows
+from infalign.cache import entry_path, get_or_build, remove_dead_builds
+from infalign.checkpoint_io import CheckpointError, SafeCheckpointIO, checksum_path, load_checkpoint, verify_checkpoint
+from infalign.checkpointing import check_run_options, resolve_resume, resume_command, truncate_csv
+from infalign.loggers import GuardedLogger, ResumableCSVLogger, build_loggers
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Evil:
+    """Unpickling this runs a shell command that creates `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def plant_pickle(path: Path, marker: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        pickle.dump({"state_dict": Evil(marker)}, f)
+
+
+# ------------------------------------------------------------------------------------------- atomic writes
+def test_atomic_write_keeps_the_old_file_when_the_writer_dies(tmp_path):
+    target = tmp_path / "metrics.csv"
+    atomic_write_csv(target, [{"a": 1, "b": 2}])
+
+    def dies(f):
+        f.write(b"half a fi")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, dies)
+    assert read_csv_rows(target) == (["a", "b"], [{"a": "1", "b": "2"}])
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]  # no temp file left
+    assert oct(target.stat().st_mode & 0o777) == oct(0o666 & ~atomic._UMASK)  # not mkstemp's owner-only 0600
+
+
+def test_truncate_csv_keeps_the_header_and_first_rows(tmp_path):
+    path = tmp_path / "eval_metrics.csv"
+    atomic_write_csv(path, [{"iteration": i, "x": i * 0.5} for i in range(1, 6)])
+    assert truncate_csv(path, 2) == 3
+    assert read_csv_rows(path) == (["iteration", "x"], [{"iteration": "1", "x": "0.5"}, {"iteration": "2", "x": "1.0"}])
+    assert truncate_csv(path, 9) == 0
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+@pytest.fixture
+def saved(tmp_path):
+    ckpt = {"state_dict": {"w": torch.arange(4000, dtype=torch.float32)}, "epoch": 2, "loops": {"x": (1, 2)}}
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    SafeCheckpointIO().save_checkpoint(ckpt, path)
+    return path, ckpt
+
+
+def test_checkpoint_round_trip_with_checksum(saved):
+    path, ckpt = saved
+    assert checksum_path(path).is_file() and sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt",
+                                                                                               "last.ckpt.sha256"]
+    loaded = SafeCheckpointIO().load_checkpoint(path)
+    assert torch.equal(loaded["state_dict"]["w"], ckpt["state_dict"]["w"]) and loaded["loops"] == {"x": (1, 2)}
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "truncate_without_checksum"])
+def test_damaged_checkpoint_is_refused_naming_the_file_and_the_way_out(saved, damage):
+    path, _ = saved
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x01  # inside the tensor bytes: torch.load alone would not notice
+    else:
+        data = data[: len(data) // 2]
+    path.write_bytes(bytes(data))
+    if damage == "truncate_without_checksum":
+        checksum_path(path).unlink()  # an older checkpoint: the load check still catches it
+    with pytest.raises(CheckpointError, match="last.ckpt") as err:
+        load_checkpoint(path)
+    assert "overwrite=true" in str(err.value)
+
+
+def test_crash_between_checksum_and_rename_leaves_a_checkpoint_that_verifies(saved, monkeypatch):
+    path, _ = saved
+    real_replace = os.replace
+
+    def crash(src, dst):
+        if Path(dst) == path:
+            raise OSError("power cut (simulated)")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", crash)
+    with pytest.raises(OSError, match="power cut"):
+        SafeCheckpointIO().save_checkpoint({"epoch": 3}, path)
+    monkeypatch.undo()
+    assert len(json.loads(checksum_path(path).read_text())["sha256"]) == 2  # new digest + the one in place
+    verify_checkpoint(path)
+    assert load_checkpoint(path)["epoch"] == 2  # the previous, whole checkpoint
+
+
+def test_malicious_checkpoint_is_never_unpickled(tmp_path):
+    marker, path = tmp_path / "PWNED", tmp_path / "run" / "checkpoints" / "last.ckpt"
+    plant_pickle(path, marker)
+    with pytest.raises(CheckpointError, match="weights_only"):
+        SafeCheckpointIO().load_checkpoint(path)
+    with pytest.raises(CheckpointError):
+        resolve_resume(tmp_path / "run", "auto", False)  # resume refuses it before any model is built
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------------- cache
+def test_pickle_planted_in_a_cache_entry_is_discarded_unread(tmp_path):
+    marker, calls = tmp_path / "PWNED", []
+
+    def build(out: Path):
+        calls.append(1)
+        (out / "model.safetensors").write_bytes(b"weights")
+
+    entry = get_or_build(tmp_path / "cache", "policy", {"k": 1}, build)
+    plant_pickle(entry.path / "pytorch_model.bin", marker)  # what transformers would fall back to
+    again = get_or_build(tmp_path / "cache", "policy", {"k": 1}, build)
+    assert not again.hit and len(calls) == 2  # unlisted file: entry refused and rebuilt
+    assert not (again.path / "pytorch_model.bin").exists() and not marker.exists()
+
+
+def test_transformers_folder_with_a_pickle_only_is_refused(tmp_path):
+    from transformers import GPT2Config
+
+    from infalign.policy import hf_policy
+    from infalign.tokenizer import train_bpe_tokenizer
+
+    marker = tmp_path / "PWNED"
+    GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=300, n_positions=16).save_pretrained(tmp_path)
+    train_bpe_tokenizer(["hello world"] * 4, vocab_size=300).save_pretrained(tmp_path)
+    plant_pickle(tmp_path / "pytorch_model.bin", marker)
+    with pytest.raises(Exception, match="(?i)weights.only"):  # transformers loads .bin with weights_only=True
+        hf_policy(name_or_path=str(tmp_path))
+    assert not marker.exists()
+
+
+def test_killed_cache_build_leaves_no_entry_and_its_leftovers_are_cleaned(tmp_path):
+    script = textwrap.dedent(f"""
+        import time
+        from infalign.cache import get_or_build
+        def build(out):
+            (out / "half.bin").write_bytes(b"x" * 1000)
+            print("building", flush=True)
+            time.sleep(60)
+        get_or_build({str(tmp_path)!r}, "policy", {{"k": 1}}, build)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "building"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kind_dir = tmp_path / "policy"
+    assert not entry_path(tmp_path, "policy", {"k": 1}).exists()  # no half-entry under the final name
+    assert [p.name.startswith(".tmp-") for p in kind_dir.iterdir()] == [True]
+    assert len(remove_dead_builds(kind_dir)) == 1 and list(kind_dir.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------- resume decisions
+def make_run(run_dir: Path, checkpoint: bool = True) -> Path:
+    (run_dir / "logs").mkdir(parents=True)
+    (run_dir / "logs" / "metrics.csv").write_text("step\n0\n")
+    (run_dir / "eval_metrics.csv").write_text("iteration\n2\n")
+    if checkpoint:
+        SafeCheckpointIO().save_checkpoint({"epoch": 1}, run_dir / "checkpoints" / "last.ckpt")
+    return run_dir
+
+
+def test_resume_modes(tmp_path):
+    run = make_run(tmp_path / "run")
+    (run / "checkpoints" / ".last.ckpt.abc123.tmp").write_bytes(b"half")  # what a kill mid-save leaves
+    assert resolve_resume(run, True, False) == run / "checkpoints" / "last.ckpt"
+    assert resolve_resume(run, "auto", False) == run / "checkpoints" / "last.ckpt"
+    assert not (run / "checkpoints" / ".last.ckpt.abc123.tmp").exists()
+    with pytest.raises(FileExistsError, match="resume=true.*overwrite=true"):
+        resolve_resume(run, False, False)  # never clobbers a run silently
+    assert resolve_resume(run, False, True) is None and not (run / "checkpoints").exists()
+    assert not (run / "eval_metrics.csv").exists()  # overwrite: no stale rows for the new run to append to
+    with pytest.raises(FileNotFoundError, match="resume=auto"):
+        resolve_resume(tmp_path / "empty", True, False)
+    early = make_run(tmp_path / "early", checkpoint=False)  # killed before its first checkpoint
+    assert resolve_resume(early, "auto", False) is None and not (early / "eval_metrics.csv").exists()
+
+
+@pytest.mark.parametrize("bad, match", [({"resume": "maybe"}, "resume must be true, false or auto"),
+                                        ({"resume": 1}, "resume must be"),
+                                        ({"resume": True, "overwrite": True}, "contradict"),
+                                        ({"checkpoint": {"every": -1}}, "checkpoint.every must be an integer >= 0")])
+def test_run_options_are_checked(bad, match):
+    cfg = OmegaConf.merge({"resume": False, "overwrite": False, "checkpoint": {"every": 5}}, bad)
+    with pytest.raises(ValueError, match=match):
+        check_run_options(cfg)
+
+
+def test_resume_command_replaces_the_run_options():
+    cmd = resume_command(["n=4", "resume=auto", "hydra.run.dir=/old", "overwrite=false", "data.root=/a b"], Path("/r"))
+    assert cmd == "python train.py n=4 'data.root=/a b' hydra.run.dir=/r resume=true"
+
+
+# ------------------------------------------------------------------------------------------- loggers
+def test_csv_logger_keeps_earlier_rows_on_resume_and_adds_columns_atomically(tmp_path):
+    first = ResumableCSVLogger(save_dir=tmp_path, name="logs", version="")
+    first.log_metrics({"a": 1.0}, step=0)
+    first.save()
+    again = ResumableCSVLogger(save_dir=tmp_path, name="logs", version="", keep_existing=True)
+    again.log_metrics({"a": 2.0, "b": 3.0}, step=1)  # a new column: the file is rewritten with a new header
+    again.save()
+    header, rows = read_csv_rows(tmp_path / "logs" / "metrics.csv")
+    assert header == ["a", "b", "step"] and [r["a"] for r in rows] == ["1.0", "2.0"]
+    fresh = ResumableCSVLogger(save_dir=tmp_path, name="logs", version="")  # Lightning's behaviour otherwise
+    fresh.log_metrics({"a": 9.0}, step=0)
+    fresh.save()
+    assert len(read_csv_rows(tmp_path / "logs" / "metrics.csv")[1]) == 1
+
+
+def test_guarded_logger_reports_once_and_carries_on(caplog):
+    from fake_loggers import FailingLogger
+
+    lg = GuardedLogger(FailingLogger(fail_after=1))
+    with caplog.at_level(logging.WARNING, logger="infalign.loggers"):
+        for step in range(5):
+            lg.log_metrics({"x": 1.0}, step=step)  # the second call fails, the rest are skipped
+        lg.save()
+        lg.finalize("success")
+    assert caplog.text.count("failed in log_metrics") == 1 and "switched off" in caplog.text
+    assert isinstance(lg.error, ConnectionError)
+
+
+@pytest.mark.parametrize("fault", ["not_installed", "not_logged_in"])
+def test_wandb_that_cannot_start_never_stops_the_run(tmp_path, monkeypatch, caplog, fault):
+    import wandb
+
+    if fault == "not_installed":
+        monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    else:
+        def init(*args, **kwargs):
+            raise wandb.errors.UsageError("api_key not configured (no-tty). call wandb.login(key=[your_api_key])")
+
+        monkeypatch.setattr(wandb, "init", init)
+    cfg = OmegaConf.create({"_target_": "lightning.pytorch.loggers.WandbLogger", "project": "infalign",
+                            "mode": "online", "save_dir": str(tmp_path)})
+    with caplog.at_level(logging.WARNING, logger="infalign.loggers"):
+        loggers = build_loggers(cfg, tmp_path)
+        for lg in loggers:
+            lg.log_hyperparams({"n": 4})
+            lg.log_metrics({"x": 1.0}, step=0)
+            lg.save()
+    assert caplog.text.count("WandbLogger") == 1, caplog.text  # one warning, naming the logger
+    assert (tmp_path / "logs" / "metrics.csv").is_file()  # the local log is unaffected
