@@ -41,7 +41,7 @@ def test_smoke_run_end_to_end(run_train, tmp_path):
 
     policy = AutoModelForCausalLM.from_pretrained(run_dir / "policy")  # loads directly with transformers
     assert (run_dir / "policy" / "model.safetensors").exists() and policy.config.n_layer == 1
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")  # plain data
     assert not [k for k in ckpt["state_dict"] if k.startswith("reference.")], "frozen reference saved in checkpoint"
     assert ckpt["global_step"] == 3 * 2  # 3 iterations x (4 prompts x k=4 / minibatch 8) optimizer steps
 

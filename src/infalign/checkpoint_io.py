@@ -109,7 +109,7 @@ def verify_checkpoint(path: str | Path) -> None:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     _check_digest(path)
-    _torch_load(path, map_location="cpu", mmap=True)
+    _torch_load(path, map_location="cpu", mmap=zipfile.is_zipfile(path))  # mmap needs torch's zip format
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
