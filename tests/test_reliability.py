@@ -202,6 +202,14 @@ def test_resume_modes(tmp_path):
     assert resolve_resume(early, "auto", False) is None and not (early / "eval_metrics.csv").exists()
 
 
+def test_only_the_first_process_judges_the_run_dir(tmp_path, monkeypatch):
+    run = make_run(tmp_path / "run")
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a DDP process Lightning started after rank 0 began writing here
+    assert resolve_resume(run, False, False) is None  # neither refused nor cleared
+    assert resolve_resume(run, "auto", False) == run / "checkpoints" / "last.ckpt"
+    assert (run / "eval_metrics.csv").exists()
+
+
 @pytest.mark.parametrize("bad, match", [({"resume": "maybe"}, "resume must be true, false or auto"),
                                         ({"resume": 1}, "resume must be"),
                                         ({"resume": True, "overwrite": True}, "contradict"),

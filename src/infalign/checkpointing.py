@@ -22,6 +22,7 @@ nothing is counted twice.
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import shutil
 import signal
@@ -89,16 +90,28 @@ def _clear_outputs(run_dir: Path, names: list[str]) -> None:
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
 
+# set by Lightning's launcher in the processes it starts, and by torchrun / srun / jsrun in every process
+_RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+
+
+def is_first_process() -> bool:
+    """True unless the environment marks this as a non-zero rank of a distributed run (no process group yet)."""
+    return all(os.environ.get(k, "0") in ("", "0") for k in _RANK_VARIABLES)
+
+
 def resolve_resume(run_dir: Path, resume, overwrite: bool) -> Path | None:
     """The checkpoint to continue from, or None for a fresh start; never clobbers another run silently.
 
     resume=true needs `checkpoints/last.ckpt`; resume=auto continues from it when there is one and starts
     afresh otherwise (what a pre-emptible job's restart loop wants); a checkpoint that fails verification is
     refused in both cases rather than silently ignored. A fresh start in a directory that holds a run's
-    outputs is refused unless overwrite=true, which deletes them first.
+    outputs is refused unless overwrite=true, which deletes them first. Only the first process of a
+    distributed run judges and clears the directory: the others start when it has already begun writing there.
     """
     run_dir = Path(run_dir)
     last = run_dir / "checkpoints" / LAST
+    if not is_first_process():
+        return last if resume is not False and last.exists() else None
     remove_stale_temps(last.parent)  # what a kill during a checkpoint write leaves behind
     if resume is True and not last.exists():
         raise FileNotFoundError(f"resume=true but {last} does not exist: point hydra.run.dir at the run to "
