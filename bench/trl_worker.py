@@ -41,6 +41,18 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def stamp() -> tuple[float, float, float]:
+    """(wall, user CPU, system CPU) seconds: CPU time is less disturbed than wall time on a shared machine,
+    and system time is where the allocator's page faults show."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return time.perf_counter(), r.ru_utime, r.ru_stime
+
+
+def per_iteration(stamps: list[tuple[float, float, float]]) -> dict:
+    d = [tuple(b - a for a, b in zip(x, y)) for x, y in zip(stamps, stamps[1:])]
+    return {"iter_s": [x[0] for x in d], "cpu_s": [x[1] + x[2] for x in d], "sys_s": [x[2] for x in d]}
+
+
 # ------------------------------------------------------------------------------------------ the setting
 def exact_tail(text: str, tokenizer, n: int) -> str | None:
     """The shortest suffix of `text` that is exactly `n` tokens (None if the prompt is shorter). Cut at the
@@ -132,11 +144,11 @@ def run_ours(d: Path, iters: int) -> dict:
 
     class Clock(L.Callback):
         def on_train_start(self, trainer, pl_module):
-            ends.append(time.perf_counter())
+            ends.append(stamp())
             result["rss_start_mb"] = rss_mb()
 
         def on_train_epoch_end(self, trainer, pl_module):
-            ends.append(time.perf_counter())
+            ends.append(stamp())
             for k, v in pl_module.last_train_stats.items():
                 if k.startswith("time/"):
                     phases[k[5:]].append(v)
@@ -146,7 +158,7 @@ def run_ours(d: Path, iters: int) -> dict:
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, callbacks=[Clock()])
     trainer.fit(module, datamodule=dm)
-    return {**result, "iter_s": [b - a for a, b in zip(ends, ends[1:])], "phases": dict(phases)}
+    return {**result, **per_iteration(ends), "phases": dict(phases)}
 
 
 # ------------------------------------------------------------------------------------------------ TRL
@@ -178,12 +190,12 @@ def run_trl(d: Path, iters: int) -> dict:
 
     class Clock(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
-            ends.append(time.perf_counter())
+            ends.append(stamp())
             result["rss_start_mb"] = rss_mb()
 
         def on_step_end(self, args, state, control, **kw):
             if state.global_step % steps_per_iter == 0:  # one RL iteration = one generation batch
-                ends.append(time.perf_counter())
+                ends.append(stamp())
                 for k, v in phases.items():
                     per_phase[k].append(v)
                 phases.clear()
@@ -199,7 +211,7 @@ def run_trl(d: Path, iters: int) -> dict:
         trainer = RLOOTrainer(model=policy, reward_funcs=[frozen_rm], args=args, processing_class=tok,
                               train_dataset=Dataset.from_dict({"prompt": prompts}), callbacks=[Clock()])
         trainer.train()
-    return {**result, "iter_s": [b - a for a, b in zip(ends, ends[1:])], "phases": dict(per_phase),
+    return {**result, **per_iteration(ends), "phases": dict(per_phase),
             "trl": trl.__version__}
 
 

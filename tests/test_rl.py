@@ -124,3 +124,36 @@ def test_response_mask_stops_after_first_eos(tiny_lm):
         assert len(eos) <= 1 and (len(eos) == 0 or eos[0, 0] == n - 1)  # ends at its first EOS, if any
     texts = decode_responses(tokenizer, rollout)
     assert all("<pad>" not in t and "<eos>" not in t for t in texts)
+
+
+def test_recorded_sampling_logprobs_match_a_full_pass(tiny_lm):
+    model, tokenizer = tiny_lm
+    torch.manual_seed(4)
+    prompts = ["w1 w2 w3 w4 w5", "w6", "w7 w8"]  # left padding, k samples sharing each prompt's forward pass
+    rollout = generate(model, tokenizer, prompts, 3, sampling_kwargs({"max_new_tokens": 7}), record_logprobs=True)
+    logp, entropy = response_logprobs(model, rollout, with_entropy=True)
+    assert torch.allclose(rollout.logprobs, logp, atol=1e-5)
+    assert torch.allclose(rollout.entropy, entropy, atol=1e-4)
+    assert generate(model, tokenizer, prompts, 3, sampling_kwargs({"max_new_tokens": 7})).logprobs is None
+
+
+def test_shared_prompt_pass_gives_the_same_logprobs_and_gradient(tiny_lm, monkeypatch):
+    import infalign.rollout as rollout_mod
+
+    model, tokenizer = tiny_lm
+    torch.manual_seed(5)
+    rollout = generate(model, tokenizer, ["w1 w2 w3", "w4 w5 w6 w7 w8 w9"], 4, sampling_kwargs({"max_new_tokens": 6}))
+    weights = torch.randn(rollout.input_ids.shape[0])
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        logp = response_logprobs(model, rollout)
+        (logp.sum(-1) * weights).sum().backward()
+        return logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    shared, shared_grads = loss_and_grads()  # 2 distinct prompts: their prefixes run once each
+    monkeypatch.setattr(rollout_mod, "_shared_prompt_groups", lambda *a: None)
+    plain, plain_grads = loss_and_grads()  # one full pass per sequence
+    assert torch.allclose(shared, plain, atol=1e-5)
+    for name, g in plain_grads.items():
+        assert torch.allclose(shared_grads[name], g, atol=1e-5, rtol=1e-4), name

@@ -71,17 +71,18 @@ class RolloutBuffer:
     old_logp: torch.Tensor  # [S, T] policy log-probs at sampling time
     advantages: torch.Tensor  # [S]
     stats: dict[str, float]
+    ref_logp: torch.Tensor | None = None  # [S, T] reference log-probs (computed once per rollout, fp32)
 
     def __len__(self) -> int:
         return self.advantages.shape[0]
 
     def minibatches(self, size: int, generator: torch.Generator):
-        """Shuffled minibatches covering the buffer once: (sub-rollout, old_logp, advantages)."""
+        """Shuffled minibatches covering the buffer once: (sub-rollout, old_logp, ref_logp, advantages)."""
         order = torch.randperm(len(self), generator=generator)
         r = self.rollout
         for idx in order.split(size):
             sub = Rollout(r.input_ids[idx], r.attention_mask[idx], r.response_mask[idx], r.prompt_len)
-            yield sub, self.old_logp[idx], self.advantages[idx]
+            yield sub, self.old_logp[idx], self.ref_logp[idx], self.advantages[idx]
 
 
 @torch.no_grad()
@@ -101,7 +102,8 @@ def build_rollout(module, prompt_ids: list[str], prompts: list[str], reward_prom
     def fp32():
         return torch.autocast(module.device.type, enabled=False)
 
-    rollout = generate(module.policy, module.tokenizer, prompts, k, module.gen_kwargs)
+    # The sampling-time log-probs come with the samples (fp32 runs; else rescored below): no policy pass.
+    rollout = generate(module.policy, module.tokenizer, prompts, k, module.gen_kwargs, record_logprobs=True)
     t_generate = lap()
     texts = decode_responses(module.tokenizer, rollout)
     with fp32():
@@ -115,7 +117,10 @@ def build_rollout(module, prompt_ids: list[str], prompts: list[str], reward_prom
     t_calibrate = lap()
 
     with fp32():
-        old_logp, entropy = response_logprobs(module.policy, rollout, with_entropy=True)
+        if rollout.logprobs is not None:
+            old_logp, entropy = rollout.logprobs, rollout.entropy
+        else:
+            old_logp, entropy = response_logprobs(module.policy, rollout, with_entropy=True)
         ref_logp = response_logprobs(module.reference, rollout)
     t_logprobs = lap()
     kl = sequence_kl(old_logp, ref_logp, rollout.response_mask)
@@ -141,7 +146,7 @@ def build_rollout(module, prompt_ids: list[str], prompts: list[str], reward_prom
         "time/logprobs": t_logprobs,
         "throughput/generated_tokens_per_s": lengths.sum().item() / max(t_generate, 1e-9),
     }
-    return RolloutBuffer(rollout=rollout, old_logp=old_logp, advantages=advantages, stats=stats)
+    return RolloutBuffer(rollout=rollout, old_logp=old_logp, advantages=advantages, stats=stats, ref_logp=ref_logp)
 
 
 class RolloutDataModule(L.LightningDataModule):

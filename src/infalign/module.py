@@ -75,7 +75,7 @@ class InfAlignModule(L.LightningModule):
         for _ in range(self.rl.ppo_epochs if self.rl.algo == "ppo" else 1):
             # Distributed, each process holds 1/W of the rollout and DDP averages the gradients, so a per-process
             # minibatch of minibatch_size / W keeps the optimizer steps (count, sequences each) of one process.
-            for rollout, old_logp, adv in buffer.minibatches(self.rl.minibatch_size // self.trainer.world_size, generator):
+            for rollout, old_logp, ref_logp, adv in buffer.minibatches(self.rl.minibatch_size // self.trainer.world_size, generator):
                 logp = response_logprobs(self.policy, rollout)
                 if self.rl.algo == "ppo":
                     loss, clip_frac = ppo_clip_loss(logp, old_logp, rollout.response_mask, adv, self.rl.clip)
@@ -83,8 +83,7 @@ class InfAlignModule(L.LightningModule):
                 else:
                     loss = rloo_loss(logp, rollout.response_mask, adv)
                 if self.rl.kl_penalty == "loss":  # k3 per token in the loss instead of k1 in the reward
-                    with torch.no_grad():
-                        ref_logp = response_logprobs(self.reference, rollout)
+                    # (the reference is frozen: its log-probs from the rollout serve every minibatch and pass)
                     log_r = (ref_logp - logp) * rollout.response_mask
                     loss = loss + self.beta * (torch.expm1(log_r) - log_r).sum(-1).mean()
                 optimizer.zero_grad(set_to_none=True)
