@@ -1,4 +1,6 @@
-"""A logger that breaks mid-run, like W&B losing its connection: `logger=none +logger._target_=tests.fake_loggers.FailingLogger`.
+"""A logger that breaks mid-run, like W&B losing its connection.
+
+    python train.py logger=none +logger._target_=tests.fake_loggers.FailingLogger +logger.fail_after=3
 
 Importable as `tests.fake_loggers` by `python train.py` run from the repository root (namespace package).
 """

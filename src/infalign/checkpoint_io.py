@@ -142,9 +142,8 @@ class SafeCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, Hashing())
 
         def record_digest(_tmp):  # before the rename: whatever is in place afterwards verifies
-            previous = _known_digests(path) or []
-            atomic_write_json(checksum_path(path), {"file": path.name,
-                                                    "sha256": list(dict.fromkeys([digest.hexdigest(), *previous]))[:_KEEP_DIGESTS]})
+            digests = list(dict.fromkeys([digest.hexdigest(), *(_known_digests(path) or [])]))
+            atomic_write_json(checksum_path(path), {"file": path.name, "sha256": digests[:_KEEP_DIGESTS]})
 
         atomic_write(path, write, before_replace=record_digest)
 

@@ -53,7 +53,8 @@ class TrainingInterrupted(Exception):
     def __init__(self, signum: int, iteration: int, checkpoint: Path):
         self.signum, self.iteration, self.checkpoint = signum, iteration, Path(checkpoint)
         self.signal_name = signal.Signals(signum).name
-        super().__init__(f"{self.signal_name} received: stopped after iteration {iteration}, state saved to {checkpoint}")
+        super().__init__(f"{self.signal_name} received: stopped after iteration {iteration}, "
+                         f"state saved to {checkpoint}")
 
     @property
     def exit_code(self) -> int:
