@@ -27,8 +27,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ["generate", "score", "calibrate", "logprobs", "update"]
-BASE = {"k": 4, "prompts": 8, "response_tokens": 32, "m": 16, "n": 4}
-SWEEPS = {"k": [2, 4, 8, 16], "prompts": [4, 8, 16, 32], "response_tokens": [16, 32, 64], "m": [8, 16, 32, 64],
+BASE = {"k": 4, "prompts": 4, "response_tokens": 32, "m": 8, "n": 4}
+SWEEPS = {"k": [2, 4, 8, 16], "prompts": [2, 4, 8, 16], "response_tokens": [16, 32, 64], "m": [4, 8, 16, 32],
           "n": [1, 2, 4, 8]}
 LABELS = {"k": "k (samples per prompt)", "prompts": "prompts per iteration", "response_tokens": "response tokens",
           "m": "M (reference samples)", "n": "N (best-of-N)"}
@@ -119,9 +119,11 @@ def plot(results: list[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(SWEEPS), figsize=(4 * len(SWEEPS), 3.6), sharey=False)
+    factors = [f for f in SWEEPS if any(r["factor"] == f for r in results)]
+    fig, axes = plt.subplots(1, len(factors), figsize=(4 * len(factors), 3.6), squeeze=False)
+    axes = axes[0]
     colors = dict(zip(PHASES, ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3"]))
-    for ax, (factor, values) in zip(axes, SWEEPS.items()):
+    for ax, factor in zip(axes, factors):
         pts = [r for r in results if r["factor"] == factor]
         xs = [r[factor] for r in pts]
         bottom = [0.0] * len(pts)
@@ -160,6 +162,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=2, help="measured iterations per point (after one warm-up)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--factors", default=",".join(SWEEPS), help="comma-separated subset of " + ",".join(SWEEPS))
     ap.add_argument("--plot", type=Path, default=REPO / "docs" / "scaling.png")
     ap.add_argument("--out", type=Path, default=REPO / ".cache" / "bench" / "scaling.json")
     a = ap.parse_args()
@@ -169,7 +172,7 @@ def main() -> None:
 
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    sweeps = {f: v[:2] for f, v in SWEEPS.items()} if a.quick else SWEEPS
+    sweeps = {f: SWEEPS[f][:2] if a.quick else SWEEPS[f] for f in a.factors.split(",")}
     iters = 1 if a.quick else a.iters
     models, n_params = load_models()
     results, started = [], time.time()
