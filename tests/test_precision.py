@@ -1,4 +1,4 @@
-"""bf16 mixed precision: the rollout's KL log-probs and rewards stay fp32 under Lightning's autocast."""
+"""bf16 mixed precision: the rollout's KL log-probs stay fp32 under Lightning's autocast."""
 
 import pytest
 import torch
@@ -23,7 +23,7 @@ def smoke_models(session_cache):
     return cfg, reference, tokenizer, reward, train_prompts[:4]
 
 
-def test_rollout_scores_and_kl_logprobs_are_fp32_under_bf16_autocast(smoke_models):
+def test_rollout_kl_logprobs_are_fp32_under_bf16_autocast(smoke_models):
     from lightning.pytorch.plugins.precision import MixedPrecision
 
     from infalign.calibration import EmpiricalCalibrator
@@ -31,7 +31,7 @@ def test_rollout_scores_and_kl_logprobs_are_fp32_under_bf16_autocast(smoke_model
     from infalign.module import InfAlignModule
     from infalign.reference_samples import ReferenceSamples
     from infalign.rl import sequence_kl
-    from infalign.rollout import decode_responses, response_logprobs, sampling_kwargs
+    from infalign.rollout import response_logprobs, sampling_kwargs
     from infalign.transforms import BoNExpTransform
 
     cfg, reference, tokenizer, reward, prompts = smoke_models
@@ -50,10 +50,8 @@ def test_rollout_scores_and_kl_logprobs_are_fp32_under_bf16_autocast(smoke_model
     rollout = buffer.rollout
     with torch.no_grad():
         logp, ref_logp = response_logprobs(module.policy, rollout), response_logprobs(module.reference, rollout)
-        raw = reward.score([p for p in reward_texts for _ in range(4)], decode_responses(tokenizer, rollout))
         with MixedPrecision("bf16-mixed", "cpu").forward_context():
             logp_bf16 = response_logprobs(module.policy, rollout)
     assert not torch.equal(logp_bf16, logp)  # bf16 does change them: the check below can tell
     assert torch.equal(buffer.old_logp, logp)  # fp32, bit for bit
     assert buffer.stats["kl/k1"] == sequence_kl(logp, ref_logp, rollout.response_mask)["k1"].mean().item()
-    assert buffer.stats["reward/raw"] == raw.double().mean().item()
