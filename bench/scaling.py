@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics as st
 import sys
 import tempfile
@@ -79,19 +80,25 @@ def measure(point: dict, models, cache_root: str, iters: int) -> dict:
 
     class Clock(L.Callback):
         def on_train_epoch_start(self, trainer, pl_module):
-            ends.append(time.perf_counter())
+            ends.append((time.perf_counter(), cpu_seconds()))
 
         def on_train_epoch_end(self, trainer, pl_module):
             rows.append({**{p: pl_module.last_train_stats[f"time/{p}"] for p in PHASES},
-                         "iteration": time.perf_counter() - ends[-1]})
+                         "iteration": time.perf_counter() - ends[-1][0], "cpu": cpu_seconds() - ends[-1][1]})
 
     trainer = L.Trainer(accelerator="cpu", devices=1, precision="32-true", max_epochs=iters + 1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, callbacks=[Clock()])
     trainer.fit(module, datamodule=dm)
     reference.requires_grad_(False)  # the module made it frozen; keep it so for the next point
-    out = {k: st.median(r[k] for r in rows[1:]) for k in [*PHASES, "iteration"]}
+    out = {k: st.median(r[k] for r in rows[1:]) for k in [*PHASES, "iteration", "cpu"]}
     return {**point, **out, "cache_build_s": cache_s, "load": round(os.getloadavg()[0], 2)}
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process: less disturbed than wall time by other jobs on the machine."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def load_models():
@@ -128,7 +135,9 @@ def plot(results: list[dict], out: Path) -> None:
         xs = [r[factor] for r in pts]
         bottom = [0.0] * len(pts)
         for p in PHASES:
-            ys = [r[p] for r in pts]
+            # CPU seconds of the iteration split by the phases' shares of its wall time: on a machine shared
+            # with other jobs, CPU time is the steadier total, and the shares hold under a steady load
+            ys = [r[p] / sum(r[q] for q in PHASES) * r["cpu"] for r in pts]
             ax.bar(range(len(pts)), ys, bottom=bottom, color=colors[p], label=p)
             bottom = [b + y for b, y in zip(bottom, ys)]
         ax.set_xticks(range(len(pts)), [str(x) for x in xs])
@@ -137,7 +146,7 @@ def plot(results: list[dict], out: Path) -> None:
             tw = ax.twinx()
             tw.plot(range(len(pts)), [r["cache_build_s"] or float("nan") for r in pts], "k--o", ms=3)
             tw.set_ylabel("calibration cache build, s (dashed)")
-    axes[0].set_ylabel("s per RL iteration (median)")
+    axes[0].set_ylabel("CPU s per RL iteration (1 thread)")
     axes[0].legend(fontsize=7, loc="upper left")
     fig.suptitle("Cost per RL iteration as work grows (one factor at a time; base: "
                  + ", ".join(f"{k}={v}" for k, v in BASE.items()) + ")", fontsize=9)
@@ -147,13 +156,14 @@ def plot(results: list[dict], out: Path) -> None:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| factor | value | s / iteration | generate | score | calibrate | logprobs | update | dominant | cache build s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| factor | value | s / iteration | CPU s | generate | score | calibrate | logprobs | update | dominant | "
+             "cache build s | load |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         dom = max(PHASES, key=lambda p: r[p])
         build = f"{r['cache_build_s']:.1f}" if r["cache_build_s"] else ""
-        lines.append(f"| {r['factor']} | {r[r['factor']]} | {r['iteration']:.2f} | "
-                     + " | ".join(f"{r[p]:.2f}" for p in PHASES) + f" | {dom} ({r[dom] / r['iteration']:.0%}) | {build} |")
+        lines.append(f"| {r['factor']} | {r[r['factor']]} | {r['iteration']:.2f} | {r['cpu']:.2f} | "
+                     + " | ".join(f"{r[p]:.2f}" for p in PHASES)
+                     + f" | {dom} ({r[dom] / r['iteration']:.0%}) | {build} | {r['load']} |")
     return "\n".join(lines)
 
 
@@ -165,7 +175,12 @@ def main() -> None:
     ap.add_argument("--factors", default=",".join(SWEEPS), help="comma-separated subset of " + ",".join(SWEEPS))
     ap.add_argument("--plot", type=Path, default=REPO / "docs" / "scaling.png")
     ap.add_argument("--out", type=Path, default=REPO / ".cache" / "bench" / "scaling.json")
+    ap.add_argument("--replot", action="store_true", help="only redraw the plot and table from --out")
     a = ap.parse_args()
+    if a.replot:
+        results = json.loads(a.out.read_text())["results"]
+        plot(results, a.plot)
+        return print(table(results))
     torch.set_num_threads(a.threads)
     import logging
     import warnings

@@ -59,7 +59,7 @@ def worker(python: str, args: list[str], malloc_env: dict, threads: int, timeout
 
 
 def summarise(results: list[dict]) -> dict:
-    """Per (env, label): medians over runs of each run's median after the warm-up iteration, and the spread."""
+    """Per (env, label): median and [min-max] over every measured iteration of every run (warm-up dropped)."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in results:
         groups.setdefault((r["env"], r["label"]), []).append(r)
@@ -67,29 +67,34 @@ def summarise(results: list[dict]) -> dict:
     for (env, label), runs in groups.items():
         row = {"runs": len(runs), "iterations": sum(len(r["iter_s"]) - 1 for r in runs)}
         for key in ("iter_s", "cpu_s", "sys_s"):
-            per_run = [st.median(r[key][1:]) for r in runs]
-            row[key] = {"median": st.median(per_run), "min": min(per_run), "max": max(per_run)}
+            pooled = [x for r in runs for x in r[key][1:]]
+            row[key] = {"median": st.median(pooled), "min": min(pooled), "max": max(pooled)}
         for key in ("peak_rss_mb", "rss_start_mb"):
-            row[key] = st.median(r[key] for r in runs)
+            row[key] = st.median(r.get(key, float("nan")) for r in runs)
         phases = {}
-        for name in runs[0]["phases"]:
+        for name in runs[0].get("phases", {}):
             phases[name] = st.median(st.median(r["phases"][name][1:]) for r in runs if len(r["phases"].get(name, [])) > 1)
         row["phases"] = phases
         row["load"] = [r["load_before"] for r in runs]
+        row["peak_rss_mb_max"] = max(r["peak_rss_mb"] for r in runs)
         out[f"{env}/{label}"] = row
     return out
 
 
 def table(summary: dict) -> str:
-    lines = ["| allocator | trainer | s / iteration, median [min-max over runs] | CPU s / iteration | of which kernel | "
-             "peak RSS MB | vs TRL |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| allocator | trainer | runs x iterations | wall s / iteration, median [min-max] | CPU s / iteration "
+             "[min-max] | of which kernel | peak RSS MB | wall vs TRL | CPU vs TRL |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for key, row in summary.items():
         env, label = key.split("/")
         trl = summary.get(f"{env}/trl")
-        ratio = f"{row['iter_s']['median'] / trl['iter_s']['median']:.2f}x" if trl and label != "trl" else ""
+        def ratio(key):
+            return f"{row[key]['median'] / trl[key]['median']:.2f}" if trl and label != "trl" else ""
+
         it, cpu, sys_ = row["iter_s"], row["cpu_s"], row["sys_s"]
-        lines.append(f"| {env} | {label} | {it['median']:.2f} [{it['min']:.2f}-{it['max']:.2f}] | {cpu['median']:.2f} | "
-                     f"{sys_['median']:.2f} | {row['peak_rss_mb']:.0f} | {ratio} |")
+        lines.append(f"| {env} | {label} | {row['runs']} x {row['iterations'] // row['runs']} | {it['median']:.1f} "
+                     f"[{it['min']:.1f}-{it['max']:.1f}] | {cpu['median']:.2f} [{cpu['min']:.2f}-{cpu['max']:.2f}] | "
+                     f"{sys_['median']:.2f} | {row['peak_rss_mb']:.0f} | {ratio('iter_s')} | {ratio('cpu_s')} |")
     lines.append("")
     lines.append("| allocator | trainer | phases, median s / iteration |\n| --- | --- | --- |")
     for key, row in summary.items():
@@ -105,7 +110,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--envs", default="default,tuned")
     ap.add_argument("--out", type=Path, default=SETTING_DIR / "results.json")
+    ap.add_argument("--report", type=Path, nargs="+", help="only print the tables of saved runs (results or .partial.json)")
     a = ap.parse_args()
+    if a.report:
+        runs = []
+        for path in a.report:
+            data = json.loads(path.read_text())
+            runs += data["runs"] if isinstance(data, dict) else data
+        return print(table(summarise(runs)))
     python = venv_python()
     if not (SETTING_DIR / "setting.json").exists():
         SETTING_DIR.mkdir(parents=True, exist_ok=True)
@@ -121,6 +133,8 @@ def main() -> None:
                            a.threads)
                 r.update(env=env, label=label, rep=rep, load_before=round(load, 2))
                 results.append(r)
+                a.out.parent.mkdir(parents=True, exist_ok=True)
+                a.out.with_suffix(".partial.json").write_text(json.dumps(results))  # survives an interrupted session
                 print(f"[{time.time() - started:5.0f} s] rep {rep} {env:7s} {label:13s} "
                       f"s/iter {[round(x, 2) for x in r['iter_s']]} cpu {[round(x, 2) for x in r['cpu_s']]} "
                       f"peak {r['peak_rss_mb']:.0f} MB (load {load:.1f})", flush=True)
