@@ -29,6 +29,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from infalign.atomic import atomic_write, atomic_write_json
+from infalign.cache import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +45,6 @@ class CheckpointError(RuntimeError):
 def checksum_path(path: str | Path) -> Path:
     path = Path(path)
     return path.with_name(path.name + ".sha256")
-
-
-def _sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _known_digests(path: Path) -> list[str] | None:
@@ -75,7 +68,7 @@ def _check_digest(path: Path) -> None:
     digests = _known_digests(path)
     if digests is None:
         log.info("checkpoint %s has no checksum file; it is load-checked only", path)
-    elif _sha256(path) not in digests:
+    elif file_sha256(path) not in digests:
         raise CheckpointError(
             f"checkpoint {path} is corrupted or truncated: its sha256 does not match {checksum_path(path).name} "
             f"({path.stat().st_size} bytes on disk). {_what_to_do(path)}")
