@@ -67,7 +67,7 @@ def summarise(results: list[dict]) -> dict:
     for (env, label), runs in groups.items():
         row = {"runs": len(runs), "iterations": sum(len(r["iter_s"]) - 1 for r in runs)}
         for key in ("iter_s", "cpu_s", "sys_s"):
-            pooled = [x for r in runs for x in r[key][1:]]
+            pooled = [x for r in runs for x in r[key][1:] if x == x] or [float("nan")]  # NaN: not recorded
             row[key] = {"median": st.median(pooled), "min": min(pooled), "max": max(pooled)}
         for key in ("peak_rss_mb", "rss_start_mb"):
             row[key] = st.median(r.get(key, float("nan")) for r in runs)
@@ -82,7 +82,7 @@ def summarise(results: list[dict]) -> dict:
 
 
 def table(summary: dict) -> str:
-    lines = ["| allocator | trainer | runs x iterations | wall s / iteration, median [min-max] | CPU s / iteration "
+    lines = ["| allocator | trainer | runs / iterations | wall s / iteration, median [min-max] | CPU s / iteration "
              "[min-max] | of which kernel | peak RSS MB | wall vs TRL | CPU vs TRL |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for key, row in summary.items():
@@ -92,7 +92,7 @@ def table(summary: dict) -> str:
             return f"{row[key]['median'] / trl[key]['median']:.2f}" if trl and label != "trl" else ""
 
         it, cpu, sys_ = row["iter_s"], row["cpu_s"], row["sys_s"]
-        lines.append(f"| {env} | {label} | {row['runs']} x {row['iterations'] // row['runs']} | {it['median']:.1f} "
+        lines.append(f"| {env} | {label} | {row['runs']} / {row['iterations']} | {it['median']:.1f} "
                      f"[{it['min']:.1f}-{it['max']:.1f}] | {cpu['median']:.2f} [{cpu['min']:.2f}-{cpu['max']:.2f}] | "
                      f"{sys_['median']:.2f} | {row['peak_rss_mb']:.0f} | {ratio('iter_s')} | {ratio('cpu_s')} |")
     lines.append("")
@@ -100,6 +100,16 @@ def table(summary: dict) -> str:
     for key, row in summary.items():
         env, label = key.split("/")
         lines.append(f"| {env} | {label} | " + ", ".join(f"{k} {v:.2f}" for k, v in row["phases"].items()) + " |")
+    return "\n".join(lines)
+
+
+def runs_table(results: list[dict]) -> str:
+    """One line per run, in the order they ran: the load they met shows which pairs are comparable."""
+    lines = ["| run | allocator | trainer | load at start | wall s / iteration (median) | CPU s / iteration | peak RSS MB |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for i, r in enumerate(results):
+        lines.append(f"| {i + 1} | {r['env']} | {r['label']} | {r['load_before']:.1f} | {st.median(r['iter_s'][1:]):.1f} | "
+                     f"{st.median(r['cpu_s'][1:]):.2f} | {r['peak_rss_mb']:.0f} |")
     return "\n".join(lines)
 
 
@@ -117,7 +127,7 @@ def main() -> None:
         for path in a.report:
             data = json.loads(path.read_text())
             runs += data["runs"] if isinstance(data, dict) else data
-        return print(table(summarise(runs)))
+        return print(table(summarise(runs)) + "\n\n" + runs_table(runs))
     python = venv_python()
     if not (SETTING_DIR / "setting.json").exists():
         SETTING_DIR.mkdir(parents=True, exist_ok=True)
@@ -145,7 +155,7 @@ def main() -> None:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"setting": meta, "machine": machine, "summary": summary, "runs": results}, indent=1))
     print(f"\nsetting: {json.dumps(meta)}\nmachine: {json.dumps(machine)}\n")
-    print(table(summary))
+    print(table(summary) + "\n\n" + runs_table(results))
     print(f"\nall numbers: {a.out}")
 
 
