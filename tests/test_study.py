@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 
 from infalign.paths import REPO_ROOT, conf_dir
 from infalign.study import analyze_sweep, optimum_at, write_study
-from infalign.study.analysis import RAW_NOTE
+from infalign.study.analysis import RAW_NOTE, matched_kl
 from infalign.theory import analyze, best_t
 from infalign.transforms import BoNExpTransform, IdentityTransform, LogTransform, WoNExpTransform
 
@@ -47,7 +47,7 @@ def test_method_presets_choose_transform_and_calibrator(method):
         assert instantiate(compose_train(f"experiment={method}", "transform.t=4").transform).t == 4.0
 
 
-@pytest.mark.parametrize("study, min_seeds", [("bon", 3), ("won", 3), ("smoke", 2)])
+@pytest.mark.parametrize("study, min_seeds", [("bon", 3), ("won", 3), ("compact", 3), ("smoke", 2)])
 def test_study_sweeps_every_method_over_its_own_beta_grid(study, min_seeds):
     params = compose_train(f"study={study}", hydra_cfg=True).hydra.sweeper.params
     parser = OverridesParser.create()
@@ -153,9 +153,22 @@ def test_matched_kl_interpolates_inside_each_curve_only(closed_form_sweep):
     # the optimum (identity itself for N = 1) is concave in KL: above the chord, below the upper end
     assert 0.5 * (std_lo + std_hi) < rows[("calibrated", target)]["opt_std"] < std_hi
     assert math.isnan(rows[("calibrated", 1.5)]["std"])  # beyond the curve (KL <= 1.3): no extrapolation
-    assert math.isnan(rows[("raw", target)]["std"])  # raw's KL range (0.3..0.4) misses it
+    assert math.isnan(rows[("raw", target)]["std"])  # beyond raw's largest KL (0.4)
     auto = analyze_sweep(closed_form_sweep).matched  # common range of calibrated (0.15..1.3) and raw (0.3..0.4)
     assert auto and all(0.3 - 1e-9 <= m["kl"] <= 0.4 + 1e-9 and math.isfinite(m["bon"]) for m in auto)
+    assert not any(m["anchored"] for m in auto)
+
+
+def test_matched_kl_below_a_curve_interpolates_towards_the_reference(closed_form_sweep):
+    study = analyze_sweep(closed_form_sweep, kls=[0.14])  # raw's one point is at KL 0.35: 40% of the way
+    raw = next(m for m in study.matched if m["method"] == "raw")
+    assert raw["anchored"] and raw["std"] == pytest.approx(0.5 + 0.4 * (0.6 - 0.5))
+    assert raw["bon"] == pytest.approx(0.5 + 0.4 * (0.62 - 0.5)) and raw["won"] == pytest.approx(0.5 + 0.4 * (0.7 - 0.5))
+    groups = [g for g in study.groups if g["method"] == "raw"]
+    groups += [dict(g, method="high", kl=g["kl"] + 5.0) for g in groups]  # measured ranges that never overlap
+    rows = [m for m in matched_kl(groups) if m["method"] == "high"]
+    assert [m["kl"] for m in rows] == pytest.approx([0.35 / 3, 0.7 / 3, 0.35])  # (0, smallest largest KL]
+    assert all(m["anchored"] and 0.5 < m["bon"] < 0.62 for m in rows)  # on the chord from the reference
 
 
 def test_optimum_dominates_every_transform_and_exp_family_nearly_reaches_it():

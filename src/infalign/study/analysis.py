@@ -192,13 +192,19 @@ def aggregate(runs: list[dict]) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------- matched KL
 def _auto_kls(curves: dict[str, np.ndarray], points: int) -> list[float]:
-    """`points` KL values spread over the range that every method's curve covers (empty if none)."""
+    """`points` KL values spread over the range of measured KL that every method's curve covers; if the
+    measured ranges do not overlap, over (0, the smallest of the methods' largest KL], which the curves cover
+    through the reference point at KL 0 (empty if there is no KL at all)."""
     lo = max(float(k.min()) for k in curves.values())
     hi = min(float(k.max()) for k in curves.values())
-    if not hi > max(lo, 0.0):
-        return [hi] if hi == lo and hi > 0 else []
-    lo = max(lo, hi * 1e-3)
-    return [float(x) for x in np.geomspace(lo, hi, points)]
+    if hi > max(lo, 0.0):
+        lo = max(lo, hi * 1e-3)
+        return [float(x) for x in np.geomspace(lo, hi, points)]
+    if hi == lo and hi > 0:
+        return [hi]
+    if hi > 0:
+        return [float(x) for x in np.linspace(hi / points, hi, points)]
+    return []
 
 
 def matched_kl(groups: list[dict], kls=None, points: int = 3) -> list[dict]:
@@ -207,6 +213,11 @@ def matched_kl(groups: list[dict], kls=None, points: int = 3) -> list[dict]:
     `kls`: the KL values, or None for `points` values over the range all methods cover. A method whose
     curve does not reach a KL gets NaN there rather than an extrapolation. The SE is interpolated the
     same way (an approximation: neighbouring points are independent runs).
+
+    Every curve starts at the reference itself (beta -> infinity: KL 0, every win rate exactly 0.5, no
+    noise), so below a method's smallest measured KL it is interpolated towards that point and the row says
+    `anchored: True`. Win-rate curves are concave in KL, so this chord is a lower bound of the method's curve
+    there: a method is compared conservatively, never flattered.
     """
     out = []
     for n in sorted({g["n"] for g in groups}):
@@ -222,13 +233,13 @@ def matched_kl(groups: list[dict], kls=None, points: int = 3) -> list[dict]:
             targets = _auto_kls({m: np.array([p["kl"] for p in pts]) for m, pts in curves.items()}, points) if curves else []
         for kl in targets:
             for method, pts in curves.items():
-                x = np.array([p["kl"] for p in pts])
-                row = {"n": n, "kl": kl, "method": method}
-                inside = x[0] - 1e-12 <= kl <= x[-1] + 1e-12
+                x = np.array([0.0] + [p["kl"] for p in pts])  # the reference point first (docstring)
+                row = {"n": n, "kl": kl, "method": method, "anchored": bool(kl < x[1] - 1e-12)}
+                inside = 0.0 <= kl <= x[-1] + 1e-12
                 for key in ("std", "bon", "won"):
                     col = "std" if key == "std" else f"{key}@{n}"
-                    for suffix in ("", "_se"):
-                        y = np.array([p.get(col + suffix, math.nan) for p in pts], dtype=float)
+                    for suffix, at_reference in (("", 0.5), ("_se", 0.0)):
+                        y = np.array([at_reference] + [p.get(col + suffix, math.nan) for p in pts], dtype=float)
                         row[key + suffix] = float(np.interp(kl, x, y)) if inside else math.nan
                     row[f"opt_{key}"] = optimum_at(n, key, kl)
                 out.append(row)

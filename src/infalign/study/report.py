@@ -70,12 +70,14 @@ def markdown(study: Study, figures: dict[str, Path] | None = None) -> str:
                      " / ".join(_signed(g[f"gap_opt_{k}"]) for k in ("bon", "won", "std"))])
     lines += _table(header, rows) + [""]
     lines += ["## At matched KL", "",
-              "Each method's mean curve interpolated linearly at common KL values (n/a: outside the KL range the "
-              "method's betas covered; no extrapolation). The s.e. is interpolated likewise.", ""]
+              "Each method's mean curve interpolated linearly at common KL values (n/a: beyond the largest KL the "
+              "method's betas reached; no extrapolation). The s.e. is interpolated likewise. Every curve starts at "
+              "the reference (KL 0, win rate 0.5); `*`: the KL lies below the method's smallest measured KL, so the "
+              "value is on the chord from the reference, a lower bound for a concave curve.", ""]
     if study.matched:
         header = ["N", "KL", "method", "best-of-N", "worst-of-N", "standard", "optimum (BoN / WoN / std)"]
-        rows = [[str(m["n"]), f"{m['kl']:.3g}", m["method"], _pm(m["bon"], m["bon_se"]), _pm(m["won"], m["won_se"]),
-                 _pm(m["std"], m["std_se"]), " / ".join(f"{m[f'opt_{k}']:.3f}" for k in ("bon", "won", "std"))]
+        rows = [[str(m["n"]), f"{m['kl']:.3g}", m["method"] + ("*" if m.get("anchored") else ""),
+                 _pm(m["bon"], m["bon_se"]), _pm(m["won"], m["won_se"]), _pm(m["std"], m["std_se"]), " / ".join(f"{m[f'opt_{k}']:.3f}" for k in ("bon", "won", "std"))]
                 for m in study.matched]
         lines += _table(header, rows) + [""]
     else:
