@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 
 from infalign.paths import REPO_ROOT, conf_dir
 from infalign.study import analyze_sweep, optimum_at, write_study
-from infalign.study.analysis import RAW_NOTE, matched_kl
+from infalign.study.analysis import RAW_NOTE, matched_kl, response_lengths
 from infalign.theory import analyze, best_t
 from infalign.transforms import BoNExpTransform, IdentityTransform, LogTransform, WoNExpTransform
 
@@ -169,6 +169,15 @@ def test_matched_kl_below_a_curve_interpolates_towards_the_reference(closed_form
     rows = [m for m in matched_kl(groups) if m["method"] == "high"]
     assert [m["kl"] for m in rows] == pytest.approx([0.35 / 3, 0.7 / 3, 0.35])  # (0, smallest largest KL]
     assert all(m["anchored"] and 0.5 < m["bon"] < 0.62 for m in rows)  # on the chord from the reference
+
+
+def test_response_lengths_first_iteration_and_mean_of_the_last_three(tmp_path):
+    (tmp_path / "logs").mkdir()
+    rows = ["epoch,train/policy/response_length,eval/kl", "0,40.0,", "0,,0.1"]  # eval rows carry no length
+    rows += [f"{i},{40.0 - 5 * i},"for i in range(1, 6)]  # 35, 30, 25, 20, 15
+    (tmp_path / "logs" / "metrics.csv").write_text("\n".join(rows) + "\n")
+    assert response_lengths(tmp_path) == (40.0, 20.0)
+    assert all(math.isnan(v) for v in response_lengths(tmp_path / "missing"))
 
 
 def test_optimum_dominates_every_transform_and_exp_family_nearly_reaches_it():

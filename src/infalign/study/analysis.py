@@ -16,6 +16,7 @@ numpy/scipy and infalign.theory only: no Lightning, no training.
 
 from __future__ import annotations
 
+import csv
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -112,6 +113,21 @@ def _transform_for(row: dict, member_dir: Path):
     return instantiate(cfg.transform)
 
 
+def response_lengths(member_dir: Path, last: int = 3) -> tuple[float, float]:
+    """Mean training-rollout response length (tokens) at the first iteration (the policy is still the
+    reference) and over the last `last` iterations, from the run's logs/metrics.csv (NaN if absent): a
+    policy that wins by writing shorter or longer answers shows here (reward-model exploitation)."""
+    path = Path(member_dir) / "logs" / "metrics.csv"
+    if not path.exists():
+        return math.nan, math.nan
+    with path.open(newline="") as f:
+        lengths = [float(r["train/policy/response_length"]) for r in csv.DictReader(f)
+                   if r.get("train/policy/response_length")]
+    if not lengths:
+        return math.nan, math.nan
+    return lengths[0], float(np.mean(lengths[-last:]))
+
+
 def _ns_of(row: dict) -> list[int]:
     return sorted(int(k.split("@")[1]) for k in row if k.startswith("eval/bon_win_rate@") and not k.endswith("_se"))
 
@@ -129,6 +145,7 @@ def run_rows(raw_rows: list[dict], sweep_dir: Path, kl_max: float | None = None)
         row = {"member": r["member"], "method": r.get("method") or r.get("transform"), "transform": r.get("transform"),
                "n": n, "beta": float(r["beta"]), "t": r.get("t"), "seed": int(r.get("seed", 0)),
                "kl": float(r["eval/kl"])}
+        row["length_start"], row["length_end"] = response_lengths(Path(sweep_dir) / r["member"])
         row["std"], row["std_pse"] = r.get("eval/bon_win_rate@1", math.nan), r.get("eval/bon_win_rate@1_se", math.nan)
         for big_n in _ns_of(r):  # `_pse`: the within-run standard error over prompts
             for mode in ("bon", "won"):

@@ -5,7 +5,8 @@
     study_standard.png  standard win rate (N = 1) vs KL
 
 Each method is a curve through its (mean KL, mean win rate) points over beta, with standard-error bars over
-seeds on both axes; the seeds themselves are faint dots. The black dashed line is the best win rate any
+seeds on both axes; the seeds themselves are faint dots; a dotted chord joins each curve to the reference
+(black star: KL 0, win rate 0.5). The black dashed line is the best win rate any
 policy can reach at that KL (infalign.theory; for the standard win rate the identity transform).
 """
 
@@ -38,11 +39,14 @@ def plot_metric(ax, study: Study, key: str, n: int, show_runs: bool = True, opti
             continue
         color = f"C{i % 10}"
         label = f"{method} (trained for N={run_n})" if several_n else method
+        # dotted: the chord from the reference (KL 0, 0.5), which every method's curve starts from
+        ax.plot([0.0, pts[0]["kl"]], [0.5, pts[0][col]], ":", lw=1.0, color=color)
         ax.errorbar([g["kl"] for g in pts], [g[col] for g in pts], xerr=_zero_nan([g["kl_se"] for g in pts]),
                     yerr=_zero_nan([g[f"{col}_se"] for g in pts]), fmt="-o", ms=4, capsize=3, color=color, label=label)
         if show_runs:
             runs = [r for r in study.runs if (r["method"], r["n"]) == (method, run_n) and col in r]
             ax.scatter([r["kl"] for r in runs], [r[col] for r in runs], s=9, alpha=0.3, color=color, linewidths=0)
+    ax.plot([0.0], [0.5], "k*", ms=8, label="reference (KL 0)")
     kl_max = study.kl_max
     if optimum:
         kls, wins = optimum_curve(1 if key == "std" else n, key, kl_max)

@@ -44,6 +44,11 @@ def _signed(v) -> str:
     return "n/a" if v is None or not math.isfinite(v) else f"{v:+.3f}"
 
 
+def _lengths(g: dict) -> str:
+    start, end = g.get("length_start", math.nan), g.get("length_end", math.nan)
+    return "" if not (math.isfinite(start) and math.isfinite(end)) else f"{start:.0f} → {end:.0f}"
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
 
@@ -58,7 +63,7 @@ def markdown(study: Study, figures: dict[str, Path] | None = None) -> str:
              "`±` is the standard error over seeds. KL is the k1 estimate in nats per response.", ""]
     lines += ["## Win rate vs KL (mean ± s.e. over seeds)", ""]
     header = ["method", "N", "beta", "t", "seeds", "KL", "best-of-N", "worst-of-N", "standard",
-              "gap to theory (BoN / WoN / std)", "gap to optimum (BoN / WoN / std)"]
+              "gap to theory (BoN / WoN / std)", "gap to optimum (BoN / WoN / std)", "length"]
     rows = []
     for g in study.groups:
         n = g["n"]
@@ -67,7 +72,8 @@ def markdown(study: Study, figures: dict[str, Path] | None = None) -> str:
                      str(g["seeds"]), _pm(g["kl"], g["kl_se"]), _pm(g.get(f"bon@{n}"), g.get(f"bon@{n}_se")),
                      _pm(g.get(f"won@{n}"), g.get(f"won@{n}_se")), _pm(g["std"], g["std_se"]),
                      " / ".join(_signed(g[f"gap_theory_{k}"]) for k in ("bon", "won", "std")),
-                     " / ".join(_signed(g[f"gap_opt_{k}"]) for k in ("bon", "won", "std"))])
+                     " / ".join(_signed(g[f"gap_opt_{k}"]) for k in ("bon", "won", "std")),
+                     _lengths(g)])
     lines += _table(header, rows) + [""]
     lines += ["## At matched KL", "",
               "Each method's mean curve interpolated linearly at common KL values (n/a: beyond the largest KL the "
@@ -90,6 +96,8 @@ def markdown(study: Study, figures: dict[str, Path] | None = None) -> str:
               "form). Near 0: RL reached what the transform promises at that KL; negative: it fell short.",
               "- *gap to optimum* = measured - the best win rate any policy can reach at that KL (the "
               "fixed-point optimal transform for best-/worst-of-N; identity for the standard win rate).",
+              "- *length*: mean response length in tokens of the training rollouts, first iteration (the "
+              "reference) → last 3 iterations; a large change means the policy wins partly by answer length.",
               f"- `raw`: {RAW_NOTE}.",
               "- Per-run values, the theory and optimum themselves and every N of eval.ns: study_runs.csv; "
               "per method x beta with s.e.: study_results.csv; matched KL: study_matched_kl.csv.", ""]
