@@ -5,6 +5,8 @@ execute on it and are committed without outputs."""
 import csv
 import json
 import math
+import subprocess
+import sys
 
 import nbformat
 import numpy as np
@@ -229,6 +231,20 @@ def test_smoke_study_end_to_end(smoke_study):
     for name in ("study_bon.png", "study_won.png", "study_standard.png", "sweep_summary.png"):
         assert (smoke_study / name).read_bytes()[:4] == b"\x89PNG", name
     assert "bon_exp" in (smoke_study / "study_results.md").read_text()
+    for r in rows:  # the length column: the runs' logged rollout lengths
+        assert 0 < float(r["length_start"]) and 0 < float(r["length_end"])
+
+
+def test_study_diagnostics_table_recomputes_the_runs(smoke_study):
+    out = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "study_diagnostics.py"), str(smoke_study)],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in out[2:]}
+    assert set(rows) == {"calibrated", "bon_exp"}
+    finals = [json.loads(p.read_text()) for p in smoke_study.glob("*/final_metrics.json")]
+    for method, cells in rows.items():
+        eval_std = np.mean([f["eval/bon_win_rate@1"] for f in finals if f["method"] == method])
+        assert float(cells[-1].strip(" |")) == pytest.approx(eval_std, abs=5e-4)  # eval std: mean over seeds
+        assert 0 < float(cells[2]) < 10  # the closed-form KL at the run's beta
 
 
 def execute(name: str, parameters: str) -> nbformat.NotebookNode:
