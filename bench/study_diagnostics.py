@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from infalign.study.analysis import _transform_for
+from infalign.study.analysis import transform_for
 from infalign.theory import analyze
 
 
@@ -38,7 +38,7 @@ def main(sweep_dir: str) -> None:
         final, member = json.loads(path.read_text()), path.parent
         row = {"eval_kl": final["eval/kl"], "eval_std": final["eval/bon_win_rate@1"],
                "train_kl": last_mean(member, "train/kl/k1"), "train_std": last_mean(member, "train/reward/calibrated")}
-        transform = _transform_for(final, member)
+        transform = transform_for(final, member)
         if transform is None:  # raw: its "calibrated" column is the raw score (pass-through calibrator)
             row["train_std"] = np.nan
         theory = analyze(transform, final["beta"], final["n"]) if transform is not None else {}

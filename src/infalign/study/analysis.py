@@ -95,7 +95,7 @@ def optimum_at(n: int, mode: str, kl: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- runs
-def _transform_for(row: dict, member_dir: Path):
+def transform_for(row: dict, member_dir: Path):
     """The run's transform as it trained (None for raw): rebuilt from the member's saved Hydra config."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
@@ -156,7 +156,7 @@ def run_rows(raw_rows: list[dict], sweep_dir: Path, kl_max: float | None = None)
         if row["kl"] <= KL_FLOOR:
             note = "measured KL <= 0 (sampling noise): theory and optimum are the reference's 0.5"
         theory = {"beta": math.nan, "std": math.nan, "bon": math.nan, "won": math.nan}
-        transform = _transform_for(r, Path(sweep_dir) / r["member"])
+        transform = transform_for(r, Path(sweep_dir) / r["member"])
         if transform is None:
             note = RAW_NOTE
         else:
