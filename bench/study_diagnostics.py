@@ -14,28 +14,25 @@ For every method x beta of a finished study sweep (mean over seeds):
 
 from __future__ import annotations
 
-import csv
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-from infalign.study.analysis import transform_for
+from infalign.study.analysis import logged_values, transform_for
+from infalign.sweep import collect_runs
 from infalign.theory import analyze
 
 
 def last_mean(member: Path, column: str, last: int = 3) -> float:
-    with (member / "logs" / "metrics.csv").open(newline="") as f:
-        values = [float(r[column]) for r in csv.DictReader(f) if r.get(column)]
-    return float(np.mean(values[-last:]))
+    return float(np.mean(logged_values(member, column)[-last:]))
 
 
 def main(sweep_dir: str) -> None:
     groups: dict[tuple, list[dict]] = defaultdict(list)
-    for path in sorted(Path(sweep_dir).glob("*/final_metrics.json"), key=lambda p: int(p.parent.name)):
-        final, member = json.loads(path.read_text()), path.parent
+    for final in collect_runs(Path(sweep_dir)):
+        member = Path(sweep_dir) / final["member"]
         row = {"eval_kl": final["eval/kl"], "eval_std": final["eval/bon_win_rate@1"],
                "train_kl": last_mean(member, "train/kl/k1"), "train_std": last_mean(member, "train/reward/calibrated")}
         transform = transform_for(final, member)

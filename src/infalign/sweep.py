@@ -26,9 +26,14 @@ __all__ = ["SweepSummaryCallback", "collect_runs", "write_summary"]
 
 
 def collect_runs(sweep_dir: Path) -> list[dict]:
-    """final_metrics.json of every finished member (members that failed have none and are skipped)."""
+    """final_metrics.json of every finished member (members that failed have none and are skipped), in
+    sweep (job) order: member 10 after member 9, not after member 1."""
+    def job_order(path: Path):
+        name = path.parent.name
+        return (0, int(name), "") if name.isdigit() else (1, 0, name)
+
     rows = []
-    for path in sorted(Path(sweep_dir).glob("*/final_metrics.json")):
+    for path in sorted(Path(sweep_dir).glob("*/final_metrics.json"), key=job_order):
         row = json.loads(path.read_text())
         row["member"] = path.parent.name
         rows.append(row)

@@ -113,16 +113,20 @@ def transform_for(row: dict, member_dir: Path):
     return instantiate(cfg.transform)
 
 
+def logged_values(member_dir: Path, column: str) -> list[float]:
+    """Every logged value of `column` in the run's logs/metrics.csv, in order (empty if absent)."""
+    path = Path(member_dir) / "logs" / "metrics.csv"
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return [float(r[column]) for r in csv.DictReader(f) if r.get(column)]
+
+
 def response_lengths(member_dir: Path, last: int = 3) -> tuple[float, float]:
     """Mean training-rollout response length (tokens) at the first iteration (the policy is still the
     reference) and over the last `last` iterations, from the run's logs/metrics.csv (NaN if absent): a
     policy that wins by writing shorter or longer answers shows here (reward-model exploitation)."""
-    path = Path(member_dir) / "logs" / "metrics.csv"
-    if not path.exists():
-        return math.nan, math.nan
-    with path.open(newline="") as f:
-        lengths = [float(r["train/policy/response_length"]) for r in csv.DictReader(f)
-                   if r.get("train/policy/response_length")]
+    lengths = logged_values(member_dir, "train/policy/response_length")
     if not lengths:
         return math.nan, math.nan
     return lengths[0], float(np.mean(lengths[-last:]))
@@ -286,7 +290,6 @@ def analyze_sweep(sweep_dir, kls=None, points: int = 3) -> Study:
     raw = [r for r in collect_runs(sweep_dir) if "eval/kl" in r]
     if not raw:
         raise FileNotFoundError(f"no finished runs with final win rates under {sweep_dir} (*/final_metrics.json)")
-    raw.sort(key=lambda r: int(r["member"]) if str(r["member"]).isdigit() else 0)  # sweep (job) order
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # nanmean over all-NaN theory columns of raw
         runs = run_rows(raw, sweep_dir)

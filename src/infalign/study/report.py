@@ -83,7 +83,8 @@ def markdown(study: Study, figures: dict[str, Path] | None = None) -> str:
     if study.matched:
         header = ["N", "KL", "method", "best-of-N", "worst-of-N", "standard", "optimum (BoN / WoN / std)"]
         rows = [[str(m["n"]), f"{m['kl']:.3g}", m["method"] + ("*" if m.get("anchored") else ""),
-                 _pm(m["bon"], m["bon_se"]), _pm(m["won"], m["won_se"]), _pm(m["std"], m["std_se"]), " / ".join(f"{m[f'opt_{k}']:.3f}" for k in ("bon", "won", "std"))]
+                 _pm(m["bon"], m["bon_se"]), _pm(m["won"], m["won_se"]), _pm(m["std"], m["std_se"]),
+                 " / ".join(f"{m[f'opt_{k}']:.3f}" for k in ("bon", "won", "std"))]
                 for m in study.matched]
         lines += _table(header, rows) + [""]
     else:
