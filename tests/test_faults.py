@@ -1,6 +1,7 @@
 """Faults end to end on the smoke models: SIGKILL, SIGTERM and SIGINT mid-training (`python train.py` in a
-subprocess) followed by a resume end with exactly the metrics of an uninterrupted run; a logger failing mid-run
-costs no metric and is reported once. Runs that need no signal run in-process (`infalign.inprocess`), which
+subprocess) followed by a resume end with exactly the metrics of an uninterrupted run; so does a SIGKILL during
+or after the final evaluation, and extending a finished run; resuming a finished run changes nothing; a logger
+failing mid-run costs no metric and is reported once. Runs that need no signal run in-process (`infalign.inprocess`), which
 saves a Python start-up each."""
 
 import csv
@@ -58,6 +59,13 @@ def assert_same_run(a: Path, b: Path) -> None:
     for x, y in zip(ra, rb):
         assert {k: v for k, v in x.items() if not k.startswith(TIMING)} == \
                {k: v for k, v in y.items() if not k.startswith(TIMING)}
+    assert files_of(a / "policy") == files_of(b / "policy"), "policy/ differs"  # weights and tokenizer, byte for byte
+
+
+def files_of(root: Path, skip: tuple[str, ...] = ()) -> dict[str, bytes]:
+    """Every file under `root` (relative path -> bytes), but those under a `skip` prefix."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and not str(p.relative_to(root)).startswith(skip)}
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +125,64 @@ def test_logger_failing_mid_run_costs_no_metrics_and_warns_once(session_cache, t
     assert len(list(csv.DictReader(open(run_dir / "logs" / "metrics.csv")))) == 6 + 3
     assert caplog.text.count("logger FailingLogger failed in log_metrics") == 1, caplog.text
     assert "ConnectionError" in caplog.text and "switched off" in caplog.text
+
+
+# ------------------------------------------------------------------------------ finished runs and the final evaluation
+def test_resuming_a_finished_run_changes_nothing(session_cache, straight, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import infalign.run
+
+    run_dir = tmp_path / "finished"
+    shutil.copytree(straight, run_dir)
+    results = files_of(run_dir, skip=(".hydra", "train.log"))  # Hydra rewrites its own files at every start
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded to resume a finished run")
+
+    monkeypatch.setattr(infalign.run, "load_policy", no_model)  # the check comes before any model
+    for mode in ("auto", "true"):
+        final = run_in_process([*ARGS, f"resume={mode}", f"cache_root={session_cache}"], run_dir)
+        assert "is already finished" in capsys.readouterr().out
+        assert final["iteration"] == 30 and "eval/bon_win_rate@4" in final
+        assert files_of(run_dir, skip=(".hydra", "train.log")) == results  # byte for byte, nothing added
+
+
+@pytest.mark.parametrize("kill_at", ["eval:3", "finalize"])
+def test_sigkill_during_or_after_the_final_evaluation_then_resume_finishes_it(session_cache, straight, tmp_path,
+                                                                              kill_at):
+    """A deterministic SIGKILL (tests/fake_loggers.py KillingLogger): `eval:3` while the final (3rd) evaluation
+    logs its metrics, its eval_metrics.csv row not yet written, the checkpoint in place the one after iteration
+    30's training; `finalize` after the final evaluation and the final checkpoint, before policy/ and
+    final_metrics.json. The resume runs the evaluation, or takes it from the checkpoint, exactly once."""
+    run_dir = tmp_path / "killed"
+    proc = start(session_cache, run_dir, "+logger._target_=tests.fake_loggers.KillingLogger", f"+logger.kill_at={kill_at}")
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == -signal.SIGKILL, err[-3000:]
+    assert not (run_dir / "final_metrics.json").exists() and not (run_dir / "policy").exists()
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    verify_checkpoint(ckpt)
+    state = torch.load(ckpt, weights_only=True, map_location="cpu")
+    assert state["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"] == 30  # at the final iteration
+    assert ("WinRateCallback" in state["callbacks"]) == (kill_at == "finalize")  # holds the final evaluation
+    evals = list(csv.DictReader(open(run_dir / "eval_metrics.csv")))
+    assert [int(r["iteration"]) for r in evals] == ([10, 20] if kill_at == "eval:3" else [10, 20, 30])
+    run_in_process([*ARGS, "resume=auto", f"cache_root={session_cache}"], run_dir)
+    assert_same_run(straight, run_dir)
+    again = files_of(run_dir, skip=(".hydra", "train.log"))
+    run_in_process([*ARGS, "resume=auto", f"cache_root={session_cache}"], run_dir)  # now finished: a no-op
+    assert files_of(run_dir, skip=(".hydra", "train.log")) == again
+
+
+def test_extending_a_finished_run_continues_it_like_an_uninterrupted_run(session_cache, straight, tmp_path):
+    run_dir = tmp_path / "extended"
+    shorter = [a if not a.startswith("rl.iterations=") else "rl.iterations=20" for a in ARGS]
+    run_in_process([*shorter, f"cache_root={session_cache}"], run_dir)  # finished at 20, evaluated at 10 and 20
+    assert json.loads((run_dir / "final_metrics.json").read_text())["iteration"] == 20
+    run_in_process([*ARGS, "resume=true", f"cache_root={session_cache}"], run_dir)  # rl.iterations 20 -> 30
+    # the final evaluation at 20 is the one an uninterrupted 30-iteration run makes there (eval.every=10)
+    assert_same_run(straight, run_dir)
+    history = [json.loads(line) for line in (run_dir / "resume_history.jsonl").read_text().splitlines()]
+    assert [(h["from_iteration"], h["changes"], h["extensions"]) for h in history] == \
+           [(20, {}, {"rl.iterations": [20, 30]})]
+    assert "iterations: 20" in (run_dir / "run_config.yaml").read_text()  # the config the run started with

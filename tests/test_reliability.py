@@ -19,7 +19,8 @@ from infalign import atomic
 from infalign.atomic import atomic_write, atomic_write_csv, read_csv_rows
 from infalign.cache import entry_path, get_or_build, remove_dead_builds
 from infalign.checkpoint_io import CheckpointError, SafeCheckpointIO, checksum_path, load_checkpoint, verify_checkpoint
-from infalign.checkpointing import check_run_options, resolve_resume, resume_command, truncate_csv
+from infalign.checkpointing import (check_resume, check_run_options, config_changes, resolve_resume, resume_command,
+                                    truncate_csv)
 from infalign.loggers import GuardedLogger, ResumableCSVLogger, build_loggers
 
 REPO = Path(__file__).resolve().parents[1]
@@ -213,7 +214,8 @@ def test_only_the_first_process_judges_the_run_dir(tmp_path, monkeypatch):
 @pytest.mark.parametrize("bad, match", [({"resume": "maybe"}, "resume must be true, false or auto"),
                                         ({"resume": 1}, "resume must be"),
                                         ({"resume": True, "overwrite": True}, "contradict"),
-                                        ({"checkpoint": {"every": -1}}, "checkpoint.every must be an integer >= 0")])
+                                        ({"checkpoint": {"every": -1}}, "checkpoint.every must be an integer >= 0"),
+                                        ({"resume_allow_changes": "yes"}, "resume_allow_changes must be true or false")])
 def test_run_options_are_checked(bad, match):
     cfg = OmegaConf.merge({"resume": False, "overwrite": False, "checkpoint": {"every": 5}}, bad)
     with pytest.raises(ValueError, match=match):
@@ -223,6 +225,44 @@ def test_run_options_are_checked(bad, match):
 def test_resume_command_replaces_the_run_options():
     cmd = resume_command(["n=4", "resume=auto", "hydra.run.dir=/old", "overwrite=false", "data.root=/a b"], Path("/r"))
     assert cmd == "python train.py n=4 'data.root=/a b' hydra.run.dir=/r resume=true"
+    assert resume_command(["beta=0.5", "resume_allow_changes=true"], Path("/r")) == \
+           "python train.py beta=0.5 hydra.run.dir=/r resume=true"  # the checkpoint has the new config by then
+
+
+def record(**config):
+    base = {"n": 4, "beta": 0.05, "seed": 0, "rl": {"iterations": 30, "lr": 1e-3}, "data": {"root": "/a", "limit": 160},
+            "eval": {"k": 16}, "trainer": {"max_epochs": 30}, "progress": True}
+    for key, value in config.items():
+        node, *path = key.split("__")
+        target = base
+        for part in [node, *path][:-1]:
+            target = target[part]
+        target[[node, *path][-1]] = value
+    return {"config": base, "choices": {"transform": "bon_exp", "model": "tiny"}}
+
+
+def test_config_changes_cover_the_experiment_only():
+    assert config_changes(record(), record()) == ({}, {})
+    # eval, trainer, progress: not the experiment; data.root: where the data is, not what
+    assert config_changes(record(), record(eval__k=8, trainer__max_epochs=40, progress=False, data__root="/b")) == ({}, {})
+    assert config_changes(record(), record(rl__iterations=40)) == ({}, {"rl.iterations": (30, 40)})  # an extension
+    assert config_changes(record(), record(rl__iterations=20)) == ({"rl.iterations": (30, 20)}, {})
+    changed = record(beta=0.5, data__limit=None, seed=True)  # true is not 0 == False, None not 160
+    changed["choices"]["transform"] = "won_exp"
+    del changed["config"]["rl"]["lr"]
+    assert config_changes(record(), changed)[0] == {"beta": (0.05, 0.5), "choices.transform": ("bon_exp", "won_exp"),
+                                                    "data.limit": (160, None), "rl.lr": (0.001, "<absent>"),
+                                                    "seed": (0, True)}
+    assert config_changes(record(beta=1), record(beta=1.0)) == ({}, {})
+
+
+def test_a_checkpoint_without_a_config_is_resumed_with_a_warning(tmp_path, caplog):
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    SafeCheckpointIO().save_checkpoint({"epoch": 1, "global_step": 4}, ckpt)  # as written before configs were kept
+    with caplog.at_level(logging.WARNING, logger="infalign.checkpointing"):
+        plan = check_resume(tmp_path / "run", ckpt, record(), allow_changes=False, iterations=30, n=4)
+    assert "records no config" in caplog.text
+    assert plan.finished is None and plan.entry["config_checked"] is False and plan.entry["from_iteration"] == 2
 
 
 # ------------------------------------------------------------------------------------------- loggers

@@ -46,11 +46,21 @@ def test_smoke_run_end_to_end(run_train, tmp_path):
     assert ckpt["global_step"] == 3 * 2  # 3 iterations x (4 prompts x k=4 / minibatch 8) optimizer steps
 
 
-def test_multirun_shares_the_calibration_cache_and_writes_a_summary(run_train, tmp_path):
+def test_multirun_over_n_trains_for_each_n_and_shares_the_calibration_cache(run_train, tmp_path):
+    """`transform=bon_exp n=2,4`: t is chosen for each member's n (t: auto by default), so the members train
+    different policies; both use one calibration cache, and the sweep summary lists both."""
+    from safetensors.torch import load_file
+
     sweep = tmp_path / "sweep"
-    run_train("-m", *SMOKE, "logger=none", "transform=bon_exp,identity", "rl.iterations=2", f"hydra.sweep.dir={sweep}")
+    out = run_train("-m", *SMOKE, "logger=none", "transform=bon_exp", "n=2,4", "rl.iterations=2",
+                    f"hydra.sweep.dir={sweep}")
     finals = [read_final(sweep / str(i)) for i in (0, 1)]
-    assert {f["transform"] for f in finals} == {"bon_exp", "identity"}
+    assert [f["n"] for f in finals] == [2, 4] and all(f["t_auto"] for f in finals)
+    assert finals[0]["t"] != finals[1]["t"]  # best-of-2 and best-of-4 ask for different t
+    assert f"(t={finals[1]['t']:.4g}, auto for n=4)" in out.stdout  # the summary says which t trained
+    weights = [load_file(str(sweep / str(i) / "policy" / "model.safetensors")) for i in (0, 1)]
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0]), "n did not reach training"
+    assert finals[0]["eval/kl"] != finals[1]["eval/kl"]
     assert finals[0]["calibration_cache"] == finals[1]["calibration_cache"]
     assert finals[1]["calibration_cache_hit"] is True  # the second member generated no reference samples
     rows = list(csv.DictReader(open(sweep / "sweep_summary.csv")))

@@ -3,7 +3,9 @@
 Every `every` iterations and at the end of training, the policy samples `k` responses for each held-out
 prompt; the torchmetrics `InferenceTimeWinRate` compares their rewards with the M cached reference
 rewards of the same prompt (exact U-statistic, any K, M >= N). Results go to every logger (W&B, CSV),
-to `eval_metrics.csv` (one row per evaluation); the final one is kept in `final` for `final_metrics.json`.
+to `eval_metrics.csv` (one row per evaluation); the final one is kept in `final` for `final_metrics.json`,
+and in the checkpoints written after it: a run killed after its final evaluation takes it from there on resume
+instead of evaluating (and writing its rows) twice.
 """
 
 from __future__ import annotations
@@ -68,13 +70,27 @@ class WinRateCallback(L.Callback):
 
     def on_train_end(self, trainer, module) -> None:
         # after the last epoch Lightning has already advanced current_epoch to the number completed
-        self.final = self.run_eval(trainer, module, trainer.current_epoch)
+        iteration = trainer.current_epoch
+        done = self.final
+        if done is not None and done.get("iteration") == iteration and done.get("step") == trainer.global_step:
+            # restored from a checkpoint written after this very evaluation: its rows are in the files already
+            log.info("final evaluation at iteration %d: restored from the checkpoint", iteration)
+            return
+        self.final = self.run_eval(trainer, module, iteration)
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict:
+        return {"final": dict(self.final)} if self.final is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.final = state_dict.get("final")
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, module) -> dict[str, float]:
         """Win rates, KL and mean rewards of the current policy on the evaluation prompts."""
         device = module.device
+        module.policy.eval()  # dropout off, as in training_step (a resumed run may evaluate before any step)
         for metric in [*self.metrics.values(), *self.means.values()]:
             metric.reset()
             metric.to(device)  # the states must live where the process group syncs them (nccl: on the GPU)

@@ -26,7 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 from infalign.cache import fingerprint
 from infalign.callbacks import WinRateCallback, atomic_write_json
 from infalign.checkpoint_io import SafeCheckpointIO
-from infalign.checkpointing import LastCheckpoint, TrainingInterrupted, check_run_options, resolve_resume, resume_command
+from infalign.checkpointing import (LastCheckpoint, TrainingInterrupted, check_resume, check_run_options,
+                                    finish_restored_loops, resolve_resume, resume_command, run_record)
 from infalign.data import load_partitions, partition_fingerprint, truncate_prompt
 from infalign.datamodule import RolloutDataModule
 from infalign.loggers import build_loggers, finish_loggers
@@ -124,6 +125,10 @@ def _save_policy(policy, tokenizer, out: Path) -> None:
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     policy.save_pretrained(tmp, safe_serialization=True)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # padding/truncation are what the last encode call left (each call sets its own):
+        backend.no_padding()  # saved, tokenizer.json would depend on the run's history (a resumed run's differed)
+        backend.no_truncation()
     tokenizer.save_pretrained(tmp)
     old = out.with_name(f".{out.name}.old")
     if out.exists():
@@ -152,6 +157,17 @@ def run(cfg: DictConfig) -> dict:
         raise ValueError("a sweep (-m) runs in one process; it cannot start trainer.devices x trainer.num_nodes "
                          "processes per member: sweep with a shell loop over single runs instead")
     resume_from = resolve_resume(run_dir, cfg.resume, cfg.overwrite)  # refuses a bad checkpoint here, in seconds
+    record, resume_entry = run_record(cfg, choices), None
+    if resume_from is not None:  # still before any model: a changed experiment is refused, a finished run left as is
+        plan = check_resume(run_dir, resume_from, record, allow_changes=bool(cfg.get("resume_allow_changes", False)),
+                            iterations=int(cfg.rl.iterations), n=int(cfg.n), overrides=HydraConfig.get().overrides.task)
+        if plan.finished is not None:
+            print(f"infalign: {run_dir} is already finished (iteration {plan.finished['iteration']} of "
+                  f"rl.iterations={cfg.rl.iterations}; final_metrics.json, eval_metrics.csv and policy/ complete): "
+                  "nothing to resume, no file changed. Raise rl.iterations to train it further.", flush=True)
+            log.info("resume: %s is already finished; nothing done", run_dir)
+            return plan.finished
+        resume_entry = plan.entry
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -169,7 +185,8 @@ def run(cfg: DictConfig) -> dict:
     gen_kwargs = sampling_kwargs(cfg.generation)
     everything = train_prompts + eval_prompts
     ids = [p[0] for p in everything]
-    key = {"version": 1, "model": OmegaConf.to_container(cfg.model, resolve=True),
+    # version 2: samples no longer take the model's own generation_config processors (repetition penalty, ...)
+    key = {"version": 2, "model": OmegaConf.to_container(cfg.model, resolve=True),
            "reward": OmegaConf.to_container(cfg.reward, resolve=True), "data": partition_fingerprint(partitions),
            "max_prompt_tokens": int(cfg.data.max_prompt_tokens), "prompts": fingerprint(ids), "m": int(cfg.calibration.m),
            "seed": int(cfg.calibration.seed),
@@ -192,12 +209,14 @@ def run(cfg: DictConfig) -> dict:
     win_rates = WinRateCallback(eval_prompts, None, ns, cfg.eval.k, cfg.eval.every, gen_kwargs, run_dir,
                                 seed=int(cfg.seed), batch_prompts=int(cfg.eval.prompts_per_batch))
     # last.ckpt between iterations, and on SIGINT/SIGTERM (infalign.checkpointing)
-    checkpoints = LastCheckpoint(run_dir, every=int(cfg.checkpoint.every))
+    # after win_rates in the callbacks: the final checkpoint follows (and holds) the final evaluation
+    checkpoints = LastCheckpoint(run_dir, every=int(cfg.checkpoint.every), run_record=record, resume_entry=resume_entry)
     # logs/metrics.csv (every logged metric) + the configured logger, guarded: W&B failing never stops training
     loggers = build_loggers(cfg.get("logger"), run_dir, resuming=resume_from is not None)
     # method: the experiment preset's name (studies group runs by it); t: the exp family's t as used (t=auto resolved)
     run_info = {"n": int(cfg.n), "beta": float(cfg.beta), "transform": choices.get("transform"),
                 "method": cfg.get("method") or choices.get("transform"), "t": getattr(transform, "t", None),
+                "t_auto": getattr(transform, "auto", None),
                 "calibrator": choices.get("calibrator"), "seed": int(cfg.seed), "run_dir": str(run_dir)}
     for lg in loggers:
         lg.log_hyperparams({**run_info, **OmegaConf.to_container(cfg, resolve=True)})
@@ -207,6 +226,7 @@ def run(cfg: DictConfig) -> dict:
     trainer = instantiate(cfg.trainer, logger=loggers, callbacks=[win_rates, checkpoints],
                           enable_progress_bar=bool(cfg.progress), default_root_dir=str(run_dir),
                           use_distributed_sampler=False, plugins=[SafeCheckpointIO()], enable_checkpointing=False)
+    finish_restored_loops(trainer)  # resumed from the final checkpoint: the final evaluation still runs
     try:
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None,
@@ -215,6 +235,9 @@ def run(cfg: DictConfig) -> dict:
             print(f"\n{stop}.\nContinue it with:\n  {resume_command(HydraConfig.get().overrides.task, run_dir)}",
                   file=sys.stderr, flush=True)
             raise SystemExit(stop.exit_code) from None
+        if win_rates.final is None:  # never a final_metrics.json without the final evaluation
+            raise RuntimeError(f"training in {run_dir} ended without its final evaluation; resume it with "
+                               f"{resume_command(HydraConfig.get().overrides.task, run_dir)}")
         if trainer.is_global_zero:
             _save_policy(module.policy, tokenizer, run_dir / "policy")
         calibration = datamodule.reference_samples
@@ -228,6 +251,14 @@ def run(cfg: DictConfig) -> dict:
         finish_loggers(loggers)  # between multirun members, so one run's W&B logger never swallows the next
 
 
+def _t_label(final: dict) -> str:
+    """` (t=21.09, auto for n=4)` for the exp family: the t the run trained with, and whether the theory chose it."""
+    t = final.get("t")
+    if t is None:
+        return ""
+    return f" (t={t:.4g}{', auto for n=' + str(final['n']) if final.get('t_auto') else ''})"
+
+
 def _print_summary(final: dict, run_dir: Path, n: int) -> None:
     def get(key):
         v = final.get(key)
@@ -235,7 +266,8 @@ def _print_summary(final: dict, run_dir: Path, n: int) -> None:
 
     lines = [
         "",
-        f"infalign run finished in {final['wall_seconds']:.0f} s: transform={final['transform']} n={n} beta={final['beta']}",
+        f"infalign run finished in {final['wall_seconds']:.0f} s: transform={final['transform']}{_t_label(final)} n={n} "
+        f"beta={final['beta']}",
         f"  best-of-{n} win rate  {get(f'eval/bon_win_rate@{n}')} ± {get(f'eval/bon_win_rate@{n}_se')}",
         f"  worst-of-{n} win rate {get(f'eval/won_win_rate@{n}')} ± {get(f'eval/won_win_rate@{n}_se')}",
         f"  standard win rate   {get('eval/bon_win_rate@1')} ± {get('eval/bon_win_rate@1_se')}",

@@ -8,17 +8,16 @@ sweep directory, then the study tables and figures (`infalign.study`: study_resu
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 from hydra.experimental.callback import Callback
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
+
+from infalign.atomic import atomic_write, atomic_write_csv
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +40,26 @@ def collect_runs(sweep_dir: Path) -> list[dict]:
 
 
 def _theory_curves(sweep_dir: Path, rows: list[dict]) -> dict[tuple[str, int], list[tuple[float, float, float]]]:
-    """(transform, n) -> [(kl, bon, won)] of the optimal policy over a beta grid, from each member's config."""
+    """(transform, n) -> [(kl, bon, won)] of the optimal policy over a beta grid, from each member's config.
+
+    The transform is rebuilt as data (infalign.study.recorded: allow-listed classes, the recorded t, nothing
+    executed); a member whose config is refused is logged and gets no curve, its measured points still show."""
+    from infalign.study.recorded import transform_from_run
     from infalign.theory import tilted_density
 
     curves, betas = {}, np.geomspace(0.005, 5.0, 30)
     for row in rows:
         name, n = row.get("transform"), int(row["n"])
-        cfg_path = sweep_dir / row["member"] / ".hydra" / "config.yaml"
-        if name in ("raw", "optimal") or not cfg_path.exists():
+        member_dir = sweep_dir / row["member"]
+        if name in ("raw", "optimal") or not (member_dir / ".hydra" / "config.yaml").exists():
             continue  # raw rewards have no model-agnostic curve; optimal is beta-specific
-        transform = instantiate(OmegaConf.load(cfg_path).transform)  # interpolations resolve against the root
+        try:
+            transform = transform_from_run(row, member_dir)
+        except ValueError as e:
+            log.warning("member %s: no theory curve: %s", row["member"], e)
+            continue
+        if transform is None:
+            continue
         label = f"{name}(t={transform.t:.3g})" if hasattr(transform, "t") else name
         if (label, n) in curves:
             continue
@@ -75,12 +84,7 @@ def write_summary(sweep_dir: Path) -> tuple[Path, Path] | None:
         return None
     fields = list(dict.fromkeys(k for r in rows for k in r))
     csv_path, png_path = sweep_dir / "sweep_summary.csv", sweep_dir / "sweep_summary.png"
-    tmp = sweep_dir / ".sweep_summary.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, csv_path)
+    atomic_write_csv(csv_path, rows, fields)
 
     curves = _theory_curves(sweep_dir, rows)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -100,10 +104,10 @@ def write_summary(sweep_dir: Path) -> tuple[Path, Path] | None:
         ax.set_title(f"{label}: runs (points ± s.e.) and theory (lines)")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    tmp_png = sweep_dir / ".sweep_summary.tmp.png"
-    fig.savefig(tmp_png, dpi=110)
-    plt.close(fig)
-    os.replace(tmp_png, png_path)
+    try:
+        atomic_write(png_path, lambda f: fig.savefig(f, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
     log.info("sweep summary: %s, %s", csv_path, png_path)
     return csv_path, png_path
 

@@ -15,6 +15,7 @@ from infalign.study.analysis import (
     theory_at_kl,
 )
 from infalign.study.figures import plot_metric, study_figure, write_figures
+from infalign.study.recorded import transform_from_run
 from infalign.study.report import markdown, write_study
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "run_rows",
     "study_figure",
     "theory_at_kl",
+    "transform_from_run",
     "write_figures",
     "write_study",
 ]

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from infalign.study.recorded import transform_from_run
 from infalign.theory import beta_for_kl, default_grid, optimal_density, tilted_density
 
 __all__ = ["Study", "analyze_sweep", "aggregate", "matched_kl", "optimum_curve", "optimum_at", "theory_at_kl",
@@ -96,21 +97,9 @@ def optimum_at(n: int, mode: str, kl: float) -> float:
 
 # ---------------------------------------------------------------------------------------------- runs
 def transform_for(row: dict, member_dir: Path):
-    """The run's transform as it trained (None for raw): rebuilt from the member's saved Hydra config."""
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    import infalign  # noqa: F401  (registers the ${infalign.*} resolvers the saved config uses)
-
-    if row.get("transform") == "raw" or row.get("calibrator") == "passthrough":
-        return None
-    cfg_path = member_dir / ".hydra" / "config.yaml"
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"{cfg_path} is missing: the theory needs the run's transform config")
-    cfg = OmegaConf.load(cfg_path)
-    if row.get("t") is not None and "t" in cfg.transform:
-        cfg.transform.t = float(row["t"])  # the t the run used (t=auto was resolved in training): no re-solve
-    return instantiate(cfg.transform)
+    """The run's transform as it trained (None for raw): rebuilt from the member's saved config and recorded
+    t, read as data (infalign.study.recorded.transform_from_run: allow-listed classes only, never executed)."""
+    return transform_from_run(row, member_dir)
 
 
 def logged_values(member_dir: Path, column: str) -> list[float]:

@@ -1,0 +1,182 @@
+"""Rollouts, the calibration cache and evaluation sample from the model's own distribution (issue 12).
+
+`model.generate` applies whatever the checkpoint's `generation_config.json` sets (most instruct checkpoints set
+a repetition penalty, n-gram bans, top-p, ...); `rollout.generate` must switch all of it off. Each case saves a
+tiny GPT-2 whose generation_config sets one such field to a real local folder and loads it back.
+"""
+import pytest
+import torch
+from hh_helpers import one_thread  # noqa: F401  (fixture)
+from omegaconf import OmegaConf
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedTokenizerFast,
+)
+
+import infalign.rollout as rollout_mod
+from infalign.rl import sequence_kl
+from infalign.rollout import generate, response_logprobs, sampling_kwargs
+
+VOCAB, PAD, EOS = 64, 62, 63
+MAX_NEW = 10
+PROMPTS = ["w1 w2 w3 w4 w5", "w6", "w7 w8"]  # left padding, and k samples sharing each prompt's pass
+
+# (generation_config settings of the checkpoint, id); warpers need do_sample=True to be saved at all
+CHECKPOINT_SETTINGS = [
+    ({"repetition_penalty": 1.3}, "repetition_penalty"),
+    ({"encoder_repetition_penalty": 1.3}, "encoder_repetition_penalty"),
+    ({"no_repeat_ngram_size": 2}, "no_repeat_ngram_size"),
+    ({"min_new_tokens": MAX_NEW}, "min_new_tokens"),
+    ({"min_length": 20}, "min_length"),
+    ({"suppress_tokens": [3, 4, 5, PAD]}, "suppress_tokens"),
+    ({"begin_suppress_tokens": [3, 4, 5]}, "begin_suppress_tokens"),
+    ({"bad_words_ids": [[PAD]]}, "bad_words_ids"),
+    ({"sequence_bias": [[[3], 5.0]]}, "sequence_bias"),
+    ({"forced_eos_token_id": EOS}, "forced_eos_token_id"),
+    ({"exponential_decay_length_penalty": (2, 1.5)}, "exponential_decay_length_penalty"),
+    ({"renormalize_logits": True}, "renormalize_logits"),
+    ({"guidance_scale": 2.0}, "guidance_scale"),
+    ({"num_beams": 2}, "num_beams"),
+    ({"do_sample": True, "epsilon_cutoff": 0.05}, "epsilon_cutoff"),
+    ({"do_sample": True, "eta_cutoff": 0.1}, "eta_cutoff"),
+    ({"do_sample": True, "top_k": 2}, "top_k"),
+    ({"do_sample": True, "top_p": 0.3}, "top_p"),
+    ({"do_sample": True, "min_p": 0.3}, "min_p"),
+    ({"do_sample": True, "typical_p": 0.3}, "typical_p"),
+    ({"do_sample": True, "temperature": 0.5}, "temperature"),
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    vocab = {f"w{i}": i for i in range(VOCAB - 2)}
+    vocab.update({"<pad>": PAD, "<eos>": EOS})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, one_thread):  # noqa: F811
+    """`checkpoint(**settings)`: the same tiny GPT-2, its generation_config set so, saved and loaded back."""
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=1, n_head=2,
+                                      eos_token_id=EOS, bos_token_id=EOS, pad_token_id=PAD))
+
+    def load(**settings):
+        folder = tmp_path_factory.mktemp("ckpt")
+        base.generation_config = type(base.generation_config)(**settings)
+        base.save_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        for key in settings:  # the setting really is the checkpoint's own
+            assert getattr(model.generation_config, key) is not None, key
+        return model
+
+    return load
+
+
+def spy_processors(model, monkeypatch) -> list:
+    """Records every logits-processor list built for `model.generate` (and by the check in rollout.generate)."""
+    built, original = [], model._get_logits_processor
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        built.append(list(out))
+        return out
+
+    monkeypatch.setattr(model, "_get_logits_processor", spy)
+    return built
+
+
+@pytest.mark.parametrize("settings", [s for s, _ in CHECKPOINT_SETTINGS], ids=[i for _, i in CHECKPOINT_SETTINGS])
+def test_rollouts_ignore_the_checkpoints_generation_config(checkpoint, tokenizer, settings, monkeypatch):
+    model = checkpoint(**settings)
+    built = spy_processors(model, monkeypatch)
+    torch.manual_seed(1)
+    rollout = generate(model, tokenizer, PROMPTS, 6, sampling_kwargs({"max_new_tokens": MAX_NEW}),
+                       record_logprobs=True)
+    # (c) generate applies no processor or warper but the recorder (what the log-prob check cannot see)
+    assert built and all(type(p) is rollout_mod._SampledLogProbs for procs in built for p in procs), built
+    assert any(procs for procs in built)  # the spy did see generate's own list, recorder included
+    # (a) the log-probs recorded while sampling are the model's own, as a fresh forward pass scores them
+    assert torch.isfinite(rollout.logprobs).all() and torch.isfinite(rollout.entropy).all()
+    fresh = response_logprobs(model, rollout)
+    mask = rollout.response_mask.bool()
+    assert torch.allclose(rollout.logprobs[mask], fresh[mask], atol=1e-5)
+    # (b) at iteration 0 the policy is the reference: the k1 KL is 0 (not +0.35 nats, not NaN)
+    kl = sequence_kl(rollout.logprobs, fresh, rollout.response_mask)
+    assert torch.isfinite(kl["k1"]).all() and kl["k1"].abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("settings", [{"epsilon_cutoff": 0.05}, {"top_k": 2}, {"min_p": 0.95}],
+                         ids=["epsilon_cutoff", "top_k", "min_p"])
+def test_sampling_is_not_truncated(checkpoint, tokenizer, settings):
+    """The tiny model's next-token distribution is nearly uniform over 64 tokens (each below 0.05): pure
+    sampling draws many distinct first tokens, a truncating warper only one or two."""
+    model = checkpoint(do_sample=True, **settings)
+    torch.manual_seed(2)
+    rollout = generate(model, tokenizer, ["w1 w2"], 48, sampling_kwargs({"max_new_tokens": 1}))
+    probs = torch.softmax(model(**tokenizer(["w1 w2"], return_tensors="pt")).logits[0, -1], -1)
+    assert probs.max() < 0.05  # the premise
+    assert rollout.response_ids[:, 0].unique().numel() > 10
+
+
+def test_checkpoint_max_length_does_not_cut_max_new_tokens(checkpoint, tokenizer):
+    model = checkpoint(max_length=5)
+    torch.manual_seed(3)
+    rollout = generate(model, tokenizer, PROMPTS, 6, sampling_kwargs({"max_new_tokens": 12}))
+    assert rollout.response_ids.shape[1] == 12
+
+
+def test_checkpoint_cache_implementation_leaves_the_shared_prompt_cache_alone(checkpoint, tokenizer):
+    model = checkpoint(cache_implementation="static")  # would clash with the k samples' shared prompt cache
+    torch.manual_seed(4)
+    rollout = generate(model, tokenizer, PROMPTS, 3, sampling_kwargs({"max_new_tokens": 6}), record_logprobs=True)
+    assert torch.allclose(rollout.logprobs, response_logprobs(model, rollout), atol=1e-5)
+
+
+def test_generate_refuses_what_would_still_change_the_probabilities(checkpoint, tokenizer, monkeypatch):
+    model = checkpoint(repetition_penalty=1.3)
+    # settings passed in (for_training=False leaves them unchecked): named
+    with pytest.raises(ValueError, match=r"temperature=0\.7 \(from the generation kwargs\)"):
+        generate(model, tokenizer, PROMPTS, 2, sampling_kwargs({"temperature": 0.7}, for_training=False))
+    with pytest.raises(ValueError, match="no_repeat_ngram_size=3"):
+        generate(model, tokenizer, PROMPTS, 2, sampling_kwargs({"no_repeat_ngram_size": 3}, for_training=False))
+    # a field the table would not know (a later transformers version): caught by the processor list
+    monkeypatch.delitem(rollout_mod._PURE_SAMPLING, "repetition_penalty")
+    with pytest.raises(ValueError, match="RepetitionPenaltyLogitsProcessor"):
+        generate(model, tokenizer, PROMPTS, 2, sampling_kwargs({"max_new_tokens": 4}))
+
+
+REFUSED = [("repetition_penalty", 1.3), ("encoder_repetition_penalty", 1.2), ("no_repeat_ngram_size", 2),
+           ("encoder_no_repeat_ngram_size", 2), ("min_length", 5), ("min_new_tokens", 5), ("suppress_tokens", [3]),
+           ("begin_suppress_tokens", [3]), ("bad_words_ids", [[3]]), ("sequence_bias", [[[3], 1.0]]),
+           ("forced_bos_token_id", 1), ("forced_eos_token_id", 2), ("epsilon_cutoff", 0.05), ("eta_cutoff", 0.1),
+           ("typical_p", 0.9), ("min_p", 0.1), ("top_h", 0.5), ("exponential_decay_length_penalty", [2, 1.5]),
+           ("renormalize_logits", True), ("remove_invalid_values", True), ("guidance_scale", 2.0),
+           ("watermarking_config", {"bias": 2.0}), ("num_beams", 2), ("do_sample", False), ("penalty_alpha", 0.6)]
+
+
+@pytest.mark.parametrize(("key", "value"), REFUSED, ids=[k for k, _ in REFUSED])
+def test_sampling_kwargs_refuses_probability_changing_settings(key, value):
+    for gen_cfg in ({key: value, "max_new_tokens": 5}, OmegaConf.create({key: value, "max_new_tokens": 5})):
+        with pytest.raises(ValueError, match=rf"sample from the policy itself.*generation\.{key}=") as err:
+            sampling_kwargs(gen_cfg)
+        message = str(err.value)
+        assert "KL" in message and "policy gradient" in message and f"Remove generation.{key}" in message
+        assert "eval.generation" not in message
+    assert sampling_kwargs({key: value}, for_training=False)[key] == value  # unchecked, for one's own generate
+
+
+def test_sampling_kwargs_accepts_neutral_settings_unchanged():
+    plain = sampling_kwargs({"max_new_tokens": 5})
+    neutral = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_length": 0, "epsilon_cutoff": 0.0,
+               "suppress_tokens": None, "do_sample": True, "num_beams": 1, "max_new_tokens": 5}
+    assert sampling_kwargs(neutral) == plain  # so the calibration cache key does not change either
+    for bad in ({"temperature": 0.7}, {"top_k": 50}, {"top_p": 0.9}):
+        with pytest.raises(ValueError, match="sample from the policy itself") as err:
+            sampling_kwargs(bad)
+        assert "eval.generation" not in str(err.value) and "no separate generation config" in str(err.value)
