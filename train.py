@@ -5,7 +5,7 @@
     python train.py -m transform=bon_exp,identity n=2,4 beta=0.05,0.2
 """
 
-from infalign.allocator import tune_malloc
+from infalign.runtime.allocator import tune_malloc
 
 # First, before any large tensor: glibc keeps freed large blocks for reuse instead of handing them back to
 # the kernel and faulting them in again every iteration (docs/benchmarks.md, section 3: kernel time per RL
@@ -16,12 +16,12 @@ tune_malloc()
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from infalign.paths import conf_dir  # noqa: E402
+from infalign.runtime.paths import conf_dir  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from infalign.run import run  # imported here so `--help` and `--cfg job` stay fast
+    from infalign.trainer.run import run  # imported here so `--help` and `--cfg job` stay fast
 
     final = run(cfg)
     return final.get(f"eval/bon_win_rate@{cfg.n}")

@@ -29,18 +29,18 @@ from contextlib import nullcontext
 
 import torch
 
-from infalign.rl import sequence_kl
-from infalign.rollout import decode_responses, generate, response_logprobs, sampling_kwargs
+from infalign.core.losses import sequence_kl
+from infalign.models.sampling import decode_responses, generate, response_logprobs, sampling_kwargs
 
 
 def load(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
-    from infalign.data import load_partitions
-    from infalign.paths import conf_dir
-    from infalign.policy import load_policy
-    from infalign.reward import load_reward_model
-    from infalign.run import _prompt_sets
+    from infalign.models.data import load_partitions
+    from infalign.runtime.paths import conf_dir
+    from infalign.models.policy import load_policy
+    from infalign.models.reward import load_reward_model
+    from infalign.trainer.run import _prompt_sets
 
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         cfg = compose("train", overrides=overrides)

@@ -29,7 +29,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 def bits_per_char(ppl: float, tok, records, max_p: int, max_r: int) -> float:
     """Convert per-token validation perplexity to bits per character of the same (truncated) text."""
-    from infalign.sft import encode_dialogue
+    from infalign.models.sft import encode_dialogue
 
     n_tok = n_chr = 0
     for r in records:
@@ -50,9 +50,9 @@ def main() -> None:
 
     from hydra import compose, initialize_config_dir
 
-    from infalign.build import build_all
-    from infalign.data import load_partitions
-    from infalign.paths import conf_dir
+    from infalign.models.build import build_all
+    from infalign.models.data import load_partitions
+    from infalign.runtime.paths import conf_dir
 
     cache = args.cache or tempfile.mkdtemp(prefix="infalign-bench-")
     overrides = [f"cache_root={cache}", f"samples={args.samples}", *args.overrides]

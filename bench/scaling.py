@@ -39,7 +39,7 @@ def compose(point: dict):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from infalign.paths import conf_dir
+    from infalign.runtime.paths import conf_dir
 
     overrides = [f"rl.k={point['k']}", f"rl.prompts_per_iteration={point['prompts']}",
                  f"calibration.train_prompts={point['prompts']}", f"calibration.m={point['m']}", f"n={point['n']}",
@@ -55,11 +55,11 @@ def measure(point: dict, models, cache_root: str, iters: int) -> dict:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from infalign.datamodule import RolloutDataModule
-    from infalign.module import InfAlignModule
-    from infalign.reference_samples import load_or_build_reference_samples
-    from infalign.rollout import sampling_kwargs
-    from infalign.run import _prompt_sets
+    from infalign.trainer.datamodule import RolloutDataModule
+    from infalign.trainer.module import InfAlignModule
+    from infalign.trainer.calibration_cache import load_or_build_reference_samples
+    from infalign.models.sampling import sampling_kwargs
+    from infalign.trainer.run import _prompt_sets
 
     partitions, reference, tokenizer, reward_model = models
     cfg = compose(point)
@@ -105,10 +105,10 @@ def load_models():
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from infalign.data import load_partitions
-    from infalign.paths import conf_dir
-    from infalign.policy import load_policy
-    from infalign.reward import load_reward_model
+    from infalign.models.data import load_partitions
+    from infalign.runtime.paths import conf_dir
+    from infalign.models.policy import load_policy
+    from infalign.models.reward import load_reward_model
 
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         cfg = hydra_compose("train")

@@ -1,6 +1,6 @@
 """Soak benchmark (issue 7; docs/benchmarks.md section 5): does anything grow or linger over many runs?
 
-1. `--runs` smoke runs back to back **in one process** (`infalign.inprocess.run_in_process`), as a notebook or
+1. `--runs` smoke runs back to back **in one process** (`infalign.trainer.inprocess.run_in_process`), as a notebook or
    a driver script would: resident memory (RSS), open file descriptors and threads after each run. Separate
    processes would hide a leak; one process accumulates it.
 2. One multirun of 6 x `--sweep-seeds` members (`python train.py -m ...`: the members run one after another in
@@ -47,7 +47,7 @@ def leftovers(*roots: Path) -> list[str]:
 
 
 def in_process_runs(n: int, base: Path, logger: str) -> list[dict]:
-    from infalign.inprocess import run_in_process
+    from infalign.trainer.inprocess import run_in_process
 
     rows = []
     for i in range(n):
@@ -105,7 +105,7 @@ def main() -> None:
         os.environ.setdefault(k, "1")
     base = args.workdir or Path(tempfile.mkdtemp(prefix="infalign-soak-"))
     base.mkdir(parents=True, exist_ok=True)
-    from infalign.paths import cache_root
+    from infalign.runtime.paths import cache_root
 
     cache = Path(cache_root())
     runs = in_process_runs(args.runs, base / "single", args.logger)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from infalign.study.analysis import logged_values, transform_for
-from infalign.sweep import collect_runs
+from infalign.study.sweep import collect_runs
 from infalign.theory import analyze
 
 

@@ -10,7 +10,7 @@ both trainers. Each run is a fresh process (its own peak RSS) under bench/.venv-
 same torch, transformers and environment. Allocator environments, each applied to both sides:
   default  glibc's defaults (our start-up mallopt turned off: the same allocator as TRL's run)
   tuned    MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 for both
-plus `ours+mallopt`: ours as train.py runs it, the default environment with infalign.allocator's start-up
+plus `ours+mallopt`: ours as train.py runs it, the default environment with infalign.runtime.allocator's start-up
 tuning. The order of the sides rotates between repetitions; the first iteration of each run is warm-up and
 dropped. Prints a Markdown table (medians over repetitions of each run's median, [min-max] over runs) and
 writes every number to .cache/bench/trl_compare/results.json.

@@ -72,10 +72,10 @@ def build(out: Path) -> None:
     from hydra import compose, initialize_config_dir
     from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
 
-    from infalign.data import load_partitions, partition_fingerprint
-    from infalign.paths import conf_dir
-    from infalign.policy import gpt2_config
-    from infalign.tokenizer import load_or_train_tokenizer
+    from infalign.models.data import load_partitions, partition_fingerprint
+    from infalign.runtime.paths import conf_dir
+    from infalign.models.policy import gpt2_config
+    from infalign.models.tokenizer import load_or_train_tokenizer
 
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         cfg = compose("train")
@@ -108,7 +108,7 @@ def build(out: Path) -> None:
 def load_setting(d: Path):
     from transformers import AutoTokenizer, GPT2ForSequenceClassification, GPT2LMHeadModel
 
-    from infalign.reward import SequenceClassifierReward
+    from infalign.models.reward import SequenceClassifierReward
 
     meta = json.loads((d / "setting.json").read_text())
     tok = AutoTokenizer.from_pretrained(d / "policy", padding_side="left")
@@ -122,12 +122,12 @@ def load_setting(d: Path):
 def run_ours(d: Path, iters: int) -> dict:
     import lightning as L
 
-    from infalign.calibration import PassThroughCalibrator
-    from infalign.datamodule import RolloutDataModule
-    from infalign.module import InfAlignModule
-    from infalign.reference_samples import ReferenceSamples
-    from infalign.rollout import sampling_kwargs
-    from infalign.transforms import RawTransform
+    from infalign.core.calibration import PassThroughCalibrator
+    from infalign.trainer.datamodule import RolloutDataModule
+    from infalign.trainer.module import InfAlignModule
+    from infalign.trainer.calibration_cache import ReferenceSamples
+    from infalign.models.sampling import sampling_kwargs
+    from infalign.core.transforms import RawTransform
 
     meta, tok, policy, rm, prompts = load_setting(d)
     # TRL optimises the raw reward minus beta * KL(k1, per sequence): the same objective here
@@ -224,7 +224,7 @@ def main() -> None:
     ap.add_argument("--tune-malloc", action="store_true", help="apply infalign's own mallopt tuning first")
     a = ap.parse_args()
     if a.tune_malloc:
-        from infalign.allocator import tune_malloc
+        from infalign.runtime.allocator import tune_malloc
 
         tune_malloc()
     torch.set_num_threads(a.threads)

@@ -36,11 +36,11 @@ def write_jsonl_gz(path: Path, rows: list[dict]) -> Path:
 
 
 def compose(overrides: list[str]):
-    """``conf/build.yaml`` composed with ``overrides`` (as ``python -m infalign.build`` would)."""
+    """``conf/build.yaml`` composed with ``overrides`` (as ``python -m infalign.models.build`` would)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from infalign.paths import conf_dir
+    from infalign.runtime.paths import conf_dir
 
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         return hydra_compose(config_name="build", overrides=overrides)
@@ -79,7 +79,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, one_thread):
     """``(cfg, summary)`` of one tiny build (policy + fine-tuned GPT-2 reward) shared by a test module."""
-    from infalign.build import build_all
+    from infalign.models.build import build_all
 
     tmp = tmp_path_factory.mktemp("built")
     write_jsonl_gz(tmp / "data" / "synth" / "test.jsonl.gz", synthetic_pairs())

@@ -14,10 +14,10 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
-from infalign.inprocess import compose_run_config
-from infalign.paths import conf_dir
-from infalign.run import _check_context, run
-from infalign.checkpoint_io import SafeCheckpointIO
+from infalign.trainer.inprocess import compose_run_config
+from infalign.runtime.paths import conf_dir
+from infalign.trainer.run import _check_context, run
+from infalign.runtime.checkpoint_io import SafeCheckpointIO
 
 from test_reliability import plant_pickle
 
@@ -97,7 +97,7 @@ def test_tokenizer_without_pad_token(tmp_path):
     from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
 
-    from infalign.policy import _generation_ready
+    from infalign.models.policy import _generation_ready
 
     bare = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "b": 1}, unk_token="a")))
     with pytest.raises(ValueError, match="neither a pad token nor an EOS token"):
@@ -120,10 +120,10 @@ class NaNReward:
 def test_non_finite_rewards_name_the_prompt_and_nothing_is_cached(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from infalign.cache import entry_path
-    from infalign.reference_samples import load_or_build_reference_samples
-    from infalign.rollout import sampling_kwargs
-    from infalign.tokenizer import train_bpe_tokenizer
+    from infalign.runtime.artifacts import entry_path
+    from infalign.trainer.calibration_cache import load_or_build_reference_samples
+    from infalign.models.sampling import sampling_kwargs
+    from infalign.models.tokenizer import train_bpe_tokenizer
 
     tok = train_bpe_tokenizer(["Human: hi there. Assistant: hello friend"] * 8, vocab_size=300)
     torch.manual_seed(0)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from infalign.cache import MANIFEST, entry_path, fingerprint, get_or_build, lookup, verify_entry
+from infalign.runtime.artifacts import MANIFEST, entry_path, fingerprint, get_or_build, lookup, verify_entry
 
 
 def test_fingerprint_canonical():
@@ -70,7 +70,7 @@ def test_corrupt_entry_is_detected_and_rebuilt(tmp_path, caplog, damage):
     else:
         (path / MANIFEST).unlink()  # what an interrupted non-atomic build would leave
     assert not verify_entry(path, {"k": 1})[0]
-    with caplog.at_level(logging.WARNING, logger="infalign.cache"):
+    with caplog.at_level(logging.WARNING, logger="infalign.runtime.artifacts"):
         e = get_or_build(tmp_path, "thing", {"k": 1}, b)
     assert not e.hit and b.calls == 2 and "invalid" in caplog.text
     assert verify_entry(e.path, {"k": 1})[0]

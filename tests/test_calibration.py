@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from infalign.calibration import EmpiricalCalibrator, PassThroughCalibrator
+from infalign.core.calibration import EmpiricalCalibrator, PassThroughCalibrator
 
 
 def brute_force(a, b):

@@ -3,9 +3,9 @@ import logging
 import pytest
 from hh_helpers import SHARED_DATA, synthetic_pairs, write_jsonl_gz
 
-from infalign.data import (ASSISTANT, DataNotFoundError, hh_to_messages, load_partitions, parse_pair, parse_pairs,
+from infalign.models.data import (ASSISTANT, DataNotFoundError, hh_to_messages, load_partitions, parse_pair, parse_pairs,
                            partition_by_prompt, partition_fingerprint, split_dialogue, truncate_prompt)
-from infalign.tokenizer import train_bpe_tokenizer
+from infalign.models.tokenizer import train_bpe_tokenizer
 
 GOOD = {"chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant: fine, thanks",
         "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant: go away"}
@@ -26,7 +26,7 @@ def test_broken_marker_records_are_dropped_and_counted(caplog):
               "rejected": "\n\nHuman: a\n\nAssistant: e"}
     empty = {"chosen": "\n\nHuman: a\n\nAssistant:   ", "rejected": "\n\nHuman: a\n\nAssistant: x"}
     rows = [GOOD, broken, empty, {"chosen": "no turns", "rejected": "none"}, {"chosen": 3}, GOOD]
-    with caplog.at_level(logging.WARNING, logger="infalign.data"):
+    with caplog.at_level(logging.WARNING, logger="infalign.models.data"):
         records, dropped = parse_pairs(rows, "unit")
     assert len(records) == 2
     assert dropped == {"prompt_mismatch": 1, "empty_response": 1, "no_assistant_turn": 1, "missing_field": 1}

@@ -7,8 +7,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from infalign.datamodule import IterationSampler
-from infalign.paths import conf_dir
+from infalign.trainer.datamodule import IterationSampler
+from infalign.runtime.paths import conf_dir
 
 # calibration.seed=7: a calibration cache no other test builds, so the two processes build it here;
 # eval.prompts_per_batch=2: the 6 evaluation prompts make 3 batches, split 2 + 1 between the processes.
@@ -39,13 +39,13 @@ def test_iteration_sampler_refuses_an_uneven_split():
 def test_ddp_run_matches_one_process(run_train, session_cache, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from infalign.callbacks import WinRateCallback
-    from infalign.data import load_partitions
-    from infalign.policy import load_policy
-    from infalign.reference_samples import load_or_build_reference_samples, load_reference_samples
-    from infalign.reward import load_reward_model
-    from infalign.rollout import sampling_kwargs
-    from infalign.run import _prompt_sets
+    from infalign.trainer.evaluation import WinRateCallback
+    from infalign.models.data import load_partitions
+    from infalign.models.policy import load_policy
+    from infalign.trainer.calibration_cache import load_or_build_reference_samples, load_reference_samples
+    from infalign.models.reward import load_reward_model
+    from infalign.models.sampling import sampling_kwargs
+    from infalign.trainer.run import _prompt_sets
 
     run_dir = tmp_path / "ddp"
     run_train(*DDP_RUN, "progress=false", "num_threads=1", "trainer=ddp", "trainer.devices=2",

@@ -1,7 +1,7 @@
 """Faults end to end on the smoke models: SIGKILL, SIGTERM and SIGINT mid-training (`python train.py` in a
 subprocess) followed by a resume end with exactly the metrics of an uninterrupted run; so does a SIGKILL during
 or after the final evaluation, and extending a finished run; resuming a finished run changes nothing; a logger
-failing mid-run costs no metric and is reported once. Runs that need no signal run in-process (`infalign.inprocess`), which
+failing mid-run costs no metric and is reported once. Runs that need no signal run in-process (`infalign.trainer.inprocess`), which
 saves a Python start-up each."""
 
 import csv
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from infalign.checkpoint_io import verify_checkpoint
-from infalign.inprocess import run_in_process
+from infalign.runtime.checkpoint_io import verify_checkpoint
+from infalign.trainer.inprocess import run_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 # 30 iterations (~0.1-0.3 s each here), a checkpoint after every one, an evaluation every 10
@@ -116,7 +116,7 @@ def test_sigterm_and_sigint_stop_at_an_iteration_boundary_with_a_checkpoint(sess
 
 def test_logger_failing_mid_run_costs_no_metrics_and_warns_once(session_cache, tmp_path, caplog):
     run_dir = tmp_path / "flaky"
-    with caplog.at_level(logging.WARNING, logger="infalign.loggers"):
+    with caplog.at_level(logging.WARNING, logger="infalign.runtime.loggers"):
         run_in_process([*ARGS[:4], "rl.iterations=6", "eval.every=2", "+logger._target_=fake_loggers.FailingLogger",
                         "+logger.fail_after=3", f"cache_root={session_cache}"], run_dir)
     final = json.loads((run_dir / "final_metrics.json").read_text())
@@ -131,7 +131,7 @@ def test_logger_failing_mid_run_costs_no_metrics_and_warns_once(session_cache, t
 def test_resuming_a_finished_run_changes_nothing(session_cache, straight, tmp_path, monkeypatch, capsys):
     import shutil
 
-    import infalign.run
+    import infalign.trainer.run
 
     run_dir = tmp_path / "finished"
     shutil.copytree(straight, run_dir)
@@ -140,7 +140,7 @@ def test_resuming_a_finished_run_changes_nothing(session_cache, straight, tmp_pa
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded to resume a finished run")
 
-    monkeypatch.setattr(infalign.run, "load_policy", no_model)  # the check comes before any model
+    monkeypatch.setattr(infalign.trainer.run, "load_policy", no_model)  # the check comes before any model
     for mode in ("auto", "true"):
         final = run_in_process([*ARGS, f"resume={mode}", f"cache_root={session_cache}"], run_dir)
         assert "is already finished" in capsys.readouterr().out

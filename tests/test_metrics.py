@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from infalign.metrics import InferenceTimeWinRate, bon_win_rate_per_prompt, won_win_rate_per_prompt
+from infalign.core.metrics import InferenceTimeWinRate, bon_win_rate_per_prompt, won_win_rate_per_prompt
 
 
 def brute(a, b, n, mode):

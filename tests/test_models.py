@@ -5,13 +5,13 @@ import pytest
 import torch
 from hh_helpers import built, compose, one_thread, synth_root, tiny_cfg  # noqa: F401  (fixtures)
 
-from infalign.build import build_all
-from infalign.data import load_partitions
-from infalign.policy import build_tiny_policy, gpt2_config, load_policy
-from infalign.reward import RewardModel, SequenceClassifierReward, load_reward_model
-from infalign.reward_train import pairwise_accuracy
-from infalign.sft import run_sft, sft_loaders
-from infalign.tokenizer import train_bpe_tokenizer, training_texts
+from infalign.models.build import build_all
+from infalign.models.data import load_partitions
+from infalign.models.policy import build_tiny_policy, gpt2_config, load_policy
+from infalign.models.reward import RewardModel, SequenceClassifierReward, load_reward_model
+from infalign.models.reward_train import pairwise_accuracy
+from infalign.models.sft import run_sft, sft_loaders
+from infalign.models.tokenizer import train_bpe_tokenizer, training_texts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

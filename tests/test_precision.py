@@ -4,15 +4,15 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from infalign.paths import conf_dir
+from infalign.runtime.paths import conf_dir
 
 
 @pytest.fixture(scope="module")
 def smoke_models(session_cache):
-    from infalign.data import load_partitions
-    from infalign.policy import load_policy
-    from infalign.reward import load_reward_model
-    from infalign.run import _prompt_sets
+    from infalign.models.data import load_partitions
+    from infalign.models.policy import load_policy
+    from infalign.models.reward import load_reward_model
+    from infalign.trainer.run import _prompt_sets
 
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=smoke", f"cache_root={session_cache}"])
@@ -26,13 +26,13 @@ def smoke_models(session_cache):
 def test_rollout_kl_logprobs_are_fp32_under_bf16_autocast(smoke_models):
     from lightning.pytorch.plugins.precision import MixedPrecision
 
-    from infalign.calibration import EmpiricalCalibrator
-    from infalign.datamodule import build_rollout
-    from infalign.module import InfAlignModule
-    from infalign.reference_samples import ReferenceSamples
-    from infalign.rl import sequence_kl
-    from infalign.rollout import response_logprobs, sampling_kwargs
-    from infalign.transforms import BoNExpTransform
+    from infalign.core.calibration import EmpiricalCalibrator
+    from infalign.trainer.datamodule import build_rollout
+    from infalign.trainer.module import InfAlignModule
+    from infalign.trainer.calibration_cache import ReferenceSamples
+    from infalign.core.losses import sequence_kl
+    from infalign.models.sampling import response_logprobs, sampling_kwargs
+    from infalign.core.transforms import BoNExpTransform
 
     cfg, reference, tokenizer, reward, prompts = smoke_models
     ids, texts, reward_texts = (list(x) for x in zip(*prompts))

@@ -16,12 +16,12 @@ import torch
 from omegaconf import OmegaConf
 
 from infalign import atomic
-from infalign.atomic import atomic_write, atomic_write_csv, read_csv_rows
-from infalign.cache import entry_path, get_or_build, remove_dead_builds
-from infalign.checkpoint_io import CheckpointError, SafeCheckpointIO, checksum_path, load_checkpoint, verify_checkpoint
-from infalign.checkpointing import (check_resume, check_run_options, config_changes, resolve_resume, resume_command,
+from infalign.runtime.atomic import atomic_write, atomic_write_csv, read_csv_rows
+from infalign.runtime.artifacts import entry_path, get_or_build, remove_dead_builds
+from infalign.runtime.checkpoint_io import CheckpointError, SafeCheckpointIO, checksum_path, load_checkpoint, verify_checkpoint
+from infalign.trainer.checkpointing import (check_resume, check_run_options, config_changes, resolve_resume, resume_command,
                                     truncate_csv)
-from infalign.loggers import GuardedLogger, ResumableCSVLogger, build_loggers
+from infalign.runtime.loggers import GuardedLogger, ResumableCSVLogger, build_loggers
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -145,8 +145,8 @@ def test_pickle_planted_in_a_cache_entry_is_discarded_unread(tmp_path):
 def test_transformers_folder_with_a_pickle_only_is_refused(tmp_path):
     from transformers import GPT2Config
 
-    from infalign.policy import hf_policy
-    from infalign.tokenizer import train_bpe_tokenizer
+    from infalign.models.policy import hf_policy
+    from infalign.models.tokenizer import train_bpe_tokenizer
 
     marker = tmp_path / "PWNED"
     GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=300, n_positions=16).save_pretrained(tmp_path)
@@ -160,7 +160,7 @@ def test_transformers_folder_with_a_pickle_only_is_refused(tmp_path):
 def test_killed_cache_build_leaves_no_entry_and_its_leftovers_are_cleaned(tmp_path):
     script = textwrap.dedent(f"""
         import time
-        from infalign.cache import get_or_build
+        from infalign.runtime.artifacts import get_or_build
         def build(out):
             (out / "half.bin").write_bytes(b"x" * 1000)
             print("building", flush=True)
@@ -259,7 +259,7 @@ def test_config_changes_cover_the_experiment_only():
 def test_a_checkpoint_without_a_config_is_resumed_with_a_warning(tmp_path, caplog):
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     SafeCheckpointIO().save_checkpoint({"epoch": 1, "global_step": 4}, ckpt)  # as written before configs were kept
-    with caplog.at_level(logging.WARNING, logger="infalign.checkpointing"):
+    with caplog.at_level(logging.WARNING, logger="infalign.trainer.checkpointing"):
         plan = check_resume(tmp_path / "run", ckpt, record(), allow_changes=False, iterations=30, n=4)
     assert "records no config" in caplog.text
     assert plan.finished is None and plan.entry["config_checked"] is False and plan.entry["from_iteration"] == 2
@@ -285,7 +285,7 @@ def test_guarded_logger_reports_once_and_carries_on(caplog):
     from fake_loggers import FailingLogger
 
     lg = GuardedLogger(FailingLogger(fail_after=1))
-    with caplog.at_level(logging.WARNING, logger="infalign.loggers"):
+    with caplog.at_level(logging.WARNING, logger="infalign.runtime.loggers"):
         for step in range(5):
             lg.log_metrics({"x": 1.0}, step=step)  # the second call fails, the rest are skipped
         lg.save()
@@ -307,7 +307,7 @@ def test_wandb_that_cannot_start_never_stops_the_run(tmp_path, monkeypatch, capl
         monkeypatch.setattr(wandb, "init", init)
     cfg = OmegaConf.create({"_target_": "lightning.pytorch.loggers.WandbLogger", "project": "infalign",
                             "mode": "online", "save_dir": str(tmp_path)})
-    with caplog.at_level(logging.WARNING, logger="infalign.loggers"):
+    with caplog.at_level(logging.WARNING, logger="infalign.runtime.loggers"):
         loggers = build_loggers(cfg, tmp_path)
         for lg in loggers:
             lg.log_hyperparams({"n": 4})

@@ -1,4 +1,4 @@
-"""A results folder is read as data, never executed (issue 12): `python -m infalign.sweep` and
+"""A results folder is read as data, never executed (issue 12): `python -m infalign.study.sweep` and
 `infalign.study` rebuild each run's transform from its saved config through one allow-listed reader
 (infalign.study.recorded.transform_from_run), never through Hydra's `instantiate`, and with the `t` the run
 recorded (no solver runs again).
@@ -17,8 +17,8 @@ import infalign.theory
 from infalign.study import transform_from_run, write_study
 from infalign.study.analysis import transform_for
 from infalign.study.recorded import ALLOWED_TRANSFORMS
-from infalign.sweep import _theory_curves, collect_runs, write_summary
-from infalign.transforms import BoNExpTransform, LogTransform, WoNExpTransform
+from infalign.study.sweep import _theory_curves, collect_runs, write_summary
+from infalign.core.transforms import BoNExpTransform, LogTransform, WoNExpTransform
 
 VICTIM_TEXT = "precious results\n"
 
@@ -52,19 +52,19 @@ def open_for_writing(victim):
 def planted_sweep(tmp_path, victim):
     """One legit calibrated member and one whose transform is `builtins.open(victim, "w")`."""
     sweep = tmp_path / "sweep"
-    plant(sweep, 0, {"_target_": "infalign.transforms.IdentityTransform"})
+    plant(sweep, 0, {"_target_": "infalign.core.transforms.IdentityTransform"})
     bad = plant(sweep, 1, open_for_writing(victim))
     return sweep, bad / ".hydra" / "config.yaml"
 
 
 def test_sweep_summary_skips_a_planted_target_with_a_warning(planted_sweep, victim, caplog):
     sweep, bad_cfg = planted_sweep
-    with caplog.at_level(logging.WARNING, logger="infalign.sweep"):
+    with caplog.at_level(logging.WARNING, logger="infalign.study.sweep"):
         csv_path, png_path = write_summary(sweep)
     assert victim.read_text() == VICTIM_TEXT
     assert csv_path.read_text().count("\n") == 3 and png_path.read_bytes()[:4] == b"\x89PNG"  # both runs' rows
     warning = next(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
-    assert str(bad_cfg) in warning and "builtins.open" in warning and "infalign.transforms.BoNExpTransform" in warning
+    assert str(bad_cfg) in warning and "builtins.open" in warning and "infalign.core.transforms.BoNExpTransform" in warning
     assert list(_theory_curves(sweep, collect_runs(sweep))) == [("identity", 4)]  # the legit member's curve only
     assert not list(sweep.glob(".*.tmp"))  # the atomic writers left no temp files
 
@@ -81,13 +81,13 @@ def test_study_refuses_a_planted_target_naming_the_file(planted_sweep, victim):
 @pytest.mark.parametrize("case", ["nested target", "resolver", "resolver behind a reference", "list", "unknown class"])
 def test_only_plain_parameters_of_project_transforms_are_read(tmp_path, victim, monkeypatch, case):
     monkeypatch.setenv("INFALIGN_TEST_EPS", "0.01")
-    log = "infalign.transforms.LogTransform"
+    log = "infalign.core.transforms.LogTransform"
     transform_cfg, root_cfg = {
         "nested target": ({"_target_": log, "eps": open_for_writing(victim)}, {}),
         "resolver": ({"_target_": log, "eps": "${oc.env:INFALIGN_TEST_EPS}"}, {}),
         "resolver behind a reference": ({"_target_": log, "eps": "${eps}"}, {"eps": "${oc.env:INFALIGN_TEST_EPS}"}),
         "list": ({"_target_": log, "eps": [str(victim)]}, {}),
-        "unknown class": ({"_target_": "infalign.transforms.Transform"}, {}),
+        "unknown class": ({"_target_": "infalign.core.transforms.Transform"}, {}),
     }[case]
     member = plant(tmp_path, 0, transform_cfg, **root_cfg)
     with pytest.raises(ValueError, match="config.yaml"):
@@ -96,7 +96,7 @@ def test_only_plain_parameters_of_project_transforms_are_read(tmp_path, victim, 
 
 
 def test_plain_references_resolve_against_the_saved_root(tmp_path):
-    member = plant(tmp_path, 0, {"_target_": "infalign.transforms.LogTransform", "eps": "${rl.eps}"},
+    member = plant(tmp_path, 0, {"_target_": "infalign.core.transforms.LogTransform", "eps": "${rl.eps}"},
                    rl={"eps": "${floor}"}, floor=0.01)
     transform = transform_from_run(calibrated_final(), member)
     assert isinstance(transform, LogTransform) and transform.eps == 0.01
@@ -106,7 +106,7 @@ def test_plain_references_resolve_against_the_saved_root(tmp_path):
 
 def test_recorded_n_and_beta_replace_a_study_resolver(tmp_path):
     """Study presets set `beta: ${infalign.pick:...}` (a custom resolver); the run recorded the value."""
-    cfg = {"_target_": "infalign.transforms.OptimalTransform", "n": "${n}", "mode": "won", "beta": "${beta}"}
+    cfg = {"_target_": "infalign.core.transforms.OptimalTransform", "n": "${n}", "mode": "won", "beta": "${beta}"}
     member = plant(tmp_path, 0, cfg, final=dict(calibrated_final(), n=2, beta=0.5, transform="optimal"),
                    beta="${infalign.pick:${study.betas.${method}},${study.beta_index}}", n="${oc.env:NOT_SET_ANYWHERE}")
     transform = transform_from_run(json.loads((member / "final_metrics.json").read_text()), member)
@@ -124,7 +124,7 @@ def test_recorded_t_is_used_and_no_solver_runs(tmp_path, monkeypatch):
     sweep = tmp_path / "sweep"
     for i, (name, cls, t) in enumerate((("bon_exp", BoNExpTransform, 7.5), ("won_exp", WoNExpTransform, 3.25))):
         final = dict(fake_final(name, name, 0.2, 0, 0.5, 0.6, 0.7, 0.65), t=t)
-        cfg = {"_target_": f"infalign.transforms.{cls.__name__}", "t": "auto", "n": "${n}", "beta": "${beta}",
+        cfg = {"_target_": f"infalign.core.transforms.{cls.__name__}", "t": "auto", "n": "${n}", "beta": "${beta}",
                "target_kl": None}
         member = plant(sweep, i, cfg, final=final)
         transform = transform_for(final, member)

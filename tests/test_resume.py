@@ -1,7 +1,7 @@
 """Resume checks the config: the checkpoint records the run's resolved config, and a resume that changes the
 experiment is refused before any model is loaded, listing the keys, unless resume_allow_changes=true; raising
 rl.iterations is always allowed. Both configs are kept (run_config.yaml, resume_history.jsonl). In-process runs
-of the smoke preset (`infalign.inprocess`)."""
+of the smoke preset (`infalign.trainer.inprocess`)."""
 
 import json
 import shutil
@@ -9,8 +9,8 @@ import shutil
 import pytest
 import torch
 
-import infalign.run
-from infalign.inprocess import run_in_process
+import infalign.trainer.run
+from infalign.trainer.inprocess import run_in_process
 
 ARGS = ["experiment=smoke", "progress=false", "logger=none", "num_threads=1", "rl.iterations=2", "eval.every=0"]
 VOLATILE = (".hydra", "train.log")  # Hydra's own files, rewritten at every start
@@ -34,7 +34,7 @@ def no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the config check")
 
-    monkeypatch.setattr(infalign.run, "load_policy", refuse)
+    monkeypatch.setattr(infalign.trainer.run, "load_policy", refuse)
 
 
 def copy_of(run_dir, tmp_path):
@@ -53,8 +53,8 @@ def test_the_checkpoint_and_run_config_yaml_record_the_config(finished):
 
 @pytest.mark.parametrize("overrides, lines", [
     (["beta=0.5", "transform=won_exp"], ["beta: 0.05 -> 0.5", "choices.transform: bon_exp -> won_exp",
-                                         "transform._target_: infalign.transforms.BoNExpTransform -> "
-                                         "infalign.transforms.WoNExpTransform", "transform.beta: 0.05 -> 0.5"]),
+                                         "transform._target_: infalign.core.transforms.BoNExpTransform -> "
+                                         "infalign.core.transforms.WoNExpTransform", "transform.beta: 0.05 -> 0.5"]),
     (["rl.iterations=1"], ["rl.iterations: 2 -> 1"]),  # fewer iterations is no extension
     (["seed=1", "rl.lr=0.01"], ["seed: 0 -> 1", "rl.lr: 0.001 -> 0.01"]),
 ])

@@ -3,8 +3,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from infalign.rl import AdaptiveKLController, ppo_clip_loss, rloo_advantages, rloo_loss, sequence_kl
-from infalign.rollout import decode_responses, generate, response_logprobs, sampling_kwargs
+from infalign.core.losses import AdaptiveKLController, ppo_clip_loss, rloo_advantages, rloo_loss, sequence_kl
+from infalign.models.sampling import decode_responses, generate, response_logprobs, sampling_kwargs
 
 
 def test_rloo_advantages_hand_computed():
@@ -106,7 +106,7 @@ def test_logprobs_do_not_depend_on_batch_padding(tiny_lm):
     batched = response_logprobs(model, rollout)
     # the short prompt alone, without padding, scored on the same response
     alone_ids = torch.cat([tokenizer(["w3 w4"], return_tensors="pt")["input_ids"], rollout.response_ids[:1]], dim=1)
-    from infalign.rollout import Rollout
+    from infalign.models.sampling import Rollout
 
     alone = Rollout(alone_ids, torch.cat([torch.ones(1, 2, dtype=torch.long), rollout.response_mask[:1]], 1),
                     rollout.response_mask[:1], prompt_len=2)
@@ -138,7 +138,7 @@ def test_recorded_sampling_logprobs_match_a_full_pass(tiny_lm):
 
 
 def test_shared_prompt_pass_gives_the_same_logprobs_and_gradient(tiny_lm, monkeypatch):
-    import infalign.rollout as rollout_mod
+    import infalign.models.sampling as rollout_mod
 
     model, tokenizer = tiny_lm
     torch.manual_seed(5)

@@ -16,9 +16,9 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-import infalign.rollout as rollout_mod
-from infalign.rl import sequence_kl
-from infalign.rollout import generate, response_logprobs, sampling_kwargs
+import infalign.models.sampling as rollout_mod
+from infalign.core.losses import sequence_kl
+from infalign.models.sampling import generate, response_logprobs, sampling_kwargs
 
 VOCAB, PAD, EOS = 64, 62, 63
 MAX_NEW = 10

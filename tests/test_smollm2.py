@@ -4,8 +4,8 @@ import importlib.util
 import pytest
 import torch
 
-from infalign.policy import format_prompts, load_policy
-from infalign.paths import conf_dir
+from infalign.models.policy import format_prompts, load_policy
+from infalign.runtime.paths import conf_dir
 
 pytestmark = [
     pytest.mark.slow,

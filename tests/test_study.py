@@ -15,11 +15,11 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
 
-from infalign.paths import REPO_ROOT, conf_dir
+from infalign.runtime.paths import REPO_ROOT, conf_dir
 from infalign.study import analyze_sweep, optimum_at, write_study
 from infalign.study.analysis import RAW_NOTE, matched_kl, response_lengths
 from infalign.theory import analyze, best_t
-from infalign.transforms import BoNExpTransform, IdentityTransform, LogTransform, WoNExpTransform
+from infalign.core.transforms import BoNExpTransform, IdentityTransform, LogTransform, WoNExpTransform
 
 NOTEBOOKS = REPO_ROOT / "notebooks"
 METHODS = {  # preset -> (transform class, calibrator class)
@@ -109,11 +109,11 @@ def closed_form_sweep(tmp_path_factory):
             delta = 0.01 * (seed - 1)
             final = fake_final("calibrated", "identity", beta, seed, kl, std + delta, a["bon_win_rate"] + delta,
                                a["won_win_rate"] + delta)
-            fake_member(root, i, final, {"_target_": "infalign.transforms.IdentityTransform"})
+            fake_member(root, i, final, {"_target_": "infalign.core.transforms.IdentityTransform"})
             i += 1
     for seed in (0, 1):
         final = fake_final("raw", "raw", 1.0, seed, 0.3 + 0.1 * seed, 0.6, 0.62, 0.7)
-        fake_member(root, i, final, {"_target_": "infalign.transforms.RawTransform"})
+        fake_member(root, i, final, {"_target_": "infalign.core.transforms.RawTransform"})
         i += 1
     return root
 

@@ -8,7 +8,7 @@ import pytest
 from scipy.integrate import quad
 
 from infalign import theory
-from infalign.transforms import BoNExpTransform, IdentityTransform, LogTransform, RawTransform, WoNExpTransform
+from infalign.core.transforms import BoNExpTransform, IdentityTransform, LogTransform, RawTransform, WoNExpTransform
 
 
 def quad_reference(phi, beta, n):

@@ -1,7 +1,7 @@
 from hh_helpers import synthetic_pairs
 
-from infalign.data import parse_pairs
-from infalign.tokenizer import load_or_train_tokenizer, load_tokenizer, train_bpe_tokenizer, training_texts
+from infalign.models.data import parse_pairs
+from infalign.models.tokenizer import load_or_train_tokenizer, load_tokenizer, train_bpe_tokenizer, training_texts
 
 TEXTS = ["\n\nHuman: Héllo wörld! 你好 🙂  double  spaces\ttab\n\nAssistant: Sure — “quotes” & émojis 🚀",
          " leading space", "trailing space ", "\n\n\n", "x" * 50]

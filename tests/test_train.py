@@ -8,8 +8,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from infalign.paths import conf_dir
-from infalign.run import validate_config
+from infalign.runtime.paths import conf_dir
+from infalign.trainer.run import validate_config
 
 SMOKE = ["experiment=smoke", "progress=false"]
 

@@ -7,7 +7,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from infalign.transforms import (
+from infalign.core.transforms import (
     BoNExpTransform,
     IdentityTransform,
     LogTransform,

@@ -56,7 +56,7 @@ _CURVES: dict[tuple[int, str], tuple[float, np.ndarray, np.ndarray]] = {}  # (n,
 def _trace_optimum(n: int, mode: str, kl_needed: float) -> tuple[np.ndarray, np.ndarray]:
     # Each beta costs a fixed-point solve (~0.05-0.4 s), so walk beta down only until the curve passes the
     # largest KL asked for.
-    from infalign.transforms import IdentityTransform
+    from infalign.core.transforms import IdentityTransform
 
     kls, wins = [0.0], [0.5]
     steps = int(math.ceil(math.log10(BETA_START / BETA_STOP) * PER_DECADE)) + 1
@@ -273,7 +273,7 @@ class Study:
 
 def analyze_sweep(sweep_dir, kls=None, points: int = 3) -> Study:
     """Read every finished member of `sweep_dir` and compute the study (see the module docstring)."""
-    from infalign.sweep import collect_runs
+    from infalign.study.sweep import collect_runs
 
     sweep_dir = Path(sweep_dir)
     raw = [r for r in collect_runs(sweep_dir) if "eval/kl" in r]

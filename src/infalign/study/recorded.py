@@ -14,7 +14,7 @@ file). Instead `transform_from_run`:
   its config resolved to (a study's `beta: ${infalign.pick:...}` needs no resolver), and the recorded `t`
   (the one `t: auto` resolved to in training), so no solver runs again.
 
-Used by `infalign.sweep` (theory curves of the summary) and `infalign.study` (gaps to theory).
+Used by `infalign.study.sweep` (theory curves of the summary) and `infalign.study` (gaps to theory).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from infalign.transforms import (
+from infalign.core.transforms import (
     BoNExpTransform,
     IdentityTransform,
     LogTransform,
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 __all__ = ["ALLOWED_TRANSFORMS", "RECORDED_ROOT_KEYS", "transform_config", "transform_from_run"]
 
 ALLOWED_TRANSFORMS: dict[str, type[Transform]] = {
-    f"infalign.transforms.{cls.__name__}": cls
+    f"infalign.core.transforms.{cls.__name__}": cls
     for cls in (RawTransform, IdentityTransform, BoNExpTransform, WoNExpTransform, LogTransform, OptimalTransform)
 }
 RECORDED_ROOT_KEYS = ("n", "beta")  # top-level config values final_metrics.json records as resolved in training

@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from infalign.paths import conf_dir
+from infalign.runtime.paths import conf_dir
 from infalign.theory import analyze, check_beta, check_n, win_rate_curves
 
 log = logging.getLogger(__name__)

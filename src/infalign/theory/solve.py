@@ -63,7 +63,7 @@ def best_t(
 
     A coarse scan over log t finds the best bracket, then a bounded scalar search refines it.
     """
-    from infalign.transforms import BoNExpTransform, WoNExpTransform
+    from infalign.core.transforms import BoNExpTransform, WoNExpTransform
 
     mode, n, target_kl = check_mode(mode), check_n(n), _check_kl(target_kl)
     family = BoNExpTransform if mode == "bon" else WoNExpTransform

@@ -2,7 +2,7 @@
 
 Byte-level BPE never produces unknown tokens and decodes back to the exact input text, which the RL stage
 relies on (responses are sampled as ids, scored as text). Wrapped as a ``PreTrainedTokenizerFast`` so the
-rest of the code can treat it like any hub tokenizer, and cached by :mod:`infalign.cache`.
+rest of the code can treat it like any hub tokenizer, and cached by :mod:`infalign.runtime.artifacts`.
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from typing import Any, Iterable, Mapping
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from infalign.cache import CacheEntry, get_or_build
-from infalign.data import PreferenceRecord
+from infalign.runtime.artifacts import CacheEntry, get_or_build
+from infalign.models.data import PreferenceRecord
 
 log = logging.getLogger(__name__)
 

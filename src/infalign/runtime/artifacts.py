@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from infalign.atomic import atomic_write_text  # noqa: F401  (re-exported: build.py imports it from here)
-from infalign.paths import cache_root as default_cache_root
+from infalign.runtime.atomic import atomic_write_text  # noqa: F401  (re-exported: build.py imports it from here)
+from infalign.runtime.paths import cache_root as default_cache_root
 
 log = logging.getLogger(__name__)
 

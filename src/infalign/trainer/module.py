@@ -16,8 +16,8 @@ from types import SimpleNamespace
 import lightning as L
 import torch
 
-from infalign.rl import KL_PENALTY_MODES, AdaptiveKLController, ppo_clip_loss, rloo_loss
-from infalign.rollout import response_logprobs
+from infalign.core.losses import KL_PENALTY_MODES, AdaptiveKLController, ppo_clip_loss, rloo_loss
+from infalign.models.sampling import response_logprobs
 
 __all__ = ["InfAlignModule"]
 

@@ -2,7 +2,7 @@
 
 The reference policy is frozen, so its samples and their rewards depend only on (reference model, reward
 model, prompt set, M, generation config, seed). They are built once into the content-addressed cache
-(`infalign.cache`: temp dir + atomic rename, manifest with checksums verified on every load) and reused
+(`infalign.runtime.artifacts`: temp dir + atomic rename, manifest with checksums verified on every load) and reused
 by every run and sweep member with the same key. They serve twice: as the calibration set `z_1..z_M`
 of each training prompt and as the reference side of the win-rate evaluation.
 """
@@ -18,9 +18,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from infalign.cache import fingerprint, get_or_build, lookup
-from infalign.distributed import all_gather_object, barrier, broadcast_object, rank_and_world
-from infalign.rollout import decode_responses, generate
+from infalign.runtime.artifacts import fingerprint, get_or_build, lookup
+from infalign.runtime.distributed import all_gather_object, barrier, broadcast_object, rank_and_world
+from infalign.models.sampling import decode_responses, generate
 
 log = logging.getLogger(__name__)
 

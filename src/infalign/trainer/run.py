@@ -23,19 +23,19 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from infalign.cache import fingerprint
-from infalign.callbacks import WinRateCallback, atomic_write_json
-from infalign.checkpoint_io import SafeCheckpointIO
-from infalign.checkpointing import (LastCheckpoint, TrainingInterrupted, check_resume, check_run_options,
+from infalign.runtime.artifacts import fingerprint
+from infalign.trainer.evaluation import WinRateCallback, atomic_write_json
+from infalign.runtime.checkpoint_io import SafeCheckpointIO
+from infalign.trainer.checkpointing import (LastCheckpoint, TrainingInterrupted, check_resume, check_run_options,
                                     finish_restored_loops, resolve_resume, resume_command, run_record)
-from infalign.data import load_partitions, partition_fingerprint, truncate_prompt
-from infalign.datamodule import RolloutDataModule
-from infalign.loggers import build_loggers, finish_loggers
-from infalign.module import InfAlignModule
-from infalign.policy import format_prompts, load_policy
-from infalign.reference_samples import load_or_build_reference_samples
-from infalign.reward import load_reward_model
-from infalign.rollout import sampling_kwargs
+from infalign.models.data import load_partitions, partition_fingerprint, truncate_prompt
+from infalign.trainer.datamodule import RolloutDataModule
+from infalign.runtime.loggers import build_loggers, finish_loggers
+from infalign.trainer.module import InfAlignModule
+from infalign.models.policy import format_prompts, load_policy
+from infalign.trainer.calibration_cache import load_or_build_reference_samples
+from infalign.models.reward import load_reward_model
+from infalign.models.sampling import sampling_kwargs
 from infalign.theory import check_beta, check_n
 
 # The frozen reference (and the policy, whose dropout we turn off) are in eval mode on purpose.
@@ -208,7 +208,7 @@ def run(cfg: DictConfig) -> dict:
     ns = sorted({int(x) for x in cfg.eval.ns} | {int(cfg.n)})
     win_rates = WinRateCallback(eval_prompts, None, ns, cfg.eval.k, cfg.eval.every, gen_kwargs, run_dir,
                                 seed=int(cfg.seed), batch_prompts=int(cfg.eval.prompts_per_batch))
-    # last.ckpt between iterations, and on SIGINT/SIGTERM (infalign.checkpointing)
+    # last.ckpt between iterations, and on SIGINT/SIGTERM (infalign.trainer.checkpointing)
     # after win_rates in the callbacks: the final checkpoint follows (and holds) the final evaluation
     checkpoints = LastCheckpoint(run_dir, every=int(cfg.checkpoint.every), run_record=record, resume_entry=resume_entry)
     # logs/metrics.csv (every logged metric) + the configured logger, guarded: W&B failing never stops training

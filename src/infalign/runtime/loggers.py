@@ -2,7 +2,7 @@
 
 - `ResumableCSVLogger`: Lightning's CSV logger deletes an existing `metrics.csv` when it starts; on resume we
   keep it (the checkpoint's row count trims what the dead run wrote after its last checkpoint, see
-  `infalign.checkpointing`), and the file is rewritten atomically when new columns appear.
+  `infalign.trainer.checkpointing`), and the file is rewritten atomically when new columns appear.
 - `GuardedLogger`: wraps the configured remote logger. If it cannot be created (W&B not installed), cannot
   start (not logged in, no network) or fails mid-run, the failure is reported once as a warning, the logger is
   switched off, and training and the local files (logs/metrics.csv, eval_metrics.csv, final_metrics.json)
@@ -20,7 +20,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
-from infalign.atomic import atomic_write_csv, read_csv_rows
+from infalign.runtime.atomic import atomic_write_csv, read_csv_rows
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,9 @@
-"""Build (or find in the cache) the tokenizer, reference policy and reward model: ``python -m infalign.build``.
+"""Build (or find in the cache) the tokenizer, reference policy and reward model: ``python -m infalign.models.build``.
 
-    python -m infalign.build                           # defaults: data=hh_rlhf model=tiny reward=trained
-    python -m infalign.build model=smollm2 reward.backbone=policy_frozen
-    python -m infalign.build +preset=test              # seconds-sized models, for tests and smoke runs
-    python -m infalign.build stages=[policy] samples=4 # only the reference, then sample 4 test prompts
+    python -m infalign.models.build                           # defaults: data=hh_rlhf model=tiny reward=trained
+    python -m infalign.models.build model=smollm2 reward.backbone=policy_frozen
+    python -m infalign.models.build +preset=test              # seconds-sized models, for tests and smoke runs
+    python -m infalign.models.build stages=[policy] samples=4 # only the reference, then sample 4 test prompts
 
 Every stage is content-addressed in the cache (``cache_root``, default ``$INFALIGN_CACHE`` or
 ``<repo>/.cache``): whatever is already built for this exact configuration is loaded, not rebuilt. The trainer
@@ -22,12 +22,12 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from infalign.cache import atomic_write_text
-from infalign.data import load_partitions, partition_fingerprint
-from infalign.paths import conf_dir
-from infalign.policy import call_target, format_prompts
+from infalign.runtime.artifacts import atomic_write_text
+from infalign.models.data import load_partitions, partition_fingerprint
+from infalign.runtime.paths import conf_dir
+from infalign.models.policy import call_target, format_prompts
 
-log = logging.getLogger("infalign.build")
+log = logging.getLogger("infalign.models.build")
 STAGES = ("policy", "reward")
 
 
@@ -35,7 +35,7 @@ STAGES = ("policy", "reward")
 def sample_responses(model, tokenizer, prompts: list[str], max_new_tokens: int, prompt_format: str = "raw",
                      max_prompt_tokens: int | None = None, seed: int = 0, temperature: float = 1.0) -> list[str]:
     """Sampled responses (ancestral sampling, as the RL stage and best-of-N use) to HH prompts."""
-    from infalign.data import truncate_prompt
+    from infalign.models.data import truncate_prompt
 
     if max_prompt_tokens:
         prompts = [truncate_prompt(p, tokenizer, max_prompt_tokens) for p in prompts]

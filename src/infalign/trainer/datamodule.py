@@ -16,9 +16,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from infalign.reference_samples import ReferenceSamples, check_finite_rewards
-from infalign.rl import rloo_advantages, sequence_kl
-from infalign.rollout import Rollout, decode_responses, generate, response_logprobs
+from infalign.trainer.calibration_cache import ReferenceSamples, check_finite_rewards
+from infalign.core.losses import rloo_advantages, sequence_kl
+from infalign.models.sampling import Rollout, decode_responses, generate, response_logprobs
 
 __all__ = ["IterationSampler", "RolloutBuffer", "RolloutDataModule", "build_rollout"]
 

@@ -18,12 +18,12 @@ import torch
 
 from torchmetrics import MeanMetric
 
-from infalign.atomic import atomic_write_csv, atomic_write_json, read_csv_rows
-from infalign.calibration import EmpiricalCalibrator
-from infalign.metrics import InferenceTimeWinRate
-from infalign.reference_samples import check_finite_rewards
-from infalign.rl import sequence_kl
-from infalign.rollout import decode_responses, generate, response_logprobs
+from infalign.runtime.atomic import atomic_write_csv, atomic_write_json, read_csv_rows
+from infalign.core.calibration import EmpiricalCalibrator
+from infalign.core.metrics import InferenceTimeWinRate
+from infalign.trainer.calibration_cache import check_finite_rewards
+from infalign.core.losses import sequence_kl
+from infalign.models.sampling import decode_responses, generate, response_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class WinRateCallback(L.Callback):
         return results
 
     def _append_csv(self, row: dict) -> None:
-        # rewritten whole and renamed into place (infalign.atomic): a kill mid-write never truncates it
+        # rewritten whole and renamed into place (infalign.runtime.atomic): a kill mid-write never truncates it
         path = self.out_dir / "eval_metrics.csv"
         rows = read_csv_rows(path)[1] + [dict(row)]
         atomic_write_csv(path, rows)

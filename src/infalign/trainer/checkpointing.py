@@ -53,8 +53,8 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loops.fit_loop import _FitLoop
 from omegaconf import OmegaConf
 
-from infalign.atomic import atomic_write_csv, atomic_write_text, read_csv_rows, remove_stale_temps
-from infalign.checkpoint_io import _torch_load, verify_checkpoint
+from infalign.runtime.atomic import atomic_write_csv, atomic_write_text, read_csv_rows, remove_stale_temps
+from infalign.runtime.checkpoint_io import _torch_load, verify_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torchmetrics import Metric
 
-from infalign.calibration import check_rewards
+from infalign.core.calibration import check_rewards
 
 __all__ = ["InferenceTimeWinRate", "bon_win_rate_per_prompt", "won_win_rate_per_prompt", "inference_win_rate_per_prompt"]
 

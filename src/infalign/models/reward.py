@@ -1,7 +1,7 @@
 """Reward models behind one interface: ``score(prompts, responses) -> Tensor[B]`` (float32, no grad, eval).
 
 - :class:`SequenceClassifierReward`: any ``AutoModelForSequenceClassification`` with one output (hub models
-  via ``conf/reward/hf.yaml``; also the fine-tuned GPT-2 reward built by :mod:`infalign.reward_train`).
+  via ``conf/reward/hf.yaml``; also the fine-tuned GPT-2 reward built by :mod:`infalign.models.reward_train`).
 - :class:`EmbeddingHeadReward`: a frozen pretrained encoder (all-MiniLM-L6-v2, SmolLM2, or the reference
   policy's backbone) whose pooled features feed a small trained head.
 
@@ -64,7 +64,7 @@ def _tail_ids(tokenizer, prompts: Sequence[str], responses: Sequence[str], max_p
     """Per pair: the last ``max_prompt_tokens`` prompt ids + the first ``max_response_tokens`` response ids.
 
     Cutting the prompt from the left keeps the turn being answered; an earlier turn cut mid-way is harmless
-    for a scorer (generation-side truncation in :mod:`infalign.data` is turn-aligned instead).
+    for a scorer (generation-side truncation in :mod:`infalign.models.data` is turn-aligned instead).
     """
     # verbose=False: long prompts exceed the model's max length here by design, we keep only their tail
     p = tokenizer(list(prompts), add_special_tokens=False, verbose=False)["input_ids"]
@@ -203,7 +203,7 @@ def load_frozen_encoder(backbone: str, max_prompt_tokens: int, max_response_toke
         path = minilm_path()
         model, tok, pooling = AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path), "mean"
     elif backbone == "smollm2":
-        from infalign.policy import smollm2_policy
+        from infalign.models.policy import smollm2_policy
 
         lm, tok, _ = smollm2_policy(cache_root=cache_root)
         model, pooling = lm.model, "last"
@@ -234,7 +234,7 @@ def load_reward_model(reward_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any]
 
     ``model_cfg`` (``cfg.model``) is needed only when the reward's backbone is the reference policy.
     """
-    from infalign.policy import call_target
+    from infalign.models.policy import call_target
 
     rm, _ = call_target(reward_cfg, data_cfg=data_cfg, model_cfg=model_cfg, cache_root=cache_root,
                         partitions=partitions, progress=progress)

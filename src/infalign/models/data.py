@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from infalign.cache import fingerprint
-from infalign.paths import data_root as default_data_root
+from infalign.runtime.artifacts import fingerprint
+from infalign.runtime.paths import data_root as default_data_root
 
 log = logging.getLogger(__name__)
 

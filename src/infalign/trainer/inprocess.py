@@ -2,7 +2,7 @@
 
 `hydra.main` does three things before calling the job: composes the config, fills `hydra.runtime`
 (output dir, choices) and makes it the global `HydraConfig`, then hands the job the config without its
-`hydra` node. `compose_run_config` does the same with Hydra's compose API, so `infalign.run.run` sees what
+`hydra` node. `compose_run_config` does the same with Hydra's compose API, so `infalign.trainer.run.run` sees what
 it sees under `python train.py`. Repeating runs in one process is also what exposes leaks (memory, open
 files) that separate processes would hide.
 """
@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from infalign.paths import conf_dir
+from infalign.runtime.paths import conf_dir
 
 __all__ = ["compose_run_config", "run_in_process"]
 
@@ -37,7 +37,7 @@ def compose_run_config(overrides: list[str], run_dir: str | Path) -> DictConfig:
 
 
 def run_in_process(overrides: list[str], run_dir: str | Path) -> dict:
-    """`infalign.run.run` on the composed config; returns the final metrics."""
-    from infalign.run import run
+    """`infalign.trainer.run.run` on the composed config; returns the final metrics."""
+    from infalign.trainer.run import run
 
     return run(compose_run_config(overrides, run_dir))

@@ -26,11 +26,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from infalign.cache import CacheEntry, get_or_build
-from infalign.data import PreferenceRecord, load_partitions, partition_fingerprint
-from infalign.reward import (RewardModel, SequenceClassifierReward, load_embedding_head_reward,
+from infalign.runtime.artifacts import CacheEntry, get_or_build
+from infalign.models.data import PreferenceRecord, load_partitions, partition_fingerprint
+from infalign.models.reward import (RewardModel, SequenceClassifierReward, load_embedding_head_reward,
                              load_frozen_encoder, make_head)
-from infalign.sft import warmup_cosine
+from infalign.models.sft import warmup_cosine
 
 log = logging.getLogger(__name__)
 FROZEN = ("minilm", "smollm2", "policy_frozen")
@@ -203,7 +203,7 @@ def build_trained_reward(*, backbone: str = "minilm", head: Mapping | None = Non
     if backbone in ("policy", "policy_frozen"):
         if model_cfg is None:
             raise ValueError(f"reward.backbone={backbone} needs the reference policy config (cfg.model)")
-        from infalign.policy import call_target
+        from infalign.models.policy import call_target
 
         _, _, pentry = call_target(model_cfg, data_cfg=data_cfg, cache_root=cache_root, partitions=parts,
                                    progress=progress)

@@ -181,7 +181,7 @@ def _check_pure_sampling(model, kwargs: dict, gen_kwargs: dict, batch: dict[str,
     if len(processors):
         names = ", ".join(type(p).__name__ for p in processors)
         fail(f"model.generate would still apply {names} (set by the model's generation_config or the kwargs)",
-             "Add the generation_config field that switches it off to infalign.rollout._PURE_SAMPLING.")
+             "Add the generation_config field that switches it off to infalign.models.sampling._PURE_SAMPLING.")
 
 
 def tokenize_prompts(tokenizer, prompts: list[str], device=None) -> dict[str, torch.Tensor]:

@@ -21,9 +21,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
 
-from infalign.cache import CacheEntry, fingerprint, get_or_build
-from infalign.data import PreferenceRecord, hh_to_messages, load_partitions, partition_fingerprint
-from infalign.tokenizer import load_or_train_tokenizer
+from infalign.runtime.artifacts import CacheEntry, fingerprint, get_or_build
+from infalign.models.data import PreferenceRecord, hh_to_messages, load_partitions, partition_fingerprint
+from infalign.models.tokenizer import load_or_train_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def build_tiny_policy(*, gpt2: Mapping, tokenizer: Mapping, sft: Mapping, seed: 
     key = tiny_policy_key(gpt2, sft, seed, data_cfg, part_fp, tok_sha)
 
     def build(out: Path) -> dict:
-        from infalign.sft import run_sft
+        from infalign.models.sft import run_sft
 
         torch.manual_seed(seed)
         model = GPT2LMHeadModel(gpt2_config(gpt2, tok, n_positions))

@@ -3,7 +3,7 @@
 A Hydra callback (`hydra.callbacks.sweep_summary` in conf/train.yaml): when a multirun ends it reads
 each member's `final_metrics.json` and writes `sweep_summary.csv` and `sweep_summary.png` into the
 sweep directory, then the study tables and figures (`infalign.study`: study_results.md, ...).
-`python -m infalign.sweep <sweep dir>` rebuilds the summary, `python -m infalign.study <sweep dir>` the study.
+`python -m infalign.study.sweep <sweep dir>` rebuilds the summary, `python -m infalign.study <sweep dir>` the study.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
-from infalign.atomic import atomic_write, atomic_write_csv
+from infalign.runtime.atomic import atomic_write, atomic_write_csv
 
 log = logging.getLogger(__name__)
 
@@ -129,5 +129,5 @@ class SweepSummaryCallback(Callback):
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m infalign.sweep <sweep dir>")
+        sys.exit("usage: python -m infalign.study.sweep <sweep dir>")
     print(write_summary(Path(sys.argv[1])))

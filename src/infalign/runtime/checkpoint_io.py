@@ -5,7 +5,7 @@ file in the *system* temp dir and are then `shutil.move`d into place, a copy (no
 another file system, without fsync. A SIGKILL or power cut mid-copy can leave a truncated `last.ckpt`.
 `SafeCheckpointIO` instead
 
-- writes a temp file next to the target, fsyncs it and renames it (`infalign.atomic`);
+- writes a temp file next to the target, fsyncs it and renames it (`infalign.runtime.atomic`);
 - records its sha256 in `<name>.sha256` and checks it before loading, so truncation and bit rot are
   refused with a message naming the file, instead of a zip error from deep inside torch;
 - loads with `torch.load(weights_only=True)`: a checkpoint is data, and unpickling arbitrary objects
@@ -28,8 +28,8 @@ from typing import Any, Callable
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from infalign.atomic import atomic_write, atomic_write_json
-from infalign.cache import file_sha256
+from infalign.runtime.atomic import atomic_write, atomic_write_json
+from infalign.runtime.artifacts import file_sha256
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.text import Perplexity
 
-from infalign.data import PreferenceRecord, truncate_prompt, truncate_response
+from infalign.models.data import PreferenceRecord, truncate_prompt, truncate_response
 
 IGNORE = -100
 
