@@ -15,7 +15,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from infalign import atomic
+from infalign.runtime import atomic
 from infalign.runtime.atomic import atomic_write, atomic_write_csv, read_csv_rows
 from infalign.runtime.artifacts import entry_path, get_or_build, remove_dead_builds
 from infalign.runtime.checkpoint_io import CheckpointError, SafeCheckpointIO, checksum_path, load_checkpoint, verify_checkpoint
