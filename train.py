@@ -1,7 +1,8 @@
 """Train a policy with CTRL (calibrate-and-transform RL) for best-of-N / worst-of-N inference.
 
     python train.py transform=bon_exp n=4
-    python train.py experiment=smoke
+    python train.py scale=smoke                        (the seconds-sized scale, conf/scale/)
+    python train.py method=won_exp scale=smoke         (a method preset, conf/method/, at that scale)
     python train.py -m transform=bon_exp,identity n=2,4 beta=0.05,0.2
 """
 

@@ -1,7 +1,7 @@
 """bf16 mixed precision on this machine: how wrong are the log-probs and the KL, and how much faster is it?
 
     python bench/bf16_check.py                                   # the default tiny model (built if missing)
-    python bench/bf16_check.py experiment=smoke                  # any train.py overrides
+    python bench/bf16_check.py scale=smoke                       # any train.py overrides
     python bench/bf16_check.py --policy outputs/train/<run>/policy   # a trained policy instead of a perturbed one
 
 For the same rollouts it computes, with autocast exactly as Lightning's `precision=bf16-mixed` applies it
@@ -37,9 +37,9 @@ def load(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
     from infalign.models.data import load_partitions
-    from infalign.runtime.paths import conf_dir
     from infalign.models.policy import load_policy
     from infalign.models.reward import load_reward_model
+    from infalign.runtime.paths import conf_dir
     from infalign.trainer.run import _prompt_sets
 
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
@@ -53,7 +53,7 @@ def load(overrides: list[str]):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("overrides", nargs="*", help="train.py config overrides (e.g. experiment=smoke)")
+    ap.add_argument("overrides", nargs="*", help="train.py config overrides (e.g. scale=smoke)")
     ap.add_argument("--policy", help="a save_pretrained policy directory (default: the perturbed reference)")
     ap.add_argument("--noise", type=float, default=0.05, help="relative weight noise of the perturbed policy")
     ap.add_argument("--prompts", type=int, default=16, help="prompts per rollout")
@@ -154,7 +154,8 @@ def main() -> None:
           f"median of {args.repeats} after a warm-up, fp32 and bf16 alternating\n")
     print("| phase | fp32 s | bf16-mixed s | speed-up |\n| --- | --- | --- | --- |")
     for key, label in (("generate", f"rollout generate ({args.prompts * args.k} sequences)"),
-                       ("score", f"reward model scores them (backbone {cfg.reward.get('backbone', cfg.reward.get('name', '?'))})"),
+                       ("score", "reward model scores them (backbone "
+                                 f"{cfg.reward.get('backbone', cfg.reward.get('name', '?'))})"),
                        ("logprobs", "log-prob pass, policy + reference (no grad)"),
                        ("update", f"update: forward + backward, {min(args.minibatch, r.input_ids.shape[0])} sequences")):
         a, b = timings["fp32"][key], timings["bf16-mixed"][key]

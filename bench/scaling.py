@@ -55,10 +55,10 @@ def measure(point: dict, models, cache_root: str, iters: int) -> dict:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
+    from infalign.models.sampling import sampling_kwargs
+    from infalign.trainer.calibration_cache import load_or_build_reference_samples
     from infalign.trainer.datamodule import RolloutDataModule
     from infalign.trainer.module import InfAlignModule
-    from infalign.trainer.calibration_cache import load_or_build_reference_samples
-    from infalign.models.sampling import sampling_kwargs
     from infalign.trainer.run import _prompt_sets
 
     partitions, reference, tokenizer, reward_model = models
@@ -73,8 +73,8 @@ def measure(point: dict, models, cache_root: str, iters: int) -> dict:
         reward_model=reward_model, m=point["m"], gen_kwargs=gen_kwargs, seed=0, progress=False)
     cache_s = time.perf_counter() - t0 if not refs.cache_hit else None
     module = InfAlignModule(reference, tokenizer, reward_model, instantiate(cfg.calibrator), instantiate(cfg.transform),
-                            beta=float(cfg.beta), rl=OmegaConf.to_container(cfg.rl, resolve=True), gen_kwargs=gen_kwargs,
-                            seed=0)
+                            beta=float(cfg.beta), rl=OmegaConf.to_container(cfg.rl, resolve=True),
+                            optimizer=instantiate(cfg.optimizer, _convert_="all"), gen_kwargs=gen_kwargs, seed=0)
     dm = RolloutDataModule(train_prompts, [], refs, point["prompts"], 0)
     rows, ends = [], []
 
@@ -83,7 +83,7 @@ def measure(point: dict, models, cache_root: str, iters: int) -> dict:
             ends.append((time.perf_counter(), cpu_seconds()))
 
         def on_train_epoch_end(self, trainer, pl_module):
-            rows.append({**{p: pl_module.last_train_stats[f"time/{p}"] for p in PHASES},
+            rows.append({**{p: float(trainer.callback_metrics[f"train/time/{p}"]) for p in PHASES},
                          "iteration": time.perf_counter() - ends[-1][0], "cpu": cpu_seconds() - ends[-1][1]})
 
     trainer = L.Trainer(accelerator="cpu", devices=1, precision="32-true", max_epochs=iters + 1, logger=False,
@@ -106,9 +106,9 @@ def load_models():
     from hydra import initialize_config_dir
 
     from infalign.models.data import load_partitions
-    from infalign.runtime.paths import conf_dir
     from infalign.models.policy import load_policy
     from infalign.models.reward import load_reward_model
+    from infalign.runtime.paths import conf_dir
 
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         cfg = hydra_compose("train")

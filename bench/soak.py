@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SMOKE = ["experiment=smoke", "progress=false", "num_threads=1"]
+SMOKE = ["scale=smoke", "progress=false", "num_threads=1"]
 MULTIRUN = ["transform=bon_exp,identity,won_exp", "n=2,4"]  # 3 x 2 = 6 members
 
 

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from infalign.study.analysis import logged_values, transform_for
-from infalign.study.sweep import collect_runs
+from infalign.study.runs import collect_runs, logged_values, transform_from_run
 from infalign.theory import analyze
 
 
@@ -35,7 +34,7 @@ def main(sweep_dir: str) -> None:
         member = Path(sweep_dir) / final["member"]
         row = {"eval_kl": final["eval/kl"], "eval_std": final["eval/bon_win_rate@1"],
                "train_kl": last_mean(member, "train/kl/k1"), "train_std": last_mean(member, "train/reward/calibrated")}
-        transform = transform_for(final, member)
+        transform = transform_from_run(final, member)
         if transform is None:  # raw: its "calibrated" column is the raw score (pass-through calibrator)
             row["train_std"] = np.nan
         theory = analyze(transform, final["beta"], final["n"]) if transform is not None else {}

@@ -2,7 +2,7 @@
 logprobs / update, rollout tokens/s, calibration-cache build time, and the sweep speed-up from sharing it.
 
     python bench/train_bench.py                      # the default config (models built first if missing)
-    python bench/train_bench.py experiment=smoke     # any train.py overrides
+    python bench/train_bench.py scale=smoke          # any train.py overrides
 
 It runs `train.py` once with a fresh calibration seed (so the calibration cache is built and timed), reads
 the per-iteration timings that the trainer logs to logs/metrics.csv, and prints a Markdown table.
@@ -37,7 +37,8 @@ def main(overrides: list[str]) -> None:
     manifest = json.loads((Path(final["calibration_cache"]) / "manifest.json").read_text())
     rows = list(csv.DictReader(open(run_dir / "logs" / "metrics.csv")))
     per_iter = {k: [float(r[f"train/{k}"]) for r in rows if r.get(f"train/{k}")] for k in PHASES}
-    tok_s = [float(r["train/throughput/generated_tokens_per_s"]) for r in rows if r.get("train/throughput/generated_tokens_per_s")]
+    key = "train/throughput/generated_tokens_per_s"
+    tok_s = [float(r[key]) for r in rows if r.get(key)]
     med = {k: statistics.median(v[1:] or v) for k, v in per_iter.items()}  # drop the first (warm-up)
     total = sum(med.values())
     cache_s = manifest["build_seconds"]

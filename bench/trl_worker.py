@@ -14,6 +14,7 @@ and see the same prompt texts (every prompt exactly `prompt_tokens` tokens, so n
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -73,9 +74,9 @@ def build(out: Path) -> None:
     from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
 
     from infalign.models.data import load_partitions, partition_fingerprint
-    from infalign.runtime.paths import conf_dir
     from infalign.models.policy import gpt2_config
     from infalign.models.tokenizer import load_or_train_tokenizer
+    from infalign.runtime.paths import conf_dir
 
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         cfg = compose("train")
@@ -123,20 +124,23 @@ def run_ours(d: Path, iters: int) -> dict:
     import lightning as L
 
     from infalign.core.calibration import PassThroughCalibrator
+    from infalign.core.transforms import RawTransform
+    from infalign.models.sampling import sampling_kwargs
+    from infalign.trainer.calibration_cache import ReferenceSamples
     from infalign.trainer.datamodule import RolloutDataModule
     from infalign.trainer.module import InfAlignModule
-    from infalign.trainer.calibration_cache import ReferenceSamples
-    from infalign.models.sampling import sampling_kwargs
-    from infalign.core.transforms import RawTransform
 
     meta, tok, policy, rm, prompts = load_setting(d)
     # TRL optimises the raw reward minus beta * KL(k1, per sequence): the same objective here
     # (calibrator=passthrough transform=raw); CTRL's calibrate step is timed in section 4 of docs/benchmarks.md.
     rl = {"algo": "rloo", "k": meta["k"], "iterations": iters, "prompts_per_iteration": meta["prompts_per_iteration"],
-          "minibatch_size": meta["minibatch_size"], "ppo_epochs": 1, "clip": 0.2, "lr": meta["lr"],
-          "weight_decay": 0.0, "grad_clip": meta["grad_clip"], "kl_penalty": "reward", "target_kl": None}
+          "minibatch_size": meta["minibatch_size"], "ppo_epochs": 1, "clip": 0.2, "grad_clip": meta["grad_clip"],
+          "kl_penalty": "reward", "target_kl": None}
+    # the optimizer of conf/train.yaml (AdamW, betas 0.9 / 0.95, no weight decay) at the setting's lr
+    optimizer = functools.partial(torch.optim.AdamW, lr=meta["lr"], betas=(0.9, 0.95), weight_decay=0.0)
     module = InfAlignModule(policy, tok, rm, PassThroughCalibrator(), RawTransform(), beta=meta["beta"], rl=rl,
-                            gen_kwargs=sampling_kwargs({"max_new_tokens": meta["max_new_tokens"]}), seed=meta["seed"])
+                            optimizer=optimizer, gen_kwargs=sampling_kwargs({"max_new_tokens": meta["max_new_tokens"]}),
+                            seed=meta["seed"])
     items = [(f"p{i}", p, p) for i, p in enumerate(prompts)]
     no_refs = ReferenceSamples([], torch.zeros(0, 1), [])  # passthrough never asks for reference rewards
     dm = RolloutDataModule(items, [], no_refs, meta["prompts_per_iteration"], meta["seed"])
@@ -149,9 +153,9 @@ def run_ours(d: Path, iters: int) -> dict:
 
         def on_train_epoch_end(self, trainer, pl_module):
             ends.append(stamp())
-            for k, v in pl_module.last_train_stats.items():
-                if k.startswith("time/"):
-                    phases[k[5:]].append(v)
+            for k, v in trainer.callback_metrics.items():
+                if k.startswith("train/time/"):
+                    phases[k[len("train/time/"):]].append(float(v))
 
     result = {}
     trainer = L.Trainer(accelerator="cpu", devices=1, precision="32-true", max_epochs=iters, logger=False,

@@ -55,7 +55,7 @@ def synth_root(tmp_path) -> Path:
 
 
 def tiny_overrides(root: Path, cache: Path) -> list[str]:
-    return ["+preset=test", f"data.root={root}", "data.subsets=[synth]", "data.source=local", f"cache_root={cache}"]
+    return ["scale=smoke", f"data.root={root}", "data.subsets=[synth]", "data.source=local", f"cache_root={cache}"]
 
 
 @pytest.fixture

@@ -13,15 +13,14 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
-
-from infalign.trainer.inprocess import compose_run_config
-from infalign.runtime.paths import conf_dir
-from infalign.trainer.run import _check_context, run
-from infalign.runtime.checkpoint_io import SafeCheckpointIO
-
 from test_reliability import plant_pickle
 
-SMOKE = ["experiment=smoke", "progress=false", "logger=none", "num_threads=1"]
+from infalign.runtime.checkpoint_io import SafeCheckpointIO
+from infalign.runtime.paths import conf_dir
+from infalign.trainer.inprocess import compose_run_config
+from infalign.trainer.run import _check_context, run
+
+SMOKE = ["scale=smoke", "progress=false", "logger=none", "num_threads=1"]
 
 
 def corrupt_checkpoint(run_dir):
@@ -49,6 +48,15 @@ CASES = [  # (overrides, setup of the run dir, expected error text)
     (["calibration.m=2"], None, "calibration.m=2 is below N=4"),
     (["rl.k=1"], None, "rl.k must be an integer >= 2"),
     (["rl.algo=dpo"], None, "rl.algo must be 'rloo' or 'ppo'"),
+    (["+model.tokenzier=1"], None, "model.tokenzier: unknown key in conf/model/tiny.yaml .*; known keys: .*tokenizer"),
+    (["+model.sft.lrr=1"], None, "model.sft.lrr: unknown key in conf/model/tiny.yaml .*; known keys: .*lr"),
+    (["+reward.bakbone=minilm"], None,
+     "reward.bakbone: unknown key in conf/reward/trained.yaml .*; known keys: .*backbone"),
+    (["model.prompt_format=plain"], None, "model.prompt_format must be one of 'raw', 'chat', got 'plain'"),
+    (["reward.backbone=bert"], None, "reward.backbone must be one of 'minilm', .*got 'bert'"),
+    (["model=smollm2"], None,  # the smoke scale's model keys are model=tiny's
+     "model.tokenizer: unknown key in conf/model/smollm2.yaml \\(as composed with conf/scale/smoke"),
+    (["calibration.eval_partition=train"], None, "calibration.eval_partition must be a held-out partition"),
     (["generation.temperature=0.7"], None, "sample from the policy itself"),
     (["data.root=/nonexistent"], None, "no local file at /nonexistent.*data.root.*data.source=hub"),
     (["data.root=/nonexistent", "data.source=local"], None, "not found: /nonexistent.*data.root.*data.source=hub"),
@@ -94,8 +102,8 @@ def test_prompt_plus_response_longer_than_the_context_is_refused():
 
 
 def test_tokenizer_without_pad_token(tmp_path):
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
 
     from infalign.models.policy import _generation_ready
 
@@ -120,10 +128,10 @@ class NaNReward:
 def test_non_finite_rewards_name_the_prompt_and_nothing_is_cached(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from infalign.runtime.artifacts import entry_path
-    from infalign.trainer.calibration_cache import load_or_build_reference_samples
     from infalign.models.sampling import sampling_kwargs
     from infalign.models.tokenizer import train_bpe_tokenizer
+    from infalign.runtime.artifacts import entry_path
+    from infalign.trainer.calibration_cache import load_or_build_reference_samples
 
     tok = train_bpe_tokenizer(["Human: hi there. Assistant: hello friend"] * 8, vocab_size=300)
     torch.manual_seed(0)

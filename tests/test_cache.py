@@ -58,7 +58,9 @@ def test_corrupt_entry_is_detected_and_rebuilt(tmp_path, caplog, damage):
     path = get_or_build(tmp_path, "thing", {"k": 1}, b).path
     w = path / "weights.bin"
     if damage == "flip":
-        data = bytearray(w.read_bytes()); data[10] ^= 0xFF; w.write_bytes(bytes(data))
+        data = bytearray(w.read_bytes())
+        data[10] ^= 0xFF
+        w.write_bytes(bytes(data))
     elif damage == "truncate":
         w.write_bytes(w.read_bytes()[:100])
     elif damage == "delete":

@@ -7,12 +7,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from infalign.trainer.datamodule import IterationSampler
 from infalign.runtime.paths import conf_dir
+from infalign.trainer.datamodule import IterationSampler
 
 # calibration.seed=7: a calibration cache no other test builds, so the two processes build it here;
 # eval.prompts_per_batch=2: the 6 evaluation prompts make 3 batches, split 2 + 1 between the processes.
-DDP_RUN = ["experiment=smoke", "logger=none", "calibration.seed=7", "eval.prompts_per_batch=2", "eval.every=0"]
+DDP_RUN = ["scale=smoke", "logger=none", "calibration.seed=7", "eval.prompts_per_batch=2", "eval.every=0"]
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
@@ -39,12 +39,12 @@ def test_iteration_sampler_refuses_an_uneven_split():
 def test_ddp_run_matches_one_process(run_train, session_cache, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from infalign.trainer.evaluation import WinRateCallback
     from infalign.models.data import load_partitions
     from infalign.models.policy import load_policy
-    from infalign.trainer.calibration_cache import load_or_build_reference_samples, load_reference_samples
     from infalign.models.reward import load_reward_model
     from infalign.models.sampling import sampling_kwargs
+    from infalign.trainer.calibration_cache import load_or_build_reference_samples, load_reference_samples
+    from infalign.trainer.evaluation import WinRateCallback
     from infalign.trainer.run import _prompt_sets
 
     run_dir = tmp_path / "ddp"
@@ -98,7 +98,7 @@ def test_ddp_run_matches_one_process(run_train, session_cache, tmp_path):
 
 
 def test_a_sweep_refuses_several_processes(run_train, tmp_path):
-    out = run_train("-m", "experiment=smoke", "logger=none", "trainer=ddp", "trainer.devices=2", "seed=1,2",
+    out = run_train("-m", "scale=smoke", "logger=none", "trainer=ddp", "trainer.devices=2", "seed=1,2",
                     f"hydra.sweep.dir={tmp_path}", check=False)
     assert out.returncode != 0 and "sweep with a shell loop" in out.stderr
     assert not list(tmp_path.glob("*/checkpoints"))

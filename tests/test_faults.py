@@ -1,8 +1,8 @@
 """Faults end to end on the smoke models: SIGKILL, SIGTERM and SIGINT mid-training (`python train.py` in a
 subprocess) followed by a resume end with exactly the metrics of an uninterrupted run; so does a SIGKILL during
 or after the final evaluation, and extending a finished run; resuming a finished run changes nothing; a logger
-failing mid-run costs no metric and is reported once. Runs that need no signal run in-process (`infalign.trainer.inprocess`), which
-saves a Python start-up each."""
+failing mid-run costs no metric and is reported once. Runs that need no signal run in-process
+(`infalign.trainer.inprocess`), which saves a Python start-up each."""
 
 import csv
 import json
@@ -22,7 +22,7 @@ from infalign.trainer.inprocess import run_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 # 30 iterations (~0.1-0.3 s each here), a checkpoint after every one, an evaluation every 10
-ARGS = ["experiment=smoke", "progress=false", "logger=none", "num_threads=1", "rl.iterations=30", "eval.every=10",
+ARGS = ["scale=smoke", "progress=false", "logger=none", "num_threads=1", "rl.iterations=30", "eval.every=10",
         "checkpoint.every=1"]
 VOLATILE = ("run_dir", "wall_seconds", "calibration_cache_hit")  # final_metrics.json fields that may differ
 TIMING = ("train/time/", "train/throughput/")  # wall-clock columns of logs/metrics.csv

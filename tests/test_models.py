@@ -3,11 +3,11 @@ import importlib.util
 
 import pytest
 import torch
-from hh_helpers import built, compose, one_thread, synth_root, tiny_cfg  # noqa: F401  (fixtures)
+from hh_helpers import built, compose, one_thread, synth_root, tiny_cfg, tiny_overrides  # noqa: F401  (fixtures)
 
 from infalign.models.build import build_all
 from infalign.models.data import load_partitions
-from infalign.models.policy import build_tiny_policy, gpt2_config, load_policy
+from infalign.models.policy import gpt2_config, load_policy, tiny_policy
 from infalign.models.reward import RewardModel, SequenceClassifierReward, load_reward_model
 from infalign.models.reward_train import pairwise_accuracy
 from infalign.models.sft import run_sft, sft_loaders
@@ -19,7 +19,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _mean_loss(model, loader):
     model.eval()
     with torch.no_grad():
-        return sum(model(**{k: b[k] for k in ("input_ids", "attention_mask", "labels")}).loss.item() for b in loader) / len(loader)
+        keys = ("input_ids", "attention_mask", "labels")
+        return sum(model(**{k: b[k] for k in keys}).loss.item() for b in loader) / len(loader)
 
 
 def test_sft_loss_decreases(tiny_cfg):
@@ -50,7 +51,7 @@ def test_policy_cache_hit_and_invalidation(built):
     assert out.shape[0] == 2 and out.shape[1] <= enc["input_ids"].shape[1] + 4
     changed = cfg.model.copy()
     changed.seed = 1  # any change of what determines the model gives a new entry
-    _, _, entry = build_tiny_policy(**_fields(changed), data_cfg=cfg.data, cache_root=cfg.cache_root, progress=False)
+    _, _, entry = tiny_policy(**_fields(changed), data_cfg=cfg.data, cache_root=cfg.cache_root, progress=False)
     assert str(entry.path) != summary["stages"]["policy"]["path"] and not entry.hit
 
 
@@ -80,8 +81,17 @@ def test_build_entry_point_caches_everything(built):
 
 
 def test_missing_data_root_fails_before_any_build(tmp_path):
-    cfg = compose(["+preset=test", f"data.root={tmp_path / 'none'}", "data.source=local", f"cache_root={tmp_path / 'c'}"])
+    cfg = compose(["scale=smoke", f"data.root={tmp_path / 'none'}", "data.source=local", f"cache_root={tmp_path / 'c'}"])
     with pytest.raises(FileNotFoundError, match="INFALIGN_DATA_ROOT"):
+        build_all(cfg, progress=False)
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("override, match", [("+model.tokenzier=1", "model.tokenzier: unknown key"),
+                                             ("+reward.train.epoch=2", "reward.train.epoch: unknown key")])
+def test_build_refuses_an_unknown_key_before_any_build(synth_root, tmp_path, override, match):
+    cfg = compose(tiny_overrides(synth_root, tmp_path / "c") + [override])
+    with pytest.raises(ValueError, match=match):
         build_all(cfg, progress=False)
     assert not (tmp_path / "c").exists()
 

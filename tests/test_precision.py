@@ -15,7 +15,7 @@ def smoke_models(session_cache):
     from infalign.trainer.run import _prompt_sets
 
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=smoke", f"cache_root={session_cache}"])
+        cfg = compose("train", overrides=["scale=smoke", f"cache_root={session_cache}"])
     partitions = load_partitions(cfg.data)
     reference, tokenizer = load_policy(cfg.model, cfg.data, cfg.cache_root, partitions=partitions, progress=False)
     reward = load_reward_model(cfg.reward, cfg.data, cfg.model, cfg.cache_root, partitions=partitions, progress=False)
@@ -27,26 +27,26 @@ def test_rollout_kl_logprobs_are_fp32_under_bf16_autocast(smoke_models):
     from lightning.pytorch.plugins.precision import MixedPrecision
 
     from infalign.core.calibration import EmpiricalCalibrator
-    from infalign.trainer.datamodule import build_rollout
-    from infalign.trainer.module import InfAlignModule
-    from infalign.trainer.calibration_cache import ReferenceSamples
     from infalign.core.losses import sequence_kl
-    from infalign.models.sampling import response_logprobs, sampling_kwargs
     from infalign.core.transforms import BoNExpTransform
+    from infalign.models.sampling import response_logprobs, sampling_kwargs
+    from infalign.trainer.calibration_cache import ReferenceSamples
+    from infalign.trainer.module import InfAlignModule
 
     cfg, reference, tokenizer, reward, prompts = smoke_models
-    ids, texts, reward_texts = (list(x) for x in zip(*prompts))
+    ids = [p[0] for p in prompts]
     module = InfAlignModule(reference, tokenizer, reward, EmpiricalCalibrator(), BoNExpTransform(t=4.0), beta=0.05,
                             rl={"algo": "rloo", "k": 4, "kl_penalty": "reward", "target_kl": None},
-                            gen_kwargs=sampling_kwargs(cfg.generation))
+                            optimizer=torch.optim.AdamW, gen_kwargs=sampling_kwargs(cfg.generation))
     with torch.no_grad():  # a policy unlike the reference, so the KL is not zero by construction
         for p in module.policy.parameters():
-            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05 * p.std().nan_to_num(0))
+            noise = torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()))
+            p.add_(noise * 0.05 * p.std().nan_to_num(0))
     cache = ReferenceSamples(ids, torch.randn(len(ids), 8), [[""] * 8 for _ in ids])
     torch.manual_seed(0)
     with MixedPrecision("bf16-mixed", "cpu").forward_context():  # exactly what trainer.precision=bf16-mixed does
         assert torch.is_autocast_enabled("cpu")
-        buffer = build_rollout(module, ids, texts, reward_texts, cache)
+        buffer = module.rollout(prompts, cache)
     rollout = buffer.rollout
     with torch.no_grad():
         logp, ref_logp = response_logprobs(module.policy, rollout), response_logprobs(module.reference, rollout)

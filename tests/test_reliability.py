@@ -16,12 +16,12 @@ import torch
 from omegaconf import OmegaConf
 
 from infalign.runtime import atomic
-from infalign.runtime.atomic import atomic_write, atomic_write_csv, read_csv_rows
 from infalign.runtime.artifacts import entry_path, get_or_build, remove_dead_builds
+from infalign.runtime.atomic import atomic_write, atomic_write_csv, read_csv_rows
 from infalign.runtime.checkpoint_io import CheckpointError, SafeCheckpointIO, checksum_path, load_checkpoint, verify_checkpoint
-from infalign.trainer.checkpointing import (check_resume, check_run_options, config_changes, resolve_resume, resume_command,
-                                    truncate_csv)
 from infalign.runtime.loggers import GuardedLogger, ResumableCSVLogger, build_loggers
+from infalign.trainer.checkpointing import check_run_options, truncate_csv
+from infalign.trainer.resume import check_resume, config_changes, resolve_resume, resume_command
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,52 @@ def test_atomic_write_keeps_the_old_file_when_the_writer_dies(tmp_path):
         atomic_write(target, dies)
     assert read_csv_rows(target) == (["a", "b"], [{"a": "1", "b": "2"}])
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]  # no temp file left
-    assert oct(target.stat().st_mode & 0o777) == oct(0o666 & ~atomic._UMASK)  # not mkstemp's owner-only 0600
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_writes_get_the_mode_a_plain_open_gives_and_leave_the_umask_alone(tmp_path, umask):
+    """0o666 less the umask, as `open(path, "w")` would create it (not mkstemp's owner-only 0600), and importing
+    or using the module never sets the process umask, even for a moment (other threads' files would get it)."""
+    script = textwrap.dedent(f"""
+        import json, os, sys
+        from pathlib import Path
+        os.umask({umask:#o})
+        calls = []
+        real_umask = os.umask
+        os.umask = lambda mask: calls.append(mask) or real_umask(mask)
+        from infalign.runtime.atomic import atomic_write_csv, atomic_write_figure, atomic_write_text
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        out = Path(sys.argv[1])
+        atomic_write_text(out / "a.txt", "x")
+        atomic_write_csv(out / "b.csv", [{{"a": 1}}])
+        atomic_write_figure(out / "c.png", plt.figure(figsize=(1, 1)), dpi=20)
+        with open(out / "plain.txt", "w") as f:
+            f.write("x")
+        modes = {{p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}}
+        print(json.dumps({{"modes": modes, "umask_calls": calls, "umask": real_umask({umask:#o})}}))
+    """)
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["modes"] == {name: 0o666 & ~umask for name in ("a.txt", "b.csv", "c.png", "plain.txt")}
+    assert result["umask_calls"] == [] and result["umask"] == umask
+
+
+def test_atomic_figure_is_the_same_png_savefig_writes(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.plot([0, 1], [0, 1])
+    fig.savefig(tmp_path / "direct.png", dpi=50)
+    atomic.atomic_write_figure(tmp_path / "atomic.png", fig, dpi=50)
+    plt.close(fig)
+    assert (tmp_path / "atomic.png").read_bytes() == (tmp_path / "direct.png").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["atomic.png", "direct.png"]  # no temp file left
 
 
 def test_truncate_csv_keeps_the_header_and_first_rows(tmp_path):
@@ -230,7 +275,8 @@ def test_resume_command_replaces_the_run_options():
 
 
 def record(**config):
-    base = {"n": 4, "beta": 0.05, "seed": 0, "rl": {"iterations": 30, "lr": 1e-3}, "data": {"root": "/a", "limit": 160},
+    base = {"n": 4, "beta": 0.05, "seed": 0, "rl": {"iterations": 30}, "optimizer": {"lr": 1e-3, "weight_decay": 0.0},
+            "data": {"root": "/a", "limit": 160},
             "eval": {"k": 16}, "trainer": {"max_epochs": 30}, "progress": True}
     for key, value in config.items():
         node, *path = key.split("__")
@@ -249,9 +295,9 @@ def test_config_changes_cover_the_experiment_only():
     assert config_changes(record(), record(rl__iterations=20)) == ({"rl.iterations": (30, 20)}, {})
     changed = record(beta=0.5, data__limit=None, seed=True)  # true is not 0 == False, None not 160
     changed["choices"]["transform"] = "won_exp"
-    del changed["config"]["rl"]["lr"]
+    del changed["config"]["optimizer"]["lr"]
     assert config_changes(record(), changed)[0] == {"beta": (0.05, 0.5), "choices.transform": ("bon_exp", "won_exp"),
-                                                    "data.limit": (160, None), "rl.lr": (0.001, "<absent>"),
+                                                    "data.limit": (160, None), "optimizer.lr": (0.001, "<absent>"),
                                                     "seed": (0, True)}
     assert config_changes(record(beta=1), record(beta=1.0)) == ({}, {})
 
@@ -259,7 +305,7 @@ def test_config_changes_cover_the_experiment_only():
 def test_a_checkpoint_without_a_config_is_resumed_with_a_warning(tmp_path, caplog):
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     SafeCheckpointIO().save_checkpoint({"epoch": 1, "global_step": 4}, ckpt)  # as written before configs were kept
-    with caplog.at_level(logging.WARNING, logger="infalign.trainer.checkpointing"):
+    with caplog.at_level(logging.WARNING, logger="infalign.trainer.resume"):
         plan = check_resume(tmp_path / "run", ckpt, record(), allow_changes=False, iterations=30, n=4)
     assert "records no config" in caplog.text
     assert plan.finished is None and plan.entry["config_checked"] is False and plan.entry["from_iteration"] == 2

@@ -1,6 +1,6 @@
 """A results folder is read as data, never executed (issue 12): `python -m infalign.study.sweep` and
 `infalign.study` rebuild each run's transform from its saved config through one allow-listed reader
-(infalign.study.recorded.transform_from_run), never through Hydra's `instantiate`, and with the `t` the run
+(infalign.study.runs.transform_from_run), never through Hydra's `instantiate`, and with the `t` the run
 recorded (no solver runs again).
 
 The sweep summary skips the theory curve of a refused member with a warning (its measured points and the
@@ -14,11 +14,10 @@ import pytest
 from test_study import fake_final, fake_member
 
 import infalign.theory
-from infalign.study import transform_from_run, write_study
-from infalign.study.analysis import transform_for
-from infalign.study.recorded import ALLOWED_TRANSFORMS
-from infalign.study.sweep import _theory_curves, collect_runs, write_summary
 from infalign.core.transforms import BoNExpTransform, LogTransform, WoNExpTransform
+from infalign.study import write_study
+from infalign.study.runs import ALLOWED_TRANSFORMS, collect_runs, transform_from_run
+from infalign.study.sweep import _theory_curves, write_summary
 
 VICTIM_TEXT = "precious results\n"
 
@@ -91,7 +90,7 @@ def test_only_plain_parameters_of_project_transforms_are_read(tmp_path, victim, 
     }[case]
     member = plant(tmp_path, 0, transform_cfg, **root_cfg)
     with pytest.raises(ValueError, match="config.yaml"):
-        transform_for(calibrated_final(), member)
+        transform_from_run(calibrated_final(), member)
     assert victim.read_text() == VICTIM_TEXT
 
 
@@ -127,7 +126,7 @@ def test_recorded_t_is_used_and_no_solver_runs(tmp_path, monkeypatch):
         cfg = {"_target_": f"infalign.core.transforms.{cls.__name__}", "t": "auto", "n": "${n}", "beta": "${beta}",
                "target_kl": None}
         member = plant(sweep, i, cfg, final=final)
-        transform = transform_for(final, member)
+        transform = transform_from_run(final, member)
         assert type(transform) is cls and transform.t == t
     curves = _theory_curves(sweep, collect_runs(sweep))
     assert sorted(curves) == [("bon_exp(t=7.5)", 4), ("won_exp(t=3.25)", 4)]

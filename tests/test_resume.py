@@ -12,7 +12,7 @@ import torch
 import infalign.trainer.run
 from infalign.trainer.inprocess import run_in_process
 
-ARGS = ["experiment=smoke", "progress=false", "logger=none", "num_threads=1", "rl.iterations=2", "eval.every=0"]
+ARGS = ["scale=smoke", "progress=false", "logger=none", "num_threads=1", "rl.iterations=2", "eval.every=0"]
 VOLATILE = (".hydra", "train.log")  # Hydra's own files, rewritten at every start
 
 
@@ -53,10 +53,10 @@ def test_the_checkpoint_and_run_config_yaml_record_the_config(finished):
 
 @pytest.mark.parametrize("overrides, lines", [
     (["beta=0.5", "transform=won_exp"], ["beta: 0.05 -> 0.5", "choices.transform: bon_exp -> won_exp",
-                                         "transform._target_: infalign.core.transforms.BoNExpTransform -> "
-                                         "infalign.core.transforms.WoNExpTransform", "transform.beta: 0.05 -> 0.5"]),
+                                         "transform._target_: infalign.theory.factories.bon_exp -> "
+                                         "infalign.theory.factories.won_exp", "transform.beta: 0.05 -> 0.5"]),
     (["rl.iterations=1"], ["rl.iterations: 2 -> 1"]),  # fewer iterations is no extension
-    (["seed=1", "rl.lr=0.01"], ["seed: 0 -> 1", "rl.lr: 0.001 -> 0.01"]),
+    (["seed=1", "optimizer.lr=0.01"], ["seed: 0 -> 1", "optimizer.lr: 0.001 -> 0.01"]),
 ])
 def test_a_changed_experiment_is_refused_before_any_model_listing_the_keys(session_cache, finished, tmp_path, no_model,
                                                                            overrides, lines):

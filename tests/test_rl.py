@@ -1,7 +1,7 @@
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from infalign.core.losses import AdaptiveKLController, ppo_clip_loss, rloo_advantages, rloo_loss, sequence_kl
 from infalign.models.sampling import decode_responses, generate, response_logprobs, sampling_kwargs

@@ -15,19 +15,19 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
 
+from infalign.core.transforms import BoNExpTransform, IdentityTransform, LogTransform, WoNExpTransform
 from infalign.runtime.paths import REPO_ROOT, conf_dir
 from infalign.study import analyze_sweep, optimum_at, write_study
 from infalign.study.analysis import RAW_NOTE, matched_kl, response_lengths
-from infalign.theory import analyze, best_t
-from infalign.core.transforms import BoNExpTransform, IdentityTransform, LogTransform, WoNExpTransform
+from infalign.theory import analyze, best_t, factories
 
 NOTEBOOKS = REPO_ROOT / "notebooks"
 METHODS = {  # preset -> (transform class, calibrator class)
     "raw": ("RawTransform", "PassThroughCalibrator"),
     "calibrated": ("IdentityTransform", "EmpiricalCalibrator"),
     "bon_distill": ("LogTransform", "EmpiricalCalibrator"),
-    "bon_exp": ("BoNExpTransform", "EmpiricalCalibrator"),
-    "won_exp": ("WoNExpTransform", "EmpiricalCalibrator"),
+    "bon_exp": ("factories.bon_exp", "EmpiricalCalibrator"),
+    "won_exp": ("factories.won_exp", "EmpiricalCalibrator"),
 }
 
 
@@ -39,14 +39,14 @@ def compose_train(*overrides, hydra_cfg=False):
 # ------------------------------------------------------------------------------------------ configs
 @pytest.mark.parametrize("method", METHODS)
 def test_method_presets_choose_transform_and_calibrator(method):
-    cfg = compose_train(f"experiment={method}", "n=4", "beta=0.2")
+    cfg = compose_train(f"method={method}", "n=4", "beta=0.2")
     transform_cls, calibrator_cls = METHODS[method]
     assert cfg.method == method
     assert cfg.transform._target_.endswith(transform_cls) and cfg.calibrator._target_.endswith(calibrator_cls)
     transform = instantiate(cfg.transform)
     if method.endswith("_exp"):  # t: auto resolves through the theory; transform.t=4 fixes it
         assert cfg.transform.t == "auto" and transform.auto and 1.0 < transform.t < 100.0
-        assert instantiate(compose_train(f"experiment={method}", "transform.t=4").transform).t == 4.0
+        assert instantiate(compose_train(f"method={method}", "transform.t=4").transform).t == 4.0
 
 
 @pytest.mark.parametrize("study, min_seeds", [("bon", 3), ("won", 3), ("compact", 3), ("smoke", 2)])
@@ -58,17 +58,17 @@ def test_study_sweeps_every_method_over_its_own_beta_grid(study, min_seeds):
         override = parser.parse_override(f"{key}={params[key]}")
         return list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
 
-    methods, levels, seeds = values("experiment"), [int(i) for i in values("study.beta_index")], values("seed")
+    methods, levels, seeds = values("method"), [int(i) for i in values("study.beta_index")], values("seed")
     assert len(seeds) >= min_seeds and set(methods) <= set(METHODS)
     for method in methods:
         for level in {levels[0], levels[-1]}:  # composing is slow-ish: the ends of the grid suffice
-            cfg = compose_train(f"study={study}", f"experiment={method}", f"study.beta_index={level}")
+            cfg = compose_train(f"study={study}", f"method={method}", f"study.beta_index={level}")
             assert cfg.method == method and cfg.beta == cfg.study.betas[method][level]
         betas = list(cfg.study.betas[method])
         assert len(betas) == len(levels) == len(set(betas)), f"{method}: grid and swept indices differ, or repeats"
         assert all(b > 0 for b in betas)
     assert set(cfg.study.betas) == set(methods), "a grid for every swept method and none unused"
-    bad = compose_train(f"study={study}", f"experiment={methods[0]}", "study.beta_index=99")
+    bad = compose_train(f"study={study}", f"method={methods[0]}", "study.beta_index=99")
     with pytest.raises(Exception, match="outside the list"):
         _ = bad.beta
 
@@ -219,7 +219,7 @@ def test_smoke_study_end_to_end(smoke_study):
                                                                ("calibrated", 1)]
     assert len({f["calibration_cache"] for f in finals}) == 1  # one cache, one set of eval prompts and references
     assert {f["beta"] for f in finals} == {0.05}
-    t_auto = BoNExpTransform(t="auto", n=4, beta=0.05).t
+    t_auto = factories.bon_exp(t="auto", n=4, beta=0.05).t
     assert all(f["t"] == pytest.approx(t_auto) for f in finals if f["method"] == "bon_exp")
     rows = list(csv.DictReader(open(smoke_study / "study_results.csv")))
     assert [r["method"] for r in rows] == ["calibrated", "bon_exp"] and {r["seeds"] for r in rows} == {"2"}

@@ -1,4 +1,4 @@
-"""End to end: `python train.py experiment=smoke` and friends, on the seconds-sized smoke preset."""
+"""End to end: `python train.py scale=smoke` and friends, on the seconds-sized smoke scale."""
 
 import csv
 import json
@@ -9,9 +9,9 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from infalign.runtime.paths import conf_dir
-from infalign.trainer.run import validate_config
+from infalign.trainer.config import validate_config
 
-SMOKE = ["experiment=smoke", "progress=false"]
+SMOKE = ["scale=smoke", "progress=false"]
 
 
 def read_final(run_dir):
@@ -22,7 +22,7 @@ def test_smoke_run_end_to_end(run_train, tmp_path):
     run_dir = tmp_path / "run"
     out = run_train(*SMOKE, "logger=wandb", f"hydra.run.dir={run_dir}")
     final = read_final(run_dir)
-    for n in (1, 2, 4):  # eval.ns of the smoke preset, with the run's n=4
+    for n in (1, 2, 4):  # eval.ns of the smoke scale, with the run's n=4
         for mode in ("bon", "won"):
             for suffix in ("", "_se"):
                 assert math.isfinite(final[f"eval/{mode}_win_rate@{n}{suffix}"])
@@ -44,6 +44,21 @@ def test_smoke_run_end_to_end(run_train, tmp_path):
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")  # plain data
     assert not [k for k in ckpt["state_dict"] if k.startswith("reference.")], "frozen reference saved in checkpoint"
     assert ckpt["global_step"] == 3 * 2  # 3 iterations x (4 prompts x k=4 / minibatch 8) optimizer steps
+
+
+def test_a_method_preset_runs_at_the_smoke_scale(run_train, tmp_path):
+    """`method=<name> scale=<name>`: the groups compose (the method picks transform and calibrator, the scale the
+    sizes), and final_metrics.json records the method preset's name."""
+    args = ["scale=smoke", "logger=none", "progress=false", "rl.iterations=1", "eval.every=0"]
+    run_train("method=bon_exp", *args, f"hydra.run.dir={tmp_path / 'bon_exp'}")
+    final = read_final(tmp_path / "bon_exp")
+    assert final["method"] == "bon_exp" and final["transform"] == "bon_exp" and final["calibrator"] == "empirical"
+    assert final["iteration"] == 1 and final["eval/prompts"] == 6  # smoke-sized: calibration.eval_prompts=6
+    assert final["t_auto"] is True  # bon_exp.yaml: t: auto, chosen for n
+    # a method named otherwise than its transform: the record is the preset's name
+    run_train("method=calibrated", *args, f"hydra.run.dir={tmp_path / 'calibrated'}")
+    final = read_final(tmp_path / "calibrated")
+    assert final["method"] == "calibrated" and final["transform"] == "identity" and final["eval/prompts"] == 6
 
 
 def test_multirun_over_n_trains_for_each_n_and_shares_the_calibration_cache(run_train, tmp_path):

@@ -15,6 +15,7 @@ from infalign.core.transforms import (
     RawTransform,
     WoNExpTransform,
 )
+from infalign.theory import factories
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 U = np.linspace(0.0, 1.0, 101)
@@ -71,12 +72,13 @@ def test_nan_input_rejected():
 
 
 def test_optimal_transform_interpolates_its_table_in_torch_and_numpy():
-    opt = OptimalTransform(n=4, mode="bon", beta=0.2)
+    opt = factories.optimal(n=4, mode="bon", beta=0.2)
+    assert isinstance(opt, OptimalTransform)
     u = np.random.default_rng(0).random(50)
     np.testing.assert_allclose(opt(torch.tensor(u)).numpy(), opt(u), atol=1e-10)
     assert np.all(np.diff(opt(U)) >= 0)  # best-of-N rewards higher u
     # N = 1: the optimum is the identity (the standard win rate's functional derivative is u)
-    np.testing.assert_allclose(OptimalTransform(n=1, mode="bon", beta=0.3)(U), U, atol=1e-9)
+    np.testing.assert_allclose(factories.optimal(n=1, mode="bon", beta=0.3)(U), U, atol=1e-9)
 
 
 def test_every_transform_config_instantiates():
@@ -91,9 +93,24 @@ def test_every_transform_config_instantiates():
 def test_auto_t_is_the_theory_best_t_at_the_optimums_kl():
     from infalign import theory
 
-    auto = BoNExpTransform(t="auto", n=4, beta=0.2)
+    auto = factories.bon_exp(t="auto", n=4, beta=0.2)
     want = theory.best_t("bon", 4, theory.optimal_density(4, "bon", 0.2).kl())["t"]
-    assert auto.auto and auto.t == pytest.approx(want)
-    assert WoNExpTransform(t="auto", n=4, target_kl=0.5).t == pytest.approx(theory.best_t("won", 4, 0.5)["t"])
+    assert isinstance(auto, BoNExpTransform) and auto.auto and auto.t == pytest.approx(want)
+    won = factories.won_exp(t="auto", n=4, target_kl=0.5)
+    assert isinstance(won, WoNExpTransform) and won.t == pytest.approx(theory.best_t("won", 4, 0.5)["t"])
     with pytest.raises(ValueError, match="t=auto needs n"):
-        BoNExpTransform(t="auto")
+        factories.bon_exp(t="auto")
+    with pytest.raises(ValueError, match="target_kl"):
+        factories.won_exp(t="auto", n=4, target_kl=-1)
+
+
+def test_a_fixed_t_runs_no_solver(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("the solver ran for a fixed t")
+
+    monkeypatch.setattr(factories, "best_t", boom)
+    monkeypatch.setattr(factories, "optimal_density", boom)
+    fixed = factories.bon_exp(t=10.0, n=4, beta=0.05)
+    assert fixed.t == 10.0 and not fixed.auto
+    with pytest.raises(TypeError):  # the transform itself takes no solver arguments: t=auto lives in the factory
+        BoNExpTransform(t="auto", n=4, beta=0.2)

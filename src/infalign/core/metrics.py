@@ -14,6 +14,7 @@ import torch
 from torchmetrics import Metric
 
 from infalign.core.calibration import check_rewards
+from infalign.core.checks import check_mode, check_n
 
 __all__ = ["InferenceTimeWinRate", "bon_win_rate_per_prompt", "won_win_rate_per_prompt", "inference_win_rate_per_prompt"]
 
@@ -26,8 +27,6 @@ def _log_binom(n: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _check_n(n, k: int, l: int) -> int:
-    from infalign.theory import check_n  # single source of the rule for N
-
     n = check_n(n)
     if k < n or l < n:
         raise ValueError(
@@ -62,8 +61,6 @@ def won_win_rate_per_prompt(policy_rewards, reference_rewards, n: int) -> torch.
 
 
 def inference_win_rate_per_prompt(policy_rewards, reference_rewards, n: int, mode: str) -> torch.Tensor:
-    from infalign.theory import check_mode
-
     fn = bon_win_rate_per_prompt if check_mode(mode) == "bon" else won_win_rate_per_prompt
     return fn(policy_rewards, reference_rewards, n)
 
@@ -82,7 +79,6 @@ class InferenceTimeWinRate(Metric):
 
     def __init__(self, n: int = 1, mode: str = "bon", **kwargs):
         super().__init__(**kwargs)
-        from infalign.theory import check_mode, check_n
 
         self.n = check_n(n)
         self.mode = check_mode(mode)

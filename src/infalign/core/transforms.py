@@ -18,6 +18,8 @@ from abc import ABC, abstractmethod
 import numpy as np
 import torch
 
+from infalign.core.checks import check_mode, check_n
+
 __all__ = [
     "Transform",
     "RawTransform",
@@ -99,32 +101,15 @@ class IdentityTransform(Transform):
         return u
 
 
-def _resolve_t(t, mode: str, n, beta, target_kl, owner: str) -> float:
-    """A fixed `t`, or with `t="auto"` the theory's best `t` for best-/worst-of-N at a target KL.
-
-    The target KL defaults to the KL of the optimal policy for (N, mode, beta): the exp-family member that
-    is best at the KL the inference-aware optimum itself spends at this beta.
-    """
-    if t != "auto":
-        return _positive("t", t, owner)
-    from infalign.theory import best_t, check_beta, check_n, optimal_density
-
-    if n is None or (beta is None and target_kl is None):
-        raise ValueError(f"{owner}: t=auto needs n and beta (or target_kl) to choose t; they default to the run's")
-    if target_kl is None:
-        target_kl = optimal_density(check_n(n), mode, check_beta(beta)).kl()
-    return best_t(mode, n, _positive("target_kl", target_kl, owner))["t"]
-
-
 class BoNExpTransform(Transform):
-    """`Phi(u) = (exp(t u) - 1) / (exp(t) - 1)`, t > 0: for best-of-N. `t="auto"`: see `_resolve_t`."""
+    """`Phi(u) = (exp(t u) - 1) / (exp(t) - 1)`, t > 0: for best-of-N. `t: auto` (the theory choosing t for
+    N and beta) is `infalign.theory.factories.bon_exp`; `auto` records that it chose this t."""
 
     name = "bon_exp"
 
-    def __init__(self, t: float | str = 10.0, n: int | None = None, beta: float | None = None,
-                 target_kl: float | None = None):
-        self.t = _resolve_t(t, "bon", n, beta, target_kl, "bon_exp")
-        self.auto = t == "auto"
+    def __init__(self, t: float = 10.0, *, auto: bool = False):
+        self.t = _positive("t", t, "bon_exp")
+        self.auto = bool(auto)
 
     def phi(self, u):
         xp, t = _xp(u), self.t
@@ -133,14 +118,14 @@ class BoNExpTransform(Transform):
 
 
 class WoNExpTransform(Transform):
-    """`Phi(u) = (1 - exp(-t u)) / (1 - exp(-t))`, t > 0: for worst-of-N. `t="auto"`: see `_resolve_t`."""
+    """`Phi(u) = (1 - exp(-t u)) / (1 - exp(-t))`, t > 0: for worst-of-N. `t: auto` is
+    `infalign.theory.factories.won_exp`; `auto` records that the theory chose this t."""
 
     name = "won_exp"
 
-    def __init__(self, t: float | str = 8.0, n: int | None = None, beta: float | None = None,
-                 target_kl: float | None = None):
-        self.t = _resolve_t(t, "won", n, beta, target_kl, "won_exp")
-        self.auto = t == "auto"
+    def __init__(self, t: float = 8.0, *, auto: bool = False):
+        self.t = _positive("t", t, "won_exp")
+        self.auto = bool(auto)
 
     def phi(self, u):
         xp = _xp(u)
@@ -167,8 +152,9 @@ class LogTransform(Transform):
 
 
 class OptimalTransform(Transform):
-    """The optimal transform for N, mode and beta (math page, section 3), tabulated by the theory's damped
-    fixed-point iteration and linearly interpolated.
+    """The optimal transform for N, mode and beta (math page, section 3): a table `values` on `grid`, linearly
+    interpolated. The table comes from the theory's damped fixed-point iteration:
+    `infalign.theory.factories.optimal(n, mode, beta)` builds it (seconds of solver work, so not hidden here).
 
     Unlike the exp family it is not normalised: the fixed point is the optimum for exactly this `beta`, so
     pair it with the same `beta` in training.
@@ -176,14 +162,12 @@ class OptimalTransform(Transform):
 
     name = "optimal"
 
-    def __init__(self, n: int = 4, mode: str = "bon", beta: float = 0.1):
-        from infalign.theory import check_mode, check_n, optimal_transform  # theory imports this module
-
-        self.n = check_n(n)
-        self.mode = check_mode(mode)
-        self.beta = _positive("beta", beta, "optimal")
-        grid, values = optimal_transform(self.n, self.mode, self.beta)
-        self._grid, self._values = np.array(grid), np.array(values)  # writable copies (torch.as_tensor)
+    def __init__(self, grid, values, *, n: int, mode: str, beta: float):
+        self.n, self.mode, self.beta = check_n(n), check_mode(mode), _positive("beta", beta, "optimal")
+        self._grid, self._values = np.array(grid, dtype=np.float64), np.array(values, dtype=np.float64)  # writable
+        if self._grid.ndim != 1 or self._grid.shape != self._values.shape or len(self._grid) < 2:
+            raise ValueError(f"optimal: grid and values must be 1-D arrays of one length >= 2, got "
+                             f"{self._grid.shape} and {self._values.shape}")
 
     def phi(self, u):
         if isinstance(u, torch.Tensor):

@@ -2,7 +2,7 @@
 
     python -m infalign.models.build                           # defaults: data=hh_rlhf model=tiny reward=trained
     python -m infalign.models.build model=smollm2 reward.backbone=policy_frozen
-    python -m infalign.models.build +preset=test              # seconds-sized models, for tests and smoke runs
+    python -m infalign.models.build scale=smoke               # seconds-sized models, for tests and smoke runs
     python -m infalign.models.build stages=[policy] samples=4 # only the reference, then sample 4 test prompts
 
 Every stage is content-addressed in the cache (``cache_root``, default ``$INFALIGN_CACHE`` or
@@ -22,10 +22,11 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from infalign.runtime.artifacts import atomic_write_text
 from infalign.models.data import load_partitions, partition_fingerprint
+from infalign.models.loaders import call_loader, check_loader_config
+from infalign.models.policy import format_prompts
+from infalign.runtime.artifacts import atomic_write_text
 from infalign.runtime.paths import conf_dir
-from infalign.models.policy import call_target, format_prompts
 
 log = logging.getLogger("infalign.models.build")
 STAGES = ("policy", "reward")
@@ -33,18 +34,18 @@ STAGES = ("policy", "reward")
 
 @torch.no_grad()
 def sample_responses(model, tokenizer, prompts: list[str], max_new_tokens: int, prompt_format: str = "raw",
-                     max_prompt_tokens: int | None = None, seed: int = 0, temperature: float = 1.0) -> list[str]:
-    """Sampled responses (ancestral sampling, as the RL stage and best-of-N use) to HH prompts."""
+                     max_prompt_tokens: int | None = None, seed: int = 0) -> list[str]:
+    """Sampled responses to HH prompts: pure samples of the model (`infalign.models.sampling.generate`, as the
+    RL stage, the calibration cache and best-of-N evaluation sample)."""
     from infalign.models.data import truncate_prompt
+    from infalign.models.sampling import decode_responses, generate, sampling_kwargs
 
     if max_prompt_tokens:
         prompts = [truncate_prompt(p, tokenizer, max_prompt_tokens) for p in prompts]
     texts = format_prompts(prompts, tokenizer, prompt_format)
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     torch.manual_seed(seed)
-    out = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                         max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    rollout = generate(model, tokenizer, texts, 1, sampling_kwargs({"max_new_tokens": max_new_tokens}))
+    return decode_responses(tokenizer, rollout)
 
 
 def build_all(cfg: DictConfig, progress: bool = True) -> dict[str, Any]:
@@ -52,6 +53,8 @@ def build_all(cfg: DictConfig, progress: bool = True) -> dict[str, Any]:
     stages = list(cfg.get("stages", STAGES))
     if unknown := set(stages) - set(STAGES):
         raise ValueError(f"unknown stages {sorted(unknown)}; choose from {STAGES}")
+    check_loader_config(cfg.model, "model")  # an unknown key, a bad value: refused before any work
+    check_loader_config(cfg.reward, "reward")
     cache_root = cfg.get("cache_root")
     summary: dict[str, Any] = {"cache_root": str(cache_root), "stages": {}}
     t0 = time.time()
@@ -60,15 +63,15 @@ def build_all(cfg: DictConfig, progress: bool = True) -> dict[str, Any]:
     model = tok = None
     if "policy" in stages or cfg.get("samples", 0):
         t = time.time()
-        model, tok, entry = call_target(cfg.model, data_cfg=cfg.data, cache_root=cache_root, partitions=parts,
-                                        progress=progress)
+        model, tok, entry = call_loader(cfg.model, "model", data_cfg=cfg.data, cache_root=cache_root,
+                                        partitions=parts, progress=progress)
         summary["stages"]["policy"] = {"seconds": round(time.time() - t, 1), "path": str(entry.path) if entry else None,
                                        "cache_hit": entry.hit if entry else None, "meta": entry.meta if entry else {}}
         log.info("reference policy ready (%.1f s): %s", time.time() - t,
                  {k: v for k, v in summary["stages"]["policy"]["meta"].items() if k != "history"})
     if "reward" in stages:
         t = time.time()
-        _, entry = call_target(cfg.reward, data_cfg=cfg.data, model_cfg=cfg.model, cache_root=cache_root,
+        _, entry = call_loader(cfg.reward, "reward", data_cfg=cfg.data, model_cfg=cfg.model, cache_root=cache_root,
                                partitions=parts, progress=progress)
         summary["stages"]["reward"] = {"seconds": round(time.time() - t, 1), "path": str(entry.path) if entry else None,
                                        "cache_hit": entry.hit if entry else None, "meta": entry.meta if entry else {}}

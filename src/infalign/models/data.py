@@ -12,9 +12,10 @@ import json
 import logging
 import re
 from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from infalign.runtime.artifacts import fingerprint
 from infalign.runtime.paths import data_root as default_data_root
@@ -84,7 +85,7 @@ def parse_pair(raw: Mapping[str, Any]) -> PreferenceRecord | str:
 def parse_pairs(raws: Iterable[Mapping[str, Any]], source: str = "") -> tuple[list[PreferenceRecord], Counter]:
     """Parse raw pairs, returning the good records and a Counter of drop reasons (also logged)."""
     records, dropped, n = [], Counter(), 0
-    for n, raw in enumerate(raws, 1):
+    for n, raw in enumerate(raws, 1):  # noqa: B007 (n counts the records; read after the loop)
         out = parse_pair(raw)
         if isinstance(out, str):
             dropped[out] += 1

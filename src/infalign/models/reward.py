@@ -13,8 +13,9 @@ import importlib.util
 import json
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file
@@ -52,7 +53,7 @@ class RewardModel(ABC):
 
     __call__ = score
 
-    def to(self, device: str | torch.device) -> "RewardModel":
+    def to(self, device: str | torch.device) -> RewardModel:
         self.device = torch.device(device)
         for m in self.modules():
             m.to(self.device)
@@ -232,18 +233,20 @@ def load_reward_model(reward_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any]
                       partitions=None, progress: bool = True) -> RewardModel:
     """The reward model for ``cfg.reward``; a ``trained`` one is built and cached first if missing.
 
-    ``model_cfg`` (``cfg.model``) is needed only when the reward's backbone is the reference policy.
+    ``model_cfg`` (``cfg.model``) is needed only when the reward's backbone is the reference policy. The
+    config's keys are its loader's parameters (plus ``name``): an unknown key is an error, raised first.
     """
-    from infalign.models.policy import call_target
+    from infalign.models.loaders import call_loader
 
-    rm, _ = call_target(reward_cfg, data_cfg=data_cfg, model_cfg=model_cfg, cache_root=cache_root,
+    rm, _ = call_loader(reward_cfg, "reward", data_cfg=data_cfg, model_cfg=model_cfg, cache_root=cache_root,
                         partitions=partitions, progress=progress)
     return rm
 
 
 def hf_reward(*, name_or_path: str, revision: str | None = None, trust_remote_code: bool = False,
-              input_format: str = "concat", label_index: int = 0, max_prompt_tokens: int = 384,
-              max_response_tokens: int = 128, batch_size: int = 16, **_ignored) -> tuple[RewardModel, None]:
+              input_format: Literal["concat", "pair"] = "concat", label_index: int = 0, max_prompt_tokens: int = 384,
+              max_response_tokens: int = 128, batch_size: int = 16) -> tuple[RewardModel, None]:
+    """``reward=hf``: any ``AutoModelForSequenceClassification`` by hub name or local folder."""
     if not name_or_path:
         raise ValueError("reward.name_or_path is required for the hf reward model (hub name or local folder)")
     tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)

@@ -16,8 +16,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, TypedDict
 
 import lightning as L
 import torch
@@ -26,14 +27,37 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from infalign.runtime.artifacts import CacheEntry, get_or_build
 from infalign.models.data import PreferenceRecord, load_partitions, partition_fingerprint
-from infalign.models.reward import (RewardModel, SequenceClassifierReward, load_embedding_head_reward,
-                             load_frozen_encoder, make_head)
+from infalign.models.reward import (
+    RewardModel,
+    SequenceClassifierReward,
+    load_embedding_head_reward,
+    load_frozen_encoder,
+    make_head,
+)
 from infalign.models.sft import warmup_cosine
+from infalign.runtime.artifacts import CacheEntry, get_or_build
 
 log = logging.getLogger(__name__)
+Backbone = Literal["minilm", "smollm2", "policy_frozen", "policy"]
 FROZEN = ("minilm", "smollm2", "policy_frozen")
+
+
+class HeadSettings(TypedDict, total=False):
+    """``reward.head`` (frozen backbones only): 0 hidden units = a linear head."""
+    hidden: int
+    dropout: float
+
+
+class RewardTrainSettings(TypedDict, total=False):
+    """``reward.train``: Bradley-Terry training (:func:`fit_bradley_terry`; batch sizes in the trainers)."""
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    grad_clip: float
+    encode_batch_size: int  # frozen feature extraction
 
 
 class BradleyTerryModule(L.LightningModule):
@@ -174,12 +198,12 @@ def train_finetuned_policy(out: Path, policy_path: Path, parts, train_cfg: Mappi
 
 
 # -------------------------------------------------------------------------------------------- loader
-def build_trained_reward(*, backbone: str = "minilm", head: Mapping | None = None, train: Mapping | None = None,
-                         seed: int = 0, max_prompt_tokens: int | None = None, max_response_tokens: int | None = None,
-                         data_cfg: Mapping | None = None, model_cfg: Mapping | None = None,
-                         cache_root=None, partitions=None, progress: bool = True, **_ignored
-                         ) -> tuple[RewardModel, CacheEntry]:
-    """Train (or load from the cache) the Bradley-Terry reward model on the training partition.
+def trained_reward(*, backbone: Backbone = "minilm", head: HeadSettings | None = None,
+                   train: RewardTrainSettings | None = None, seed: int = 0, max_prompt_tokens: int | None = None,
+                   max_response_tokens: int | None = None, data_cfg: Mapping | None = None,
+                   model_cfg: Mapping | None = None, cache_root=None, partitions=None, progress: bool = True
+                   ) -> tuple[RewardModel, CacheEntry]:
+    """``reward=trained``: train (or load from the cache) the Bradley-Terry reward model on the training partition.
 
     ``max_prompt_tokens`` / ``max_response_tokens`` (in the reward model's own tokens) default to the data
     config's budgets; a shorter prompt tail makes frozen-feature extraction cheaper.
@@ -190,8 +214,6 @@ def build_trained_reward(*, backbone: str = "minilm", head: Mapping | None = Non
         raise ValueError("the trained reward model needs data_cfg (cfg.data)")
     if isinstance(data_cfg, DictConfig):
         data_cfg = OmegaConf.to_container(data_cfg, resolve=True)
-    if backbone not in FROZEN + ("policy",):
-        raise ValueError(f"reward.backbone must be one of {FROZEN + ('policy',)}, got {backbone!r}")
     head, train = dict(head or {}), dict(train or {})
     parts = partitions if partitions is not None else load_partitions(data_cfg)
     max_p = int(max_prompt_tokens or data_cfg.get("max_prompt_tokens", 192))
@@ -203,9 +225,9 @@ def build_trained_reward(*, backbone: str = "minilm", head: Mapping | None = Non
     if backbone in ("policy", "policy_frozen"):
         if model_cfg is None:
             raise ValueError(f"reward.backbone={backbone} needs the reference policy config (cfg.model)")
-        from infalign.models.policy import call_target
+        from infalign.models.loaders import call_loader
 
-        _, _, pentry = call_target(model_cfg, data_cfg=data_cfg, cache_root=cache_root, partitions=parts,
+        _, _, pentry = call_loader(model_cfg, "model", data_cfg=data_cfg, cache_root=cache_root, partitions=parts,
                                    progress=progress)
         if pentry is None:
             raise ValueError(f"reward.backbone={backbone} needs a cached reference policy (model=tiny or smollm2)")
@@ -236,8 +258,3 @@ def load_trained_reward(path: str | Path, policy_path=None, cache_root=None) -> 
     spec = json.loads((path / "reward.json").read_text())
     return SequenceClassifierReward(AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True),
                                     AutoTokenizer.from_pretrained(path), **spec)
-
-
-def trained_reward(**kw) -> tuple[RewardModel, CacheEntry]:
-    kw.pop("name", None)
-    return build_trained_reward(**kw)

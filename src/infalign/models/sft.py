@@ -10,16 +10,28 @@ from __future__ import annotations
 import copy
 import math
 import random
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, TypedDict
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.text import Perplexity
 
-from infalign.models.data import PreferenceRecord, truncate_prompt, truncate_response
+from infalign.models.data import PreferenceRecord, truncate_prompt
 
 IGNORE = -100
+
+
+class SFTSettings(TypedDict, total=False):
+    """``model.sft`` of ``model=tiny``: what :func:`run_sft` reads (defaults there)."""
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    grad_clip: float
+    loss_on: Literal["all", "response"]
 
 
 def encode_dialogue(prompt: str, response: str, tokenizer, max_prompt_tokens: int | None,
@@ -152,7 +164,7 @@ class SFTModule(L.LightningModule):
 
 
 def run_sft(model: torch.nn.Module, tokenizer, records: Mapping[str, list[PreferenceRecord]],
-            train_cfg: Mapping[str, Any], *, max_prompt_tokens: int | None, max_response_tokens: int | None,
+            train_cfg: SFTSettings, *, max_prompt_tokens: int | None, max_response_tokens: int | None,
             seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Train ``model`` in place; returns the best validation metrics and the per-epoch history."""
     L.seed_everything(seed, workers=True, verbose=False)

@@ -25,9 +25,10 @@ import socket
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from infalign.runtime.atomic import atomic_write_text  # noqa: F401  (re-exported: build.py imports it from here)
 from infalign.runtime.paths import cache_root as default_cache_root
@@ -244,11 +245,11 @@ def get_or_build(
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
         try:
             os.rename(tmp, path)  # atomic; fails if another process already created the entry
-        except OSError:
+        except OSError as e:
             if (other := lookup(cache_root, kind, key)) is not None:
                 log.info("cache entry %s/%s was built concurrently; using that one", kind, path.name)
                 return other
-            raise CacheError(f"could not move the built entry into place at {path}")
+            raise CacheError(f"could not move the built entry into place at {path}: {e}") from e
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

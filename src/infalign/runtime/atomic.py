@@ -5,6 +5,11 @@ rename must stay on one file system), flush and fsync it (so a power cut after t
 renamed but empty file), then `os.replace` it over the target and fsync the directory (so the rename itself
 is durable). A crash before the rename leaves the old file untouched plus a `.<name>.<random>.tmp` file;
 `remove_stale_temps` clears those on the next start.
+
+The temp file is created with `os.open(..., 0o666)`, as `open(path, "w")` creates a file, so the kernel applies
+the process umask (and a directory's default ACL) and the renamed file gets the mode a plain write would have
+given it. (`tempfile.mkstemp` would create it owner-only, 0600; reading the umask to chmod it afterwards means
+setting it, `os.umask`, which is process-wide and races with other threads creating files.)
 """
 
 from __future__ import annotations
@@ -13,17 +18,30 @@ import csv
 import io
 import json
 import os
-import tempfile
+import secrets
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Callable, IO, Iterable, Mapping
+from typing import IO, Any
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_write_csv",
-           "read_csv_rows", "remove_stale_temps", "TMP_SUFFIX"]
+           "atomic_write_figure", "read_csv_rows", "remove_stale_temps", "TMP_SUFFIX"]
 
 TMP_SUFFIX = ".tmp"
-# mkstemp creates files readable by the owner only; the files we replace were made with the umask
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+# mkstemp's flags: exclusive creation, no following a planted symlink, binary on Windows, not inherited
+_CREATE = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+           | getattr(os, "O_CLOEXEC", 0))
+_TRIES = 100
+
+
+def _create_temp(path: Path) -> tuple[int, str]:
+    """`(fd, name)` of a new `.<name>.<random>.tmp` next to `path`, mode 0o666 less the umask (module docstring)."""
+    for _ in range(_TRIES):
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+        try:
+            return os.open(tmp, _CREATE, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary file name next to {path} after {_TRIES} tries")
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -46,9 +64,8 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None],
     `before_replace(temp_path)` runs between the fsync and the rename (e.g. to record a checksum first)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    fd, tmp = _create_temp(path)
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -84,6 +101,14 @@ def atomic_write_csv(path: str | Path, rows: Iterable[Mapping[str, Any]], fieldn
     writer.writeheader()
     writer.writerows(rows)
     return atomic_write_text(path, buf.getvalue())
+
+
+def atomic_write_figure(path: str | Path, fig, **savefig_kwargs) -> Path:
+    """`fig.savefig(path, **savefig_kwargs)` (a matplotlib figure) through `atomic_write`: a reader never sees half
+    an image. The format is the file name's suffix, as `savefig` infers it from a path, unless `format` is given."""
+    path = Path(path)
+    savefig_kwargs.setdefault("format", path.suffix.lstrip(".") or None)
+    return atomic_write(path, lambda f: fig.savefig(f, **savefig_kwargs))
 
 
 def read_csv_rows(path: str | Path) -> tuple[list[str], list[dict[str, str]]]:

@@ -22,14 +22,15 @@ import json
 import logging
 import pickle
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from infalign.runtime.atomic import atomic_write, atomic_write_json
 from infalign.runtime.artifacts import file_sha256
+from infalign.runtime.atomic import atomic_write, atomic_write_json
 
 log = logging.getLogger(__name__)
 

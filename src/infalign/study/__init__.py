@@ -1,6 +1,11 @@
 """Studies: a sweep of methods x beta x seeds read as win-rate-vs-KL curves with error bars, compared with
 the closed-form theory (infalign.theory). No Lightning: it reads the runs' final_metrics.json.
 
+    runs.py      reading a sweep's runs as data (final metrics, logs, the transform each trained with)
+    analysis.py  the study computed from them: theory, gaps, mean ± s.e. over seeds, matched KL
+    figures.py, report.py   the study's figures and tables, written into the sweep directory
+    sweep.py     the Hydra end-of-multirun callback: the raw sweep summary, then the study
+
     python -m infalign.study <sweep dir>     (also run by the sweep callback at the end of every multirun)
 """
 
@@ -15,13 +20,14 @@ from infalign.study.analysis import (
     theory_at_kl,
 )
 from infalign.study.figures import plot_metric, study_figure, write_figures
-from infalign.study.recorded import transform_from_run
 from infalign.study.report import markdown, write_study
+from infalign.study.runs import collect_runs, transform_from_run
 
 __all__ = [
     "Study",
     "aggregate",
     "analyze_sweep",
+    "collect_runs",
     "markdown",
     "matched_kl",
     "optimum_at",

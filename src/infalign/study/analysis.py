@@ -1,8 +1,9 @@
 """A sweep's runs as a study: gaps to theory per run, mean ± SE over seeds per method x beta, win rates at
 matched KL.
 
-Every number comes from the members' `final_metrics.json` (measured on the same held-out prompts against
-the same cached reference samples) and from `infalign.theory` evaluated at each run's measured KL:
+Every number comes from the members' `final_metrics.json` (read by `infalign.study.runs`; measured on the
+same held-out prompts against the same cached reference samples) and from `infalign.theory` evaluated at each
+run's measured KL:
 
 - theory for the run's transform: the beta at which the optimal policy for that transform spends the
   measured KL (`beta_for_kl`), then that policy's win rates. It is what the transform would give if RL
@@ -16,7 +17,6 @@ numpy/scipy and infalign.theory only: no Lightning, no training.
 
 from __future__ import annotations
 
-import csv
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from infalign.study.recorded import transform_from_run
+from infalign.study.runs import collect_runs, logged_values, transform_from_run
 from infalign.theory import beta_for_kl, default_grid, optimal_density, tilted_density
 
 __all__ = ["Study", "analyze_sweep", "aggregate", "matched_kl", "optimum_curve", "optimum_at", "theory_at_kl",
@@ -96,21 +96,6 @@ def optimum_at(n: int, mode: str, kl: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- runs
-def transform_for(row: dict, member_dir: Path):
-    """The run's transform as it trained (None for raw): rebuilt from the member's saved config and recorded
-    t, read as data (infalign.study.recorded.transform_from_run: allow-listed classes only, never executed)."""
-    return transform_from_run(row, member_dir)
-
-
-def logged_values(member_dir: Path, column: str) -> list[float]:
-    """Every logged value of `column` in the run's logs/metrics.csv, in order (empty if absent)."""
-    path = Path(member_dir) / "logs" / "metrics.csv"
-    if not path.exists():
-        return []
-    with path.open(newline="") as f:
-        return [float(r[column]) for r in csv.DictReader(f) if r.get(column)]
-
-
 def response_lengths(member_dir: Path, last: int = 3) -> tuple[float, float]:
     """Mean training-rollout response length (tokens) at the first iteration (the policy is still the
     reference) and over the last `last` iterations, from the run's logs/metrics.csv (NaN if absent): a
@@ -149,7 +134,8 @@ def run_rows(raw_rows: list[dict], sweep_dir: Path, kl_max: float | None = None)
         if row["kl"] <= KL_FLOOR:
             note = "measured KL <= 0 (sampling noise): theory and optimum are the reference's 0.5"
         theory = {"beta": math.nan, "std": math.nan, "bon": math.nan, "won": math.nan}
-        transform = transform_for(r, Path(sweep_dir) / r["member"])
+        # rebuilt as data (infalign.study.runs: allow-listed transforms, the recorded t, never executed)
+        transform = transform_from_run(r, Path(sweep_dir) / r["member"])
         if transform is None:
             note = RAW_NOTE
         else:
@@ -273,8 +259,6 @@ class Study:
 
 def analyze_sweep(sweep_dir, kls=None, points: int = 3) -> Study:
     """Read every finished member of `sweep_dir` and compute the study (see the module docstring)."""
-    from infalign.study.sweep import collect_runs
-
     sweep_dir = Path(sweep_dir)
     raw = [r for r in collect_runs(sweep_dir) if "eval/kl" in r]
     if not raw:

@@ -13,9 +13,9 @@ policy can reach at that KL (infalign.theory; for the standard win rate the iden
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
+from infalign.runtime.atomic import atomic_write_figure
 from infalign.study.analysis import Study, optimum_curve
 
 __all__ = ["plot_metric", "study_figure", "write_figures", "TITLES"]
@@ -84,9 +84,9 @@ def write_figures(study: Study, out_dir: Path | None = None) -> dict[str, Path]:
     paths = {}
     for key, name in (("bon", "study_bon.png"), ("won", "study_won.png"), ("std", "study_standard.png")):
         fig = study_figure(study, key)
-        tmp = out_dir / f".tmp_{name}"
-        fig.savefig(tmp, dpi=110)
-        plt.close(fig)
-        os.replace(tmp, out_dir / name)  # atomic: a reader never sees half a PNG
+        try:
+            atomic_write_figure(out_dir / name, fig, dpi=110)  # a reader never sees half a PNG
+        finally:
+            plt.close(fig)
         paths[key] = out_dir / name
     return paths

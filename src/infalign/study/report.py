@@ -9,12 +9,11 @@
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
-import os
 from pathlib import Path
 
+from infalign.runtime.atomic import atomic_write_csv, atomic_write_text
 from infalign.study.analysis import RAW_NOTE, Study, analyze_sweep
 from infalign.study.figures import write_figures
 
@@ -24,13 +23,7 @@ __all__ = ["write_study", "markdown", "study_kls_from_sweep"]
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
-    fields = list(dict.fromkeys(k for r in rows for k in r)) or ["empty"]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    atomic_write_csv(path, rows, list(dict.fromkeys(k for r in rows for k in r)) or ["empty"])
 
 
 def _pm(mean, se, digits: int = 3) -> str:
@@ -127,9 +120,7 @@ def write_study(sweep_dir, kls=None, points: int = 3) -> dict[str, Path]:
     _write_csv(paths["results"], study.groups)
     _write_csv(paths["matched_kl"], study.matched)
     figures = write_figures(study, sweep_dir)
-    tmp = sweep_dir / ".study_results.md.tmp"
-    tmp.write_text(markdown(study, figures))
-    os.replace(tmp, paths["markdown"])
+    atomic_write_text(paths["markdown"], markdown(study, figures))
     paths.update({f"figure_{k}": p for k, p in figures.items()})
     log.info("study: %s", ", ".join(str(p) for p in paths.values()))
     return paths

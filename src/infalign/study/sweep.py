@@ -1,14 +1,25 @@
 """End-of-multirun summary: one row per run and win rate vs KL with the theory curves overlaid.
 
 A Hydra callback (`hydra.callbacks.sweep_summary` in conf/train.yaml): when a multirun ends it reads
-each member's `final_metrics.json` and writes `sweep_summary.csv` and `sweep_summary.png` into the
-sweep directory, then the study tables and figures (`infalign.study`: study_results.md, ...).
-`python -m infalign.study.sweep <sweep dir>` rebuilds the summary, `python -m infalign.study <sweep dir>` the study.
+each member's `final_metrics.json` (`infalign.study.runs`) and writes `sweep_summary.csv` and
+`sweep_summary.png` into the sweep directory, then the study tables and figures (`infalign.study.report`:
+study_results.md, ...). `python -m infalign.study.sweep <sweep dir>` rebuilds the summary,
+`python -m infalign.study <sweep dir>` the study.
+
+The two overlap (one row per run, win rate vs KL) but answer different questions, so both are written:
+
+- the summary is the sweep's raw record: `sweep_summary.csv` is every key of every member's
+  final_metrics.json, verbatim (calibration cache, timings, every eval metric, whatever the run recorded),
+  and `sweep_summary.png` every run's own point against the optimal-policy curve of its own transform over
+  beta (none for raw and optimal). It needs no analysis, so it is written for any multirun, first, and stays
+  when the study fails (a member without eval/kl, a refused config);
+- the study (`study_*.csv`, `.md`, `.png`) is the analysis: selected, renamed columns, theory and optimum at
+  each run's measured KL, gaps, mean ± s.e. over seeds per method x beta, matched KL, and curves against the
+  best any policy can reach.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -17,36 +28,21 @@ import numpy as np
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
-from infalign.runtime.atomic import atomic_write, atomic_write_csv
+from infalign.runtime.atomic import atomic_write_csv, atomic_write_figure
+from infalign.study.report import write_study
+from infalign.study.runs import collect_runs, transform_from_run
+from infalign.theory import tilted_density
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SweepSummaryCallback", "collect_runs", "write_summary"]
-
-
-def collect_runs(sweep_dir: Path) -> list[dict]:
-    """final_metrics.json of every finished member (members that failed have none and are skipped), in
-    sweep (job) order: member 10 after member 9, not after member 1."""
-    def job_order(path: Path):
-        name = path.parent.name
-        return (0, int(name), "") if name.isdigit() else (1, 0, name)
-
-    rows = []
-    for path in sorted(Path(sweep_dir).glob("*/final_metrics.json"), key=job_order):
-        row = json.loads(path.read_text())
-        row["member"] = path.parent.name
-        rows.append(row)
-    return rows
+__all__ = ["SweepSummaryCallback", "write_summary"]
 
 
 def _theory_curves(sweep_dir: Path, rows: list[dict]) -> dict[tuple[str, int], list[tuple[float, float, float]]]:
     """(transform, n) -> [(kl, bon, won)] of the optimal policy over a beta grid, from each member's config.
 
-    The transform is rebuilt as data (infalign.study.recorded: allow-listed classes, the recorded t, nothing
+    The transform is rebuilt as data (infalign.study.runs: allow-listed transforms, the recorded t, nothing
     executed); a member whose config is refused is logged and gets no curve, its measured points still show."""
-    from infalign.study.recorded import transform_from_run
-    from infalign.theory import tilted_density
-
     curves, betas = {}, np.geomspace(0.005, 5.0, 30)
     for row in rows:
         name, n = row.get("transform"), int(row["n"])
@@ -105,7 +101,7 @@ def write_summary(sweep_dir: Path) -> tuple[Path, Path] | None:
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     try:
-        atomic_write(png_path, lambda f: fig.savefig(f, dpi=110, format="png"))
+        atomic_write_figure(png_path, fig, dpi=110)
     finally:
         plt.close(fig)
     log.info("sweep summary: %s, %s", csv_path, png_path)
@@ -119,8 +115,6 @@ class SweepSummaryCallback(Callback):
             return  # no finished runs (already logged)
         # The study (infalign.study): mean ± SE over seeds per method x beta, gaps to theory, matched KL, figures.
         # Its failure must not hide the finished runs: log it with the command that redoes it.
-        from infalign.study import write_study
-
         try:
             write_study(sweep_dir, OmegaConf.select(config, "study.matched_kl", default=None))
         except Exception:

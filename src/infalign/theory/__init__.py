@@ -5,13 +5,9 @@ of standard output is a JSON object), or `... mode=curve` for win-rate-vs-KL cur
 """
 
 from infalign.theory.core import (
-    MODES,
     TiltedDensity,
     analyze,
     bon_win_rate,
-    check_beta,
-    check_mode,
-    check_n,
     default_grid,
     inference_win_rate,
     kl,
@@ -29,16 +25,12 @@ from infalign.theory.solve import (
 )
 
 __all__ = [
-    "MODES",
     "TabulatedPhi",
     "TiltedDensity",
     "analyze",
     "best_t",
     "beta_for_kl",
     "bon_win_rate",
-    "check_beta",
-    "check_mode",
-    "check_n",
     "default_grid",
     "inference_win_rate",
     "kl",

@@ -8,10 +8,8 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
-import os
 from pathlib import Path
 
 import hydra
@@ -20,8 +18,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from infalign.core.checks import check_beta, check_n
+from infalign.runtime.atomic import atomic_write_csv, atomic_write_figure
 from infalign.runtime.paths import conf_dir
-from infalign.theory import analyze, check_beta, check_n, win_rate_curves
+from infalign.theory import analyze, win_rate_curves
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +35,7 @@ def write_curves(rows: list[dict], out_dir: Path) -> tuple[Path, Path]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, png_path = out_dir / "win_rate_curves.csv", out_dir / "win_rate_curves.png"
-    tmp = csv_path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, csv_path)
+    atomic_write_csv(csv_path, rows, list(rows[0]))
 
     ns = sorted({r["n"] for r in rows})
     names = list(dict.fromkeys(r["transform"] for r in rows))
@@ -59,10 +54,10 @@ def write_curves(rows: list[dict], out_dir: Path) -> tuple[Path, Path]:
                 ax.set_xlabel("KL(pi || pi_ref) [nats]")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    tmp_png = png_path.with_name("tmp_" + png_path.name)
-    fig.savefig(tmp_png, dpi=110)
-    plt.close(fig)
-    os.replace(tmp_png, png_path)
+    try:
+        atomic_write_figure(png_path, fig, dpi=110)
+    finally:
+        plt.close(fig)
     return csv_path, png_path
 
 

@@ -10,11 +10,10 @@ import math
 import numpy as np
 from scipy.optimize import brentq, minimize_scalar
 
+from infalign.core.checks import check_beta, check_mode, check_n
+from infalign.core.transforms import BoNExpTransform, WoNExpTransform
 from infalign.theory.core import (
     TiltedDensity,
-    check_beta,
-    check_mode,
-    check_n,
     default_grid,
     inference_win_rate,
     tilted_density,
@@ -63,8 +62,6 @@ def best_t(
 
     A coarse scan over log t finds the best bracket, then a bounded scalar search refines it.
     """
-    from infalign.core.transforms import BoNExpTransform, WoNExpTransform
-
     mode, n, target_kl = check_mode(mode), check_n(n), _check_kl(target_kl)
     family = BoNExpTransform if mode == "bon" else WoNExpTransform
     coarse_grid = default_grid(2048) if grid is None else grid

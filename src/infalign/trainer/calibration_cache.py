@@ -20,24 +20,13 @@ from tqdm.auto import tqdm
 
 from infalign.runtime.artifacts import fingerprint, get_or_build, lookup
 from infalign.runtime.distributed import all_gather_object, barrier, broadcast_object, rank_and_world
-from infalign.models.sampling import decode_responses, generate
+from infalign.trainer.rollout import sample_and_score
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ReferenceSamples", "load_or_build_reference_samples", "load_reference_samples", "check_finite_rewards"]
+__all__ = ["ReferenceSamples", "load_or_build_reference_samples", "load_reference_samples"]
 
 KIND = "reference_samples"  # cache kind: <cache_root>/reference_samples/<hash>/
-
-
-def check_finite_rewards(rewards: torch.Tensor, prompts: list[str], where: str) -> None:
-    """Refuse NaN/inf rewards with the prompt that produced them (flattened prompt-major `[P * k]`)."""
-    bad = ~torch.isfinite(rewards)
-    if bad.any():
-        row = int(bad.nonzero()[0, 0]) * len(prompts) // rewards.numel()
-        raise ValueError(
-            f"the reward model returned {int(bad.sum())} non-finite score(s) for {where}, first for the prompt "
-            f"{prompts[row][-200:]!r}; check the reward model (its dtype, its inputs' length)"
-        )
 
 
 @dataclass
@@ -111,11 +100,10 @@ def load_or_build_reference_samples(
                 chunk = prompts[starts[b] : starts[b] + prompts_per_batch]
                 reward_chunk = reward_prompts[starts[b] : starts[b] + prompts_per_batch]
                 torch.manual_seed(seed * 1_000_003 + b)  # each batch seeded: independent of batch order/resume/rank
-                rollout = generate(reference, tokenizer, chunk, m, gen_kwargs)
-                texts = decode_responses(tokenizer, rollout)
-                scores = reward_model.score([p for p in reward_chunk for _ in range(m)], texts)
-                check_finite_rewards(scores, reward_chunk, "the calibration cache")
-                done[b] = (scores.view(len(chunk), m).float().cpu(), [texts[i * m : (i + 1) * m] for i in range(len(chunk))])
+                scored = sample_and_score(reference, tokenizer, reward_model, chunk, reward_chunk, m, gen_kwargs,
+                                          where="the calibration cache")
+                texts = scored.texts
+                done[b] = (scored.rewards.float().cpu(), [texts[i * m : (i + 1) * m] for i in range(len(chunk))])
             return done
 
         if rank == 0:
@@ -144,5 +132,6 @@ def load_or_build_reference_samples(
         raise RuntimeError(f"calibration cache for {fingerprint(key)} missing after it was built (rank {rank}); "
                            "is cache_root on a file system every process shares?")
     samples = load_reference_samples(entry.path, prompt_ids, m, hit=found)
-    log.info("calibration cache %s: %s (%d prompts x M=%d)", "hit" if found else "built", entry.path, *samples.rewards.shape)
+    log.info("calibration cache %s: %s (%d prompts x M=%d)", "hit" if found else "built", entry.path,
+             *samples.rewards.shape)
     return samples

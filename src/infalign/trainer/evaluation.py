@@ -15,15 +15,14 @@ from pathlib import Path
 
 import lightning as L
 import torch
-
 from torchmetrics import MeanMetric
 
-from infalign.runtime.atomic import atomic_write_csv, atomic_write_json, read_csv_rows
 from infalign.core.calibration import EmpiricalCalibrator
-from infalign.core.metrics import InferenceTimeWinRate
-from infalign.trainer.calibration_cache import check_finite_rewards
 from infalign.core.losses import sequence_kl
-from infalign.models.sampling import decode_responses, generate, response_logprobs
+from infalign.core.metrics import InferenceTimeWinRate
+from infalign.models.sampling import response_logprobs
+from infalign.runtime.atomic import atomic_write_csv, atomic_write_json, read_csv_rows
+from infalign.trainer.rollout import sample_and_score
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +47,6 @@ class WinRateCallback(L.Callback):
         # float64 states: the sum over processes then matches one process to ~1e-15, not float32 rounding
         self.means = {name: MeanMetric().set_dtype(torch.float64)
                       for name in ("kl", "kl_k3", "reward_raw", "reward_calibrated")}
-        self.history: list[dict] = []
         self.final: dict | None = None
 
     def _set_reference_samples(self, reference_samples) -> None:
@@ -108,16 +106,14 @@ class WinRateCallback(L.Callback):
                 ids = [self.prompt_ids[i] for i in rows]
                 prompts = [self.prompts[i] for i in rows]
                 reward_prompts = [self.reward_prompts[i] for i in rows]
-                rollout = generate(module.policy, module.tokenizer, prompts, self.k, self.gen_kwargs)
-                texts = decode_responses(module.tokenizer, rollout)
-                raw = module.reward_model.score([p for p in reward_prompts for _ in range(self.k)], texts)
-                check_finite_rewards(raw, reward_prompts, "an evaluation sample")
-                raw = raw.view(len(prompts), self.k).double().to(device)
+                scored = sample_and_score(module.policy, module.tokenizer, module.reward_model, prompts, reward_prompts,
+                                          self.k, self.gen_kwargs, where="an evaluation sample")
+                rollout, raw = scored.rollout, scored.rewards.double().to(device)
                 ref = self.reference_samples.rewards_for(ids).double().to(device)
                 for metric in self.metrics.values():
                     metric.update(raw, ref)
-                kl = sequence_kl(response_logprobs(module.policy, rollout), response_logprobs(module.reference, rollout),
-                                 rollout.response_mask)
+                kl = sequence_kl(response_logprobs(module.policy, rollout),
+                                 response_logprobs(module.reference, rollout), rollout.response_mask)
                 self.means["kl"].update(kl["k1"].double())
                 self.means["kl_k3"].update(kl["k3"].double())
                 self.means["reward_raw"].update(raw.flatten())
@@ -142,8 +138,8 @@ class WinRateCallback(L.Callback):
         if trainer.is_global_zero:
             self._append_csv(results)
             log.info("eval @ iteration %d: %s", results["iteration"],
-                     ", ".join(f"{k[5:]}={v:.4f}" for k, v in results.items() if k.startswith("eval/") and "_se" not in k))
-        self.history.append(results)
+                     ", ".join(f"{k[5:]}={v:.4f}" for k, v in results.items()
+                               if k.startswith("eval/") and "_se" not in k))
         return results
 
     def _append_csv(self, row: dict) -> None:

@@ -1,9 +1,15 @@
-"""The CTRL LightningModule: trainable policy, frozen reference, frozen reward model, calibrator, transform.
+"""The CTRL LightningModule: one `training_step` is one RL iteration, from prompts to optimizer steps.
 
-Manual optimisation: one `training_step` is one RL iteration (rollout, then `ppo_epochs` passes of
-minibatch updates), so `global_step` counts optimizer steps and gradient clipping is done here.
-The reference is a submodule (Lightning moves it and casts it with the policy) but frozen, in eval mode,
-and left out of checkpoints; the reward model is a plain attribute (it may hold several modules).
+An iteration (`training_step`, top to bottom): sample k responses per prompt with the policy and score them
+(`rollout`: `sample_and_score`), calibrate the rewards against the cached reference rewards and transform them,
+compute the KL to the frozen reference and the RLOO advantages; then `update`: `ppo_epochs` passes (one for
+RLOO) of shuffled minibatch updates. Manual optimisation, so `global_step` counts optimizer steps and gradient
+clipping is done here. The optimizer is the configured `optimizer` partial (conf/train.yaml), called with the
+policy's trainable parameters.
+
+The reference is a submodule (Lightning moves it and casts it with the policy) but frozen, in eval mode, and
+left out of checkpoints; the reward model is a plain attribute (it may hold several modules). Both are put on
+the device in one place, `place_frozen_models`, which the datamodule calls before it samples with them.
 """
 
 from __future__ import annotations
@@ -11,21 +17,53 @@ from __future__ import annotations
 import copy
 import math
 import time
-from types import SimpleNamespace
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 import lightning as L
 import torch
 
-from infalign.core.losses import KL_PENALTY_MODES, AdaptiveKLController, ppo_clip_loss, rloo_loss
+from infalign.core.losses import (
+    KL_PENALTY_MODES,
+    AdaptiveKLController,
+    ppo_clip_loss,
+    rloo_advantages,
+    rloo_loss,
+    sequence_kl,
+)
 from infalign.models.sampling import response_logprobs
+from infalign.trainer.rollout import RolloutBuffer, sample_and_score
 
-__all__ = ["InfAlignModule"]
+__all__ = ["InfAlignModule", "RLConfig"]
 
 FROZEN_PREFIX = "reference."
 
 
+@dataclass(frozen=True)
+class RLConfig:
+    """The `rl` block of conf/train.yaml (defaults as there); the optimizer has its own block, `optimizer`."""
+
+    algo: str = "rloo"  # rloo | ppo (PPO-clip, several passes over one rollout)
+    k: int = 4  # samples per prompt
+    iterations: int = 30
+    prompts_per_iteration: int = 16
+    minibatch_size: int = 32  # sequences per optimizer step (over all processes)
+    ppo_epochs: int = 2  # passes over a rollout (ppo only)
+    clip: float = 0.2
+    grad_clip: float | None = 1.0
+    kl_penalty: str = "reward"  # reward: R = Phi(C) - beta * KL_k1 per sequence | loss: beta * k3 per token
+    target_kl: float | None = None  # adapt beta towards this KL (nats per sequence)
+
+    def __post_init__(self):
+        if self.algo not in ("rloo", "ppo"):
+            raise ValueError(f"rl.algo must be 'rloo' or 'ppo', got {self.algo!r}")
+        if self.kl_penalty not in KL_PENALTY_MODES:
+            raise ValueError(f"rl.kl_penalty must be one of {KL_PENALTY_MODES}, got {self.kl_penalty!r}")
+
+
 class InfAlignModule(L.LightningModule):
-    def __init__(self, reference, tokenizer, reward_model, calibrator, transform, *, beta: float, rl: dict,
+    def __init__(self, reference, tokenizer, reward_model, calibrator, transform, *, beta: float,
+                 rl: RLConfig | Mapping, optimizer: Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer],
                  gen_kwargs: dict, seed: int = 0):
         super().__init__()
         self.policy = copy.deepcopy(reference).requires_grad_(True)
@@ -33,11 +71,8 @@ class InfAlignModule(L.LightningModule):
         self.reference.eval().requires_grad_(False)
         self.tokenizer, self.reward_model = tokenizer, reward_model
         self.calibrator, self.transform = calibrator, transform
-        self.rl = SimpleNamespace(**rl)
-        if self.rl.algo not in ("rloo", "ppo"):
-            raise ValueError(f"rl.algo must be 'rloo' or 'ppo', got {self.rl.algo!r}")
-        if self.rl.kl_penalty not in KL_PENALTY_MODES:
-            raise ValueError(f"rl.kl_penalty must be one of {KL_PENALTY_MODES}, got {self.rl.kl_penalty!r}")
+        self.rl = rl if isinstance(rl, RLConfig) else RLConfig(**rl)
+        self.optimizer_factory = optimizer
         self.gen_kwargs, self.seed = dict(gen_kwargs), int(seed)
         self.kl_controller = AdaptiveKLController(beta, self.rl.target_kl) if self.rl.target_kl else None
         self._beta = float(beta)
@@ -49,8 +84,14 @@ class InfAlignModule(L.LightningModule):
         return self.kl_controller.beta if self.kl_controller else self._beta
 
     def configure_optimizers(self):
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.rl.lr, weight_decay=self.rl.weight_decay, betas=(0.9, 0.95))
+        return self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])
+
+    def place_frozen_models(self, device: torch.device) -> None:
+        """Put the reference and the reward model on `device`, the one place they are moved: before the
+        datamodule's setup samples the calibration cache with them (Lightning moves the module, the reference
+        with it, only after setup; the reward model, a plain attribute, it never moves)."""
+        self.reference.to(device)
+        self.reward_model.to(device)
 
     def setup(self, stage: str) -> None:
         world = self.trainer.world_size
@@ -58,24 +99,95 @@ class InfAlignModule(L.LightningModule):
             raise ValueError(f"rl.minibatch_size={self.rl.minibatch_size} must be divisible by the {world} processes: "
                              "each process takes an equal share of every optimizer step's minibatch")
 
-    def on_fit_start(self) -> None:
-        self.reward_model.to(self.device)
-
+    # ------------------------------------------------------------------ one RL iteration
     def training_step(self, batch, batch_idx):
         # Dropout off for the policy as for the reference: the update must score the sampled distribution.
         self.policy.eval()
         self.reference.eval()
         iteration = self.current_epoch
         torch.manual_seed(self.seed * 1_000_003 + 7 * iteration + 1 + 97 * self.global_rank)
-        buffer = self.trainer.datamodule.build_rollout(self, batch)
+        buffer = self.rollout(batch, self.trainer.datamodule.reference_samples)
+        stats = {**buffer.stats, **self.update(buffer, iteration)}
+        if self.trainer.world_size > 1:  # means over all processes: beta must adapt identically everywhere
+            values = torch.tensor(list(stats.values()), dtype=torch.float64, device=self.device)
+            stats = dict(zip(stats, self.trainer.strategy.reduce(values, reduce_op="mean").tolist()))
+        if not all(math.isfinite(v) for v in stats.values()):
+            raise FloatingPointError(f"non-finite training statistics at iteration {iteration}: {stats}")
+        if self.kl_controller:
+            self.kl_controller.update(stats["kl/k1"], n_steps=len(buffer) * self.trainer.world_size)  # all sequences
+        self.log_dict({f"train/{k}": v for k, v in stats.items()}, on_step=True, on_epoch=False, prog_bar=False,
+                      batch_size=len(batch))
+        self.log("kl", stats["kl/k1"], prog_bar=True, on_step=True, on_epoch=False, batch_size=len(batch))
+        self.log("reward", stats["reward/calibrated"], prog_bar=True, on_step=True, on_epoch=False,
+                 batch_size=len(batch))
+
+    @torch.no_grad()
+    def rollout(self, batch: list[tuple[str, str, str]], reference_samples) -> RolloutBuffer:
+        """The iteration's samples: k per prompt of the batch's `(prompt_id, policy text, reward text)` items,
+        scored, calibrated against `reference_samples` (the calibration cache), transformed; their KL to the
+        reference and their RLOO advantages."""
+        ids, prompts, reward_prompts = (list(x) for x in zip(*batch))
+        k, beta, device = self.rl.k, self.beta, self.device
+        # 1. sample and score; the sampling-time log-probs come with the samples (fp32 runs; else rescored below)
+        scored = sample_and_score(self.policy, self.tokenizer, self.reward_model, prompts, reward_prompts, k,
+                                  self.gen_kwargs, where="a training rollout", record_logprobs=True)
+        rollout, t_generate, t_score = scored.rollout, scored.generate_seconds, scored.score_seconds
+        start = time.perf_counter()
+        # 2. calibrate and transform
+        raw = scored.rewards.to(device).double()
+        ref_rewards = reference_samples.rewards_for(ids).to(device) if self.calibrator.needs_reference else None
+        calibrated = self.calibrator(raw, ref_rewards)
+        transformed = torch.as_tensor(self.transform(calibrated)).double()
+        t_calibrate = time.perf_counter() - start
+        # 3. log-probs. Under trainer.precision=bf16-mixed this runs inside Lightning's autocast. Sampling,
+        # scoring (and the update) may use bf16, but the log-probs behind the KL are computed in fp32: bf16 moves
+        # a sequence's k1 KL by ~0.08 nats, half the KL of an early policy, while it moves rewards by 0.5% of
+        # their spread and flips 0.15% of the comparisons with the fp32-scored cache (docs/benchmarks.md, 2).
+        start = time.perf_counter()
+        with torch.autocast(device.type, enabled=False):
+            if rollout.logprobs is not None:
+                old_logp, entropy = rollout.logprobs, rollout.entropy
+            else:
+                old_logp, entropy = response_logprobs(self.policy, rollout, with_entropy=True)
+            ref_logp = response_logprobs(self.reference, rollout)
+        t_logprobs = time.perf_counter() - start
+        # 4. KL and advantages
+        kl = sequence_kl(old_logp, ref_logp, rollout.response_mask)
+        seq_reward = transformed.flatten()
+        if self.rl.kl_penalty == "reward":  # R = Phi(C) - beta * KL (k1, per sequence)
+            seq_reward = seq_reward - beta * kl["k1"].double()
+        advantages = rloo_advantages(seq_reward.view(len(prompts), k)).flatten().float()
+
+        lengths = rollout.lengths.float()
+        stats = {
+            "reward/raw": raw.mean().item(),
+            "reward/calibrated": calibrated.double().mean().item(),
+            "reward/transformed": transformed.mean().item(),
+            "reward/total": seq_reward.mean().item(),
+            "kl/k1": kl["k1"].mean().item(),
+            "kl/k3": kl["k3"].mean().item(),
+            "policy/entropy": (entropy.sum() / lengths.sum().clamp_min(1)).item(),
+            "policy/response_length": lengths.mean().item(),
+            "beta": beta,
+            "time/generate": t_generate,
+            "time/score": t_score,
+            "time/calibrate": t_calibrate,
+            "time/logprobs": t_logprobs,
+            "throughput/generated_tokens_per_s": lengths.sum().item() / max(t_generate, 1e-9),
+        }
+        return RolloutBuffer(rollout=rollout, old_logp=old_logp, advantages=advantages, stats=stats, ref_logp=ref_logp)
+
+    def update(self, buffer: RolloutBuffer, iteration: int) -> dict[str, float]:
+        """5. `ppo_epochs` passes (one for RLOO) of shuffled minibatch updates over the rollout; their statistics."""
         optimizer = self.optimizers()
         generator = torch.Generator().manual_seed(self.seed * 31 + iteration)
         losses, clip_fracs = [], []
-        t_update = time.perf_counter()
+        start = time.perf_counter()
+        # Distributed, each process holds 1/W of the rollout and DDP averages the gradients, so a per-process
+        # minibatch of minibatch_size / W keeps the optimizer steps (count, sequences each) of one process.
+        size = self.rl.minibatch_size // self.trainer.world_size
         for _ in range(self.rl.ppo_epochs if self.rl.algo == "ppo" else 1):
-            # Distributed, each process holds 1/W of the rollout and DDP averages the gradients, so a per-process
-            # minibatch of minibatch_size / W keeps the optimizer steps (count, sequences each) of one process.
-            for rollout, old_logp, ref_logp, adv in buffer.minibatches(self.rl.minibatch_size // self.trainer.world_size, generator):
+            for rollout, old_logp, ref_logp, adv in buffer.minibatches(size, generator):
                 logp = response_logprobs(self.policy, rollout)
                 if self.rl.algo == "ppo":
                     loss, clip_frac = ppo_clip_loss(logp, old_logp, rollout.response_mask, adv, self.rl.clip)
@@ -92,27 +204,15 @@ class InfAlignModule(L.LightningModule):
                     self.clip_gradients(optimizer, gradient_clip_val=self.rl.grad_clip, gradient_clip_algorithm="norm")
                 optimizer.step()
                 losses.append(loss.item())
-        stats = dict(buffer.stats)
-        stats["time/update"] = time.perf_counter() - t_update
-        stats["policy/loss"] = sum(losses) / len(losses)
+        stats = {"time/update": time.perf_counter() - start, "policy/loss": sum(losses) / len(losses)}
         if clip_fracs:
             stats["policy/clip_fraction"] = sum(clip_fracs) / len(clip_fracs)
-        if self.trainer.world_size > 1:  # means over all processes: beta must adapt identically everywhere
-            values = torch.tensor(list(stats.values()), dtype=torch.float64, device=self.device)
-            stats = dict(zip(stats, self.trainer.strategy.reduce(values, reduce_op="mean").tolist()))
-        if not all(math.isfinite(v) for v in stats.values()):
-            raise FloatingPointError(f"non-finite training statistics at iteration {iteration}: {stats}")
-        if self.kl_controller:
-            self.kl_controller.update(stats["kl/k1"], n_steps=len(buffer) * self.trainer.world_size)  # all sequences
-        self.log_dict({f"train/{k}": v for k, v in stats.items()}, on_step=True, on_epoch=False, prog_bar=False,
-                      batch_size=len(batch))
-        self.log("kl", stats["kl/k1"], prog_bar=True, on_step=True, on_epoch=False, batch_size=len(batch))
-        self.log("reward", stats["reward/calibrated"], prog_bar=True, on_step=True, on_epoch=False,
-                 batch_size=len(batch))
-        self.last_train_stats = stats
+        return stats
 
+    # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(FROZEN_PREFIX)}
+        state = checkpoint["state_dict"]
+        checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith(FROZEN_PREFIX)}
         if self.kl_controller:
             checkpoint["kl_controller"] = self.kl_controller.state_dict()
 

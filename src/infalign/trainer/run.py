@@ -23,62 +23,27 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from infalign.runtime.artifacts import fingerprint
-from infalign.trainer.evaluation import WinRateCallback, atomic_write_json
-from infalign.runtime.checkpoint_io import SafeCheckpointIO
-from infalign.trainer.checkpointing import (LastCheckpoint, TrainingInterrupted, check_resume, check_run_options,
-                                    finish_restored_loops, resolve_resume, resume_command, run_record)
 from infalign.models.data import load_partitions, partition_fingerprint, truncate_prompt
-from infalign.trainer.datamodule import RolloutDataModule
-from infalign.runtime.loggers import build_loggers, finish_loggers
-from infalign.trainer.module import InfAlignModule
 from infalign.models.policy import format_prompts, load_policy
-from infalign.trainer.calibration_cache import load_or_build_reference_samples
 from infalign.models.reward import load_reward_model
 from infalign.models.sampling import sampling_kwargs
-from infalign.theory import check_beta, check_n
+from infalign.runtime.artifacts import fingerprint
+from infalign.runtime.checkpoint_io import SafeCheckpointIO
+from infalign.runtime.loggers import build_loggers, finish_loggers
+from infalign.trainer.calibration_cache import load_or_build_reference_samples
+from infalign.trainer.checkpointing import LastCheckpoint, TrainingInterrupted
+from infalign.trainer.config import validate_config
+from infalign.trainer.datamodule import RolloutDataModule
+from infalign.trainer.evaluation import WinRateCallback, atomic_write_json
+from infalign.trainer.module import InfAlignModule
+from infalign.trainer.resume import check_resume, finish_restored_loops, resolve_resume, resume_command, run_record
 
 # The frozen reference (and the policy, whose dropout we turn off) are in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run", "validate_config"]
-
-
-def _positive_int(value, key: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def validate_config(cfg: DictConfig) -> None:
-    """Every check that needs no model: clear errors naming the key, raised before heavy compute."""
-    n = check_n(cfg.n)
-    check_beta(cfg.beta)
-    rl, cal, ev = cfg.rl, cfg.calibration, cfg.eval
-    if rl.algo not in ("rloo", "ppo"):
-        raise ValueError(f"rl.algo must be 'rloo' or 'ppo', got {rl.algo!r}")
-    _positive_int(rl.k, "rl.k", 2)  # both use the leave-one-out baseline
-    for key in ("iterations", "prompts_per_iteration", "minibatch_size", "ppo_epochs"):
-        _positive_int(rl[key], f"rl.{key}")
-    m = _positive_int(cal.m, "calibration.m")
-    eval_k = _positive_int(ev.k, "eval.k")
-    ns = sorted({check_n(x) for x in ev.ns} | {n})
-    if m < ns[-1]:
-        raise ValueError(f"calibration.m={m} is below N={ns[-1]}: the win rate at N needs M >= N reference samples "
-                         "per prompt; raise calibration.m or lower n / eval.ns")
-    if eval_k < ns[-1]:
-        raise ValueError(f"eval.k={eval_k} is below N={ns[-1]}: raise eval.k or lower n / eval.ns")
-    if rl.prompts_per_iteration > cal.train_prompts:
-        raise ValueError(f"rl.prompts_per_iteration={rl.prompts_per_iteration} exceeds calibration.train_prompts="
-                         f"{cal.train_prompts}")
-    sampling_kwargs(cfg.generation, for_training=True)
-    if rl.kl_penalty not in ("reward", "loss"):
-        raise ValueError(f"rl.kl_penalty must be 'reward' or 'loss', got {rl.kl_penalty!r}")
-    if rl.target_kl is not None and not rl.target_kl > 0:
-        raise ValueError(f"rl.target_kl must be a positive number or null, got {rl.target_kl!r}")
-    check_run_options(cfg)  # resume, overwrite, checkpoint.every
+__all__ = ["run"]
 
 
 def _prompt_sets(cfg, partitions, tokenizer) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:
@@ -95,9 +60,7 @@ def _prompt_sets(cfg, partitions, tokenizer) -> tuple[list[tuple[str, str, str]]
     train = unique(partitions["train"])
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(int(cfg.calibration.seed)))
     train = [train[i] for i in order[: int(cfg.calibration.train_prompts)].tolist()]
-    part = cfg.calibration.eval_partition
-    if part not in partitions or part == "train":
-        raise ValueError(f"calibration.eval_partition must be a held-out partition (validation or test), got {part!r}")
+    part = cfg.calibration.eval_partition  # a held-out partition (validate_config)
     held_out = unique(partitions[part])[: int(cfg.calibration.eval_prompts)]
     for name, got, want in (("train", train, cfg.calibration.train_prompts), (part, held_out, cfg.calibration.eval_prompts)):
         if len(got) < want:
@@ -137,25 +100,11 @@ def _save_policy(policy, tokenizer, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _processes(trainer_cfg) -> int | None:
-    """Processes a trainer config starts (None when it is left to Lightning, e.g. devices=auto)."""
-    devices, nodes = trainer_cfg.get("devices", 1), int(trainer_cfg.get("num_nodes", 1) or 1)
-    if isinstance(devices, int):
-        return devices * nodes
-    if isinstance(devices, str) and devices.isdigit():
-        return int(devices) * nodes
-    return len(devices) * nodes if OmegaConf.is_list(devices) else None
-
-
 def run(cfg: DictConfig) -> dict:
     started = time.time()
-    validate_config(cfg)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
     choices = HydraConfig.get().runtime.choices
-    if HydraConfig.get().mode == RunMode.MULTIRUN and _processes(cfg.trainer) != 1:
-        # Lightning's launcher re-runs the whole command line per process: each would run the whole sweep
-        raise ValueError("a sweep (-m) runs in one process; it cannot start trainer.devices x trainer.num_nodes "
-                         "processes per member: sweep with a shell loop over single runs instead")
+    validate_config(cfg, choices, multirun=HydraConfig.get().mode == RunMode.MULTIRUN)  # before any model
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
     resume_from = resolve_resume(run_dir, cfg.resume, cfg.overwrite)  # refuses a bad checkpoint here, in seconds
     record, resume_entry = run_record(cfg, choices), None
     if resume_from is not None:  # still before any model: a changed experiment is refused, a finished run left as is
@@ -203,7 +152,9 @@ def run(cfg: DictConfig) -> dict:
         progress=cfg.progress)
 
     module = InfAlignModule(reference, tokenizer, reward_model, calibrator, transform, beta=float(cfg.beta),
-                            rl=OmegaConf.to_container(cfg.rl, resolve=True), gen_kwargs=gen_kwargs, seed=int(cfg.seed))
+                            rl=OmegaConf.to_container(cfg.rl, resolve=True),
+                            optimizer=instantiate(cfg.optimizer, _convert_="all"), gen_kwargs=gen_kwargs,
+                            seed=int(cfg.seed))
     datamodule = RolloutDataModule(train_prompts, eval_prompts, reference_samples, cfg.rl.prompts_per_iteration, cfg.seed)
     ns = sorted({int(x) for x in cfg.eval.ns} | {int(cfg.n)})
     win_rates = WinRateCallback(eval_prompts, None, ns, cfg.eval.k, cfg.eval.every, gen_kwargs, run_dir,
@@ -213,9 +164,10 @@ def run(cfg: DictConfig) -> dict:
     checkpoints = LastCheckpoint(run_dir, every=int(cfg.checkpoint.every), run_record=record, resume_entry=resume_entry)
     # logs/metrics.csv (every logged metric) + the configured logger, guarded: W&B failing never stops training
     loggers = build_loggers(cfg.get("logger"), run_dir, resuming=resume_from is not None)
-    # method: the experiment preset's name (studies group runs by it); t: the exp family's t as used (t=auto resolved)
+    # method: the method preset chosen (conf/method/; studies group runs by it), else the transform's name;
+    # t: the exp family's t as used (t=auto resolved)
     run_info = {"n": int(cfg.n), "beta": float(cfg.beta), "transform": choices.get("transform"),
-                "method": cfg.get("method") or choices.get("transform"), "t": getattr(transform, "t", None),
+                "method": choices.get("method") or choices.get("transform"), "t": getattr(transform, "t", None),
                 "t_auto": getattr(transform, "auto", None),
                 "calibrator": choices.get("calibrator"), "seed": int(cfg.seed), "run_dir": str(run_dir)}
     for lg in loggers:

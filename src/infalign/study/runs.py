@@ -1,12 +1,20 @@
-"""A finished run's transform rebuilt from what the run recorded, read as data and never executed.
+"""Reading a sweep's runs as data: which runs finished, what each recorded, and the transform it trained with.
+
+Everything the study (`infalign.study.analysis`), the sweep summary (`infalign.study.sweep`) and the bench
+scripts know about a run comes through here, and only by reading files, never by executing them:
+
+- `collect_runs`: every finished member's `final_metrics.json`, in sweep (job) order;
+- `logged_values`: one column of a member's `logs/metrics.csv`;
+- `transform_from_run`: the member's transform rebuilt from its saved config and recorded values.
 
 A results folder may come from anyone, so its `.hydra/config.yaml` is never handed to Hydra's
 `instantiate` (which imports and calls whatever `_target_` names: `builtins.open` with mode "w" truncates a
 file). Instead `transform_from_run`:
 
 - loads the config with `OmegaConf.load` (a safe YAML loader) and reads it as plain containers, unresolved;
-- accepts only a `_target_` among the project's own transform classes (`ALLOWED_TRANSFORMS`), looked up in
-  a table of already imported classes: the string is never imported or called;
+- accepts only a `_target_` among the project's own transforms (`ALLOWED_TRANSFORMS`: the classes of
+  `infalign.core.transforms` and the builders of `infalign.theory.factories`), looked up in a table of already
+  imported callables: the string is never imported or called;
 - passes only the parameters the class's constructor accepts, each a plain number, string, bool or null;
   a value may be a plain reference to another key of the saved config (`n: ${n}`, followed by hand to a
   plain value), never a resolver call (`${oc.env:...}`, `${infalign.*:}`) or a nested node;
@@ -14,14 +22,17 @@ file). Instead `transform_from_run`:
   its config resolved to (a study's `beta: ${infalign.pick:...}` needs no resolver), and the recorded `t`
   (the one `t: auto` resolved to in training), so no solver runs again.
 
-Used by `infalign.study.sweep` (theory curves of the summary) and `infalign.study` (gaps to theory).
+Reading only: nothing here computes a result (the study does) or writes a file (study.report, study.sweep).
 """
 
 from __future__ import annotations
 
+import csv
 import inspect
+import json
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +45,21 @@ from infalign.core.transforms import (
     Transform,
     WoNExpTransform,
 )
+from infalign.theory import factories
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ALLOWED_TRANSFORMS", "RECORDED_ROOT_KEYS", "transform_config", "transform_from_run"]
+__all__ = ["ALLOWED_TRANSFORMS", "RECORDED_ROOT_KEYS", "collect_runs", "logged_values", "transform_config",
+           "transform_from_run"]
 
-ALLOWED_TRANSFORMS: dict[str, type[Transform]] = {
-    f"infalign.core.transforms.{cls.__name__}": cls
-    for cls in (RawTransform, IdentityTransform, BoNExpTransform, WoNExpTransform, LogTransform, OptimalTransform)
+ALLOWED_TRANSFORMS: dict[str, Callable[..., Transform]] = {
+    **{f"infalign.core.transforms.{cls.__name__}": cls for cls in (RawTransform, IdentityTransform, LogTransform)},
+    **{f"infalign.theory.factories.{build.__name__}": build
+       for build in (factories.bon_exp, factories.won_exp, factories.optimal)},
+    # runs configured before the factories named the classes, whose constructors took what the factories take now
+    f"infalign.core.transforms.{BoNExpTransform.__name__}": factories.bon_exp,
+    f"infalign.core.transforms.{WoNExpTransform.__name__}": factories.won_exp,
+    f"infalign.core.transforms.{OptimalTransform.__name__}": factories.optimal,
 }
 RECORDED_ROOT_KEYS = ("n", "beta")  # top-level config values final_metrics.json records as resolved in training
 _PLAIN = (int, float, str, bool, type(None))
@@ -50,6 +68,32 @@ _REFERENCE = re.compile(r"^\$\{\s*([A-Za-z_][\w-]*(?:\.[A-Za-z_][\w-]*)*)\s*\}$"
 _MAX_HOPS = 16
 
 
+# ---------------------------------------------------------------------------------------------- runs
+def collect_runs(sweep_dir: Path) -> list[dict]:
+    """final_metrics.json of every finished member (members that failed have none and are skipped), in
+    sweep (job) order: member 10 after member 9, not after member 1."""
+    def job_order(path: Path):
+        name = path.parent.name
+        return (0, int(name), "") if name.isdigit() else (1, 0, name)
+
+    rows = []
+    for path in sorted(Path(sweep_dir).glob("*/final_metrics.json"), key=job_order):
+        row = json.loads(path.read_text())
+        row["member"] = path.parent.name
+        rows.append(row)
+    return rows
+
+
+def logged_values(member_dir: Path, column: str) -> list[float]:
+    """Every logged value of `column` in the run's logs/metrics.csv, in order (empty if absent)."""
+    path = Path(member_dir) / "logs" / "metrics.csv"
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return [float(r[column]) for r in csv.DictReader(f) if r.get(column)]
+
+
+# ---------------------------------------------------------------------------------------------- transform
 def _load(cfg_path: Path) -> dict:
     from omegaconf import OmegaConf
 
@@ -89,8 +133,8 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def transform_config(cfg_path: Path, recorded: dict | None = None) -> tuple[type[Transform], dict[str, Any]]:
-    """(allow-listed class, constructor keyword arguments) of the `transform` node of a saved run config.
+def transform_config(cfg_path: Path, recorded: dict | None = None) -> tuple[Callable[..., Transform], dict[str, Any]]:
+    """(allow-listed class or factory, its keyword arguments) of the `transform` node of a saved run config.
 
     `recorded`: the run's final_metrics.json; its numbers for `RECORDED_ROOT_KEYS` replace the config's top-level
     values (which `${n}`, `${beta}` refer to) and its `t` the transform's."""
@@ -106,7 +150,7 @@ def transform_config(cfg_path: Path, recorded: dict | None = None) -> tuple[type
     if cls is None:
         raise ValueError(f"{cfg_path}: transform._target_ {target!r} is not one of the project's transforms "
                          f"({', '.join(ALLOWED_TRANSFORMS)}); it is not imported or called")
-    accepted = [p.name for p in inspect.signature(cls.__init__).parameters.values()
+    accepted = [p.name for p in inspect.signature(cls).parameters.values()
                 if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     ignored = sorted(k for k in node if k not in accepted and k != "_target_")
     if ignored:

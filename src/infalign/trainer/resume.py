@@ -1,0 +1,299 @@
+"""How a run continues after a crash, a kill or a stop signal; the saving itself (when, signals, metric files)
+is `infalign.trainer.checkpointing`. `infalign.trainer.run` calls these before any model is loaded.
+
+- `resolve_resume`: `resume=true|false|auto` and `overwrite` (checked by `checkpointing.check_run_options`): the
+  checkpoint to continue from, or a fresh start that never clobbers another run's outputs silently.
+- `run_record`, `check_resume`: the checkpoint records the run's resolved config (Hydra rewrites
+  `.hydra/config.yaml` at every start). A resume whose experiment (`EXPERIMENT_KEYS`) differs is refused,
+  listing the keys, unless `resume_allow_changes=true`; raising `rl.iterations` is always allowed.
+  `run_config.yaml` keeps the config the run started with (written once, never overwritten) and
+  `resume_history.jsonl` one line per resume (what changed), both written by `LastCheckpoint` with the
+  resumed run's first checkpoint. A finished run (checkpoint at the final iteration, `final_metrics.json`,
+  `eval_metrics.csv` and `policy/` complete) is left as it is: nothing is loaded or written.
+- `finish_restored_loops`: a run killed during or after its final evaluation finishes it. Lightning skips the
+  whole fit loop, on_train_start and on_train_end included, when the restored loop is already done; such a
+  loop now runs both hooks (no iteration): the final evaluation runs (or is taken from the checkpoint when it
+  ran before the kill: `WinRateCallback` state) and the final checkpoint is written after it.
+- `resume_command`: the command line that continues a run, printed when a signal stops it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import shutil
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from lightning.pytorch.loops.fit_loop import _FitLoop
+from omegaconf import OmegaConf
+
+from infalign.runtime.atomic import atomic_write_text, read_csv_rows, remove_stale_temps
+from infalign.runtime.checkpoint_io import _torch_load, verify_checkpoint
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ResumePlan", "append_history", "check_resume", "checkpoint_state",
+           "config_changes", "finish_restored_loops", "finished_results", "is_first_process", "resolve_resume",
+           "resume_command", "run_record", "write_run_config", "EXPERIMENT_KEYS", "LAST", "RESUME_HISTORY",
+           "RUN_CONFIG", "RUN_OUTPUTS"]
+
+LAST = "last.ckpt"  # checkpoints/last.ckpt: what a run resumes from (kept current by checkpointing.LastCheckpoint)
+RUN_CONFIG = "run_config.yaml"  # the resolved config the run started with: written once, never overwritten
+RESUME_HISTORY = "resume_history.jsonl"  # one JSON line per resume: from where, with which overrides, what changed
+RUN_OUTPUTS = ("checkpoints", "final_metrics.json", "eval_metrics.csv", "logs", "policy", RUN_CONFIG, RESUME_HISTORY)
+# What defines an experiment: a resume that changes any of these is refused unless resume_allow_changes=true.
+# (eval.*, checkpoint.*, trainer, logger, progress, num_threads, cache_root may change freely.)
+EXPERIMENT_KEYS = ("model", "reward", "data", "calibrator", "transform", "generation", "n", "beta", "seed", "rl",
+                   "optimizer", "calibration")
+CONFIG_GROUPS = ("model", "reward", "data", "calibrator", "transform")  # their Hydra choices are compared too
+NOT_COMPARED = ("data.root",)  # where the data lies, not what it is: a run moved to another machine finds it elsewhere
+EXTENSIBLE = "rl.iterations"  # raising it continues a run, finished or not: always allowed
+ABSENT = "<absent>"
+
+
+def _existing_outputs(run_dir: Path) -> list[str]:
+    found = []
+    for name in RUN_OUTPUTS:
+        p = run_dir / name
+        if p.is_file() or (p.is_dir() and any(p.iterdir())):
+            found.append(name)
+    return found
+
+
+def _clear_outputs(run_dir: Path, names: list[str]) -> None:
+    for name in names:
+        p = run_dir / name
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+# set by Lightning's launcher in the processes it starts, and by torchrun / srun / jsrun in every process
+_RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+
+
+def is_first_process() -> bool:
+    """True unless the environment marks this as a non-zero rank of a distributed run (no process group yet).
+
+    Not Lightning's `rank_zero_only.rank == 0` / `rank_zero._get_rank()` (2.6), which differ: `_get_rank` takes the
+    first of RANK, LOCAL_RANK, SLURM_PROCID, JSM_NAMESPACE_RANK that is set and ignores NODE_RANK, so before its
+    launcher starts the processes the main process of node 1 (only NODE_RANK=1 set) would count as rank 0 and
+    clear a shared run directory; `rank_zero_only.rank` is that value as of Lightning's import (or what an
+    earlier Trainer's strategy set), not the environment now.
+    """
+    return all(os.environ.get(k, "0") in ("", "0") for k in _RANK_VARIABLES)
+
+
+def resolve_resume(run_dir: Path, resume, overwrite: bool) -> Path | None:
+    """The checkpoint to continue from, or None for a fresh start; never clobbers another run silently.
+
+    resume=true needs `checkpoints/last.ckpt`; resume=auto continues from it when there is one and starts
+    afresh otherwise (what a pre-emptible job's restart loop wants); a checkpoint that fails verification is
+    refused in both cases rather than silently ignored. A fresh start in a directory that holds a run's
+    outputs is refused unless overwrite=true, which deletes them first. Only the first process of a
+    distributed run judges and clears the directory: the others start when it has already begun writing there.
+    """
+    run_dir = Path(run_dir)
+    last = run_dir / "checkpoints" / LAST
+    if not is_first_process():
+        return last if resume is not False and last.exists() else None
+    remove_stale_temps(last.parent)  # what a kill during a checkpoint write leaves behind
+    if resume is True and not last.exists():
+        raise FileNotFoundError(f"resume=true but {last} does not exist: point hydra.run.dir at the run to "
+                                "continue, or pass resume=auto to start afresh when there is no checkpoint")
+    if resume is not False and last.exists():
+        verify_checkpoint(last)  # before any model is built: a bad checkpoint fails in seconds
+        log.info("resuming from %s", last)
+        return last
+    existing = _existing_outputs(run_dir)
+    if resume == "auto" and existing and not {"final_metrics.json", "policy"} & set(existing):
+        log.warning("resume=auto: %s holds no checkpoint yet; starting afresh (clearing %s)", run_dir, existing)
+        _clear_outputs(run_dir, existing)
+    elif existing:
+        if not overwrite:
+            raise FileExistsError(f"{run_dir} already holds a run's outputs ({', '.join(existing)}): pass resume=true "
+                                  "(or resume=auto) to continue it, overwrite=true to replace it, or choose another "
+                                  "hydra.run.dir")
+        log.warning("overwrite=true: deleting %s in %s", existing, run_dir)
+        _clear_outputs(run_dir, existing)
+    return None
+
+
+def resume_command(task_overrides: list[str], run_dir: Path) -> str:
+    """The command line that continues this run: its own overrides, its directory, resume=true."""
+    # the checkpoint records the config it was trained with, so continuing needs no resume_allow_changes
+    drop = ("resume=", "overwrite=", "hydra.run.dir=", "+resume=", "resume_allow_changes=", "+resume_allow_changes=")
+    kept = [o for o in task_overrides if not o.startswith(drop)]
+    args = [*kept, f"hydra.run.dir={run_dir}", "resume=true"]
+    return "python train.py " + " ".join(shlex.quote(a) for a in args)
+
+
+# ---------------------------------------------------------------------------------------- resume checks
+def run_record(cfg, choices) -> dict:
+    """What a checkpoint records of its run: the resolved config (plain data) and the experiment's group choices."""
+    config = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+    return {"config": config, "choices": {g: (choices or {}).get(g) for g in CONFIG_GROUPS}}
+
+
+def checkpoint_state(path: str | Path) -> dict | None:
+    """A checkpoint's iterations done, global step, recorded run config and metric row counts, read without its
+    tensors (mapped, not loaded); None for a sharded (directory) checkpoint, whose strategy reads it."""
+    path = Path(path)
+    if path.is_dir():
+        return None
+    ckpt = _torch_load(path, map_location="cpu", mmap=zipfile.is_zipfile(path))
+    progress = (((ckpt.get("loops") or {}).get("fit_loop") or {}).get("epoch_progress") or {}).get("current") or {}
+    # `processed` counts the iterations whose training ended (raised before on_train_epoch_end, where we save)
+    iteration = progress.get("processed", int(ckpt.get("epoch", -1)) + 1)
+    return {"iteration": int(iteration), "global_step": int(ckpt.get("global_step", 0)),
+            "run_config": ckpt.get("run_config"), "metric_rows": ckpt.get("metric_rows")}
+
+
+def _flatten(value, key: str) -> dict:
+    if isinstance(value, dict) and value:
+        out = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{key}.{k}"))
+        return out
+    return {key: value}
+
+
+def _experiment(record: dict) -> dict:
+    config = record.get("config") or {}
+    flat = {f"choices.{g}": v for g, v in (record.get("choices") or {}).items() if g in CONFIG_GROUPS}
+    for key in EXPERIMENT_KEYS:
+        if key in config:
+            flat.update(_flatten(config[key], key))
+    return {k: v for k, v in flat.items() if k not in NOT_COMPARED}
+
+
+def _same(x, y) -> bool:
+    return x == y and isinstance(x, bool) == isinstance(y, bool)  # 1 == 1.0, but true is not 1
+
+
+def config_changes(old: dict, new: dict) -> tuple[dict, dict]:
+    """`(changes, extensions)` from run record `old` to `new`, each `{dotted key: (old value, new value)}` over
+    the experiment keys; a raised `rl.iterations` is an extension, not a change."""
+    a, b = _experiment(old), _experiment(new)
+    changes = {k: (a.get(k, ABSENT), b.get(k, ABSENT)) for k in sorted(a.keys() | b.keys())
+               if not _same(a.get(k, ABSENT), b.get(k, ABSENT))}
+    extensions = {}
+    if EXTENSIBLE in changes:
+        before, after = changes[EXTENSIBLE]
+        if isinstance(before, int) and isinstance(after, int) and after > before:
+            extensions[EXTENSIBLE] = changes.pop(EXTENSIBLE)
+    return changes, extensions
+
+
+def _show(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _lines(diff: dict) -> str:
+    return "\n".join(f"  {k}: {_show(a)} -> {_show(b)}" for k, (a, b) in diff.items())
+
+
+@dataclass
+class ResumePlan:
+    entry: dict | None = None  # the resume_history.jsonl line, written with the resumed run's first checkpoint
+    finished: dict | None = None  # the final metrics of a run that is already finished: nothing to do
+
+
+def finished_results(run_dir: Path, state: dict, iterations: int, n: int) -> dict | None:
+    """The final metrics when the run is finished at `iterations`: its checkpoint is at the final iteration and
+    every result (final_metrics.json with the final evaluation, its eval_metrics.csv row, policy/) is there."""
+    if state is None or state["iteration"] != iterations:
+        return None
+    try:
+        final = json.loads((run_dir / "final_metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(final, dict) or final.get("iteration") != iterations or final.get("step") != state["global_step"] \
+            or f"eval/bon_win_rate@{n}" not in final:
+        return None
+    rows = read_csv_rows(run_dir / "eval_metrics.csv")[1]
+    policy = run_dir / "policy"
+    if not rows or rows[-1].get("iteration") != str(iterations) or not (policy.is_dir() and any(policy.iterdir())):
+        return None
+    return final
+
+
+def check_resume(run_dir: Path, checkpoint: Path, record: dict, *, allow_changes: bool, iterations: int, n: int,
+                 overrides: list[str] = ()) -> ResumePlan:
+    """Before any model is loaded: compare the checkpoint's config with the command's (refusing a changed
+    experiment unless `allow_changes`), and find out whether the run is already finished."""
+    run_dir, checkpoint = Path(run_dir), Path(checkpoint)
+    state = checkpoint_state(checkpoint)
+    if state is None:
+        log.warning("%s is a sharded checkpoint: its config cannot be checked before loading; resuming with this "
+                    "command's config", checkpoint)
+        return ResumePlan()
+    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "from_iteration": state["iteration"],
+             "from_step": state["global_step"], "overrides": list(overrides), "config_checked": True,
+             "changes": {}, "extensions": {}, "resume_allow_changes": bool(allow_changes)}
+    stored = state["run_config"]
+    if not isinstance(stored, dict):
+        log.warning("%s records no config (written by an older infalign): the command's config cannot be checked "
+                    "against the run's; resuming with the command's", checkpoint)
+        entry["config_checked"] = False
+    else:
+        changes, extensions = config_changes(stored, record)
+        if changes and not allow_changes:
+            raise ValueError(
+                f"resume refused: the command changes the experiment that {checkpoint} (iteration "
+                f"{state['iteration']}) was trained with (old -> new):\n{_lines(changes)}\n"
+                f"Resume with the run's own settings (its config: {run_dir / RUN_CONFIG}; raising rl.iterations is "
+                "allowed), start a new run in another hydra.run.dir, or pass resume_allow_changes=true to continue "
+                f"this run with the new values (both configs are kept: {RUN_CONFIG} and {RESUME_HISTORY})")
+        if changes:
+            log.warning("resume_allow_changes=true: continuing %s from iteration %d with a changed experiment "
+                        "(recorded in %s):\n%s", run_dir, state["iteration"], RESUME_HISTORY, _lines(changes))
+        if extensions:
+            log.info("resume: extending the run:\n%s", _lines(extensions))
+        entry["changes"] = {k: list(v) for k, v in changes.items()}
+        entry["extensions"] = {k: list(v) for k, v in extensions.items()}
+    return ResumePlan(entry=entry, finished=finished_results(run_dir, state, iterations, n))
+
+
+
+class _FitLoopThatEnds(_FitLoop):
+    """Lightning's fit loop, except that a loop restored at its end still calls on_train_start and on_train_end.
+
+    Lightning 2.6 skips the whole loop, both hooks included, when the restored loop is already done: resuming
+    from the final checkpoint then ran no final evaluation, and the run wrote its results without it. Such a
+    loop now runs no iteration but both hooks, so the final evaluation and the final checkpoint are done."""
+
+    @property
+    def skip(self) -> bool:
+        return self.trainer.limit_train_batches == 0
+
+
+def finish_restored_loops(trainer) -> None:
+    """Let a run resumed from its final checkpoint finish its final evaluation (see `_FitLoopThatEnds`)."""
+    if type(trainer.fit_loop) is _FitLoop:  # the same object and state, one property changed
+        trainer.fit_loop.__class__ = _FitLoopThatEnds
+
+
+def write_run_config(run_dir: Path, record: dict, iteration: int) -> None:
+    """`run_config.yaml`: `record` (`run_record`) as YAML, unless the run already has one (`iteration`: where
+    this process started, for the header)."""
+    path = run_dir / RUN_CONFIG
+    if path.exists():
+        return  # never overwritten: the config the run started with
+    since = ("started with" if iteration == 0 else
+             f"resumed with at iteration {iteration} (its checkpoint recorded no config before)")
+    atomic_write_text(path, f"# The resolved config this run {since}; written once, never overwritten.\n"
+                            f"# Resumes, and what each changed, are listed in {RESUME_HISTORY}.\n"
+                            + OmegaConf.to_yaml(record))
+
+
+def append_history(run_dir: Path, entry: dict) -> None:
+    """One line (`ResumePlan.entry`) more in `resume_history.jsonl`, the whole file rewritten atomically."""
+    path = run_dir / RESUME_HISTORY
+    old = path.read_text() if path.is_file() else ""
+    if old and not old.endswith("\n"):
+        old += "\n"
+    atomic_write_text(path, old + json.dumps(entry, sort_keys=True) + "\n")
+

@@ -1,0 +1,78 @@
+"""Sampling and scoring responses for the trainer, and the buffer one RL iteration's update reads.
+
+`sample_and_score` is the one path from prompts to scored samples (generate -> decode -> score -> check
+finite -> `[P, k]` rewards), shared by the training rollouts (`InfAlignModule.rollout`), the win-rate
+evaluation (`infalign.trainer.evaluation`) and the calibration cache (`infalign.trainer.calibration_cache`).
+`RolloutBuffer` holds an iteration's samples with what the update needs (old and reference log-probs,
+advantages) and deals them out in minibatches.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from infalign.models.sampling import Rollout, decode_responses, generate
+
+__all__ = ["RolloutBuffer", "Scored", "check_finite_rewards", "sample_and_score"]
+
+
+def check_finite_rewards(rewards: torch.Tensor, prompts: list[str], where: str) -> None:
+    """Refuse NaN/inf rewards with the prompt that produced them (flattened prompt-major `[P * k]`)."""
+    bad = ~torch.isfinite(rewards)
+    if bad.any():
+        row = int(bad.nonzero()[0, 0]) * len(prompts) // rewards.numel()
+        raise ValueError(
+            f"the reward model returned {int(bad.sum())} non-finite score(s) for {where}, first for the prompt "
+            f"{prompts[row][-200:]!r}; check the reward model (its dtype, its inputs' length)"
+        )
+
+
+class Scored(NamedTuple):
+    """k samples for each of P prompts and their rewards, prompt-major."""
+
+    rollout: Rollout
+    texts: list[str]  # [P * k] decoded responses
+    rewards: torch.Tensor  # [P, k] as the reward model returns them (float32, on the CPU)
+    generate_seconds: float
+    score_seconds: float  # decoding and scoring
+
+
+def sample_and_score(model, tokenizer, reward_model, prompts: list[str], reward_prompts: list[str], k: int,
+                     gen_kwargs: dict, *, where: str, record_logprobs: bool = False) -> Scored:
+    """Sample `k` responses per prompt with `model` (`infalign.models.sampling.generate`: pure samples) and score
+    them with `reward_model`, which reads the prompts as `reward_prompts`; non-finite rewards are refused,
+    naming `where` they came from."""
+    start = time.perf_counter()
+    rollout = generate(model, tokenizer, prompts, k, gen_kwargs, record_logprobs=record_logprobs)
+    sampled = time.perf_counter()
+    texts = decode_responses(tokenizer, rollout)
+    rewards = reward_model.score([p for p in reward_prompts for _ in range(k)], texts)
+    check_finite_rewards(rewards, reward_prompts, where)
+    rewards = rewards.view(len(prompts), k)
+    return Scored(rollout, texts, rewards, sampled - start, time.perf_counter() - sampled)
+
+
+@dataclass
+class RolloutBuffer:
+    """One iteration's samples with everything the update needs (rows prompt-major, k per prompt)."""
+
+    rollout: Rollout
+    old_logp: torch.Tensor  # [S, T] policy log-probs at sampling time
+    advantages: torch.Tensor  # [S]
+    stats: dict[str, float]
+    ref_logp: torch.Tensor | None = None  # [S, T] reference log-probs (computed once per rollout, fp32)
+
+    def __len__(self) -> int:
+        return self.advantages.shape[0]
+
+    def minibatches(self, size: int, generator: torch.Generator):
+        """Shuffled minibatches covering the buffer once: (sub-rollout, old_logp, ref_logp, advantages)."""
+        order = torch.randperm(len(self), generator=generator)
+        r = self.rollout
+        for idx in order.split(size):
+            sub = Rollout(r.input_ids[idx], r.attention_mask[idx], r.response_mask[idx], r.prompt_len)
+            yield sub, self.old_logp[idx], self.ref_logp[idx], self.advantages[idx]
