@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from infalign.runtime.artifacts import fingerprint, get_or_build, lookup
 from infalign.runtime.distributed import all_gather_object, barrier, broadcast_object, rank_and_world
+from infalign.runtime.seeds import derive_seed
 from infalign.trainer.rollout import sample_and_score
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,8 @@ def load_or_build_reference_samples(
             for b in tqdm(range(rank, len(starts), world), desc=desc, disable=not progress or rank != 0):
                 chunk = prompts[starts[b] : starts[b] + prompts_per_batch]
                 reward_chunk = reward_prompts[starts[b] : starts[b] + prompts_per_batch]
-                torch.manual_seed(seed * 1_000_003 + b)  # each batch seeded: independent of batch order/resume/rank
+                # each batch seeded: independent of batch order, resume and rank
+                torch.manual_seed(derive_seed(seed, "calibration_cache", b))
                 scored = sample_and_score(reference, tokenizer, reward_model, chunk, reward_chunk, m, gen_kwargs,
                                           where="the calibration cache")
                 texts = scored.texts

@@ -15,6 +15,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from infalign.runtime.seeds import derive_seed
 from infalign.trainer.calibration_cache import ReferenceSamples
 
 __all__ = ["IterationSampler", "RolloutDataModule"]
@@ -54,7 +55,8 @@ class IterationSampler(Sampler[int]):
         out = []
         while len(out) < self.per_iteration:
             cycle, offset = divmod(start + len(out), self.num_prompts)
-            perm = torch.randperm(self.num_prompts, generator=torch.Generator().manual_seed(self.seed * 7919 + cycle))
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, "prompt_order", cycle))
+            perm = torch.randperm(self.num_prompts, generator=generator)
             take = min(self.per_iteration - len(out), self.num_prompts - offset)
             out.extend(perm[offset : offset + take].tolist())
         return iter(out[self.rank :: self.world])

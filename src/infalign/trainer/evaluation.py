@@ -22,6 +22,7 @@ from infalign.core.losses import sequence_kl
 from infalign.core.metrics import InferenceTimeWinRate
 from infalign.models.sampling import response_logprobs
 from infalign.runtime.atomic import atomic_write_csv, atomic_write_json, read_csv_rows
+from infalign.runtime.seeds import derive_seed
 from infalign.trainer.rollout import sample_and_score
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ class WinRateCallback(L.Callback):
         try:
             for b in range(rank, len(starts), world):
                 rows = range(starts[b], min(starts[b] + self.batch_prompts, len(self.prompts)))
-                torch.manual_seed(self.seed * 1_000_003 + 424_242 + b)
+                torch.manual_seed(derive_seed(self.seed, "evaluation", b))
                 ids = [self.prompt_ids[i] for i in rows]
                 prompts = [self.prompts[i] for i in rows]
                 reward_prompts = [self.reward_prompts[i] for i in rows]

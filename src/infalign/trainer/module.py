@@ -32,6 +32,7 @@ from infalign.core.losses import (
     sequence_kl,
 )
 from infalign.models.sampling import response_logprobs
+from infalign.runtime.seeds import derive_seed
 from infalign.trainer.rollout import RolloutBuffer, sample_and_score
 
 __all__ = ["InfAlignModule", "RLConfig"]
@@ -105,7 +106,7 @@ class InfAlignModule(L.LightningModule):
         self.policy.eval()
         self.reference.eval()
         iteration = self.current_epoch
-        torch.manual_seed(self.seed * 1_000_003 + 7 * iteration + 1 + 97 * self.global_rank)
+        torch.manual_seed(derive_seed(self.seed, "rollout", iteration, self.global_rank))
         buffer = self.rollout(batch, self.trainer.datamodule.reference_samples)
         stats = {**buffer.stats, **self.update(buffer, iteration)}
         if self.trainer.world_size > 1:  # means over all processes: beta must adapt identically everywhere
@@ -180,7 +181,7 @@ class InfAlignModule(L.LightningModule):
     def update(self, buffer: RolloutBuffer, iteration: int) -> dict[str, float]:
         """5. `ppo_epochs` passes (one for RLOO) of shuffled minibatch updates over the rollout; their statistics."""
         optimizer = self.optimizers()
-        generator = torch.Generator().manual_seed(self.seed * 31 + iteration)
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "minibatch_order", iteration))
         losses, clip_fracs = [], []
         start = time.perf_counter()
         # Distributed, each process holds 1/W of the rollout and DDP averages the gradients, so a per-process

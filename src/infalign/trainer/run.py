@@ -134,8 +134,9 @@ def run(cfg: DictConfig) -> dict:
     gen_kwargs = sampling_kwargs(cfg.generation)
     everything = train_prompts + eval_prompts
     ids = [p[0] for p in everything]
-    # version 2: samples no longer take the model's own generation_config processors (repetition penalty, ...)
-    key = {"version": 2, "model": OmegaConf.to_container(cfg.model, resolve=True),
+    # version 3: batch seeds from infalign.runtime.seeds; version 2: samples no longer take the model's own
+    # generation_config processors (repetition penalty, ...)
+    key = {"version": 3, "model": OmegaConf.to_container(cfg.model, resolve=True),
            "reward": OmegaConf.to_container(cfg.reward, resolve=True), "data": partition_fingerprint(partitions),
            "max_prompt_tokens": int(cfg.data.max_prompt_tokens), "prompts": fingerprint(ids), "m": int(cfg.calibration.m),
            "seed": int(cfg.calibration.seed),
