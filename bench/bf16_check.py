@@ -30,7 +30,8 @@ from contextlib import nullcontext
 import torch
 
 from infalign.core.losses import sequence_kl
-from infalign.models.sampling import decode_responses, generate, response_logprobs, sampling_kwargs
+from infalign.models.pure_sampling import sampling_kwargs
+from infalign.models.sampling import decode_responses, generate, response_logprobs
 
 
 def load(overrides: list[str]):

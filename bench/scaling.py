@@ -55,7 +55,7 @@ def measure(point: dict, models, cache_root: str, iters: int) -> dict:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from infalign.models.sampling import sampling_kwargs
+    from infalign.models.pure_sampling import sampling_kwargs
     from infalign.trainer.calibration_cache import load_or_build_reference_samples
     from infalign.trainer.datamodule import RolloutDataModule
     from infalign.trainer.module import InfAlignModule

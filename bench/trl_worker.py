@@ -125,7 +125,7 @@ def run_ours(d: Path, iters: int) -> dict:
 
     from infalign.core.calibration import PassThroughCalibrator
     from infalign.core.transforms import RawTransform
-    from infalign.models.sampling import sampling_kwargs
+    from infalign.models.pure_sampling import sampling_kwargs
     from infalign.trainer.calibration_cache import ReferenceSamples
     from infalign.trainer.datamodule import RolloutDataModule
     from infalign.trainer.module import InfAlignModule

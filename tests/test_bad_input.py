@@ -128,7 +128,7 @@ class NaNReward:
 def test_non_finite_rewards_name_the_prompt_and_nothing_is_cached(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from infalign.models.sampling import sampling_kwargs
+    from infalign.models.pure_sampling import sampling_kwargs
     from infalign.models.tokenizer import train_bpe_tokenizer
     from infalign.runtime.artifacts import entry_path
     from infalign.trainer.calibration_cache import load_or_build_reference_samples

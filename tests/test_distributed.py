@@ -41,8 +41,8 @@ def test_ddp_run_matches_one_process(run_train, session_cache, tmp_path):
 
     from infalign.models.data import load_partitions
     from infalign.models.policy import load_policy
+    from infalign.models.pure_sampling import sampling_kwargs
     from infalign.models.reward import load_reward_model
-    from infalign.models.sampling import sampling_kwargs
     from infalign.trainer.calibration_cache import load_or_build_reference_samples, load_reference_samples
     from infalign.trainer.evaluation import WinRateCallback
     from infalign.trainer.run import _prompt_sets

@@ -4,7 +4,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from infalign.core.losses import AdaptiveKLController, ppo_clip_loss, rloo_advantages, rloo_loss, sequence_kl
-from infalign.models.sampling import decode_responses, generate, response_logprobs, sampling_kwargs
+from infalign.models.pure_sampling import sampling_kwargs
+from infalign.models.sampling import decode_responses, generate, response_logprobs
 
 
 def test_rloo_advantages_hand_computed():

@@ -16,9 +16,11 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+import infalign.models.pure_sampling as pure_sampling
 import infalign.models.sampling as rollout_mod
 from infalign.core.losses import sequence_kl
-from infalign.models.sampling import generate, response_logprobs, sampling_kwargs
+from infalign.models.pure_sampling import sampling_kwargs
+from infalign.models.sampling import generate, response_logprobs
 
 VOCAB, PAD, EOS = 64, 62, 63
 MAX_NEW = 10
@@ -146,7 +148,7 @@ def test_generate_refuses_what_would_still_change_the_probabilities(checkpoint, 
     with pytest.raises(ValueError, match="no_repeat_ngram_size=3"):
         generate(model, tokenizer, PROMPTS, 2, sampling_kwargs({"no_repeat_ngram_size": 3}, for_training=False))
     # a field the table would not know (a later transformers version): caught by the processor list
-    monkeypatch.delitem(rollout_mod._PURE_SAMPLING, "repetition_penalty")
+    monkeypatch.delitem(pure_sampling.PURE_SAMPLING, "repetition_penalty")
     with pytest.raises(ValueError, match="RepetitionPenaltyLogitsProcessor"):
         generate(model, tokenizer, PROMPTS, 2, sampling_kwargs({"max_new_tokens": 4}))
 

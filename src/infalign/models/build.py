@@ -38,7 +38,8 @@ def sample_responses(model, tokenizer, prompts: list[str], max_new_tokens: int, 
     """Sampled responses to HH prompts: pure samples of the model (`infalign.models.sampling.generate`, as the
     RL stage, the calibration cache and best-of-N evaluation sample)."""
     from infalign.models.data import truncate_prompt
-    from infalign.models.sampling import decode_responses, generate, sampling_kwargs
+    from infalign.models.pure_sampling import sampling_kwargs
+    from infalign.models.sampling import decode_responses, generate
 
     if max_prompt_tokens:
         prompts = [truncate_prompt(p, tokenizer, max_prompt_tokens) for p in prompts]

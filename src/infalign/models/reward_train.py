@@ -35,7 +35,7 @@ from infalign.models.reward import (
     load_frozen_encoder,
     make_head,
 )
-from infalign.models.sft import warmup_cosine
+from infalign.models.sft import TrainingSettings, warmup_cosine
 from infalign.runtime.artifacts import CacheEntry, get_or_build
 
 log = logging.getLogger(__name__)
@@ -49,14 +49,8 @@ class HeadSettings(TypedDict, total=False):
     dropout: float
 
 
-class RewardTrainSettings(TypedDict, total=False):
+class RewardTrainSettings(TrainingSettings, total=False):
     """``reward.train``: Bradley-Terry training (:func:`fit_bradley_terry`; batch sizes in the trainers)."""
-    epochs: int
-    batch_size: int
-    lr: float
-    weight_decay: float
-    warmup_steps: int
-    grad_clip: float
     encode_batch_size: int  # frozen feature extraction
 
 

@@ -2,10 +2,10 @@
 
 Two traps handled here:
 - The KL and the policy gradient assume the responses were drawn from the policy's own distribution, so
-  rollouts sample at temperature 1 with no top-k / top-p (`sampling_kwargs` refuses anything else for
-  training), otherwise the k1 KL estimate is biased and can go negative. `generate` also switches off every
+  rollouts sample at temperature 1 with no top-k / top-p (`infalign.models.pure_sampling` refuses anything else
+  for training), otherwise the k1 KL estimate is biased and can go negative. `generate` also switches off every
   logits processor / warper that the checkpoint's own `generation_config` may set (repetition penalty,
-  n-gram bans, minimum lengths, suppressed tokens, epsilon cutoff, ...: `_PURE_SAMPLING`) and refuses to
+  n-gram bans, minimum lengths, suppressed tokens, epsilon cutoff, ...: `pure_sampling.PURE_SAMPLING`) and refuses to
   sample if `model.generate` would still change the probabilities.
 - Left-padded prompts need position ids that start at the first real token (as `generate` builds them);
   `response_logprobs` uses the same, so the scored distribution is the sampled one.
@@ -19,169 +19,14 @@ No Lightning here.
 
 from __future__ import annotations
 
-import copy
-import functools
-import warnings
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList
 
-__all__ = ["Rollout", "sampling_kwargs", "tokenize_prompts", "generate", "decode_responses", "response_logprobs"]
+from infalign.models.pure_sampling import check_pure_sampling, generate_kwargs
 
-
-# Every `GenerationConfig` field (transformers 5.24) that changes the probabilities tokens are drawn from, the
-# decoding strategy, or what is sampled, at the value that switches it off. `generate` passes all of them (the
-# fields this transformers version has), so nothing of the checkpoint's own `generation_config` gets through:
-# a field `generate` is not given is filled from `model.generation_config`, even under a `generation_config`
-# passed explicitly, so they are passed as kwargs, which take precedence over both.
-_PURE_SAMPLING = {
-    # decoding strategy: ancestral sampling (no beams, contrastive / DoLa / assisted / constrained decoding)
-    "do_sample": True, "num_beams": 1, "num_beam_groups": 1, "penalty_alpha": None, "dola_layers": None,
-    "constraints": None, "force_words_ids": None, "use_mtp": False, "prompt_lookup_num_tokens": None,
-    "assistant_early_exit": None, "speculation_type": None,
-    # logits processors (run before `_SampledLogProbs`: they would change the recorded log-probs too)
-    "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
-    "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None, "min_length": 0, "min_new_tokens": None,
-    "forced_bos_token_id": None, "forced_eos_token_id": None, "remove_invalid_values": False,
-    "exponential_decay_length_penalty": None, "suppress_tokens": None, "begin_suppress_tokens": None,
-    "sequence_bias": None, "guidance_scale": None,
-    # warpers (run after it: the recorded log-probs would still match a fresh pass, a bias no check sees)
-    "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": None, "top_h": None, "typical_p": 1.0,
-    "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
-    # after all of them
-    "watermarking_config": None, "renormalize_logits": False,
-    # what is sampled and where it stops, besides max_new_tokens and EOS (the response mask knows only EOS)
-    "token_healing": False, "stop_strings": None, "max_time": None,
-}
-_CONFIG_KEYS = ("temperature", "top_k", "top_p")  # read by sampling_kwargs with their own defaults
-
-
-def _is_neutral(value, neutral) -> bool:
-    if neutral is True:  # do_sample: unset means greedy in `generate`
-        return value is True
-    return value is None or (type(value) in (bool, int, float) and value == neutral)
-
-
-def _plain(value):
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-
-
-def sampling_kwargs(gen_cfg, *, for_training: bool = True) -> dict:
-    """`generate` kwargs from `cfg.generation`; training rollouts must be pure samples of the policy.
-
-    There is no separate generation config for evaluation: the calibration samples and the win-rate
-    evaluation sample exactly like training (`rollout.generate` refuses anything else). `for_training=False`
-    returns the settings unchecked, for a `model.generate` of the caller's own.
-    """
-    temperature = float(gen_cfg.get("temperature", 1.0))
-    top_k = gen_cfg.get("top_k") or 0
-    top_p = float(gen_cfg.get("top_p") or 1.0)
-    fix = ("the KL estimate and the policy gradient assume pure samples of the policy (otherwise they are biased, "
-           "and the k1 KL can turn negative). There is no separate generation config for evaluation: training "
-           "rollouts, the calibration samples and evaluation all sample this way.")
-    if for_training and (temperature != 1.0 or top_k not in (0, None) or top_p != 1.0):
-        raise ValueError(
-            f"training rollouts must sample from the policy itself (temperature=1, top_k=0, top_p=1), got "
-            f"generation.temperature={temperature}, generation.top_k={top_k}, generation.top_p={top_p}: {fix} "
-            "Set them back to 1.0 / 0 / 1.0 (or remove them)."
-        )
-    other = {key: _plain(gen_cfg.get(key)) for key in _PURE_SAMPLING
-             if key not in _CONFIG_KEYS and gen_cfg.get(key) is not None
-             and not _is_neutral(_plain(gen_cfg.get(key)), _PURE_SAMPLING[key])}
-    if for_training and other:
-        key, value = next(iter(other.items()))
-        raise ValueError(
-            f"training rollouts must sample from the policy itself, but generation.{key}={value!r} would change "
-            f"the sampling distribution: {fix} Remove generation.{key} (or set it to "
-            f"{_PURE_SAMPLING[key]!r}); the model's own generation_config is overridden the same way."
-        )
-    kwargs = {
-        "do_sample": True,
-        "temperature": temperature,
-        "top_k": int(top_k),
-        "top_p": top_p,
-        "max_new_tokens": int(gen_cfg.get("max_new_tokens", 48)),
-        **other,
-    }
-    # Optional preallocated ("static") KV cache: 1.65x faster for one batch of 256 sequences here, but
-    # much slower across RL iterations (new shapes each call); off by default. It changes no probabilities.
-    if gen_cfg.get("cache_implementation"):
-        kwargs["cache_implementation"] = str(gen_cfg["cache_implementation"])
-    return kwargs
-
-
-@functools.cache
-def _config_fields() -> frozenset[str]:
-    return frozenset(vars(GenerationConfig()))
-
-
-def _generate_kwargs(tokenizer, gen_kwargs: dict) -> dict:
-    """Everything `model.generate` is given besides the inputs: `gen_kwargs` over `_PURE_SAMPLING`."""
-    fields = _config_fields()
-    kwargs = {name: value for name, value in _PURE_SAMPLING.items() if name in fields}
-    # the checkpoint's own KV-cache choice would clash with the shared prompt cache; ours comes in gen_kwargs
-    kwargs["cache_implementation"] = None
-    kwargs.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True)
-    kwargs.update(gen_kwargs)
-    return kwargs
-
-
-def _check_pure_sampling(model, kwargs: dict, gen_kwargs: dict, batch: dict[str, torch.Tensor]) -> None:
-    """Raise if `model.generate(**kwargs)` would not draw from the model's own distribution.
-
-    Checks the config `generate` ends up with (the model's `generation_config` merged with `kwargs`, as
-    `generate` merges them): the known fields, the decoding mode, and the logits processors it would build
-    (the defence against fields `_PURE_SAMPLING` does not know, e.g. of a later transformers version).
-    """
-    prepare = getattr(model, "_prepare_generation_config", None)
-    if prepare is not None:
-        effective = prepare(None, **kwargs)[0]
-    else:
-        effective = copy.deepcopy(model.generation_config)
-        effective.update(**kwargs)
-
-    def fail(what: str, hint: str):
-        raise ValueError(
-            f"rollout.generate samples from the model's own distribution (training rollouts, the calibration "
-            f"samples and evaluation: the KL and the policy gradient need pure samples), but {what}. {hint}"
-        )
-
-    for name, neutral in _PURE_SAMPLING.items():
-        value = getattr(effective, name, None)
-        if not _is_neutral(value, neutral):
-            source = "the generation kwargs" if name in gen_kwargs else "the model's generation_config"
-            fail(f"{name}={value!r} (from {source}) would change the sampling distribution",
-                 f"Remove {name} or set it to {neutral!r}.")
-    mode = str(getattr(effective.get_generation_mode(), "value", effective.get_generation_mode()))
-    if mode != "sample":
-        fail(f"the effective generation config decodes with {mode!r}, not plain sampling",
-             "Remove the setting that selects it (from the model's generation_config or the generation kwargs).")
-    build = getattr(model, "_get_logits_processor", None)
-    if build is None:
-        return
-    length = batch["input_ids"].shape[1]
-    device = batch["input_ids"].device
-    if effective.max_new_tokens is not None:  # as `generate` turns the relative lengths into absolute ones
-        effective.max_length = effective.max_new_tokens + length
-    if getattr(effective, "min_new_tokens", None) is not None:
-        effective.min_length = effective.min_new_tokens + length
-    try:
-        model._prepare_special_tokens(effective, True, device=device)
-        processors = build(generation_config=effective, input_ids_seq_length=length,
-                           encoder_input_ids=batch["input_ids"], prefix_allowed_tokens_fn=None,
-                           logits_processor=LogitsProcessorList(), device=device,
-                           model_kwargs={"attention_mask": batch["attention_mask"]})
-    except (AttributeError, TypeError) as err:  # another transformers version's private API
-        warnings.warn(f"could not list the logits processors generate builds ({err!r}); checked the known "
-                      "generation settings only", stacklevel=3)
-        return
-    if len(processors):
-        names = ", ".join(type(p).__name__ for p in processors)
-        fail(f"model.generate would still apply {names} (set by the model's generation_config or the kwargs)",
-             "Add the generation_config field that switches it off to infalign.models.sampling._PURE_SAMPLING.")
+__all__ = ["Rollout", "tokenize_prompts", "generate", "decode_responses", "response_logprobs"]
 
 
 def tokenize_prompts(tokenizer, prompts: list[str], device=None) -> dict[str, torch.Tensor]:
@@ -221,7 +66,7 @@ class _SampledLogProbs(LogitsProcessor):
     into log-probs a chunk of steps at a time, up to `budget_bytes` of them: one large op instead of several
     small ones per decoding step, which matters on a few busy CPU cores where every op pays for a thread
     barrier. Custom processors run after the model's own and before the sampling warpers; `generate` switches
-    both off (`_PURE_SAMPLING`, whatever the checkpoint's `generation_config` sets, and checks that none is
+    both off (`PURE_SAMPLING`, whatever the checkpoint's `generation_config` sets, and checks that none is
     left): these are the probabilities the tokens were drawn from.
     """
 
@@ -282,8 +127,8 @@ def generate(model, tokenizer, prompts: list[str], k: int, gen_kwargs: dict, *, 
     recorder = _SampledLogProbs() if record_logprobs and not _autocast_on(device) else None
     try:
         batch = tokenize_prompts(tokenizer, prompts, device)
-        call_kwargs = _generate_kwargs(tokenizer, gen_kwargs)
-        _check_pure_sampling(model, call_kwargs, gen_kwargs, batch)
+        call_kwargs = generate_kwargs(tokenizer, gen_kwargs)
+        check_pure_sampling(model, call_kwargs, gen_kwargs, batch)
         inputs = {**batch, "num_return_sequences": k}
         # A static cache is allocated by generate itself, so the prompt is shared only with the dynamic one.
         if k > 1 and batch["input_ids"].shape[1] > 1 and not gen_kwargs.get("cache_implementation"):

@@ -23,14 +23,18 @@ from infalign.models.data import PreferenceRecord, truncate_prompt
 IGNORE = -100
 
 
-class SFTSettings(TypedDict, total=False):
-    """``model.sft`` of ``model=tiny``: what :func:`run_sft` reads (defaults there)."""
+class TrainingSettings(TypedDict, total=False):
+    """The optimisation keys every model-training config shares (``model.sft``, ``reward.train``)."""
     epochs: int
     batch_size: int
     lr: float
     weight_decay: float
     warmup_steps: int
     grad_clip: float
+
+
+class SFTSettings(TrainingSettings, total=False):
+    """``model.sft`` of ``model=tiny``: what :func:`run_sft` reads (defaults there)."""
     loss_on: Literal["all", "response"]
 
 

@@ -16,7 +16,7 @@ from infalign.core.checks import check_beta, check_n
 from infalign.core.losses import KL_PENALTY_MODES
 from infalign.models.data import PARTITIONS
 from infalign.models.loaders import check_loader_config
-from infalign.models.sampling import sampling_kwargs
+from infalign.models.pure_sampling import sampling_kwargs
 from infalign.trainer.checkpointing import check_run_options
 
 __all__ = ["RL_ALGOS", "processes", "validate_config"]

@@ -25,8 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from infalign.models.data import load_partitions, partition_fingerprint, truncate_prompt
 from infalign.models.policy import format_prompts, load_policy
+from infalign.models.pure_sampling import sampling_kwargs
 from infalign.models.reward import load_reward_model
-from infalign.models.sampling import sampling_kwargs
 from infalign.runtime.artifacts import fingerprint
 from infalign.runtime.checkpoint_io import SafeCheckpointIO
 from infalign.runtime.loggers import build_loggers, finish_loggers
