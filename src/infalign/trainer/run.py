@@ -100,6 +100,20 @@ def _save_policy(policy, tokenizer, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def calibration_key(cfg: DictConfig, partitions, prompt_ids: list[str], gen_kwargs: dict) -> dict:
+    """What the calibration cache's reference samples and rewards depend on (its content address)."""
+    # version 3: batch seeds from infalign.runtime.seeds; version 2: samples no longer take the model's own
+    # generation_config processors (repetition penalty, ...)
+    return {"version": 3, "model": OmegaConf.to_container(cfg.model, resolve=True),
+            # how many pairs share a forward pass changes float rounding only, not what is scored
+            "reward": {k: v for k, v in OmegaConf.to_container(cfg.reward, resolve=True).items()
+                       if k != "max_batch_tokens"},
+            "data": partition_fingerprint(partitions), "max_prompt_tokens": int(cfg.data.max_prompt_tokens),
+            "prompts": fingerprint(prompt_ids), "m": int(cfg.calibration.m), "seed": int(cfg.calibration.seed),
+            # the KV-cache layout changes no probabilities, so it does not split the cache
+            "generation": {k: v for k, v in gen_kwargs.items() if k != "cache_implementation"}}
+
+
 def run(cfg: DictConfig) -> dict:
     started = time.time()
     choices = HydraConfig.get().runtime.choices
@@ -134,14 +148,7 @@ def run(cfg: DictConfig) -> dict:
     gen_kwargs = sampling_kwargs(cfg.generation)
     everything = train_prompts + eval_prompts
     ids = [p[0] for p in everything]
-    # version 3: batch seeds from infalign.runtime.seeds; version 2: samples no longer take the model's own
-    # generation_config processors (repetition penalty, ...)
-    key = {"version": 3, "model": OmegaConf.to_container(cfg.model, resolve=True),
-           "reward": OmegaConf.to_container(cfg.reward, resolve=True), "data": partition_fingerprint(partitions),
-           "max_prompt_tokens": int(cfg.data.max_prompt_tokens), "prompts": fingerprint(ids), "m": int(cfg.calibration.m),
-           "seed": int(cfg.calibration.seed),
-           # the KV-cache layout changes no probabilities, so it does not split the cache
-           "generation": {k: v for k, v in gen_kwargs.items() if k != "cache_implementation"}}
+    key = calibration_key(cfg, partitions, ids, gen_kwargs)
     # Loaded or built in the datamodule's setup, where under DDP every process and the process group exist:
     # the ranks share the generation and rank 0 stores it once.
     reference_samples = functools.partial(
