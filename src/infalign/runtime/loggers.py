@@ -7,6 +7,9 @@
   start (not logged in, no network) or fails mid-run, the failure is reported once as a warning, the logger is
   switched off, and training and the local files (logs/metrics.csv, eval_metrics.csv, final_metrics.json)
   carry on unaffected.
+- `WandbLogger`: Lightning's W&B logger (conf/logger/wandb.yaml), minus the `anonymous=None` that Lightning
+  always hands to `wandb.init`: wandb >= 0.23.1 removed anonymous mode and warns "The anonymous setting has no
+  effect" whenever the argument is passed at all, even as None.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
@@ -24,7 +28,7 @@ from infalign.runtime.atomic import atomic_write_csv, read_csv_rows
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GuardedLogger", "ResumableCSVLogger", "build_loggers", "finish_loggers"]
+__all__ = ["GuardedLogger", "ResumableCSVLogger", "WandbLogger", "build_loggers", "finish_loggers"]
 
 LOCAL_FILES = "logs/metrics.csv, eval_metrics.csv, final_metrics.json"
 
@@ -60,6 +64,21 @@ class ResumableCSVLogger(CSVLogger):
             writer = _AppendingCSVWriter if self.keep_existing else _CSVWriter
             self._experiment = writer(log_dir=self.log_dir)
         return self._experiment
+
+
+class WandbLogger(LightningWandbLogger):
+    """Lightning's `WandbLogger`, without passing `anonymous` to `wandb.init` unless it was asked for.
+
+    Lightning 2.6 puts `"anonymous": None` into the `wandb.init` arguments unconditionally. None was wandb's
+    default (anonymous mode off) in every release that had the argument, so leaving it out changes nothing; and
+    wandb >= 0.23.1, which dropped anonymous mode, then no longer warns that the setting has no effect. Offline
+    mode (`mode: offline`) needs no account either way.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self._wandb_init.get("anonymous", False) is None:
+            del self._wandb_init["anonymous"]
 
 
 class GuardedLogger(Logger):
@@ -156,7 +175,7 @@ def finish_loggers(loggers: list[Logger]) -> None:
     """End the W&B run between multirun members, so one run's logger never swallows the next."""
     for lg in loggers:
         inner = lg.logger if isinstance(lg, GuardedLogger) else lg
-        if not isinstance(inner, WandbLogger):
+        if not isinstance(inner, LightningWandbLogger):
             continue
         try:
             import wandb
