@@ -100,17 +100,55 @@ def test_rollouts_ignore_the_checkpoints_generation_config(checkpoint, tokenizer
     torch.manual_seed(1)
     rollout = generate(model, tokenizer, PROMPTS, 6, sampling_kwargs({"max_new_tokens": MAX_NEW}),
                        record_logprobs=True)
-    # (c) generate applies no processor or warper but the recorder (what the log-prob check cannot see)
-    assert built and all(type(p) is rollout_mod._SampledLogProbs for procs in built for p in procs), built
-    assert any(procs for procs in built)  # the spy did see generate's own list, recorder included
+    # (c) the same weights with a neutral generation_config sample the very same tokens, and generate's
+    # processor machinery is never built
+    torch.manual_seed(1)
+    neutral = generate(checkpoint(), tokenizer, PROMPTS, 6, sampling_kwargs({"max_new_tokens": MAX_NEW}))
+    assert torch.equal(rollout.input_ids, neutral.input_ids) and not built
     # (a) the log-probs recorded while sampling are the model's own, as a fresh forward pass scores them
     assert torch.isfinite(rollout.logprobs).all() and torch.isfinite(rollout.entropy).all()
-    fresh = response_logprobs(model, rollout)
+    fresh, entropy = response_logprobs(model, rollout, with_entropy=True)
     mask = rollout.response_mask.bool()
     assert torch.allclose(rollout.logprobs[mask], fresh[mask], atol=1e-5)
+    assert torch.allclose(rollout.entropy, entropy, atol=1e-4)
     # (b) at iteration 0 the policy is the reference: the k1 KL is 0 (not +0.35 nats, not NaN)
     kl = sequence_kl(rollout.logprobs, fresh, rollout.response_mask)
     assert torch.isfinite(kl["k1"]).all() and kl["k1"].abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_sampler_draws_the_tokens_transformers_generate_draws(checkpoint, tokenizer, k):
+    """Same seed, same tokens as `model.generate(do_sample=True, num_return_sequences=k)` with no processor,
+    although ended rows leave the sampler's batch: long enough that many rows end early (EOS is 1 of 64
+    tokens of a nearly uniform model) and the cache is compacted several times."""
+    model, max_new = checkpoint(), 40
+    torch.manual_seed(5)
+    ours = generate(model, tokenizer, PROMPTS, k, sampling_kwargs({"max_new_tokens": max_new}), record_logprobs=True)
+    torch.manual_seed(5)
+    tokenizer.padding_side = "left"
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        theirs = model.generate(**batch, num_return_sequences=k, do_sample=True, top_k=0, max_new_tokens=max_new,
+                                pad_token_id=PAD, eos_token_id=EOS)
+    ended_early = (ours.lengths < ours.response_mask.shape[1]).float().mean()
+    assert ended_early >= 0.25 or k == 1  # the premise: rows left the batch
+    assert torch.equal(ours.input_ids, theirs)
+    mask = ours.response_mask.bool()
+    assert torch.allclose(ours.logprobs[mask], response_logprobs(model, ours)[mask], atol=1e-5)
+    assert (ours.logprobs[~mask] == 0).all() and (ours.entropy[~mask] == 0).all()
+
+
+def test_response_logprobs_skip_padding_columns(checkpoint, tokenizer):
+    """Columns past every row's response are not run, and the result is the same as over the full width."""
+    model = checkpoint()
+    torch.manual_seed(6)
+    rollout = generate(model, tokenizer, PROMPTS, 4, sampling_kwargs({"max_new_tokens": 30}))
+    wide = type(rollout)(torch.cat([rollout.input_ids, torch.full((12, 7), PAD)], 1),
+                         torch.cat([rollout.attention_mask, torch.zeros(12, 7, dtype=torch.long)], 1),
+                         torch.cat([rollout.response_mask, torch.zeros(12, 7, dtype=torch.long)], 1), rollout.prompt_len)
+    narrow, padded = response_logprobs(model, rollout), response_logprobs(model, wide)
+    assert padded.shape == (12, rollout.response_mask.shape[1] + 7)
+    assert torch.allclose(padded[:, : narrow.shape[1]], narrow, atol=1e-6) and (padded[:, narrow.shape[1]:] == 0).all()
 
 
 @pytest.mark.parametrize("settings", [{"epsilon_cutoff": 0.05}, {"top_k": 2}, {"min_p": 0.95}],
@@ -142,15 +180,31 @@ def test_checkpoint_cache_implementation_leaves_the_shared_prompt_cache_alone(ch
 
 def test_generate_refuses_what_would_still_change_the_probabilities(checkpoint, tokenizer, monkeypatch):
     model = checkpoint(repetition_penalty=1.3)
-    # settings passed in (for_training=False leaves them unchecked): named
+    # settings passed in (for_training=False leaves them unchecked): named, never silently dropped
     with pytest.raises(ValueError, match=r"temperature=0\.7 \(from the generation kwargs\)"):
         generate(model, tokenizer, PROMPTS, 2, sampling_kwargs({"temperature": 0.7}, for_training=False))
     with pytest.raises(ValueError, match="no_repeat_ngram_size=3"):
         generate(model, tokenizer, PROMPTS, 2, sampling_kwargs({"no_repeat_ngram_size": 3}, for_training=False))
-    # a field the table would not know (a later transformers version): caught by the processor list
+    with pytest.raises(ValueError, match="not one it knows"):
+        generate(model, tokenizer, PROMPTS, 2, {"max_new_tokens": 3, "length_penalty": 2.0})
+    # through model.generate (a cache implementation asked for): the checkpoint's own setting, once a field the
+    # table would not know (a later transformers version), is caught by the processor list generate builds
+    with pytest.raises(ValueError, match=r"temperature=0\.7 \(from the generation kwargs\)"):
+        generate(model, tokenizer, PROMPTS, 2, {**sampling_kwargs({"temperature": 0.7}, for_training=False),
+                                                "cache_implementation": "dynamic"})
     monkeypatch.delitem(pure_sampling.PURE_SAMPLING, "repetition_penalty")
     with pytest.raises(ValueError, match="RepetitionPenaltyLogitsProcessor"):
-        generate(model, tokenizer, PROMPTS, 2, sampling_kwargs({"max_new_tokens": 4}))
+        generate(model, tokenizer, PROMPTS, 2, {**sampling_kwargs({"max_new_tokens": 4}), "cache_implementation": "dynamic"})
+
+
+def test_generate_path_records_the_sampled_logprobs(checkpoint, tokenizer):
+    """`generation.cache_implementation` samples through model.generate: still pure, log-probs recorded."""
+    model = checkpoint(repetition_penalty=1.3)
+    torch.manual_seed(7)
+    rollout = generate(model, tokenizer, PROMPTS, 3, {**sampling_kwargs({"max_new_tokens": 6}),
+                                                      "cache_implementation": "dynamic"}, record_logprobs=True)
+    mask = rollout.response_mask.bool()
+    assert torch.allclose(rollout.logprobs[mask], response_logprobs(model, rollout)[mask], atol=1e-5)
 
 
 REFUSED = [("repetition_penalty", 1.3), ("encoder_repetition_penalty", 1.2), ("no_repeat_ngram_size", 2),

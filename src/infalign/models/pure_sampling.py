@@ -16,7 +16,7 @@ import warnings
 import torch
 from transformers import GenerationConfig, LogitsProcessorList
 
-__all__ = ["PURE_SAMPLING", "check_pure_sampling", "generate_kwargs", "sampling_kwargs"]
+__all__ = ["PURE_SAMPLING", "check_pure_sampling", "check_sampler_kwargs", "generate_kwargs", "sampling_kwargs"]
 
 
 # Every `GenerationConfig` field (transformers 5.24) that changes the probabilities tokens are drawn from, the
@@ -118,6 +118,27 @@ def generate_kwargs(tokenizer, gen_kwargs: dict) -> dict:
     return kwargs
 
 
+def _refuse(what: str, hint: str):
+    raise ValueError(
+        f"rollout.generate samples from the model's own distribution (training rollouts, the calibration "
+        f"samples and evaluation: the KL and the policy gradient need pure samples), but {what}. {hint}"
+    )
+
+
+def check_sampler_kwargs(gen_kwargs: dict) -> None:
+    """Raise unless `gen_kwargs` ask for pure samples: the project's own sampler (`sampling._sample`) reads
+    only `max_new_tokens` and applies no setting, so any other one must be neutral, never silently dropped.
+    (It never reads the checkpoint's `generation_config` either.)"""
+    for name, value in gen_kwargs.items():
+        if name in ("max_new_tokens", "cache_implementation"):
+            continue
+        if name not in PURE_SAMPLING:
+            _refuse(f"the generation setting {name}={value!r} is not one it knows", f"Remove {name}.")
+        if not _is_neutral(value, PURE_SAMPLING[name]):
+            _refuse(f"{name}={value!r} (from the generation kwargs) would change the sampling distribution",
+                    f"Remove {name} or set it to {PURE_SAMPLING[name]!r}.")
+
+
 def check_pure_sampling(model, kwargs: dict, gen_kwargs: dict, batch: dict[str, torch.Tensor]) -> None:
     """Raise if `model.generate(**kwargs)` would not draw from the model's own distribution.
 
@@ -132,12 +153,7 @@ def check_pure_sampling(model, kwargs: dict, gen_kwargs: dict, batch: dict[str, 
         effective = copy.deepcopy(model.generation_config)
         effective.update(**kwargs)
 
-    def fail(what: str, hint: str):
-        raise ValueError(
-            f"rollout.generate samples from the model's own distribution (training rollouts, the calibration "
-            f"samples and evaluation: the KL and the policy gradient need pure samples), but {what}. {hint}"
-        )
-
+    fail = _refuse
     for name, neutral in PURE_SAMPLING.items():
         value = getattr(effective, name, None)
         if not _is_neutral(value, neutral):

@@ -1,30 +1,37 @@
-"""Sampling responses and scoring their tokens: `generate` with KV cache, log-probs on response positions.
+"""Sampling responses and scoring their tokens: a KV-cached sampler, log-probs on response positions.
 
 Two traps handled here:
 - The KL and the policy gradient assume the responses were drawn from the policy's own distribution, so
   rollouts sample at temperature 1 with no top-k / top-p (`infalign.models.pure_sampling` refuses anything else
-  for training), otherwise the k1 KL estimate is biased and can go negative. `generate` also switches off every
-  logits processor / warper that the checkpoint's own `generation_config` may set (repetition penalty,
-  n-gram bans, minimum lengths, suppressed tokens, epsilon cutoff, ...: `pure_sampling.PURE_SAMPLING`) and refuses to
-  sample if `model.generate` would still change the probabilities.
+  for training), otherwise the k1 KL estimate is biased and can go negative. The sampler (`_sample`) applies
+  no logits processor at all and never reads the checkpoint's own `generation_config` (repetition penalty,
+  n-gram bans, minimum lengths, ...); the `model.generate` path (only for `generation.cache_implementation`)
+  switches all of those off (`pure_sampling.PURE_SAMPLING`) and refuses to sample if one would still apply.
 - Left-padded prompts need position ids that start at the first real token (as `generate` builds them);
   `response_logprobs` uses the same, so the scored distribution is the sampled one.
 
-Two costs avoided (docs/benchmarks.md, section 3): the k samples of a prompt share its forward pass (once
-per distinct prompt, its keys/values then fanned out to the k rows), in `generate` and in
-`response_logprobs`, gradients included; and `generate` records the log-probs of the tokens it samples,
-so the rollout needs no second forward pass of the policy for them.
+Why a sampler of our own and not `model.generate`: it draws exactly the tokens `generate` draws for a seed
+(tested), at 2x its throughput on the default rollout (docs/benchmarks.md, section 6): no per-step processor,
+stopping-criteria and mask machinery, keys/values written into room allocated once instead of concatenated
+every step, and rows that have ended leave the batch.
+Costs avoided besides (docs/benchmarks.md, section 3): the k samples of a prompt share its forward pass (once
+per distinct prompt, its keys/values then fanned out to the k rows), in sampling and in `response_logprobs`,
+gradients included; the sampler records the log-probs of the tokens it samples, so the rollout needs no
+second forward pass of the policy for them; `response_logprobs` runs no column past the longest response.
 No Lightning here.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
+from transformers.cache_utils import DynamicLayer
 
-from infalign.models.pure_sampling import check_pure_sampling, generate_kwargs
+from infalign.models.pure_sampling import check_pure_sampling, check_sampler_kwargs, generate_kwargs
 
 __all__ = ["Rollout", "tokenize_prompts", "generate", "decode_responses", "response_logprobs"]
 
@@ -98,64 +105,182 @@ def _autocast_on(device: torch.device) -> bool:
         return torch.is_autocast_enabled() if device.type == "cuda" else torch.is_autocast_cpu_enabled()
 
 
-def _shared_prompt_cache(model, batch: dict[str, torch.Tensor], k: int):
-    """Keys/values of each prompt but its last token, computed once and repeated for its k samples.
+@functools.cache
+def _cache_kwarg(model_class: type) -> str:
+    """The keyword a model's forward takes its KV cache by: `cache` (transformers >= 5.2x), else the older
+    `past_key_values` (deprecated since, removed in 5.40)."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
-    `generate` with `num_return_sequences=k` would run the prompt k times; with this cache it runs only the
-    last prompt token (which yields the first sampled token's distribution). Position ids as `generate`
-    builds them for left padding.
+
+def _run(model, cache, **inputs):
+    """`model(**inputs)` with `cache` as its KV cache, under the keyword this transformers version takes."""
+    return model(**inputs, **{_cache_kwarg(type(model)): cache}, use_cache=True)
+
+
+class _RoomyLayer(DynamicLayer):
+    """A dynamic KV-cache layer that grows into room allocated up front instead of concatenating.
+
+    `DynamicLayer.update` copies the whole cache at every decoding step (`torch.cat`); in one default
+    rollout (64 rows sharing 16 prompts of up to 192 tokens, 64 steps) those copies took 0.78 of 2.9 s
+    (cProfile, one thread). Here a step writes only its own keys/values; `keys`/`values` are views of
+    the filled part, so attention sees exactly what a dynamic cache holds.
     """
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    out = model.base_model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=position_ids[:, :-1],
-                           use_cache=True)
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(k)
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int):
+        super().__init__()
+        shape = (keys.shape[0], keys.shape[1], keys.shape[2] + room, keys.shape[3])
+        self._keys, self._values = keys.new_empty(shape), values.new_empty(shape)
+        self._keys[:, :, : keys.shape[2]] = keys
+        self._values[:, :, : keys.shape[2]] = values
+        self.length, self.device, self.is_initialized = keys.shape[2], keys.device, True
+        self._views()
+
+    def _views(self) -> None:
+        self.keys, self.values = self._keys[:, :, : self.length], self._values[:, :, : self.length]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        n = key_states.shape[-2]
+        if self.length + n > self._keys.shape[2]:
+            raise RuntimeError("KV cache room exhausted: more tokens than the room allocated for them")
+        self._keys[:, :, self.length: self.length + n] = key_states
+        self._values[:, :, self.length: self.length + n] = value_states
+        self.length += n
+        self._views()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._keys, self._values = self._keys[indices], self._values[indices]
+        self._views()
+
+
+def _prompt_cache(model, ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, k: int, room: int):
+    """Keys/values of each prompt but its last token, computed once per prompt and repeated for its k
+    samples, with `room` more positions per row (`_RoomyLayer`, for plain dynamic layers)."""
+    cache = DynamicCache()
+    if ids.shape[1] == 1:  # one-token prompts: nothing to cache yet; the layers start (and grow) as usual
+        return cache
+    _run(model.base_model, cache, input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=position_ids[:, :-1])
+    if all(type(layer) is DynamicLayer and layer.is_initialized for layer in cache.layers):
+        cache.layers = [_RoomyLayer(layer.keys.repeat_interleave(k, dim=0), layer.values.repeat_interleave(k, dim=0), room)
+                        for layer in cache.layers]
+    else:  # sliding-window or other special layers: their own update, repeated as they are
+        cache.batch_repeat_interleave(k)
     return cache
 
 
 @torch.no_grad()
+def _sample(model, batch: dict[str, torch.Tensor], k: int, max_new_tokens: int, eos_id: int, pad_id: int,
+            record: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Ancestral sampling at temperature 1: `[S, T]` tokens (pad after EOS) and, with `record`, the log-prob
+    of each sampled token and the entropy at each step (0 after EOS).
+
+    The random draws are those of `model.generate(do_sample=True, num_return_sequences=k)` with no logits
+    processor: `torch.multinomial(softmax(logits), 1)`, which (ATen, one sample per row) draws one Exp(1)
+    variate q per row and vocabulary entry for every row it is given and returns argmax(p / q). `generate`
+    gives it every row until all have ended; here rows that have ended leave the batch (their keys/values
+    are dropped from the cache once a quarter of the batch has ended), and q is still drawn for all S rows,
+    of which the rows still sampling use theirs. So a seed gives the tokens `generate` gives (tested) while
+    the model runs only for rows still sampling: after RL the responses shorten (43 -> 15 tokens in the
+    default run) while one long response kept all 64 rows decoding to the end.
+    """
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    device, n_rows, prompt_len = ids.device, ids.shape[0] * k, ids.shape[1]
+    position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as `generate` builds them for left padding
+    cache = _prompt_cache(model, ids, mask, position_ids, k, room=max_new_tokens)
+    attention = torch.cat([mask.repeat_interleave(k, dim=0), mask.new_ones(n_rows, max_new_tokens)], dim=1)
+    last_token = ids[:, -1:].repeat_interleave(k, dim=0)
+    last_position = position_ids[:, -1:].repeat_interleave(k, dim=0)
+    rows = torch.arange(n_rows, device=device)  # the cache's rows: sampled rows, in order
+    tokens = torch.full((n_rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logp = torch.zeros(n_rows, max_new_tokens, device=device) if record else None
+    entropy = torch.zeros(n_rows, max_new_tokens, device=device) if record else None
+    sampling = torch.ones(n_rows, dtype=torch.bool, device=device)  # per cache row
+    steps = 0
+    for t in range(max_new_tokens):
+        logits = _run(model, cache, input_ids=last_token, attention_mask=attention[rows, : prompt_len + t],
+                      position_ids=last_position + t, logits_to_keep=1).logits[:, -1].float()
+        probs = torch.softmax(logits, dim=-1)
+        q = torch.empty((n_rows, probs.shape[-1]), device=device).exponential_()
+        step = probs.div_(q[rows]).argmax(dim=-1) if not record else (probs / q[rows]).argmax(dim=-1)
+        step = torch.where(sampling, step, pad_id)
+        tokens[rows, t] = step
+        steps = t + 1
+        if record:
+            logp[rows, t] = torch.where(sampling, probs.gather(-1, step[:, None]).squeeze(-1).log(), 0.0)
+            entropy[rows, t] = torch.where(sampling, torch.special.entr(probs).sum(-1), 0.0)
+        sampling &= step != eos_id
+        if not sampling.any():
+            break
+        if 4 * int(sampling.sum()) <= 3 * len(rows):  # drop ended rows from the cache (one copy of it)
+            keep = sampling.nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            rows, sampling, last_position = rows[keep], sampling[keep], last_position[keep]
+            step = step[keep]
+        last_token = step[:, None]
+    tokens = tokens[:, :steps]
+    if record:
+        logp, entropy = logp[:, :steps], entropy[:, :steps]
+    return tokens, logp, entropy
+
+
+@torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], k: int, gen_kwargs: dict, *, record_logprobs: bool = False) -> Rollout:
-    """Sample `k` responses per prompt (eval mode, no grad, KV cache).
+    """Sample `k` responses per prompt (eval mode, no grad, KV cache; pure samples: temperature 1, nothing
+    of the checkpoint's `generation_config` applies).
 
     With `record_logprobs`, the rollout carries the sampled tokens' log-probs and the per-step entropy
     (in fp32 runs only: under autocast the scores are low-precision, and the caller rescores in fp32).
+    With `generation.cache_implementation` set (e.g. "static", for compiled GPU decoding), sampling goes
+    through `model.generate` instead, with every processor switched off and checked (`check_pure_sampling`).
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    recorder = _SampledLogProbs() if record_logprobs and not _autocast_on(device) else None
+    record = record_logprobs and not _autocast_on(device)
     try:
         batch = tokenize_prompts(tokenizer, prompts, device)
-        call_kwargs = generate_kwargs(tokenizer, gen_kwargs)
-        check_pure_sampling(model, call_kwargs, gen_kwargs, batch)
-        inputs = {**batch, "num_return_sequences": k}
-        # A static cache is allocated by generate itself, so the prompt is shared only with the dynamic one.
-        if k > 1 and batch["input_ids"].shape[1] > 1 and not gen_kwargs.get("cache_implementation"):
-            inputs = {name: t.repeat_interleave(k, dim=0) for name, t in batch.items()}
-            inputs["past_key_values"] = _shared_prompt_cache(model, batch, k)
-        out = model.generate(**inputs, logits_processor=LogitsProcessorList([recorder] if recorder else []),
-                             **call_kwargs)
+        if gen_kwargs.get("cache_implementation"):
+            out, logprobs, entropy = _hf_generate(model, tokenizer, batch, k, gen_kwargs, record)
+            response = out[:, batch["input_ids"].shape[1]:]
+        else:
+            check_sampler_kwargs(gen_kwargs)
+            response, logprobs, entropy = _sample(model, batch, k, int(gen_kwargs["max_new_tokens"]),
+                                                  tokenizer.eos_token_id, tokenizer.pad_token_id, record)
+            out = torch.cat([batch["input_ids"].repeat_interleave(k, dim=0), response], dim=1)
     finally:
         model.train(was_training)
-    prompt_len = batch["input_ids"].shape[1]
-    response = out[:, prompt_len:]
     # A response ends at its first EOS (kept: the policy chose to stop); everything after is padding.
     is_eos = response == tokenizer.eos_token_id
     after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0
     response_mask = (~after_eos).long()
     prompt_mask = batch["attention_mask"].repeat_interleave(k, dim=0)
-    logprobs = entropy = None
-    if recorder is not None:
-        logprobs, entropy = (x * response_mask for x in recorder.finish(response))
+    if logprobs is not None:
+        logprobs, entropy = logprobs * response_mask, entropy * response_mask
     return Rollout(
         input_ids=out,
         attention_mask=torch.cat([prompt_mask, response_mask], dim=1),
         response_mask=response_mask,
-        prompt_len=prompt_len,
+        prompt_len=batch["input_ids"].shape[1],
         logprobs=logprobs,
         entropy=entropy,
     )
+
+
+def _hf_generate(model, tokenizer, batch, k: int, gen_kwargs: dict, record: bool):
+    """`model.generate` with every probability-changing setting neutral (checked), for the cache
+    implementations `_sample` does not have; the log-probs recorded by a logits processor."""
+    recorder = _SampledLogProbs() if record else None
+    call_kwargs = generate_kwargs(tokenizer, gen_kwargs)
+    check_pure_sampling(model, call_kwargs, gen_kwargs, batch)
+    out = model.generate(**batch, num_return_sequences=k,
+                         logits_processor=LogitsProcessorList([recorder] if recorder else []), **call_kwargs)
+    logprobs = entropy = None
+    if recorder is not None:
+        logprobs, entropy = recorder.finish(out[:, batch["input_ids"].shape[1]:])
+    return out, logprobs, entropy
 
 
 def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
@@ -176,6 +301,10 @@ def _shared_prompt_groups(ids: torch.Tensor, mask: torch.Tensor, head: int):
     return first, inverse
 
 
+def _pad_columns(x: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (0, width - x.shape[1])) if x.shape[1] < width else x
+
+
 def response_logprobs(model, rollout: Rollout, *, with_entropy: bool = False):
     """log pi(y_t | x, y_<t) for the response tokens, `[S, T]` (0 where masked).
 
@@ -186,26 +315,31 @@ def response_logprobs(model, rollout: Rollout, *, with_entropy: bool = False):
     Position ids skip the left padding, exactly as in `generate`. With `with_entropy`, also returns the
     per-token entropy of the policy (for logging; computed without grad).
     """
-    ids, mask = rollout.input_ids, rollout.attention_mask
+    full_width = rollout.response_mask.shape[1]
+    # Columns past the longest response of these rows are padding in every row: not run at all.
+    width = int(rollout.response_mask.sum(-1).max()) if full_width else 0
+    ids = rollout.input_ids[:, : rollout.prompt_len + width]
+    mask = rollout.attention_mask[:, : rollout.prompt_len + width]
+    response_mask, response_ids = rollout.response_mask[:, :width], rollout.response_ids[:, :width]
     position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
-    n_resp, head = ids.shape[1] - rollout.prompt_len, rollout.prompt_len - 1
-    groups = _shared_prompt_groups(ids, mask, head) if head > 0 else None
+    head = rollout.prompt_len - 1
+    groups = _shared_prompt_groups(ids, mask, head) if head > 0 and width else None
     if groups is None:
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=n_resp + 1,
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=width + 1,
                        use_cache=False).logits[:, :-1]
     else:
         first, inverse = groups
-        cache = model.base_model(input_ids=ids[first, :head], attention_mask=mask[first, :head],
-                                 position_ids=position_ids[first, :head], use_cache=True).past_key_values
+        cache = DynamicCache()
+        _run(model.base_model, cache, input_ids=ids[first, :head], attention_mask=mask[first, :head],
+             position_ids=position_ids[first, :head])
         cache.batch_select_indices(inverse)  # an indexing op: autograd sums the k rows' gradients back
-        logits = model(input_ids=ids[:, head:-1], attention_mask=mask[:, :-1], position_ids=position_ids[:, head:-1],
-                       past_key_values=cache, use_cache=True).logits
+        logits = _run(model, cache, input_ids=ids[:, head:-1], attention_mask=mask[:, :-1],
+                      position_ids=position_ids[:, head:-1]).logits
     logits = logits.float()
     logp_all = torch.log_softmax(logits, dim=-1)
-    target = rollout.response_ids.unsqueeze(-1)
-    logp = logp_all.gather(-1, target).squeeze(-1) * rollout.response_mask
+    logp = _pad_columns(logp_all.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1) * response_mask, full_width)
     if not with_entropy:
         return logp
     with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1) * rollout.response_mask
+        entropy = _pad_columns(-(logp_all.exp() * logp_all).sum(-1) * response_mask, full_width)
     return logp, entropy
