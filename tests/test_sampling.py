@@ -123,7 +123,8 @@ def test_sampler_draws_the_tokens_transformers_generate_draws(checkpoint, tokeni
     tokens of a nearly uniform model) and the cache is compacted several times."""
     model, max_new = checkpoint(), 40
     torch.manual_seed(5)
-    ours = generate(model, tokenizer, PROMPTS, k, sampling_kwargs({"max_new_tokens": max_new}), record_logprobs=True)
+    ours = generate(model, tokenizer, PROMPTS, k, sampling_kwargs({"max_new_tokens": max_new, "sampler": "multinomial"}),
+                    record_logprobs=True)
     torch.manual_seed(5)
     tokenizer.padding_side = "left"
     batch = tokenizer(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -136,6 +137,41 @@ def test_sampler_draws_the_tokens_transformers_generate_draws(checkpoint, tokeni
     mask = ours.response_mask.bool()
     assert torch.allclose(ours.logprobs[mask], response_logprobs(model, ours)[mask], atol=1e-5)
     assert (ours.logprobs[~mask] == 0).all() and (ours.entropy[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("sampler", ["inverse_cdf", "multinomial"])
+def test_each_sampler_draws_from_the_distribution_it_is_given(sampler):
+    """200k draws from a skewed distribution with rare and impossible tokens: frequencies within 4.5 standard
+    errors of the probabilities (a fixed seed: deterministic), never an impossible token. Rows that have left
+    the batch (`rows` a subset) do not change what the remaining rows draw from."""
+    from infalign.models.sampling import _draw
+
+    probs = torch.softmax(torch.linspace(0, 12, 64), 0)
+    probs[[3, 40]] = 0.0
+    probs[7] = 1e-6
+    probs = probs / probs.sum()
+    torch.manual_seed(0)
+    n, rows = 200_000, torch.arange(1, 5)  # 4 of 5 rows still sampling
+    counts = torch.zeros(64)
+    for _ in range(n // 4000):
+        batch = probs.expand(4000, 64).clone()
+        counts += torch.bincount(_draw(batch, torch.arange(4000), 4000, sampler, in_place=True), minlength=64)
+    freq, se = counts / n, (probs * (1 - probs) / n).sqrt()
+    assert counts[[3, 40]].sum() == 0
+    assert ((freq - probs).abs() <= 4.5 * se + 1e-9).all(), (freq - probs).abs().max()
+    assert _draw(probs.expand(4, 64).clone(), rows, 5, sampler, in_place=False).shape == (4,)
+
+
+def test_samplers_are_seeded_and_differ_from_each_other(checkpoint, tokenizer):
+    model = checkpoint()
+    draws = {}
+    for sampler in ("inverse_cdf", "multinomial", "inverse_cdf"):
+        torch.manual_seed(8)
+        r = generate(model, tokenizer, PROMPTS, 4, sampling_kwargs({"max_new_tokens": 8, "sampler": sampler}))
+        assert draws.setdefault(sampler, r.input_ids).equal(r.input_ids)  # same seed, same tokens
+    assert not draws["inverse_cdf"].equal(draws["multinomial"])
+    with pytest.raises(ValueError, match="generation.sampler"):
+        sampling_kwargs({"sampler": "greedy"})
 
 
 def test_response_logprobs_skip_padding_columns(checkpoint, tokenizer):

@@ -44,6 +44,9 @@ PURE_SAMPLING = {
     "token_healing": False, "stop_strings": None, "max_time": None,
 }
 _CONFIG_KEYS = ("temperature", "top_k", "top_p")  # read by sampling_kwargs with their own defaults
+# How the project's sampler draws a token from the model's distribution (both exact; infalign.models.sampling):
+# inverse_cdf: one uniform per row and step; multinomial: torch.multinomial's draws, the tokens `generate` draws
+SAMPLERS = ("inverse_cdf", "multinomial")
 
 
 def _is_neutral(value, neutral) -> bool:
@@ -87,7 +90,11 @@ def sampling_kwargs(gen_cfg, *, for_training: bool = True) -> dict:
             f"the sampling distribution: {fix} Remove generation.{key} (or set it to "
             f"{PURE_SAMPLING[key]!r}); the model's own generation_config is overridden the same way."
         )
+    sampler = str(gen_cfg.get("sampler") or "inverse_cdf")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"generation.sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     kwargs = {
+        "sampler": sampler,
         "do_sample": True,
         "temperature": temperature,
         "top_k": int(top_k),
@@ -114,7 +121,7 @@ def generate_kwargs(tokenizer, gen_kwargs: dict) -> dict:
     # the checkpoint's own KV-cache choice would clash with the shared prompt cache; ours comes in gen_kwargs
     kwargs["cache_implementation"] = None
     kwargs.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True)
-    kwargs.update(gen_kwargs)
+    kwargs.update({k: v for k, v in gen_kwargs.items() if k != "sampler"})  # generate draws as multinomial does
     return kwargs
 
 
@@ -130,7 +137,7 @@ def check_sampler_kwargs(gen_kwargs: dict) -> None:
     only `max_new_tokens` and applies no setting, so any other one must be neutral, never silently dropped.
     (It never reads the checkpoint's `generation_config` either.)"""
     for name, value in gen_kwargs.items():
-        if name in ("max_new_tokens", "cache_implementation"):
+        if name in ("max_new_tokens", "cache_implementation", "sampler"):
             continue
         if name not in PURE_SAMPLING:
             _refuse(f"the generation setting {name}={value!r} is not one it knows", f"Remove {name}.")

@@ -10,10 +10,11 @@ Two traps handled here:
 - Left-padded prompts need position ids that start at the first real token (as `generate` builds them);
   `response_logprobs` uses the same, so the scored distribution is the sampled one.
 
-Why a sampler of our own and not `model.generate`: it draws exactly the tokens `generate` draws for a seed
-(tested), at 2x its throughput on the default rollout (docs/benchmarks.md, section 6): no per-step processor,
-stopping-criteria and mask machinery, keys/values written into room allocated once instead of concatenated
-every step, and rows that have ended leave the batch.
+Why a sampler of our own and not `model.generate` (measured in docs/benchmarks.md, section 6): no per-step
+processor, stopping-criteria and mask machinery; keys/values written into room allocated once instead of
+concatenated every step; rows that have ended leave the batch; and (`generation.sampler=inverse_cdf`, the
+default) one random number per token drawn instead of one per vocabulary entry. `generation.sampler=multinomial`
+draws exactly the tokens `model.generate` draws for a seed (tested).
 Costs avoided besides (docs/benchmarks.md, section 3): the k samples of a prompt share its forward pass (once
 per distinct prompt, its keys/values then fanned out to the k rows), in sampling and in `response_logprobs`,
 gradients included; the sampler records the log-probs of the tokens it samples, so the rollout needs no
@@ -171,20 +172,37 @@ def _prompt_cache(model, ids: torch.Tensor, mask: torch.Tensor, position_ids: to
     return cache
 
 
+def _draw(probs: torch.Tensor, rows: torch.Tensor, n_rows: int, sampler: str, in_place: bool) -> torch.Tensor:
+    """One token per row of `probs` (`[len(rows), V]`, the rows still sampling of `n_rows`), exactly from it.
+
+    `inverse_cdf`: one uniform u per row, the first token whose cumulative probability exceeds u (in float64:
+    in float32 the running sum's rounding, ~3e-8, would distort the rarest tokens' probabilities).
+    `multinomial`: the draws of `torch.multinomial(probs, 1)`, which `model.generate` makes: one Exp(1) variate
+    q per row and vocabulary entry, argmax(p / q) (ATen, one sample per row). `generate` draws them for every
+    row until all have ended, so q is drawn for all `n_rows` rows and the rows still sampling use theirs: a
+    seed gives the tokens `generate` gives (tested). Those 8192 variates per row are most of the cost: 0.56 of
+    1.36 s of the default rollout (cProfile); inverse_cdf draws one number per row (docs/benchmarks.md, 6).
+    """
+    if sampler == "inverse_cdf":
+        cdf = probs.double().cumsum_(dim=-1)
+        u = torch.rand(len(probs), 1, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
+        return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_max_(probs.shape[-1] - 1)
+    if sampler != "multinomial":
+        raise ValueError(f"unknown sampler {sampler!r}; use inverse_cdf or multinomial")
+    q = torch.empty((n_rows, probs.shape[-1]), device=probs.device).exponential_()
+    q = q if len(rows) == n_rows else q[rows]
+    return (probs.div_(q) if in_place else probs / q).argmax(dim=-1)
+
+
 @torch.no_grad()
 def _sample(model, batch: dict[str, torch.Tensor], k: int, max_new_tokens: int, eos_id: int, pad_id: int,
-            record: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+            record: bool, sampler: str = "inverse_cdf") -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Ancestral sampling at temperature 1: `[S, T]` tokens (pad after EOS) and, with `record`, the log-prob
     of each sampled token and the entropy at each step (0 after EOS).
 
-    The random draws are those of `model.generate(do_sample=True, num_return_sequences=k)` with no logits
-    processor: `torch.multinomial(softmax(logits), 1)`, which (ATen, one sample per row) draws one Exp(1)
-    variate q per row and vocabulary entry for every row it is given and returns argmax(p / q). `generate`
-    gives it every row until all have ended; here rows that have ended leave the batch (their keys/values
-    are dropped from the cache once a quarter of the batch has ended), and q is still drawn for all S rows,
-    of which the rows still sampling use theirs. So a seed gives the tokens `generate` gives (tested) while
-    the model runs only for rows still sampling: after RL the responses shorten (43 -> 15 tokens in the
-    default run) while one long response kept all 64 rows decoding to the end.
+    Rows that have ended leave the batch (their keys/values are dropped from the cache once a quarter of the
+    batch has ended): after RL the responses shorten (43 -> 15 tokens in the default run), and one long
+    response kept all 64 rows decoding to the end. How a token is drawn: `_draw`.
     """
     ids, mask = batch["input_ids"], batch["attention_mask"]
     device, n_rows, prompt_len = ids.device, ids.shape[0] * k, ids.shape[1]
@@ -203,8 +221,7 @@ def _sample(model, batch: dict[str, torch.Tensor], k: int, max_new_tokens: int, 
         logits = _run(model, cache, input_ids=last_token, attention_mask=attention[rows, : prompt_len + t],
                       position_ids=last_position + t, logits_to_keep=1).logits[:, -1].float()
         probs = torch.softmax(logits, dim=-1)
-        q = torch.empty((n_rows, probs.shape[-1]), device=device).exponential_()
-        step = probs.div_(q[rows]).argmax(dim=-1) if not record else (probs / q[rows]).argmax(dim=-1)
+        step = _draw(probs, rows, n_rows, sampler, in_place=not record)
         step = torch.where(sampling, step, pad_id)
         tokens[rows, t] = step
         steps = t + 1
@@ -248,7 +265,8 @@ def generate(model, tokenizer, prompts: list[str], k: int, gen_kwargs: dict, *, 
         else:
             check_sampler_kwargs(gen_kwargs)
             response, logprobs, entropy = _sample(model, batch, k, int(gen_kwargs["max_new_tokens"]),
-                                                  tokenizer.eos_token_id, tokenizer.pad_token_id, record)
+                                                  tokenizer.eos_token_id, tokenizer.pad_token_id, record,
+                                                  gen_kwargs.get("sampler", "inverse_cdf"))
             out = torch.cat([batch["input_ids"].repeat_interleave(k, dim=0), response], dim=1)
     finally:
         model.train(was_training)

@@ -23,6 +23,11 @@ from infalign.models.data import PreferenceRecord, truncate_prompt
 IGNORE = -100
 
 
+# Lightning's precision for building a model: bf16-mixed trains the default reference 1.5x faster on a CPU with
+# avx512_bf16 at the same validation perplexity (docs/benchmarks.md, section 6), which is always measured in fp32.
+TrainingPrecision = Literal["32-true", "bf16-mixed"]
+
+
 class TrainingSettings(TypedDict, total=False):
     """The optimisation keys every model-training config shares (``model.sft``, ``reward.train``)."""
     epochs: int
@@ -36,6 +41,7 @@ class TrainingSettings(TypedDict, total=False):
 class SFTSettings(TrainingSettings, total=False):
     """``model.sft`` of ``model=tiny``: what :func:`run_sft` reads (defaults there)."""
     loss_on: Literal["all", "response"]
+    precision: TrainingPrecision
 
 
 def encode_dialogue(prompt: str, response: str, tokenizer, max_prompt_tokens: int | None,
@@ -167,6 +173,20 @@ class SFTModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+def validate_fp32(module: SFTModule, val_dl: DataLoader) -> dict[str, float]:
+    """Validation perplexities of ``module.model`` as it is, in fp32 (no autocast)."""
+    module.val_ppl.reset()
+    module.val_response_ppl.reset()
+    device = next(module.model.parameters()).device
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        for batch in val_dl:
+            module.validation_step(batch, 0)
+    ppl, rppl = float(module.val_ppl.compute()), float(module.val_response_ppl.compute())
+    module.val_ppl.reset()
+    module.val_response_ppl.reset()
+    return {"val/ppl": ppl, "val/response_ppl": rppl, "val/loss": math.log(ppl)}
+
+
 def run_sft(model: torch.nn.Module, tokenizer, records: Mapping[str, list[PreferenceRecord]],
             train_cfg: SFTSettings, *, max_prompt_tokens: int | None, max_response_tokens: int | None,
             seed: int = 0, progress: bool = True) -> dict[str, Any]:
@@ -181,11 +201,14 @@ def run_sft(model: torch.nn.Module, tokenizer, records: Mapping[str, list[Prefer
     module = SFTModule(model, lr=float(train_cfg.get("lr", 1e-3)),
                        weight_decay=float(train_cfg.get("weight_decay", 0.01)),
                        warmup_steps=int(train_cfg.get("warmup_steps", max(1, total // 20))), total_steps=total)
+    precision = train_cfg.get("precision", "32-true")
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False,
                         enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
                         num_sanity_val_steps=0, gradient_clip_val=float(train_cfg.get("grad_clip", 1.0)),
-                        log_every_n_steps=10, deterministic=False)
+                        log_every_n_steps=10, deterministic=False, precision=precision)
     model.train()  # callers may hand over a model in eval mode (from_pretrained returns one)
     trainer.fit(module, train_dl, val_dl)
     model.eval()
+    if precision != "32-true":  # the reported perplexity is the fp32 model's, whatever precision trained it
+        module.best["metrics"].update(validate_fp32(module, val_dl))
     return {**module.best["metrics"], "history": module.history, "train_steps": total}
