@@ -17,7 +17,6 @@ from transformers import (
 )
 
 import infalign.models.pure_sampling as pure_sampling
-import infalign.models.sampling as rollout_mod
 from infalign.core.losses import sequence_kl
 from infalign.models.pure_sampling import sampling_kwargs
 from infalign.models.sampling import generate, response_logprobs
