@@ -5,6 +5,7 @@ execute on it and are committed without outputs."""
 import csv
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -17,9 +18,10 @@ from hydra.utils import instantiate
 
 from infalign.core.transforms import BoNExpTransform, IdentityTransform, LogTransform, WoNExpTransform
 from infalign.runtime.paths import REPO_ROOT, conf_dir
-from infalign.study import analyze_sweep, optimum_at, write_study
-from infalign.study.analysis import RAW_NOTE, matched_kl, response_lengths
-from infalign.theory import analyze, best_t, factories
+from infalign.study import analyze_sweep, markdown, optimum_at, write_study
+from infalign.study.analysis import RAW_NOTE, Study, matched_kl, response_lengths, theory_at_kl
+from infalign.theory import analyze, best_t, default_grid, factories, tilted_density
+from infalign.theory.efficiency import GRID_CELLS, calibrated_transform
 
 NOTEBOOKS = REPO_ROOT / "notebooks"
 METHODS = {  # preset -> (transform class, calibrator class)
@@ -158,19 +160,117 @@ def test_matched_kl_interpolates_inside_each_curve_only(closed_form_sweep):
     assert math.isnan(rows[("raw", target)]["std"])  # beyond raw's largest KL (0.4)
     auto = analyze_sweep(closed_form_sweep).matched  # common range of calibrated (0.15..1.3) and raw (0.3..0.4)
     assert auto and all(0.3 - 1e-9 <= m["kl"] <= 0.4 + 1e-9 and math.isfinite(m["bon"]) for m in auto)
-    assert not any(m["anchored"] for m in auto)
 
 
-def test_matched_kl_below_a_curve_interpolates_towards_the_reference(closed_form_sweep):
-    study = analyze_sweep(closed_form_sweep, kls=[0.14])  # raw's one point is at KL 0.35: 40% of the way
+def test_matched_kl_never_reports_the_chord_to_the_reference(closed_form_sweep):
+    """Below a method's smallest measured KL there is no value (the chord from the reference is drawn in the
+    figures only); measured ranges that do not overlap give no automatic matched KL at all."""
+    study = analyze_sweep(closed_form_sweep, kls=[0.14])  # raw's points are at KL 0.3 and 0.4 (mean 0.35)
     raw = next(m for m in study.matched if m["method"] == "raw")
-    assert raw["anchored"] and raw["std"] == pytest.approx(0.5 + 0.4 * (0.6 - 0.5))
-    assert raw["bon"] == pytest.approx(0.5 + 0.4 * (0.62 - 0.5)) and raw["won"] == pytest.approx(0.5 + 0.4 * (0.7 - 0.5))
+    assert all(math.isnan(raw[k]) for k in ("std", "bon", "won")) and "anchored" not in raw
     groups = [g for g in study.groups if g["method"] == "raw"]
-    groups += [dict(g, method="high", kl=g["kl"] + 5.0) for g in groups]  # measured ranges that never overlap
-    rows = [m for m in matched_kl(groups) if m["method"] == "high"]
-    assert [m["kl"] for m in rows] == pytest.approx([0.35 / 3, 0.7 / 3, 0.35])  # (0, smallest largest KL]
-    assert all(m["anchored"] and 0.5 < m["bon"] < 0.62 for m in rows)  # on the chord from the reference
+    groups += [dict(g, method="high", label="high", kl=g["kl"] + 5.0) for g in groups]  # ranges that never overlap
+    assert matched_kl(groups) == []
+    assert "no KL range common" in markdown(Study(closed_form_sweep, study.runs, groups, [], [4], ["raw", "high"]))
+
+
+# ------------------------------------------------------------------------------------------ KL efficiency, paired
+def on_tilt_at_m(transform, beta, m=16):
+    """KL and win rates of the tilt of `transform` through an m-sample calibration (the study's grid)."""
+    return tilted_density(calibrated_transform(transform, m), beta, default_grid(GRID_CELLS)).summary(4)
+
+
+def write_per_prompt(member_dir, rows):
+    with open(member_dir / "eval_per_prompt.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+@pytest.fixture(scope="module")
+def efficiency_sweep(tmp_path_factory):
+    """Runs exactly on the at_m tilt of their transform (M = 16 from the saved config), solver rloo; the same
+    calibrated runs at half the gain with solver ppo; per-prompt tables with known differences for rloo."""
+    root, i = tmp_path_factory.mktemp("efficiency"), 0
+    cases = [("calibrated", "identity", IdentityTransform(), {"_target_": "infalign.core.transforms.IdentityTransform"},
+              None, "std"),
+             ("bon_exp", "bon_exp", BoNExpTransform(t=10.0), {"_target_": "infalign.theory.factories.bon_exp", "t": "auto"},
+              10.0, "bon")]
+    for solver, share in (("rloo", 1.0), ("ppo", 0.5)):
+        for method, name, transform, cfg, t, metric in cases:
+            if solver == "ppo" and method != "calibrated":
+                continue
+            for beta in (0.5, 0.3):
+                a = on_tilt_at_m(transform, beta)
+                win = {"std": a["win_rate"], "bon": a["bon_win_rate"]}
+                win[metric] = 0.5 + share * (win[metric] - 0.5)  # the metric the method targets: a share of the gain
+                for seed in (0, 1):
+                    final = fake_final(method, name, beta, seed, a["kl"], win["std"], win["bon"], a["won_win_rate"])
+                    final.update(t=t, solver=solver)
+                    d = root / str(i)
+                    (d / ".hydra").mkdir(parents=True)
+                    (d / ".hydra" / "config.yaml").write_text(json.dumps(
+                        {"n": 4, "beta": beta, "transform": cfg, "calibration": {"m": 16}, "rl": {"algo": solver}}))
+                    (d / "final_metrics.json").write_text(json.dumps(final))
+                    if solver == "rloo":  # per prompt: bon_exp wins 0.1 more on every prompt, seeds shift the level
+                        base, step = (0.6, 0.001) if method == "calibrated" else (0.7, 0.002)
+                        write_per_prompt(d, [{"prompt_id": f"p{j}", "bon_win_rate@1": base + 0.01 * j + step * seed,
+                                              "bon_win_rate@4": base + 0.01 * j + step * seed, "won_win_rate@4": 0.5,
+                                              "kl": a["kl"], "reward_calibrated": 0.5} for j in range(10)])
+                    i += 1
+    return root
+
+
+def test_runs_on_the_at_m_tilt_have_gain_fraction_and_kl_efficiency_one(efficiency_sweep):
+    study = analyze_sweep(efficiency_sweep)
+    assert {r["m"] for r in study.runs} == {16} and {r["solver"] for r in study.runs} == {"rloo", "ppo"}
+    for r in study.runs:
+        key = r["metric"]
+        assert key == ("std" if r["method"] == "calibrated" else "bon")
+        if r["solver"] == "rloo":
+            assert r[f"gap_theory_{key}"] == pytest.approx(0.0, abs=1e-6)
+            assert r["gain_fraction"] == pytest.approx(1.0, abs=1e-6) and r["kl_efficiency"] == pytest.approx(1.0, abs=1e-6)
+        else:
+            assert r["gain_fraction"] == pytest.approx(0.5, abs=1e-6) and 0 < r["kl_efficiency"] < 0.5
+        # the optimum dominates the tilt (identity is the standard win rate's optimum: equal, up to the traced
+        # optimum curve's interpolation)
+        assert r["gain_fraction_optimum"] <= r["gain_fraction"] + 1e-3
+    # the continuous form (M ignored) would put the bon_exp runs off their curve: at_m matters here
+    bon = next(r for r in study.runs if r["method"] == "bon_exp")
+    continuous = analyze(BoNExpTransform(t=10.0), theory_at_kl(BoNExpTransform(t=10.0), bon["kl"], 4)["beta"], 4)
+    assert abs(continuous["bon_win_rate"] - bon["bon@4"]) > 1e-3
+
+
+def test_solver_efficiency_csv_and_the_markdown_tables(efficiency_sweep):
+    paths = write_study(efficiency_sweep)
+    rows = list(csv.DictReader(open(efficiency_sweep / "solver_efficiency.csv")))
+    want = ["solver", "method", "beta", "seeds", "kl", "metric", "win_rate", "optimum_win_rate_at_kl", "gain_fraction",
+            "kl_efficiency", "kl_calibrated"]
+    assert set(want) <= set(rows[0])
+    assert [(r["solver"], r["method"], float(r["beta"])) for r in rows] == [
+        ("rloo", "calibrated", 0.5), ("rloo", "calibrated", 0.3), ("rloo", "bon_exp", 0.5), ("rloo", "bon_exp", 0.3),
+        ("ppo", "calibrated", 0.5), ("ppo", "calibrated", 0.3)]
+    for r in rows:
+        assert r["seeds"] == "2" and float(r["gain_fraction"]) == pytest.approx(1.0 if r["solver"] == "rloo" else 0.5,
+                                                                                abs=1e-6)
+    md = paths["markdown"].read_text()
+    assert "## KL efficiency of the solver" in md and "## Paired comparisons on the held-out prompts" in md
+    assert "calibrated [ppo]" in md  # two solvers: one curve per (method, solver)
+
+
+def test_paired_comparison_per_prompt_mean_and_standard_error(efficiency_sweep):
+    study = analyze_sweep(efficiency_sweep)
+    rows = [p for p in study.paired if (p["method_a"], p["method_b"]) == ("calibrated [rloo]", "bon_exp [rloo]")]
+    assert {p["metric"] for p in rows} == {"std", "bon"} and len(rows) == 4  # 2 betas of calibrated x 2 metrics
+    for p in rows:
+        # per prompt: (0.6 + 0.01 j + 0.001 s) - (0.7 + 0.01 j + 0.002 s), averaged over seeds 0, 1: -0.1005
+        assert p["prompts"] == 10 and p["diff"] == pytest.approx(-0.1005) and p["se_prompts"] == pytest.approx(0, abs=1e-12)
+        se_seeds = math.sqrt(np.var([0.0, 0.001], ddof=1) / 2 + np.var([0.0, 0.002], ddof=1) / 2)
+        assert p["se_seeds"] == pytest.approx(se_seeds) and p["se"] == pytest.approx(se_seeds)
+        assert p["kl_b"] == pytest.approx(min(g["kl"] for g in study.groups if g["label"] == "bon_exp [rloo]"
+                                              and abs(g["kl"] - p["kl_a"]) == min(abs(h["kl"] - p["kl_a"])
+                                              for h in study.groups if h["label"] == "bon_exp [rloo]")))
+    assert not [p for p in study.paired if "ppo" in p["method_a"] + p["method_b"]]  # no per-prompt tables: no rows
 
 
 def test_response_lengths_first_iteration_and_mean_of_the_last_three(tmp_path):
@@ -233,6 +333,36 @@ def test_smoke_study_end_to_end(smoke_study):
     assert "bon_exp" in (smoke_study / "study_results.md").read_text()
     for r in rows:  # the length column: the runs' logged rollout lengths
         assert 0 < float(r["length_start"]) and 0 < float(r["length_end"])
+
+
+def test_rerunning_a_study_into_its_directory_skips_finished_members(run_train, tmp_path):
+    """`resume=auto` on a sweep: a member that finished is left untouched (nothing loaded or written), a member
+    that is missing is trained, and the study is rewritten over all of them."""
+    sweep = tmp_path / "study"
+    args = ["-m", "study=smoke", "seed=0", "rl.iterations=1", "progress=false", "num_threads=1", "resume=auto",
+            f"hydra.sweep.dir={sweep}"]
+    run_train(*args)
+    finals = {i: (sweep / str(i) / "final_metrics.json").read_bytes() for i in (0, 1)}
+    final = json.loads(finals[0])
+    for key in ("solver", "metric", "gain_fraction", "kl_efficiency", "optimum_win_rate_at_kl", "kl_calibrated"):
+        assert key in final, key
+    assert final["solver"] == "rloo" and final["metric"] == "std" and final["calibration_m"] == 8  # calibrated
+    assert math.isfinite(final["eval/kl_calibrated"]) and final["kl_calibrated"] == final["eval/kl_calibrated"]
+    per_prompt = list(csv.DictReader(open(sweep / "0" / "eval_per_prompt.csv")))
+    assert len(per_prompt) == 6 and {"prompt_id", "bon_win_rate@4", "won_win_rate@2", "kl", "reward_calibrated"} \
+        <= set(per_prompt[0])
+    mean = np.mean([float(r["bon_win_rate@4"]) for r in per_prompt])
+    assert mean == pytest.approx(final["eval/bon_win_rate@4"], abs=1e-9)  # the per-prompt rows average to the metric
+    stamp = (sweep / "0" / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    shutil.rmtree(sweep / "1")  # as if the sweep had been stopped before its second member
+
+    out = run_train(*args)
+    assert out.stdout.count("nothing to resume, no file changed") == 1  # member 0 only
+    assert (sweep / "0" / "final_metrics.json").read_bytes() == finals[0]
+    assert (sweep / "0" / "checkpoints" / "last.ckpt").stat().st_mtime_ns == stamp
+    assert json.loads((sweep / "1" / "final_metrics.json").read_text())["method"] == "bon_exp"  # trained again
+    rows = list(csv.DictReader(open(sweep / "solver_efficiency.csv")))
+    assert [(r["solver"], r["method"]) for r in rows] == [("rloo", "calibrated"), ("rloo", "bon_exp")]
 
 
 def test_study_diagnostics_table_recomputes_the_runs(smoke_study):

@@ -29,7 +29,8 @@ def test_exp_family_matches_paper_forms(t):
     np.testing.assert_allclose(WoNExpTransform(t)(U), naive_won, atol=1e-12)
 
 
-@pytest.mark.parametrize("transform", [BoNExpTransform(3.0), WoNExpTransform(3.0), IdentityTransform(), LogTransform()])
+@pytest.mark.parametrize("transform", [BoNExpTransform(3.0), WoNExpTransform(3.0), IdentityTransform(), LogTransform(),
+                                       LogTransform(m=16)])
 def test_torch_and_numpy_agree(transform):
     out_np = transform(U)
     out_t = transform(torch.tensor(U))
@@ -47,10 +48,30 @@ def test_exp_family_normalised_monotone_and_finite_for_any_t(cls, t):
     assert np.all(np.diff(phi) >= 0)
 
 
-def test_log_is_safe_at_zero():
+def test_log_without_m_floors_continuous_inputs():
     assert LogTransform(eps=1e-3)(np.array([0.0]))[0] == pytest.approx(math.log(1e-3))
     assert torch.isfinite(LogTransform()(torch.zeros(3))).all()
     assert LogTransform()(np.array([0.5]))[0] == pytest.approx(math.log(0.5))
+
+
+@pytest.mark.parametrize("m", [1, 4, 16, 64])
+def test_log_with_m_reads_ranks_as_mid_ranks(m):
+    """b/M -> (b + 1/2)/(M + 1): finite at both ends, evenly spaced ranks, a calibrated 0 no outlier."""
+    b = np.arange(m + 1)
+    phi = LogTransform(m=m)(b / m)
+    np.testing.assert_allclose(phi, np.log((b + 0.5) / (m + 1)), rtol=1e-12)
+    assert np.all(np.isfinite(phi)) and np.all(phi < 0) and np.all(np.diff(phi) > 0)
+    if m >= 2:  # the gap from rank 0 to rank 1 is log 3, whatever M: not the floor's log(1/(M eps))
+        assert phi[1] - phi[0] == pytest.approx(math.log(3.0))
+    half_ties = LogTransform(m=m)((b[:-1] + 0.5) / m)  # a tie with one cache sample counts half
+    assert np.all((half_ties > phi[:-1]) & (half_ties < phi[1:]))
+    np.testing.assert_allclose(LogTransform(m=m)(torch.tensor(b / m)).numpy(), phi, rtol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "16"])
+def test_log_m_must_be_a_positive_integer(bad):
+    with pytest.raises((ValueError, TypeError), match="m"):
+        LogTransform(m=bad)
 
 
 def test_raw_accepts_any_real_reward_but_calibrated_transforms_do_not():
@@ -85,9 +106,12 @@ def test_every_transform_config_instantiates():
     names = sorted(p.stem for p in (CONF / "transform").glob("*.yaml"))
     assert {"raw", "identity", "bon_exp", "won_exp", "log", "optimal"} <= set(names)
     for name in names:
-        cfg = OmegaConf.create({"n": 2, "beta": 0.5, "transform": OmegaConf.load(CONF / "transform" / f"{name}.yaml")})
+        cfg = OmegaConf.create({"n": 2, "beta": 0.5, "calibration": {"m": 16},
+                                "transform": OmegaConf.load(CONF / "transform" / f"{name}.yaml")})
         transform = instantiate(cfg.transform)
         assert np.all(np.isfinite(transform(U)))
+        if name == "log":  # the calibration's M reaches the transform
+            assert transform.m == 16
 
 
 def test_auto_t_is_the_theory_best_t_at_the_optimums_kl():

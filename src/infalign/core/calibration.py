@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 import numpy as np
 import torch
 
-__all__ = ["Calibrator", "EmpiricalCalibrator", "PassThroughCalibrator", "check_rewards"]
+__all__ = ["Calibrator", "EmpiricalCalibrator", "PassThroughCalibrator", "check_rewards", "leave_one_out_calibrated"]
 
 
 def check_rewards(policy_rewards, reference_rewards) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,6 +65,18 @@ class Calibrator(ABC):
     @abstractmethod
     def __call__(self, policy_rewards: torch.Tensor, reference_rewards: torch.Tensor) -> torch.Tensor:
         """`policy_rewards [P, K]`, `reference_rewards [P, M]` -> calibrated rewards `[P, K]`."""
+
+
+def leave_one_out_calibrated(rewards: torch.Tensor) -> torch.Tensor:
+    """The calibrated reward of each of a prompt's M reference samples against the other M - 1 (the sample
+    itself left out, ties counting half): `[P, M] -> [P, M]`, values in multiples of 1/(2(M - 1)). Under the
+    reference each is, like C, uniform on its grid; used by distillation, which trains on these samples."""
+    r = torch.as_tensor(rewards)
+    if r.dim() != 2 or r.shape[1] < 2:
+        raise ValueError(f"leave-one-out calibration needs [P, M] rewards with M >= 2, got shape {tuple(r.shape)}")
+    below = (r.unsqueeze(2) > r.unsqueeze(1)).sum(2)  # [p, i]: #{j : r_j < r_i}
+    ties = (r.unsqueeze(2) == r.unsqueeze(1)).sum(2) - 1  # j == i always ties with itself: left out
+    return (below + 0.5 * ties).to(torch.float64) / (r.shape[1] - 1)
 
 
 class EmpiricalCalibrator(Calibrator):

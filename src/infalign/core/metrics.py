@@ -16,7 +16,8 @@ from torchmetrics import Metric
 from infalign.core.calibration import check_rewards
 from infalign.core.checks import check_mode, check_n
 
-__all__ = ["InferenceTimeWinRate", "bon_win_rate_per_prompt", "won_win_rate_per_prompt", "inference_win_rate_per_prompt"]
+__all__ = ["InferenceTimeWinRate", "bon_win_rate_per_prompt", "won_win_rate_per_prompt", "inference_win_rate_per_prompt",
+           "weighted_inference_win_rate_per_prompt"]
 
 
 def _log_binom(n: torch.Tensor, k: int) -> torch.Tensor:
@@ -63,6 +64,57 @@ def won_win_rate_per_prompt(policy_rewards, reference_rewards, n: int) -> torch.
 def inference_win_rate_per_prompt(policy_rewards, reference_rewards, n: int, mode: str) -> torch.Tensor:
     fn = bon_win_rate_per_prompt if check_mode(mode) == "bon" else won_win_rate_per_prompt
     return fn(policy_rewards, reference_rewards, n)
+
+
+def _check_weights(weights, shape: tuple[int, int]) -> torch.Tensor:
+    w = torch.as_tensor(weights).to(torch.float64)
+    if tuple(w.shape) != tuple(shape):
+        raise ValueError(f"policy_weights must have the policy rewards' shape {tuple(shape)}, got {tuple(w.shape)}")
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise ValueError("policy_weights must be finite and non-negative")
+    total = w.sum(dim=1, keepdim=True)
+    if bool((total <= 0).any()):
+        raise ValueError("every prompt needs a positive total weight (policy_weights sum to 0 on some row)")
+    return w / total
+
+
+def _weighted_bon(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor, n: int) -> torch.Tensor:
+    order = a.argsort(dim=1)
+    a, w = a.gather(1, order).contiguous(), w.gather(1, order)
+    b = b.sort(dim=1).values.contiguous()
+    # The max of N draws with replacement is at most a_(i) with probability F_w(a_(i))^N: the differences of
+    # F^N over the sorted values are its distribution (tied values split one atom between them, and the win
+    # probability below depends on the value only, so they need no merging).
+    cdf = w.cumsum(dim=1).clamp(max=1.0)
+    cdf[:, -1] = 1.0
+    p_max = cdf**n - torch.cat([torch.zeros_like(cdf[:, :1]), cdf[:, :-1]], dim=1) ** n
+    l = b.shape[1]
+    lt = torch.searchsorted(b, a, right=False)
+    le = torch.searchsorted(b, a, right=True)
+    log_norm = _log_binom(torch.tensor(float(l)), n)
+    p_win = 0.5 * (torch.exp(_log_binom(lt, n) - log_norm) + torch.exp(_log_binom(le, n) - log_norm))
+    return (p_max * p_win).sum(dim=1)
+
+
+def weighted_inference_win_rate_per_prompt(policy_rewards, policy_weights, reference_rewards, n: int,
+                                           mode: str) -> torch.Tensor:
+    """Best-of-N (`mode="bon"`) or worst-of-N (`"won"`) win rate, per prompt, of a *weighted* sample policy:
+    `[P, K]` rewards with `[P, K]` weights against `[P, L]` reference rewards -> `[P]`.
+
+    The policy is the weighted empirical distribution of its K samples (a resampled, soft best-of-K policy):
+    its N draws are with replacement, so its maximum has CDF `F_w^N`. The reference side is the same
+    U-statistic over N-subsets as `bon_win_rate_per_prompt` (needs L >= N; ties count half); worst-of-N is
+    `1 - bon(-a, -b)`. With uniform weights and N = 1 it equals `inference_win_rate_per_prompt`; for N > 1
+    uniform weights differ from it (draws with vs without replacement).
+    """
+    a, b = check_rewards(policy_rewards, reference_rewards)
+    n = check_n(n)
+    if b.shape[1] < n:
+        raise ValueError(f"the N={n} win-rate estimate needs at least N reference samples per prompt, got L={b.shape[1]}")
+    w = _check_weights(policy_weights, tuple(a.shape))
+    if check_mode(mode) == "bon":
+        return _weighted_bon(a, w, b, n)
+    return 1.0 - _weighted_bon(-a, w, -b, n)
 
 
 class InferenceTimeWinRate(Metric):

@@ -133,21 +133,36 @@ class WoNExpTransform(Transform):
 
 
 class LogTransform(Transform):
-    """`Phi(u) = log(max(u, eps))`: best-of-N distillation (with beta = 1/(N-1) the optimum is best-of-N).
+    """`Phi(u) = log` of the mid-rank: best-of-N distillation (with beta = 1/(N-1) the optimum is best-of-N).
 
-    The floor `eps` keeps `u = 0` (a sample below every reference sample) finite; its effect on the
-    tilted density is below `eps ** (1/beta)`.
+    With `m` (the calibration's M, `calibration.m` in the configs) a calibrated reward `u = b / M` is read as
+    the mid-rank `(u M + 1/2) / (M + 1)`, i.e. `b / M -> (b + 1/2) / (M + 1)`: never 0 or 1, and spaced like
+    the ranks themselves. The former floor `log(max(u, 1e-3))` gave a calibrated 0 the value -6.9 against
+    -2.77 for the next rank (M = 16), so the rarest samples dominated the advantages; the mid-rank gives
+    log(0.5/17) = -3.53 against log(1.5/17) = -2.43. (Tied ranks, `u = (b + 1/2) / M`, land between.)
+
+    Without `m` (`m=None`, continuous inputs such as the theory's grid) `Phi(u) = log(max(u, eps))`: the
+    floor keeps `u = 0` finite; its effect on the tilted density is below `eps ** (1/beta)`. `eps` is
+    ignored when `m` is set.
     """
 
     name = "log"
 
-    def __init__(self, eps: float = 1e-3):
+    def __init__(self, eps: float = 1e-3, *, m: int | None = None):
+        if m is not None:
+            if isinstance(m, bool) or not isinstance(m, (int, float)) or not float(m).is_integer() or m < 1:
+                raise ValueError(f"log: `m` (the calibration's M) must be a positive integer or null, got {m!r} "
+                                 "(e.g. transform.m=${calibration.m})")
+            m = int(m)
+        self.m = m
         self.eps = _positive("eps", eps, "log")
         if self.eps >= 1:
             raise ValueError(f"log: `eps` must be below 1, got {eps}")
 
     def phi(self, u):
         xp = _xp(u)
+        if self.m is not None:
+            return xp.log((u * self.m + 0.5) / (self.m + 1.0))
         return xp.log(xp.clip(u, self.eps, None)) if xp is np else torch.log(u.clamp_min(self.eps))
 
 

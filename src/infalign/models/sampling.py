@@ -34,7 +34,7 @@ from transformers.cache_utils import DynamicLayer
 
 from infalign.models.pure_sampling import check_pure_sampling, check_sampler_kwargs, generate_kwargs
 
-__all__ = ["Rollout", "tokenize_prompts", "generate", "decode_responses", "response_logprobs"]
+__all__ = ["Rollout", "tokenize_prompts", "generate", "decode_responses", "response_logprobs", "rollout_from_texts"]
 
 
 def tokenize_prompts(tokenizer, prompts: list[str], device=None) -> dict[str, torch.Tensor]:
@@ -323,22 +323,13 @@ def _pad_columns(x: torch.Tensor, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, width - x.shape[1])) if x.shape[1] < width else x
 
 
-def response_logprobs(model, rollout: Rollout, *, with_entropy: bool = False):
-    """log pi(y_t | x, y_<t) for the response tokens, `[S, T]` (0 where masked).
-
-    The LM head runs only on the positions that predict response tokens, not on the prompt. When samples
-    share a prompt (k per prompt), the prompt minus its last token runs once per distinct prompt and its
-    keys/values are fanned out to the samples (gradients flow back through the fan-out, so the gradient is
-    the same as with one full pass per sample); then the last prompt token and the response run per sample.
-    Position ids skip the left padding, exactly as in `generate`. With `with_entropy`, also returns the
-    per-token entropy of the policy (for logging; computed without grad).
-    """
+def _response_log_softmax(model, rollout: Rollout) -> tuple[torch.Tensor, int]:
+    """The model's full next-token log-softmax at the response positions, `[S, W, V]` in fp32, where W is the
+    longest response among these rows (columns past it are padding in every row and are not run)."""
     full_width = rollout.response_mask.shape[1]
-    # Columns past the longest response of these rows are padding in every row: not run at all.
     width = int(rollout.response_mask.sum(-1).max()) if full_width else 0
     ids = rollout.input_ids[:, : rollout.prompt_len + width]
     mask = rollout.attention_mask[:, : rollout.prompt_len + width]
-    response_mask, response_ids = rollout.response_mask[:, :width], rollout.response_ids[:, :width]
     position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
     head = rollout.prompt_len - 1
     groups = _shared_prompt_groups(ids, mask, head) if head > 0 and width else None
@@ -353,11 +344,60 @@ def response_logprobs(model, rollout: Rollout, *, with_entropy: bool = False):
         cache.batch_select_indices(inverse)  # an indexing op: autograd sums the k rows' gradients back
         logits = _run(model, cache, input_ids=ids[:, head:-1], attention_mask=mask[:, :-1],
                       position_ids=position_ids[:, head:-1]).logits
-    logits = logits.float()
-    logp_all = torch.log_softmax(logits, dim=-1)
+    return torch.log_softmax(logits.float(), dim=-1), width
+
+
+def response_logprobs(model, rollout: Rollout, *, with_entropy: bool = False, full_vocabulary: bool = False):
+    """log pi(y_t | x, y_<t) for the response tokens, `[S, T]` (0 where masked).
+
+    The LM head runs only on the positions that predict response tokens, not on the prompt. When samples
+    share a prompt (k per prompt), the prompt minus its last token runs once per distinct prompt and its
+    keys/values are fanned out to the samples (gradients flow back through the fan-out, so the gradient is
+    the same as with one full pass per sample); then the last prompt token and the response run per sample.
+    Position ids skip the left padding, exactly as in `generate`. With `with_entropy`, also returns the
+    per-token entropy of the policy (for logging; computed without grad). With `full_vocabulary`, also returns
+    the whole log-softmax `[S, W, V]` over the first W response columns (W = the longest response here;
+    later columns are padding in every row), for the exact per-token KL (`infalign.core.losses.token_kl`).
+    """
+    full_width = rollout.response_mask.shape[1]
+    logp_all, width = _response_log_softmax(model, rollout)
+    response_mask, response_ids = rollout.response_mask[:, :width], rollout.response_ids[:, :width]
     logp = _pad_columns(logp_all.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1) * response_mask, full_width)
-    if not with_entropy:
-        return logp
-    with torch.no_grad():
-        entropy = _pad_columns(-(logp_all.exp() * logp_all).sum(-1) * response_mask, full_width)
-    return logp, entropy
+    out = (logp,)
+    if with_entropy:
+        with torch.no_grad():
+            out += (_pad_columns(-(logp_all.exp() * logp_all).sum(-1) * response_mask, full_width),)
+    if full_vocabulary:
+        out += (logp_all,)
+    return out[0] if len(out) == 1 else out
+
+
+def rollout_from_texts(tokenizer, prompts: list[str], responses: list[list[str]], max_new_tokens: int) -> Rollout:
+    """A `Rollout` of given response texts (`responses[i]`: the texts for `prompts[i]`, prompt-major), tokenised
+    as the sampler lays them out: the prompt left-padded, the response after it, EOS appended when the response
+    is shorter than `max_new_tokens` (it ended by choice; a sample that hit the limit has none). Used to train
+    on stored reference samples (distillation). Decoded text re-encoded may split into other tokens than were
+    sampled: the same text, not always the same token path."""
+    counts = {len(r) for r in responses}
+    if len(counts) != 1:
+        raise ValueError(f"rollout_from_texts needs the same number of responses per prompt, got {sorted(counts)}")
+    k = counts.pop()
+    batch = tokenize_prompts(tokenizer, prompts)
+    encoded = tokenizer([t for group in responses for t in group], add_special_tokens=False)["input_ids"]
+    rows = []
+    for ids in encoded:
+        ids = list(ids[:max_new_tokens])
+        if len(ids) < max_new_tokens:
+            ids.append(tokenizer.eos_token_id)
+        rows.append(ids)
+    width = max(len(r) for r in rows)
+    response = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    response_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        response[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        response_mask[i, : len(r)] = 1
+    prompt_ids = batch["input_ids"].repeat_interleave(k, dim=0)
+    prompt_mask = batch["attention_mask"].repeat_interleave(k, dim=0)
+    return Rollout(input_ids=torch.cat([prompt_ids, response], dim=1),
+                   attention_mask=torch.cat([prompt_mask, response_mask], dim=1),
+                   response_mask=response_mask, prompt_len=prompt_ids.shape[1])

@@ -20,6 +20,11 @@ STREAMS = (
     "minibatch_order",    # the order of the update's minibatches in each iteration
     "calibration_cache",  # the reference samples of each calibration-cache batch
     "evaluation",         # the policy's samples of each evaluation batch
+    "null_control",       # rl.null_control: the within-prompt shuffle of the transformed rewards, per iteration
+    "distill_pool",       # the reference samples of the training prompts that distillation fits, per batch
+    "distill",            # which pool samples a distillation iteration resamples, per iteration and process
+    "frontier_fresh",     # bench/frontier.py: the fresh reference samples the frontier tilts, per batch
+    "frontier_independent",  # bench/frontier.py: the independent reference side of its win rates, per batch
 )
 
 

@@ -1,17 +1,23 @@
-"""A sweep's runs as a study: gaps to theory per run, mean ± SE over seeds per method x beta, win rates at
-matched KL.
+"""A sweep's runs as a study: gaps to theory and KL efficiency per run, mean ± SE over seeds per solver x method
+x beta, win rates at matched KL, paired per-prompt comparisons between methods.
 
-Every number comes from the members' `final_metrics.json` (read by `infalign.study.runs`; measured on the
-same held-out prompts against the same cached reference samples) and from `infalign.theory` evaluated at each
-run's measured KL:
+Every number comes from the members' `final_metrics.json` and `eval_per_prompt.csv` (read by
+`infalign.study.runs`; measured on the same held-out prompts against the same cached reference samples) and
+from `infalign.theory` evaluated at each run's measured KL:
 
-- theory for the run's transform: the beta at which the optimal policy for that transform spends the
-  measured KL (`beta_for_kl`), then that policy's win rates. It is what the transform would give if RL
-  reached its optimum; `raw` has no such value (its reward is uncalibrated, so no model-agnostic theory);
+- theory for the run's transform: the beta at which the optimal tilt of that transform, seen through the run's
+  M-sample calibration (`at_m(transform, calibration.m)`, infalign.theory.finite_m), spends the measured KL
+  (`beta_for_kl`), then that policy's win rates. It is what the transform would give if RL reached its
+  optimum; `raw` has no such value (its reward is uncalibrated, so no model-agnostic theory);
 - the optimum: the best any policy can do at that KL (the fixed-point optimal transform for best-/worst-of-N,
-  traced over beta; for the standard win rate the identity transform, which is optimal for N = 1).
+  traced over beta; for the standard win rate the identity transform, which is optimal for N = 1);
+- KL efficiency (infalign.theory.efficiency) on the run's target metric (bon / won / std): the gain fraction
+  (the run's gain over 0.5 per the curve's gain at the same KL) and the KL efficiency (the KL the curve needs for
+  the run's win rate per KL spent), against the tilt and against the optimum.
 
 `gap = measured - theoretical`: negative when the run falls short of the closed form.
+Matched-KL values are interpolated only inside the KL range each method measured, never extrapolated or
+interpolated towards the reference.
 numpy/scipy and infalign.theory only: no Lightning, no training.
 """
 
@@ -24,15 +30,32 @@ from pathlib import Path
 
 import numpy as np
 
-from infalign.study.runs import collect_runs, logged_values, transform_from_run
-from infalign.theory import beta_for_kl, default_grid, optimal_density, tilted_density
+from infalign.study.runs import (
+    calibration_m,
+    collect_runs,
+    logged_values,
+    per_prompt_rows,
+    run_solver,
+    transform_from_run,
+)
+from infalign.theory import default_grid
+from infalign.theory.efficiency import (  # the optimum lives in theory (the trainer uses it too); re-exported here
+    BETA_START,
+    BETA_STOP,
+    GRID_CELLS,
+    KL_FLOOR,
+    PER_DECADE,
+    efficiency_columns,
+    optimum_at,
+    optimum_curve,
+    target_metric,
+    tilt_at_kl,
+)
 
-__all__ = ["Study", "analyze_sweep", "aggregate", "matched_kl", "optimum_curve", "optimum_at", "theory_at_kl",
+__all__ = ["BETA_START", "BETA_STOP", "PER_DECADE", "Study", "analyze_sweep", "aggregate", "efficiency_rows",
+           "matched_kl", "metric_column", "optimum_curve", "optimum_at", "paired_comparisons", "theory_at_kl",
            "run_rows"]
 
-GRID_CELLS = 4096  # theory grid: win rates within ~1e-5 of the 16k default, far below any seed SE, 4x faster
-KL_FLOOR = 1e-6  # at or below this measured KL (k1 can dip below 0 by sampling noise) the policy is the reference
-BETA_START, BETA_STOP, PER_DECADE = 30.0, 1e-4, 8  # the optimum is traced from KL ~ 0 up to where it is needed
 RAW_NOTE = "raw reward: uncalibrated, no closed-form theory for its transform (gap to the optimum only)"
 
 
@@ -41,58 +64,15 @@ def _grid():
 
 
 # ---------------------------------------------------------------------------------------------- theory
-def theory_at_kl(transform, kl: float, n: int) -> dict:
-    """Win rates of the optimal policy for `transform` that spends `kl` nats: {beta, std, bon, won}."""
-    if kl <= KL_FLOOR:
-        return {"beta": math.inf, "std": 0.5, "bon": 0.5, "won": 0.5}
-    beta = beta_for_kl(transform, float(kl), _grid())
-    d = tilted_density(transform, beta, _grid())
-    return {"beta": beta, "std": d.win_rate(), "bon": d.bon_win_rate(n), "won": d.won_win_rate(n)}
+def theory_at_kl(transform, kl: float, n: int, m: int | None = None) -> dict:
+    """Win rates of the optimal tilt of `transform` (through an `m`-sample calibration; None: continuous) that
+    spends `kl` nats: {beta, std, bon, won} (`infalign.theory.efficiency.tilt_at_kl` on the study's grid)."""
+    return tilt_at_kl(transform, kl, n, m, _grid())
 
 
-_CURVES: dict[tuple[int, str], tuple[float, np.ndarray, np.ndarray]] = {}  # (n, mode) -> (KL reached, kls, wins)
-
-
-def _trace_optimum(n: int, mode: str, kl_needed: float) -> tuple[np.ndarray, np.ndarray]:
-    # Each beta costs a fixed-point solve (~0.05-0.4 s), so walk beta down only until the curve passes the
-    # largest KL asked for.
-    from infalign.core.transforms import IdentityTransform
-
-    kls, wins = [0.0], [0.5]
-    steps = int(math.ceil(math.log10(BETA_START / BETA_STOP) * PER_DECADE)) + 1
-    for beta in np.geomspace(BETA_START, BETA_STOP, steps):
-        if mode == "std":  # the standard win rate's optimum is the identity transform (N = 1)
-            d = tilted_density(IdentityTransform(), float(beta), _grid())
-            win = d.win_rate()
-        else:
-            d = optimal_density(n, mode, float(beta), _grid())
-            win = d.bon_win_rate(n) if mode == "bon" else d.won_win_rate(n)
-        if d.kl() > kls[-1]:  # KL grows as beta falls; drop numerically flat points so x stays increasing
-            kls.append(d.kl())
-            wins.append(win)
-        if kls[-1] > kl_needed:
-            break
-    return np.array(kls), np.maximum.accumulate(np.array(wins))
-
-
-def optimum_curve(n: int, mode: str, kl_max: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """(KL, best achievable win rate) of the optimum from KL 0 to past `kl_max` (it may extend further: one
-    curve per N and mode is kept and only ever extended); mode bon, won or std."""
-    key = (1 if mode == "std" else int(n), mode)  # the standard win rate's optimum does not depend on N
-    need = max(float(kl_max), 0.0) * 1.25 + 0.05
-    if key not in _CURVES or _CURVES[key][0] < need:
-        need = 2.0 ** math.ceil(math.log2(need))  # round up: a slightly larger KL later reuses this curve
-        _CURVES[key] = (need, *_trace_optimum(*key, need))
-    return _CURVES[key][1], _CURVES[key][2]
-
-
-def optimum_at(n: int, mode: str, kl: float) -> float:
-    """The optimum's win rate at `kl`: shape-preserving (PCHIP) interpolation of `optimum_curve`."""
-    from scipy.interpolate import PchipInterpolator
-
-    kl = max(float(kl), 0.0)
-    kls, wins = optimum_curve(n, mode, kl)
-    return float(PchipInterpolator(kls, wins)(min(kl, kls[-1])))
+def metric_column(metric: str, n: int) -> str:
+    """The study-row column of `metric` at N = `n` (std, bon@N, won@N)."""
+    return "std" if metric == "std" else f"{metric}@{n}"
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -110,8 +90,12 @@ def _ns_of(row: dict) -> list[int]:
     return sorted(int(k.split("@")[1]) for k in row if k.startswith("eval/bon_win_rate@") and not k.endswith("_se"))
 
 
+def _number(value) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
 def run_rows(raw_rows: list[dict], sweep_dir: Path, kl_max: float | None = None) -> list[dict]:
-    """One flat row per finished run: identity columns, measured win rates, theory, optimum and gaps."""
+    """One flat row per finished run: identity columns, measured win rates, theory, optimum, gaps, efficiency."""
     if kl_max is None:
         kl_max = max([float(r.get("eval/kl", 0.0)) for r in raw_rows] + [0.0])
     for n in {int(r["n"]) for r in raw_rows}:  # trace each optimum once, far enough for every run
@@ -120,36 +104,51 @@ def run_rows(raw_rows: list[dict], sweep_dir: Path, kl_max: float | None = None)
     out = []
     for r in raw_rows:
         n = int(r["n"])
-        row = {"member": r["member"], "method": r.get("method") or r.get("transform"), "transform": r.get("transform"),
-               "n": n, "beta": float(r["beta"]), "t": r.get("t"), "seed": int(r.get("seed", 0)),
-               "kl": float(r["eval/kl"])}
-        row["length_start"], row["length_end"] = response_lengths(Path(sweep_dir) / r["member"])
+        member_dir = Path(sweep_dir) / r["member"]
+        m = calibration_m(r, member_dir)
+        row = {"member": r["member"], "solver": run_solver(r, member_dir), "method": r.get("method") or r.get("transform"),
+               "transform": r.get("transform"), "n": n, "beta": float(r["beta"]), "t": r.get("t"),
+               "seed": int(r.get("seed", 0)), "m": m, "kl": float(r["eval/kl"]),
+               "kl_calibrated": _number(r.get("eval/kl_calibrated"))}
+        row["length_start"], row["length_end"] = response_lengths(member_dir)
         row["std"], row["std_pse"] = r.get("eval/bon_win_rate@1", math.nan), r.get("eval/bon_win_rate@1_se", math.nan)
         for big_n in _ns_of(r):  # `_pse`: the within-run standard error over prompts
             for mode in ("bon", "won"):
                 row[f"{mode}@{big_n}"] = r[f"eval/{mode}_win_rate@{big_n}"]
                 row[f"{mode}@{big_n}_pse"] = r[f"eval/{mode}_win_rate@{big_n}_se"]
         measured = {"std": row["std"], "bon": row.get(f"bon@{n}", math.nan), "won": row.get(f"won@{n}", math.nan)}
-        note = ""
+        notes = []
         if row["kl"] <= KL_FLOOR:
-            note = "measured KL <= 0 (sampling noise): theory and optimum are the reference's 0.5"
+            notes.append("measured KL <= 0 (sampling noise): theory and optimum are the reference's 0.5")
         theory = {"beta": math.nan, "std": math.nan, "bon": math.nan, "won": math.nan}
         # rebuilt as data (infalign.study.runs: allow-listed transforms, the recorded t, never executed)
-        transform = transform_from_run(r, Path(sweep_dir) / r["member"])
+        transform = transform_from_run(r, member_dir)
         if transform is None:
-            note = RAW_NOTE
+            notes.append(RAW_NOTE)
         else:
             try:
-                theory = theory_at_kl(transform, row["kl"], n)
+                theory = theory_at_kl(transform, row["kl"], n, m)
             except ValueError as e:  # e.g. won_exp with a large t cannot reach the measured KL
-                note = f"theory n/a: {e}"
+                notes.append(f"theory n/a: {e}")
         row["theory_beta"] = theory["beta"]
         for key in ("std", "bon", "won"):
             opt = optimum_at(n, key, row["kl"]) if row["kl"] > KL_FLOOR else 0.5
             row[f"theory_{key}"], row[f"opt_{key}"] = theory[key], opt
             row[f"gap_theory_{key}"] = measured[key] - theory[key]
             row[f"gap_opt_{key}"] = measured[key] - opt
-        row["note"] = note
+        try:  # KL efficiency on the run's target metric (infalign.theory.efficiency)
+            metric = target_metric(row["method"], r.get("transform"))
+            eff = efficiency_columns(transform, row["kl"], measured[metric], n, metric, m)
+            if eff["efficiency_note"] and transform is not None:
+                notes.append(eff["efficiency_note"])
+        except ValueError as e:
+            metric, eff = None, {}
+            notes.append(f"efficiency n/a: {e}")
+        row["metric"] = metric
+        for key in ("win_rate", "tilt_win_rate_at_kl", "optimum_win_rate_at_kl", "gain_fraction", "kl_efficiency",
+                    "gain_fraction_optimum", "kl_efficiency_optimum"):
+            row[key] = eff.get(key, math.nan)
+        row["note"] = "; ".join(dict.fromkeys(notes))
         out.append(row)
     return out
 
@@ -164,18 +163,26 @@ def _mean_se(values) -> tuple[float, float, int]:
     return float(np.mean(x)), se, len(x)
 
 
+IDENTITY = ("member", "solver", "method", "transform", "n", "beta", "seed", "m", "metric", "note")
+
+
 def aggregate(runs: list[dict]) -> list[dict]:
-    """Per (method, n, beta), in sweep order: the mean over seeds of every measured and theory column and
-    its standard error over seeds (`<col>_se`; NaN with a single seed)."""
+    """Per (solver, method, n, beta), in sweep order: the mean over seeds of every measured, theory and
+    efficiency column and its standard error over seeds (`<col>_se`; NaN with a single seed). `label` names the
+    curve: the method, with the solver in brackets when the sweep has more than one solver."""
+    several_solvers = len({r["solver"] for r in runs}) > 1
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
-        groups.setdefault((r["method"], r["n"], r["beta"]), []).append(r)
-    skip = {"member", "method", "transform", "n", "beta", "seed", "note"}
+        groups.setdefault((r["solver"], r["method"], r["n"], r["beta"]), []).append(r)
     out = []
-    for (method, n, beta), members in groups.items():
-        row = {"method": method, "transform": members[0]["transform"], "n": n, "beta": beta,
-               "seeds": len(members), "seed_list": " ".join(str(m["seed"]) for m in sorted(members, key=lambda m: m["seed"]))}
-        cols = [c for c in members[0] if c not in skip and not c.endswith("_pse")]
+    for (solver, method, n, beta), members in groups.items():
+        first = members[0]
+        row = {"label": f"{method} [{solver}]" if several_solvers else method, "solver": solver, "method": method,
+               "transform": first["transform"], "n": n, "beta": beta, "metric": first.get("metric"), "m": first.get("m"),
+               "seeds": len(members),
+               "seed_list": " ".join(str(m["seed"]) for m in sorted(members, key=lambda m: m["seed"])),
+               "members": " ".join(m["member"] for m in members)}
+        cols = [c for c in first if c not in IDENTITY and not c.endswith("_pse")]
         for col in cols:
             mean, se, _ = _mean_se(m.get(col) for m in members)
             row[col] = mean
@@ -186,59 +193,136 @@ def aggregate(runs: list[dict]) -> list[dict]:
     return out
 
 
+def efficiency_rows(groups: list[dict]) -> list[dict]:
+    """solver_efficiency.csv: one row per solver x method x beta (x N), means over seeds (± s.e.) of the KL, the
+    KL in calibrated space, the target metric's win rate, what the tilt and the optimum reach at that KL, and the
+    gain fractions and KL efficiencies against both (infalign.theory.efficiency)."""
+    cols = ("kl", "kl_calibrated", "win_rate", "tilt_win_rate_at_kl", "optimum_win_rate_at_kl", "gain_fraction",
+            "kl_efficiency", "gain_fraction_optimum", "kl_efficiency_optimum")
+    out = []
+    for g in groups:
+        row = {"solver": g["solver"], "method": g["method"], "n": g["n"], "beta": g["beta"], "seeds": g["seeds"],
+               "metric": g.get("metric")}
+        for col in cols:
+            row[col] = g.get(col, math.nan)
+            row[f"{col}_se"] = g.get(f"{col}_se", math.nan)
+        out.append(row)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- matched KL
 def _auto_kls(curves: dict[str, np.ndarray], points: int) -> list[float]:
-    """`points` KL values spread over the range of measured KL that every method's curve covers; if the
-    measured ranges do not overlap, over (0, the smallest of the methods' largest KL], which the curves cover
-    through the reference point at KL 0 (empty if there is no KL at all)."""
+    """`points` KL values over the range of measured KL that every method's curve covers (geometric when it
+    is positive); empty when the measured ranges do not overlap: nothing is then compared."""
     lo = max(float(k.min()) for k in curves.values())
     hi = min(float(k.max()) for k in curves.values())
-    if hi > max(lo, 0.0):
-        lo = max(lo, hi * 1e-3)
-        return [float(x) for x in np.geomspace(lo, hi, points)]
-    if hi == lo and hi > 0:
+    if hi > lo:
+        spread = np.geomspace(lo, hi, points) if lo > 0 else np.linspace(lo, hi, points)
+        return [float(x) for x in spread]
+    if hi == lo:
         return [hi]
-    if hi > 0:
-        return [float(x) for x in np.linspace(hi / points, hi, points)]
     return []
+
+
+def _label(g: dict) -> str:
+    return g.get("label") or g["method"]
 
 
 def matched_kl(groups: list[dict], kls=None, points: int = 3) -> list[dict]:
     """Win rates of every method at common KL values, interpolated linearly along its mean curve (KL sorted).
 
-    `kls`: the KL values, or None for `points` values over the range all methods cover. A method whose
-    curve does not reach a KL gets NaN there rather than an extrapolation. The SE is interpolated the
-    same way (an approximation: neighbouring points are independent runs).
-
-    Every curve starts at the reference itself (beta -> infinity: KL 0, every win rate exactly 0.5, no
-    noise), so below a method's smallest measured KL it is interpolated towards that point and the row says
-    `anchored: True`. Win-rate curves are concave in KL, so this chord is a lower bound of the method's curve
-    there: a method is compared conservatively, never flattered.
+    `kls`: the KL values, or None for `points` values over the range all methods measured. Only inside each
+    method's measured KL range: beyond its largest or below its smallest measured KL a method gets NaN. The
+    reference (KL 0, win rate 0.5) is not a measured point: the chord from it to a method's first point is a
+    lower bound for a concave curve, drawn dotted in the figures but never reported as a result. The SE is
+    interpolated the same way (an approximation: neighbouring points are independent runs).
     """
     out = []
     for n in sorted({g["n"] for g in groups}):
         curves = {}
-        for method in dict.fromkeys(g["method"] for g in groups if g["n"] == n):
-            pts = sorted((g for g in groups if g["n"] == n and g["method"] == method and math.isfinite(g["kl"])),
+        for label in dict.fromkeys(_label(g) for g in groups if g["n"] == n):
+            pts = sorted((g for g in groups if g["n"] == n and _label(g) == label and math.isfinite(g["kl"])),
                          key=lambda g: g["kl"])
             if pts:
-                curves[method] = pts
+                curves[label] = pts
         if kls:
             targets = [float(k) for k in kls]
         else:
             targets = _auto_kls({m: np.array([p["kl"] for p in pts]) for m, pts in curves.items()}, points) if curves else []
         for kl in targets:
-            for method, pts in curves.items():
-                x = np.array([0.0] + [p["kl"] for p in pts])  # the reference point first (docstring)
-                row = {"n": n, "kl": kl, "method": method, "anchored": bool(kl < x[1] - 1e-12)}
-                inside = 0.0 <= kl <= x[-1] + 1e-12
+            for label, pts in curves.items():
+                x = np.array([p["kl"] for p in pts])
+                row = {"n": n, "kl": kl, "method": label}
+                inside = x[0] - 1e-12 <= kl <= x[-1] + 1e-12
                 for key in ("std", "bon", "won"):
-                    col = "std" if key == "std" else f"{key}@{n}"
-                    for suffix, at_reference in (("", 0.5), ("_se", 0.0)):
-                        y = np.array([at_reference] + [p.get(col + suffix, math.nan) for p in pts], dtype=float)
+                    col = metric_column(key, n)
+                    for suffix in ("", "_se"):
+                        y = np.array([p.get(col + suffix, math.nan) for p in pts], dtype=float)
                         row[key + suffix] = float(np.interp(kl, x, y)) if inside else math.nan
                     row[f"opt_{key}"] = optimum_at(n, key, kl)
                 out.append(row)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- paired comparisons
+def _paired(a: list[dict], b: list[dict], column: str) -> dict:
+    """Per-prompt difference of `column` between two sets of runs' per-prompt tables (each a list over seeds of
+    {prompt_id: {column: value}}): mean over prompts of (mean over a's seeds - mean over b's seeds), and its s.e."""
+    prompts = sorted(set.intersection(*(set(p for p, r in t.items() if column in r) for t in a + b)))
+    if len(prompts) < 2:
+        return {"prompts": len(prompts), "diff": math.nan, "se": math.nan, "se_prompts": math.nan, "se_seeds": math.nan}
+    wa = np.array([[t[p][column] for p in prompts] for t in a])  # [seeds, prompts]
+    wb = np.array([[t[p][column] for p in prompts] for t in b])
+    d = wa.mean(0) - wb.mean(0)
+    se_prompts = float(np.std(d, ddof=1) / math.sqrt(len(d)))
+    if len(a) > 1 and len(b) > 1:  # the seeds' whole-policy differences, which every prompt shares
+        ma, mb = wa.mean(1), wb.mean(1)
+        se_seeds = float(math.sqrt(np.var(ma, ddof=1) / len(ma) + np.var(mb, ddof=1) / len(mb)))
+        se = math.sqrt(se_prompts**2 + se_seeds**2)
+    else:
+        se_seeds, se = math.nan, se_prompts
+    return {"prompts": len(prompts), "diff": float(d.mean()), "se": se, "se_prompts": se_prompts, "se_seeds": se_seeds}
+
+
+def paired_comparisons(groups: list[dict], sweep_dir: Path) -> list[dict]:
+    """For every pair of methods (curves, in sweep order, at the same N) and every point of the first, the
+    second's point at the closest mean KL: the per-held-out-prompt difference of each of the two methods'
+    target win rates (`eval_per_prompt.csv` of every seed), `diff` = mean over prompts of (first - second),
+    each side averaged over its seeds.
+
+    `se` combines the prompts and the seeds: `se_prompts` (the s.e. over prompts of the per-prompt
+    differences, which carries the prompt-to-prompt spread and the evaluation's sampling noise) and `se_seeds`
+    (the s.e. of the difference of the seed means, the shift a seed's whole policy gives every prompt; NaN with
+    a single seed on either side, `se` is then `se_prompts` alone): `se = sqrt(se_prompts^2 + se_seeds^2)`,
+    slightly conservative (the evaluation noise is in both). The two points' KLs are listed: matched, not equal.
+    Runs without eval_per_prompt.csv (written before it existed) give no row."""
+    tables: dict[str, dict] = {}
+
+    def table(member: str) -> dict:
+        if member not in tables:
+            tables[member] = per_prompt_rows(Path(sweep_dir) / member)
+        return tables[member]
+
+    out = []
+    for n in sorted({g["n"] for g in groups}):
+        labels = list(dict.fromkeys(_label(g) for g in groups if g["n"] == n))
+        points = {lab: [g for g in groups if g["n"] == n and _label(g) == lab and math.isfinite(g["kl"])] for lab in labels}
+        for i, la in enumerate(labels):
+            for lb in labels[i + 1:]:
+                if not points[la] or not points[lb]:
+                    continue
+                for ga in sorted(points[la], key=lambda g: g["kl"]):
+                    gb = min(points[lb], key=lambda g: abs(g["kl"] - ga["kl"]))
+                    ta = [table(m) for m in ga["members"].split()]
+                    tb = [table(m) for m in gb["members"].split()]
+                    if not all(ta) or not all(tb):
+                        continue
+                    metrics = [k for k in dict.fromkeys((ga.get("metric"), gb.get("metric"))) if k]
+                    for metric in metrics:
+                        column = "bon_win_rate@1" if metric == "std" else f"{metric}_win_rate@{n}"
+                        out.append({"n": n, "metric": metric, "method_a": la, "beta_a": ga["beta"], "kl_a": ga["kl"],
+                                    "seeds_a": ga["seeds"], "method_b": lb, "beta_b": gb["beta"], "kl_b": gb["kl"],
+                                    "seeds_b": gb["seeds"], **_paired(ta, tb, column)})
     return out
 
 
@@ -247,10 +331,12 @@ def matched_kl(groups: list[dict], kls=None, points: int = 3) -> list[dict]:
 class Study:
     sweep_dir: Path
     runs: list[dict]  # one per finished run (run_rows)
-    groups: list[dict]  # per method x n x beta, mean and SE over seeds (aggregate)
+    groups: list[dict]  # per solver x method x n x beta, mean and SE over seeds (aggregate)
     matched: list[dict]  # win rates at common KL values (matched_kl)
     ns: list[int] = field(default_factory=list)  # every N with measured win rates
     methods: list[str] = field(default_factory=list)  # in sweep order
+    efficiency: list[dict] = field(default_factory=list)  # solver_efficiency.csv (efficiency_rows)
+    paired: list[dict] = field(default_factory=list)  # per-prompt paired comparisons (paired_comparisons)
 
     @property
     def kl_max(self) -> float:
@@ -268,5 +354,7 @@ def analyze_sweep(sweep_dir, kls=None, points: int = 3) -> Study:
         runs = run_rows(raw, sweep_dir)
         groups = aggregate(runs)
         matched = matched_kl(groups, kls, points)
+        paired = paired_comparisons(groups, sweep_dir)
     ns = sorted({n for r in raw for n in _ns_of(r)})
-    return Study(sweep_dir, runs, groups, matched, ns, list(dict.fromkeys(r["method"] for r in runs)))
+    return Study(sweep_dir, runs, groups, matched, ns, list(dict.fromkeys(r["method"] for r in runs)),
+                 efficiency_rows(groups), paired)

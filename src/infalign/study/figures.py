@@ -6,8 +6,10 @@
 
 Each method is a curve through its (mean KL, mean win rate) points over beta, with standard-error bars over
 seeds on both axes; the seeds themselves are faint dots; a dotted chord joins each curve to the reference
-(black star: KL 0, win rate 0.5). The black dashed line is the best win rate any
+(black star: KL 0, win rate 0.5) to guide the eye only: it is not measured, and the study reports no value
+on it (matched KL stays inside each method's measured range). The black dashed line is the best win rate any
 policy can reach at that KL (infalign.theory; for the standard win rate the identity transform).
+With several solvers in one sweep each (method, solver) is its own curve (`label`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,12 @@ __all__ = ["plot_metric", "study_figure", "write_figures", "TITLES"]
 TITLES = {"bon": "best-of-{n} win rate", "won": "worst-of-{n} win rate", "std": "standard win rate"}
 
 
+def _run_label(study: Study, run: dict) -> str:
+    """The curve a run belongs to: its group's label (method, or method [solver] with several solvers)."""
+    several = len({r["solver"] for r in study.runs}) > 1
+    return f"{run['method']} [{run['solver']}]" if several else run["method"]
+
+
 def _zero_nan(values):
     return [0.0 if not math.isfinite(v) else v for v in values]
 
@@ -30,21 +38,21 @@ def _zero_nan(values):
 def plot_metric(ax, study: Study, key: str, n: int, show_runs: bool = True, optimum: bool = True) -> None:
     """Win rate (`key`: bon, won or std; at N = `n`) vs KL on `ax`, one curve per method (and run n)."""
     col = "std" if key == "std" else f"{key}@{n}"
-    labels = list(dict.fromkeys((g["method"], g["n"]) for g in study.groups))
+    labels = list(dict.fromkeys((g.get("label", g["method"]), g["n"]) for g in study.groups))
     several_n = len({lab[1] for lab in labels}) > 1  # a sweep over the run's n: one curve per (method, n)
     for i, (method, run_n) in enumerate(labels):
-        pts = sorted((g for g in study.groups if (g["method"], g["n"]) == (method, run_n) and col in g),
+        pts = sorted((g for g in study.groups if (g.get("label", g["method"]), g["n"]) == (method, run_n) and col in g),
                      key=lambda g: g["kl"])
         if not pts:
             continue
         color = f"C{i % 10}"
         label = f"{method} (trained for N={run_n})" if several_n else method
-        # dotted: the chord from the reference (KL 0, 0.5), which every method's curve starts from
+        # dotted: the chord from the reference (KL 0, 0.5), a guide to the eye, never a reported value
         ax.plot([0.0, pts[0]["kl"]], [0.5, pts[0][col]], ":", lw=1.0, color=color)
         ax.errorbar([g["kl"] for g in pts], [g[col] for g in pts], xerr=_zero_nan([g["kl_se"] for g in pts]),
                     yerr=_zero_nan([g[f"{col}_se"] for g in pts]), fmt="-o", ms=4, capsize=3, color=color, label=label)
         if show_runs:
-            runs = [r for r in study.runs if (r["method"], r["n"]) == (method, run_n) and col in r]
+            runs = [r for r in study.runs if (_run_label(study, r), r["n"]) == (method, run_n) and col in r]
             ax.scatter([r["kl"] for r in runs], [r[col] for r in runs], s=9, alpha=0.3, color=color, linewidths=0)
     ax.plot([0.0], [0.5], "k*", ms=8, label="reference (KL 0)")
     kl_max = study.kl_max

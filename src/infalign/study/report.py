@@ -3,7 +3,10 @@
     study_runs.csv        one row per run: measured win rates (all N), KL, theory and optimum at that KL, gaps
     study_results.csv     per method x beta: mean over seeds and standard error over seeds of every column
     study_matched_kl.csv  every method's win rates interpolated at common KL values, with the optimum there
-    study_results.md      the two summary tables in markdown, the figures and how to read them
+    solver_efficiency.csv per solver x method x beta: KL, KL in calibrated space, target win rate, what the tilt
+                          and the optimum reach at that KL, gain fraction and KL efficiency (infalign.theory.efficiency)
+    study_paired.csv      paired per-prompt differences of the target win rates between methods at matched KL
+    study_results.md      the summary tables in markdown, the figures and how to read them
     study_{bon,won,standard}.png   see infalign.study.figures
 """
 
@@ -19,11 +22,17 @@ from infalign.study.figures import write_figures
 
 log = logging.getLogger(__name__)
 
-__all__ = ["write_study", "markdown", "study_kls_from_sweep"]
+__all__ = ["EFFICIENCY_COLUMNS", "write_study", "markdown", "study_kls_from_sweep"]
+
+# solver_efficiency.csv: these first, in this order (then their standard errors over seeds)
+EFFICIENCY_COLUMNS = ["solver", "method", "n", "beta", "seeds", "kl", "metric", "win_rate", "optimum_win_rate_at_kl",
+                      "gain_fraction", "kl_efficiency", "kl_calibrated", "tilt_win_rate_at_kl", "gain_fraction_optimum",
+                      "kl_efficiency_optimum"]
+METRIC_NAMES = {"bon": "best-of-N", "won": "worst-of-N", "std": "standard"}
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    atomic_write_csv(path, rows, list(dict.fromkeys(k for r in rows for k in r)) or ["empty"])
+def _write_csv(path: Path, rows: list[dict], first: list[str] = ()) -> None:
+    atomic_write_csv(path, rows, list(dict.fromkeys([*first, *(k for r in rows for k in r)])) or ["empty"])
 
 
 def _pm(mean, se, digits: int = 3) -> str:
@@ -35,6 +44,12 @@ def _pm(mean, se, digits: int = 3) -> str:
 
 def _signed(v) -> str:
     return "n/a" if v is None or not math.isfinite(v) else f"{v:+.3f}"
+
+
+def _signed_pm(mean, se, digits: int = 3) -> str:
+    if mean is None or not math.isfinite(mean):
+        return "n/a"
+    return f"{mean:+.{digits}f}" + (f" ± {se:.{digits}f}" if se is not None and math.isfinite(se) else "")
 
 
 def _lengths(g: dict) -> str:
@@ -61,7 +76,8 @@ def markdown(study: Study, figures: dict[str, Path] | None = None) -> str:
     for g in study.groups:
         n = g["n"]
         t = g.get("t")
-        rows.append([g["method"], str(n), f"{g['beta']:.4g}", "" if t is None or not math.isfinite(t) else f"{t:.3g}",
+        t_cell = "" if t is None or not math.isfinite(t) else f"{t:.3g}"
+        rows.append([g.get("label", g["method"]), str(n), f"{g['beta']:.4g}", t_cell,
                      str(g["seeds"]), _pm(g["kl"], g["kl_se"]), _pm(g.get(f"bon@{n}"), g.get(f"bon@{n}_se")),
                      _pm(g.get(f"won@{n}"), g.get(f"won@{n}_se")), _pm(g["std"], g["std_se"]),
                      " / ".join(_signed(g[f"gap_theory_{k}"]) for k in ("bon", "won", "std")),
@@ -69,32 +85,66 @@ def markdown(study: Study, figures: dict[str, Path] | None = None) -> str:
                      _lengths(g)])
     lines += _table(header, rows) + [""]
     lines += ["## At matched KL", "",
-              "Each method's mean curve interpolated linearly at common KL values (n/a: beyond the largest KL the "
-              "method's betas reached; no extrapolation). The s.e. is interpolated likewise. Every curve starts at "
-              "the reference (KL 0, win rate 0.5); `*`: the KL lies below the method's smallest measured KL, so the "
-              "value is on the chord from the reference, a lower bound for a concave curve.", ""]
+              "Each method's mean curve interpolated linearly at common KL values, only inside the KL range the "
+              "method measured (n/a: below its smallest or beyond its largest measured KL; no extrapolation, and no "
+              "interpolation towards the reference). The s.e. is interpolated likewise.", ""]
     if study.matched:
         header = ["N", "KL", "method", "best-of-N", "worst-of-N", "standard", "optimum (BoN / WoN / std)"]
-        rows = [[str(m["n"]), f"{m['kl']:.3g}", m["method"] + ("*" if m.get("anchored") else ""),
+        rows = [[str(m["n"]), f"{m['kl']:.3g}", m["method"],
                  _pm(m["bon"], m["bon_se"]), _pm(m["won"], m["won_se"]), _pm(m["std"], m["std_se"]),
                  " / ".join(f"{m[f'opt_{k}']:.3f}" for k in ("bon", "won", "std"))]
                 for m in study.matched]
         lines += _table(header, rows) + [""]
     else:
-        lines += ["(no KL range common to every method: widen the beta grids or pass KL values)", ""]
+        lines += ["(no KL range common to every method's measured KLs: widen the beta grids or pass KL values)", ""]
+    lines += ["## KL efficiency of the solver (mean ± s.e. over seeds)", "",
+              "On each method's target metric (best-of-N at the run's N for bon_exp and bon_distill, worst-of-N for "
+              "won_exp, the standard win rate for calibrated and raw). *gain fraction* = (win rate - 0.5) / (what "
+              "the curve reaches at the run's KL - 0.5); *KL efficiency* = the KL the curve needs for the run's win "
+              "rate / the KL the run spent. Against the tilt of the run's own transform (through its M-sample "
+              "calibration): the solver's shortfall; against the optimum: the solver's and the transform's. 1: on "
+              "the curve; n/a for raw against the tilt (no closed form). Table: solver_efficiency.csv.", ""]
+    header = ["solver", "method", "N", "beta", "seeds", "KL", "KL calibrated", "metric", "win rate",
+              "tilt at KL", "gain fraction", "KL efficiency", "optimum at KL", "gain fr. (opt.)", "KL eff. (opt.)"]
+    rows = [[e["solver"], e["method"], str(e["n"]), f"{e['beta']:.4g}", str(e["seeds"]), _pm(e["kl"], e["kl_se"]),
+             _pm(e["kl_calibrated"], e["kl_calibrated_se"]), METRIC_NAMES.get(e["metric"], str(e["metric"])),
+             _pm(e["win_rate"], e["win_rate_se"]), _pm(e["tilt_win_rate_at_kl"], None),
+             _pm(e["gain_fraction"], e["gain_fraction_se"], 2), _pm(e["kl_efficiency"], e["kl_efficiency_se"], 2),
+             _pm(e["optimum_win_rate_at_kl"], None), _pm(e["gain_fraction_optimum"], e["gain_fraction_optimum_se"], 2),
+             _pm(e["kl_efficiency_optimum"], e["kl_efficiency_optimum_se"], 2)] for e in study.efficiency]
+    lines += _table(header, rows) + [""]
+    lines += ["## Paired comparisons on the held-out prompts", "",
+              "For each pair of methods and each beta of the first, the second's beta at the closest mean KL: the "
+              "mean over held-out prompts of the per-prompt difference of the target win rate (first - second; "
+              "each side averaged over its seeds, from eval_per_prompt.csv), ± the s.e. over prompts and seeds "
+              "(sqrt(s.e. over prompts² + s.e. of the seed means' difference²)). The same prompts and reference "
+              "samples on both sides make this much sharper than comparing the two means. Table: study_paired.csv.", ""]
+    if study.paired:
+        header = ["N", "metric", "method A (beta, KL)", "method B (beta, KL)", "prompts", "A - B"]
+        rows = [[str(p["n"]), METRIC_NAMES.get(p["metric"], p["metric"]) + ("" if p["metric"] == "std" else f"@{p['n']}"),
+                 f"{p['method_a']} ({p['beta_a']:.3g}, {p['kl_a']:.3g})", f"{p['method_b']} ({p['beta_b']:.3g}, "
+                 f"{p['kl_b']:.3g})", str(p["prompts"]), _signed_pm(p["diff"], p["se"])] for p in study.paired]
+        lines += _table(header, rows) + [""]
+    else:
+        lines += ["(no pairs: fewer than two methods, or runs without eval_per_prompt.csv)", ""]
     if figures:
         lines += ["## Figures", ""] + [f"![{k}]({p.name})" for k, p in figures.items()] + [""]
     lines += ["## How to read the gaps", "",
               "- *gap to theory* = measured - the win rate of the optimal policy for the run's own transform at "
-              "the run's measured KL (infalign.theory: beta_for_kl in calibrated-reward space, then the closed "
-              "form). Near 0: RL reached what the transform promises at that KL; negative: it fell short.",
+              "the run's measured KL (infalign.theory: beta_for_kl in calibrated-reward space on the transform seen "
+              "through the run's M-sample calibration, at_m(transform, calibration.m), then the closed form). "
+              "Near 0: RL reached what the transform promises at that KL; negative: it fell short.",
               "- *gap to optimum* = measured - the best win rate any policy can reach at that KL (the "
               "fixed-point optimal transform for best-/worst-of-N; identity for the standard win rate).",
               "- *length*: mean response length in tokens of the training rollouts, first iteration (the "
               "reference) → last 3 iterations; a large change means the policy wins partly by answer length.",
               f"- `raw`: {RAW_NOTE}.",
+              "- *KL calibrated*: the KL of the policy's rank distribution among the reference samples (pooled over "
+              "prompts, Miller-Madow corrected), a lower bound of the sequence KL: how much of the KL spent moves "
+              "the calibrated reward at all.",
               "- Per-run values, the theory and optimum themselves and every N of eval.ns: study_runs.csv; "
-              "per method x beta with s.e.: study_results.csv; matched KL: study_matched_kl.csv.", ""]
+              "per method x beta with s.e.: study_results.csv; matched KL: study_matched_kl.csv; efficiency: "
+              "solver_efficiency.csv; paired comparisons: study_paired.csv.", ""]
     return "\n".join(lines)
 
 
@@ -115,10 +165,13 @@ def write_study(sweep_dir, kls=None, points: int = 3) -> dict[str, Path]:
     sweep_dir = Path(sweep_dir)
     study = analyze_sweep(sweep_dir, kls if kls is not None else study_kls_from_sweep(sweep_dir), points)
     paths = {"runs": sweep_dir / "study_runs.csv", "results": sweep_dir / "study_results.csv",
-             "matched_kl": sweep_dir / "study_matched_kl.csv", "markdown": sweep_dir / "study_results.md"}
+             "matched_kl": sweep_dir / "study_matched_kl.csv", "efficiency": sweep_dir / "solver_efficiency.csv",
+             "paired": sweep_dir / "study_paired.csv", "markdown": sweep_dir / "study_results.md"}
     _write_csv(paths["runs"], study.runs)
     _write_csv(paths["results"], study.groups)
     _write_csv(paths["matched_kl"], study.matched)
+    _write_csv(paths["efficiency"], study.efficiency, EFFICIENCY_COLUMNS)
+    _write_csv(paths["paired"], study.paired)
     figures = write_figures(study, sweep_dir)
     atomic_write_text(paths["markdown"], markdown(study, figures))
     paths.update({f"figure_{k}": p for k, p in figures.items()})

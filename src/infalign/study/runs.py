@@ -5,7 +5,9 @@ scripts know about a run comes through here, and only by reading files, never by
 
 - `collect_runs`: every finished member's `final_metrics.json`, in sweep (job) order;
 - `logged_values`: one column of a member's `logs/metrics.csv`;
-- `transform_from_run`: the member's transform rebuilt from its saved config and recorded values.
+- `transform_from_run`: the member's transform rebuilt from its saved config and recorded values;
+- `calibration_m`, `run_solver`, `config_value`: other recorded values (the calibration's M, the RL solver);
+- `per_prompt_rows`: the member's eval_per_prompt.csv (paired comparisons between methods).
 
 A results folder may come from anyone, so its `.hydra/config.yaml` is never handed to Hydra's
 `instantiate` (which imports and calls whatever `_target_` names: `builtins.open` with mode "w" truncates a
@@ -49,8 +51,8 @@ from infalign.theory import factories
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ALLOWED_TRANSFORMS", "RECORDED_ROOT_KEYS", "collect_runs", "logged_values", "transform_config",
-           "transform_from_run"]
+__all__ = ["ALLOWED_TRANSFORMS", "RECORDED_ROOT_KEYS", "calibration_m", "collect_runs", "config_value", "logged_values",
+           "per_prompt_rows", "run_solver", "transform_config", "transform_from_run"]
 
 ALLOWED_TRANSFORMS: dict[str, Callable[..., Transform]] = {
     **{f"infalign.core.transforms.{cls.__name__}": cls for cls in (RawTransform, IdentityTransform, LogTransform)},
@@ -182,3 +184,52 @@ def transform_from_run(row: dict, member_dir: Path) -> Transform | None:
         raise FileNotFoundError(f"{cfg_path} is missing: the theory needs the run's transform config")
     cls, params = transform_config(cfg_path, row)
     return cls(**params)
+
+
+# ---------------------------------------------------------------------------------------------- other recorded values
+def config_value(member_dir: Path, dotted: str, default: Any = None) -> Any:
+    """A plain value of the member's saved config (`.hydra/config.yaml`, e.g. `calibration.m`), read as data:
+    a plain `${key}` reference is followed by hand, anything else that is not a plain scalar gives `default`
+    (so does a missing config or key)."""
+    cfg_path = Path(member_dir) / ".hydra" / "config.yaml"
+    if not cfg_path.exists():
+        return default
+    try:
+        root = _load(cfg_path)
+        node: Any = root
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return default
+            node = node[part]
+        return _plain_value(root, node, dotted, cfg_path)
+    except ValueError:
+        return default
+
+
+def calibration_m(row: dict, member_dir: Path) -> int | None:
+    """The M (reference samples per prompt) the run calibrated with: final_metrics.json's `calibration_m`, else
+    the saved config's `calibration.m`; None if neither says (the theory then takes the continuous form)."""
+    for value in (row.get("calibration_m"), config_value(member_dir, "calibration.m")):
+        if _number(value) and float(value).is_integer() and value >= 1:
+            return int(value)
+    return None
+
+
+def run_solver(row: dict, member_dir: Path) -> str:
+    """The solver the run trained with: final_metrics.json's `solver`, else the saved config's `solver` preset,
+    else its `rl.algo` (runs from before the solver block), else "rloo" (the default then)."""
+    for value in (row.get("solver"), config_value(member_dir, "solver"), config_value(member_dir, "rl.algo")):
+        if isinstance(value, str) and value:
+            return value
+    return "rloo"
+
+
+def per_prompt_rows(member_dir: Path) -> dict[str, dict[str, float]]:
+    """The member's eval_per_prompt.csv (final evaluation, one row per held-out prompt) as {prompt_id: {column:
+    value}}; empty for runs written before it existed."""
+    path = Path(member_dir) / "eval_per_prompt.csv"
+    if not path.exists():
+        return {}
+    with path.open(newline="") as f:
+        return {r["prompt_id"]: {k: float(v) for k, v in r.items() if k != "prompt_id" and v not in ("", None)}
+                for r in csv.DictReader(f)}

@@ -30,8 +30,9 @@ from omegaconf import OmegaConf
 
 from infalign.runtime.atomic import atomic_write_csv, atomic_write_figure
 from infalign.study.report import write_study
-from infalign.study.runs import collect_runs, transform_from_run
+from infalign.study.runs import calibration_m, collect_runs, transform_from_run
 from infalign.theory import tilted_density
+from infalign.theory.efficiency import calibrated_transform
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,8 @@ __all__ = ["SweepSummaryCallback", "write_summary"]
 
 
 def _theory_curves(sweep_dir: Path, rows: list[dict]) -> dict[tuple[str, int], list[tuple[float, float, float]]]:
-    """(transform, n) -> [(kl, bon, won)] of the optimal policy over a beta grid, from each member's config.
+    """(transform, n) -> [(kl, bon, won)] of the optimal policy over a beta grid, from each member's config, for
+    the transform seen through the member's M-sample calibration (`at_m`, infalign.theory.finite_m).
 
     The transform is rebuilt as data (infalign.study.runs: allow-listed transforms, the recorded t, nothing
     executed); a member whose config is refused is logged and gets no curve, its measured points still show."""
@@ -56,12 +58,15 @@ def _theory_curves(sweep_dir: Path, rows: list[dict]) -> dict[tuple[str, int], l
             continue
         if transform is None:
             continue
+        m = calibration_m(row, member_dir)
         label = f"{name}(t={transform.t:.3g})" if hasattr(transform, "t") else name
+        label += f", M={m}" if m else ""
         if (label, n) in curves:
             continue
+        phi = calibrated_transform(transform, m)
         pts = []
         for b in betas:
-            d = tilted_density(transform, float(b))
+            d = tilted_density(phi, float(b))
             pts.append((d.kl(), d.bon_win_rate(n), d.won_win_rate(n)))
         curves[(label, n)] = pts
     return curves

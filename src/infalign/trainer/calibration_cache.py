@@ -45,6 +45,11 @@ class ReferenceSamples:
     def m(self) -> int:
         return self.rewards.shape[1]
 
+    def responses_for(self, prompt_ids: list[str]) -> list[list[str]]:
+        """The M response texts of each prompt, in the order asked."""
+        self.rewards_for(prompt_ids)  # the same check
+        return [self.responses[self._row[p]] for p in prompt_ids]
+
     def rewards_for(self, prompt_ids: list[str]) -> torch.Tensor:
         """`[len(prompt_ids), M]` reference rewards, in the order asked."""
         missing = [p for p in prompt_ids if p not in self._row]
@@ -79,6 +84,8 @@ def load_or_build_reference_samples(
     seed: int,
     prompts_per_batch: int = 8,
     progress: bool = True,
+    stream: str = "calibration_cache",
+    what: str = "calibration cache",
 ) -> ReferenceSamples:
     """Load the calibration cache for `key`, or generate and score `m` reference samples per prompt first.
 
@@ -96,14 +103,14 @@ def load_or_build_reference_samples(
 
         def sample_my_share() -> dict[int, tuple[torch.Tensor, list[list[str]]]]:
             done = {}
-            desc = f"calibration cache: {len(prompts)} prompts x M={m}" + (f", {world} processes" if world > 1 else "")
+            desc = f"{what}: {len(prompts)} prompts x M={m}" + (f", {world} processes" if world > 1 else "")
             for b in tqdm(range(rank, len(starts), world), desc=desc, disable=not progress or rank != 0):
                 chunk = prompts[starts[b] : starts[b] + prompts_per_batch]
                 reward_chunk = reward_prompts[starts[b] : starts[b] + prompts_per_batch]
                 # each batch seeded: independent of batch order, resume and rank
-                torch.manual_seed(derive_seed(seed, "calibration_cache", b))
+                torch.manual_seed(derive_seed(seed, stream, b))
                 scored = sample_and_score(reference, tokenizer, reward_model, chunk, reward_chunk, m, gen_kwargs,
-                                          where="the calibration cache")
+                                          where=f"the {what}")
                 texts = scored.texts
                 done[b] = (scored.rewards.float().cpu(), [texts[i * m : (i + 1) * m] for i in range(len(chunk))])
             return done
@@ -134,6 +141,6 @@ def load_or_build_reference_samples(
         raise RuntimeError(f"calibration cache for {fingerprint(key)} missing after it was built (rank {rank}); "
                            "is cache_root on a file system every process shares?")
     samples = load_reference_samples(entry.path, prompt_ids, m, hit=found)
-    log.info("calibration cache %s: %s (%d prompts x M=%d)", "hit" if found else "built", entry.path,
+    log.info("%s %s: %s (%d prompts x M=%d)", what, "hit" if found else "built", entry.path,
              *samples.rewards.shape)
     return samples

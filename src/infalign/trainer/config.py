@@ -72,6 +72,10 @@ def validate_config(cfg: DictConfig, choices: Mapping | None = None, *, multirun
     if method and cfg.get("method") != method:
         raise ValueError(f"conf/method/{method}.yaml sets method: {cfg.get('method')!r}; a method preset's `method` "
                          f"is its file name (the study grids are indexed by it): set method: {method}")
+    solver = (choices or {}).get("solver")
+    if solver and cfg.get("solver") != solver:
+        raise ValueError(f"conf/solver/{solver}.yaml sets solver: {cfg.get('solver')!r}; a solver preset's `solver` "
+                         f"is its file name (final_metrics.json and the study tables record it): set solver: {solver}")
     rl, cal, ev = cfg.rl, cfg.calibration, cfg.eval
     if rl.algo not in RL_ALGOS:
         raise ValueError(f"rl.algo must be 'rloo' or 'ppo', got {rl.algo!r}")
@@ -93,8 +97,21 @@ def validate_config(cfg: DictConfig, choices: Mapping | None = None, *, multirun
         raise ValueError(f"calibration.eval_partition must be a held-out partition (validation or test), got "
                          f"{cal.eval_partition!r}")
     sampling_kwargs(cfg.generation, for_training=True)
+    if rl.kl_penalty == "loss":
+        raise ValueError("rl.kl_penalty=loss (k3 per token in the loss) is gone: its fixed point is not the tilted "
+                         "reference pi_ref exp(Phi/beta). Use rl.kl_penalty=exact (the full-vocabulary KL per token in the "
+                         "loss, with the KL still to come in the advantage) or reward (k1 per sequence in the reward)")
     if rl.kl_penalty not in KL_PENALTY_MODES:
-        raise ValueError(f"rl.kl_penalty must be 'reward' or 'loss', got {rl.kl_penalty!r}")
+        raise ValueError(f"rl.kl_penalty must be one of {KL_PENALTY_MODES}, got {rl.kl_penalty!r}")
+    distill = cfg.get("distill")
+    if distill is not None:
+        iterations = distill.iterations
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or not 0 <= iterations <= rl.iterations:
+            raise ValueError(f"distill.iterations must be an integer from 0 to rl.iterations={rl.iterations} (the "
+                             f"first of all iterations that distil; 0 = off), got {iterations!r}")
+        _positive_int(distill.m, "distill.m", 2)  # leave-one-out calibration needs another sample
+        _positive_int(distill.samples_per_prompt, "distill.samples_per_prompt")
+        _positive_int(distill.prompts_per_batch, "distill.prompts_per_batch")
     if rl.target_kl is not None and not rl.target_kl > 0:
         raise ValueError(f"rl.target_kl must be a positive number or null, got {rl.target_kl!r}")
     check_run_options(cfg)  # resume, overwrite, checkpoint.every

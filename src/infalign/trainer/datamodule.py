@@ -72,12 +72,15 @@ class RolloutDataModule(L.LightningDataModule):
 
     def __init__(self, train_prompts: list[tuple[str, str, str]], eval_prompts: list[tuple[str, str, str]],
                  reference_samples: ReferenceSamples | Callable[[], ReferenceSamples], prompts_per_iteration: int,
-                 seed: int):
+                 seed: int, distill_pool: ReferenceSamples | Callable[[], ReferenceSamples] | None = None):
         super().__init__()
         self.train_prompts, self.eval_prompts = train_prompts, eval_prompts
         self._build_reference_samples = None if isinstance(reference_samples, ReferenceSamples) else reference_samples
         self.reference_samples = reference_samples if self._build_reference_samples is None else None
         self.prompts_per_iteration, self.seed = int(prompts_per_iteration), int(seed)
+        # distillation's pool of reference samples of the training prompts: built in setup like the cache
+        self._build_distill_pool = distill_pool if callable(distill_pool) else None
+        self.distill_pool = None if callable(distill_pool) else distill_pool
         self.sampler = IterationSampler(len(train_prompts), self.prompts_per_iteration, self.seed)
 
     def setup(self, stage: str) -> None:
@@ -87,6 +90,8 @@ class RolloutDataModule(L.LightningDataModule):
         trainer.lightning_module.place_frozen_models(trainer.strategy.root_device)
         if self.reference_samples is None:
             self.reference_samples = self._build_reference_samples()
+        if self.distill_pool is None and self._build_distill_pool is not None:
+            self.distill_pool = self._build_distill_pool()
 
     def train_dataloader(self) -> DataLoader:
         # Items are (prompt_id, policy text, reward text); the batch is a list of them (nothing to collate).

@@ -1,11 +1,16 @@
-"""The CTRL LightningModule: one `training_step` is one RL iteration, from prompts to optimizer steps.
+"""The CTRL LightningModule: one `training_step` is one iteration, from prompts to optimizer steps.
 
-An iteration (`training_step`, top to bottom): sample k responses per prompt with the policy and score them
+An RL iteration (`training_step`, top to bottom): sample k responses per prompt with the policy and score them
 (`rollout`: `sample_and_score`), calibrate the rewards against the cached reference rewards and transform them,
 compute the KL to the frozen reference and the RLOO advantages; then `update`: `ppo_epochs` passes (one for
 RLOO) of shuffled minibatch updates. Manual optimisation, so `global_step` counts optimizer steps and gradient
 clipping is done here. The optimizer is the configured `optimizer` partial (conf/train.yaml), called with the
-policy's trainable parameters.
+policy's trainable parameters; the learning-rate schedule the `scheduler` partial, stepped after every step.
+
+The first `distill.iterations` iterations are distillation instead (`distill_step`): weighted maximum
+likelihood on stored reference samples of the training prompts, each weighted by exp(Phi(C) / beta)
+normalised per prompt (C against the prompt's other samples): the optimal tilt fitted directly, with no
+sampling and no policy-gradient noise. The RL iterations that follow (if any) start from its policy.
 
 The reference is a submodule (Lightning moves it and casts it with the policy) but frozen, in eval mode, and
 left out of checkpoints; the reward model is a plain attribute (it may hold several modules). Both are put on
@@ -23,19 +28,24 @@ from dataclasses import dataclass
 import lightning as L
 import torch
 
+from infalign.core.calibration import leave_one_out_calibrated
 from infalign.core.losses import (
     KL_PENALTY_MODES,
     AdaptiveKLController,
+    GradientNoiseScale,
+    distillation_weights,
+    exact_kl_advantages,
     ppo_clip_loss,
     rloo_advantages,
     rloo_loss,
     sequence_kl,
+    token_kl,
 )
-from infalign.models.sampling import response_logprobs
+from infalign.models.sampling import Rollout, response_logprobs, rollout_from_texts
 from infalign.runtime.seeds import derive_seed
 from infalign.trainer.rollout import RolloutBuffer, sample_and_score
 
-__all__ = ["InfAlignModule", "RLConfig"]
+__all__ = ["DistillConfig", "InfAlignModule", "RLConfig"]
 
 FROZEN_PREFIX = "reference."
 
@@ -52,8 +62,10 @@ class RLConfig:
     ppo_epochs: int = 2  # passes over a rollout (ppo only)
     clip: float = 0.2
     grad_clip: float | None = 1.0
-    kl_penalty: str = "reward"  # reward: R = Phi(C) - beta * KL_k1 per sequence | loss: beta * k3 per token
+    kl_penalty: str = "reward"  # reward: R = Phi(C) - beta * KL_k1 per sequence | exact: full-vocabulary KL per token
     target_kl: float | None = None  # adapt beta towards this KL (nats per sequence)
+    null_control: bool = False  # shuffle Phi within each prompt's k samples: every nat spent is drift
+    grad_noise_scale: bool = True  # estimate the gradient noise scale from the minibatch gradients
 
     def __post_init__(self):
         if self.algo not in ("rloo", "ppo"):
@@ -62,10 +74,21 @@ class RLConfig:
             raise ValueError(f"rl.kl_penalty must be one of {KL_PENALTY_MODES}, got {self.kl_penalty!r}")
 
 
+@dataclass(frozen=True)
+class DistillConfig:
+    """The `distill` block of conf/train.yaml: the first `iterations` of `rl.iterations` distil the tilt."""
+
+    iterations: int = 0  # 0 = off; rl.iterations = all iterations, distillation first
+    m: int = 64  # reference samples per training prompt in the pool (their own cache entry)
+    samples_per_prompt: int = 4  # pool samples resampled (by weight, with replacement) per prompt and iteration
+    prompts_per_batch: int = 8  # prompts per batch while building the pool
+
+
 class InfAlignModule(L.LightningModule):
     def __init__(self, reference, tokenizer, reward_model, calibrator, transform, *, beta: float,
                  rl: RLConfig | Mapping, optimizer: Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer],
-                 gen_kwargs: dict, seed: int = 0):
+                 gen_kwargs: dict, seed: int = 0, scheduler: Callable | None = None,
+                 distill: DistillConfig | Mapping | None = None):
         super().__init__()
         self.policy = copy.deepcopy(reference).requires_grad_(True)
         self.reference = reference
@@ -73,8 +96,10 @@ class InfAlignModule(L.LightningModule):
         self.tokenizer, self.reward_model = tokenizer, reward_model
         self.calibrator, self.transform = calibrator, transform
         self.rl = rl if isinstance(rl, RLConfig) else RLConfig(**rl)
-        self.optimizer_factory = optimizer
+        self.distill = distill if isinstance(distill, DistillConfig) else DistillConfig(**(distill or {}))
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.gen_kwargs, self.seed = dict(gen_kwargs), int(seed)
+        self.noise_scale = GradientNoiseScale() if self.rl.grad_noise_scale else None
         self.kl_controller = AdaptiveKLController(beta, self.rl.target_kl) if self.rl.target_kl else None
         self._beta = float(beta)
         self.automatic_optimization = False
@@ -84,8 +109,29 @@ class InfAlignModule(L.LightningModule):
     def beta(self) -> float:
         return self.kl_controller.beta if self.kl_controller else self._beta
 
+    def optimizer_steps(self) -> int:
+        """Optimizer steps of the whole run (over all processes: every process steps together)."""
+        rl_iterations = self.rl.iterations - self.distill.iterations
+        per_rl = (self.rl.ppo_epochs if self.rl.algo == "ppo" else 1) * -(-self.rl.prompts_per_iteration * self.rl.k
+                                                                          // self.rl.minibatch_size)
+        per_distill = -(-self.rl.prompts_per_iteration * self.distill.samples_per_prompt // self.rl.minibatch_size)
+        return rl_iterations * per_rl + self.distill.iterations * per_distill
+
     def configure_optimizers(self):
-        return self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])
+        optimizer = self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer, total_steps=self.optimizer_steps())
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _step(self, optimizer) -> None:
+        """Clip, step, and advance the learning-rate schedule (manual optimisation: Lightning does not)."""
+        if self.rl.grad_clip:
+            self.clip_gradients(optimizer, gradient_clip_val=self.rl.grad_clip, gradient_clip_algorithm="norm")
+        optimizer.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
 
     def place_frozen_models(self, device: torch.device) -> None:
         """Put the reference and the reward model on `device`, the one place they are moved: before the
@@ -106,24 +152,29 @@ class InfAlignModule(L.LightningModule):
         self.policy.eval()
         self.reference.eval()
         iteration = self.current_epoch
-        torch.manual_seed(derive_seed(self.seed, "rollout", iteration, self.global_rank))
-        buffer = self.rollout(batch, self.trainer.datamodule.reference_samples)
-        stats = {**buffer.stats, **self.update(buffer, iteration)}
+        if iteration < self.distill.iterations:
+            stats = self.distill_step(batch, iteration, self.trainer.datamodule.distill_pool)
+        else:
+            torch.manual_seed(derive_seed(self.seed, "rollout", iteration, self.global_rank))
+            buffer = self.rollout(batch, self.trainer.datamodule.reference_samples, iteration)
+            stats = {**buffer.stats, **self.update(buffer, iteration)}
+        stats["lr"] = self.optimizers().param_groups[0]["lr"]
         if self.trainer.world_size > 1:  # means over all processes: beta must adapt identically everywhere
             values = torch.tensor(list(stats.values()), dtype=torch.float64, device=self.device)
             stats = dict(zip(stats, self.trainer.strategy.reduce(values, reduce_op="mean").tolist()))
         if not all(math.isfinite(v) for v in stats.values()):
             raise FloatingPointError(f"non-finite training statistics at iteration {iteration}: {stats}")
-        if self.kl_controller:
-            self.kl_controller.update(stats["kl/k1"], n_steps=len(buffer) * self.trainer.world_size)  # all sequences
+        if self.kl_controller and "kl/k1" in stats:  # all sequences of all processes
+            self.kl_controller.update(stats["kl/k1"], n_steps=len(batch) * self.rl.k * self.trainer.world_size)
         self.log_dict({f"train/{k}": v for k, v in stats.items()}, on_step=True, on_epoch=False, prog_bar=False,
                       batch_size=len(batch))
-        self.log("kl", stats["kl/k1"], prog_bar=True, on_step=True, on_epoch=False, batch_size=len(batch))
-        self.log("reward", stats["reward/calibrated"], prog_bar=True, on_step=True, on_epoch=False,
-                 batch_size=len(batch))
+        if "kl/k1" in stats:  # RL iterations; a distillation iteration samples nothing
+            self.log("kl", stats["kl/k1"], prog_bar=True, on_step=True, on_epoch=False, batch_size=len(batch))
+            self.log("reward", stats["reward/calibrated"], prog_bar=True, on_step=True, on_epoch=False,
+                     batch_size=len(batch))
 
     @torch.no_grad()
-    def rollout(self, batch: list[tuple[str, str, str]], reference_samples) -> RolloutBuffer:
+    def rollout(self, batch: list[tuple[str, str, str]], reference_samples, iteration: int = 0) -> RolloutBuffer:
         """The iteration's samples: k per prompt of the batch's `(prompt_id, policy text, reward text)` items,
         scored, calibrated against `reference_samples` (the calibration cache), transformed; their KL to the
         reference and their RLOO advantages."""
@@ -139,25 +190,42 @@ class InfAlignModule(L.LightningModule):
         ref_rewards = reference_samples.rewards_for(ids).to(device) if self.calibrator.needs_reference else None
         calibrated = self.calibrator(raw, ref_rewards)
         transformed = torch.as_tensor(self.transform(calibrated)).double()
+        if self.rl.null_control:  # Phi shuffled within each prompt's samples: no signal left, only drift
+            g = torch.Generator().manual_seed(derive_seed(self.seed, "null_control", iteration, self.global_rank))
+            order = torch.rand(transformed.shape, generator=g).argsort(dim=1).to(transformed.device)
+            transformed = transformed.gather(1, order)
         t_calibrate = time.perf_counter() - start
         # 3. log-probs. Under trainer.precision=bf16-mixed this runs inside Lightning's autocast. Sampling,
         # scoring (and the update) may use bf16, but the log-probs behind the KL are computed in fp32: bf16 moves
         # a sequence's k1 KL by ~0.08 nats, half the KL of an early policy, while it moves rewards by 0.5% of
         # their spread and flips 0.15% of the comparisons with the fp32-scored cache (docs/benchmarks.md, 2).
         start = time.perf_counter()
+        exact_kl = None
         with torch.autocast(device.type, enabled=False):
-            if rollout.logprobs is not None:
-                old_logp, entropy = rollout.logprobs, rollout.entropy
+            if self.rl.kl_penalty == "exact":  # both full log-softmaxes: the exact KL of every visited position
+                old_logp, entropy, logp_all = response_logprobs(self.policy, rollout, with_entropy=True,
+                                                                full_vocabulary=True)
+                ref_logp, ref_all = response_logprobs(self.reference, rollout, full_vocabulary=True)
+                width = logp_all.shape[1]
+                exact_kl = torch.zeros_like(old_logp)
+                exact_kl[:, :width] = token_kl(logp_all, ref_all, rollout.response_mask[:, :width])
+                del logp_all, ref_all
             else:
-                old_logp, entropy = response_logprobs(self.policy, rollout, with_entropy=True)
-            ref_logp = response_logprobs(self.reference, rollout)
+                if rollout.logprobs is not None:
+                    old_logp, entropy = rollout.logprobs, rollout.entropy
+                else:
+                    old_logp, entropy = response_logprobs(self.policy, rollout, with_entropy=True)
+                ref_logp = response_logprobs(self.reference, rollout)
         t_logprobs = time.perf_counter() - start
         # 4. KL and advantages
         kl = sequence_kl(old_logp, ref_logp, rollout.response_mask)
         seq_reward = transformed.flatten()
-        if self.rl.kl_penalty == "reward":  # R = Phi(C) - beta * KL (k1, per sequence)
+        if exact_kl is not None:  # per token: Phi - beta * (exact KL still to come) - leave-one-out baseline
+            advantages = exact_kl_advantages(transformed, exact_kl.double(), beta).float()
+            seq_reward = seq_reward - beta * exact_kl.sum(-1).double()
+        else:  # R = Phi(C) - beta * KL (k1, per sequence)
             seq_reward = seq_reward - beta * kl["k1"].double()
-        advantages = rloo_advantages(seq_reward.view(len(prompts), k)).flatten().float()
+            advantages = rloo_advantages(seq_reward.view(len(prompts), k)).flatten().float()
 
         lengths = rollout.lengths.float()
         stats = {
@@ -167,6 +235,7 @@ class InfAlignModule(L.LightningModule):
             "reward/total": seq_reward.mean().item(),
             "kl/k1": kl["k1"].mean().item(),
             "kl/k3": kl["k3"].mean().item(),
+            **({"kl/exact": exact_kl.sum(-1).mean().item()} if exact_kl is not None else {}),
             "policy/entropy": (entropy.sum() / lengths.sum().clamp_min(1)).item(),
             "policy/response_length": lengths.mean().item(),
             "beta": beta,
@@ -182,33 +251,91 @@ class InfAlignModule(L.LightningModule):
         """5. `ppo_epochs` passes (one for RLOO) of shuffled minibatch updates over the rollout; their statistics."""
         optimizer = self.optimizers()
         generator = torch.Generator().manual_seed(derive_seed(self.seed, "minibatch_order", iteration))
-        losses, clip_fracs = [], []
+        losses, clip_fracs, grad_sq = [], [], []
         start = time.perf_counter()
         # Distributed, each process holds 1/W of the rollout and DDP averages the gradients, so a per-process
         # minibatch of minibatch_size / W keeps the optimizer steps (count, sequences each) of one process.
         size = self.rl.minibatch_size // self.trainer.world_size
-        for _ in range(self.rl.ppo_epochs if self.rl.algo == "ppo" else 1):
+        # The noise scale needs >= 2 equal minibatches of the first pass (ppo's later passes reuse the samples)
+        noise = self.noise_scale if len(buffer) % size == 0 and len(buffer) // size >= 2 else None
+        grad_sum = None
+        for epoch in range(self.rl.ppo_epochs if self.rl.algo == "ppo" else 1):
             for rollout, old_logp, ref_logp, adv in buffer.minibatches(size, generator):
-                logp = response_logprobs(self.policy, rollout)
+                if self.rl.kl_penalty == "exact":
+                    logp, logp_all = response_logprobs(self.policy, rollout, full_vocabulary=True)
+                    with torch.no_grad():
+                        _, ref_all = response_logprobs(self.reference, rollout, full_vocabulary=True)
+                else:
+                    logp = response_logprobs(self.policy, rollout)
                 if self.rl.algo == "ppo":
                     loss, clip_frac = ppo_clip_loss(logp, old_logp, rollout.response_mask, adv, self.rl.clip)
                     clip_fracs.append(clip_frac.item())
                 else:
                     loss = rloo_loss(logp, rollout.response_mask, adv)
-                if self.rl.kl_penalty == "loss":  # k3 per token in the loss instead of k1 in the reward
-                    # (the reference is frozen: its log-probs from the rollout serve every minibatch and pass)
-                    log_r = (ref_logp - logp) * rollout.response_mask
-                    loss = loss + self.beta * (torch.expm1(log_r) - log_r).sum(-1).mean()
+                if self.rl.kl_penalty == "exact":  # the pathwise part of the KL's gradient (the rest is in adv)
+                    width = logp_all.shape[1]
+                    loss = loss + self.beta * token_kl(logp_all, ref_all, rollout.response_mask[:, :width]).sum(-1).mean()
                 optimizer.zero_grad(set_to_none=True)
                 self.manual_backward(loss)
-                if self.rl.grad_clip:
-                    self.clip_gradients(optimizer, gradient_clip_val=self.rl.grad_clip, gradient_clip_algorithm="norm")
-                optimizer.step()
+                if epoch == 0:
+                    grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
+                    grad_sq.append(sum(float(g.double().pow(2).sum()) for g in grads))
+                    if noise is not None:
+                        grad_sum = ([g.detach().double().clone() for g in grads] if grad_sum is None
+                                    else [acc.add_(g.detach().double()) for acc, g in zip(grad_sum, grads)])
+                self._step(optimizer)
                 losses.append(loss.item())
-        stats = {"time/update": time.perf_counter() - start, "policy/loss": sum(losses) / len(losses)}
+        stats = {"time/update": time.perf_counter() - start, "policy/loss": sum(losses) / len(losses),
+                 "grad/norm": sum(x ** 0.5 for x in grad_sq) / len(grad_sq)}  # before clipping, mean over steps
+        if noise is not None and grad_sum is not None:
+            steps = len(grad_sq)
+            big_sq = sum(float(g.pow(2).sum()) for g in grad_sum) / steps**2  # |mean of the minibatch gradients|^2
+            stats.update(noise.update(sum(grad_sq) / steps, big_sq, self.rl.minibatch_size,
+                                      self.rl.minibatch_size * steps))
         if clip_fracs:
             stats["policy/clip_fraction"] = sum(clip_fracs) / len(clip_fracs)
         return stats
+
+    # ------------------------------------------------------------------ distillation
+    def distill_step(self, batch: list[tuple[str, str, str]], iteration: int, pool) -> dict[str, float]:
+        """One distillation iteration: for each prompt of the batch, weights w_i ∝ exp(Phi(C_i) / beta) over
+        its pool of reference samples (C_i: sample i against the prompt's other samples), `samples_per_prompt`
+        samples resampled by w, and maximum-likelihood steps on them. In expectation the gradient is that of
+        the w-weighted log-likelihood, whose maximiser over all policies is the tilted reference the pool
+        represents (soft best-of-M). The effective sample size 1 / sum w^2 says how many pool samples carry
+        the target: far below M, the pool is too small for this beta."""
+        start = time.perf_counter()
+        ids, prompts = [b[0] for b in batch], [b[1] for b in batch]
+        raw = pool.rewards_for(ids).double()
+        calibrated = leave_one_out_calibrated(raw) if self.calibrator.needs_reference else raw
+        weights, ess = distillation_weights(torch.as_tensor(self.transform(calibrated)), self.beta)
+        g = torch.Generator().manual_seed(derive_seed(self.seed, "distill", iteration, self.global_rank))
+        picks = torch.multinomial(weights, self.distill.samples_per_prompt, replacement=True, generator=g)
+        texts = [[group[j] for j in row] for group, row in zip(pool.responses_for(ids), picks.tolist())]
+        rollout = rollout_from_texts(self.tokenizer, prompts, texts, int(self.gen_kwargs["max_new_tokens"]))
+        rollout = Rollout(*(x.to(self.device) for x in (rollout.input_ids, rollout.attention_mask,
+                                                        rollout.response_mask)), rollout.prompt_len)
+        optimizer = self.optimizers()
+        order = torch.randperm(rollout.input_ids.shape[0],
+                               generator=torch.Generator().manual_seed(derive_seed(self.seed, "minibatch_order",
+                                                                                   iteration)))
+        size = self.rl.minibatch_size // self.trainer.world_size
+        losses, norms = [], []
+        for idx in order.split(size):
+            sub = Rollout(rollout.input_ids[idx], rollout.attention_mask[idx], rollout.response_mask[idx],
+                          rollout.prompt_len)
+            loss = -response_logprobs(self.policy, sub).sum(-1).mean()  # negative log-likelihood per sequence
+            optimizer.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            norms.append(sum(float(p.grad.double().pow(2).sum()) for p in self.policy.parameters()
+                             if p.grad is not None) ** 0.5)
+            self._step(optimizer)
+            losses.append(loss.item())
+        return {"distill/nll": sum(losses) / len(losses), "distill/ess": ess.mean().item(),
+                "distill/ess_fraction": (ess / raw.shape[1]).mean().item(),
+                "distill/target_calibrated": (weights * calibrated).sum(1).mean().item(),
+                "policy/response_length": rollout.lengths.float().mean().item(),
+                "grad/norm": sum(norms) / len(norms), "time/update": time.perf_counter() - start}
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -216,10 +343,14 @@ class InfAlignModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith(FROZEN_PREFIX)}
         if self.kl_controller:
             checkpoint["kl_controller"] = self.kl_controller.state_dict()
+        if self.noise_scale:
+            checkpoint["grad_noise_scale"] = self.noise_scale.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.kl_controller and "kl_controller" in checkpoint:
             self.kl_controller.load_state_dict(checkpoint["kl_controller"])
+        if self.noise_scale and "grad_noise_scale" in checkpoint:
+            self.noise_scale.load_state_dict(checkpoint["grad_noise_scale"])
         policy_keys = {k for k in self.state_dict() if not k.startswith(FROZEN_PREFIX)}
         missing = policy_keys - set(checkpoint["state_dict"])
         if missing:

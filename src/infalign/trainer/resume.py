@@ -48,7 +48,7 @@ RUN_OUTPUTS = ("checkpoints", "final_metrics.json", "eval_metrics.csv", "logs", 
 # What defines an experiment: a resume that changes any of these is refused unless resume_allow_changes=true.
 # (eval.*, checkpoint.*, trainer, logger, progress, num_threads, cache_root may change freely.)
 EXPERIMENT_KEYS = ("model", "reward", "data", "calibrator", "transform", "generation", "n", "beta", "seed", "rl",
-                   "optimizer", "calibration")
+                   "optimizer", "scheduler", "distill", "calibration")
 CONFIG_GROUPS = ("model", "reward", "data", "calibrator", "transform")  # their Hydra choices are compared too
 NOT_COMPARED = ("data.root",)  # where the data lies, not what it is: a run moved to another machine finds it elsewhere
 EXTENSIBLE = "rl.iterations"  # raising it continues a run, finished or not: always allowed

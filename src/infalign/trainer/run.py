@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -159,11 +160,26 @@ def run(cfg: DictConfig) -> dict:
         gen_kwargs=gen_kwargs, seed=int(cfg.calibration.seed), prompts_per_batch=int(cfg.calibration.prompts_per_batch),
         progress=cfg.progress)
 
+    distill = OmegaConf.to_container(cfg.distill, resolve=True)
+    distill_pool = None
+    if distill["iterations"] > 0:  # the reference samples distillation fits: their own entry, their own seeds
+        train_ids = [p[0] for p in train_prompts]
+        pool_key = {**calibration_key(cfg, partitions, train_ids, gen_kwargs), "m": int(distill["m"]),
+                    "stream": "distill_pool"}
+        distill_pool = functools.partial(
+            load_or_build_reference_samples,
+            cache_root=cfg.cache_root, key=pool_key, prompt_ids=train_ids, prompts=[p[1] for p in train_prompts],
+            reward_prompts=[p[2] for p in train_prompts], reference=reference, tokenizer=tokenizer,
+            reward_model=reward_model, m=int(distill["m"]), gen_kwargs=gen_kwargs, seed=int(cfg.calibration.seed),
+            prompts_per_batch=int(distill["prompts_per_batch"]), progress=cfg.progress, stream="distill_pool",
+            what="distillation pool")
+    scheduler = instantiate(cfg.scheduler, _convert_="all") if cfg.get("scheduler") else None
     module = InfAlignModule(reference, tokenizer, reward_model, calibrator, transform, beta=float(cfg.beta),
                             rl=OmegaConf.to_container(cfg.rl, resolve=True),
                             optimizer=instantiate(cfg.optimizer, _convert_="all"), gen_kwargs=gen_kwargs,
-                            seed=int(cfg.seed))
-    datamodule = RolloutDataModule(train_prompts, eval_prompts, reference_samples, cfg.rl.prompts_per_iteration, cfg.seed)
+                            seed=int(cfg.seed), scheduler=scheduler, distill=distill)
+    datamodule = RolloutDataModule(train_prompts, eval_prompts, reference_samples, cfg.rl.prompts_per_iteration, cfg.seed,
+                                   distill_pool=distill_pool)
     ns = sorted({int(x) for x in cfg.eval.ns} | {int(cfg.n)})
     win_rates = WinRateCallback(eval_prompts, None, ns, cfg.eval.k, cfg.eval.every, gen_kwargs, run_dir,
                                 seed=int(cfg.seed), batch_prompts=int(cfg.eval.prompts_per_batch))
@@ -202,13 +218,47 @@ def run(cfg: DictConfig) -> dict:
             _save_policy(module.policy, tokenizer, run_dir / "policy")
         calibration = datamodule.reference_samples
         final = {**run_info, **(win_rates.final or {}), "calibration_cache": str(calibration.cache_path),
-                 "calibration_cache_hit": calibration.cache_hit, "wall_seconds": round(time.time() - started, 1)}
+                 "calibration_cache_hit": calibration.cache_hit}
+        final.update(_efficiency_metrics(cfg, final, transform))  # every process: the same numbers, no collective
+        final["wall_seconds"] = round(time.time() - started, 1)
         if trainer.is_global_zero:
             atomic_write_json(run_dir / "final_metrics.json", final)
             _print_summary(final, run_dir, int(cfg.n))
         return final
     finally:
         finish_loggers(loggers)  # between multirun members, so one run's W&B logger never swallows the next
+
+
+def _efficiency_metrics(cfg: DictConfig, final: dict, transform) -> dict:
+    """How KL-efficiently this run's solver turned KL into its target metric (infalign.theory.efficiency):
+
+    solver (the `solver` preset's name, else `rl.algo`), metric (bon / won / std: what the run's method is built for),
+    calibration_m, kl_calibrated (the final `eval/kl_calibrated`), gain_fraction and kl_efficiency against the
+    optimal tilt of the run's own transform through its M-sample calibration (None for raw), tilt_win_rate_at_kl,
+    optimum_win_rate_at_kl, gain_fraction_optimum and kl_efficiency_optimum against the best any policy reaches,
+    efficiency_note. NaN becomes None (plain JSON). A theory failure is logged and leaves them None: it never
+    costs the run its final metrics."""
+    from infalign.theory.efficiency import efficiency_columns, measured_win_rate, target_metric
+
+    solver = cfg.get("solver")  # the solver preset's name (conf/solver/), else the RL algorithm
+    out = {"solver": str(solver) if isinstance(solver, str) and solver else cfg.rl.algo,
+           "metric": None, "calibration_m": int(cfg.calibration.m), "kl_calibrated": final.get("eval/kl_calibrated"),
+           "gain_fraction": None, "kl_efficiency": None, "tilt_win_rate_at_kl": None, "optimum_win_rate_at_kl": None,
+           "gain_fraction_optimum": None, "kl_efficiency_optimum": None, "efficiency_note": ""}
+    try:
+        metric = out["metric"] = target_metric(final.get("method"), transform)
+        n = int(final["n"])
+        cols = efficiency_columns(transform if transform.needs_calibration else None, float(final["eval/kl"]),
+                                  measured_win_rate(final, metric, n), n, metric, out["calibration_m"])
+    except Exception as e:  # noqa: BLE001 - the results must be written whatever the theory makes of them
+        log.warning("KL efficiency not computed: %s", e)
+        out["efficiency_note"] = f"not computed: {e}"
+        return out
+    for key in ("gain_fraction", "kl_efficiency", "tilt_win_rate_at_kl", "optimum_win_rate_at_kl",
+                "gain_fraction_optimum", "kl_efficiency_optimum", "efficiency_note"):
+        value = cols[key]
+        out[key] = None if isinstance(value, float) and not math.isfinite(value) else value
+    return out
 
 
 def _t_label(final: dict) -> str:
@@ -231,7 +281,10 @@ def _print_summary(final: dict, run_dir: Path, n: int) -> None:
         f"  best-of-{n} win rate  {get(f'eval/bon_win_rate@{n}')} ± {get(f'eval/bon_win_rate@{n}_se')}",
         f"  worst-of-{n} win rate {get(f'eval/won_win_rate@{n}')} ± {get(f'eval/won_win_rate@{n}_se')}",
         f"  standard win rate   {get('eval/bon_win_rate@1')} ± {get('eval/bon_win_rate@1_se')}",
-        f"  KL(policy || ref)   {get('eval/kl')} nats/response",
+        f"  KL(policy || ref)   {get('eval/kl')} nats/response (in calibrated space: {get('kl_calibrated')})",
+        f"  KL efficiency       {final.get('solver')} on {final.get('metric')}: gain fraction {get('gain_fraction')}, "
+        f"KL efficiency {get('kl_efficiency')} (vs its transform's tilt); {get('gain_fraction_optimum')}, "
+        f"{get('kl_efficiency_optimum')} (vs the optimum, {get('optimum_win_rate_at_kl')} at this KL)",
         f"  outputs: {run_dir}  (final_metrics.json, eval_metrics.csv, logs/metrics.csv, policy/, checkpoints/)",
     ]
     print("\n".join(lines), flush=True)

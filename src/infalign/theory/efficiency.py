@@ -1,0 +1,310 @@
+"""How KL-efficiently a run turned KL into win rate (issue 15): its measured (KL, win rate) against two curves.
+
+A run spends KL `k` (measured, k1, nats per response) and reaches win rate `w` on its **target metric**
+(`bon`: best-of-N at the run's N, for bon_exp and bon_distill/log; `won`: worst-of-N, for won_exp; `std`: the
+standard win rate, for calibrated/identity and for raw, whose objective is the expected reward). Two
+win-rate-vs-KL curves `W(kl)` of the closed-form theory (math page, section 3) are the yardsticks:
+
+- the **tilt** of the run's own transform, `p(u) ∝ exp(Phi_M(u) / beta)` over beta, with `Phi_M = at_m(Phi, M)`
+  the transform seen through the run's M-sample calibration (`infalign.theory.finite_m`): what RL on this
+  reward reaches if the solver finds the optimum of its objective exactly. The gap to it is the solver's;
+  `raw` has no such curve (uncalibrated reward, no model-agnostic theory);
+- the **optimum**: the best win rate any policy reaches at that KL for the metric (the fixed-point optimal
+  transform for best-/worst-of-N, identity for the standard win rate), independent of M. The gap to it is the
+  solver's plus the transform's.
+
+For a curve `W`, with `W^-1` its inverse (both increase from the reference, KL 0 and win rate 0.5):
+
+    gain_fraction = (w - 0.5) / (W(k) - 0.5)     the share of the curve's gain at the run's KL that the run got
+    kl_efficiency = W^-1(w) / k                  the KL the curve needs for the run's win rate, per KL spent
+
+Both are 1 for a run on the curve; above 1 the run beat it (possible for the tilt: the tilt maximises
+`E[Phi] - beta KL`, not the metric; for the optimum only by noise). A run at or below 0.5 has a gain fraction
+<= 0 and KL efficiency 0 (the curve needs no KL for that). A run at the reference's KL (<= `KL_FLOOR`) has
+neither: both are 0/0 (NaN, with a note). A win rate above all the curve reaches is capped at the curve's end
+and said so in the note (the efficiency is then a lower bound).
+
+The optimum curve is traced once per (N, metric) and reused (`optimum_curve`, `optimum_at`; the study imports
+them from here). Pure numpy/scipy: no torch, no Lightning.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy.optimize import brentq
+
+from infalign.core.checks import check_n
+from infalign.theory.core import TiltedDensity, default_grid, tilted_density
+from infalign.theory.solve import LOG_BETA_RANGE, beta_for_kl, optimal_density
+
+__all__ = ["Efficiency", "GRID_CELLS", "KL_FLOOR", "METHOD_METRICS", "METRICS", "calibrated_transform",
+           "efficiency_columns", "measured_win_rate", "metric_win_rate", "optimal_tilt_at_kl", "optimum_at",
+           "optimum_curve", "optimum_efficiency", "optimum_kl_for_win_rate", "target_metric", "tilt_at_kl",
+           "tilt_efficiency", "tilt_kl_for_win_rate"]
+
+GRID_CELLS = 4096  # theory grid: win rates within ~1e-5 of the 16k default, far below any seed SE, 4x faster
+KL_FLOOR = 1e-6  # at or below this measured KL (k1 can dip below 0 by sampling noise) the policy is the reference
+BETA_START, BETA_STOP, PER_DECADE = 30.0, 1e-4, 8  # the optimum is traced from KL ~ 0 up to where it is needed
+METRICS = ("std", "bon", "won")
+# the metric each method (conf/method/) or transform (conf/transform/) is built for (math page, section 2)
+METHOD_METRICS = {"bon_exp": "bon", "bon_distill": "bon", "log": "bon", "won_exp": "won",
+                  "calibrated": "std", "identity": "std", "raw": "std"}
+
+
+def _grid() -> np.ndarray:
+    return default_grid(GRID_CELLS)
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def target_metric(method: str | None = None, transform=None, metric: str | None = None) -> str:
+    """The metric a run is judged on: `metric` if given, else its method's, else its transform's (a name or a
+    transform object; the optimal transform carries its own mode). Raises ValueError when none is known."""
+    if metric is not None:
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        return metric
+    if method in METHOD_METRICS:
+        return METHOD_METRICS[method]
+    name = transform if isinstance(transform, str) else getattr(transform, "name", None)
+    if name in METHOD_METRICS:
+        return METHOD_METRICS[name]
+    mode = getattr(transform, "mode", None)  # OptimalTransform(n, mode, beta)
+    if mode in ("bon", "won"):
+        return mode
+    raise ValueError(f"no target metric known for method {method!r} / transform {name!r}: pass metric= "
+                     f"(one of {METRICS})")
+
+
+def metric_win_rate(density: TiltedDensity, metric: str, n: int) -> float:
+    """The `metric` win rate (std, bon or won at N = `n`) of a tilted density."""
+    if metric == "std":
+        return density.win_rate()
+    if metric == "bon":
+        return density.bon_win_rate(n)
+    if metric == "won":
+        return density.won_win_rate(n)
+    raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+
+
+def measured_win_rate(final: dict, metric: str, n: int) -> float:
+    """The run's measured `metric` win rate from its final metrics (`eval/..._win_rate@N` keys); NaN if absent."""
+    key = {"std": "eval/bon_win_rate@1", "bon": f"eval/bon_win_rate@{n}", "won": f"eval/won_win_rate@{n}"}[metric]
+    value = final.get(key)
+    return float(value) if isinstance(value, (int, float)) else math.nan
+
+
+# ---------------------------------------------------------------------------------------------- the tilt
+def calibrated_transform(transform, m: int | None):
+    """`transform` as the theory should see a run calibrated on `m` reference samples: `at_m(transform, m)`
+    (`infalign.theory.finite_m`), the transform itself for `m` None."""
+    if m is None:
+        return transform
+    try:
+        from infalign.theory.finite_m import at_m
+    except ImportError:  # a checkout without the finite-M module: the continuous-u closed form, as before it
+        return transform
+    return at_m(transform, int(m))
+
+
+def tilt_at_kl(transform, kl: float, n: int, m: int | None = None, grid=None) -> dict:
+    """Win rates of the optimal tilt of `transform` (through an `m`-sample calibration) that spends `kl`
+    nats: {beta, std, bon, won}; the reference's (beta inf, 0.5) at `kl` <= KL_FLOOR. Raises ValueError when
+    the tilt cannot spend `kl` (`beta_for_kl`: e.g. won_exp with a large t)."""
+    if kl <= KL_FLOOR:
+        return {"beta": math.inf, "std": 0.5, "bon": 0.5, "won": 0.5}
+    grid = _grid() if grid is None else grid
+    phi = calibrated_transform(transform, m)
+    beta = beta_for_kl(phi, float(kl), grid)
+    d = tilted_density(phi, beta, grid)
+    return {"beta": beta, "std": d.win_rate(), "bon": d.bon_win_rate(n), "won": d.won_win_rate(n)}
+
+
+def optimal_tilt_at_kl(transform, kl: float, n: int, metric: str, m: int | None = None, grid=None) -> float:
+    """The `metric` win rate the optimal tilt `exp(Phi_M / beta)` reaches when it spends `kl` nats."""
+    return tilt_at_kl(transform, kl, check_n(n), m, grid)[target_metric(metric=metric)]
+
+
+def _tilt_end(phi, grid) -> TiltedDensity:
+    """The sharpest tilt of the beta range the theory searches: the end of the tilt's win-rate-vs-KL curve."""
+    return tilted_density(phi, math.exp(LOG_BETA_RANGE[0]), grid)
+
+
+def tilt_kl_for_win_rate(transform, win: float, n: int, metric: str, m: int | None = None,
+                         grid=None) -> tuple[float, bool]:
+    """`(kl, capped)`: the KL the optimal tilt of `transform` needs to reach win rate `win` on `metric`.
+
+    The tilt's win rate rises monotonically as beta falls (`exp(Phi/beta)` for an increasing Phi orders the
+    densities by likelihood ratio, so u, the max and the min of N draws all grow stochastically), so a root
+    search on log beta finds it. `win` <= 0.5 needs no KL (0). Above what the sharpest tilt reaches: that
+    tilt's KL and `capped` True."""
+    n, metric = check_n(n), target_metric(metric=metric)
+    if not win > 0.5:
+        return 0.0, False
+    grid = _grid() if grid is None else grid
+    phi = calibrated_transform(transform, m)
+
+    def gap(log_beta: float) -> float:
+        return metric_win_rate(tilted_density(phi, math.exp(log_beta), grid), metric, n) - win
+
+    lo, hi = LOG_BETA_RANGE
+    if gap(lo) < 0:
+        return _tilt_end(phi, grid).kl(), True
+    if gap(hi) >= 0:  # within float noise of 0.5
+        return tilted_density(phi, math.exp(hi), grid).kl(), False
+    log_beta = brentq(gap, lo, hi, xtol=1e-12, rtol=1e-12)
+    return tilted_density(phi, math.exp(log_beta), grid).kl(), False
+
+
+# ---------------------------------------------------------------------------------------------- the optimum
+_CURVES: dict[tuple[int, str], tuple[float, np.ndarray, np.ndarray]] = {}  # (n, metric) -> (KL asked, kls, wins)
+
+
+def _trace_optimum(n: int, metric: str, kl_needed: float) -> tuple[np.ndarray, np.ndarray]:
+    # Each beta costs a fixed-point solve (~0.05-0.4 s), so walk beta down only until the curve passes the
+    # largest KL asked for.
+    from infalign.core.transforms import IdentityTransform
+
+    kls, wins = [0.0], [0.5]
+    steps = int(math.ceil(math.log10(BETA_START / BETA_STOP) * PER_DECADE)) + 1
+    for beta in np.geomspace(BETA_START, BETA_STOP, steps):
+        if metric == "std":  # the standard win rate's optimum is the identity transform (N = 1)
+            d = tilted_density(IdentityTransform(), float(beta), _grid())
+        else:
+            d = optimal_density(n, metric, float(beta), _grid())
+        if d.kl() > kls[-1]:  # KL grows as beta falls; drop numerically flat points so x stays increasing
+            kls.append(d.kl())
+            wins.append(metric_win_rate(d, metric, n))
+        if kls[-1] > kl_needed:
+            break
+    return np.array(kls), np.maximum.accumulate(np.array(wins))
+
+
+def _curve_key(n: int, mode: str) -> tuple[int, str]:
+    return (1 if mode == "std" else int(n), mode)  # the standard win rate's optimum does not depend on N
+
+
+def optimum_curve(n: int, mode: str, kl_max: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(KL, best achievable win rate) of the optimum from KL 0 to past `kl_max` (it may extend further: one
+    curve per N and mode is kept and only ever extended; it stops early where beta reaches BETA_STOP); mode
+    bon, won or std."""
+    key = _curve_key(n, mode)
+    need = max(float(kl_max), 0.0) * 1.25 + 0.05
+    if key not in _CURVES or _CURVES[key][0] < need:
+        need = 2.0 ** math.ceil(math.log2(need))  # round up: a slightly larger KL later reuses this curve
+        _CURVES[key] = (need, *_trace_optimum(*key, need))
+    return _CURVES[key][1], _CURVES[key][2]
+
+
+def _pchip(kls: np.ndarray, wins: np.ndarray):
+    from scipy.interpolate import PchipInterpolator
+
+    return PchipInterpolator(kls, wins)  # shape-preserving: monotone data gives a monotone interpolant
+
+
+def optimum_at(n: int, mode: str, kl: float) -> float:
+    """The optimum's win rate at `kl`: shape-preserving (PCHIP) interpolation of `optimum_curve`."""
+    kl = max(float(kl), 0.0)
+    kls, wins = optimum_curve(n, mode, kl)
+    return float(_pchip(kls, wins)(min(kl, kls[-1])))
+
+
+def optimum_kl_for_win_rate(n: int, metric: str, win: float) -> tuple[float, bool]:
+    """`(kl, capped)`: the least KL at which any policy reaches win rate `win` on `metric` (the inverse of
+    `optimum_at`, same interpolant); 0 for `win` <= 0.5; the curve's end and `capped` above its reach."""
+    if not win > 0.5:
+        return 0.0, False
+    kl_max = 1.0
+    for _ in range(16):  # extend the traced curve (doubling) until it passes `win` or cannot go further
+        kls, wins = optimum_curve(n, metric, kl_max)
+        if wins[-1] >= win:
+            curve = _pchip(kls, wins)
+            root = brentq(lambda x, c=curve: float(c(x)) - win, 0.0, float(kls[-1]), xtol=1e-13, rtol=1e-12)
+            return float(root), False
+        if kls[-1] < _CURVES[_curve_key(n, metric)][0]:  # the trace reached BETA_STOP short of the KL asked:
+            return float(kls[-1]), True  # its end is the curve's end
+
+        kl_max = float(kls[-1]) * 2.0
+    return float(kls[-1]), True
+
+
+# ---------------------------------------------------------------------------------------------- efficiency
+@dataclass(frozen=True)
+class Efficiency:
+    """A run's (KL, win rate) against one curve (module docstring)."""
+
+    metric: str
+    kl: float  # measured
+    win_rate: float  # measured, on `metric`
+    curve_win_rate: float  # the curve's win rate at the measured KL
+    kl_needed: float  # the KL the curve needs for the measured win rate
+    gain_fraction: float
+    kl_efficiency: float
+    note: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _efficiency(metric: str, kl: float, win: float, curve_at_kl, kl_for_win, what: str) -> Efficiency:
+    if not (math.isfinite(kl) and math.isfinite(win)):
+        return Efficiency(metric, kl, win, math.nan, math.nan, math.nan, math.nan, f"{what}: no measured KL or win rate")
+    if kl <= KL_FLOOR:  # the reference: the curve's gain and the KL spent are both 0, their ratios undefined
+        return Efficiency(metric, kl, win, 0.5, math.nan, math.nan, math.nan,
+                          f"{what}: measured KL at the reference (<= {KL_FLOOR:g} nats): no efficiency defined")
+    notes = []
+    try:
+        at_kl = curve_at_kl(kl)
+    except ValueError as e:
+        at_kl, capped_at = math.nan, str(e)
+        notes.append(f"{what} n/a at this KL: {capped_at}")
+    needed, capped = kl_for_win(win)
+    if capped:
+        notes.append(f"{what}: measured win rate {win:.4f} is above all it reaches; KL needed capped at its end "
+                     f"({needed:.4g} nats), so the KL efficiency is a lower bound")
+    gain = at_kl - 0.5
+    gain_fraction = (win - 0.5) / gain if math.isfinite(gain) and gain > 1e-12 else math.nan
+    return Efficiency(metric, kl, win, at_kl, needed, gain_fraction, needed / kl, "; ".join(notes))
+
+
+def tilt_efficiency(transform, kl: float, win: float, n: int, metric: str, m: int | None = None,
+                    grid=None) -> Efficiency | None:
+    """The run against the optimal tilt of its own transform (through its `m`-sample calibration); None for
+    raw rewards (`transform` None or uncalibrated: no closed form)."""
+    if transform is None or getattr(transform, "needs_calibration", True) is False:
+        return None
+    metric, n = target_metric(metric=metric), check_n(n)
+    return _efficiency(metric, float(kl), float(win),
+                       lambda k: optimal_tilt_at_kl(transform, k, n, metric, m, grid),
+                       lambda w: tilt_kl_for_win_rate(transform, w, n, metric, m, grid), "tilt")
+
+
+def optimum_efficiency(kl: float, win: float, n: int, metric: str) -> Efficiency:
+    """The run against the best any policy reaches on `metric` (`optimum_at`)."""
+    metric, n = target_metric(metric=metric), check_n(n)
+    return _efficiency(metric, float(kl), float(win), lambda k: optimum_at(n, metric, k),
+                       lambda w: optimum_kl_for_win_rate(n, metric, w), "optimum")
+
+
+def efficiency_columns(transform, kl: float, win: float, n: int, metric: str, m: int | None = None) -> dict:
+    """The flat columns final_metrics.json and the study record for one run:
+
+    metric, win_rate (measured, on the metric), tilt_win_rate_at_kl, tilt_kl_needed, gain_fraction,
+    kl_efficiency (against the tilt of the run's transform; NaN for raw), optimum_win_rate_at_kl,
+    optimum_kl_needed, gain_fraction_optimum, kl_efficiency_optimum, efficiency_note."""
+    tilt = tilt_efficiency(transform, kl, win, n, metric, m)
+    opt = optimum_efficiency(kl, win, n, metric)
+    nan = math.nan
+    notes = [e.note for e in (tilt, opt) if e is not None and e.note]
+    if tilt is None:
+        notes.insert(0, "raw reward: no tilt of a calibrated transform to compare with (optimum only)")
+    return {"metric": opt.metric, "win_rate": win,
+            "tilt_win_rate_at_kl": tilt.curve_win_rate if tilt else nan,
+            "tilt_kl_needed": tilt.kl_needed if tilt else nan,
+            "gain_fraction": tilt.gain_fraction if tilt else nan,
+            "kl_efficiency": tilt.kl_efficiency if tilt else nan,
+            "optimum_win_rate_at_kl": opt.curve_win_rate, "optimum_kl_needed": opt.kl_needed,
+            "gain_fraction_optimum": opt.gain_fraction, "kl_efficiency_optimum": opt.kl_efficiency,
+            "efficiency_note": "; ".join(notes)}

@@ -1,0 +1,36 @@
+"""Learning-rate schedules over optimizer steps, as `scheduler` partials (conf/train.yaml): called with the
+optimizer and the run's total number of optimizer steps, they return a torch scheduler that the module
+hands to Lightning (`configure_optimizers`, interval "step"), so its state is checkpointed and resumed.
+
+Why a warm-up matters here: Adam's first steps move every parameter by about the learning rate whatever
+the gradient's signal-to-noise ratio (its second-moment estimate starts at the first squared gradient), and
+a policy-gradient gradient is mostly noise (the gradient noise scale, logged as `grad/noise_scale`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["warmup_cosine"]
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0,
+                  final_lr_fraction: float = 1.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from 0 over `warmup_steps`, then a cosine from the optimizer's lr down to
+    `final_lr_fraction` x lr at `total_steps`. The defaults (0, 1.0) are a constant learning rate."""
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ValueError(f"scheduler.warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+    if not (isinstance(final_lr_fraction, (int, float)) and 0.0 <= final_lr_fraction <= 1.0):
+        raise ValueError(f"scheduler.final_lr_fraction must be in [0, 1], got {final_lr_fraction!r}")
+    total_steps = max(int(total_steps), 1)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        span = max(total_steps - warmup_steps, 1)
+        progress = min((step - warmup_steps) / span, 1.0)
+        return final_lr_fraction + (1.0 - final_lr_fraction) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
