@@ -175,6 +175,7 @@ class WinRateCallback(L.Callback):
             raise ValueError("evaluation prompts must be unique: each prompt is counted once")
         self.ns, self.k, self.every = sorted(set(ns)), int(k), int(every)
         self.reference_samples = None
+        self.kl_calibrated: CalibratedRankKL | None = None  # sized by M when the reference samples arrive
         if reference_samples is not None:  # else the datamodule's, once it has loaded or built it (setup)
             self._set_reference_samples(reference_samples)
         self.gen_kwargs, self.out_dir, self.seed, self.batch_prompts = gen_kwargs, Path(out_dir), seed, batch_prompts
@@ -186,7 +187,6 @@ class WinRateCallback(L.Callback):
         # per prompt: what paired comparisons between methods need (eval_per_prompt.csv)
         self.per_prompt = PerPromptTable(len(self.prompt_ids), [*(f"{mode}_win_rate@{n}" for mode, n in self.metrics),
                                                                 "kl", "reward_calibrated"])
-        self.kl_calibrated: CalibratedRankKL | None = None  # sized by M when the reference samples arrive
         self.per_prompt_rows: list[dict] = []  # the last evaluation's, for eval_per_prompt.csv
         self.final: dict | None = None
 
