@@ -65,6 +65,19 @@ def run_member(out: Path, variant: str, overrides: list[str], method: str, beta:
     return time.time() - start
 
 
+def recompute_efficiency(final: dict, d: Path) -> dict:
+    """Gain fraction and KL efficiency from the run's measured KL and win rate with the current theory
+    (`infalign.theory.efficiency`), so runs recorded by an older version are judged by the same yardstick."""
+    from infalign.study.runs import transform_from_run
+    from infalign.theory.efficiency import efficiency_columns, measured_win_rate, target_metric
+
+    metric = target_metric(final.get("method"), None, final.get("metric"))
+    n = int(final["n"])
+    cols = efficiency_columns(transform_from_run(final, d), float(final["eval/kl"]),
+                              measured_win_rate(final, metric, n), n, metric, final.get("calibration_m", 16))
+    return {k: (math.nan if v is None else v) for k, v in cols.items()}
+
+
 def _logged(d: Path, column: str) -> list[float]:
     path = d / "logs" / "metrics.csv"
     if not path.exists():
@@ -90,7 +103,8 @@ def collect(out: Path, variants: list[str], points: dict[str, list[float]], seed
                 for seed in seeds:
                     d = member_dir(out, variant, method, beta, seed)
                     if (d / "final_metrics.json").exists():
-                        finals.append(json.loads((d / "final_metrics.json").read_text()))
+                        final = json.loads((d / "final_metrics.json").read_text())
+                        finals.append({**final, **recompute_efficiency(final, d)})
                         noise = _logged(d, "train/grad/noise_scale")
                         ess = _logged(d, "train/distill/ess")
                         extras.append({"noise": noise[-1] if noise else math.nan,

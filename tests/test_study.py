@@ -20,8 +20,7 @@ from infalign.core.transforms import BoNExpTransform, IdentityTransform, LogTran
 from infalign.runtime.paths import REPO_ROOT, conf_dir
 from infalign.study import analyze_sweep, markdown, optimum_at, write_study
 from infalign.study.analysis import RAW_NOTE, Study, matched_kl, response_lengths, theory_at_kl
-from infalign.theory import analyze, best_t, default_grid, factories, tilted_density
-from infalign.theory.efficiency import GRID_CELLS, calibrated_transform
+from infalign.theory import analyze, best_t, factories
 
 NOTEBOOKS = REPO_ROOT / "notebooks"
 METHODS = {  # preset -> (transform class, calibrator class)
@@ -176,8 +175,12 @@ def test_matched_kl_never_reports_the_chord_to_the_reference(closed_form_sweep):
 
 # ------------------------------------------------------------------------------------------ KL efficiency, paired
 def on_tilt_at_m(transform, beta, m=16):
-    """KL and win rates of the tilt of `transform` through an m-sample calibration (the study's grid)."""
-    return tilted_density(calibrated_transform(transform, m), beta, default_grid(GRID_CELLS)).summary(4)
+    """KL and win rates of the tilt of `transform` through an m-sample calibration (the exact fixed-cache form
+    the efficiency uses)."""
+    from infalign.theory.efficiency import TILT_DRAWS
+    from infalign.theory.finite_m import cache_averaged_summary
+
+    return cache_averaged_summary(transform, beta, m, 4, draws=TILT_DRAWS, seed=0)
 
 
 def write_per_prompt(member_dir, rows):

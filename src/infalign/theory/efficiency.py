@@ -5,8 +5,9 @@ A run spends KL `k` (measured, k1, nats per response) and reaches win rate `w` o
 standard win rate, for calibrated/identity and for raw, whose objective is the expected reward). Two
 win-rate-vs-KL curves `W(kl)` of the closed-form theory (math page, section 3) are the yardsticks:
 
-- the **tilt** of the run's own transform, `p(u) ∝ exp(Phi_M(u) / beta)` over beta, with `Phi_M = at_m(Phi, M)`
-  the transform seen through the run's M-sample calibration (`infalign.theory.finite_m`): what RL on this
+- the **tilt** of the run's own transform, `pi_ref exp(Phi(C) / beta)` over beta, with C the run's M-sample
+  calibration: the exact expectation over calibration sets (`infalign.theory.finite_m.cache_averaged_summary`,
+  which the frontier of docs/frontier.md matches on our data within 1-3 standard errors): what RL on this
   reward reaches if the solver finds the optimum of its objective exactly. The gap to it is the solver's;
   `raw` has no such curve (uncalibrated reward, no model-agnostic theory);
 - the **optimum**: the best win rate any policy reaches at that KL for the metric (the fixed-point optimal
@@ -38,7 +39,7 @@ from scipy.optimize import brentq
 
 from infalign.core.checks import check_n
 from infalign.theory.core import TiltedDensity, default_grid, tilted_density
-from infalign.theory.solve import LOG_BETA_RANGE, beta_for_kl, optimal_density
+from infalign.theory.solve import LOG_BETA_RANGE, optimal_density
 
 __all__ = ["Efficiency", "GRID_CELLS", "KL_FLOOR", "METHOD_METRICS", "METRICS", "calibrated_transform",
            "efficiency_columns", "measured_win_rate", "metric_win_rate", "optimal_tilt_at_kl", "optimum_at",
@@ -98,38 +99,54 @@ def measured_win_rate(final: dict, metric: str, n: int) -> float:
 
 # ---------------------------------------------------------------------------------------------- the tilt
 def calibrated_transform(transform, m: int | None):
-    """`transform` as the theory should see a run calibrated on `m` reference samples: `at_m(transform, m)`
-    (`infalign.theory.finite_m`), the transform itself for `m` None."""
+    """`transform` averaged over the Binomial(M, u) of calibrated ranks (`infalign.theory.finite_m.at_m`), the
+    transform itself for `m` None. Kept for beta grids; the efficiency's tilt curve uses the exact fixed-cache
+    form (`_tilt_summary`), because `at_m` misplaces sharp tilts by 15-40% in KL (docs/frontier.md)."""
     if m is None:
         return transform
-    try:
-        from infalign.theory.finite_m import at_m
-    except ImportError:  # a checkout without the finite-M module: the continuous-u closed form, as before it
-        return transform
+    from infalign.theory.finite_m import at_m
+
     return at_m(transform, int(m))
+
+
+TILT_DRAWS = 2000  # calibration sets averaged by the exact fixed-cache form: Monte Carlo se ~0.005 nats, 0.001 win rate
+
+
+def _tilt_summary(transform, beta: float, n: int, m: int | None, grid) -> dict:
+    """KL and win rates {kl, std, bon, won} of the tilt `exp(Phi(C)/beta)`: for an `m`-sample calibration the
+    exact expectation over calibration sets (`cache_averaged_summary`, seeded, so a smooth function of beta,
+    which the root searches below need), as docs/frontier.md measured it on our data; else the continuous form."""
+    if m is None:
+        d = tilted_density(transform, beta, grid)
+        return {"kl": d.kl(), "std": d.win_rate(), "bon": d.bon_win_rate(n), "won": d.won_win_rate(n)}
+    from infalign.theory.finite_m import cache_averaged_summary
+
+    r = cache_averaged_summary(transform, beta, int(m), n, draws=TILT_DRAWS, seed=0)
+    return {"kl": r["kl"], "std": r["win_rate"], "bon": r["bon_win_rate"], "won": r["won_win_rate"]}
 
 
 def tilt_at_kl(transform, kl: float, n: int, m: int | None = None, grid=None) -> dict:
     """Win rates of the optimal tilt of `transform` (through an `m`-sample calibration) that spends `kl`
     nats: {beta, std, bon, won}; the reference's (beta inf, 0.5) at `kl` <= KL_FLOOR. Raises ValueError when
-    the tilt cannot spend `kl` (`beta_for_kl`: e.g. won_exp with a large t)."""
+    the tilt cannot spend `kl` (e.g. won_exp with a large t, or more than an M-sample calibration allows)."""
     if kl <= KL_FLOOR:
         return {"beta": math.inf, "std": 0.5, "bon": 0.5, "won": 0.5}
     grid = _grid() if grid is None else grid
-    phi = calibrated_transform(transform, m)
-    beta = beta_for_kl(phi, float(kl), grid)
-    d = tilted_density(phi, beta, grid)
-    return {"beta": beta, "std": d.win_rate(), "bon": d.bon_win_rate(n), "won": d.won_win_rate(n)}
+    n = check_n(n)
+
+    def gap(log_beta: float) -> float:
+        return _tilt_summary(transform, math.exp(log_beta), n, m, grid)["kl"] - kl
+
+    lo, hi = LOG_BETA_RANGE
+    if gap(lo) < 0:
+        raise ValueError(f"the tilt cannot spend {kl:.4g} nats (at most {gap(lo) + kl:.4g})")
+    beta = math.exp(brentq(gap, lo, hi, xtol=1e-10, rtol=1e-10))
+    return {"beta": beta, **{k: v for k, v in _tilt_summary(transform, beta, n, m, grid).items() if k != "kl"}}
 
 
 def optimal_tilt_at_kl(transform, kl: float, n: int, metric: str, m: int | None = None, grid=None) -> float:
-    """The `metric` win rate the optimal tilt `exp(Phi_M / beta)` reaches when it spends `kl` nats."""
+    """The `metric` win rate the optimal tilt `exp(Phi(C) / beta)` reaches when it spends `kl` nats."""
     return tilt_at_kl(transform, kl, check_n(n), m, grid)[target_metric(metric=metric)]
-
-
-def _tilt_end(phi, grid) -> TiltedDensity:
-    """The sharpest tilt of the beta range the theory searches: the end of the tilt's win-rate-vs-KL curve."""
-    return tilted_density(phi, math.exp(LOG_BETA_RANGE[0]), grid)
 
 
 def tilt_kl_for_win_rate(transform, win: float, n: int, metric: str, m: int | None = None,
@@ -144,18 +161,17 @@ def tilt_kl_for_win_rate(transform, win: float, n: int, metric: str, m: int | No
     if not win > 0.5:
         return 0.0, False
     grid = _grid() if grid is None else grid
-    phi = calibrated_transform(transform, m)
 
     def gap(log_beta: float) -> float:
-        return metric_win_rate(tilted_density(phi, math.exp(log_beta), grid), metric, n) - win
+        return _tilt_summary(transform, math.exp(log_beta), n, m, grid)[metric] - win
 
     lo, hi = LOG_BETA_RANGE
     if gap(lo) < 0:
-        return _tilt_end(phi, grid).kl(), True
+        return _tilt_summary(transform, math.exp(lo), n, m, grid)["kl"], True
     if gap(hi) >= 0:  # within float noise of 0.5
-        return tilted_density(phi, math.exp(hi), grid).kl(), False
+        return _tilt_summary(transform, math.exp(hi), n, m, grid)["kl"], False
     log_beta = brentq(gap, lo, hi, xtol=1e-12, rtol=1e-12)
-    return tilted_density(phi, math.exp(log_beta), grid).kl(), False
+    return _tilt_summary(transform, math.exp(log_beta), n, m, grid)["kl"], False
 
 
 # ---------------------------------------------------------------------------------------------- the optimum
