@@ -166,10 +166,10 @@ def cache_averaged_summary(transform: Transform, beta: float, m: int, n: int, dr
 def compare(m: int = 16, n: int = 4, draws: int = 4000) -> list[dict]:
     """The table of the module docstring: exact fixed-cache values vs `at_m` vs the continuous form."""
     from infalign.core.transforms import BoNExpTransform, IdentityTransform, WoNExpTransform
-    from infalign.theory import factories
     from infalign.theory.core import analyze
+    from infalign.theory.factories import won_exp as auto_won_exp
 
-    auto_won = factories.won_exp(n=n, beta=0.05)
+    auto_won = auto_won_exp(n=n, beta=0.05)
     points = [(IdentityTransform(), 0.05), (IdentityTransform(), 0.2), (BoNExpTransform(10.0), 0.02),
               (BoNExpTransform(10.0), 0.1), (WoNExpTransform(8.0), 0.02), (WoNExpTransform(8.0), 0.1),
               (auto_won, 0.05)]
