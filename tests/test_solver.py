@@ -136,6 +136,76 @@ def test_distillation_weights_and_effective_sample_size_hand_made():
 
 
 # ---------------------------------------------------------------------------------------------- optimiser
+class _LengthReward:
+    """Reward = response length in characters: any deterministic score will do for these tests."""
+
+    def score(self, prompts, responses):
+        return torch.tensor([float(len(r)) for r in responses])
+
+
+def _tiny_policy():
+    from infalign.models.tokenizer import train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer(["Human: hi there, how are you. Assistant: hello friend, fine thanks"] * 8,
+                              vocab_size=300)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=48, n_embd=16, n_layer=1, n_head=2,
+                                       bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                                       pad_token_id=tok.pad_token_id)).eval()
+    with torch.no_grad():  # a large EOS embedding (tied to the output): some samples end early, some do not
+        model.transformer.wte.weight[tok.eos_token_id] *= 40
+    return tok, model
+
+
+def test_rollout_from_tokens_reproduces_the_sampled_rollout():
+    from infalign.models.pure_sampling import sampling_kwargs
+    from infalign.models.sampling import generate, rollout_from_tokens
+
+    tok, model = _tiny_policy()
+    prompts, k = ["Human: hi. Assistant:", "Human: how are you there? Assistant:"], 6
+    torch.manual_seed(1)
+    sampled = generate(model, tok, prompts, k, sampling_kwargs({"max_new_tokens": 12}))
+    lengths = sampled.lengths.view(len(prompts), k)
+    assert len(set(lengths.flatten().tolist())) > 1  # some ended early: padding is exercised
+    tokens = sampled.response_ids.view(len(prompts), k, -1)
+    rebuilt = rollout_from_tokens(tok, prompts, tokens, lengths)
+    width = rebuilt.response_mask.shape[1]
+    assert width == int(lengths.max())
+    assert torch.equal(rebuilt.response_mask, sampled.response_mask[:, :width])
+    real = rebuilt.response_mask.bool()
+    assert torch.equal(rebuilt.response_ids[real], sampled.response_ids[:, :width][real])
+    with torch.no_grad():
+        assert torch.allclose(response_logprobs(model, rebuilt), response_logprobs(model, sampled)[:, :width],
+                              atol=1e-5)
+    with pytest.raises(ValueError, match=r"tokens \[P, k, T\] and lengths \[P, k\]"):
+        rollout_from_tokens(tok, prompts, tokens, lengths[:1])
+
+
+def test_reference_samples_store_the_sampled_token_paths(tmp_path):
+    from infalign.models.pure_sampling import sampling_kwargs
+    from infalign.models.sampling import decode_responses, rollout_from_tokens
+    from infalign.trainer.calibration_cache import load_or_build_reference_samples
+
+    tok, model = _tiny_policy()
+    prompts = ["Human: hi. Assistant:", "Human: bye. Assistant:", "Human: how are you? Assistant:"]
+    samples = load_or_build_reference_samples(
+        cache_root=tmp_path, key={"test": "tokens"}, prompt_ids=["a", "b", "c"], prompts=prompts,
+        reward_prompts=prompts, reference=model, tokenizer=tok, reward_model=_LengthReward(), m=4,
+        gen_kwargs=sampling_kwargs({"max_new_tokens": 10}), seed=0, progress=False, prompts_per_batch=2)
+    tokens, lengths = samples.tokens_for(["c", "a"])
+    assert tokens.shape[:2] == (2, 4) and tokens.dtype == torch.int32
+    rebuilt = rollout_from_tokens(tok, [prompts[2], prompts[0]], tokens, lengths)
+    # the stored paths decode to the stored texts, whose scores are the stored rewards
+    texts = decode_responses(tok, rebuilt)
+    assert texts == [t for group in samples.responses_for(["c", "a"]) for t in group]
+    assert torch.equal(samples.rewards_for(["c", "a"]).flatten(), torch.tensor([float(len(t)) for t in texts]))
+    old = samples.cache_path / "response_tokens.safetensors"
+    old.unlink()  # an entry from before the token ids were stored: a clear error, not texts re-encoded
+    from infalign.trainer.calibration_cache import load_reference_samples
+    with pytest.raises(RuntimeError, match="delete the entry and re-run"):
+        load_reference_samples(samples.cache_path, ["a", "b", "c"], 4).tokens_for(["a"])
+
+
 def test_warmup_cosine_schedule():
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     sched = warmup_cosine(opt, total_steps=12, warmup_steps=2, final_lr_fraction=0.1)

@@ -34,7 +34,7 @@ from transformers.cache_utils import DynamicLayer
 
 from infalign.models.pure_sampling import check_pure_sampling, check_sampler_kwargs, generate_kwargs
 
-__all__ = ["Rollout", "tokenize_prompts", "generate", "decode_responses", "response_logprobs", "rollout_from_texts"]
+__all__ = ["Rollout", "tokenize_prompts", "generate", "decode_responses", "response_logprobs", "rollout_from_tokens"]
 
 
 def tokenize_prompts(tokenizer, prompts: list[str], device=None) -> dict[str, torch.Tensor]:
@@ -372,30 +372,20 @@ def response_logprobs(model, rollout: Rollout, *, with_entropy: bool = False, fu
     return out[0] if len(out) == 1 else out
 
 
-def rollout_from_texts(tokenizer, prompts: list[str], responses: list[list[str]], max_new_tokens: int) -> Rollout:
-    """A `Rollout` of given response texts (`responses[i]`: the texts for `prompts[i]`, prompt-major), tokenised
-    as the sampler lays them out: the prompt left-padded, the response after it, EOS appended when the response
-    is shorter than `max_new_tokens` (it ended by choice; a sample that hit the limit has none). Used to train
-    on stored reference samples (distillation). Decoded text re-encoded may split into other tokens than were
-    sampled: the same text, not always the same token path."""
-    counts = {len(r) for r in responses}
-    if len(counts) != 1:
-        raise ValueError(f"rollout_from_texts needs the same number of responses per prompt, got {sorted(counts)}")
-    k = counts.pop()
+def rollout_from_tokens(tokenizer, prompts: list[str], tokens: torch.Tensor, lengths: torch.Tensor) -> Rollout:
+    """A `Rollout` of stored sampled responses: `tokens[i, j, :lengths[i, j]]` is the j-th response to
+    `prompts[i]`, its token ids as they were drawn (EOS included where the sample ended by choice), laid out
+    as `generate` lays them out (the prompt left-padded, the response after it, padding after its end). Used to
+    train on stored reference samples (distillation): the exact token paths the reference drew, not the
+    decoded text re-encoded, which may split into a path the reference rarely draws."""
+    if tokens.dim() != 3 or tuple(lengths.shape) != tuple(tokens.shape[:2]) or tokens.shape[0] != len(prompts):
+        raise ValueError(f"rollout_from_tokens needs tokens [P, k, T] and lengths [P, k] for P = {len(prompts)} "
+                         f"prompts, got {tuple(tokens.shape)} and {tuple(lengths.shape)}")
+    p, k, _ = tokens.shape
+    width = max(1, int(lengths.max()))
+    response_mask = (torch.arange(width) < lengths.reshape(-1, 1)).long()
+    response = tokens.reshape(p * k, -1)[:, :width].long().masked_fill(response_mask == 0, tokenizer.pad_token_id)
     batch = tokenize_prompts(tokenizer, prompts)
-    encoded = tokenizer([t for group in responses for t in group], add_special_tokens=False)["input_ids"]
-    rows = []
-    for ids in encoded:
-        ids = list(ids[:max_new_tokens])
-        if len(ids) < max_new_tokens:
-            ids.append(tokenizer.eos_token_id)
-        rows.append(ids)
-    width = max(len(r) for r in rows)
-    response = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    response_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        response[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        response_mask[i, : len(r)] = 1
     prompt_ids = batch["input_ids"].repeat_interleave(k, dim=0)
     prompt_mask = batch["attention_mask"].repeat_interleave(k, dim=0)
     return Rollout(input_ids=torch.cat([prompt_ids, response], dim=1),

@@ -37,6 +37,12 @@ class ReferenceSamples:
     responses: list[list[str]]
     cache_path: Path | None = None
     cache_hit: bool = False
+    # the sampled token ids of each response ([P, M, T] int32, padded after `response_lengths`; EOS included
+    # where the sample ended by choice): the exact paths the reference drew. Decoded text re-encoded is not
+    # always the same path (79% of 256 SmolLM-tokenised HH samples were, docs/solver_sweep.md), and a path
+    # the reference rarely draws is a different target for maximum likelihood. None in entries built before.
+    response_tokens: torch.Tensor | None = None
+    response_lengths: torch.Tensor | None = None  # [P, M] int32
 
     def __post_init__(self):
         self._row = {pid: i for i, pid in enumerate(self.prompt_ids)}
@@ -49,6 +55,15 @@ class ReferenceSamples:
         """The M response texts of each prompt, in the order asked."""
         self.rewards_for(prompt_ids)  # the same check
         return [self.responses[self._row[p]] for p in prompt_ids]
+
+    def tokens_for(self, prompt_ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`([len(prompt_ids), M, T] token ids, [len(prompt_ids), M] lengths)` of the sampled responses."""
+        if self.response_tokens is None:
+            raise RuntimeError(f"the reference samples at {self.cache_path} hold texts but not their sampled token "
+                               "ids (an entry built by an older infalign); delete the entry and re-run to rebuild it")
+        self.rewards_for(prompt_ids)  # the same check
+        rows = [self._row[p] for p in prompt_ids]
+        return self.response_tokens[rows], self.response_lengths[rows]
 
     def rewards_for(self, prompt_ids: list[str]) -> torch.Tensor:
         """`[len(prompt_ids), M]` reference rewards, in the order asked."""
@@ -66,7 +81,14 @@ def load_reference_samples(path: Path, prompt_ids: list[str], m: int, hit: bool 
     if ids != list(prompt_ids) or tuple(rewards.shape) != (len(prompt_ids), m):
         raise RuntimeError(f"calibration cache {path} does not match its key; delete it and re-run")
     responses = json.loads((path / "responses.json").read_text())
-    return ReferenceSamples(ids, rewards, responses, cache_path=path, cache_hit=hit)
+    tokens = lengths = None
+    if (path / "response_tokens.safetensors").exists():
+        stored = load_file(str(path / "response_tokens.safetensors"))
+        tokens, lengths = stored["tokens"], stored["lengths"]
+        if tuple(lengths.shape) != (len(prompt_ids), m) or tokens.shape[:2] != lengths.shape:
+            raise RuntimeError(f"calibration cache {path}: response_tokens do not match its rewards; delete it and re-run")
+    return ReferenceSamples(ids, rewards, responses, cache_path=path, cache_hit=hit, response_tokens=tokens,
+                            response_lengths=lengths)
 
 
 def load_or_build_reference_samples(
@@ -101,7 +123,7 @@ def load_or_build_reference_samples(
     if not found:
         starts = list(range(0, len(prompts), prompts_per_batch))
 
-        def sample_my_share() -> dict[int, tuple[torch.Tensor, list[list[str]]]]:
+        def sample_my_share() -> dict[int, tuple[torch.Tensor, list[list[str]], list[torch.Tensor]]]:
             done = {}
             desc = f"{what}: {len(prompts)} prompts x M={m}" + (f", {world} processes" if world > 1 else "")
             for b in tqdm(range(rank, len(starts), world), desc=desc, disable=not progress or rank != 0):
@@ -112,7 +134,11 @@ def load_or_build_reference_samples(
                 scored = sample_and_score(reference, tokenizer, reward_model, chunk, reward_chunk, m, gen_kwargs,
                                           where=f"the {what}")
                 texts = scored.texts
-                done[b] = (scored.rewards.float().cpu(), [texts[i * m : (i + 1) * m] for i in range(len(chunk))])
+                ids = scored.rollout.response_ids.cpu().to(torch.int32)
+                lengths = scored.rollout.response_mask.sum(-1).cpu().to(torch.int32)
+                sampled = [ids[i, : lengths[i]] for i in range(ids.shape[0])]  # each row without its padding
+                done[b] = (scored.rewards.float().cpu(), [texts[i * m : (i + 1) * m] for i in range(len(chunk))],
+                           sampled)
             return done
 
         if rank == 0:
@@ -124,7 +150,15 @@ def load_or_build_reference_samples(
                 gathered = True
                 table = torch.cat([batches[b][0] for b in range(len(starts))]).contiguous()
                 responses = [r for b in range(len(starts)) for r in batches[b][1]]
+                sampled = [t for b in range(len(starts)) for t in batches[b][2]]
+                lengths = torch.tensor([len(t) for t in sampled], dtype=torch.int32).view(len(prompts), m)
+                tokens = torch.full((len(sampled), max(1, int(lengths.max()))), int(tokenizer.pad_token_id),
+                                    dtype=torch.int32)
+                for i, t in enumerate(sampled):
+                    tokens[i, : len(t)] = t
                 save_file({"rewards": table}, str(out / "rewards.safetensors"))
+                save_file({"tokens": tokens.view(len(prompts), m, -1).contiguous(), "lengths": lengths},
+                          str(out / "response_tokens.safetensors"))
                 (out / "prompt_ids.json").write_text(json.dumps(prompt_ids))
                 (out / "responses.json").write_text(json.dumps(responses))
                 return {"prompts": len(prompts), "m": m, "mean_reward": float(table.mean()), "processes": world}

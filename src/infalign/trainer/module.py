@@ -41,7 +41,7 @@ from infalign.core.losses import (
     sequence_kl,
     token_kl,
 )
-from infalign.models.sampling import Rollout, response_logprobs, rollout_from_texts
+from infalign.models.sampling import Rollout, response_logprobs, rollout_from_tokens
 from infalign.runtime.seeds import derive_seed
 from infalign.trainer.rollout import RolloutBuffer, sample_and_score
 
@@ -311,8 +311,9 @@ class InfAlignModule(L.LightningModule):
         weights, ess = distillation_weights(torch.as_tensor(self.transform(calibrated)), self.beta)
         g = torch.Generator().manual_seed(derive_seed(self.seed, "distill", iteration, self.global_rank))
         picks = torch.multinomial(weights, self.distill.samples_per_prompt, replacement=True, generator=g)
-        texts = [[group[j] for j in row] for group, row in zip(pool.responses_for(ids), picks.tolist())]
-        rollout = rollout_from_texts(self.tokenizer, prompts, texts, int(self.gen_kwargs["max_new_tokens"]))
+        tokens, lengths = pool.tokens_for(ids)  # the sampled paths themselves (see ReferenceSamples)
+        rows = torch.arange(len(ids)).unsqueeze(1)
+        rollout = rollout_from_tokens(self.tokenizer, prompts, tokens[rows, picks], lengths[rows, picks])
         rollout = Rollout(*(x.to(self.device) for x in (rollout.input_ids, rollout.attention_mask,
                                                         rollout.response_mask)), rollout.prompt_len)
         optimizer = self.optimizers()

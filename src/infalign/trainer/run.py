@@ -165,7 +165,7 @@ def run(cfg: DictConfig) -> dict:
     if distill["iterations"] > 0:  # the reference samples distillation fits: their own entry, their own seeds
         train_ids = [p[0] for p in train_prompts]
         pool_key = {**calibration_key(cfg, partitions, train_ids, gen_kwargs), "m": int(distill["m"]),
-                    "stream": "distill_pool"}
+                    "stream": "distill_pool", "token_ids": 1}  # token_ids: entries that store the sampled paths
         distill_pool = functools.partial(
             load_or_build_reference_samples,
             cache_root=cfg.cache_root, key=pool_key, prompt_ids=train_ids, prompts=[p[1] for p in train_prompts],
