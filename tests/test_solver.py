@@ -135,7 +135,7 @@ def test_distillation_weights_and_effective_sample_size_hand_made():
     assert torch.isfinite(w).all() and ess.item() == pytest.approx(1.0) and w[0, 0].item() == pytest.approx(1.0)
 
 
-# ---------------------------------------------------------------------------------------------- optimiser
+# ---------------------------------------------------------------------------------------------- stored samples
 class _LengthReward:
     """Reward = response length in characters: any deterministic score will do for these tests."""
 
@@ -184,7 +184,7 @@ def test_rollout_from_tokens_reproduces_the_sampled_rollout():
 def test_reference_samples_store_the_sampled_token_paths(tmp_path):
     from infalign.models.pure_sampling import sampling_kwargs
     from infalign.models.sampling import decode_responses, rollout_from_tokens
-    from infalign.trainer.calibration_cache import load_or_build_reference_samples
+    from infalign.trainer.calibration_cache import load_or_build_reference_samples, load_reference_samples
 
     tok, model = _tiny_policy()
     prompts = ["Human: hi. Assistant:", "Human: bye. Assistant:", "Human: how are you? Assistant:"]
@@ -201,11 +201,11 @@ def test_reference_samples_store_the_sampled_token_paths(tmp_path):
     assert torch.equal(samples.rewards_for(["c", "a"]).flatten(), torch.tensor([float(len(t)) for t in texts]))
     old = samples.cache_path / "response_tokens.safetensors"
     old.unlink()  # an entry from before the token ids were stored: a clear error, not texts re-encoded
-    from infalign.trainer.calibration_cache import load_reference_samples
     with pytest.raises(RuntimeError, match="delete the entry and re-run"):
         load_reference_samples(samples.cache_path, ["a", "b", "c"], 4).tokens_for(["a"])
 
 
+# ---------------------------------------------------------------------------------------------- optimiser
 def test_warmup_cosine_schedule():
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     sched = warmup_cosine(opt, total_steps=12, warmup_steps=2, final_lr_fraction=0.1)

@@ -39,7 +39,7 @@ class ReferenceSamples:
     cache_hit: bool = False
     # the sampled token ids of each response ([P, M, T] int32, padded after `response_lengths`; EOS included
     # where the sample ended by choice): the exact paths the reference drew. Decoded text re-encoded is not
-    # always the same path (79% of 256 SmolLM-tokenised HH samples were, docs/solver_sweep.md), and a path
+    # always the same path (176 of 256 with the default tokenizer: `python bench/retokenisation.py`), and a path
     # the reference rarely draws is a different target for maximum likelihood. None in entries built before.
     response_tokens: torch.Tensor | None = None
     response_lengths: torch.Tensor | None = None  # [P, M] int32
@@ -123,7 +123,7 @@ def load_or_build_reference_samples(
     if not found:
         starts = list(range(0, len(prompts), prompts_per_batch))
 
-        def sample_my_share() -> dict[int, tuple[torch.Tensor, list[list[str]], list[torch.Tensor]]]:
+        def sample_my_share() -> dict[int, tuple[torch.Tensor, list[list[str]], torch.Tensor, torch.Tensor]]:
             done = {}
             desc = f"{what}: {len(prompts)} prompts x M={m}" + (f", {world} processes" if world > 1 else "")
             for b in tqdm(range(rank, len(starts), world), desc=desc, disable=not progress or rank != 0):
@@ -134,11 +134,10 @@ def load_or_build_reference_samples(
                 scored = sample_and_score(reference, tokenizer, reward_model, chunk, reward_chunk, m, gen_kwargs,
                                           where=f"the {what}")
                 texts = scored.texts
-                ids = scored.rollout.response_ids.cpu().to(torch.int32)
-                lengths = scored.rollout.response_mask.sum(-1).cpu().to(torch.int32)
-                sampled = [ids[i, : lengths[i]] for i in range(ids.shape[0])]  # each row without its padding
+                r = scored.rollout
+                ids = r.response_ids.masked_fill(r.response_mask == 0, tokenizer.pad_token_id).cpu().to(torch.int32)
                 done[b] = (scored.rewards.float().cpu(), [texts[i * m : (i + 1) * m] for i in range(len(chunk))],
-                           sampled)
+                           ids, r.lengths.cpu().to(torch.int32))
             return done
 
         if rank == 0:
@@ -150,12 +149,11 @@ def load_or_build_reference_samples(
                 gathered = True
                 table = torch.cat([batches[b][0] for b in range(len(starts))]).contiguous()
                 responses = [r for b in range(len(starts)) for r in batches[b][1]]
-                sampled = [t for b in range(len(starts)) for t in batches[b][2]]
-                lengths = torch.tensor([len(t) for t in sampled], dtype=torch.int32).view(len(prompts), m)
-                tokens = torch.full((len(sampled), max(1, int(lengths.max()))), int(tokenizer.pad_token_id),
-                                    dtype=torch.int32)
-                for i, t in enumerate(sampled):
-                    tokens[i, : len(t)] = t
+                width = max(batches[b][2].shape[1] for b in range(len(starts)))  # batches end at different steps
+                tokens = torch.cat([torch.nn.functional.pad(batches[b][2], (0, width - batches[b][2].shape[1]),
+                                                            value=int(tokenizer.pad_token_id))
+                                    for b in range(len(starts))])
+                lengths = torch.cat([batches[b][3] for b in range(len(starts))]).view(len(prompts), m)
                 save_file({"rewards": table}, str(out / "rewards.safetensors"))
                 save_file({"tokens": tokens.view(len(prompts), m, -1).contiguous(), "lengths": lengths},
                           str(out / "response_tokens.safetensors"))
