@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from infalign.core.transforms import BoNExpTransform, IdentityTransform, LogTransform, WoNExpTransform
 from infalign.runtime.paths import REPO_ROOT, conf_dir
 from infalign.study import analyze_sweep, markdown, optimum_at, write_study
-from infalign.study.analysis import RAW_NOTE, Study, matched_kl, response_lengths, theory_at_kl
+from infalign.study.analysis import RAW_NOTE, Study, matched_kl, predicted_difference, response_lengths, theory_at_kl
 from infalign.theory import analyze, best_t, factories
 
 NOTEBOOKS = REPO_ROOT / "notebooks"
@@ -274,6 +274,23 @@ def test_paired_comparison_per_prompt_mean_and_standard_error(efficiency_sweep):
                                               and abs(g["kl"] - p["kl_a"]) == min(abs(h["kl"] - p["kl_a"])
                                               for h in study.groups if h["label"] == "bon_exp [rloo]")))
     assert not [p for p in study.paired if "ppo" in p["method_a"] + p["method_b"]]  # no per-prompt tables: no rows
+    for p in rows:  # the prediction from the groups' own theory columns and gain fractions (1: runs on the tilt)
+        ga = next(g for g in study.groups if g["label"] == p["method_a"] and g["kl"] == p["kl_a"])
+        gb = next(g for g in study.groups if g["label"] == p["method_b"] and g["kl"] == p["kl_b"])
+        tilt = ga[f"theory_{p['metric']}"] - gb[f"theory_{p['metric']}"]
+        assert p["predicted_diff"] == pytest.approx(tilt, abs=1e-6) and p["z_predicted"] == pytest.approx(tilt / p["se"])
+
+
+def test_predicted_difference_and_the_seeds_it_needs():
+    a = {"theory_bon": 0.80, "gain_fraction": 0.6, "seeds": 4}
+    b = {"theory_bon": 0.76, "gain_fraction": 0.4, "seeds": 5}
+    p = predicted_difference(a, b, "bon", se=0.01)
+    # tilt 0.04 x mean gain fraction 0.5 = 0.02 = 2 s.e.; 3 s.e. needs (3/2)^2 = 2.25x the smaller side's 4 seeds
+    assert p["tilt_diff"] == pytest.approx(0.04) and p["predicted_diff"] == pytest.approx(0.02)
+    assert p["z_predicted"] == pytest.approx(2.0) and p["seeds_for_3se"] == 9
+    raw = predicted_difference({"theory_bon": math.nan, "gain_fraction": math.nan, "seeds": 4}, b, "bon", se=0.01)
+    assert math.isnan(raw["predicted_diff"]) and math.isnan(raw["seeds_for_3se"])
+    assert math.isnan(predicted_difference(a, b, "bon", se=math.nan)["z_predicted"])
 
 
 def test_response_lengths_first_iteration_and_mean_of_the_last_three(tmp_path):

@@ -3,6 +3,7 @@ the closed-form theory (infalign.theory). No Lightning: it reads the runs' final
 
     runs.py      reading a sweep's runs as data (final metrics, logs, the transform each trained with)
     analysis.py  the study computed from them: theory, gaps, mean ± s.e. over seeds, matched KL
+    paired.py    paired per-prompt differences between methods, their s.e., the closed forms' prediction
     figures.py, report.py   the study's figures and tables, written into the sweep directory
     sweep.py     the Hydra end-of-multirun callback: the raw sweep summary, then the study
 

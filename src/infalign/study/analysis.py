@@ -30,11 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
+from infalign.study.paired import curve_label, paired_comparisons, predicted_difference
 from infalign.study.runs import (
     calibration_m,
     collect_runs,
     logged_values,
-    per_prompt_rows,
     run_solver,
     transform_from_run,
 )
@@ -53,8 +53,8 @@ from infalign.theory.efficiency import (  # the optimum lives in theory (the tra
 )
 
 __all__ = ["BETA_START", "BETA_STOP", "PER_DECADE", "Study", "analyze_sweep", "aggregate", "efficiency_rows",
-           "matched_kl", "metric_column", "optimum_curve", "optimum_at", "paired_comparisons", "theory_at_kl",
-           "run_rows"]
+           "matched_kl", "metric_column", "optimum_curve", "optimum_at", "paired_comparisons", "predicted_difference",
+           "run_rows", "theory_at_kl"]
 
 RAW_NOTE = "raw reward: uncalibrated, no closed-form theory for its transform (gap to the optimum only)"
 
@@ -224,10 +224,6 @@ def _auto_kls(curves: dict[str, np.ndarray], points: int) -> list[float]:
     return []
 
 
-def _label(g: dict) -> str:
-    return g.get("label") or g["method"]
-
-
 def matched_kl(groups: list[dict], kls=None, points: int = 3) -> list[dict]:
     """Win rates of every method at common KL values, interpolated linearly along its mean curve (KL sorted).
 
@@ -240,8 +236,8 @@ def matched_kl(groups: list[dict], kls=None, points: int = 3) -> list[dict]:
     out = []
     for n in sorted({g["n"] for g in groups}):
         curves = {}
-        for label in dict.fromkeys(_label(g) for g in groups if g["n"] == n):
-            pts = sorted((g for g in groups if g["n"] == n and _label(g) == label and math.isfinite(g["kl"])),
+        for label in dict.fromkeys(curve_label(g) for g in groups if g["n"] == n):
+            pts = sorted((g for g in groups if g["n"] == n and curve_label(g) == label and math.isfinite(g["kl"])),
                          key=lambda g: g["kl"])
             if pts:
                 curves[label] = pts
@@ -261,68 +257,6 @@ def matched_kl(groups: list[dict], kls=None, points: int = 3) -> list[dict]:
                         row[key + suffix] = float(np.interp(kl, x, y)) if inside else math.nan
                     row[f"opt_{key}"] = optimum_at(n, key, kl)
                 out.append(row)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- paired comparisons
-def _paired(a: list[dict], b: list[dict], column: str) -> dict:
-    """Per-prompt difference of `column` between two sets of runs' per-prompt tables (each a list over seeds of
-    {prompt_id: {column: value}}): mean over prompts of (mean over a's seeds - mean over b's seeds), and its s.e."""
-    prompts = sorted(set.intersection(*(set(p for p, r in t.items() if column in r) for t in a + b)))
-    if len(prompts) < 2:
-        return {"prompts": len(prompts), "diff": math.nan, "se": math.nan, "se_prompts": math.nan, "se_seeds": math.nan}
-    wa = np.array([[t[p][column] for p in prompts] for t in a])  # [seeds, prompts]
-    wb = np.array([[t[p][column] for p in prompts] for t in b])
-    d = wa.mean(0) - wb.mean(0)
-    se_prompts = float(np.std(d, ddof=1) / math.sqrt(len(d)))
-    if len(a) > 1 and len(b) > 1:  # the seeds' whole-policy differences, which every prompt shares
-        ma, mb = wa.mean(1), wb.mean(1)
-        se_seeds = float(math.sqrt(np.var(ma, ddof=1) / len(ma) + np.var(mb, ddof=1) / len(mb)))
-        se = math.sqrt(se_prompts**2 + se_seeds**2)
-    else:
-        se_seeds, se = math.nan, se_prompts
-    return {"prompts": len(prompts), "diff": float(d.mean()), "se": se, "se_prompts": se_prompts, "se_seeds": se_seeds}
-
-
-def paired_comparisons(groups: list[dict], sweep_dir: Path) -> list[dict]:
-    """For every pair of methods (curves, in sweep order, at the same N) and every point of the first, the
-    second's point at the closest mean KL: the per-held-out-prompt difference of each of the two methods'
-    target win rates (`eval_per_prompt.csv` of every seed), `diff` = mean over prompts of (first - second),
-    each side averaged over its seeds.
-
-    `se` combines the prompts and the seeds: `se_prompts` (the s.e. over prompts of the per-prompt
-    differences, which carries the prompt-to-prompt spread and the evaluation's sampling noise) and `se_seeds`
-    (the s.e. of the difference of the seed means, the shift a seed's whole policy gives every prompt; NaN with
-    a single seed on either side, `se` is then `se_prompts` alone): `se = sqrt(se_prompts^2 + se_seeds^2)`,
-    slightly conservative (the evaluation noise is in both). The two points' KLs are listed: matched, not equal.
-    Runs without eval_per_prompt.csv (written before it existed) give no row."""
-    tables: dict[str, dict] = {}
-
-    def table(member: str) -> dict:
-        if member not in tables:
-            tables[member] = per_prompt_rows(Path(sweep_dir) / member)
-        return tables[member]
-
-    out = []
-    for n in sorted({g["n"] for g in groups}):
-        labels = list(dict.fromkeys(_label(g) for g in groups if g["n"] == n))
-        points = {lab: [g for g in groups if g["n"] == n and _label(g) == lab and math.isfinite(g["kl"])] for lab in labels}
-        for i, la in enumerate(labels):
-            for lb in labels[i + 1:]:
-                if not points[la] or not points[lb]:
-                    continue
-                for ga in sorted(points[la], key=lambda g: g["kl"]):
-                    gb = min(points[lb], key=lambda g: abs(g["kl"] - ga["kl"]))
-                    ta = [table(m) for m in ga["members"].split()]
-                    tb = [table(m) for m in gb["members"].split()]
-                    if not all(ta) or not all(tb):
-                        continue
-                    metrics = [k for k in dict.fromkeys((ga.get("metric"), gb.get("metric"))) if k]
-                    for metric in metrics:
-                        column = "bon_win_rate@1" if metric == "std" else f"{metric}_win_rate@{n}"
-                        out.append({"n": n, "metric": metric, "method_a": la, "beta_a": ga["beta"], "kl_a": ga["kl"],
-                                    "seeds_a": ga["seeds"], "method_b": lb, "beta_b": gb["beta"], "kl_b": gb["kl"],
-                                    "seeds_b": gb["seeds"], **_paired(ta, tb, column)})
     return out
 
 

@@ -118,12 +118,23 @@ def markdown(study: Study, figures: dict[str, Path] | None = None) -> str:
               "mean over held-out prompts of the per-prompt difference of the target win rate (first - second; "
               "each side averaged over its seeds, from eval_per_prompt.csv), ± the s.e. over prompts and seeds "
               "(sqrt(s.e. over prompts² + s.e. of the seed means' difference²)). The same prompts and reference "
-              "samples on both sides make this much sharper than comparing the two means. Table: study_paired.csv.", ""]
+              "samples on both sides make this much sharper than comparing the two means. *predicted*: the "
+              "difference of the two methods' optimal tilts at their measured KLs (closed form) times the solver's "
+              "mean gain fraction of the two; *z*: predicted / s.e.; *seeds for 3 s.e.*: the seeds per side at which "
+              "the prediction would be 3 s.e. (s.e. ~ 1/sqrt(seeds), same prompts and samples). Table: "
+              "study_paired.csv.", ""]
     if study.paired:
-        header = ["N", "metric", "method A (beta, KL)", "method B (beta, KL)", "prompts", "A - B"]
+        header = ["N", "metric", "method A (beta, KL)", "method B (beta, KL)", "prompts", "A - B", "predicted", "z",
+                  "seeds for 3 s.e."]
+
+        def fmt(v, spec):
+            return format(v, spec) if isinstance(v, (int, float)) and math.isfinite(v) else ""
+
         rows = [[str(p["n"]), METRIC_NAMES.get(p["metric"], p["metric"]) + ("" if p["metric"] == "std" else f"@{p['n']}"),
                  f"{p['method_a']} ({p['beta_a']:.3g}, {p['kl_a']:.3g})", f"{p['method_b']} ({p['beta_b']:.3g}, "
-                 f"{p['kl_b']:.3g})", str(p["prompts"]), _signed_pm(p["diff"], p["se"])] for p in study.paired]
+                 f"{p['kl_b']:.3g})", str(p["prompts"]), _signed_pm(p["diff"], p["se"]),
+                 fmt(p.get("predicted_diff", math.nan), "+.3f"), fmt(p.get("z_predicted", math.nan), ".1f"),
+                 fmt(p.get("seeds_for_3se", math.nan), "d")] for p in study.paired]
         lines += _table(header, rows) + [""]
     else:
         lines += ["(no pairs: fewer than two methods, or runs without eval_per_prompt.csv)", ""]
