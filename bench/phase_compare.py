@@ -312,8 +312,17 @@ def cpu_model() -> str:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Temp file in the same directory, then os.replace: a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    """Temp file in the same directory, then os.replace: a reader never sees half a file. Created as `open(path,
+    "w")` creates a file, mode 0o666 less the umask (`tempfile.mkstemp`'s would stay owner-only, 0600)."""
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.name}.{os.urandom(4).hex()}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(f"no free temporary file name next to {path}")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)

@@ -5,7 +5,15 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from infalign.runtime.artifacts import MANIFEST, entry_path, fingerprint, get_or_build, lookup, verify_entry
+from infalign.runtime.artifacts import (
+    MANIFEST,
+    entry_path,
+    fingerprint,
+    get_or_build,
+    key_changes,
+    lookup,
+    verify_entry,
+)
 
 
 def test_fingerprint_canonical():
@@ -100,3 +108,58 @@ def test_failed_build_leaves_nothing(tmp_path):
 def test_invalid_kind(tmp_path):
     with pytest.raises(ValueError):
         get_or_build(tmp_path, "../x", {"k": 1}, Builder())
+
+
+def _rebuild_messages(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("rebuilding ")]
+
+
+def test_a_miss_beside_an_entry_names_the_changed_keys_before_building(tmp_path, caplog):
+    old = {"kind": "bt", "version": 1, "train": {"epochs": 30, "lr": 1e-3}, "max_response_tokens": 64, "data": "aa"}
+    new = {**old, "train": {"epochs": 3, "lr": 1e-3}, "max_response_tokens": 16}
+    sources = {"max_response_tokens": "data.max_response_tokens", "train": "reward.train"}
+    first = get_or_build(tmp_path, "thing", old, Builder(), sources=sources)
+    caplog.clear()
+    seen_at_build = []
+
+    def build(out: Path):  # what had been logged when the (long) build starts
+        seen_at_build.extend(_rebuild_messages(caplog))
+        return Builder()(out)
+
+    with caplog.at_level(logging.INFO, logger="infalign.runtime.artifacts"):
+        get_or_build(tmp_path, "thing", new, build, sources=sources)
+    assert len(seen_at_build) == 1, caplog.text
+    msg = seen_at_build[0]
+    assert msg.startswith("rebuilding thing: keys ")
+    assert "max_response_tokens (data.max_response_tokens) changed from 64 to 16" in msg
+    assert "train.epochs (reward.train.epochs) changed from 30 to 3" in msg
+    assert msg.count(" changed from ") == 2  # only the keys that changed
+    assert f"(entry {first.hash})" in msg and "this takes about" in msg
+    assert [r.levelno for r in caplog.records if r.getMessage() == msg] == [logging.WARNING]
+
+
+def test_the_rebuild_message_compares_with_the_nearest_entry_of_the_same_key_kind(tmp_path, caplog):
+    near = get_or_build(tmp_path, "thing", {"kind": "a", "x": 1, "y": 1, "z": [1, 2]}, Builder())
+    get_or_build(tmp_path, "thing", {"kind": "a", "x": 2, "y": 2, "z": [1, 2]}, Builder())
+    get_or_build(tmp_path, "thing", {"kind": "b", "x": 1, "y": 1, "z": [1, 2, 3]}, Builder())  # another model type
+    get_or_build(tmp_path, "thing", {"kind": "a", "x": 1, "y": 1, "z": [1, 2, 3], "stream": "pool"}, Builder())
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="infalign.runtime.artifacts"):
+        get_or_build(tmp_path, "thing", {"kind": "a", "x": 1, "y": 1, "z": [1, 2, 3]}, Builder())
+    (msg,) = _rebuild_messages(caplog)
+    assert msg.startswith("rebuilding thing: key z changed from [1, 2] to [1, 2, 3]") and f"(entry {near.hash})" in msg
+
+
+def test_no_rebuild_message_on_a_first_build_or_a_hit(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="infalign.runtime.artifacts"):
+        get_or_build(tmp_path, "thing", {"kind": "a", "x": 1}, Builder())
+        get_or_build(tmp_path, "other", {"kind": "a", "x": 2}, Builder())  # another cache kind is not compared
+        assert get_or_build(tmp_path, "thing", {"kind": "a", "x": 1}, Builder()).hit
+    assert _rebuild_messages(caplog) == [] and "cache miss: thing/" in caplog.text
+
+
+def test_key_changes_lists_changed_added_and_removed_leaves():
+    assert key_changes({"a": {"b": 1, "c": 2}, "d": 1}, {"a": {"b": 1, "c": 3}, "e": 1}) == [
+        ("a.c", 2, 3), ("d", 1, "(absent)"), ("e", "(absent)", 1)]
+    assert key_changes({"n": 1}, {"n": 1.0}) == [("n", 1, 1.0)]  # as the fingerprint tells them apart
+    assert key_changes({"a": [1]}, {"a": [1]}) == []

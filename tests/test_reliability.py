@@ -88,6 +88,67 @@ def test_atomic_writes_get_the_mode_a_plain_open_gives_and_leave_the_umask_alone
     assert result["umask_calls"] == [] and result["umask"] == umask
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+@pytest.mark.parametrize("umask", [0o022, 0o007])
+def test_saved_policy_and_cache_entries_get_the_umask_modes(tmp_path, umask):
+    """policy/ (model.safetensors included: safetensors alone writes it 0600) and a cache entry built with
+    safetensors' save_file get 0o666 / 0o777 less the umask, every file and directory, and the umask is never set."""
+    script = textwrap.dedent(f"""
+        import json, os, sys
+        from pathlib import Path
+        os.umask({umask:#o})
+        calls = []
+        real_umask = os.umask
+        os.umask = lambda mask: calls.append(mask) or real_umask(mask)
+        import torch
+        from safetensors.torch import save_file
+        from tokenizers import Tokenizer, models
+        from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+        from infalign.runtime.artifacts import get_or_build
+        from infalign.trainer.run import _save_policy
+        out = Path(sys.argv[1])
+        tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({{"a": 0, "<eos>": 1}}, unk_token="a")),
+                                      eos_token="<eos>", pad_token="<eos>")
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=2, n_positions=8, n_embd=8, n_layer=1, n_head=2, bos_token_id=1,
+                                           eos_token_id=1))
+        for _ in range(2):  # a new policy/, then one saved over it
+            _save_policy(model, tok, out / "run" / "policy")
+        get_or_build(out / "cache", "reference_samples", {{"k": 1}},
+                     lambda d: save_file({{"rewards": torch.zeros(2)}}, str(d / "rewards.safetensors")))
+        modes = {{str(p.relative_to(out)): [p.is_dir(), p.stat().st_mode & 0o7777] for p in sorted(out.rglob("*"))}}
+        print(json.dumps({{"modes": modes, "umask_calls": calls, "umask": real_umask({umask:#o})}}))
+    """)
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    modes = result["modes"]
+    assert "run/policy/model.safetensors" in modes and any(p.endswith("rewards.safetensors") for p in modes)
+    assert not any(".tmp" in p or "probe" in p for p in modes)  # no temp build, no probe left behind
+    assert {p: m for p, (_, m) in modes.items()} == {p: (0o777 if d else 0o666) & ~umask for p, (d, _) in modes.items()}
+    assert result["umask_calls"] == [] and result["umask"] == umask
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_give_plain_modes_widens_owner_only_files_only(tmp_path):
+    """Owner-only files and directories get the plain mode (read off a probe: here 0o644 / 0o755, under umask
+    0o022 set for the test), anything a writer gave group or other bits keeps them, an executable stays one."""
+    old_umask = os.umask(0o022)
+    try:
+        tree = tmp_path / "tree"
+        (tree / "sub").mkdir(parents=True, mode=0o700)
+        tree.chmod(0o700)
+        for name, mode in (("owner.bin", 0o600), ("sub/deep.bin", 0o600), ("shared.txt", 0o640), ("run.sh", 0o700)):
+            (tree / name).write_text("x")
+            (tree / name).chmod(mode)
+        assert atomic.plain_mode(tree) == 0o644 and atomic.plain_mode(tree, is_dir=True) == 0o755
+        changed = atomic.give_plain_modes(tree)
+    finally:
+        os.umask(old_umask)
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in [tree, *tree.rglob("*")]}
+    assert modes == {"tree": 0o755, "tree/sub": 0o755, "tree/owner.bin": 0o644, "tree/sub/deep.bin": 0o644,
+                     "tree/shared.txt": 0o640, "tree/run.sh": 0o755}
+    assert len(changed) == 5 and sorted(p.name for p in tmp_path.iterdir()) == ["tree"]  # no probe left
+
+
 def test_atomic_figure_is_the_same_png_savefig_writes(tmp_path):
     import matplotlib
 

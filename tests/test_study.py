@@ -5,6 +5,7 @@ execute on it and are committed without outputs."""
 import csv
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -18,8 +19,9 @@ from hydra.utils import instantiate
 
 from infalign.core.transforms import BoNExpTransform, IdentityTransform, LogTransform, WoNExpTransform
 from infalign.runtime.paths import REPO_ROOT, conf_dir
-from infalign.study import analyze_sweep, markdown, optimum_at, write_study
+from infalign.study import analyze_sweep, markdown, optimum_at, runs, write_study
 from infalign.study.analysis import RAW_NOTE, Study, matched_kl, predicted_difference, response_lengths, theory_at_kl
+from infalign.study.runs import SWEEP_DIR_ENV, find_sweep_dir
 from infalign.theory import analyze, best_t, factories
 
 NOTEBOOKS = REPO_ROOT / "notebooks"
@@ -428,3 +430,86 @@ def test_notebooks_are_committed_without_outputs():
         for cell in nb.cells:
             if cell.cell_type == "code":
                 assert not cell.outputs and cell.execution_count is None, f"{path.name}: strip outputs before committing"
+
+
+def make_sweep(root, name, members, mtime):
+    """A sweep directory `root/name` whose first `members` members finished (final_metrics.json dated `mtime`)
+    and one more that did not."""
+    sweep = root / name
+    for i in range(members):
+        fake_member(sweep, i, fake_final("calibrated", "identity", 0.2, i, 0.5, 0.6, 0.7, 0.65), {})
+        os.utime(sweep / str(i) / "final_metrics.json", (mtime, mtime))
+    (sweep / str(members) / ".hydra").mkdir(parents=True)  # a member that failed: no final metrics
+    return sweep
+
+
+def test_sweep_dir_is_the_parameter_else_the_environment_else_the_newest(tmp_path, monkeypatch):
+    root = tmp_path / "multirun"
+    new = make_sweep(root, "2026-01-01_00-00-00", 1, mtime=2_000_000_100)
+    old = make_sweep(root, "2026-01-02_00-00-00", 2, mtime=2_000_000_000)  # made later, sorts last: finished first
+    make_sweep(root, "crashed", 0, mtime=2_000_000_200)  # newest, but nothing finished
+    custom = make_sweep(tmp_path / "elsewhere", "my_sweep", 1, mtime=1_000_000_000)
+    no_env = {}
+    assert find_sweep_dir(None, root, no_env) == new.resolve()
+    assert find_sweep_dir("", root, {SWEEP_DIR_ENV: " "}) == new.resolve()  # blank counts as unset
+    assert find_sweep_dir(None, root, {SWEEP_DIR_ENV: str(custom)}) == custom.resolve()
+    assert find_sweep_dir(str(old), root, {SWEEP_DIR_ENV: str(custom)}) == old.resolve()  # the parameter wins
+    # relative: from the repository root, else from the current directory
+    monkeypatch.setattr(runs, "REPO_ROOT", tmp_path / "repo")
+    in_repo = make_sweep(tmp_path / "repo", "outputs/sweep", 1, mtime=1_000_000_000)
+    make_sweep(tmp_path / "elsewhere", "outputs/sweep", 1, mtime=1_000_000_000)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert find_sweep_dir("outputs/sweep", root, no_env) == in_repo.resolve()
+    assert find_sweep_dir("my_sweep", root, {SWEEP_DIR_ENV: "outputs/sweep"}) == custom.resolve()
+    with pytest.raises(FileNotFoundError, match="no finished run.*one run's directory"):
+        find_sweep_dir(custom / "0", root, no_env)
+    with pytest.raises(FileNotFoundError, match=rf"\${SWEEP_DIR_ENV}: .*crashed has no finished run"):
+        find_sweep_dir(None, root, {SWEEP_DIR_ENV: str(root / "crashed")})
+    with pytest.raises(FileNotFoundError, match="sweep_dir: .*missing is not a directory"):
+        find_sweep_dir(tmp_path / "missing", root, no_env)
+    with pytest.raises(FileNotFoundError, match=f"no sweep with a finished run .*{SWEEP_DIR_ENV}"):
+        find_sweep_dir(None, tmp_path / "empty", no_env)
+
+
+def test_sweep_dir_reads_the_environment_by_default(tmp_path, monkeypatch):
+    sweep = make_sweep(tmp_path, "s", 1, mtime=1_000_000_000)
+    monkeypatch.setenv(SWEEP_DIR_ENV, str(sweep))
+    assert find_sweep_dir(root=tmp_path / "empty") == sweep.resolve()
+
+
+def notebook_imports(path) -> set[str]:
+    """Top-level names of the modules the notebook's code cells import (magics skipped)."""
+    import ast
+
+    names = set()
+    for cell in nbformat.read(path, as_version=4).cells:
+        if cell.cell_type == "code":
+            code = "\n".join(line for line in cell.source.splitlines() if not line.lstrip().startswith(("%", "!")))
+            for node in ast.walk(ast.parse(code)):
+                if isinstance(node, ast.Import):
+                    names.update(a.name.split(".")[0] for a in node.names)
+                elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                    names.add(node.module.split(".")[0])
+    return names
+
+
+def test_every_package_the_notebooks_import_is_declared():
+    """Each third-party import of notebooks/*.ipynb is a dependency or in the `notebooks` extra (and so in `dev`,
+    whose tests execute them)."""
+    import re
+    from importlib.metadata import packages_distributions
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+
+    def names(reqs):
+        return {re.split(r"[\s<>=!~;\[]", r, maxsplit=1)[0].lower().replace("_", "-") for r in reqs}
+
+    extras = project["optional-dependencies"]
+    installed = packages_distributions()
+    for path in sorted(NOTEBOOKS.glob("*.ipynb")):
+        for module in notebook_imports(path) - set(sys.stdlib_module_names) - {"infalign"}:
+            dists = {d.lower().replace("_", "-") for d in installed.get(module, [module])}
+            for declared in (names(project["dependencies"]) | names(extras["notebooks"]),
+                             names(project["dependencies"]) | names(extras["dev"])):
+                assert dists & declared, f"{path.name} imports {module} ({dists}), not declared in pyproject.toml"

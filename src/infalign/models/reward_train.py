@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from infalign.models.data import PreferenceRecord, load_partitions, partition_fingerprint
+from infalign.models.data import PARTITION_SOURCES, PreferenceRecord, load_partitions, partition_fingerprint
 from infalign.models.reward import (
     DEFAULT_BATCH_TOKENS,
     Precision,
@@ -211,6 +211,29 @@ def train_finetuned_policy(out: Path, policy_path: Path, parts, train_cfg: Mappi
 
 
 # -------------------------------------------------------------------------------------------- loader
+def trained_reward_key(backbone: str, seed: int, train: Mapping, head: Mapping, partition_fp: str, max_p: int,
+                       max_r: int) -> dict[str, Any]:
+    """The cache key of a ``trained`` reward model (``<cache_root>/reward/<hash>``), less the reference policy's
+    entry hash that the ``policy``/``policy_frozen`` backbones add. ``max_p``/``max_r``: the truncation of its
+    training pairs (``reward.max_*_tokens``, else ``data.max_*_tokens``), which is also how it scores. Nothing
+    of the RL run (rollout length ``generation.max_new_tokens``, prompt counts, ``rl.*``, ``eval.*``) is in it."""
+    key: dict[str, Any] = {"kind": "bradley-terry", "version": 1, "backbone": backbone, "seed": int(seed),
+                           "train": dict(train), "data": partition_fp, "max_prompt_tokens": int(max_p),
+                           "max_response_tokens": int(max_r)}
+    if backbone in FROZEN:
+        key["head"] = dict(head)
+    return key
+
+
+def reward_key_sources(max_prompt_tokens: int | None = None, max_response_tokens: int | None = None) -> dict[str, str]:
+    """The config keys behind each field of :func:`trained_reward_key` (named when a change rebuilds it)."""
+    return {"backbone": "reward.backbone", "seed": "reward.seed", "train": "reward.train", "head": "reward.head",
+            "data": PARTITION_SOURCES,
+            "max_prompt_tokens": "reward.max_prompt_tokens" if max_prompt_tokens else "data.max_prompt_tokens",
+            "max_response_tokens": "reward.max_response_tokens" if max_response_tokens else "data.max_response_tokens",
+            "policy": "the reference policy's cache entry (model.*)"}
+
+
 def trained_reward(*, backbone: Backbone = "minilm", head: HeadSettings | None = None,
                    train: RewardTrainSettings | None = None, seed: int = 0, max_prompt_tokens: int | None = None,
                    max_response_tokens: int | None = None, precision: Precision = "fp32",
@@ -233,9 +256,8 @@ def trained_reward(*, backbone: Backbone = "minilm", head: HeadSettings | None =
     parts = partitions if partitions is not None else load_partitions(data_cfg)
     max_p = int(max_prompt_tokens or data_cfg.get("max_prompt_tokens", 192))
     max_r = int(max_response_tokens or data_cfg.get("max_response_tokens", 64))
-    key: dict[str, Any] = {"kind": "bradley-terry", "version": 1, "backbone": backbone, "seed": int(seed),
-                           "train": train, "data": partition_fingerprint(parts), "max_prompt_tokens": max_p,
-                           "max_response_tokens": max_r}
+    key = trained_reward_key(backbone, seed, train, head, partition_fingerprint(parts), max_p, max_r)
+    sources = reward_key_sources(max_prompt_tokens, max_response_tokens)
     policy_path = None
     if backbone in ("policy", "policy_frozen"):
         if model_cfg is None:
@@ -247,8 +269,6 @@ def trained_reward(*, backbone: Backbone = "minilm", head: HeadSettings | None =
         if pentry is None:
             raise ValueError(f"reward.backbone={backbone} needs a cached reference policy (model=tiny or smollm2)")
         policy_path, key["policy"] = pentry.path, pentry.hash
-    if backbone in FROZEN:
-        key["head"] = head
 
     def build(out: Path) -> dict:
         log.info("training Bradley-Terry reward model (backbone %s) on %d pairs", backbone, len(parts["train"]))
@@ -261,7 +281,7 @@ def trained_reward(*, backbone: Backbone = "minilm", head: HeadSettings | None =
                  m["val_acc"], m["test_acc"], len(parts["test"]))
         return {**m, "n_test": len(parts["test"]), "n_train": len(parts["train"])}
 
-    entry = get_or_build(cache_root, "reward", key, build)
+    entry = get_or_build(cache_root, "reward", key, build, sources=sources)
     rm = load_trained_reward(entry.path, policy_path=policy_path, cache_root=cache_root)
     return rm.configure(precision=precision, max_batch_tokens=max_batch_tokens), entry
 

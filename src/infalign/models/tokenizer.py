@@ -14,7 +14,7 @@ from typing import TypedDict
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from infalign.models.data import PreferenceRecord
+from infalign.models.data import PARTITION_SOURCES, PreferenceRecord
 from infalign.runtime.artifacts import CacheEntry, get_or_build
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,9 @@ def load_or_train_tokenizer(tok_cfg: TokenizerSettings, train_records: list[Pref
         tok.save_pretrained(out)
         return {"vocab_size": len(tok)}
 
-    entry = get_or_build(cache_root, "tokenizer", key, build)
+    entry = get_or_build(cache_root, "tokenizer", key, build,
+                         sources={"vocab_size": "model.tokenizer.vocab_size",
+                                  "min_frequency": "model.tokenizer.min_frequency", "data": PARTITION_SOURCES})
     return load_tokenizer(entry.path), entry
 
 

@@ -10,6 +10,12 @@ The temp file is created with `os.open(..., 0o666)`, as `open(path, "w")` create
 the process umask (and a directory's default ACL) and the renamed file gets the mode a plain write would have
 given it. (`tempfile.mkstemp` would create it owner-only, 0600; reading the umask to chmod it afterwards means
 setting it, `os.umask`, which is process-wide and races with other threads creating files.)
+
+The same goes for what other libraries write: safetensors (0.8) saves through an owner-only temp file, so
+`model.safetensors` lands 0600 while `config.json` beside it gets the umask's mode, and `tempfile.mkdtemp` makes
+0700 directories. `make_temp_dir` creates a build directory as `os.mkdir` does, and `give_plain_modes` gives the
+owner-only files and directories of a tree just written the mode a plain create would have given them there,
+read off a probe file (and directory) created the plain way, so again the umask is never read by setting it.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from pathlib import Path
 from typing import IO, Any
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_write_csv",
-           "atomic_write_figure", "read_csv_rows", "remove_stale_temps", "TMP_SUFFIX"]
+           "atomic_write_figure", "give_plain_modes", "make_temp_dir", "plain_mode", "read_csv_rows",
+           "remove_stale_temps", "TMP_SUFFIX"]
 
 TMP_SUFFIX = ".tmp"
 # mkstemp's flags: exclusive creation, no following a planted symlink, binary on Windows, not inherited
@@ -42,6 +49,70 @@ def _create_temp(path: Path) -> tuple[int, str]:
         except FileExistsError:
             continue
     raise FileExistsError(f"no free temporary file name next to {path} after {_TRIES} tries")
+
+
+def make_temp_dir(parent: str | Path, prefix: str) -> Path:
+    """A new directory `<parent>/<prefix><random>`, mode 0o777 less the umask as `os.mkdir` makes one (where
+    `tempfile.mkdtemp` would make it owner-only, 0700, and the renamed build would stay so)."""
+    parent = Path(parent)
+    for _ in range(_TRIES):
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            os.mkdir(path, 0o777)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free directory name {prefix}<random> in {parent} after {_TRIES} tries")
+
+
+def plain_mode(directory: str | Path, *, is_dir: bool = False) -> int:
+    """The permission bits a new file (`is_dir`: directory) created the plain way in `directory` gets now: 0o666
+    (0o777) less the umask, or what the directory's default ACL gives, plus a set-group-ID bit a directory
+    inherits. Read off a probe created and removed in `directory`, never by setting the umask."""
+    directory = Path(directory)
+    for _ in range(_TRIES):
+        probe = directory / f".mode-probe.{secrets.token_hex(4)}{TMP_SUFFIX}"
+        try:
+            if is_dir:
+                os.mkdir(probe, 0o777)
+                try:
+                    return os.stat(probe).st_mode & 0o7777
+                finally:
+                    os.rmdir(probe)
+            fd = os.open(probe, _CREATE, 0o666)
+            try:
+                return os.fstat(fd).st_mode & 0o777
+            finally:
+                os.close(fd)
+                os.unlink(probe)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free probe name in {directory} after {_TRIES} tries")
+
+
+def give_plain_modes(root: str | Path) -> list[Path]:
+    """Give `root` and every directory and regular file under it that is owner-only (no group or other bits:
+    safetensors' 0600 files, `mkdtemp`'s 0700 directories) the mode a plain create gives (`plain_mode`: 0o666 /
+    0o777 less the umask); the paths changed. Anything with group or other bits is left as its writer made it,
+    symbolic links are not followed. For a tree this process has just written, before it is renamed into place."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    file_mode, dir_mode = plain_mode(root), plain_mode(root.parent, is_dir=True)
+    changed = []
+    for path in [root, *sorted(root.rglob("*"))]:
+        if path.is_symlink():
+            continue
+        st = path.stat()
+        is_dir = path.is_dir()
+        want = dir_mode if is_dir else file_mode
+        if not (is_dir or path.is_file()) or st.st_mode & 0o077 or (st.st_mode & 0o7777) == want:
+            continue
+        if not is_dir and st.st_mode & 0o100:  # an executable stays executable wherever it is readable
+            want |= (want & 0o444) >> 2
+        os.chmod(path, want)
+        changed.append(path)
+    return changed
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -3,6 +3,7 @@
 Everything the study (`infalign.study.analysis`), the sweep summary (`infalign.study.sweep`) and the bench
 scripts know about a run comes through here, and only by reading files, never by executing them:
 
+- `find_sweep_dir`: the sweep to read (a given directory, `$INFALIGN_SWEEP_DIR`, else the newest one);
 - `collect_runs`: every finished member's `final_metrics.json`, in sweep (job) order;
 - `logged_values`: one column of a member's `logs/metrics.csv`;
 - `transform_from_run`: the member's transform rebuilt from its saved config and recorded values;
@@ -33,8 +34,9 @@ import csv
 import inspect
 import json
 import logging
+import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +49,13 @@ from infalign.core.transforms import (
     Transform,
     WoNExpTransform,
 )
+from infalign.runtime.paths import REPO_ROOT
 from infalign.theory import factories
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ALLOWED_TRANSFORMS", "RECORDED_ROOT_KEYS", "calibration_m", "collect_runs", "config_value", "logged_values",
-           "per_prompt_rows", "run_solver", "transform_config", "transform_from_run"]
+__all__ = ["ALLOWED_TRANSFORMS", "RECORDED_ROOT_KEYS", "SWEEP_DIR_ENV", "calibration_m", "collect_runs", "config_value",
+           "find_sweep_dir", "logged_values", "per_prompt_rows", "run_solver", "transform_config", "transform_from_run"]
 
 ALLOWED_TRANSFORMS: dict[str, Callable[..., Transform]] = {
     **{f"infalign.core.transforms.{cls.__name__}": cls for cls in (RawTransform, IdentityTransform, LogTransform)},
@@ -68,9 +71,59 @@ _PLAIN = (int, float, str, bool, type(None))
 # `${n}`, `${rl.target_kl}`: an absolute reference to another key, nothing else (no resolver, no relative key)
 _REFERENCE = re.compile(r"^\$\{\s*([A-Za-z_][\w-]*(?:\.[A-Za-z_][\w-]*)*)\s*\}$")
 _MAX_HOPS = 16
+SWEEP_DIR_ENV = "INFALIGN_SWEEP_DIR"  # the sweep a notebook reads when it is given none
+FINISHED = "*/final_metrics.json"  # a member that finished: its final metrics are written last
 
 
 # ---------------------------------------------------------------------------------------------- runs
+def _newest_sweep(root: Path) -> Path | None:
+    """The directory under `root` whose latest finished run is the most recent (None if none has one)."""
+    if not root.is_dir():
+        return None
+    newest: tuple[float, Path] | None = None
+    for sweep in root.iterdir():
+        stamps = [f.stat().st_mtime for f in sweep.glob(FINISHED)] if sweep.is_dir() else []
+        if stamps and (newest is None or max(stamps) > newest[0]):
+            newest = (max(stamps), sweep)
+    return newest[1] if newest else None
+
+
+def find_sweep_dir(sweep_dir: str | Path | None = None, root: str | Path | None = None,
+                   environ: Mapping[str, str] | None = None) -> Path:
+    """The sweep directory to read, absolute: `sweep_dir` if given, else `$INFALIGN_SWEEP_DIR` (`SWEEP_DIR_ENV`) if
+    set, else the directory under `root` (default `<repo>/outputs/multirun`) whose latest finished run is the
+    newest. Any directory will do (a custom `hydra.sweep.dir` too): a relative path is taken from the repository
+    root, or from the current directory when it exists only there; `~` is expanded.
+
+    Raises FileNotFoundError, saying where the path came from, when it is not a directory or has no finished
+    run (`<member>/final_metrics.json`), or when `root` holds no sweep with one."""
+    environ = os.environ if environ is None else environ
+    if sweep_dir is not None and str(sweep_dir).strip():
+        given, source = sweep_dir, "sweep_dir"
+    elif environ.get(SWEEP_DIR_ENV, "").strip():
+        given, source = environ[SWEEP_DIR_ENV].strip(), f"${SWEEP_DIR_ENV}"
+    else:
+        root = Path(root) if root is not None else REPO_ROOT / "outputs" / "multirun"
+        newest = _newest_sweep(root)
+        if newest is None:
+            raise FileNotFoundError(f"no sweep with a finished run (<member>/final_metrics.json) under {root}: run "
+                                    f"`python train.py -m study=smoke` first, or name the sweep (sweep_dir = ..., or "
+                                    f"{SWEEP_DIR_ENV}=<dir>)")
+        return newest.resolve()
+    path = Path(given).expanduser()
+    if not path.is_absolute():
+        path = next((base / path for base in (REPO_ROOT, Path.cwd()) if (base / path).is_dir()), REPO_ROOT / path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{source}: {path} is not a directory (a relative path is taken from the repository "
+                                f"root {REPO_ROOT}, or from the current directory {Path.cwd()})")
+    if not any(path.glob(FINISHED)):
+        one_run = (path / "final_metrics.json").exists()
+        hint = (" it is one run's directory: give the sweep it belongs to, its parent" if one_run else
+                " a sweep directory is the hydra.sweep.dir of `python train.py -m ...`, one folder per member")
+        raise FileNotFoundError(f"{source}: {path} has no finished run (no <member>/final_metrics.json);{hint}")
+    return path.resolve()
+
+
 def collect_runs(sweep_dir: Path) -> list[dict]:
     """final_metrics.json of every finished member (members that failed have none and are skipped), in
     sweep (job) order: member 10 after member 9, not after member 1."""
@@ -79,7 +132,7 @@ def collect_runs(sweep_dir: Path) -> list[dict]:
         return (0, int(name), "") if name.isdigit() else (1, 0, name)
 
     rows = []
-    for path in sorted(Path(sweep_dir).glob("*/final_metrics.json"), key=job_order):
+    for path in sorted(Path(sweep_dir).glob(FINISHED), key=job_order):
         row = json.loads(path.read_text())
         row["member"] = path.parent.name
         rows.append(row)

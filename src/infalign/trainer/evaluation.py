@@ -26,6 +26,7 @@ from infalign.core.losses import sequence_kl
 from infalign.core.metrics import InferenceTimeWinRate, inference_win_rate_per_prompt
 from infalign.models.sampling import response_logprobs
 from infalign.runtime.atomic import atomic_write_csv, atomic_write_json, read_csv_rows
+from infalign.runtime.console import format_metrics
 from infalign.runtime.seeds import derive_seed
 from infalign.trainer.rollout import sample_and_score
 
@@ -189,6 +190,7 @@ class WinRateCallback(L.Callback):
                                                                 "kl", "reward_calibrated"])
         self.per_prompt_rows: list[dict] = []  # the last evaluation's, for eval_per_prompt.csv
         self.final: dict | None = None
+        self.latest: dict | None = None  # the last evaluation's results (the progress bar shows its win rate)
 
     def _set_reference_samples(self, reference_samples) -> None:
         too_big = [n for n in self.ns if n > min(self.k, reference_samples.m)]
@@ -224,6 +226,7 @@ class WinRateCallback(L.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.final = state_dict.get("final")
+        self.latest = self.final
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -292,8 +295,9 @@ class WinRateCallback(L.Callback):
                 atomic_write_csv(self.out_dir / PER_PROMPT_CSV, self.per_prompt_rows,
                                  ["prompt_id", *self.per_prompt.columns])
             log.info("eval @ iteration %d: %s", results["iteration"],
-                     ", ".join(f"{k[5:]}={v:.4f}" for k, v in results.items()
-                               if k.startswith("eval/") and "_se" not in k))
+                     format_metrics({k: v for k, v in results.items() if k.startswith("eval/") and "_se" not in k},
+                                    strip="eval/"))
+        self.latest = results
         return results
 
     def _append_csv(self, row: dict) -> None:

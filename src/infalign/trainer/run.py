@@ -7,7 +7,6 @@ expensive shared artefacts (reference policy, reward model, calibration cache) c
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import os
@@ -29,7 +28,9 @@ from infalign.models.policy import format_prompts, load_policy
 from infalign.models.pure_sampling import sampling_kwargs
 from infalign.models.reward import load_reward_model
 from infalign.runtime.artifacts import fingerprint
+from infalign.runtime.atomic import give_plain_modes
 from infalign.runtime.checkpoint_io import SafeCheckpointIO
+from infalign.runtime.console import format_number, quiet_console
 from infalign.runtime.loggers import build_loggers, finish_loggers
 from infalign.trainer.calibration_cache import load_or_build_reference_samples
 from infalign.trainer.checkpointing import LastCheckpoint, TrainingInterrupted
@@ -37,6 +38,7 @@ from infalign.trainer.config import validate_config
 from infalign.trainer.datamodule import RolloutDataModule
 from infalign.trainer.evaluation import WinRateCallback, atomic_write_json
 from infalign.trainer.module import InfAlignModule
+from infalign.trainer.progress import IterationProgressBar, win_rate_shown
 from infalign.trainer.resume import check_resume, finish_restored_loops, resolve_resume, resume_command, run_record
 
 # The frozen reference (and the policy, whose dropout we turn off) are in eval mode on purpose.
@@ -85,7 +87,8 @@ def _check_context(model, cfg) -> None:
 
 
 def _save_policy(policy, tokenizer, out: Path) -> None:
-    """save_pretrained (safetensors) into a temp dir, then an atomic rename over the old one."""
+    """save_pretrained (safetensors) into a temp dir, then an atomic rename over the old one. The files get the
+    mode a plain write gives (0o666 less the umask; safetensors alone writes model.safetensors owner-only)."""
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     policy.save_pretrained(tmp, safe_serialization=True)
@@ -94,6 +97,7 @@ def _save_policy(policy, tokenizer, out: Path) -> None:
         backend.no_padding()  # saved, tokenizer.json would depend on the run's history (a resumed run's differed)
         backend.no_truncation()
     tokenizer.save_pretrained(tmp)
+    give_plain_modes(tmp)
     old = out.with_name(f".{out.name}.old")
     if out.exists():
         os.replace(out, old)
@@ -117,6 +121,7 @@ def calibration_key(cfg: DictConfig, partitions, prompt_ids: list[str], gen_kwar
 
 def run(cfg: DictConfig) -> dict:
     started = time.time()
+    quiet_console()  # Lightning's lines once, no tips, no per-load bars (infalign.runtime.console)
     choices = HydraConfig.get().runtime.choices
     validate_config(cfg, choices, multirun=HydraConfig.get().mode == RunMode.MULTIRUN)  # before any model
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -199,7 +204,10 @@ def run(cfg: DictConfig) -> dict:
     # use_distributed_sampler=False: IterationSampler shards each iteration's prompts by rank itself; Lightning's
     # DistributedSampler would pad with repeats and reshuffle them.
     # SafeCheckpointIO: atomic, checksummed, weights_only checkpoints; LastCheckpoint replaces ModelCheckpoint
-    trainer = instantiate(cfg.trainer, logger=loggers, callbacks=[win_rates, checkpoints],
+    callbacks = [win_rates, checkpoints]
+    if cfg.progress:  # one bar over the iterations, after win_rates: it shows the evaluation of its iteration
+        callbacks.append(IterationProgressBar(win_rates, *win_rate_shown(_bar_metric(run_info, transform), int(cfg.n))))
+    trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks,
                           enable_progress_bar=bool(cfg.progress), default_root_dir=str(run_dir),
                           use_distributed_sampler=False, plugins=[SafeCheckpointIO()], enable_checkpointing=False)
     finish_restored_loops(trainer)  # resumed from the final checkpoint: the final evaluation still runs
@@ -227,6 +235,16 @@ def run(cfg: DictConfig) -> dict:
         return final
     finally:
         finish_loggers(loggers)  # between multirun members, so one run's W&B logger never swallows the next
+
+
+def _bar_metric(run_info: dict, transform) -> str:
+    """The metric whose win rate the progress bar shows: the run's target (bon / won / std), bon if none is known."""
+    from infalign.theory.efficiency import target_metric
+
+    try:
+        return target_metric(run_info.get("method"), transform)
+    except ValueError:
+        return "bon"
 
 
 def _efficiency_metrics(cfg: DictConfig, final: dict, transform) -> dict:
@@ -288,4 +306,8 @@ def _print_summary(final: dict, run_dir: Path, n: int) -> None:
         f"  outputs: {run_dir}  (final_metrics.json, eval_metrics.csv, logs/metrics.csv, policy/, checkpoints/)",
     ]
     print("\n".join(lines), flush=True)
-    log.info("final metrics: %s", json.dumps(final))
+    # the log file's record of the end, one short line: every value is in final_metrics.json
+    bon, won = (f"{mode}@{n}={format_number(final.get(f'eval/{mode}_win_rate@{n}'))} ± "
+                f"{format_number(final.get(f'eval/{mode}_win_rate@{n}_se'))}" for mode in ("bon", "won"))
+    log.info("final metrics: %s, %s, kl=%s (all of them: %s)", bon, won, format_number(final.get("eval/kl")),
+             run_dir / "final_metrics.json")

@@ -1,0 +1,153 @@
+"""What a run prints: every line once, nothing that is not the user's business, numbers formatted for reading.
+
+`quiet_console()` is the one place where the console output of the libraries under the trainer is decided; `run`
+calls it first, after Hydra has set up logging:
+
+- Lightning's lines once: `import lightning` gives its `lightning` logger a handler of its own ("INFO: ...") that
+  also propagates to the root logger, where Hydra's handlers print (and file) the same line again. Once the root
+  logger has handlers, Lightning's own are removed and every Lightning logger propagates: each line goes through
+  Hydra's handlers only, so it is printed once and kept in the run's log file.
+- Lightning's advertising tips (litlogger, litmodels) and its "`Trainer.fit` stopped: `max_epochs=...` reached"
+  (the progress bar and the end-of-run summary say it) are dropped; any other information line of Lightning is
+  shown once per process (the model builds and the RL loop each start a Trainer, and each would repeat
+  "GPU available: ..."). Lightning's warnings always pass.
+- transformers' "Loading weights" and "Writing model shards" bars (milliseconds each, several per run) are
+  switched off; download bars of the Hub are left alone.
+- transformers' "`loss_type=None` was set in the config but it is unrecognized" (None is every config's default,
+  and the loss it falls back to is the one a causal LM takes) is dropped.
+- Lightning's own use of a deprecated torch API (`lightning/pytorch/utilities/_pytree.py` constructs
+  `LeafSpec()`, which recent torch deprecates) is not the user's business: that one FutureWarning is filtered,
+  matched on its message, its category and Lightning's module.
+
+`format_number` / `format_metrics` write numbers as the log lines and the progress bar show them: counts as
+integers, everything else with 3 decimals, and no sign on a value that rounds to zero (`0.000`, not `-0.000`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+import warnings
+from collections.abc import Mapping
+
+__all__ = ["LightningLineFilter", "format_metrics", "format_number", "quiet_console"]
+
+LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
+# where Lightning's rank_zero_info / rank_zero_warn create their records (a logger's filters see only its own records)
+LIGHTNING_LINE_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                          "pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero")
+QUIET_BARS = frozenset({"Loading weights", "Writing model shards"})  # transformers' per-load / per-save bars
+COUNT_KEYS = frozenset({"prompts", "iteration", "step", "epoch"})
+
+
+class _DropPrefix(logging.Filter):
+    def __init__(self, *prefixes: str):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+class LightningLineFilter(logging.Filter):
+    """Drops Lightning's tips and its end-of-fit notice; passes each other information line once per process."""
+
+    DROP = ("💡 Tip:", "`Trainer.fit` stopped: `max_epochs=")
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.INFO:
+            return True
+        message = record.getMessage()
+        if message.startswith(self.DROP) or message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+_line_filter = LightningLineFilter()
+_transformers_filter = _DropPrefix("`loss_type=None` was set in the config but it is unrecognized")
+_tqdm_hook_installed = False
+
+
+def _route_lightning_logs() -> None:
+    if not logging.getLogger().handlers:  # nothing else would print them: Lightning keeps its own handler
+        return
+    for name in LIGHTNING_LOGGERS:
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler:  # the console handlers Lightning adds at import
+                logger.removeHandler(handler)
+        logger.propagate = True
+
+
+def _quiet_transformers_bars() -> None:
+    global _tqdm_hook_installed
+    if _tqdm_hook_installed:
+        return
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return
+    if not hasattr(hf_logging, "set_tqdm_hook"):  # transformers < 5: no per-bar hook; leave its bars as they are
+        return
+    previous = None
+
+    def hook(factory, args, kwargs):
+        if kwargs.get("desc") in QUIET_BARS:
+            kwargs = {**kwargs, "disable": True}
+        return previous(factory, args, kwargs) if previous is not None else factory(*args, **kwargs)
+
+    previous = hf_logging.set_tqdm_hook(hook)
+    _tqdm_hook_installed = True
+
+
+def quiet_console() -> None:
+    """Set up the console for a run (idempotent; see the module's docstring)."""
+    _route_lightning_logs()
+    for name in LIGHTNING_LINE_LOGGERS:
+        logger = logging.getLogger(name)
+        if _line_filter not in logger.filters:
+            logger.addFilter(_line_filter)
+    transformers_logger = logging.getLogger("transformers.modeling_utils")
+    if _transformers_filter not in transformers_logger.filters:
+        transformers_logger.addFilter(_transformers_filter)
+    _quiet_transformers_bars()
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree")
+
+
+def format_number(value, digits: int = 3) -> str:
+    """`value` for reading: an integer as one, a float with `digits` decimals and without the sign of a value
+    that rounds to zero, `n/a` for None. Tensors and numpy scalars are read as Python numbers."""
+    if value is None:
+        return "n/a"
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    value = float(value)
+    if not math.isfinite(value):
+        return str(value)
+    text = f"{value:.{digits}f}"
+    return text.lstrip("-") if float(text) == 0 else text
+
+
+def format_metrics(metrics: Mapping, digits: int = 3, strip: str = "") -> str:
+    """`key=value, ...` with `format_number`; a count (`prompts`, `iteration`, ...) holding an integral float is
+    written as an integer. `strip` is a prefix removed from the keys (`eval/`)."""
+    parts = []
+    for key, value in metrics.items():
+        name = key[len(strip):] if strip and key.startswith(strip) else key
+        if hasattr(value, "item"):
+            value = value.item()
+        if name.rsplit("/", 1)[-1] in COUNT_KEYS and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        parts.append(f"{name}={format_number(value, digits)}")
+    return ", ".join(parts)
