@@ -61,8 +61,9 @@ def test_the_default_has_no_method_and_the_build_config_takes_the_scale():
 
 
 @pytest.mark.parametrize("override, match", [
-    ("+model.tokenzier=1", r"model.tokenzier: unknown key in conf/model/tiny.yaml; known keys: gpt2, name, "
-                           r"prompt_format, seed, sft, tokenizer; did you mean 'tokenizer'\?"),
+    ("+model.tokenzier=1", r"model.tokenzier: unknown key in conf/model/tiny.yaml; known keys: gpt2, "
+                           r"gradient_checkpointing, lora, name, prompt_format, seed, sft, tokenizer; did you mean "
+                           r"'tokenizer'\?"),
     ("+model.gpt2.n_layers=2", r"model.gpt2.n_layers: unknown key in conf/model/tiny.yaml; known keys: dropout, "
                                r"n_embd, n_head, n_layer"),
     ("+reward.trian={}", r"reward.trian: unknown key in conf/reward/trained.yaml; known keys: backbone, head, .*train"),

@@ -86,7 +86,7 @@ def test_ddp_run_matches_one_process(run_train, session_cache, tmp_path):
                                  global_rank=0, _trainer=None, device=torch.device("cpu"))
         ns = sorted({int(x) for x in cfg.eval.ns} | {int(cfg.n)})
         callback = WinRateCallback(eval_prompts, built, ns, cfg.eval.k, 0, gen_kwargs, tmp_path, seed=int(cfg.seed),
-                                   batch_prompts=int(cfg.eval.prompts_per_batch))
+                                   batch_prompts=int(cfg.eval.prompts_per_batch), log_samples=int(cfg.eval.log_samples))
         one = callback.evaluate(module)
     finally:
         torch.set_num_threads(threads)
@@ -95,6 +95,13 @@ def test_ddp_run_matches_one_process(run_train, session_cache, tmp_path):
     assert len(compared) == 4 * len(ns) + 6  # bon/won x N x (rate, se) + kl, kl_k3, kl_calibrated, rewards, prompts
     for k in compared:
         assert final[k] == pytest.approx(one[k], rel=1e-9, abs=1e-12), k
+    # the sample rows (eval_samples.jsonl): both processes' prompts gathered, in prompt order, as one process has them
+    rows = [json.loads(line) for line in (run_dir / "eval_samples.jsonl").read_text().splitlines()]
+    assert len(rows) == len(callback.sample_rows) == 6  # eval.log_samples=8 of the 6 evaluation prompts
+    for got, want in zip(rows, callback.sample_rows):
+        assert got["iteration"] == 3
+        for k, v in want.items():
+            assert got[k] == (pytest.approx(v, rel=1e-9, abs=1e-12) if isinstance(v, float) else v), k
 
 
 def test_a_sweep_refuses_several_processes(run_train, tmp_path):

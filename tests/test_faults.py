@@ -55,7 +55,9 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert {k: v for k, v in fa.items() if k not in VOLATILE} == {k: v for k, v in fb.items() if k not in VOLATILE}
     assert (a / "eval_metrics.csv").read_text() == (b / "eval_metrics.csv").read_text()
     ra, rb = (list(csv.DictReader(open(d / "logs" / "metrics.csv"))) for d in (a, b))
-    assert len(ra) == len(rb) == 30 + 3  # one row per iteration and per evaluation: none lost, none twice
+    # two rows per iteration (its statistics; its learning rate, from LearningRateMonitor) and one per evaluation:
+    # none lost, none twice
+    assert len(ra) == len(rb) == 2 * 30 + 3
     for x, y in zip(ra, rb):
         assert {k: v for k, v in x.items() if not k.startswith(TIMING)} == \
                {k: v for k, v in y.items() if not k.startswith(TIMING)}
@@ -122,7 +124,7 @@ def test_logger_failing_mid_run_costs_no_metrics_and_warns_once(session_cache, t
     final = json.loads((run_dir / "final_metrics.json").read_text())
     assert final["iteration"] == 6
     assert [int(r["iteration"]) for r in csv.DictReader(open(run_dir / "eval_metrics.csv"))] == [2, 4, 6]
-    assert len(list(csv.DictReader(open(run_dir / "logs" / "metrics.csv")))) == 6 + 3
+    assert len(list(csv.DictReader(open(run_dir / "logs" / "metrics.csv")))) == 2 * 6 + 3  # iterations (+ lr), evals
     assert caplog.text.count("logger FailingLogger failed in log_metrics") == 1, caplog.text
     assert "ConnectionError" in caplog.text and "switched off" in caplog.text
 

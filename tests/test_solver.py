@@ -269,8 +269,8 @@ def test_distillation_then_rl_with_a_schedule(run_train, tmp_path):
     rl = [r for r in rows if r.get("train/kl/k1")]
     assert len(distilled) == 2 and len(rl) == 1  # the first 2 of rl.iterations=3 distil, then RL
     assert all(1.0 <= float(r["train/distill/ess"]) <= 8.0 for r in distilled)
-    lrs = [float(r["train/lr"]) for r in rows if r.get("train/lr")]
-    assert lrs[-1] < lrs[0]  # the cosine has decayed by the end
+    lrs = [float(r["train/lr"]) for r in rows if r.get("train/lr")]  # at each iteration's first step
+    assert len(lrs) == 3 and lrs[0] < lrs[1] and lrs[-1] < lrs[1]  # warmed up, then the cosine decays
     assert _final(run_dir)["iteration"] == 3
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     assert ckpt["lr_schedulers"], "the schedule's state is checkpointed"

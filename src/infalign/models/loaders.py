@@ -27,6 +27,8 @@ from typing import Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
 
+from infalign.models.lora import LoraSettings
+
 __all__ = ["EXTRA_KEYS", "PROMPT_FORMATS", "PromptFormat", "RUNTIME", "call_loader", "check_loader_config",
            "loader_schema"]
 
@@ -39,7 +41,10 @@ RUNTIME = ("data_cfg", "model_cfg", "cache_root", "partitions", "progress")
 EXTRA_KEYS: dict[str, dict[str, tuple[Any, str]]] = {
     "model": {"name": (str, "the config's label"),
               "prompt_format": (PromptFormat, "the trainer: how prompts are rendered for the policy "
-                                              "(infalign.models.policy.format_prompts)")},
+                                              "(infalign.models.policy.format_prompts)"),
+              "lora": (LoraSettings | None, "the trainer: LoRA adapters on the policy (infalign.models.lora)"),
+              "gradient_checkpointing": (bool, "the trainer: the policy's update recomputes activations "
+                                               "(infalign.models.lora)")},
     "reward": {"name": (str, "the config's label")},
 }
 _HYDRA_KEYS = ("_target_",)

@@ -323,6 +323,16 @@ def _pad_columns(x: torch.Tensor, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, width - x.shape[1])) if x.shape[1] < width else x
 
 
+def _checkpointing(model) -> bool:
+    """Whether a forward of `model` now runs its decoder layers under gradient checkpointing (transformers'
+    activation checkpointing, switched on for the update by `infalign.models.lora.update_passes`). Such a layer
+    drops the KV cache it is given, so the prompt cannot be shared through one."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return torch.is_grad_enabled() and any(isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing
+                                           and m.training for m in model.modules())
+
+
 def _response_log_softmax(model, rollout: Rollout) -> tuple[torch.Tensor, int]:
     """The model's full next-token log-softmax at the response positions, `[S, W, V]` in fp32, where W is the
     longest response among these rows (columns past it are padding in every row and are not run)."""
@@ -332,7 +342,8 @@ def _response_log_softmax(model, rollout: Rollout) -> tuple[torch.Tensor, int]:
     mask = rollout.attention_mask[:, : rollout.prompt_len + width]
     position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
     head = rollout.prompt_len - 1
-    groups = _shared_prompt_groups(ids, mask, head) if head > 0 and width else None
+    # under gradient checkpointing each sequence runs its own prompt: a checkpointed layer would drop the shared cache
+    groups = _shared_prompt_groups(ids, mask, head) if head > 0 and width and not _checkpointing(model) else None
     if groups is None:
         logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=width + 1,
                        use_cache=False).logits[:, :-1]
@@ -354,6 +365,7 @@ def response_logprobs(model, rollout: Rollout, *, with_entropy: bool = False, fu
     share a prompt (k per prompt), the prompt minus its last token runs once per distinct prompt and its
     keys/values are fanned out to the samples (gradients flow back through the fan-out, so the gradient is
     the same as with one full pass per sample); then the last prompt token and the response run per sample.
+    Under gradient checkpointing (`_checkpointing`) every sample runs its whole sequence instead.
     Position ids skip the left padding, exactly as in `generate`. With `with_entropy`, also returns the
     per-token entropy of the policy (for logging; computed without grad). With `full_vocabulary`, also returns
     the whole log-softmax `[S, W, V]` over the first W response columns (W = the longest response here;

@@ -25,6 +25,7 @@ STREAMS = (
     "distill",            # which pool samples a distillation iteration resamples, per iteration and process
     "frontier_fresh",     # bench/frontier.py: the fresh reference samples the frontier tilts, per batch
     "frontier_independent",  # bench/frontier.py: the independent reference side of its win rates, per batch
+    "lora_init",          # the LoRA adapters' initial weights (model.lora.r > 0)
 )
 
 

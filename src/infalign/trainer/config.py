@@ -16,6 +16,7 @@ from infalign.core.checks import check_beta, check_n
 from infalign.core.losses import KL_PENALTY_MODES
 from infalign.models.data import PARTITIONS
 from infalign.models.loaders import check_loader_config
+from infalign.models.lora import check_gradient_checkpointing, check_lora_settings
 from infalign.models.pure_sampling import sampling_kwargs
 from infalign.trainer.checkpointing import check_run_options
 
@@ -53,6 +54,8 @@ def _check_models(cfg: DictConfig, choices: Mapping | None) -> None:
     """The model and reward configs: known keys only (an unknown one is a typo that would be dropped), values
     in range, required ones set; and a reward trained on the reference policy needs a cached one."""
     check_loader_config(cfg.model, "model", _source("model", choices))
+    check_lora_settings(cfg.model.get("lora"))  # values in range; peft installed when LoRA is on
+    check_gradient_checkpointing(cfg.model.get("gradient_checkpointing", False))
     reward = check_loader_config(cfg.reward, "reward", _source("reward", choices))
     backbone = cfg.reward.get("backbone") if reward.__name__ == "trained_reward" else None
     if backbone in ("policy", "policy_frozen") and cfg.model._target_ not in _CACHED_POLICIES:
@@ -90,6 +93,10 @@ def validate_config(cfg: DictConfig, choices: Mapping | None = None, *, multirun
                          "per prompt; raise calibration.m or lower n / eval.ns")
     if eval_k < ns[-1]:
         raise ValueError(f"eval.k={eval_k} is below N={ns[-1]}: raise eval.k or lower n / eval.ns")
+    log_samples = ev.get("log_samples", 0)
+    if isinstance(log_samples, bool) or not isinstance(log_samples, int) or log_samples < 0:
+        raise ValueError(f"eval.log_samples must be an integer >= 0 (eval prompts whose responses are logged; 0 = "
+                         f"off), got {log_samples!r}")
     if rl.prompts_per_iteration > cal.train_prompts:
         raise ValueError(f"rl.prompts_per_iteration={rl.prompts_per_iteration} exceeds calibration.train_prompts="
                          f"{cal.train_prompts}")

@@ -10,10 +10,18 @@ instead of evaluating (and writing its rows) twice.
 Besides the win rates and the k1/k3 sequence KL, every evaluation logs `eval/kl_calibrated`, the KL in
 calibrated space (`CalibratedRankKL`), and the final one writes `eval_per_prompt.csv`: one row per held-out
 prompt (its win rates, mean k1 KL and mean calibrated reward), so that methods can be compared prompt by prompt.
+
+Samples to read (`eval.log_samples` = S, 0 = off): at every evaluation, for each of the first S held-out prompts,
+the policy's first sample and the reference's first cached sample, with their raw and calibrated rewards (the
+policy's C against the prompt's M reference samples, the reference sample's against the other M - 1). They go
+to `eval_samples.jsonl` in the run directory (one JSON object per prompt and evaluation, rewritten atomically;
+rows of an evaluation that a resumed run repeats are replaced, never doubled) and, where the logger can show
+one, to a table `eval/samples` (W&B: a `wandb.Table` per evaluation).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -21,21 +29,27 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric, Metric
 
-from infalign.core.calibration import EmpiricalCalibrator, check_rewards
+from infalign.core.calibration import EmpiricalCalibrator, check_rewards, leave_one_out_calibrated
 from infalign.core.losses import sequence_kl
 from infalign.core.metrics import InferenceTimeWinRate, inference_win_rate_per_prompt
 from infalign.models.sampling import response_logprobs
-from infalign.runtime.atomic import atomic_write_csv, atomic_write_json, read_csv_rows
+from infalign.runtime.atomic import atomic_write_csv, atomic_write_json, atomic_write_text, read_csv_rows
 from infalign.runtime.console import format_metrics
+from infalign.runtime.distributed import all_gather_object
 from infalign.runtime.seeds import derive_seed
 from infalign.trainer.rollout import sample_and_score
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CalibratedRankKL", "PER_PROMPT_CSV", "PerPromptTable", "WinRateCallback", "atomic_write_json",
-           "calibrated_rank_histogram", "rank_kl"]
+__all__ = ["CalibratedRankKL", "PER_PROMPT_CSV", "PerPromptTable", "SAMPLE_COLUMNS", "SAMPLES_JSONL", "SAMPLES_KEY",
+           "WinRateCallback", "atomic_write_json", "calibrated_rank_histogram", "rank_kl"]
 
 PER_PROMPT_CSV = "eval_per_prompt.csv"
+SAMPLES_JSONL = "eval_samples.jsonl"  # eval.log_samples prompts per evaluation: responses and rewards
+SAMPLES_KEY = "eval/samples"  # the logger's table of them
+SAMPLE_COLUMNS = ("iteration", "step", "prompt_id", "prompt", "policy_response", "policy_reward_raw",
+                  "policy_reward_calibrated", "reference_response", "reference_reward_raw",
+                  "reference_reward_calibrated")
 
 
 # ---------------------------------------------------------------------------------------------- KL in calibrated space
@@ -168,7 +182,7 @@ class PerPromptTable(Metric):
 
 class WinRateCallback(L.Callback):
     def __init__(self, eval_prompts: list[tuple[str, str, str]], reference_samples, ns: list[int], k: int, every: int,
-                 gen_kwargs: dict, out_dir: str | Path, seed: int = 0, batch_prompts: int = 8):
+                 gen_kwargs: dict, out_dir: str | Path, seed: int = 0, batch_prompts: int = 8, log_samples: int = 0):
         self.prompt_ids = [p[0] for p in eval_prompts]
         self.prompts = [p[1] for p in eval_prompts]  # as the policy reads them
         self.reward_prompts = [p[2] for p in eval_prompts]  # as the reward model reads them
@@ -180,6 +194,8 @@ class WinRateCallback(L.Callback):
         if reference_samples is not None:  # else the datamodule's, once it has loaded or built it (setup)
             self._set_reference_samples(reference_samples)
         self.gen_kwargs, self.out_dir, self.seed, self.batch_prompts = gen_kwargs, Path(out_dir), seed, batch_prompts
+        self.log_samples = int(log_samples)  # the first this many prompts: responses and rewards to read
+        self.sample_rows: list[dict] = []  # the last evaluation's (every process's, in prompt order)
         self.metrics = {(mode, n): InferenceTimeWinRate(n=n, mode=mode) for mode in ("bon", "won") for n in self.ns}
         # torchmetrics means: synchronised across processes like the win rates
         # float64 states: the sum over processes then matches one process to ~1e-15, not float32 rounding
@@ -244,6 +260,7 @@ class WinRateCallback(L.Callback):
         # evaluation of a run sees comparable samples.
         rank, world = module.global_rank, module.trainer.world_size if module._trainer else 1
         starts = range(0, len(self.prompts), self.batch_prompts)
+        samples = []
         try:
             for b in range(rank, len(starts), world):
                 rows = range(starts[b], min(starts[b] + self.batch_prompts, len(self.prompts)))
@@ -268,8 +285,12 @@ class WinRateCallback(L.Callback):
                 columns = [inference_win_rate_per_prompt(raw, ref, n, mode).to(device) for mode, n in self.metrics]
                 columns += [kl["k1"].double().to(device).view(len(rows), -1).mean(1), calibrated.mean(1)]
                 self.per_prompt.update(torch.tensor(list(rows)), torch.stack(columns, dim=1))
+                samples += self._samples(rows, ids, reward_prompts, scored.texts, raw, calibrated, ref)
         finally:
             torch.random.set_rng_state(state)
+        if self.log_samples:  # every process: the gather is collective
+            self.sample_rows = sorted((r for shard in all_gather_object(samples) for r in shard),
+                                      key=lambda r: r.pop("_index"))
         out = {f"eval/{name}": metric.compute().item() for name, metric in self.means.items()}
         out["eval/kl_calibrated"] = self.kl_calibrated.compute().item()
         table, evaluated = self.per_prompt.compute()  # every process: compute() synchronises
@@ -284,6 +305,35 @@ class WinRateCallback(L.Callback):
             out["eval/prompts"] = int(metric.prompts.item())
         return out
 
+    def _samples(self, rows, ids, prompts, texts, raw, calibrated, ref) -> list[dict]:
+        """The sample rows of the batch's prompts among the first `log_samples`: the policy's first sample and the
+        reference's first cached one, raw and calibrated rewards (the reference's C leaves itself out)."""
+        picked = [j for j, i in enumerate(rows) if i < self.log_samples]
+        if not picked:
+            return []
+        k = len(texts) // len(ids)
+        ref_texts = self.reference_samples.responses_for([ids[j] for j in picked])
+        ref_calibrated = leave_one_out_calibrated(ref[picked]) if ref.shape[1] >= 2 else ref[picked] * float("nan")
+        return [{"_index": rows[j], "prompt_id": ids[j], "prompt": prompts[j], "policy_response": texts[j * k],
+                 "policy_reward_raw": float(raw[j, 0]), "policy_reward_calibrated": float(calibrated[j, 0]),
+                 "reference_response": ref_texts[a][0], "reference_reward_raw": float(ref[j, 0]),
+                 "reference_reward_calibrated": float(ref_calibrated[a, 0])} for a, j in enumerate(picked)]
+
+    def _write_samples(self, trainer, iteration: int, step: int) -> None:
+        """This evaluation's sample rows: into eval_samples.jsonl (rows of this or a later iteration, written by a
+        run that died before its checkpoint, replaced) and to every logger that shows tables."""
+        rows = [{"iteration": iteration, "step": step, **r} for r in self.sample_rows]
+        path = self.out_dir / SAMPLES_JSONL
+        kept = []
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("iteration", 0) < iteration]
+        atomic_write_text(path, "".join(f"{line}\n" for line in [*kept, *(json.dumps(r) for r in rows)]))
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_table"):  # W&B (through GuardedLogger); the CSV logger has none
+                logger.log_table(key=SAMPLES_KEY, columns=list(SAMPLE_COLUMNS),
+                                 data=[[r[c] for c in SAMPLE_COLUMNS] for r in rows], step=step)
+
     def run_eval(self, trainer, module, iteration: int, final: bool = False) -> dict:
         results = self.evaluate(module)
         results = {"iteration": iteration, "step": trainer.global_step, **results}
@@ -291,6 +341,8 @@ class WinRateCallback(L.Callback):
             logger.log_metrics({k: v for k, v in results.items() if k.startswith("eval/")}, step=trainer.global_step)
         if trainer.is_global_zero:
             self._append_csv(results)
+            if self.log_samples:
+                self._write_samples(trainer, iteration, trainer.global_step)
             if final:  # rank 0, after evaluate() gathered every process's prompts
                 atomic_write_csv(self.out_dir / PER_PROMPT_CSV, self.per_prompt_rows,
                                  ["prompt_id", *self.per_prompt.columns])

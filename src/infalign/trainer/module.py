@@ -4,8 +4,13 @@ An RL iteration (`training_step`, top to bottom): sample k responses per prompt 
 (`rollout`: `sample_and_score`), calibrate the rewards against the cached reference rewards and transform them,
 compute the KL to the frozen reference and the RLOO advantages; then `update`: `ppo_epochs` passes (one for
 RLOO) of shuffled minibatch updates. Manual optimisation, so `global_step` counts optimizer steps and gradient
-clipping is done here. The optimizer is the configured `optimizer` partial (conf/train.yaml), called with the
-policy's trainable parameters; the learning-rate schedule the `scheduler` partial, stepped after every step.
+clipping is done here (`_step`, which also measures the gradient's norm: `train/grad/norm`). The optimizer is the
+configured `optimizer` partial (conf/train.yaml), called with the policy's trainable parameters; the learning-rate
+schedule the `scheduler` partial, stepped after every step (its value is logged as `train/lr` by Lightning's
+`LearningRateMonitor`, which `infalign.trainer.run` adds).
+
+Every statistic is logged once, under `train/...`; the iteration's KL and calibrated reward also go to the
+progress bar as `kl` and `reward` (`logger=False`: in `trainer.callback_metrics`, not logged a second time).
 
 The first `distill.iterations` iterations are distillation instead (`distill_step`): weighted maximum
 likelihood on stored reference samples of the training prompts, each weighted by exp(Phi(C) / beta)
@@ -15,6 +20,11 @@ sampling and no policy-gradient noise. The RL iterations that follow (if any) st
 The reference is a submodule (Lightning moves it and casts it with the policy) but frozen, in eval mode, and
 left out of checkpoints; the reward model is a plain attribute (it may hold several modules). Both are put on
 the device in one place, `place_frozen_models`, which the datamodule calls before it samples with them.
+
+With LoRA (`model.lora.r > 0`, `infalign.models.lora`) the policy shares the reference's weights (the same
+tensors) and trains adapters only: the optimizer gets the adapters, checkpoints hold the adapters (and their
+optimizer state), and `peft_model` saves them. `model.gradient_checkpointing` and LoRA's dropout act in the
+update's passes only (`update_passes`, around every forward and backward of `update` and `distill_step`).
 """
 
 from __future__ import annotations
@@ -41,13 +51,28 @@ from infalign.core.losses import (
     sequence_kl,
     token_kl,
 )
+from infalign.models.lora import (
+    adapter_parameter_names,
+    add_lora,
+    check_lora_settings,
+    enable_gradient_checkpointing,
+    merged_copy,
+    update_passes,
+)
 from infalign.models.sampling import Rollout, response_logprobs, rollout_from_tokens
 from infalign.runtime.seeds import derive_seed
 from infalign.trainer.rollout import RolloutBuffer, sample_and_score
 
-__all__ = ["DistillConfig", "InfAlignModule", "RLConfig"]
+__all__ = ["DistillConfig", "InfAlignModule", "LR_KEY", "RLConfig", "gradient_norm"]
 
 FROZEN_PREFIX = "reference."
+LR_KEY = "train/lr"  # the learning rate's key (LearningRateMonitor, named by the scheduler config)
+
+
+def gradient_norm(module: torch.nn.Module) -> float:
+    """The total L2 norm of `module`'s gradients (parameters without one skipped), summed in float64."""
+    return math.sqrt(sum(float(p.grad.detach().double().pow(2).sum()) for p in module.parameters()
+                         if p.grad is not None))
 
 
 @dataclass(frozen=True)
@@ -88,11 +113,23 @@ class InfAlignModule(L.LightningModule):
     def __init__(self, reference, tokenizer, reward_model, calibrator, transform, *, beta: float,
                  rl: RLConfig | Mapping, optimizer: Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer],
                  gen_kwargs: dict, seed: int = 0, scheduler: Callable | None = None,
-                 distill: DistillConfig | Mapping | None = None):
+                 distill: DistillConfig | Mapping | None = None, lora: Mapping | None = None,
+                 gradient_checkpointing: bool = False):
         super().__init__()
-        self.policy = copy.deepcopy(reference).requires_grad_(True)
+        self.lora = check_lora_settings(lora)  # None: LoRA off
+        if self.lora:  # the reference's very weights, plus adapters: no second copy of the model
+            self.policy, peft_model = add_lora(reference, self.lora, seed=derive_seed(seed, "lora_init"))
+        else:
+            self.policy, peft_model = copy.deepcopy(reference).requires_grad_(True), None
+        # a plain attribute, not a submodule: it wraps self.policy, whose weights must appear once in state_dict
+        object.__setattr__(self, "peft_model", peft_model)
         self.reference = reference
         self.reference.eval().requires_grad_(False)
+        self.gradient_checkpointing = bool(gradient_checkpointing)
+        if self.gradient_checkpointing:
+            enable_gradient_checkpointing(self.policy)
+        # what checkpoints hold of the policy: everything, or with LoRA the adapters (the base is the model cache's)
+        self._checkpointed = ({f"policy.{n}" for n in adapter_parameter_names(self.policy)} if self.lora else None)
         self.tokenizer, self.reward_model = tokenizer, reward_model
         self.calibrator, self.transform = calibrator, transform
         self.rl = rl if isinstance(rl, RLConfig) else RLConfig(**rl)
@@ -122,16 +159,20 @@ class InfAlignModule(L.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer, total_steps=self.optimizer_steps())
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        # name: the key LearningRateMonitor logs the learning rate under
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": LR_KEY}}
 
-    def _step(self, optimizer) -> None:
-        """Clip, step, and advance the learning-rate schedule (manual optimisation: Lightning does not)."""
+    def _step(self, optimizer) -> float:
+        """Clip, step, and advance the learning-rate schedule (manual optimisation: Lightning does not); returns
+        the gradient's total norm before clipping (what clipping compares with `rl.grad_clip`), in float64."""
+        norm = gradient_norm(self.policy)
         if self.rl.grad_clip:
             self.clip_gradients(optimizer, gradient_clip_val=self.rl.grad_clip, gradient_clip_algorithm="norm")
         optimizer.step()
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
+        return norm
 
     def place_frozen_models(self, device: torch.device) -> None:
         """Put the reference and the reward model on `device`, the one place they are moved: before the
@@ -147,18 +188,35 @@ class InfAlignModule(L.LightningModule):
                              "each process takes an equal share of every optimizer step's minibatch")
 
     # ------------------------------------------------------------------ one RL iteration
+    def trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts of the policy (shared tensors counted once)."""
+        params = list(self.policy.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def policy_to_save(self) -> torch.nn.Module:
+        """What `policy/` holds: the whole policy, or with LoRA the peft model (its save_pretrained: the adapters)."""
+        return self.peft_model if self.peft_model is not None else self.policy
+
+    def merged_policy(self) -> torch.nn.Module:
+        """With LoRA: a plain transformers model, the base with the adapters merged in (a new copy)."""
+        if self.peft_model is None:
+            raise ValueError("merged_policy: LoRA is off (model.lora.r=0), there is nothing to merge")
+        return merged_copy(self.peft_model)
+
     def training_step(self, batch, batch_idx):
         # Dropout off for the policy as for the reference: the update must score the sampled distribution.
         self.policy.eval()
         self.reference.eval()
         iteration = self.current_epoch
+        # update_passes: gradient checkpointing and LoRA's dropout act in the updates' forward and backward passes only
         if iteration < self.distill.iterations:
-            stats = self.distill_step(batch, iteration, self.trainer.datamodule.distill_pool)
+            with update_passes(self.policy):
+                stats = self.distill_step(batch, iteration, self.trainer.datamodule.distill_pool)
         else:
             torch.manual_seed(derive_seed(self.seed, "rollout", iteration, self.global_rank))
             buffer = self.rollout(batch, self.trainer.datamodule.reference_samples, iteration)
-            stats = {**buffer.stats, **self.update(buffer, iteration)}
-        stats["lr"] = self.optimizers().param_groups[0]["lr"]
+            with update_passes(self.policy):
+                stats = {**buffer.stats, **self.update(buffer, iteration)}
         if self.trainer.world_size > 1:  # means over all processes: beta must adapt identically everywhere
             values = torch.tensor(list(stats.values()), dtype=torch.float64, device=self.device)
             stats = dict(zip(stats, self.trainer.strategy.reduce(values, reduce_op="mean").tolist()))
@@ -169,9 +227,11 @@ class InfAlignModule(L.LightningModule):
         self.log_dict({f"train/{k}": v for k, v in stats.items()}, on_step=True, on_epoch=False, prog_bar=False,
                       batch_size=len(batch))
         if "kl/k1" in stats:  # RL iterations; a distillation iteration samples nothing
-            self.log("kl", stats["kl/k1"], prog_bar=True, on_step=True, on_epoch=False, batch_size=len(batch))
-            self.log("reward", stats["reward/calibrated"], prog_bar=True, on_step=True, on_epoch=False,
+            # for the progress bar only: logged above as train/kl/k1 and train/reward/calibrated
+            self.log("kl", stats["kl/k1"], prog_bar=True, logger=False, on_step=True, on_epoch=False,
                      batch_size=len(batch))
+            self.log("reward", stats["reward/calibrated"], prog_bar=True, logger=False, on_step=True,
+                     on_epoch=False, batch_size=len(batch))
 
     @torch.no_grad()
     def rollout(self, batch: list[tuple[str, str, str]], reference_samples, iteration: int = 0) -> RolloutBuffer:
@@ -251,7 +311,7 @@ class InfAlignModule(L.LightningModule):
         """5. `ppo_epochs` passes (one for RLOO) of shuffled minibatch updates over the rollout; their statistics."""
         optimizer = self.optimizers()
         generator = torch.Generator().manual_seed(derive_seed(self.seed, "minibatch_order", iteration))
-        losses, clip_fracs, grad_sq = [], [], []
+        losses, clip_fracs, grad_sq, norms = [], [], [], []
         start = time.perf_counter()
         # Distributed, each process holds 1/W of the rollout and DDP averages the gradients, so a per-process
         # minibatch of minibatch_size / W keeps the optimizer steps (count, sequences each) of one process.
@@ -277,16 +337,16 @@ class InfAlignModule(L.LightningModule):
                     loss = loss + self.beta * token_kl(logp_all, ref_all, rollout.response_mask[:, :width]).sum(-1).mean()
                 optimizer.zero_grad(set_to_none=True)
                 self.manual_backward(loss)
-                if epoch == 0:
+                if epoch == 0 and noise is not None:  # the unclipped minibatch gradients of the first pass
                     grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
-                    grad_sq.append(sum(float(g.double().pow(2).sum()) for g in grads))
-                    if noise is not None:
-                        grad_sum = ([g.detach().double().clone() for g in grads] if grad_sum is None
-                                    else [acc.add_(g.detach().double()) for acc, g in zip(grad_sum, grads)])
-                self._step(optimizer)
+                    grad_sum = ([g.detach().double().clone() for g in grads] if grad_sum is None
+                                else [acc.add_(g.detach().double()) for acc, g in zip(grad_sum, grads)])
+                norms.append(self._step(optimizer))
+                if epoch == 0:
+                    grad_sq.append(norms[-1] ** 2)
                 losses.append(loss.item())
         stats = {"time/update": time.perf_counter() - start, "policy/loss": sum(losses) / len(losses),
-                 "grad/norm": sum(x ** 0.5 for x in grad_sq) / len(grad_sq)}  # before clipping, mean over steps
+                 "grad/norm": sum(norms) / len(norms)}  # before clipping, mean over the iteration's steps
         if noise is not None and grad_sum is not None:
             steps = len(grad_sq)
             big_sq = sum(float(g.pow(2).sum()) for g in grad_sum) / steps**2  # |mean of the minibatch gradients|^2
@@ -328,9 +388,7 @@ class InfAlignModule(L.LightningModule):
             loss = -response_logprobs(self.policy, sub).sum(-1).mean()  # negative log-likelihood per sequence
             optimizer.zero_grad(set_to_none=True)
             self.manual_backward(loss)
-            norms.append(sum(float(p.grad.double().pow(2).sum()) for p in self.policy.parameters()
-                             if p.grad is not None) ** 0.5)
-            self._step(optimizer)
+            norms.append(self._step(optimizer))
             losses.append(loss.item())
         return {"distill/nll": sum(losses) / len(losses), "distill/ess": ess.mean().item(),
                 "distill/ess_fraction": (ess / raw.shape[1]).mean().item(),
@@ -341,7 +399,8 @@ class InfAlignModule(L.LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["state_dict"]
-        checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith(FROZEN_PREFIX)}
+        checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith(FROZEN_PREFIX)
+                                    and (self._checkpointed is None or k in self._checkpointed)}
         if self.kl_controller:
             checkpoint["kl_controller"] = self.kl_controller.state_dict()
         if self.noise_scale:
@@ -352,8 +411,10 @@ class InfAlignModule(L.LightningModule):
             self.kl_controller.load_state_dict(checkpoint["kl_controller"])
         if self.noise_scale and "grad_noise_scale" in checkpoint:
             self.noise_scale.load_state_dict(checkpoint["grad_noise_scale"])
-        policy_keys = {k for k in self.state_dict() if not k.startswith(FROZEN_PREFIX)}
+        policy_keys = (self._checkpointed if self._checkpointed is not None
+                       else {k for k in self.state_dict() if not k.startswith(FROZEN_PREFIX)})
         missing = policy_keys - set(checkpoint["state_dict"])
         if missing:
-            raise RuntimeError(f"checkpoint lacks {len(missing)} policy weights (e.g. {sorted(missing)[0]}): "
-                               "it is not a checkpoint of this model")
+            what = "LoRA adapter weights" if self.lora else "policy weights"
+            raise RuntimeError(f"checkpoint lacks {len(missing)} {what} (e.g. {sorted(missing)[0]}): "
+                               "it is not a checkpoint of this model (and model.lora)")

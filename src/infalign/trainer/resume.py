@@ -44,13 +44,17 @@ __all__ = ["ResumePlan", "append_history", "check_resume", "checkpoint_state",
 LAST = "last.ckpt"  # checkpoints/last.ckpt: what a run resumes from (kept current by checkpointing.LastCheckpoint)
 RUN_CONFIG = "run_config.yaml"  # the resolved config the run started with: written once, never overwritten
 RESUME_HISTORY = "resume_history.jsonl"  # one JSON line per resume: from where, with which overrides, what changed
-RUN_OUTPUTS = ("checkpoints", "final_metrics.json", "eval_metrics.csv", "logs", "policy", RUN_CONFIG, RESUME_HISTORY)
+RUN_OUTPUTS = ("checkpoints", "final_metrics.json", "eval_metrics.csv", "eval_samples.jsonl", "logs", "policy", RUN_CONFIG,
+               RESUME_HISTORY)
 # What defines an experiment: a resume that changes any of these is refused unless resume_allow_changes=true.
-# (eval.*, checkpoint.*, trainer, logger, progress, num_threads, cache_root may change freely.)
+# (eval.*, checkpoint.*, trainer, logger, progress, num_threads, cache_root may change freely; model.lora.* counts
+# only with LoRA on, r > 0, and its save_merged, like model.gradient_checkpointing, may change: NOT_COMPARED.)
 EXPERIMENT_KEYS = ("model", "reward", "data", "calibrator", "transform", "generation", "n", "beta", "seed", "rl",
                    "optimizer", "scheduler", "distill", "calibration")
 CONFIG_GROUPS = ("model", "reward", "data", "calibrator", "transform")  # their Hydra choices are compared too
-NOT_COMPARED = ("data.root",)  # where the data lies, not what it is: a run moved to another machine finds it elsewhere
+NOT_COMPARED = ("data.root",  # where the data lies, not what it is: a run moved to another machine finds it elsewhere
+                # how the policy is saved and how much memory its update takes, not what it learns
+                "model.lora.save_merged", "model.gradient_checkpointing")
 EXTENSIBLE = "rl.iterations"  # raising it continues a run, finished or not: always allowed
 ABSENT = "<absent>"
 
@@ -166,6 +170,8 @@ def _experiment(record: dict) -> dict:
     for key in EXPERIMENT_KEYS:
         if key in config:
             flat.update(_flatten(config[key], key))
+    if not flat.get("model.lora.r"):  # LoRA off (r=0, or a record from before model.lora): its other keys do nothing
+        flat = {k: v for k, v in flat.items() if not k.startswith("model.lora.")}
     return {k: v for k, v in flat.items() if k not in NOT_COMPARED}
 
 

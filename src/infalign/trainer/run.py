@@ -21,9 +21,11 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from infalign.models.data import load_partitions, partition_fingerprint, truncate_prompt
+from infalign.models.lora import check_lora_settings, check_target_modules
 from infalign.models.policy import format_prompts, load_policy
 from infalign.models.pure_sampling import sampling_kwargs
 from infalign.models.reward import load_reward_model
@@ -31,7 +33,7 @@ from infalign.runtime.artifacts import fingerprint
 from infalign.runtime.atomic import give_plain_modes
 from infalign.runtime.checkpoint_io import SafeCheckpointIO
 from infalign.runtime.console import format_number, quiet_console
-from infalign.runtime.loggers import build_loggers, finish_loggers
+from infalign.runtime.loggers import build_loggers, finish_loggers, run_identity, swept_keys
 from infalign.trainer.calibration_cache import load_or_build_reference_samples
 from infalign.trainer.checkpointing import LastCheckpoint, TrainingInterrupted
 from infalign.trainer.config import validate_config
@@ -86,9 +88,11 @@ def _check_context(model, cfg) -> None:
                          f"of {context} tokens; lower them")
 
 
-def _save_policy(policy, tokenizer, out: Path) -> None:
+def _save_policy(policy, tokenizer, out: Path, merged=None) -> None:
     """save_pretrained (safetensors) into a temp dir, then an atomic rename over the old one. The files get the
-    mode a plain write gives (0o666 less the umask; safetensors alone writes model.safetensors owner-only)."""
+    mode a plain write gives (0o666 less the umask; safetensors alone writes model.safetensors owner-only).
+    With LoRA `policy` is the peft model (its files: adapter_config.json, adapter_model.safetensors) and `merged`,
+    when asked for (model.lora.save_merged), the merged model, written with the tokenizer to `merged/`."""
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     policy.save_pretrained(tmp, safe_serialization=True)
@@ -97,6 +101,9 @@ def _save_policy(policy, tokenizer, out: Path) -> None:
         backend.no_padding()  # saved, tokenizer.json would depend on the run's history (a resumed run's differed)
         backend.no_truncation()
     tokenizer.save_pretrained(tmp)
+    if merged is not None:  # its own folder: beside adapter_config.json, transformers would load the adapter instead
+        merged.save_pretrained(tmp / "merged", safe_serialization=True)
+        tokenizer.save_pretrained(tmp / "merged")
     give_plain_modes(tmp)
     old = out.with_name(f".{out.name}.old")
     if out.exists():
@@ -105,11 +112,16 @@ def _save_policy(policy, tokenizer, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+POLICY_ONLY_KEYS = ("lora", "gradient_checkpointing")  # model.* keys that change the trained policy, not the reference
+
+
 def calibration_key(cfg: DictConfig, partitions, prompt_ids: list[str], gen_kwargs: dict) -> dict:
     """What the calibration cache's reference samples and rewards depend on (its content address)."""
     # version 3: batch seeds from infalign.runtime.seeds; version 2: samples no longer take the model's own
     # generation_config processors (repetition penalty, ...)
-    return {"version": 3, "model": OmegaConf.to_container(cfg.model, resolve=True),
+    # model.lora and model.gradient_checkpointing shape the trained policy only: the reference samples are the base's
+    model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in POLICY_ONLY_KEYS}
+    return {"version": 3, "model": model,
             # how many pairs share a forward pass changes float rounding only, not what is scored
             "reward": {k: v for k, v in OmegaConf.to_container(cfg.reward, resolve=True).items()
                        if k != "max_batch_tokens"},
@@ -148,6 +160,9 @@ def run(cfg: DictConfig) -> dict:
     partitions = load_partitions(cfg.data)
     reference, tokenizer = load_policy(cfg.model, cfg.data, cfg.cache_root, partitions=partitions, progress=cfg.progress)
     _check_context(reference, cfg)
+    lora = check_lora_settings(cfg.model.get("lora"))
+    if lora:  # the module names before the reward model and the calibration cache cost anything
+        check_target_modules(reference, lora)
     reward_model = load_reward_model(cfg.reward, cfg.data, cfg.model, cfg.cache_root, partitions=partitions,
                                      progress=cfg.progress)
     train_prompts, eval_prompts = _prompt_sets(cfg, partitions, tokenizer)
@@ -182,29 +197,40 @@ def run(cfg: DictConfig) -> dict:
     module = InfAlignModule(reference, tokenizer, reward_model, calibrator, transform, beta=float(cfg.beta),
                             rl=OmegaConf.to_container(cfg.rl, resolve=True),
                             optimizer=instantiate(cfg.optimizer, _convert_="all"), gen_kwargs=gen_kwargs,
-                            seed=int(cfg.seed), scheduler=scheduler, distill=distill)
+                            seed=int(cfg.seed), scheduler=scheduler, distill=distill, lora=lora,
+                            gradient_checkpointing=bool(cfg.model.get("gradient_checkpointing", False)))
+    if lora:
+        trainable, total = module.trainable_parameters()
+        log.info("LoRA r=%d on %s: %s of %s policy parameters train (%.2f%%); the reference shares the base weights",
+                 lora["r"], lora["target_modules"], f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     datamodule = RolloutDataModule(train_prompts, eval_prompts, reference_samples, cfg.rl.prompts_per_iteration, cfg.seed,
                                    distill_pool=distill_pool)
     ns = sorted({int(x) for x in cfg.eval.ns} | {int(cfg.n)})
     win_rates = WinRateCallback(eval_prompts, None, ns, cfg.eval.k, cfg.eval.every, gen_kwargs, run_dir,
-                                seed=int(cfg.seed), batch_prompts=int(cfg.eval.prompts_per_batch))
+                                seed=int(cfg.seed), batch_prompts=int(cfg.eval.prompts_per_batch),
+                                log_samples=int(cfg.eval.get("log_samples", 0)))
     # last.ckpt between iterations, and on SIGINT/SIGTERM (infalign.trainer.checkpointing)
     # after win_rates in the callbacks: the final checkpoint follows (and holds) the final evaluation
     checkpoints = LastCheckpoint(run_dir, every=int(cfg.checkpoint.every), run_record=record, resume_entry=resume_entry)
-    # logs/metrics.csv (every logged metric) + the configured logger, guarded: W&B failing never stops training
-    loggers = build_loggers(cfg.get("logger"), run_dir, resuming=resume_from is not None)
+    # logs/metrics.csv (every logged metric) + the configured logger, guarded: W&B failing never stops training;
+    # the remote run named by method, n, beta, seed, grouped by its sweep
+    identity = _run_identity(cfg, choices)
+    loggers = build_loggers(cfg.get("logger"), run_dir, resuming=resume_from is not None, identity=identity)
     # method: the method preset chosen (conf/method/; studies group runs by it), else the transform's name;
     # t: the exp family's t as used (t=auto resolved)
     run_info = {"n": int(cfg.n), "beta": float(cfg.beta), "transform": choices.get("transform"),
                 "method": choices.get("method") or choices.get("transform"), "t": getattr(transform, "t", None),
                 "t_auto": getattr(transform, "auto", None),
                 "calibrator": choices.get("calibrator"), "seed": int(cfg.seed), "run_dir": str(run_dir)}
-    for lg in loggers:
-        lg.log_hyperparams({**run_info, **OmegaConf.to_container(cfg, resolve=True)})
+    for lg in loggers:  # the name, group and tags too: logs/hparams.yaml keeps what W&B shows
+        lg.log_hyperparams({**run_info, **{f"run_{k}": v for k, v in identity.items()},
+                            **OmegaConf.to_container(cfg, resolve=True)})
     # use_distributed_sampler=False: IterationSampler shards each iteration's prompts by rank itself; Lightning's
     # DistributedSampler would pad with repeats and reshuffle them.
     # SafeCheckpointIO: atomic, checksummed, weights_only checkpoints; LastCheckpoint replaces ModelCheckpoint
-    callbacks = [win_rates, checkpoints]
+    # LearningRateMonitor: the learning rate at each iteration's first optimizer step, as train/lr (the scheduler
+    # config's name; lr-<Optimizer> with scheduler=null)
+    callbacks = [win_rates, checkpoints, LearningRateMonitor(logging_interval="step")]
     if cfg.progress:  # one bar over the iterations, after win_rates: it shows the evaluation of its iteration
         callbacks.append(IterationProgressBar(win_rates, *win_rate_shown(_bar_metric(run_info, transform), int(cfg.n))))
     trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks,
@@ -223,7 +249,8 @@ def run(cfg: DictConfig) -> dict:
             raise RuntimeError(f"training in {run_dir} ended without its final evaluation; resume it with "
                                f"{resume_command(HydraConfig.get().overrides.task, run_dir)}")
         if trainer.is_global_zero:
-            _save_policy(module.policy, tokenizer, run_dir / "policy")
+            _save_policy(module.policy_to_save(), tokenizer, run_dir / "policy",
+                         merged=module.merged_policy() if lora and lora["save_merged"] else None)
         calibration = datamodule.reference_samples
         final = {**run_info, **(win_rates.final or {}), "calibration_cache": str(calibration.cache_path),
                  "calibration_cache_hit": calibration.cache_hit}
@@ -235,6 +262,23 @@ def run(cfg: DictConfig) -> dict:
         return final
     finally:
         finish_loggers(loggers)  # between multirun members, so one run's W&B logger never swallows the next
+
+
+def _run_identity(cfg: DictConfig, choices) -> dict:
+    """The remote run's name, group and tags (`infalign.runtime.loggers.run_identity`). In a multirun: grouped by
+    the sweep directory, and named apart by the keys the sweep varies (its command line's sweep overrides, which
+    Hydra keeps in <sweep dir>/multirun.yaml, and the config's `hydra.sweeper.params`)."""
+    hydra = HydraConfig.get()
+    if hydra.mode != RunMode.MULTIRUN:
+        return run_identity(cfg, choices)
+    sweep_dir = Path(hydra.sweep.dir)
+    try:
+        original = OmegaConf.load(sweep_dir / "multirun.yaml").hydra.overrides.task
+    except Exception:  # noqa: BLE001 - only the name's suffix depends on it
+        original = []
+    params = hydra.sweeper.get("params") if "sweeper" in hydra else None
+    return run_identity(cfg, choices, sweep_dir=sweep_dir, member_overrides=list(hydra.overrides.task),
+                        swept=swept_keys(list(original), OmegaConf.to_container(params) if params else None))
 
 
 def _bar_metric(run_info: dict, transform) -> str:

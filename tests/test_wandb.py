@@ -1,0 +1,184 @@
+"""W&B as a researcher uses it: runs named and grouped by their sweep, a table of samples at every evaluation,
+learning rate and gradient norm, every metric under one name, and the local files holding what W&B gets."""
+
+import csv
+import json
+import math
+import struct
+from pathlib import Path
+from types import SimpleNamespace
+
+from omegaconf import OmegaConf
+
+from infalign.runtime.loggers import GuardedLogger, run_identity, swept_keys, with_identity
+from infalign.trainer.evaluation import SAMPLE_COLUMNS, SAMPLES_JSONL, SAMPLES_KEY, WinRateCallback
+
+SMOKE = ["scale=smoke", "progress=false"]
+
+
+def offline_records(run_file: Path):
+    """The protobuf records of an offline run's `.wandb` file (wandb >= 0.2x writes it from its Go core and no
+    longer ships a Python reader): a 7-byte header (":W&B", magic, version), then LevelDB-log records in 32 KiB
+    blocks, each `crc32 (4) | length (2, little-endian) | type (1: full, 2: first, 3: middle, 4: last)`."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, block = run_file.read_bytes(), 32768
+    assert data[:4] == b":W&B", run_file
+    pos, pending = 7, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # the block's tail is padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if length == 0 and kind == 0:  # zero padding
+            pos += left
+            continue
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(pending)
+            yield record
+            pending = b""
+
+
+def offline_run(run_dir: Path) -> dict:
+    """`{"name", "group", "tags", "history": [{key: value}]}` of the run's one offline W&B run."""
+    [run_file] = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    out = {"history": [], "dir": run_file.parent}
+    for record in offline_records(run_file):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            out.update(name=record.run.display_name, group=record.run.run_group, tags=list(record.run.tags))
+        elif kind == "history":
+            out["history"].append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                                   for item in record.history.item})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- name, group, tags
+def _cfg(**over):
+    return OmegaConf.create({"n": 4, "beta": 0.24, "seed": 0, "solver": "rloo", "rl": {"algo": "rloo"}, **over})
+
+
+def test_a_run_is_named_by_method_n_beta_seed_and_tagged():
+    ident = run_identity(_cfg(), {"method": "bon_exp", "transform": "bon_exp", "scale": "smoke"})
+    assert ident == {"name": "bon_exp-n4-b0.24-s0", "group": None, "tags": ["bon_exp", "rloo", "n=4", "scale=smoke"]}
+    # no method preset: the transform names it; a study is a tag
+    ident = run_identity(_cfg(beta=0.05, seed=2, solver="distill", study={"name": "bon"}), {"transform": "identity"})
+    assert ident["name"] == "identity-n4-b0.05-s2" and ident["tags"] == ["identity", "distill", "n=4", "study=bon"]
+
+
+def test_sweep_members_share_a_group_and_are_named_apart():
+    swept = swept_keys(["scale=smoke", "seed=0,1", "optimizer.lr=1e-4,1e-3", "+x=1"],
+                       {"method": "bon_exp,calibrated", "study.beta_index": "range(5)", "rl.k": "4"})
+    assert swept == ["seed", "optimizer.lr", "method", "study.beta_index"]  # sweeps only, in order
+    ident = run_identity(_cfg(), {"method": "bon_exp"}, sweep_dir="outputs/multirun/2026-01-01_00-00-00_lr",
+                         swept=swept, member_overrides=["scale=smoke", "seed=0", "optimizer.lr=1e-3", "method=bon_exp"])
+    # method, beta (via study.beta_index) and seed are in the name already; the other swept key is added
+    assert ident["name"] == "bon_exp-n4-b0.24-s0-optimizer.lr=1e-3"
+    assert ident["group"] == "2026-01-01_00-00-00_lr"
+
+
+def test_the_identity_fills_only_what_the_logger_config_leaves_open():
+    ident = {"name": "bon_exp-n4-b0.24-s0", "group": "sweep", "tags": ["bon_exp", "n=4"]}
+    cfg = OmegaConf.create({"_target_": "x.WandbLogger", "name": None, "group": "mine", "tags": ["paper", "n=4"]})
+    assert with_identity(cfg, ident) == {"_target_": "x.WandbLogger", "name": "bon_exp-n4-b0.24-s0", "group": "mine",
+                                         "tags": ["bon_exp", "n=4", "paper"]}
+    other = {"_target_": "tests.fake_loggers.FailingLogger", "fail_after": 3}  # no name/group/tags: left as is
+    assert with_identity(other, ident) == other
+
+
+# ---------------------------------------------------------------------------------------------- samples
+class TableLogger:
+    def __init__(self):
+        self.tables = []
+
+    def log_table(self, key, columns, data, step=None):
+        self.tables.append((key, columns, data, step))
+
+
+def _sample(prompt_id: str, reward: float) -> dict:
+    return {"prompt_id": prompt_id, "prompt": "Human: hi", "policy_response": "hello", "policy_reward_raw": reward,
+            "policy_reward_calibrated": 0.5, "reference_response": "hey", "reference_reward_raw": 0.1,
+            "reference_reward_calibrated": 0.25}
+
+
+def test_samples_go_to_the_jsonl_file_and_the_table_and_a_repeated_evaluation_replaces_its_rows(tmp_path):
+    callback = WinRateCallback([("a", "A", "A"), ("b", "B", "B")], None, [1], 1, 1, {}, tmp_path, log_samples=2)
+    table, csv_like = TableLogger(), SimpleNamespace()  # a logger without tables gets none
+    trainer = SimpleNamespace(loggers=[csv_like, table])
+
+    def read():
+        return [json.loads(line) for line in (tmp_path / SAMPLES_JSONL).read_text().splitlines()]
+
+    callback.sample_rows = [_sample("a", 1.0), _sample("b", 2.0)]
+    callback._write_samples(trainer, iteration=2, step=4)
+    callback.sample_rows = [_sample("a", 3.0), _sample("b", 4.0)]
+    callback._write_samples(trainer, iteration=4, step=8)
+    assert [(r["iteration"], r["prompt_id"], r["policy_reward_raw"]) for r in read()] == \
+           [(2, "a", 1.0), (2, "b", 2.0), (4, "a", 3.0), (4, "b", 4.0)]
+    assert all(list(r) == list(SAMPLE_COLUMNS) for r in read())
+    key, columns, data, step = table.tables[-1]
+    assert key == SAMPLES_KEY and columns == list(SAMPLE_COLUMNS) and step == 8
+    assert data[0] == [4, 8, "a", "Human: hi", "hello", 3.0, 0.5, "hey", 0.1, 0.25]
+    # a resumed run evaluates iteration 4 again (the dead run wrote it after its last checkpoint): replaced
+    callback.sample_rows = [_sample("a", 5.0)]
+    callback._write_samples(trainer, iteration=4, step=8)
+    assert [(r["iteration"], r["policy_reward_raw"]) for r in read()] == [(2, 1.0), (2, 2.0), (4, 5.0)]
+
+
+def test_the_guarded_logger_passes_tables_on_only_to_a_logger_that_has_them():
+    inner = TableLogger()
+    GuardedLogger(inner).log_table(key="k", columns=["a"], data=[[1]], step=3)
+    assert inner.tables == [("k", ["a"], [[1]], 3)]
+    GuardedLogger(SimpleNamespace()).log_table(key="k", columns=["a"], data=[[1]])  # nothing to call: no error
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+def test_an_offline_wandb_sweep_is_grouped_named_and_shows_samples(run_train, tmp_path):
+    sweep = tmp_path / "sweep_lr"
+    run_train("-m", *SMOKE, "logger=wandb", "seed=0,1", "rl.iterations=2", "eval.every=1", "eval.log_samples=3",
+              f"hydra.sweep.dir={sweep}")
+    for seed in (0, 1):
+        run_dir = sweep / str(seed)
+        wb = offline_run(run_dir)
+        # named, grouped by the sweep, tagged
+        assert wb["name"] == f"bon_exp-n4-b0.05-s{seed}" and wb["group"] == "sweep_lr"
+        assert {"bon_exp", "rloo", "n=4", "scale=smoke"} <= set(wb["tags"])
+        # the samples: eval_samples.jsonl, the first 3 eval prompts at each of the 2 evaluations
+        rows = [json.loads(line) for line in (run_dir / SAMPLES_JSONL).read_text().splitlines()]
+        assert [r["iteration"] for r in rows] == [1, 1, 1, 2, 2, 2] and all(list(r) == list(SAMPLE_COLUMNS) for r in rows)
+        per_prompt = [r["prompt_id"] for r in rows]
+        assert per_prompt[:3] == per_prompt[3:] and len(set(per_prompt)) == 3  # the same prompts every time
+        assert [r["reference_response"] for r in rows[:3]] == [r["reference_response"] for r in rows[3:]]  # cached
+        for r in rows:
+            assert r["prompt"] and isinstance(r["policy_response"], str) and isinstance(r["reference_response"], str)
+            assert all(math.isfinite(r[k]) for k in ("policy_reward_raw", "reference_reward_raw"))
+            assert 0 <= r["policy_reward_calibrated"] <= 1 and 0 <= r["reference_reward_calibrated"] <= 1
+        # ... and the W&B table, one per evaluation, with the same rows
+        logged = [h for h in wb["history"] if f"{SAMPLES_KEY}/path" in h]
+        assert len(logged) == 2
+        for h, at in zip(logged, (rows[:3], rows[3:])):
+            assert h[f"{SAMPLES_KEY}/_type"] == "table-file" and h[f"{SAMPLES_KEY}/nrows"] == 3
+            table = json.loads((wb["dir"] / "files" / h[f"{SAMPLES_KEY}/path"]).read_text())
+            assert table["columns"] == list(SAMPLE_COLUMNS)
+            assert table["data"] == [[r[c] for c in SAMPLE_COLUMNS] for r in at]
+        # every metric under one name; the learning rate and the gradient norm among them
+        with open(run_dir / "logs" / "metrics.csv", newline="") as f:
+            reader = csv.DictReader(f)
+            metrics, columns = list(reader), set(reader.fieldnames)
+        assert "kl" not in columns and "reward" not in columns  # only train/kl/k1, train/reward/calibrated
+        assert {"train/kl/k1", "train/reward/calibrated", "train/lr", "train/grad/norm"} <= columns
+        lrs = [float(r["train/lr"]) for r in metrics if r["train/lr"]]
+        norms = [float(r["train/grad/norm"]) for r in metrics if r["train/grad/norm"]]
+        assert lrs == [1e-3, 1e-3]  # the smoke scale's optimizer.lr, constant schedule: each iteration's
+        assert len(norms) == 2 and all(math.isfinite(x) and x > 0 for x in norms)
+        # what W&B got, the local file has: the same metric keys, no others
+        wandb_keys = {k for h in wb["history"] for k in h
+                      if not k.startswith(("_", f"{SAMPLES_KEY}/")) and k != "trainer/global_step"}
+        assert wandb_keys == columns - {"step"}
+        hparams = OmegaConf.load(run_dir / "logs" / "hparams.yaml")
+        assert hparams.run_name == wb["name"] and hparams.run_group == wb["group"]
