@@ -182,3 +182,16 @@ def test_an_offline_wandb_sweep_is_grouped_named_and_shows_samples(run_train, tm
         assert wandb_keys == columns - {"step"}
         hparams = OmegaConf.load(run_dir / "logs" / "hparams.yaml")
         assert hparams.run_name == wb["name"] and hparams.run_group == wb["group"]
+
+
+def test_gradient_norm_is_the_total_norm_clipping_sees():
+    import torch
+
+    from infalign.trainer.module import gradient_norm
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Linear(4, 1, bias=False))
+    net(torch.randn(3, 5)).sum().backward()
+    expected = float(torch.nn.utils.get_total_norm([p.grad for p in net.parameters()]))
+    assert abs(gradient_norm(net) - expected) <= 1e-6 * expected and expected > 0
+    assert gradient_norm(torch.nn.Linear(2, 2)) == 0.0  # no gradients yet

@@ -71,8 +71,8 @@ LR_KEY = "train/lr"  # the learning rate's key (LearningRateMonitor, named by th
 
 def gradient_norm(module: torch.nn.Module) -> float:
     """The total L2 norm of `module`'s gradients (parameters without one skipped), summed in float64."""
-    return math.sqrt(sum(float(p.grad.detach().double().pow(2).sum()) for p in module.parameters()
-                         if p.grad is not None))
+    norms = [p.grad.detach().double().norm() for p in module.parameters() if p.grad is not None]
+    return float(torch.stack(norms).norm()) if norms else 0.0  # one host sync per step, not one per parameter
 
 
 @dataclass(frozen=True)
