@@ -30,8 +30,9 @@ from contextlib import nullcontext
 import torch
 
 from infalign.core.losses import sequence_kl
+from infalign.models.logprobs import response_logprobs
 from infalign.models.pure_sampling import sampling_kwargs
-from infalign.models.sampling import decode_responses, generate, response_logprobs
+from infalign.models.sampling import decode_responses, generate
 
 
 def load(overrides: list[str]):

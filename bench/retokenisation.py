@@ -34,9 +34,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from infalign.models.data import load_partitions
+    from infalign.models.logprobs import response_logprobs
     from infalign.models.policy import load_policy
     from infalign.models.pure_sampling import sampling_kwargs
-    from infalign.models.sampling import decode_responses, generate, response_logprobs, rollout_from_tokens
+    from infalign.models.sampling import decode_responses, generate, rollout_from_tokens
     from infalign.trainer.run import _prompt_sets
 
     print("before:", uptime())

@@ -1,25 +1,35 @@
 """Bad input: every case is a clear error naming the key and what is accepted, raised before any model is built.
 
-`run()` is called in-process on the smoke config with a private cache root, and must fail without creating
-any model cache (tokenizer, policy, reward) there. README "Errors you may see" lists the same table.
+The cases are one table, tests/bad_input_cases.py (also read by bench/config_check_time.py and mirrored by the
+README's "Errors you may see"). `run()` is called in-process on the smoke config with a private cache root for
+every case, and must fail without creating any model cache (tokenizer, policy, reward) there; the schema's cases
+also fail `python train.py` at once: exit status 2, one line, no traceback, torch never imported.
 """
 
 import math
+import os
+import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from bad_input_cases import CASES, FINE, WARNINGS
 from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 from test_reliability import plant_pickle
 
 from infalign.runtime.checkpoint_io import SafeCheckpointIO
 from infalign.runtime.paths import conf_dir
+from infalign.runtime.schema import ConfigError, check_config
 from infalign.trainer.inprocess import compose_run_config
 from infalign.trainer.run import _check_context, run
 
+REPO = Path(__file__).resolve().parents[1]
 SMOKE = ["scale=smoke", "progress=false", "logger=none", "num_threads=1"]
 
 
@@ -37,51 +47,131 @@ def finished_run(run_dir):
     (run_dir / "final_metrics.json").write_text("{}")
 
 
-CASES = [  # (overrides, setup of the run dir, expected error text)
-    (["n=0"], None, "n must be >= 1"),
-    (["n=2.5"], None, "n must be a positive integer"),
-    (["n=abc"], None, "n must be a positive integer .* got 'abc'"),
-    (["beta=0"], None, "beta .*must be a positive finite number"),
-    (["beta=-1"], None, "beta .*must be a positive finite number"),
-    (["transform=bon_exp", "transform.t=-1"], None, "bon_exp: `t` must be a positive finite number.*transform.t"),
-    (["transform=won_exp", "transform.t=-1"], None, "won_exp: `t` must be a positive finite number.*transform.t"),
-    (["calibration.m=2"], None, "calibration.m=2 is below N=4"),
-    (["rl.k=1"], None, "rl.k must be an integer >= 2"),
-    (["rl.algo=dpo"], None, "rl.algo must be 'rloo' or 'ppo'"),
-    (["+model.tokenzier=1"], None, "model.tokenzier: unknown key in conf/model/tiny.yaml .*; known keys: .*tokenizer"),
-    (["+model.sft.lrr=1"], None, "model.sft.lrr: unknown key in conf/model/tiny.yaml .*; known keys: .*lr"),
-    (["+reward.bakbone=minilm"], None,
-     "reward.bakbone: unknown key in conf/reward/trained.yaml .*; known keys: .*backbone"),
-    (["model.prompt_format=plain"], None, "model.prompt_format must be one of 'raw', 'chat', got 'plain'"),
-    (["reward.backbone=bert"], None, "reward.backbone must be one of 'minilm', .*got 'bert'"),
-    (["model=smollm2"], None,  # the smoke scale's model keys are model=tiny's
-     "model.tokenizer: unknown key in conf/model/smollm2.yaml \\(as composed with conf/scale/smoke"),
-    (["calibration.eval_partition=train"], None, "calibration.eval_partition must be a held-out partition"),
-    (["generation.temperature=0.7"], None, "sample from the policy itself"),
-    (["data.root=/nonexistent"], None, "no local file at /nonexistent.*data.root.*data.source=hub"),
-    (["data.root=/nonexistent", "data.source=local"], None, "not found: /nonexistent.*data.root.*data.source=hub"),
-    (["resume=maybe"], None, "resume must be true, false or auto"),
-    (["checkpoint.every=-1"], None, "checkpoint.every must be an integer >= 0"),
-    (["resume=true"], None, "resume=true but .*last.ckpt does not exist"),
-    ([], finished_run, "already holds a run's outputs .*resume=true.*overwrite=true"),
-    (["resume=true"], corrupt_checkpoint, "last.ckpt .*(corrupted or truncated|cannot be read).*overwrite=true"),
-    (["resume=auto"], malicious_checkpoint, "refusing to unpickle it"),
-]
+def ids(cases):
+    return [c.name for c in cases]
 
 
-@pytest.mark.parametrize("overrides, setup, match", CASES, ids=[" ".join(c[0]) or c[1].__name__ for c in CASES])
-def test_bad_input_fails_fast_before_any_model(tmp_path, overrides, setup, match):
+@pytest.mark.parametrize("case", CASES, ids=ids(CASES))
+def test_bad_input_fails_fast_before_any_model(tmp_path, case):
     run_dir, cache = tmp_path / "run", tmp_path / "cache"
     run_dir.mkdir()
-    if setup:
-        setup(run_dir)
-    cfg = compose_run_config([*SMOKE, f"cache_root={cache}", *overrides], run_dir)
+    if case.setup:
+        globals()[case.setup](run_dir)
+    cfg = compose_run_config([*SMOKE, f"cache_root={cache}", *case.overrides], run_dir)
     started = time.time()
-    with pytest.raises(Exception, match=match):
+    with pytest.raises(Exception, match=case.match) as err:
         run(cfg)
     assert time.time() - started < 30  # seconds, even on a busy machine: nothing was built or trained
     assert not cache.exists() or not any(cache.iterdir()), "a model cache was created before the error"
     assert not (run_dir / "PWNED").exists()  # the planted pickle never ran
+    # the config's own errors are ConfigError, which train.py prints as one line; the run's are not theirs
+    assert isinstance(err.value, ConfigError) == (case.stage != "run"), type(err.value)
+
+
+def compose_job(overrides):
+    """`(cfg, choices)` as `python train.py` hands them to its job (no `hydra` node)."""
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=[*SMOKE, *overrides], return_hydra_config=True)
+    choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg, choices
+
+
+SCHEMA_CASES = [c for c in CASES if c.stage == "schema"]
+
+
+@pytest.mark.parametrize("case", SCHEMA_CASES, ids=ids(SCHEMA_CASES))
+def test_the_schema_alone_refuses_it(case):
+    """What train.py checks before importing torch: the schema, on the composed config."""
+    cfg, choices = compose_job(case.overrides)
+    with pytest.raises(ConfigError, match=case.match) as err:
+        check_config(cfg, choices)
+    assert "\n" not in str(err.value)  # one line
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.stage != "schema"], ids=ids([c for c in CASES if c.stage != "schema"]))
+def test_the_schema_leaves_it_to_the_later_checks(case):
+    """The table's stage is where the case is refused: not earlier (the stage column would be wrong)."""
+    cfg, choices = compose_job(case.overrides)
+    check_config(cfg, choices)
+
+
+@pytest.mark.parametrize("case", WARNINGS, ids=ids(WARNINGS))
+def test_valid_but_pointless_values_warn(case):
+    cfg, choices = compose_job(case.overrides)
+    warnings = check_config(cfg, choices)
+    assert any(re.search(case.match, w) for w in warnings), warnings
+
+
+@pytest.mark.parametrize("case", FINE, ids=ids(FINE))
+def test_valid_values_that_look_pointless_pass_silently(case):
+    cfg, choices = compose_job(case.overrides)
+    assert check_config(cfg, choices) == []
+
+
+def test_every_case_is_in_the_readme_table():
+    text = (REPO / "README.md").read_text()
+    section = text.split("### Errors you may see", 1)[1].split("\n## ", 1)[0]
+    for c in CASES + WARNINGS:
+        names = [c.label] if c.label else [f"`{o}`" for o in c.overrides]
+        missing = [n for n in names if n not in section]
+        assert not missing, f"README 'Errors you may see' lacks {missing} (case {c.name})"
+
+
+# ------------------------------------------------------------------------------------------- python train.py
+def train_py(*overrides, env=None, importtime=False):
+    """`python train.py scale=smoke logger=none <overrides>` in a subprocess; `importtime`: stderr lists every
+    module imported (python -X importtime), so a test can see whether torch was."""
+    cmd = [sys.executable, *(["-X", "importtime"] if importtime else []), str(REPO / "train.py"), "scale=smoke",
+           "logger=none", *overrides]
+    started = time.time()
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, **(env or {})})
+    return out, time.time() - started
+
+
+def imported(stderr: str) -> set[str]:
+    return {line.rsplit("|", 1)[1].strip() for line in stderr.splitlines() if line.startswith("import time:")}
+
+
+# the user's reports (issue 17), refused by the schema
+SUBPROCESS_CASES = [c for c in SCHEMA_CASES if c.overrides in (
+    ("optimizer.lr=-1",), ("seed=abc",), ("eval.ns=[0]",), ("trainer.max_epochs=5",),
+    ("+trainer.accumulate_grad_batches=2",), ("num_threads=0",))]
+
+
+@pytest.mark.parametrize("case", SUBPROCESS_CASES, ids=ids(SUBPROCESS_CASES))
+def test_train_py_refuses_it_in_one_line_before_importing_torch(tmp_path, case):
+    out, seconds = train_py(*case.overrides, f"hydra.run.dir={tmp_path}", importtime=True)
+    assert out.returncode == 2, out.stderr[-2000:]
+    messages = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert len(messages) == 1 and re.search(case.match, messages[0]), out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and "HYDRA_FULL_ERROR" not in out.stderr
+    modules = imported(out.stderr)
+    assert "hydra" in modules  # the import log works, so the next line can fail
+    assert not {m for m in modules if m.split(".")[0] in ("torch", "lightning", "transformers", "numpy")}
+    assert seconds < 30  # a sanity bound only; bench/config_check_time.py measures the time
+
+
+def test_hydra_full_error_shows_the_traceback(tmp_path):
+    out, _ = train_py("seed=abc", f"hydra.run.dir={tmp_path}", env={"HYDRA_FULL_ERROR": "1"})
+    assert out.returncode != 0
+    assert "Traceback" in out.stderr and "ConfigError: seed must be an integer" in out.stderr
+
+
+def test_a_later_config_check_is_one_line_too(tmp_path):
+    """A model config's unknown key is found after torch is imported (its loader's signature), still as one line."""
+    case = next(c for c in CASES if c.overrides == ("+model.tokenzier=1",))
+    out, _ = train_py(*case.overrides, f"hydra.run.dir={tmp_path}", env={"INFALIGN_CACHE": str(tmp_path / "cache")})
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert re.search(case.match, out.stderr) and "Traceback" not in out.stderr
+
+
+def test_importing_the_schema_imports_no_torch():
+    code = ("import sys, infalign.runtime.schema; "
+            "heavy = [m for m in ('torch', 'lightning', 'transformers', 'numpy') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
 def test_unknown_config_option_lists_the_accepted_ones():

@@ -28,7 +28,7 @@ def compose_train(*overrides):
 
 def test_methods_and_scales_are_separate_groups():
     assert METHODS == ["bon_distill", "bon_exp", "calibrated", "raw", "won_exp"]
-    assert sorted(p.stem for p in (CONF / "scale").glob("*.yaml")) == ["smoke"]
+    assert sorted(p.stem for p in (CONF / "scale").glob("*.yaml")) == ["smoke", "smollm2"]
     assert not (CONF / "experiment").exists() and not (CONF / "preset").exists()
     defaults = yaml.safe_load((CONF / "train.yaml").read_text())["defaults"]
     groups = [next(iter(d)) if isinstance(d, dict) else d for d in defaults]
@@ -48,6 +48,15 @@ def test_a_method_composes_with_the_smoke_scale(method):
     for key in ("data", "model", "reward", "rl", "calibration", "eval", "checkpoint"):  # sizes: the scale's
         assert cfg[key] == smoke[key], key
     assert cfg.rl.iterations == 3 and cfg.model.gpt2.n_layer == 1
+    validate_config(cfg, choices)
+
+
+def test_the_smollm2_scale_picks_the_model_and_composes_with_a_method():
+    cfg, choices = compose_train("method=calibrated", "scale=smollm2")
+    assert choices["model"] == "smollm2" and choices["method"] == "calibrated" and choices["transform"] == "identity"
+    assert cfg.model.prompt_format == "chat"  # an instruct model reads its chat template
+    assert cfg.optimizer.lr < compose_train()[0].optimizer.lr  # a pretrained policy: a smaller step than the tiny one
+    assert cfg.eval.every == cfg.rl.iterations
     validate_config(cfg, choices)
 
 
@@ -140,3 +149,140 @@ def test_call_loader_instantiates_a_partial_and_passes_only_the_runtime_argument
 def test_optional_nested_keys_may_be_left_out():
     cfg, choices = compose_train("~model.gpt2.dropout", "~model.sft.loss_on", "~reward.head")
     validate_config(cfg, choices)
+
+
+# ------------------------------------------------------------------------------------------- the schema
+GROUPS = ("study", "solver", "scale", "method", "model", "reward", "trainer", "transform", "calibrator", "data",
+          "logger")
+
+
+def shipped_options():
+    """Every option of every config group, as the overrides that compose it the way it is run: a study preset
+    with its sweep's first member (a study runs as `-m`, and its beta grids are indexed by method)."""
+    for group in GROUPS:
+        for path in sorted((CONF / group).glob("*.yaml")):
+            overrides = [f"{group}={path.stem}"]
+            if group == "study":
+                params = yaml.safe_load(path.read_text())["hydra"]["sweeper"]["params"]
+                overrides += [f"{k}={str(v).split(',')[0].replace('range(5)', '0')}" for k, v in params.items()]
+            if group == "transform" and path.stem == "raw":
+                overrides.append("calibrator=passthrough")  # raw rewards go with the passthrough calibrator
+            if group == "calibrator" and path.stem == "passthrough":
+                overrides.append("transform=raw")
+            yield overrides
+
+
+# Refused with scale=smoke by design: its model and reward keys are model=tiny's and reward=trained's
+# (conf/scale/smoke.yaml), and distill_rl distils 15 iterations of the smoke scale's 3
+NOT_AT_SMOKE_SCALE = {"model=hf", "model=smollm2", "reward=hf", "solver=distill_rl"}
+
+
+@pytest.mark.parametrize("overrides", list(shipped_options()), ids=" ".join)
+def test_every_shipped_option_passes_the_schema_without_a_warning(overrides):
+    from infalign.runtime.schema import check_config
+
+    for scale in ([], ["scale=smoke"]):
+        if scale and set(overrides) & NOT_AT_SMOKE_SCALE:
+            continue
+        cfg, choices = compose_train(*overrides, *scale)
+        assert check_config(cfg, choices) == [], (overrides, scale)
+
+
+def test_the_schema_refuses_distill_rl_at_the_smoke_scale():
+    from infalign.runtime.schema import ConfigError, check_config
+
+    cfg, choices = compose_train("solver=distill_rl", "scale=smoke")
+    with pytest.raises(ConfigError, match=r"distill.iterations must be an integer from 0 to rl.iterations=3"):
+        check_config(cfg, choices)
+
+
+def test_every_key_of_train_yaml_is_in_the_schema():
+    """A key the schema does not know is refused as a typo: every shipped key must be in it."""
+    from infalign.runtime.schema import CLOSED, KEYS
+
+    cfg, _ = compose_train()
+    for section in CLOSED:
+        for key in cfg[section]:
+            assert f"{section}.{key}" in KEYS, f"{section}.{key}"
+    for path, key in KEYS.items():  # and every key it requires is shipped
+        if key.required:
+            assert OmegaConf.select(cfg, path, default="<absent>") != "<absent>", path
+
+
+def test_the_schema_mirrors_the_code_it_guards():
+    """The schema imports no torch, so it repeats some of the code's constants: they must agree."""
+    import dataclasses
+    import inspect
+    import typing
+
+    import lightning
+    import torch
+    from lightning.fabric.plugins.precision import precision as lp
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+
+    from infalign.core.calibration import EmpiricalCalibrator, PassThroughCalibrator
+    from infalign.core.losses import KL_PENALTY_MODES
+    from infalign.models.data import PARTITIONS
+    from infalign.models.pure_sampling import SAMPLERS
+    from infalign.runtime import schema
+    from infalign.trainer import schedules
+    from infalign.trainer.module import RLConfig
+
+    assert schema.KL_PENALTY_MODES == KL_PENALTY_MODES and schema.PARTITIONS == PARTITIONS
+    assert schema.SAMPLERS == SAMPLERS
+    assert schema.RL_ALGOS[0] == RLConfig.algo and {f.name for f in dataclasses.fields(RLConfig)} == {
+        p.split(".", 1)[1] for p in schema.KEYS if p.startswith("rl.")}
+    precisions = {*typing.get_args(lp._PRECISION_INPUT_STR), *typing.get_args(lp._PRECISION_INPUT_STR_ALIAS),
+                  *typing.get_args(lp._PRECISION_INPUT_INT)}
+    assert set(schema.PRECISIONS) == precisions
+    assert set(AcceleratorRegistry.available_accelerators()) <= set(schema.ACCELERATORS)
+    trainer_params = [p for p in inspect.signature(lightning.Trainer.__init__).parameters if p != "self"]
+    assert set(schema.TARGET_KEYS["trainer"]["lightning.Trainer"]) == set(trainer_params)
+    for target, keys in schema.TARGET_KEYS["optimizer"].items():
+        cls = getattr(torch.optim, target.rsplit(".", 1)[1])
+        assert set(keys) == set(inspect.signature(cls).parameters) - {"params"}, target
+    params = set(inspect.signature(schedules.warmup_cosine).parameters) - {"optimizer", "total_steps"}
+    assert set(schema.TARGET_KEYS["scheduler"]["infalign.trainer.schedules.warmup_cosine"]) == params
+    for target, keys in schema.TARGET_KEYS["transform"].items():
+        module, name = target.rsplit(".", 1)
+        fn = getattr(__import__(module, fromlist=[name]), name)
+        assert set(keys) == set(inspect.signature(fn).parameters), target
+    assert schema.CALIBRATORS == {"infalign.core.calibration.EmpiricalCalibrator": EmpiricalCalibrator.needs_reference,
+                                  "infalign.core.calibration.PassThroughCalibrator":
+                                      PassThroughCalibrator.needs_reference}
+    for target in schema.TARGET_KEYS["transform"]:
+        module, name = target.rsplit(".", 1)
+        if name[0].isupper():  # a class (the factories build calibrated transforms)
+            cls = getattr(__import__(module, fromlist=[name]), name)
+            assert (target in schema.RAW_TRANSFORMS) == (not cls.needs_calibration), target
+
+
+def test_the_schema_counts_optimizer_steps_as_the_module_does():
+    from types import SimpleNamespace
+
+    from infalign.runtime.schema import optimizer_steps
+    from infalign.trainer.module import DistillConfig, InfAlignModule, RLConfig
+
+    for overrides in ([], ["rl.algo=ppo"], ["solver=distill_rl"], ["solver=distill", "scale=smoke"]):
+        cfg, _ = compose_train(*overrides, "logger=none")  # the wandb logger's save_dir needs Hydra's runtime
+        plain = OmegaConf.to_container(cfg, resolve=True)
+        module = SimpleNamespace(rl=RLConfig(**plain["rl"]), distill=DistillConfig(**plain["distill"]))
+        assert optimizer_steps(plain) == InfAlignModule.optimizer_steps(module), overrides
+
+
+@pytest.mark.parametrize("trainer, expected", [
+    ({"devices": 2, "num_nodes": 3}, 6), ({"devices": "2"}, 2), ({"devices": [0, 1]}, 2), ({"devices": "0,1"}, 2),
+    ({"devices": "auto"}, None), ({"devices": -1}, None), ({}, None)])
+def test_processes(trainer, expected):
+    from infalign.trainer.config import processes
+
+    assert processes(OmegaConf.create(trainer)) == expected
+
+
+@pytest.mark.parametrize("devices, ok", [
+    (1, True), (8, True), (-1, True), ("auto", True), ("2", True), ([0, 1], True), ("0,1", True), ("1,", True),
+    (0, False), (-2, False), ("0", False), ([], False), ([-1], False), ("gpu", False), (True, False), (1.5, False)])
+def test_the_devices_rule_takes_what_lightning_takes(devices, ok):
+    from infalign.runtime.schema import KEYS
+
+    assert KEYS["trainer.devices"].rule.test(devices) is ok

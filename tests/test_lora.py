@@ -23,8 +23,9 @@ from peft import PeftModel  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-import infalign.models.sampling as sampling  # noqa: E402
+import infalign.models.logprobs as logprobs  # noqa: E402
 import infalign.trainer.run as run_mod  # noqa: E402
+from infalign.models.logprobs import response_logprobs  # noqa: E402
 from infalign.models.lora import (  # noqa: E402
     add_lora,
     check_lora_settings,
@@ -32,7 +33,7 @@ from infalign.models.lora import (  # noqa: E402
     enable_gradient_checkpointing,
     update_passes,
 )
-from infalign.models.sampling import Rollout, generate, response_logprobs  # noqa: E402
+from infalign.models.sampling import Rollout, generate  # noqa: E402
 from infalign.runtime.paths import conf_dir  # noqa: E402
 from infalign.trainer.config import validate_config  # noqa: E402
 from infalign.trainer.inprocess import run_in_process  # noqa: E402
@@ -128,10 +129,10 @@ def test_gradient_checkpointing_gives_the_same_logprobs_and_gradients(arch, lora
             enable_gradient_checkpointing(policy)
         rollout = shared_prompt_rollout()
         with update_passes(policy):
-            assert sampling._checkpointing(policy) is checkpointing
+            assert logprobs._checkpointing(policy) is checkpointing
             logp = response_logprobs(policy, rollout)
             (logp.sum(-1) * torch.linspace(-1, 1, len(logp))).mean().backward()
-        assert not sampling._checkpointing(policy)  # outside the update: eval mode again
+        assert not logprobs._checkpointing(policy)  # outside the update: eval mode again
         return logp.detach(), {n: p.grad for n, p in policy.named_parameters() if p.grad is not None}
 
     (plain_logp, plain), (ckpt_logp, ckpt) = grads(False), grads(True)
@@ -149,7 +150,7 @@ def test_a_checkpointed_layer_drops_the_shared_prompt_cache_so_the_prompt_is_not
     with torch.no_grad():
         right = response_logprobs(policy, rollout)
     enable_gradient_checkpointing(policy)
-    monkeypatch.setattr(sampling, "_checkpointing", lambda model: False)
+    monkeypatch.setattr(logprobs, "_checkpointing", lambda model: False)
     with update_passes(policy):
         wrong = response_logprobs(policy, rollout).detach()
     assert (wrong - right).abs().max() > 1e-3

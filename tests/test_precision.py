@@ -29,8 +29,8 @@ def test_rollout_kl_logprobs_are_fp32_under_bf16_autocast(smoke_models):
     from infalign.core.calibration import EmpiricalCalibrator
     from infalign.core.losses import sequence_kl
     from infalign.core.transforms import BoNExpTransform
+    from infalign.models.logprobs import response_logprobs
     from infalign.models.pure_sampling import sampling_kwargs
-    from infalign.models.sampling import response_logprobs
     from infalign.trainer.calibration_cache import ReferenceSamples
     from infalign.trainer.module import InfAlignModule
 

@@ -4,8 +4,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from infalign.core.losses import AdaptiveKLController, ppo_clip_loss, rloo_advantages, rloo_loss, sequence_kl
+from infalign.models.logprobs import response_logprobs
 from infalign.models.pure_sampling import sampling_kwargs
-from infalign.models.sampling import decode_responses, generate, response_logprobs
+from infalign.models.sampling import decode_responses, generate
 
 
 def test_rloo_advantages_hand_computed():
@@ -140,7 +141,7 @@ def test_recorded_sampling_logprobs_match_a_full_pass(tiny_lm):
 
 
 def test_shared_prompt_pass_gives_the_same_logprobs_and_gradient(tiny_lm, monkeypatch):
-    import infalign.models.sampling as rollout_mod
+    import infalign.models.logprobs as rollout_mod
 
     model, tokenizer = tiny_lm
     torch.manual_seed(5)

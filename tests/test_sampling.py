@@ -18,8 +18,9 @@ from transformers import (
 
 import infalign.models.pure_sampling as pure_sampling
 from infalign.core.losses import sequence_kl
+from infalign.models.logprobs import response_logprobs
 from infalign.models.pure_sampling import sampling_kwargs
-from infalign.models.sampling import generate, response_logprobs
+from infalign.models.sampling import generate
 
 VOCAB, PAD, EOS = 64, 62, 63
 MAX_NEW = 10

@@ -20,7 +20,8 @@ from infalign.core.losses import (
     rloo_loss,
     token_kl,
 )
-from infalign.models.sampling import Rollout, response_logprobs
+from infalign.models.logprobs import response_logprobs
+from infalign.models.sampling import Rollout
 from infalign.trainer.schedules import warmup_cosine
 
 SMOKE = ["scale=smoke", "progress=false", "logger=none"]

@@ -105,7 +105,7 @@ def compose_train(*overrides):
 @pytest.mark.parametrize(
     "override, match",
     [
-        ("n=0", "n must be >= 1"),
+        ("n=0", "n must be a positive integer .*got 0"),
         ("n=2.5", "positive integer"),
         ("beta=0", "beta"),
         ("beta=-1", "beta"),

@@ -11,12 +11,14 @@ import hashlib
 import json
 import logging
 import re
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from infalign.runtime import signals
 from infalign.runtime.artifacts import fingerprint
 from infalign.runtime.paths import data_root as default_data_root
 
@@ -30,6 +32,10 @@ PARTITIONS = ("train", "validation", "test")
 
 class DataNotFoundError(FileNotFoundError):
     """Neither the local copy nor the hub dataset could be read."""
+
+
+class DataFileError(ValueError):
+    """A local data file that cannot be read to its end: truncated, corrupted, not UTF-8, unreadable."""
 
 
 @dataclass(frozen=True)
@@ -107,21 +113,46 @@ def _local_file(root: Path, subset: str, split: str) -> Path | None:
     return None
 
 
+def _read_error(path: Path, lineno: int, e: Exception) -> DataFileError:
+    """What went wrong reading `path`, in words, with where and what to do (gzip and zlib name no file)."""
+    if isinstance(e, EOFError):
+        cause = "it is truncated: the compressed stream ends before its end marker"
+    elif isinstance(e, gzip.BadGzipFile):
+        cause = f"it is not a gzip file ({e})"
+    elif isinstance(e, zlib.error):
+        cause = f"its compressed data is corrupted ({e})"
+    elif isinstance(e, UnicodeDecodeError):
+        cause = f"it is not UTF-8 text (byte 0x{e.object[e.start]:02x}: {e.reason})"
+    elif isinstance(e, OSError) and e.strerror:
+        cause = e.strerror.lower()
+    else:
+        cause = f"{type(e).__name__}: {e}"
+    where = f"after line {lineno}" if lineno else "at its start"
+    return DataFileError(
+        f"data file {path} cannot be read {where}: {cause}. Replace it by a complete copy (the upstream file of "
+        f"anthropics/hh-rlhf; `gzip -t {path}` tests a .gz file), point data.root (or $INFALIGN_DATA_ROOT) at "
+        f"another copy, or use data.source=hub")
+
+
 def _read_jsonl(path: Path, limit: int | None) -> list[dict]:
     opener = gzip.open if path.suffix == ".gz" else open
-    rows = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if limit is not None and len(rows) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                # A bad line is a malformed record: counted as such, not fatal.
-                log.warning("%s:%d: invalid JSON (%s)", path, lineno, e.msg)
-                rows.append({})
+    rows, lineno = [], 0
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):  # noqa: B007 (lineno: where a read error struck)
+                if limit is not None and len(rows) >= limit:
+                    break
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    # A bad line is a malformed record: counted as such, not fatal.
+                    log.warning("%s:%d: invalid JSON (%s)", path, lineno, e.msg)
+                    rows.append({})
+    except (EOFError, OSError, zlib.error, UnicodeDecodeError) as e:
+        # a half-read file is never used: its partition (and every cache key built on it) would silently differ
+        raise _read_error(path, lineno, e) from None
     return rows
 
 
@@ -208,7 +239,9 @@ def partition_by_prompt(records: list[PreferenceRecord], fractions: Mapping[str,
 def load_partitions(data_cfg: Mapping[str, Any]) -> dict[str, list[PreferenceRecord]]:
     """Read, parse and partition the configured data: ``{"train": [...], "validation": [...], "test": [...]}``."""
     records = []
-    for source, rows in read_raw_pairs(data_cfg):
+    with signals.stage("reading the data"):
+        raw = read_raw_pairs(data_cfg)
+    for source, rows in raw:
         recs, _ = parse_pairs(rows, source)
         records.extend(recs)
     if not records:

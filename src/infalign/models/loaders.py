@@ -14,6 +14,10 @@ any model loads):
 A parameter annotated with a ``TypedDict`` (nested settings such as ``model.sft``) allows exactly that
 TypedDict's keys (and needs its required ones); one annotated with ``Literal[...]`` allows those values; a
 parameter without a default must be set. Anything else is an error naming the key, the file and the known keys.
+
+A model given by path (``name_or_path``, ``tokenizer_name_or_path``) must be a folder that exists
+(:func:`infalign.models.model_paths.model_path_problem`, which imports neither torch nor transformers); given a
+missing folder, transformers would take the text for a hub id and fail four tracebacks deep about its characters.
 """
 from __future__ import annotations
 
@@ -28,9 +32,11 @@ from typing import Any, Literal
 from omegaconf import DictConfig, OmegaConf
 
 from infalign.models.lora import LoraSettings
+from infalign.models.model_paths import PATH_KEYS, model_path_problem
+from infalign.runtime import signals
 
 __all__ = ["EXTRA_KEYS", "PROMPT_FORMATS", "PromptFormat", "RUNTIME", "call_loader", "check_loader_config",
-           "loader_schema"]
+           "loader_schema", "model_path_problem", "PATH_KEYS"]
 
 PromptFormat = Literal["raw", "chat"]  # raw: the HH text as it is | chat: the tokenizer's chat template
 PROMPT_FORMATS = typing.get_args(PromptFormat)
@@ -48,6 +54,7 @@ EXTRA_KEYS: dict[str, dict[str, tuple[Any, str]]] = {
     "reward": {"name": (str, "the config's label")},
 }
 _HYDRA_KEYS = ("_target_",)
+_WHAT = {"model": "the reference policy", "reward": "the reward model"}  # named by a stop signal's message
 
 
 def _plain(cfg: Any, missing_ok: bool = False) -> Any:
@@ -143,6 +150,9 @@ def check_loader_config(cfg: Mapping[str, Any], group: str, source: str | None =
     values = _plain(cfg, missing_ok=True)
     for key in present:
         _check_value(f"{group}.{key}", where, values[key], keys[key])
+    for key in PATH_KEYS:
+        if key in present and (problem := model_path_problem(f"{group}.{key}", values[key])):
+            raise ValueError(problem)
     return fn
 
 
@@ -154,4 +164,5 @@ def call_loader(cfg: Mapping[str, Any], group: str, **runtime: Any) -> Any:
     params = {k: v for k, v in _plain(cfg).items() if k not in EXTRA_KEYS[group]}
     loader = instantiate(params, _partial_=True, _convert_="all")
     accepted = inspect.signature(fn).parameters
-    return loader(**{k: v for k, v in runtime.items() if k in accepted})
+    with signals.stage(f"loading {_WHAT[group]} ({group}={cfg.get('name') or cfg['_target_']})"):
+        return loader(**{k: v for k, v in runtime.items() if k in accepted})

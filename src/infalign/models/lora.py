@@ -29,7 +29,7 @@ memory for the larger models, one more forward pass of compute. transformers che
 mode and the trainer keeps the policy in eval mode (no dropout), so :func:`update_passes` switches just those
 layers' own flag on for the update. A checkpointed layer drops the KV cache it is given, so the update's
 log-probs then run each sequence's prompt itself instead of sharing it between the k samples
-(``infalign.models.sampling.response_logprobs``).
+(``infalign.models.logprobs.response_logprobs``).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ Two traps handled here:
   n-gram bans, minimum lengths, ...); the `model.generate` path (only for `generation.cache_implementation`)
   switches all of those off (`pure_sampling.PURE_SAMPLING`) and refuses to sample if one would still apply.
 - Left-padded prompts need position ids that start at the first real token (as `generate` builds them);
-  `response_logprobs` uses the same, so the scored distribution is the sampled one.
+  `infalign.models.logprobs.response_logprobs` uses the same, so the scored distribution is the sampled one.
 
 Why a sampler of our own and not `model.generate` (measured in docs/benchmarks.md, section 6): no per-step
 processor, stopping-criteria and mask machinery; keys/values written into room allocated once instead of
@@ -34,7 +34,7 @@ from transformers.cache_utils import DynamicLayer
 
 from infalign.models.pure_sampling import check_pure_sampling, check_sampler_kwargs, generate_kwargs
 
-__all__ = ["Rollout", "tokenize_prompts", "generate", "decode_responses", "response_logprobs", "rollout_from_tokens"]
+__all__ = ["Rollout", "tokenize_prompts", "generate", "decode_responses", "rollout_from_tokens"]
 
 
 def tokenize_prompts(tokenizer, prompts: list[str], device=None) -> dict[str, torch.Tensor]:
@@ -305,83 +305,6 @@ def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
     """Response texts (special tokens and padding dropped), for a reward model with its own tokenizer."""
     ids = rollout.response_ids.masked_fill(rollout.response_mask == 0, tokenizer.pad_token_id)
     return tokenizer.batch_decode(ids, skip_special_tokens=True)
-
-
-def _shared_prompt_groups(ids: torch.Tensor, mask: torch.Tensor, head: int):
-    """(one row per distinct prompt prefix, the prefix row of each sequence), or None if none repeats."""
-    key = torch.cat([ids[:, :head], mask[:, :head]], dim=1)
-    distinct, inverse = torch.unique(key, dim=0, return_inverse=True)
-    if len(distinct) == len(ids):
-        return None
-    # any representative row will do: rows with the same key are identical
-    first = torch.empty(len(distinct), dtype=torch.long, device=ids.device)
-    first.scatter_(0, inverse, torch.arange(len(ids), device=ids.device))
-    return first, inverse
-
-
-def _pad_columns(x: torch.Tensor, width: int) -> torch.Tensor:
-    return torch.nn.functional.pad(x, (0, width - x.shape[1])) if x.shape[1] < width else x
-
-
-def _checkpointing(model) -> bool:
-    """Whether a forward of `model` now runs its decoder layers under gradient checkpointing (transformers'
-    activation checkpointing, switched on for the update by `infalign.models.lora.update_passes`). Such a layer
-    drops the KV cache it is given, so the prompt cannot be shared through one."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    return torch.is_grad_enabled() and any(isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing
-                                           and m.training for m in model.modules())
-
-
-def _response_log_softmax(model, rollout: Rollout) -> tuple[torch.Tensor, int]:
-    """The model's full next-token log-softmax at the response positions, `[S, W, V]` in fp32, where W is the
-    longest response among these rows (columns past it are padding in every row and are not run)."""
-    full_width = rollout.response_mask.shape[1]
-    width = int(rollout.response_mask.sum(-1).max()) if full_width else 0
-    ids = rollout.input_ids[:, : rollout.prompt_len + width]
-    mask = rollout.attention_mask[:, : rollout.prompt_len + width]
-    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
-    head = rollout.prompt_len - 1
-    # under gradient checkpointing each sequence runs its own prompt: a checkpointed layer would drop the shared cache
-    groups = _shared_prompt_groups(ids, mask, head) if head > 0 and width and not _checkpointing(model) else None
-    if groups is None:
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=width + 1,
-                       use_cache=False).logits[:, :-1]
-    else:
-        first, inverse = groups
-        cache = DynamicCache()
-        _run(model.base_model, cache, input_ids=ids[first, :head], attention_mask=mask[first, :head],
-             position_ids=position_ids[first, :head])
-        cache.batch_select_indices(inverse)  # an indexing op: autograd sums the k rows' gradients back
-        logits = _run(model, cache, input_ids=ids[:, head:-1], attention_mask=mask[:, :-1],
-                      position_ids=position_ids[:, head:-1]).logits
-    return torch.log_softmax(logits.float(), dim=-1), width
-
-
-def response_logprobs(model, rollout: Rollout, *, with_entropy: bool = False, full_vocabulary: bool = False):
-    """log pi(y_t | x, y_<t) for the response tokens, `[S, T]` (0 where masked).
-
-    The LM head runs only on the positions that predict response tokens, not on the prompt. When samples
-    share a prompt (k per prompt), the prompt minus its last token runs once per distinct prompt and its
-    keys/values are fanned out to the samples (gradients flow back through the fan-out, so the gradient is
-    the same as with one full pass per sample); then the last prompt token and the response run per sample.
-    Under gradient checkpointing (`_checkpointing`) every sample runs its whole sequence instead.
-    Position ids skip the left padding, exactly as in `generate`. With `with_entropy`, also returns the
-    per-token entropy of the policy (for logging; computed without grad). With `full_vocabulary`, also returns
-    the whole log-softmax `[S, W, V]` over the first W response columns (W = the longest response here;
-    later columns are padding in every row), for the exact per-token KL (`infalign.core.losses.token_kl`).
-    """
-    full_width = rollout.response_mask.shape[1]
-    logp_all, width = _response_log_softmax(model, rollout)
-    response_mask, response_ids = rollout.response_mask[:, :width], rollout.response_ids[:, :width]
-    logp = _pad_columns(logp_all.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1) * response_mask, full_width)
-    out = (logp,)
-    if with_entropy:
-        with torch.no_grad():
-            out += (_pad_columns(-(logp_all.exp() * logp_all).sum(-1) * response_mask, full_width),)
-    if full_vocabulary:
-        out += (logp_all,)
-    return out[0] if len(out) == 1 else out
 
 
 def rollout_from_tokens(tokenizer, prompts: list[str], tokens: torch.Tensor, lengths: torch.Tensor) -> Rollout:

@@ -17,6 +17,11 @@ A miss next to entries of the same kind says why before it builds: the stored ke
 diffed against the new one (:func:`explain_rebuild`) and logged as a warning, e.g. ``rebuilding reward: key
 max_response_tokens (data.max_response_tokens) changed from 64 to 16 (entry baface8a4a09b136); this takes about
 59 s, as that entry's build did``.
+
+A cache root that cannot be written (read-only, no permission, full) fails with a message naming the directory,
+the cause and the way out (``cache_root=...`` or ``$INFALIGN_CACHE``): up front when it holds no entry at all
+(:func:`check_cache_root`), else when an entry has to be built there. A build marks its stage
+(:mod:`infalign.runtime.signals`), so a stop signal during it names it; its temporary directory is removed.
 """
 from __future__ import annotations
 
@@ -34,10 +39,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from infalign.runtime import signals
 from infalign.runtime.atomic import (
+    WRITE_ERRNOS,
     atomic_write_text,  # noqa: F401  (re-exported: build.py imports it from here)
     give_plain_modes,
     make_temp_dir,
+    plain_mode,
+    write_error,
 )
 from infalign.runtime.paths import cache_root as default_cache_root
 
@@ -49,6 +58,35 @@ MANIFEST_VERSION = 1
 
 class CacheError(RuntimeError):
     """An entry could not be built or stored."""
+
+
+# what a build of each kind makes, for the stage a stop signal names
+KIND_LABELS = {"tokenizer": "the tokenizer", "policy": "the reference policy", "reward": "the reward model",
+               "reference_samples": "the calibration cache"}
+CACHE_FIX = "set cache_root=<a writable folder> (or $INFALIGN_CACHE) to keep the cache elsewhere"
+
+
+def cache_write_error(directory: Path, error: OSError, subject: str) -> OSError:
+    """The `FileWriteError` of a cache that cannot be written (`infalign.runtime.atomic.write_error`)."""
+    return write_error(directory, error, subject=subject, fix=CACHE_FIX)
+
+
+def check_cache_root(cache_root: str | Path | None) -> None:
+    """Refuse in milliseconds a cache root that cannot be written and holds no entry: every model would have to be
+    built there, and the first build would fail after the data was read. A read-only root that holds entries is
+    allowed (a shared, prebuilt cache), with a warning: a missing entry fails when it is built."""
+    root = Path(cache_root) if cache_root is not None else Path(default_cache_root())
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        plain_mode(root)  # creates and removes a probe file: the one sure test (root ignores permission bits)
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        if root.is_dir() and any(not p.name.startswith(".") for p in root.iterdir()):
+            log.warning("cache_root %s cannot be written (%s): its entries are used, but one that must be built "
+                        "fails; %s", root, e.strerror, CACHE_FIX)
+            return
+        raise cache_write_error(root, e, f"into the cache directory cache_root={root}") from None
 
 
 def _canonical(obj: Any) -> Any:
@@ -313,6 +351,13 @@ def explain_rebuild(cache_root: str | Path | None, kind: str, key: Mapping[str, 
             f"(entry {name}); {cost}")
 
 
+def _written_in(error: OSError, folder: Path) -> bool:
+    """Whether `error` came from a file inside `folder` (its `filename`, or a `FileWriteError`'s `path`); an error
+    that names no file is taken to, since the build writes nowhere else."""
+    name = getattr(error, "path", None) or error.filename
+    return name is None or str(name).startswith(str(folder))
+
+
 def get_or_build(
     cache_root: str | Path | None,
     kind: str,
@@ -320,6 +365,7 @@ def get_or_build(
     build: Callable[[Path], Mapping[str, Any] | None],
     *,
     sources: Mapping[str, str] | None = None,
+    what: str | None = None,
 ) -> CacheEntry:
     """Return the entry for ``key`` under ``<cache_root>/<kind>/``, building it first if needed.
 
@@ -327,7 +373,8 @@ def get_or_build(
     dict (metrics, versions) that is stored in the manifest and returned as ``entry.meta``.
     If two processes build the same entry concurrently, the first rename wins and the other's copy is
     dropped; both return a valid entry. Where other entries of ``kind`` exist, the keys that changed against
-    the nearest one are logged before the build (``sources``: see :func:`explain_rebuild`).
+    the nearest one are logged before the build (``sources``: see :func:`explain_rebuild`). ``what`` names the
+    artefact in the build's stage (default: :data:`KIND_LABELS`), e.g. ``"the distillation pool"``.
     """
     key = _canonical(key)
     path = entry_path(cache_root, kind, key)
@@ -343,12 +390,24 @@ def get_or_build(
         log.debug("could not compare %s/%s with the stored entries: %s", kind, path.name, e)
     if why:
         log.warning("%s", why)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_dead_builds(path.parent)
-    tmp = make_temp_dir(path.parent, _temp_prefix(path.name))  # 0o777 less the umask, not mkdtemp's 0700
+    label = what or KIND_LABELS.get(kind, kind)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_dead_builds(path.parent)
+        tmp = make_temp_dir(path.parent, _temp_prefix(path.name))  # 0o777 less the umask, not mkdtemp's 0700
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        raise cache_write_error(path.parent, e, f"{label} into the cache at {path.parent}") from None
     try:
         t0 = time.time()
-        meta = dict(build(tmp) or {})
+        try:
+            with signals.stage(f"building {label}"):
+                meta = dict(build(tmp) or {})
+        except OSError as e:  # what the build writes into its temporary directory, on a full disk say
+            if e.errno not in WRITE_ERRNOS or not _written_in(e, tmp):
+                raise
+            raise cache_write_error(path.parent, e, f"{label} into the cache at {path.parent}") from None
         give_plain_modes(tmp)  # safetensors writes model files 0600: readable by whom the umask allows
         manifest = {
             "version": MANIFEST_VERSION,

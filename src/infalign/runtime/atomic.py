@@ -16,13 +16,19 @@ The same goes for what other libraries write: safetensors (0.8) saves through an
 0700 directories. `make_temp_dir` creates a build directory as `os.mkdir` does, and `give_plain_modes` gives the
 owner-only files and directories of a tree just written the mode a plain create would have given them there,
 read off a probe file (and directory) created the plain way, so again the umask is never read by setting it.
+
+A write that fails for want of space or permission (`WRITE_ERRNOS`) raises `FileWriteError`, an `OSError` whose
+message names the file, the cause and what to do (`write_error`); `open_no_follow` is the one way to append to a
+file in a run directory: a symbolic link planted there is replaced by a plain file, its target never written.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
+import logging
 import os
 import secrets
 from collections.abc import Callable, Iterable, Mapping
@@ -30,14 +36,48 @@ from pathlib import Path
 from typing import IO, Any
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_write_csv",
-           "atomic_write_figure", "give_plain_modes", "make_temp_dir", "plain_mode", "read_csv_rows",
-           "remove_stale_temps", "TMP_SUFFIX"]
+           "atomic_write_figure", "give_plain_modes", "make_temp_dir", "open_no_follow", "plain_mode",
+           "read_csv_rows", "remove_stale_temps", "write_error", "FileWriteError", "TMP_SUFFIX", "WRITE_ERRNOS"]
+
+log = logging.getLogger(__name__)
 
 TMP_SUFFIX = ".tmp"
 # mkstemp's flags: exclusive creation, no following a planted symlink, binary on Windows, not inherited
 _CREATE = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
            | getattr(os, "O_CLOEXEC", 0))
 _TRIES = 100
+# The causes of a failed write that the user, not the program, has to fix: full disk or quota, read-only mount,
+# permissions, a file over the file system's size limit, a failing disk
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO})
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class FileWriteError(OSError):
+    """A file could not be written; the message names it, the cause and what to do. An `OSError` (with the
+    cause's `errno`), so handlers of the original error still catch it; `path` is the file."""
+
+    def __init__(self, message: str, code: int | None, path: Path):
+        super().__init__(message)
+        self.errno, self.path = code, Path(path)  # no strerror: str() stays the message alone
+
+
+def write_error(path: str | Path, error: OSError, what: str = "", fix: str = "write it elsewhere",
+                subject: str | None = None) -> FileWriteError:
+    """`FileWriteError` for `error` (raised writing `path`): `cannot write <what> <path>: <cause> (<ERRNO>). <what
+    to do>`; `subject` replaces `<what> <path>`. The advice names the directory to free space on or make writable
+    (`path` when it is a directory, else the one that holds it) and ends with `fix`."""
+    path = Path(path)
+    code = error.errno
+    cause = f"{error.strerror or error} ({errno.errorcode.get(code, code)})" if code else str(error)
+    folder = path if path.is_dir() else path.parent
+    if code in _FULL:
+        todo = f"Free space on the disk that holds {folder} (`df -h {folder}` shows it), or {fix}"
+    elif code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        todo = f"Make {folder} writable, or {fix}"
+    else:
+        todo = f"Check the disk that holds {folder}, or {fix}"
+    subject = subject or f"{what + ' ' if what else ''}{path}"
+    return FileWriteError(f"cannot write {subject}: {cause}. {todo}.", code, path)
 
 
 def _create_temp(path: Path) -> tuple[int, str]:
@@ -128,14 +168,25 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _user_fixable(e: BaseException) -> bool:
+    return isinstance(e, OSError) and not isinstance(e, FileWriteError) and e.errno in WRITE_ERRNOS
+
+
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None],
                  before_replace: Callable[[Path], None] | None = None) -> Path:
     """Call `write(binary_file)` on a temp file next to `path`, fsync it, and rename it over `path`.
 
-    `before_replace(temp_path)` runs between the fsync and the rename (e.g. to record a checksum first)."""
+    `before_replace(temp_path)` runs between the fsync and the rename (e.g. to record a checksum first). The rename
+    replaces a symbolic link at `path` itself, never its target. A full disk or a read-only directory raises
+    `FileWriteError` naming `path` (the old file, if any, is left as it was)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _create_temp(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = _create_temp(path)
+    except OSError as e:
+        if _user_fixable(e):
+            raise write_error(path, e) from e
+        raise
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -144,11 +195,47 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None],
         if before_replace is not None:
             before_replace(Path(tmp))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if _user_fixable(e):
+            raise write_error(path, e) from e
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def _warn_replaced(path: Path, target: str) -> None:
+    log.warning("%s was a symbolic link (to %s); replaced it by a plain file, left its target untouched", path, target)
+
+
+def open_no_follow(path: str | Path, mode: str = "a", *, encoding: str | None = "utf-8", errors: str | None = None,
+                   newline: str | None = None, on_link: Callable[[Path, str], None] = _warn_replaced) -> IO:
+    """`open(path, mode)` for writing (`"a"` or `"w"`, text) that never writes through a symbolic link: one found
+    at `path` is removed (its target left as it was), with a warning, and a plain file created in its place.
+
+    For files a run appends to in its directory (the job log, Lightning's metrics CSV), where a planted link
+    would make the run write into any file its user may write. `O_NOFOLLOW` makes the check and the open one
+    step, so a link planted between them is refused too. `on_link(path, link target)` reports a replaced link
+    (default: a logged warning)."""
+    if mode not in ("a", "w"):
+        raise ValueError(f"open_no_follow opens text files for writing with mode 'a' or 'w', got {mode!r}")
+    path = Path(path)
+    flags = (os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+             | (os.O_APPEND if mode == "a" else os.O_TRUNC))
+    for _ in range(3):  # a link re-planted at once after we removed one is refused below
+        try:
+            fd = os.open(path, flags, 0o666)  # 0o666 less the umask, as open() creates a file
+            return os.fdopen(fd, mode, encoding=encoding, errors=errors, newline=newline)
+        except OSError as e:
+            if not path.is_symlink():  # ELOOP (EMLINK on some BSDs) is how O_NOFOLLOW refuses a link
+                if _user_fixable(e):
+                    raise write_error(path, e) from e
+                raise
+        target = os.readlink(path)
+        os.unlink(path)  # the link itself, not what it points to
+        on_link(path, target)
+    raise FileExistsError(f"{path}: a symbolic link is planted there again each time it is removed; refusing to "
+                          "write through it")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

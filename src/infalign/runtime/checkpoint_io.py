@@ -13,6 +13,10 @@ another file system, without fsync. A SIGKILL or power cut mid-copy can leave a 
 
 The sidecar is written *before* the checkpoint is renamed and lists the new digest followed by the
 previous ones, so a crash between the two renames leaves a valid (older) checkpoint that still verifies.
+
+A full disk (or a directory that became read-only) while saving raises `FileWriteError` naming the checkpoint,
+the cause and what to do; the checkpoint already in place stays. (torch.save turns the disk's `OSError` into
+"unexpected pos 166976 vs 166864", so the writer keeps the first `OSError` it saw.)
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from infalign.runtime.artifacts import file_sha256
-from infalign.runtime.atomic import atomic_write, atomic_write_json
+from infalign.runtime.atomic import WRITE_ERRNOS, FileWriteError, atomic_write, atomic_write_json, write_error
 
 log = logging.getLogger(__name__)
 
@@ -123,12 +127,17 @@ class SafeCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         path = Path(path)
         digest = hashlib.sha256()
+        failed: list[OSError] = []  # what the disk said, which torch.save replaces by its own RuntimeError
 
         def write(f):
             class Hashing:  # hash while torch writes, instead of reading the file back
                 def write(self, data):
                     digest.update(data)
-                    return f.write(data)
+                    try:
+                        return f.write(data)
+                    except OSError as e:
+                        failed.append(e)
+                        raise
 
                 def flush(self):
                     f.flush()
@@ -139,7 +148,16 @@ class SafeCheckpointIO(TorchCheckpointIO):
             digests = list(dict.fromkeys([digest.hexdigest(), *(_known_digests(path) or [])]))
             atomic_write_json(checksum_path(path), {"file": path.name, "sha256": digests[:_KEEP_DIGESTS]})
 
-        atomic_write(path, write, before_replace=record_digest)
+        try:
+            atomic_write(path, write, before_replace=record_digest)
+        except Exception as e:
+            cause = e.__cause__ if isinstance(e, FileWriteError) else (failed[0] if failed else e)
+            if not (isinstance(cause, OSError) and cause.errno in WRITE_ERRNOS):
+                raise
+            side = f" (its checksum file {e.path.name})" if isinstance(e, FileWriteError) and e.path != path else ""
+            raise write_error(path, cause, what=f"checkpoint{side}",
+                              fix="point hydra.run.dir elsewhere. The checkpoint already there, if any, is unchanged: "
+                                  "continue the run with resume=true once there is room") from None
 
     def load_checkpoint(self, path, map_location: Callable | Any = None, weights_only: bool | None = None) -> dict:
         if weights_only is False:

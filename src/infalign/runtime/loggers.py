@@ -2,7 +2,9 @@
 
 - `ResumableCSVLogger`: Lightning's CSV logger deletes an existing `metrics.csv` when it starts; on resume we
   keep it (the checkpoint's row count trims what the dead run wrote after its last checkpoint, see
-  `infalign.trainer.checkpointing`), and the file is rewritten atomically when new columns appear.
+  `infalign.trainer.checkpointing`), and the file is rewritten atomically when new columns appear. Rows are
+  appended with `open_no_follow` and `hparams.yaml` written atomically: Lightning's `open(path, "a")` and
+  `open(path, "w")` would write through a symbolic link planted in the run directory.
 - `GuardedLogger`: wraps the configured remote logger. If it cannot be created (W&B not installed), cannot
   start (not logged in, no network) or fails mid-run, the failure is reported once as a warning, the logger is
   switched off, and training and the local files (logs/metrics.csv, eval_metrics.csv, final_metrics.json)
@@ -18,19 +20,23 @@
 
 from __future__ import annotations
 
+import csv
 import logging
+import os
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
+from lightning.pytorch.core.saving import save_hparams_to_yaml
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
 
-from infalign.runtime.atomic import atomic_write_csv, read_csv_rows
+from infalign.runtime.atomic import TMP_SUFFIX, atomic_write_csv, open_no_follow, read_csv_rows
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +58,33 @@ class _CSVWriter(ExperimentWriter):
     def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
         # Lightning rewrites the file in place: a kill mid-rewrite would lose every earlier row
         atomic_write_csv(self.metrics_file_path, read_csv_rows(self.metrics_file_path)[1], fieldnames)
+
+    def save(self) -> None:
+        """Lightning's `save` (lightning 2.6 `ExperimentWriter.save`), appending through `open_no_follow`."""
+        if not self.metrics:
+            return
+        new_keys = self._record_new_keys()
+        exists = os.path.isfile(self.metrics_file_path) and not os.path.islink(self.metrics_file_path)
+        if new_keys and exists:
+            self._rewrite_with_new_header(self.metrics_keys)
+        with open_no_follow(self.metrics_file_path, "a" if exists else "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
+            if not exists:  # a fresh file (or a planted link replaced by one) starts with the header
+                writer.writeheader()
+            writer.writerows(self.metrics)
+        self.metrics = []
+
+    def log_hparams(self, params: dict[str, Any]) -> None:
+        """`hparams.yaml` written by Lightning into a fresh temporary name, then renamed over the old one."""
+        self.hparams.update(params)
+        path = os.path.join(self.log_dir, self.NAME_HPARAMS_FILE)
+        tmp = os.path.join(self.log_dir, f".{self.NAME_HPARAMS_FILE}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+        try:
+            save_hparams_to_yaml(tmp, self.hparams)
+            os.replace(tmp, path)  # replaces a link at `path` itself, never its target
+        finally:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
 
 
 class _AppendingCSVWriter(_CSVWriter):

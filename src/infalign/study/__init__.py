@@ -10,34 +10,22 @@ the closed-form theory (infalign.theory). No Lightning: it reads the runs' final
     python -m infalign.study <sweep dir>     (also run by the sweep callback at the end of every multirun)
 """
 
-from infalign.study.analysis import (
-    Study,
-    aggregate,
-    analyze_sweep,
-    matched_kl,
-    optimum_at,
-    optimum_curve,
-    run_rows,
-    theory_at_kl,
-)
-from infalign.study.figures import plot_metric, study_figure, write_figures
-from infalign.study.report import markdown, write_study
-from infalign.study.runs import collect_runs, transform_from_run
+import importlib
 
-__all__ = [
-    "Study",
-    "aggregate",
-    "analyze_sweep",
-    "collect_runs",
-    "markdown",
-    "matched_kl",
-    "optimum_at",
-    "optimum_curve",
-    "plot_metric",
-    "run_rows",
-    "study_figure",
-    "theory_at_kl",
-    "transform_from_run",
-    "write_figures",
-    "write_study",
-]
+# Imported on first use (PEP 562): train.py instantiates the sweep callback (infalign.study.sweep) at Hydra's
+# start-up, before the config is checked, and the analysis imports torch (~2 s) that a refused config never needs.
+_EXPORTS = {
+    "analysis": ("Study", "aggregate", "analyze_sweep", "matched_kl", "optimum_at", "optimum_curve", "run_rows",
+                 "theory_at_kl"),
+    "figures": ("plot_metric", "study_figure", "write_figures"),
+    "report": ("markdown", "write_study"),
+    "runs": ("collect_runs", "transform_from_run"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name in _MODULE_OF:
+        return getattr(importlib.import_module(f"infalign.study.{_MODULE_OF[name]}"), name)
+    raise AttributeError(f"module 'infalign.study' has no attribute {name!r}")

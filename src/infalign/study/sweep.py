@@ -24,15 +24,11 @@ import logging
 import sys
 from pathlib import Path
 
-import numpy as np
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
-from infalign.runtime.atomic import atomic_write_csv, atomic_write_figure
-from infalign.study.report import write_study
-from infalign.study.runs import calibration_m, collect_runs, transform_from_run
-from infalign.theory import tilted_density
-from infalign.theory.efficiency import calibrated_transform
+# numpy, the study and the theory (which import torch) are imported where they are used: Hydra instantiates
+# SweepSummaryCallback at the start of every `python train.py`, before the config is checked (train.py).
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +41,12 @@ def _theory_curves(sweep_dir: Path, rows: list[dict]) -> dict[tuple[str, int], l
 
     The transform is rebuilt as data (infalign.study.runs: allow-listed transforms, the recorded t, nothing
     executed); a member whose config is refused is logged and gets no curve, its measured points still show."""
+    import numpy as np
+
+    from infalign.study.runs import calibration_m, transform_from_run
+    from infalign.theory import tilted_density
+    from infalign.theory.efficiency import calibrated_transform
+
     curves, betas = {}, np.geomspace(0.005, 5.0, 30)
     for row in rows:
         name, n = row.get("transform"), int(row["n"])
@@ -77,6 +79,9 @@ def write_summary(sweep_dir: Path) -> tuple[Path, Path] | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from infalign.runtime.atomic import atomic_write_csv, atomic_write_figure
+    from infalign.study.runs import collect_runs
 
     sweep_dir = Path(sweep_dir)
     rows = collect_runs(sweep_dir)
@@ -115,6 +120,8 @@ def write_summary(sweep_dir: Path) -> tuple[Path, Path] | None:
 
 class SweepSummaryCallback(Callback):
     def on_multirun_end(self, config, **kwargs) -> None:
+        from infalign.study.report import write_study
+
         sweep_dir = Path(config.hydra.sweep.dir)
         if write_summary(sweep_dir) is None:
             return  # no finished runs (already logged)

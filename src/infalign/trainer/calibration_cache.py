@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from infalign.runtime import signals
 from infalign.runtime.artifacts import fingerprint, get_or_build, lookup
 from infalign.runtime.distributed import all_gather_object, barrier, broadcast_object, rank_and_world
 from infalign.runtime.seeds import derive_seed
@@ -124,9 +125,10 @@ def load_or_build_reference_samples(
         starts = list(range(0, len(prompts), prompts_per_batch))
 
         def sample_my_share() -> dict[int, tuple[torch.Tensor, list[list[str]], torch.Tensor, torch.Tensor]]:
-            done = {}
+            done, sampled = {}, 0
             desc = f"{what}: {len(prompts)} prompts x M={m}" + (f", {world} processes" if world > 1 else "")
             for b in tqdm(range(rank, len(starts), world), desc=desc, disable=not progress or rank != 0):
+                signals.progress(f"{sampled}/{len(prompts)} prompts")  # named if a stop signal lands now
                 chunk = prompts[starts[b] : starts[b] + prompts_per_batch]
                 reward_chunk = reward_prompts[starts[b] : starts[b] + prompts_per_batch]
                 # each batch seeded: independent of batch order, resume and rank
@@ -138,6 +140,7 @@ def load_or_build_reference_samples(
                 ids = r.response_ids.masked_fill(r.response_mask == 0, tokenizer.pad_token_id).cpu().to(torch.int32)
                 done[b] = (scored.rewards.float().cpu(), [texts[i * m : (i + 1) * m] for i in range(len(chunk))],
                            ids, r.lengths.cpu().to(torch.int32))
+                sampled += len(chunk) * world
             return done
 
         if rank == 0:
@@ -161,7 +164,7 @@ def load_or_build_reference_samples(
                 (out / "responses.json").write_text(json.dumps(responses))
                 return {"prompts": len(prompts), "m": m, "mean_reward": float(table.mean()), "processes": world}
 
-            entry = get_or_build(cache_root, KIND, key, build)  # temp dir + atomic rename: stored once
+            entry = get_or_build(cache_root, KIND, key, build, what=f"the {what}")  # temp dir + atomic rename: once
             if not gathered:  # another job stored the entry meanwhile: still meet the other ranks' gather
                 all_gather_object({})
         else:

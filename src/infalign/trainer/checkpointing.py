@@ -2,8 +2,11 @@
 
 `LastCheckpoint` keeps `checkpoints/last.ckpt` current at safe points only (between RL iterations): every
 `checkpoint.every` iterations, at the end of training, and at the end of the iteration in which SIGINT or
-SIGTERM arrived, after which it stops the run (exit status 128 + signal number, with the command that resumes).
-`check_run_options` checks `checkpoint.every` and the resume options before anything is loaded.
+SIGTERM arrived, after which it stops the run (exit status 128 + signal number, with the command that resumes);
+a signal during the final evaluation stops the run after the final checkpoint. At every other stage (data,
+models, calibration cache, distillation pool, writing the results) `exit_on_stop_signal` around the run stops it
+at once (`infalign.runtime.signals`: nothing half-built is kept) and prints what was stopped and the command that
+continues it. `check_run_options` checks `checkpoint.every` and the resume options before anything is loaded.
 
 Why not Lightning's own machinery:
 - `ModelCheckpoint(save_top_k=0, save_last=True)` in Lightning 2.6 writes `last.ckpt` at an epoch's end only
@@ -23,6 +26,7 @@ nothing is counted twice. The run's config and resume history go out with the ch
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import sys
@@ -32,32 +36,25 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger
 
+from infalign.runtime import signals
 from infalign.runtime.atomic import atomic_write_csv, read_csv_rows
-from infalign.trainer.resume import LAST, append_history, write_run_config
+from infalign.trainer.resume import LAST, append_history, resume_command, write_run_config
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LastCheckpoint", "TrainingInterrupted", "check_run_options", "truncate_csv", "METRIC_FILES", "STOP_SIGNALS"]
+__all__ = ["LastCheckpoint", "TrainingInterrupted", "check_run_options", "exit_on_stop_signal", "stopped_message",
+           "truncate_csv", "METRIC_FILES", "STOP_SIGNALS"]
 
 METRIC_FILES = ("logs/metrics.csv", "eval_metrics.csv")  # relative to the run directory
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def check_run_options(cfg) -> None:
-    """`resume`, `overwrite` and `checkpoint.every`: clear errors before anything is loaded."""
-    if not (cfg.resume is True or cfg.resume is False or cfg.resume == "auto"):
-        raise ValueError(f"resume must be true, false or auto, got {cfg.resume!r}")
-    if not isinstance(cfg.overwrite, bool):
-        raise ValueError(f"overwrite must be true or false, got {cfg.overwrite!r}")
-    if not isinstance(cfg.get("resume_allow_changes", False), bool):
-        raise ValueError(f"resume_allow_changes must be true or false, got {cfg.resume_allow_changes!r}")
-    if cfg.resume is not False and cfg.overwrite:
-        raise ValueError("resume and overwrite=true contradict each other: resume continues the run in "
-                         "hydra.run.dir, overwrite replaces it; pass one of them")
-    every = cfg.checkpoint.every
-    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-        raise ValueError(f"checkpoint.every must be an integer >= 0 (0: only at the end and on a stop signal), "
-                         f"got {every!r}")
+    """`resume`, `overwrite`, `resume_allow_changes` and `checkpoint.every`: clear errors before anything is
+    loaded. The rules are the config schema's (`infalign.runtime.schema`, which `train.py` applies first)."""
+    from infalign.runtime.schema import check_run_options as schema_rules
+
+    schema_rules(cfg)
 
 
 class TrainingInterrupted(Exception):
@@ -124,6 +121,7 @@ class LastCheckpoint(L.Callback):
 
     def on_train_start(self, trainer, module) -> None:
         self.stop_signal = None
+        signals.relabel("training")  # what a stop before our handlers are in would name (exit_on_stop_signal)
         self._install()  # after Lightning's own SIGTERM handler, which this replaces while training runs
 
     def on_exception(self, trainer, module, exception) -> None:
@@ -145,6 +143,10 @@ class LastCheckpoint(L.Callback):
         # always, even right after an iteration's save: this one follows the final evaluation, so it holds its
         # result (WinRateCallback state) and metric rows; a resume from it finds the run finished
         self.save(trainer)
+        signals.relabel("writing the results (policy/, final_metrics.json) after the final checkpoint")
+        # it arrived during the final evaluation: stop as promised (every process decides alike, as above)
+        if trainer.strategy.reduce_boolean_decision(self.stop_signal is not None, all=False):
+            raise TrainingInterrupted(self.stop_signal or signal.SIGTERM, trainer.current_epoch, self.path)
 
     def save(self, trainer) -> None:
         trainer.save_checkpoint(self.path, weights_only=False)  # the full state: optimizer, loops, callbacks
@@ -173,3 +175,37 @@ class LastCheckpoint(L.Callback):
             dropped = truncate_csv(self.run_dir / rel, int(rows))
             if dropped:
                 log.info("resume: dropped %d row(s) of %s written after the checkpoint", dropped, rel)
+
+
+# ------------------------------------------------------------------ a stop at any other stage
+def stopped_message(stop: signals.StoppedBySignal, run_dir: Path, task_overrides: list[str]) -> str:
+    """What was stopped and the command that continues: from the last checkpoint when the run has one, else the
+    same run again (resume=auto: a run directory left without a checkpoint is started afresh)."""
+    last = Path(run_dir) / "checkpoints" / LAST
+    if last.is_file():
+        return (f"{stop}; the last checkpoint {last} is kept, nothing half-written was.\n"
+                f"Continue it with:\n  {resume_command(task_overrides, run_dir)}")
+    return (f"{stop}; nothing partial was kept (what was built before is cached, and reused).\n"
+            f"Run the same command again to continue:\n  {resume_command(task_overrides, run_dir, resume='auto')}")
+
+
+def exit_on_stop_signal(run):
+    """Decorate the run (`infalign.trainer.run.run`): SIGINT or SIGTERM at any stage stops it at once
+    (`infalign.runtime.signals.stop_on_signals`; during training `LastCheckpoint` handles them), prints what was
+    stopped and what to run next, and exits with status 128 + the signal's number."""
+
+    @functools.wraps(run)
+    def wrapper(cfg, *args, **kwargs):
+        with signals.stop_on_signals():
+            try:
+                return run(cfg, *args, **kwargs)
+            except signals.StoppedBySignal as stop:
+                from hydra.core.hydra_config import HydraConfig
+
+                hydra = HydraConfig.get()
+                message = stopped_message(stop, Path(hydra.runtime.output_dir), list(hydra.overrides.task))
+                log.warning("%s", message.splitlines()[0])  # the run's log records it too
+                print(f"\n{message}", file=sys.stderr, flush=True)
+                raise SystemExit(stop.exit_code) from None
+
+    return wrapper

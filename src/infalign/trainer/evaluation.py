@@ -32,7 +32,7 @@ from torchmetrics import MeanMetric, Metric
 from infalign.core.calibration import EmpiricalCalibrator, check_rewards, leave_one_out_calibrated
 from infalign.core.losses import sequence_kl
 from infalign.core.metrics import InferenceTimeWinRate, inference_win_rate_per_prompt
-from infalign.models.sampling import response_logprobs
+from infalign.models.logprobs import response_logprobs
 from infalign.runtime.atomic import atomic_write_csv, atomic_write_json, atomic_write_text, read_csv_rows
 from infalign.runtime.console import format_metrics
 from infalign.runtime.distributed import all_gather_object
@@ -325,7 +325,7 @@ class WinRateCallback(L.Callback):
         rows = [{"iteration": iteration, "step": step, **r} for r in self.sample_rows]
         path = self.out_dir / SAMPLES_JSONL
         kept = []
-        if path.is_file():
+        if path.is_file() and not path.is_symlink():  # a planted link is replaced (atomic write), never read
             kept = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("iteration", 0) < iteration]
         atomic_write_text(path, "".join(f"{line}\n" for line in [*kept, *(json.dumps(r) for r in rows)]))

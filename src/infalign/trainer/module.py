@@ -51,6 +51,7 @@ from infalign.core.losses import (
     sequence_kl,
     token_kl,
 )
+from infalign.models.logprobs import response_logprobs
 from infalign.models.lora import (
     adapter_parameter_names,
     add_lora,
@@ -59,7 +60,7 @@ from infalign.models.lora import (
     merged_copy,
     update_passes,
 )
-from infalign.models.sampling import Rollout, response_logprobs, rollout_from_tokens
+from infalign.models.sampling import Rollout, rollout_from_tokens
 from infalign.runtime.seeds import derive_seed
 from infalign.trainer.rollout import RolloutBuffer, sample_and_score
 

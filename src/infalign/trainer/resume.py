@@ -125,12 +125,13 @@ def resolve_resume(run_dir: Path, resume, overwrite: bool) -> Path | None:
     return None
 
 
-def resume_command(task_overrides: list[str], run_dir: Path) -> str:
-    """The command line that continues this run: its own overrides, its directory, resume=true."""
+def resume_command(task_overrides: list[str], run_dir: Path, resume: str = "true") -> str:
+    """The command line that continues this run: its own overrides, its directory, resume=true (`resume="auto"`
+    for a run that may have no checkpoint yet: stopped before training)."""
     # the checkpoint records the config it was trained with, so continuing needs no resume_allow_changes
     drop = ("resume=", "overwrite=", "hydra.run.dir=", "+resume=", "resume_allow_changes=", "+resume_allow_changes=")
     kept = [o for o in task_overrides if not o.startswith(drop)]
-    args = [*kept, f"hydra.run.dir={run_dir}", "resume=true"]
+    args = [*kept, f"hydra.run.dir={run_dir}", f"resume={resume}"]
     return "python train.py " + " ".join(shlex.quote(a) for a in args)
 
 
@@ -298,7 +299,7 @@ def write_run_config(run_dir: Path, record: dict, iteration: int) -> None:
 def append_history(run_dir: Path, entry: dict) -> None:
     """One line (`ResumePlan.entry`) more in `resume_history.jsonl`, the whole file rewritten atomically."""
     path = run_dir / RESUME_HISTORY
-    old = path.read_text() if path.is_file() else ""
+    old = path.read_text() if path.is_file() and not path.is_symlink() else ""  # a planted link: replaced, unread
     if old and not old.endswith("\n"):
         old += "\n"
     atomic_write_text(path, old + json.dumps(entry, sort_keys=True) + "\n")

@@ -29,13 +29,13 @@ from infalign.models.lora import check_lora_settings, check_target_modules
 from infalign.models.policy import format_prompts, load_policy
 from infalign.models.pure_sampling import sampling_kwargs
 from infalign.models.reward import load_reward_model
-from infalign.runtime.artifacts import fingerprint
+from infalign.runtime.artifacts import check_cache_root, fingerprint
 from infalign.runtime.atomic import give_plain_modes
 from infalign.runtime.checkpoint_io import SafeCheckpointIO
 from infalign.runtime.console import format_number, quiet_console
 from infalign.runtime.loggers import build_loggers, finish_loggers, run_identity, swept_keys
 from infalign.trainer.calibration_cache import load_or_build_reference_samples
-from infalign.trainer.checkpointing import LastCheckpoint, TrainingInterrupted
+from infalign.trainer.checkpointing import LastCheckpoint, TrainingInterrupted, exit_on_stop_signal
 from infalign.trainer.config import validate_config
 from infalign.trainer.datamodule import RolloutDataModule
 from infalign.trainer.evaluation import WinRateCallback, atomic_write_json
@@ -131,6 +131,7 @@ def calibration_key(cfg: DictConfig, partitions, prompt_ids: list[str], gen_kwar
             "generation": {k: v for k, v in gen_kwargs.items() if k != "cache_implementation"}}
 
 
+@exit_on_stop_signal  # SIGINT/SIGTERM at any stage: says what was stopped and what to run next
 def run(cfg: DictConfig) -> dict:
     started = time.time()
     quiet_console()  # Lightning's lines once, no tips, no per-load bars (infalign.runtime.console)
@@ -157,6 +158,7 @@ def run(cfg: DictConfig) -> dict:
         raise ValueError(f"transform={choices.get('transform')} and calibrator={choices.get('calibrator')} do not fit: "
                          "raw rewards go with calibrator=passthrough, calibrated transforms with calibrator=empirical")
 
+    check_cache_root(cfg.cache_root)  # an unwritable, empty cache fails now, not after the data is read
     partitions = load_partitions(cfg.data)
     reference, tokenizer = load_policy(cfg.model, cfg.data, cfg.cache_root, partitions=partitions, progress=cfg.progress)
     _check_context(reference, cfg)
