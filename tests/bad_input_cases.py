@@ -21,7 +21,7 @@ class Case:
     overrides: tuple[str, ...]  # on top of the smoke scale (tests/test_bad_input.py SMOKE)
     match: str  # regex the message must match: it names the key (and the value)
     stage: str = "schema"
-    setup: str | None = None  # a function of tests/test_bad_input.py that prepares the run directory
+    setup: str | None = None  # a function of tests/test_bad_input.py that breaks the run directory or the cache root
     label: str | None = None  # how the README's table names the case; default: the overrides
 
     @property
@@ -98,11 +98,21 @@ CASES = [
     case("reward.backbone=bert", stage="config", match=r"reward.backbone must be one of 'minilm', .*got 'bert'"),
     case("model=smollm2", stage="config",  # the smoke scale's model keys are model=tiny's
          match=r"model.tokenizer: unknown key in conf/model/smollm2.yaml \(as composed with conf/scale/smoke"),
+    # a model given by path (its folder: infalign.runtime.model_paths), refused before the smoke scale's model keys
+    case("model=hf", "model.name_or_path=/nonexistent",
+         match=r"^model.name_or_path=/nonexistent: no such local folder \(/nonexistent does not exist, relative to .*\); "
+               r"a hub id looks like org/name"),
+    case("model=hf", "model.tokenizer_name_or_path=/nonexistent",
+         match=r"^model.tokenizer_name_or_path=/nonexistent: no such local folder"),
+    case("reward=hf", "reward.name_or_path=/nonexistent", match=r"^reward.name_or_path=/nonexistent: no such local folder"),
     # the run directory and the data
     case("resume=maybe", match=r"resume must be true, false or auto .*got 'maybe'"),
     case("resume=true", "overwrite=true", match=r"resume and overwrite=true contradict each other"),
     case("checkpoint.every=-1", match=r"checkpoint.every must be an integer >= 0 .*got -1"),
     case("data.source=ftp", match=r"data.source must be one of 'local', 'hub', 'auto' .*got 'ftp'"),
+    case(setup="read_only_cache", label="an empty `cache_root` that cannot be written",
+         match=r"^cannot write into the cache directory cache_root=\S+: Read-only file system \(EROFS\)\. Make \S+ "
+               r"writable, or set cache_root=<a writable folder> \(or \$INFALIGN_CACHE\)"),
     case("data.root=/nonexistent", stage="run", match=r"no local file at /nonexistent.*data.root.*data.source=hub"),
     case("data.root=/nonexistent", "data.source=local", stage="run",
          match=r"not found: /nonexistent.*data.root.*data.source=hub"),

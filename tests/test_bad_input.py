@@ -21,6 +21,7 @@ from bad_input_cases import CASES, FINE, WARNINGS
 from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf, open_dict
+from test_file_errors import read_only_mount
 from test_reliability import plant_pickle
 
 from infalign.runtime.checkpoint_io import SafeCheckpointIO
@@ -33,18 +34,33 @@ REPO = Path(__file__).resolve().parents[1]
 SMOKE = ["scale=smoke", "progress=false", "logger=none", "num_threads=1"]
 
 
-def corrupt_checkpoint(run_dir):
+# ------------------------------------------------------------------- setups: (run_dir, cache=, monkeypatch=)
+def corrupt_checkpoint(run_dir, **_):
     path = run_dir / "checkpoints" / "last.ckpt"
     SafeCheckpointIO().save_checkpoint({"epoch": 1, "state_dict": {"w": torch.zeros(1000)}}, path)
     path.write_bytes(path.read_bytes()[:1000])
 
 
-def malicious_checkpoint(run_dir):
+def malicious_checkpoint(run_dir, **_):
     plant_pickle(run_dir / "checkpoints" / "last.ckpt", run_dir / "PWNED")
 
 
-def finished_run(run_dir):
+def finished_run(run_dir, **_):
     (run_dir / "final_metrics.json").write_text("{}")
+
+
+def read_only_cache(run_dir, *, cache, monkeypatch):
+    """An empty cache root on a read-only mount (simulated: root ignores permission bits)."""
+    assert read_only_mount(cache.parent, monkeypatch)["file"] == cache
+
+
+def prepare(case, tmp_path, monkeypatch):
+    """The case's private run directory and cache root, broken as its `setup` says."""
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    run_dir.mkdir()
+    if case.setup:
+        globals()[case.setup](run_dir, cache=cache, monkeypatch=monkeypatch)
+    return run_dir, cache
 
 
 def ids(cases):
@@ -52,11 +68,8 @@ def ids(cases):
 
 
 @pytest.mark.parametrize("case", CASES, ids=ids(CASES))
-def test_bad_input_fails_fast_before_any_model(tmp_path, case):
-    run_dir, cache = tmp_path / "run", tmp_path / "cache"
-    run_dir.mkdir()
-    if case.setup:
-        globals()[case.setup](run_dir)
+def test_bad_input_fails_fast_before_any_model(tmp_path, monkeypatch, case):
+    run_dir, cache = prepare(case, tmp_path, monkeypatch)
     cfg = compose_run_config([*SMOKE, f"cache_root={cache}", *case.overrides], run_dir)
     started = time.time()
     with pytest.raises(Exception, match=case.match) as err:
@@ -82,18 +95,20 @@ SCHEMA_CASES = [c for c in CASES if c.stage == "schema"]
 
 
 @pytest.mark.parametrize("case", SCHEMA_CASES, ids=ids(SCHEMA_CASES))
-def test_the_schema_alone_refuses_it(case):
+def test_the_schema_alone_refuses_it(tmp_path, monkeypatch, case):
     """What train.py checks before importing torch: the schema, on the composed config."""
-    cfg, choices = compose_job(case.overrides)
+    _, cache = prepare(case, tmp_path, monkeypatch)
+    cfg, choices = compose_job([f"cache_root={cache}", *case.overrides])
     with pytest.raises(ConfigError, match=case.match) as err:
         check_config(cfg, choices)
     assert "\n" not in str(err.value)  # one line
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.stage != "schema"], ids=ids([c for c in CASES if c.stage != "schema"]))
-def test_the_schema_leaves_it_to_the_later_checks(case):
+def test_the_schema_leaves_it_to_the_later_checks(tmp_path, monkeypatch, case):
     """The table's stage is where the case is refused: not earlier (the stage column would be wrong)."""
-    cfg, choices = compose_job(case.overrides)
+    _, cache = prepare(case, tmp_path, monkeypatch)
+    cfg, choices = compose_job([f"cache_root={cache}", *case.overrides])
     check_config(cfg, choices)
 
 
@@ -134,17 +149,18 @@ def imported(stderr: str) -> set[str]:
     return {line.rsplit("|", 1)[1].strip() for line in stderr.splitlines() if line.startswith("import time:")}
 
 
-# the user's reports (issue 17), refused by the schema
+# the user's reports (issue 17), refused by the schema; and a missing local model folder (refused after torch's
+# import until the schema checked it)
 SUBPROCESS_CASES = [c for c in SCHEMA_CASES if c.overrides in (
     ("optimizer.lr=-1",), ("seed=abc",), ("eval.ns=[0]",), ("trainer.max_epochs=5",),
-    ("+trainer.accumulate_grad_batches=2",), ("num_threads=0",))]
+    ("+trainer.accumulate_grad_batches=2",), ("num_threads=0",), ("model=hf", "model.name_or_path=/nonexistent"))]
 
 
 @pytest.mark.parametrize("case", SUBPROCESS_CASES, ids=ids(SUBPROCESS_CASES))
 def test_train_py_refuses_it_in_one_line_before_importing_torch(tmp_path, case):
     out, seconds = train_py(*case.overrides, f"hydra.run.dir={tmp_path}", importtime=True)
     assert out.returncode == 2, out.stderr[-2000:]
-    messages = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    messages = [line.removeprefix("error: ") for line in out.stderr.splitlines() if line.startswith("error: ")]
     assert len(messages) == 1 and re.search(case.match, messages[0]), out.stderr[-2000:]
     assert "Traceback" not in out.stderr and "HYDRA_FULL_ERROR" not in out.stderr
     modules = imported(out.stderr)

@@ -16,7 +16,7 @@ TypedDict's keys (and needs its required ones); one annotated with ``Literal[...
 parameter without a default must be set. Anything else is an error naming the key, the file and the known keys.
 
 A model given by path (``name_or_path``, ``tokenizer_name_or_path``) must be a folder that exists
-(:func:`infalign.models.model_paths.model_path_problem`, which imports neither torch nor transformers); given a
+(:func:`infalign.runtime.model_paths.model_path_problem`, which imports neither torch nor transformers); given a
 missing folder, transformers would take the text for a hub id and fail four tracebacks deep about its characters.
 """
 from __future__ import annotations
@@ -32,8 +32,8 @@ from typing import Any, Literal
 from omegaconf import DictConfig, OmegaConf
 
 from infalign.models.lora import LoraSettings
-from infalign.models.model_paths import PATH_KEYS, model_path_problem
 from infalign.runtime import signals
+from infalign.runtime.model_paths import PATH_KEYS, model_path_problem
 
 __all__ = ["EXTRA_KEYS", "PROMPT_FORMATS", "PromptFormat", "RUNTIME", "call_loader", "check_loader_config",
            "loader_schema", "model_path_problem", "PATH_KEYS"]

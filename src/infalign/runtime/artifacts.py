@@ -20,8 +20,9 @@ max_response_tokens (data.max_response_tokens) changed from 64 to 16 (entry bafa
 
 A cache root that cannot be written (read-only, no permission, full) fails with a message naming the directory,
 the cause and the way out (``cache_root=...`` or ``$INFALIGN_CACHE``): up front when it holds no entry at all
-(:func:`check_cache_root`), else when an entry has to be built there. A build marks its stage
-(:mod:`infalign.runtime.signals`), so a stop signal during it names it; its temporary directory is removed.
+(:func:`cache_root_warning`, which the config schema applies before torch is imported), else when an entry has
+to be built there. A build marks its stage (:mod:`infalign.runtime.signals`), so a stop signal during it names
+it; its temporary directory is removed.
 """
 from __future__ import annotations
 
@@ -71,10 +72,11 @@ def cache_write_error(directory: Path, error: OSError, subject: str) -> OSError:
     return write_error(directory, error, subject=subject, fix=CACHE_FIX)
 
 
-def check_cache_root(cache_root: str | Path | None) -> None:
+def cache_root_warning(cache_root: str | Path | None) -> str | None:
     """Refuse in milliseconds a cache root that cannot be written and holds no entry: every model would have to be
     built there, and the first build would fail after the data was read. A read-only root that holds entries is
-    allowed (a shared, prebuilt cache), with a warning: a missing entry fails when it is built."""
+    allowed (a shared, prebuilt cache): the warning to give is returned, since a missing entry fails when it is
+    built. The root is created if absent. The config schema applies it (`infalign.runtime.schema`)."""
     root = Path(cache_root) if cache_root is not None else Path(default_cache_root())
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -83,10 +85,16 @@ def check_cache_root(cache_root: str | Path | None) -> None:
         if e.errno not in WRITE_ERRNOS:
             raise
         if root.is_dir() and any(not p.name.startswith(".") for p in root.iterdir()):
-            log.warning("cache_root %s cannot be written (%s): its entries are used, but one that must be built "
-                        "fails; %s", root, e.strerror, CACHE_FIX)
-            return
+            return (f"cache_root {root} cannot be written ({e.strerror}): its entries are used, but one that must be "
+                    f"built fails; {CACHE_FIX}")
         raise cache_write_error(root, e, f"into the cache directory cache_root={root}") from None
+    return None
+
+
+def check_cache_root(cache_root: str | Path | None) -> None:
+    """`cache_root_warning`, its warning logged."""
+    if warning := cache_root_warning(cache_root):
+        log.warning("%s", warning)
 
 
 def _canonical(obj: Any) -> Any:

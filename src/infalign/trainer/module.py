@@ -321,7 +321,7 @@ class InfAlignModule(L.LightningModule):
         noise = self.noise_scale if len(buffer) % size == 0 and len(buffer) // size >= 2 else None
         grad_sum = None
         for epoch in range(self.rl.ppo_epochs if self.rl.algo == "ppo" else 1):
-            for rollout, old_logp, _ref_logp, adv in buffer.minibatches(size, generator):
+            for rollout, old_logp, _ref_logp, adv in buffer.minibatches(size, generator, group=self.rl.k):
                 if self.rl.kl_penalty == "exact":
                     logp, logp_all = response_logprobs(self.policy, rollout, full_vocabulary=True)
                     with torch.no_grad():

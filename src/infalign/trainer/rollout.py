@@ -69,9 +69,22 @@ class RolloutBuffer:
     def __len__(self) -> int:
         return self.advantages.shape[0]
 
-    def minibatches(self, size: int, generator: torch.Generator):
-        """Shuffled minibatches covering the buffer once: (sub-rollout, old_logp, ref_logp, advantages)."""
-        order = torch.randperm(len(self), generator=generator)
+    def minibatches(self, size: int, generator: torch.Generator, group: int = 1):
+        """Shuffled minibatches covering the buffer once: (sub-rollout, old_logp, ref_logp, advantages).
+
+        With `group` = k (the buffer holds k consecutive samples per prompt, as `generate` lays them out) and a
+        `size` that is a multiple of it, the prompts are shuffled and each prompt's k samples stay in one
+        minibatch: the prompt then runs once per minibatch in `response_logprobs` (its keys/values shared by the
+        k samples), not once per sample. SmolLM2's prompts (~250 tokens) are 5x its responses (48), so this
+        decides the update's activations and time (docs/benchmarks.md, SmolLM2). Each minibatch's leave-one-out
+        advantages then also sum to zero, as over the whole rollout.
+        """
+        n = len(self)
+        if group > 1 and size % group == 0 and n % group == 0:
+            groups = torch.randperm(n // group, generator=generator)
+            order = (groups[:, None] * group + torch.arange(group)).flatten()
+        else:
+            order = torch.randperm(n, generator=generator)
         r = self.rollout
         for idx in order.split(size):
             sub = Rollout(r.input_ids[idx], r.attention_mask[idx], r.response_mask[idx], r.prompt_len)

@@ -29,7 +29,7 @@ from infalign.models.lora import check_lora_settings, check_target_modules
 from infalign.models.policy import format_prompts, load_policy
 from infalign.models.pure_sampling import sampling_kwargs
 from infalign.models.reward import load_reward_model
-from infalign.runtime.artifacts import check_cache_root, fingerprint
+from infalign.runtime.artifacts import fingerprint
 from infalign.runtime.atomic import give_plain_modes
 from infalign.runtime.checkpoint_io import SafeCheckpointIO
 from infalign.runtime.console import format_number, quiet_console
@@ -158,7 +158,6 @@ def run(cfg: DictConfig) -> dict:
         raise ValueError(f"transform={choices.get('transform')} and calibrator={choices.get('calibrator')} do not fit: "
                          "raw rewards go with calibrator=passthrough, calibrated transforms with calibrator=empirical")
 
-    check_cache_root(cfg.cache_root)  # an unwritable, empty cache fails now, not after the data is read
     partitions = load_partitions(cfg.data)
     reference, tokenizer = load_policy(cfg.model, cfg.data, cfg.cache_root, partitions=partitions, progress=cfg.progress)
     _check_context(reference, cfg)
