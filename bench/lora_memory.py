@@ -37,8 +37,10 @@ PHASES = ["time/generate", "time/score", "time/calibrate", "time/logprobs", "tim
 SIZES = ["rl.prompts_per_iteration=4", "rl.k=4", "rl.minibatch_size=8", "calibration.train_prompts=8",
          "calibration.eval_prompts=4", "calibration.m=4", "n=2", "eval.ns=[1,2]", "eval.k=4"]
 ALWAYS = ["logger=none", "progress=false", "eval.every=0", "checkpoint.every=0"]
-VARIANTS = {"full": [], "lora": ["model.lora.r={rank}"], "lora+gc": ["model.lora.r={rank}", "model.gradient_checkpointing=true"],
-            "full+gc": ["model.gradient_checkpointing=true"]}
+# "full" says r=0 itself: a preset may turn LoRA on (scale=smollm2 does)
+VARIANTS = {"full": ["model.lora.r=0"], "lora": ["model.lora.r={rank}"],
+            "lora+gc": ["model.lora.r={rank}", "model.gradient_checkpointing=true"],
+            "full+gc": ["model.lora.r=0", "model.gradient_checkpointing=true"]}
 
 
 def run_train(overrides: list[str], run_dir: Path) -> dict:
