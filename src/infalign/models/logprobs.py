@@ -94,14 +94,18 @@ def _response_states(model, rollout: Rollout, head: torch.nn.Module | None) -> t
     return (out.last_hidden_state if head is not None else out.logits), width
 
 
-def _chunk_scores(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, with_entropy: bool):
-    """log p(target) and (detached) entropy of one chunk of positions: `head`, log-softmax and gather."""
-    logp_all = torch.log_softmax(head(hidden).float(), dim=-1)
+def _gather(logp_all: torch.Tensor, targets: torch.Tensor, with_entropy: bool):
+    """log p(target) and (detached) entropy from a full log-softmax."""
     logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     if not with_entropy:
         return logp, None
     with torch.no_grad():
         return logp, -(logp_all.exp() * logp_all).sum(-1)
+
+
+def _chunk_scores(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, with_entropy: bool):
+    """log p(target) and (detached) entropy of one chunk of positions: `head`, log-softmax and gather."""
+    return _gather(torch.log_softmax(head(hidden).float(), dim=-1), targets, with_entropy)
 
 
 def _chunked_scores(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, with_entropy: bool,
@@ -150,10 +154,7 @@ def response_logprobs(model, rollout: Rollout, *, with_entropy: bool = False, fu
         states, width = _response_states(model, rollout, head)
         logp_all = torch.log_softmax((head(states) if head is not None else states).float(), dim=-1)
         response_mask, response_ids = rollout.response_mask[:, :width], rollout.response_ids[:, :width]
-        logp = logp_all.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
-        if with_entropy:
-            with torch.no_grad():
-                entropy = -(logp_all.exp() * logp_all).sum(-1)
+        logp, entropy = _gather(logp_all, response_ids, with_entropy)
     out = (_pad_columns(logp * response_mask, full_width),)
     if with_entropy:
         out += (_pad_columns(entropy * response_mask, full_width),)
