@@ -1,34 +1,48 @@
-"""`python -m infalign.study <sweep dir> [KL ...]`: write the study tables and figures of a finished sweep.
+"""`python -m infalign.study <sweep dir> [KL ...] [--archive DIR]`: write the study tables and figures of a sweep.
 
 KL values (nats) after the directory set the matched-KL comparison points; without them the sweep's
 `study.matched_kl`, else three values over the KL range every method covers.
+
+--archive DIR: first copy every finished member's data files (final metrics, config, per-prompt table, metrics
+log) into DIR/<member>/ (infalign.study.archive: never overwriting a member archived from another run), then
+write the tables and figures of DIR, every member archived there so far. DIR is meant to be committed
+(docs/<study>/), so a study run in parts over several machines keeps its members.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from pathlib import Path
 
+from infalign.study.archive import archive_members
 from infalign.study.report import write_study
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
-        return 0 if argv else 2
-    sweep_dir = Path(argv[0])
-    if not sweep_dir.is_dir():
-        print(f"{sweep_dir} is not a directory (expected a sweep directory, e.g. outputs/multirun/<time>)",
+    parser = argparse.ArgumentParser(prog="python -m infalign.study", description=__doc__.strip().split("\n\n")[0],
+                                     epilog="\n\n".join(__doc__.strip().split("\n\n")[1:]),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep_dir", type=Path, help="a sweep directory (hydra.sweep.dir of `train.py -m`)")
+    parser.add_argument("kls", type=float, nargs="*", metavar="KL", help="matched-KL comparison points (nats)")
+    parser.add_argument("--archive", type=Path, metavar="DIR", help="archive the finished members into DIR, "
+                        "then write the tables and figures of DIR")
+    args = parser.parse_args(argv)  # exits 2 with a usage line on bad input
+    if not args.sweep_dir.is_dir():
+        print(f"{args.sweep_dir} is not a directory (expected a sweep directory, e.g. outputs/multirun/<time>)",
               file=sys.stderr)
         return 2
-    try:
-        kls = [float(x) for x in argv[1:]] or None
-    except ValueError:
-        print(f"KL values must be numbers, got {argv[1:]}", file=sys.stderr)
-        return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for name, path in write_study(sweep_dir, kls).items():
+    sweep_dir = args.sweep_dir
+    if args.archive is not None:
+        try:
+            archive_members(sweep_dir, args.archive)
+        except (FileExistsError, FileNotFoundError, ValueError) as e:
+            print(f"archive: {e}", file=sys.stderr)
+            return 2
+        sweep_dir = args.archive
+    for name, path in write_study(sweep_dir, args.kls or None).items():
         print(f"{name}: {path}")
     return 0
 

@@ -1,0 +1,96 @@
+"""Keeping a study's results beside the code: copy each finished member's data files out of a sweep directory.
+
+A sweep directory lives under `outputs/`, which is not committed, so a study run in parts over several
+sessions (or machines) loses its finished members with the machine, and with them the per-prompt tables the
+paired comparison needs (issue 15: eight seeds per side were lost that way). `archive_members` copies what
+the study reads of each finished member (`ARCHIVED_FILES`: its final metrics, saved config, per-prompt table
+and metrics log; never checkpoints or samples) into a directory that is committed, one folder per member under
+the member's own name, so that directory is itself a sweep directory: `python -m infalign.study <archive>`
+analyses it, and later parts are archived into it.
+
+Nothing is overwritten: a member whose files are already archived with the same bytes is skipped; one whose
+archived files differ raises before anything is written (two runs under one name are two results, not one).
+Each file is written atomically and `final_metrics.json` last, so an interrupted archive never holds a member
+that looks finished without its tables. Plain file copies: no Lightning, no training.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from infalign.runtime.atomic import atomic_write_bytes
+from infalign.study.runs import FINISHED
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ARCHIVED_FILES", "ArchiveConflictError", "ArchiveResult", "archive_members"]
+
+# what infalign.study reads of a member (runs.py); final_metrics.json last: it marks the member finished
+ARCHIVED_FILES = (".hydra/config.yaml", ".hydra/overrides.yaml", "eval_per_prompt.csv", "logs/metrics.csv",
+                  "final_metrics.json")
+SWEEP_FILES = ("multirun.yaml",)  # the sweep's saved config (study.matched_kl): kept from the first part archived
+
+
+class ArchiveConflictError(FileExistsError):
+    """An archived member's file differs from the one in the sweep being archived."""
+
+
+@dataclass
+class ArchiveResult:
+    archived: list[str] = field(default_factory=list)  # members copied (new in the archive)
+    unchanged: list[str] = field(default_factory=list)  # members already archived with the same bytes
+
+
+def _plan(sweep_dir: Path, dest: Path) -> tuple[list[tuple[str, list[tuple[Path, Path]]]], list[str]]:
+    """Per finished member: the (source, target) pairs still to copy; and the conflicts found."""
+    plan, conflicts = [], []
+    for final in sorted(sweep_dir.glob(FINISHED)):
+        member = final.parent.name
+        copies = []
+        for rel in ARCHIVED_FILES:
+            src, dst = final.parent / rel, dest / member / rel
+            if not src.is_file():
+                continue
+            if dst.exists():
+                if dst.read_bytes() != src.read_bytes():
+                    conflicts.append(str(dst))
+                continue
+            copies.append((src, dst))
+        plan.append((member, copies))
+    return plan, conflicts
+
+
+def archive_members(sweep_dir: str | Path, dest: str | Path) -> ArchiveResult:
+    """Copy every finished member of `sweep_dir` (a folder with `final_metrics.json`) into `dest/<member>/`.
+
+    Raises FileNotFoundError if `sweep_dir` has no finished member, ValueError if `dest` is `sweep_dir` or inside
+    it, and ArchiveConflictError (naming every differing file) if a member is already archived with other
+    contents, before any file is written."""
+    sweep_dir, dest = Path(sweep_dir).resolve(), Path(dest).resolve()
+    if dest == sweep_dir or sweep_dir in dest.parents:
+        raise ValueError(f"archive directory {dest} is the sweep {sweep_dir} or inside it: archive into a directory "
+                         "outside the sweep (e.g. docs/<study name>)")
+    if not any(sweep_dir.glob(FINISHED)):
+        raise FileNotFoundError(f"{sweep_dir} has no finished member (<member>/final_metrics.json): nothing to archive")
+    plan, conflicts = _plan(sweep_dir, dest)
+    if conflicts:
+        raise ArchiveConflictError(
+            f"{len(conflicts)} archived file(s) differ from the sweep's ({', '.join(conflicts[:5])}"
+            f"{', ...' if len(conflicts) > 5 else ''}): a member of the same name was archived from another run. "
+            f"Nothing was written; archive into another directory, or remove those members from {dest} first")
+    result = ArchiveResult()
+    for member, copies in plan:
+        for src, dst in copies:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(dst, src.read_bytes())
+        (result.archived if copies else result.unchanged).append(member)
+    for name in SWEEP_FILES:
+        src, dst = sweep_dir / name, dest / name
+        if src.is_file() and not dst.exists():
+            atomic_write_bytes(dst, src.read_bytes())
+        elif src.is_file() and dst.read_bytes() != src.read_bytes():
+            log.info("%s: kept the archive's copy (from the first part archived), not %s's", dst, sweep_dir)
+    log.info("archive %s: %d member(s) copied, %d already there", dest, len(result.archived), len(result.unchanged))
+    return result
