@@ -21,15 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from infalign.runtime.atomic import atomic_write_bytes
-from infalign.study.runs import FINISHED
+from infalign.study.runs import FINAL_METRICS, FINISHED, METRICS_LOG, PER_PROMPT, RUN_CONFIG
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ARCHIVED_FILES", "ArchiveConflictError", "ArchiveResult", "archive_members"]
 
 # what infalign.study reads of a member (runs.py); final_metrics.json last: it marks the member finished
-ARCHIVED_FILES = (".hydra/config.yaml", ".hydra/overrides.yaml", "eval_per_prompt.csv", "logs/metrics.csv",
-                  "final_metrics.json")
+ARCHIVED_FILES = (RUN_CONFIG, ".hydra/overrides.yaml", PER_PROMPT, METRICS_LOG, FINAL_METRICS)
 SWEEP_FILES = ("multirun.yaml",)  # the sweep's saved config (study.matched_kl): kept from the first part archived
 
 

@@ -54,8 +54,9 @@ from infalign.theory import factories
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ALLOWED_TRANSFORMS", "RECORDED_ROOT_KEYS", "SWEEP_DIR_ENV", "calibration_m", "collect_runs", "config_value",
-           "find_sweep_dir", "logged_values", "per_prompt_rows", "run_solver", "transform_config", "transform_from_run"]
+__all__ = ["ALLOWED_TRANSFORMS", "FINAL_METRICS", "FINISHED", "METRICS_LOG", "PER_PROMPT", "RECORDED_ROOT_KEYS",
+           "RUN_CONFIG", "SWEEP_DIR_ENV", "calibration_m", "collect_runs", "config_value", "find_sweep_dir",
+           "logged_values", "per_prompt_rows", "run_solver", "transform_config", "transform_from_run"]
 
 ALLOWED_TRANSFORMS: dict[str, Callable[..., Transform]] = {
     **{f"infalign.core.transforms.{cls.__name__}": cls for cls in (RawTransform, IdentityTransform, LogTransform)},
@@ -72,7 +73,12 @@ _PLAIN = (int, float, str, bool, type(None))
 _REFERENCE = re.compile(r"^\$\{\s*([A-Za-z_][\w-]*(?:\.[A-Za-z_][\w-]*)*)\s*\}$")
 _MAX_HOPS = 16
 SWEEP_DIR_ENV = "INFALIGN_SWEEP_DIR"  # the sweep a notebook reads when it is given none
-FINISHED = "*/final_metrics.json"  # a member that finished: its final metrics are written last
+# the files of a member the study reads (infalign.study.archive keeps exactly these)
+FINAL_METRICS = "final_metrics.json"   # written last: a member that has it finished
+RUN_CONFIG = ".hydra/config.yaml"
+METRICS_LOG = "logs/metrics.csv"
+PER_PROMPT = "eval_per_prompt.csv"
+FINISHED = f"*/{FINAL_METRICS}"
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -117,7 +123,7 @@ def find_sweep_dir(sweep_dir: str | Path | None = None, root: str | Path | None 
         raise FileNotFoundError(f"{source}: {path} is not a directory (a relative path is taken from the repository "
                                 f"root {REPO_ROOT}, or from the current directory {Path.cwd()})")
     if not any(path.glob(FINISHED)):
-        one_run = (path / "final_metrics.json").exists()
+        one_run = (path / FINAL_METRICS).exists()
         hint = (" it is one run's directory: give the sweep it belongs to, its parent" if one_run else
                 " a sweep directory is the hydra.sweep.dir of `python train.py -m ...`, one folder per member")
         raise FileNotFoundError(f"{source}: {path} has no finished run (no <member>/final_metrics.json);{hint}")
@@ -141,7 +147,7 @@ def collect_runs(sweep_dir: Path) -> list[dict]:
 
 def logged_values(member_dir: Path, column: str) -> list[float]:
     """Every logged value of `column` in the run's logs/metrics.csv, in order (empty if absent)."""
-    path = Path(member_dir) / "logs" / "metrics.csv"
+    path = Path(member_dir) / METRICS_LOG
     if not path.exists():
         return []
     with path.open(newline="") as f:
@@ -232,7 +238,7 @@ def transform_from_run(row: dict, member_dir: Path) -> Transform | None:
     """
     if row.get("transform") == "raw" or row.get("calibrator") == "passthrough":
         return None
-    cfg_path = Path(member_dir) / ".hydra" / "config.yaml"
+    cfg_path = Path(member_dir) / RUN_CONFIG
     if not cfg_path.exists():
         raise FileNotFoundError(f"{cfg_path} is missing: the theory needs the run's transform config")
     cls, params = transform_config(cfg_path, row)
@@ -244,7 +250,7 @@ def config_value(member_dir: Path, dotted: str, default: Any = None) -> Any:
     """A plain value of the member's saved config (`.hydra/config.yaml`, e.g. `calibration.m`), read as data:
     a plain `${key}` reference is followed by hand, anything else that is not a plain scalar gives `default`
     (so does a missing config or key)."""
-    cfg_path = Path(member_dir) / ".hydra" / "config.yaml"
+    cfg_path = Path(member_dir) / RUN_CONFIG
     if not cfg_path.exists():
         return default
     try:
@@ -280,7 +286,7 @@ def run_solver(row: dict, member_dir: Path) -> str:
 def per_prompt_rows(member_dir: Path) -> dict[str, dict[str, float]]:
     """The member's eval_per_prompt.csv (final evaluation, one row per held-out prompt) as {prompt_id: {column:
     value}}; empty for runs written before it existed."""
-    path = Path(member_dir) / "eval_per_prompt.csv"
+    path = Path(member_dir) / PER_PROMPT
     if not path.exists():
         return {}
     with path.open(newline="") as f:

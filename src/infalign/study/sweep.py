@@ -43,7 +43,7 @@ def _theory_curves(sweep_dir: Path, rows: list[dict]) -> dict[tuple[str, int], l
     executed); a member whose config is refused is logged and gets no curve, its measured points still show."""
     import numpy as np
 
-    from infalign.study.runs import calibration_m, transform_from_run
+    from infalign.study.runs import RUN_CONFIG, calibration_m, transform_from_run
     from infalign.theory import tilted_density
     from infalign.theory.efficiency import calibrated_transform
 
@@ -51,7 +51,7 @@ def _theory_curves(sweep_dir: Path, rows: list[dict]) -> dict[tuple[str, int], l
     for row in rows:
         name, n = row.get("transform"), int(row["n"])
         member_dir = sweep_dir / row["member"]
-        if name in ("raw", "optimal") or not (member_dir / ".hydra" / "config.yaml").exists():
+        if name in ("raw", "optimal") or not (member_dir / RUN_CONFIG).exists():
             continue  # raw rewards have no model-agnostic curve; optimal is beta-specific
         try:
             transform = transform_from_run(row, member_dir)
