@@ -350,8 +350,32 @@ def hf_reward(*, name_or_path: str, revision: str | None = None, trust_remote_co
     if not name_or_path:
         raise ValueError("reward.name_or_path is required for the hf reward model (hub name or local folder)")
     tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
-    model = AutoModelForSequenceClassification.from_pretrained(name_or_path, revision=revision,
-                                                               trust_remote_code=trust_remote_code)
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        name_or_path, revision=revision, trust_remote_code=trust_remote_code, output_loading_info=True)
+    _refuse_missing_weights(name_or_path, model, info["missing_keys"])
     return SequenceClassifierReward(model, tok, input_format=input_format, label_index=label_index,
                                     max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens,
                                     ).configure(precision=precision, max_batch_tokens=max_batch_tokens), None
+
+
+def _refuse_missing_weights(name_or_path: str, model: nn.Module, missing_keys) -> None:
+    """Refuse a reward model whose saved weights lack some of its parameters, before it scores anything.
+
+    transformers initialises a missing parameter at random and only prints a load report: a causal LM folder
+    given as ``reward.name_or_path`` loads with a random ``score.weight`` head, and the run trains on noise.
+    Any missing key is refused, not only the head's: transformers already leaves out the keys a model may lack
+    by design (``_keys_to_ignore_on_load_missing``, tied weights), so what it still reports is a parameter the
+    reward would compute with at random.
+    """
+    if not missing_keys:
+        return
+    from infalign.runtime.schema import ConfigError  # train.py prints it as one line and exits 2
+
+    saved = ", ".join(getattr(model.config, "architectures", None) or []) or "a model"
+    keys = sorted(missing_keys)
+    shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+    raise ConfigError(
+        f"reward.name_or_path={name_or_path}: it holds {saved}, whose weights lack {shown} of "
+        f"{type(model).__name__} (transformers would initialise them at random and the rewards would be noise); "
+        "point reward.name_or_path at a sequence-classification reward model (AutoModelForSequenceClassification "
+        "with num_labels=1)")
