@@ -18,6 +18,7 @@ from pathlib import Path
 
 from infalign.study.archive import archive_members
 from infalign.study.report import write_study
+from infalign.study.runs import sweep_problem
 
 
 def main(argv: list[str]) -> int:
@@ -29,11 +30,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--archive", type=Path, metavar="DIR", help="archive the finished members into DIR, "
                         "then write the tables and figures of DIR")
     args = parser.parse_args(argv)  # exits 2 with a usage line on bad input
-    if not args.sweep_dir.is_dir():
-        print(f"{args.sweep_dir} is not a directory (expected a sweep directory, e.g. outputs/multirun/<time>)",
-              file=sys.stderr)
+    if problem := sweep_problem(args.sweep_dir):  # before anything is read or written
+        print(f"error: {problem}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # stderr: a skipped member's warning among them
     sweep_dir = args.sweep_dir
     if args.archive is not None:
         try:
@@ -42,7 +42,12 @@ def main(argv: list[str]) -> int:
             print(f"archive: {e}", file=sys.stderr)
             return 2
         sweep_dir = args.archive
-    for name, path in write_study(sweep_dir, args.kls or None).items():
+    try:
+        paths = write_study(sweep_dir, args.kls or None)
+    except FileNotFoundError as e:  # every finished member skipped as damaged (each named above), or none evaluated
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for name, path in paths.items():
         print(f"{name}: {path}")
     return 0
 

@@ -282,7 +282,8 @@ def analyze_sweep(sweep_dir, kls=None, points: int = 3) -> Study:
     sweep_dir = Path(sweep_dir)
     raw = [r for r in collect_runs(sweep_dir) if "eval/kl" in r]
     if not raw:
-        raise FileNotFoundError(f"no finished runs with final win rates under {sweep_dir} (*/final_metrics.json)")
+        raise FileNotFoundError(f"{sweep_dir} has no finished run the study can read (<member>/final_metrics.json "
+                                "with the final win rates; a damaged member is named in a warning and skipped)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # nanmean over all-NaN theory columns of raw
         runs = run_rows(raw, sweep_dir)

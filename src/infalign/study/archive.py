@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from infalign.runtime.atomic import atomic_write_bytes
-from infalign.study.runs import FINAL_METRICS, FINISHED, METRICS_LOG, PER_PROMPT, RUN_CONFIG
+from infalign.study.runs import FINAL_METRICS, METRICS_LOG, PER_PROMPT, RUN_CONFIG, finished_members
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +42,14 @@ class ArchiveResult:
     unchanged: list[str] = field(default_factory=list)  # members already archived with the same bytes
 
 
-def _plan(sweep_dir: Path, dest: Path) -> tuple[list[tuple[str, list[tuple[Path, Path]]]], list[str]]:
-    """Per finished member: the (source, target) pairs still to copy; and the conflicts found."""
+def _plan(members: list[Path], dest: Path) -> tuple[list[tuple[str, list[tuple[Path, Path]]]], list[str]]:
+    """Per member folder: the (source, target) pairs still to copy; and the conflicts found."""
     plan, conflicts = [], []
-    for final in sorted(sweep_dir.glob(FINISHED)):
-        member = final.parent.name
+    for folder in members:
+        member = folder.name
         copies = []
         for rel in ARCHIVED_FILES:
-            src, dst = final.parent / rel, dest / member / rel
+            src, dst = folder / rel, dest / member / rel
             if not src.is_file():
                 continue
             if dst.exists():
@@ -64,16 +64,20 @@ def _plan(sweep_dir: Path, dest: Path) -> tuple[list[tuple[str, list[tuple[Path,
 def archive_members(sweep_dir: str | Path, dest: str | Path) -> ArchiveResult:
     """Copy every finished member of `sweep_dir` (a folder with `final_metrics.json`) into `dest/<member>/`.
 
-    Raises FileNotFoundError if `sweep_dir` has no finished member, ValueError if `dest` is `sweep_dir` or inside
-    it, and ArchiveConflictError (naming every differing file) if a member is already archived with other
-    contents, before any file is written."""
+    A damaged member (`infalign.study.runs.finished_members`: its final metrics or per-prompt table unreadable)
+    is named in a warning and not archived: a committed archive holds only results the study can read.
+    Raises FileNotFoundError if `sweep_dir` has no finished member it can read, ValueError if `dest` is
+    `sweep_dir` or inside it, and ArchiveConflictError (naming every differing file) if a member is already
+    archived with other contents, before any file is written."""
     sweep_dir, dest = Path(sweep_dir).resolve(), Path(dest).resolve()
     if dest == sweep_dir or sweep_dir in dest.parents:
         raise ValueError(f"archive directory {dest} is the sweep {sweep_dir} or inside it: archive into a directory "
                          "outside the sweep (e.g. docs/<study name>)")
-    if not any(sweep_dir.glob(FINISHED)):
-        raise FileNotFoundError(f"{sweep_dir} has no finished member (<member>/final_metrics.json): nothing to archive")
-    plan, conflicts = _plan(sweep_dir, dest)
+    members = finished_members(sweep_dir)
+    if not members:
+        raise FileNotFoundError(f"{sweep_dir} has no finished member the study can read (<member>/final_metrics.json):"
+                                " nothing to archive")
+    plan, conflicts = _plan(members, dest)
     if conflicts:
         raise ArchiveConflictError(
             f"{len(conflicts)} archived file(s) differ from the sweep's ({', '.join(conflicts[:5])}"

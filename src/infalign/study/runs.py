@@ -4,7 +4,10 @@ Everything the study (`infalign.study.analysis`), the sweep summary (`infalign.s
 scripts know about a run comes through here, and only by reading files, never by executing them:
 
 - `find_sweep_dir`: the sweep to read (a given directory, `$INFALIGN_SWEEP_DIR`, else the newest one);
-- `collect_runs`: every finished member's `final_metrics.json`, in sweep (job) order;
+- `finished_members`: every finished member the study can read, in sweep (job) order; a damaged one (its
+  `final_metrics.json` no JSON object, its `eval_per_prompt.csv` with a value that is no finite number) is named
+  with the file and the reason in one warning and left out, of the tables and of an archive alike;
+- `collect_runs`: the `final_metrics.json` of each of those members;
 - `logged_values`: one column of a member's `logs/metrics.csv`;
 - `transform_from_run`: the member's transform rebuilt from its saved config and recorded values;
 - `calibration_m`, `run_solver`, `config_value`: other recorded values (the calibration's M, the RL solver);
@@ -34,6 +37,7 @@ import csv
 import inspect
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -55,8 +59,9 @@ from infalign.theory import factories
 log = logging.getLogger(__name__)
 
 __all__ = ["ALLOWED_TRANSFORMS", "FINAL_METRICS", "FINISHED", "METRICS_LOG", "PER_PROMPT", "RECORDED_ROOT_KEYS",
-           "RUN_CONFIG", "SWEEP_DIR_ENV", "calibration_m", "collect_runs", "config_value", "find_sweep_dir",
-           "logged_values", "per_prompt_rows", "run_solver", "transform_config", "transform_from_run"]
+           "RUN_CONFIG", "SWEEP_DIR_ENV", "calibration_m", "collect_runs", "config_value", "final_metrics",
+           "find_sweep_dir", "finished_members", "logged_values", "member_problem", "per_prompt_rows", "run_solver",
+           "sweep_problem", "transform_config", "transform_from_run"]
 
 ALLOWED_TRANSFORMS: dict[str, Callable[..., Transform]] = {
     **{f"infalign.core.transforms.{cls.__name__}": cls for cls in (RawTransform, IdentityTransform, LogTransform)},
@@ -122,27 +127,72 @@ def find_sweep_dir(sweep_dir: str | Path | None = None, root: str | Path | None 
     if not path.is_dir():
         raise FileNotFoundError(f"{source}: {path} is not a directory (a relative path is taken from the repository "
                                 f"root {REPO_ROOT}, or from the current directory {Path.cwd()})")
-    if not any(path.glob(FINISHED)):
-        one_run = (path / FINAL_METRICS).exists()
-        hint = (" it is one run's directory: give the sweep it belongs to, its parent" if one_run else
-                " a sweep directory is the hydra.sweep.dir of `python train.py -m ...`, one folder per member")
-        raise FileNotFoundError(f"{source}: {path} has no finished run (no <member>/final_metrics.json);{hint}")
+    if problem := sweep_problem(path):
+        raise FileNotFoundError(f"{source}: {problem}")
     return path.resolve()
 
 
-def collect_runs(sweep_dir: Path) -> list[dict]:
-    """final_metrics.json of every finished member (members that failed have none and are skipped), in
-    sweep (job) order: member 10 after member 9, not after member 1."""
+def sweep_problem(path: Path) -> str | None:
+    """Why `path` is no sweep directory with a finished member (one line naming it), or None. Only looks for the
+    members' final_metrics.json: whether they can be read is `finished_members`' check."""
+    path = Path(path)
+    if not path.is_dir():
+        return f"{path} is not a directory (expected a sweep directory, e.g. outputs/multirun/<time>)"
+    if any(path.glob(FINISHED)):
+        return None
+    hint = (" it is one run's directory: give the sweep it belongs to, its parent" if (path / FINAL_METRICS).exists()
+            else " a sweep directory is the hydra.sweep.dir of `python train.py -m ...`, one folder per member")
+    return f"{path} has no finished run (no <member>/final_metrics.json);{hint}"
+
+
+def final_metrics(member_dir: Path) -> dict:
+    """The member's final_metrics.json; ValueError naming the file if it is not a readable JSON object (a copy
+    cut short, a disk that filled up)."""
+    path = Path(member_dir) / FINAL_METRICS
+    try:
+        row = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path}: not readable JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"{path}: expected a JSON object of the run's final metrics, got {type(row).__name__}")
+    return row
+
+
+def member_problem(member_dir: Path) -> str | None:
+    """Why a finished member cannot be used (one line naming the file and the reason), or None: the readers'
+    own checks (`final_metrics`, `per_prompt_rows`), so a member is judged by exactly what the study would read."""
+    try:
+        final_metrics(member_dir)
+        per_prompt_rows(member_dir)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def finished_members(sweep_dir: Path) -> list[Path]:
+    """The folders of the finished members (those with final_metrics.json; failed ones have none) that the study
+    can read, in sweep (job) order: member 10 after member 9, not after member 1.
+
+    A damaged member (`member_problem`) is left out with one warning naming the file and the reason, never read
+    further: the study's tables would crash on it or, for a NaN in its per-prompt table, silently turn the
+    paired comparison into n/a, and an archive would keep it as a result."""
     def job_order(path: Path):
         name = path.parent.name
         return (0, int(name), "") if name.isdigit() else (1, 0, name)
 
-    rows = []
+    members = []
     for path in sorted(Path(sweep_dir).glob(FINISHED), key=job_order):
-        row = json.loads(path.read_text())
-        row["member"] = path.parent.name
-        rows.append(row)
-    return rows
+        if problem := member_problem(path.parent):
+            log.warning("skipped member %s: %s", path.parent.name, problem)
+        else:
+            members.append(path.parent)
+    return members
+
+
+def collect_runs(sweep_dir: Path) -> list[dict]:
+    """final_metrics.json of every finished member the study can read (`finished_members`), in sweep (job)
+    order, each with its folder's name as `member`."""
+    return [{**final_metrics(member), "member": member.name} for member in finished_members(sweep_dir)]
 
 
 def logged_values(member_dir: Path, column: str) -> list[float]:
@@ -285,10 +335,33 @@ def run_solver(row: dict, member_dir: Path) -> str:
 
 def per_prompt_rows(member_dir: Path) -> dict[str, dict[str, float]]:
     """The member's eval_per_prompt.csv (final evaluation, one row per held-out prompt) as {prompt_id: {column:
-    value}}; empty for runs written before it existed."""
+    value}}; empty for runs written before it existed.
+
+    ValueError naming the file, line and column for a value that is not a finite number (empty, NaN, text, a row
+    cut short): the trainer writes every column for every prompt, so such a table is damaged, and a NaN would
+    make every paired comparison with the member n/a."""
     path = Path(member_dir) / PER_PROMPT
     if not path.exists():
         return {}
-    with path.open(newline="") as f:
-        return {r["prompt_id"]: {k: float(v) for k, v in r.items() if k != "prompt_id" and v not in ("", None)}
-                for r in csv.DictReader(f)}
+    try:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            if "prompt_id" not in (reader.fieldnames or []):
+                raise ValueError(f"{path}: no prompt_id column (header {reader.fieldnames})")
+            rows = {}
+            for r in reader:
+                rows[r["prompt_id"]] = {k: _finite(v, f"{path}: line {reader.line_num}, column {k}")
+                                        for k, v in r.items() if k != "prompt_id"}
+            return rows
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"{path}: not a readable CSV table ({type(e).__name__}: {e})") from None
+
+
+def _finite(value: str | None, where: str) -> float:
+    try:
+        x = float(value)  # TypeError: None, a row shorter than the header
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: {value!r} is not a number") from None
+    if not math.isfinite(x):
+        raise ValueError(f"{where}: {value!r} is not a finite number")
+    return x

@@ -134,6 +134,14 @@ class SweepSummaryCallback(Callback):
 
 
 if __name__ == "__main__":
+    from infalign.study.runs import sweep_problem
+
     if len(sys.argv) != 2:
         sys.exit("usage: python -m infalign.study.sweep <sweep dir>")
-    print(write_summary(Path(sys.argv[1])))
+    if problem := sweep_problem(Path(sys.argv[1])):
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    written = write_summary(Path(sys.argv[1]))
+    if written is None:  # every finished member skipped as damaged: each was named in a warning
+        sys.exit(2)
+    print(*written, sep="\n")
