@@ -14,16 +14,18 @@ from infalign.runtime.allocator import tune_malloc
 # INFALIGN_MALLOC_TUNING=0 turns it off; MALLOC_*_ variables or GLIBC_TUNABLES set by the user take precedence.
 tune_malloc()
 
-import os  # noqa: E402
-import sys  # noqa: E402
-
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from infalign.runtime.paths import conf_dir  # noqa: E402
-from infalign.runtime.schema import ConfigError, check_config, report_warnings  # noqa: E402 (stdlib + omegaconf)
+from infalign.runtime.schema import (  # noqa: E402 (stdlib + omegaconf)
+    ConfigError,
+    check_config,
+    exit_on_user_error,
+    report_warnings,
+)
 
 
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="train")
@@ -36,13 +38,8 @@ def main(cfg: DictConfig) -> float | None:
         from infalign.trainer.run import run  # torch, Lightning: only for a config that passed
 
         final = run(cfg)  # its own checks (the model and reward configs' keys) raise ConfigError too
-    except ConfigError as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise  # Hydra prints the whole traceback
-        # One line, no traceback (Hydra would print its shortened one above the message); status 2, as for a
-        # command-line usage error
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    except ConfigError as e:  # one line, exit status 2 (the traceback with HYDRA_FULL_ERROR=1)
+        exit_on_user_error(e)
     return final.get(f"eval/bon_win_rate@{cfg.n}")
 
 

@@ -64,3 +64,21 @@ class KillingLogger(FailingLogger):
     def finalize(self, status):
         if self.kill_at == "finalize":
             self._kill()
+
+
+class WaitingLogger(FailingLogger):
+    """Holds the run at its first logged metrics until the file `until` exists (at most `timeout` seconds): a run
+    that is surely still going while a test starts a second command beside it."""
+
+    def __init__(self, until: str, timeout: float = 300, **_ignored):
+        super().__init__(fail_after=10**9)
+        self.until, self.timeout, self.waited = until, float(timeout), False
+
+    def log_metrics(self, metrics, step=None):
+        import os
+        import time
+
+        deadline = time.time() + self.timeout
+        while not self.waited and not os.path.exists(self.until) and time.time() < deadline:
+            time.sleep(0.05)
+        self.waited = True

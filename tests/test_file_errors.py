@@ -161,6 +161,7 @@ def write_job_log(c: dict) -> None:
     from infalign.runtime.log_files import NoFollowFileHandler
 
     handler = NoFollowFileHandler(str(c["file"]))
+    handler.start_writing()  # the command runs in its directory (infalign.runtime.run_dir.accept_run)
     handler.emit(logging.LogRecord("infalign", logging.INFO, __file__, 1, "a line of the run's log", None, None))
     handler.close()
 
@@ -234,18 +235,28 @@ def final_evaluation_signalled(c: dict) -> None:
         assert saved == [c["file"]], "the final checkpoint comes first"
 
 
-def start_with_planted_links(c: dict) -> str:
-    """A run's start: Hydra opens train.log and writes .hydra/config.yaml (resume=true, no checkpoint: it stops
-    right after, in seconds)."""
-    tmp = c["tmp"]
-    link = tmp / "run" / ".hydra" / "config.yaml"
+def start_with_planted_links(c: dict) -> None:
+    """A run's start once its directory is accepted (`accept_run`): it writes .hydra/config.yaml and opens
+    train.log, each with a link planted at its name."""
+    from infalign.runtime.log_files import NoFollowFileHandler
+    from infalign.runtime.run_dir import accept_run
+    from infalign.trainer.inprocess import compose_run_config
+
+    run_dir = c["tmp"] / "run"
+    link = run_dir / ".hydra" / "config.yaml"
     link.parent.mkdir(parents=True)
-    link.symlink_to(c["target"])
-    proc = train_py(tmp, "resume=true")
-    _, err = proc.communicate(timeout=300)
-    assert "last.ckpt does not exist" in err, err[-3000:]  # it got as far as the run's own first check
-    assert not link.is_symlink() and "n: 4" in link.read_text()  # Hydra's file, written as a plain file
-    return err
+    link.symlink_to(c["tmp"] / "elsewhere.txt")
+    cfg = compose_run_config(["scale=smoke"], run_dir)
+    handler = NoFollowFileHandler(str(c["file"]))
+    logging.getLogger().addHandler(handler)
+    try:
+        logging.getLogger("infalign").warning("a line logged before the run was accepted")
+        accept_run(run_dir, cfg)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    assert not link.is_symlink() and "n: 4" in link.read_text()  # Hydra's record, written as a plain file
+    assert "a line logged before the run was accepted" in c["file"].read_text()  # held, then written
 
 
 # ------------------------------------------------------------------------------------------------ table
@@ -293,7 +304,7 @@ CASES = [
          r"{file} was a symbolic link \(to {target}\); replaced it by a plain file"),
     Case("symlink planted at logs/hparams.yaml", lambda t, m: planted_link(t, "logs/hparams.yaml"), write_metrics,
          None),  # replaced by an atomic rename, silently
-    Case("symlinks planted at train.log and .hydra/config.yaml, python train.py",
+    Case("symlinks planted at train.log and .hydra/config.yaml, at the run's start",
          lambda t, m: planted_link(t, "train.log"), start_with_planted_links,
          r"infalign: {file} was a symbolic link \(to {target}\); replaced it"),
     Case("SIGINT while the reference policy trains",

@@ -382,6 +382,12 @@ def test_resume_continues_a_lora_run_identically(lora_run, session_cache, tmp_pa
     # another rank is another experiment: refused before any model loads
     with pytest.raises(ValueError, match=r"(?s)resume refused.*model.lora.r: 4 -> 8"):
         run_in_process([*args, "rl.iterations=2", "model.lora.r=8", "resume=true"], resumed)
+    # and not changeable at all: the adapters' shapes are the checkpoint's (a raw size mismatch once loaded)
+    files = {p: p.read_bytes() for p in resumed.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=r"(?s)resume refused.*model.lora.r: 4 -> 8.*even with resume_allow_changes"):
+        run_in_process([*args, "rl.iterations=2", "model.lora.r=8", "resume=true", "resume_allow_changes=true"],
+                       resumed)
+    assert {p: p.read_bytes() for p in resumed.rglob("*") if p.is_file()} == files  # hparams.yaml included
 
 
 def test_a_smoke_run_with_gradient_checkpointing_checkpoints_the_update(session_cache, tmp_path, monkeypatch):

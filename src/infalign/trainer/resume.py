@@ -4,7 +4,7 @@ is `infalign.trainer.checkpointing`. `infalign.trainer.run` calls these before a
 - `resolve_resume`: `resume=true|false|auto` and `overwrite` (checked by `checkpointing.check_run_options`): the
   checkpoint to continue from, or a fresh start that never clobbers another run's outputs silently.
 - `run_record`, `check_resume`: the checkpoint records the run's resolved config (Hydra rewrites
-  `.hydra/config.yaml` at every start). A resume whose experiment (`EXPERIMENT_KEYS`) differs is refused,
+  `.hydra/config.yaml` whenever a command runs there). A resume whose experiment (`EXPERIMENT_KEYS`) differs is refused,
   listing the keys, unless `resume_allow_changes=true`; raising `rl.iterations` is always allowed.
   `run_config.yaml` keeps the config the run started with (written once, never overwritten) and
   `resume_history.jsonl` one line per resume (what changed), both written by `LastCheckpoint` with the
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shlex
 import shutil
 import time
@@ -33,13 +32,14 @@ from omegaconf import OmegaConf
 
 from infalign.runtime.atomic import atomic_write_text, read_csv_rows, remove_stale_temps
 from infalign.runtime.checkpoint_io import _torch_load, verify_checkpoint
+from infalign.runtime.run_dir import is_first_process
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ResumePlan", "append_history", "check_resume", "checkpoint_state",
            "config_changes", "finish_restored_loops", "finished_results", "is_first_process", "resolve_resume",
            "resume_command", "run_record", "write_run_config", "EXPERIMENT_KEYS", "LAST", "RESUME_HISTORY",
-           "RUN_CONFIG", "RUN_OUTPUTS"]
+           "RUN_CONFIG", "RUN_OUTPUTS", "SHAPE_KEYS"]
 
 LAST = "last.ckpt"  # checkpoints/last.ckpt: what a run resumes from (kept current by checkpointing.LastCheckpoint)
 RUN_CONFIG = "run_config.yaml"  # the resolved config the run started with: written once, never overwritten
@@ -55,6 +55,11 @@ CONFIG_GROUPS = ("model", "reward", "data", "calibrator", "transform")  # their 
 NOT_COMPARED = ("data.root",  # where the data lies, not what it is: a run moved to another machine finds it elsewhere
                 # how the policy is saved and how much memory its update takes, not what it learns
                 "model.lora.save_merged", "model.gradient_checkpointing")
+# What the checkpoint's weights fix: the policy's architecture, vocabulary and LoRA adapter shapes. Loading them
+# into another shape fails with a raw size mismatch after the models were built, so a change of these is refused
+# up front even with resume_allow_changes=true (a prefix of the dotted keys).
+SHAPE_KEYS = ("choices.model", "model.name_or_path", "model.gpt2.", "model.tokenizer.", "model.lora.r",
+              "model.lora.target_modules")
 EXTENSIBLE = "rl.iterations"  # raising it continues a run, finished or not: always allowed
 ABSENT = "<absent>"
 
@@ -72,22 +77,6 @@ def _clear_outputs(run_dir: Path, names: list[str]) -> None:
     for name in names:
         p = run_dir / name
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-
-
-# set by Lightning's launcher in the processes it starts, and by torchrun / srun / jsrun in every process
-_RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
-
-
-def is_first_process() -> bool:
-    """True unless the environment marks this as a non-zero rank of a distributed run (no process group yet).
-
-    Not Lightning's `rank_zero_only.rank == 0` / `rank_zero._get_rank()` (2.6), which differ: `_get_rank` takes the
-    first of RANK, LOCAL_RANK, SLURM_PROCID, JSM_NAMESPACE_RANK that is set and ignores NODE_RANK, so before its
-    launcher starts the processes the main process of node 1 (only NODE_RANK=1 set) would count as rank 0 and
-    clear a shared run directory; `rank_zero_only.rank` is that value as of Lightning's import (or what an
-    earlier Trainer's strategy set), not the environment now.
-    """
-    return all(os.environ.get(k, "0") in ("", "0") for k in _RANK_VARIABLES)
 
 
 def resolve_resume(run_dir: Path, resume, overwrite: bool) -> Path | None:
@@ -247,6 +236,12 @@ def check_resume(run_dir: Path, checkpoint: Path, record: dict, *, allow_changes
         entry["config_checked"] = False
     else:
         changes, extensions = config_changes(stored, record)
+        fixed = {k: v for k, v in changes.items() if k.startswith(SHAPE_KEYS)}
+        if fixed and allow_changes:
+            raise ValueError(
+                f"resume refused: the weights in {checkpoint} cannot take the command's policy (old -> new):\n"
+                f"{_lines(fixed)}\nThese keys are not changeable, even with resume_allow_changes=true: resume with the "
+                f"run's own values (its config: {run_dir / RUN_CONFIG}), or start a new run in another hydra.run.dir")
         if changes and not allow_changes:
             raise ValueError(
                 f"resume refused: the command changes the experiment that {checkpoint} (iteration "

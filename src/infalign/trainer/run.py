@@ -34,6 +34,7 @@ from infalign.runtime.atomic import give_plain_modes
 from infalign.runtime.checkpoint_io import SafeCheckpointIO
 from infalign.runtime.console import format_number, quiet_console
 from infalign.runtime.loggers import build_loggers, finish_loggers, run_identity, swept_keys
+from infalign.runtime.run_dir import accept_run, hold_run_dir
 from infalign.trainer.calibration_cache import load_or_build_reference_samples
 from infalign.trainer.checkpointing import LastCheckpoint, TrainingInterrupted, exit_on_stop_signal
 from infalign.trainer.config import validate_config
@@ -138,6 +139,7 @@ def run(cfg: DictConfig) -> dict:
     choices = HydraConfig.get().runtime.choices
     validate_config(cfg, choices, multirun=HydraConfig.get().mode == RunMode.MULTIRUN)  # before any model
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hold_run_dir(run_dir)  # one command at a time: refused here, in one line, while another one runs there
     resume_from = resolve_resume(run_dir, cfg.resume, cfg.overwrite)  # refuses a bad checkpoint here, in seconds
     record, resume_entry = run_record(cfg, choices), None
     if resume_from is not None:  # still before any model: a changed experiment is refused, a finished run left as is
@@ -150,6 +152,7 @@ def run(cfg: DictConfig) -> dict:
             log.info("resume: %s is already finished; nothing done", run_dir)
             return plan.finished
         resume_entry = plan.entry
+    accept_run(run_dir, cfg)  # only now: .hydra/*.yaml and train.log (a refused command changed no file there)
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)

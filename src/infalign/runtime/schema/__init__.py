@@ -51,6 +51,7 @@ from infalign.runtime.schema.rules import (
     TEXT,
     ConfigError,
     Rule,
+    exit_on_user_error,
     integer,
     list_of,
     nullable,
@@ -58,8 +59,8 @@ from infalign.runtime.schema.rules import (
     one_of,
 )
 
-__all__ = ["KEYS", "ConfigError", "Key", "check_config", "check_run_options", "optimizer_steps", "processes",
-           "report_warnings",
+__all__ = ["KEYS", "ConfigError", "Key", "check_config", "check_run_options", "exit_on_user_error", "optimizer_steps",
+           "processes", "report_warnings",
            # the tables, rules and mirrored constants, importable from here as before the package split
            "ACCELERATORS", "BOOL", "CALIBRATORS", "CLOSED", "CROSS_RULES", "HINTS", "HYDRA_KEYS", "INSTANTIATED",
            "KL_PENALTY_MODES", "PARTITIONS", "PRECISIONS", "RAW_TRANSFORMS", "RETIRED", "RL_ALGOS", "SAMPLERS", "SEED",

@@ -5,10 +5,12 @@ and the constants mirrored from torch-importing modules (tests/test_config.py ch
 from __future__ import annotations
 
 import math
+import os
 import re
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 SEED_MAX = 2**32 - 1  # Lightning's seed_everything replaces a seed outside [0, 2^32 - 1] by 0, with a warning
 # Mirrors of constants that live in torch-importing modules (tests/test_config.py checks that they agree):
@@ -25,6 +27,16 @@ HYDRA_KEYS = ("_target_", "_partial_", "_convert_", "_recursive_", "_args_")
 
 class ConfigError(ValueError):
     """A config value refused: one line naming the key, what is allowed, the value and an example."""
+
+
+def exit_on_user_error(e: ConfigError) -> NoReturn:
+    """How an entry point reports a refused input: one line `error: ...` on stderr and exit status 2, as for a
+    command-line usage error (no traceback: Hydra would print its shortened one above the message). With
+    HYDRA_FULL_ERROR=1 the error is raised again, for the whole traceback."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise e
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 # ---------------------------------------------------------------------------------------------- value rules

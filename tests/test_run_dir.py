@@ -1,0 +1,116 @@
+"""One command per run directory (real processes, real locks), and a refused command changes no file there."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHORT = ["scale=smoke", "logger=none", "progress=false", "num_threads=1"]
+
+
+def files_of(directory: Path) -> dict[str, str]:
+    """Every file under `directory` (hidden ones, .hydra and train.log included) -> a hash of its bytes."""
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def train(session_cache, *overrides) -> subprocess.Popen:
+    env = {**os.environ, "INFALIGN_CACHE": str(session_cache), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *overrides], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def waiting(until: Path) -> list[str]:
+    """A logger that holds the run at its first metrics until `until` exists (tests/fake_loggers.py)."""
+    return ["+logger._target_=tests.fake_loggers.WaitingLogger", f"+logger.until={until}"]
+
+
+def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out + err
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"the first command ended before {path} appeared:\n{finish(proc)[1][-3000:]}"
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.1)
+
+
+def test_a_second_run_in_a_running_runs_directory_is_refused_and_changes_nothing(session_cache, tmp_path):
+    run_dir, go_on = tmp_path / "run", tmp_path / "go_on"
+    first = train(session_cache, *SHORT, *waiting(go_on), f"hydra.run.dir={run_dir}")
+    wait_for(run_dir / ".hydra" / "config.yaml", first)  # written once the first command runs there
+    before = files_of(run_dir)
+    for extra in (["overwrite=true", "beta=0.2"], ["resume=auto"], ["beta=0.2"]):
+        rc, out = finish(train(session_cache, *SHORT, *extra, f"hydra.run.dir={run_dir}"))
+        assert rc == 2, out[-3000:]
+        assert out.strip().splitlines()[-1].startswith("error: ") and "is in use by another command" in out, out
+        after = files_of(run_dir)  # the first run goes on writing its own files; its record stays its own
+        assert {k: after[k] for k in before if k.startswith(".hydra/")} == \
+            {k: v for k, v in before.items() if k.startswith(".hydra/")}
+    go_on.touch()
+    rc, out = finish(first)
+    assert rc == 0, out[-3000:]
+    assert json.loads((run_dir / "final_metrics.json").read_text())["beta"] == 0.05  # its own beta, to the end
+    assert "beta: 0.05" in (run_dir / "logs" / "hparams.yaml").read_text()
+
+
+def test_a_second_sweep_into_a_running_sweeps_directory_is_refused_before_it_writes(session_cache, tmp_path):
+    sweep, go_on = tmp_path / "sweep", tmp_path / "go_on"
+    first = train(session_cache, "-m", *SHORT, *waiting(go_on), "seed=1,2", f"hydra.sweep.dir={sweep}")
+    wait_for(sweep / "0" / ".hydra" / "config.yaml", first)
+    multirun = (sweep / "multirun.yaml").read_bytes()
+    member = files_of(sweep / "0")
+    rc, out = finish(train(session_cache, "-m", *SHORT, "beta=0.2", "seed=1,2", f"hydra.sweep.dir={sweep}"))
+    assert rc == 2 and "is in use by another command" in out, out[-3000:]
+    assert (sweep / "multirun.yaml").read_bytes() == multirun
+    assert files_of(sweep / "0")[".hydra/config.yaml"] == member[".hydra/config.yaml"]
+    go_on.touch()
+    rc, out = finish(first)
+    assert rc == 0, out[-3000:]
+    for m in ("0", "1"):
+        assert "beta: 0.05" in (sweep / m / ".hydra" / "config.yaml").read_text()
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(session_cache, tmp_path_factory):
+    sweep = tmp_path_factory.mktemp("finished") / "sweep"
+    rc, out = finish(train(session_cache, "-m", *SHORT, "seed=3", f"hydra.sweep.dir={sweep}"))
+    assert rc == 0, out[-3000:]
+    return sweep
+
+
+@pytest.mark.parametrize("extra, rc, says", [
+    ([], 1, "already holds a run's outputs"),  # no resume flag
+    (["beta=-1"], 2, "error: beta must be a positive"),  # a bad value
+    (["resume=true", "beta=0.2"], 1, "resume refused"),  # a changed experiment
+    (["resume=auto"], 0, "is already finished"),  # nothing to do
+    (["resume=true"], 0, "is already finished"),
+])
+def test_a_refused_or_idle_command_changes_no_file_in_the_run(session_cache, finished_sweep, extra, rc, says):
+    member = finished_sweep / "0"
+    before = files_of(member)
+    got, out = finish(train(session_cache, *SHORT, "seed=3", *extra, f"hydra.run.dir={member}"))
+    assert got == rc and says in out, out[-3000:]
+    assert files_of(member) == before  # .hydra/*, train.log and every result, byte for byte
+
+
+def test_archive_resume_archive_again(session_cache, finished_sweep, tmp_path):
+    """The README's study workflow: archive, `-m ... resume=auto` the sweep (its members are finished), archive
+    again: the members are unchanged, so the second archive finds nothing new (it raised ArchiveConflictError)."""
+    archive = tmp_path / "archive"
+    cmd = [sys.executable, "-m", "infalign.study", str(finished_sweep), "--archive", str(archive)]
+    first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    rc, out = finish(train(session_cache, "-m", *SHORT, "seed=3", "resume=auto", f"hydra.sweep.dir={finished_sweep}"))
+    assert rc == 0 and "is already finished" in out, out[-3000:]
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
