@@ -13,12 +13,11 @@ import infalign.trainer.run
 from infalign.trainer.inprocess import run_in_process
 
 ARGS = ["scale=smoke", "progress=false", "logger=none", "num_threads=1", "rl.iterations=2", "eval.every=0"]
-VOLATILE = (".hydra", "train.log")  # Hydra's own files, rewritten at every start
 
 
 def files_of(root):
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and not str(p.relative_to(root)).startswith(VOLATILE)}
+    """Every file under `root`, .hydra/ and train.log included (written only by a command that runs there)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
