@@ -252,7 +252,9 @@ def test_exact_kl_solver_runs_and_logs_its_kl(run_train, tmp_path):
     run_train(*SMOKE, "rl.kl_penalty=exact", f"hydra.run.dir={run_dir}")
     rows = [r for r in _logged(run_dir) if r.get("train/kl/exact")]
     assert len(rows) == 3 and all(float(r["train/kl/exact"]) >= 0 for r in rows)
-    assert all(float(r["train/grad/noise_scale"]) > 0 for r in rows)  # 2 minibatches per iteration at smoke size
+    # 2 minibatches per iteration at smoke size: the estimator runs; its scale is logged (> 0) only where defined
+    assert all(r.get("train/grad/true_norm_sq") for r in rows)
+    assert all(float(r["train/grad/noise_scale"]) > 0 for r in rows if r.get("train/grad/noise_scale"))
     assert math.isfinite(_final(run_dir)["eval/kl"])
 
 

@@ -142,9 +142,16 @@ class GradientNoiseScale:
         else:
             self.g2 = self.decay * self.g2 + (1 - self.decay) * g2
             self.trace = self.decay * self.trace + (1 - self.decay) * trace
-        # |G|^2 can come out <= 0 when the signal is below the noise: report the scale as very large, not negative
-        scale = self.trace / self.g2 if self.g2 > 0 else float("inf")
-        return {"grad/noise_scale": min(scale, 1e9), "grad/true_norm_sq": self.g2, "grad/noise_trace": self.trace}
+        out = {"grad/true_norm_sq": self.g2, "grad/noise_trace": self.trace}
+        if (scale := self.scale) is not None:  # undefined: no value, not a sentinel that wrecks every plot of it
+            out["grad/noise_scale"] = scale
+        return out
+
+    @property
+    def scale(self) -> float | None:
+        """`tr(Sigma) / |G|^2`; None before the first update, or while the |G|^2 estimate is <= 0 (the signal is
+        below the noise: the scale is undefined, not large and negative)."""
+        return self.trace / self.g2 if self.g2 is not None and self.g2 > 0 else None
 
     def state_dict(self) -> dict:
         return {"g2": self.g2, "trace": self.trace}

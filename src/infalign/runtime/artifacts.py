@@ -33,6 +33,7 @@ import math
 import os
 import shutil
 import socket
+import sys
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -366,6 +367,24 @@ def _written_in(error: OSError, folder: Path) -> bool:
     return name is None or str(name).startswith(str(folder))
 
 
+_reported: tuple[Any, set[Path]] = (None, set())  # (the run, the entries it has reported a hit or a build of)
+
+
+def _first_report(path: Path) -> bool:
+    """Whether the run has not yet reported a hit or a build of the entry at `path` (and now it has). The reward
+    model's loader looks up the reference policy and its tokenizer again (for its backbone), right after the run
+    loaded or built them: without this, their `cache hit` lines printed twice. A run is a Hydra job (each multirun
+    member reports its own hits), else the process."""
+    global _reported
+    hydra = sys.modules.get("hydra.core.hydra_config")  # never imported here: a Hydra run has imported it
+    run = hydra.HydraConfig.get().runtime.output_dir if hydra and hydra.HydraConfig.initialized() else None
+    if run != _reported[0]:
+        _reported = (run, set())
+    first = path not in _reported[1]
+    _reported[1].add(path)
+    return first
+
+
 def get_or_build(
     cache_root: str | Path | None,
     kind: str,
@@ -387,7 +406,8 @@ def get_or_build(
     key = _canonical(key)
     path = entry_path(cache_root, kind, key)
     if (hit := lookup(cache_root, kind, key)) is not None:
-        log.info("cache hit: %s/%s", kind, path.name)
+        # once per entry and run at INFO; a repeat lookup at DEBUG
+        log.log(logging.INFO if _first_report(path) else logging.DEBUG, "cache hit: %s/%s", kind, path.name)
         return hit
 
     log.info("cache miss: %s/%s, building", kind, path.name)
@@ -439,4 +459,5 @@ def get_or_build(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     log.info("cache stored: %s (%.1f s)", path, manifest["build_seconds"])
+    _first_report(path)  # a later lookup in this run is no news
     return CacheEntry(path=path, key=key, meta=manifest["meta"], hit=False)

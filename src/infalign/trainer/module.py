@@ -355,6 +355,8 @@ class InfAlignModule(L.LightningModule):
                                       self.rl.minibatch_size * steps))
         if clip_fracs:
             stats["policy/clip_fraction"] = sum(clip_fracs) / len(clip_fracs)
+            # no grad/noise_scale while it is undefined (|G|^2 estimate <= 0); the same keys on every process,
+            # whose gradients DDP has averaged, as the reduction of the statistics needs
         return stats
 
     # ------------------------------------------------------------------ distillation
