@@ -10,8 +10,9 @@ The two overlap (one row per run, win rate vs KL) but answer different questions
 
 - the summary is the sweep's raw record: `sweep_summary.csv` is every key of every member's
   final_metrics.json, verbatim (calibration cache, timings, every eval metric, whatever the run recorded),
-  and `sweep_summary.png` every run's own point against the optimal-policy curve of its own transform over
-  beta (none for raw and optimal). It needs no analysis, so it is written for any multirun, first, and stays
+  and `sweep_summary.png` every run's own point (± its s.e.) against the optimal-policy curve of its own transform
+  over beta (none for raw and optimal), in one colour per method and N, labelled with N and beta
+  (`summary_series`: what it draws, as data). It needs no analysis, so it is written for any multirun, first, and stays
   when the study fails (a member without eval/kl, a refused config);
 - the study (`study_*.csv`, `.md`, `.png`) is the analysis: selected, renamed columns, theory and optimum at
   each run's measured KL, gaps, mean ± s.e. over seeds per method x beta, matched KL, and curves against the
@@ -32,23 +33,21 @@ from omegaconf import OmegaConf
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SweepSummaryCallback", "write_summary"]
+__all__ = ["SweepSummaryCallback", "summary_series", "write_summary"]
 
 
-def _theory_curves(sweep_dir: Path, rows: list[dict]) -> dict[tuple[str, int], list[tuple[float, float, float]]]:
-    """(transform, n) -> [(kl, bon, won)] of the optimal policy over a beta grid, from each member's config, for
-    the transform seen through the member's M-sample calibration (`at_m`, infalign.theory.finite_m).
-
-    The transform is rebuilt as data (infalign.study.runs: allow-listed transforms, the recorded t, nothing
-    executed); a member whose config is refused is logged and gets no curve, its measured points still show."""
+def _curves_by_run(sweep_dir: Path, rows: list[dict]) -> tuple[dict[tuple[str, int], list[tuple[float, float, float]]],
+                                                                 list[tuple[str, int] | None]]:
+    """(curves, keys): curves as `_theory_curves`, and for each row the (label, n) key of its own curve (None: none)."""
     import numpy as np
 
     from infalign.study.runs import RUN_CONFIG, calibration_m, transform_from_run
     from infalign.theory import tilted_density
     from infalign.theory.efficiency import calibrated_transform
 
-    curves, betas = {}, np.geomspace(0.005, 5.0, 30)
+    curves, keys, betas = {}, [], np.geomspace(0.005, 5.0, 30)
     for row in rows:
+        keys.append(None)
         name, n = row.get("transform"), int(row["n"])
         member_dir = sweep_dir / row["member"]
         if name in ("raw", "optimal") or not (member_dir / RUN_CONFIG).exists():
@@ -63,6 +62,7 @@ def _theory_curves(sweep_dir: Path, rows: list[dict]) -> dict[tuple[str, int], l
         m = calibration_m(row, member_dir)
         label = f"{name}(t={transform.t:.3g})" if hasattr(transform, "t") else name
         label += f", M={m}" if m else ""
+        keys[-1] = (label, n)
         if (label, n) in curves:
             continue
         phi = calibrated_transform(transform, m)
@@ -71,7 +71,59 @@ def _theory_curves(sweep_dir: Path, rows: list[dict]) -> dict[tuple[str, int], l
             d = tilted_density(phi, float(b))
             pts.append((d.kl(), d.bon_win_rate(n), d.won_win_rate(n)))
         curves[(label, n)] = pts
-    return curves
+    return curves, keys
+
+
+def _theory_curves(sweep_dir: Path, rows: list[dict]) -> dict[tuple[str, int], list[tuple[float, float, float]]]:
+    """(transform, n) -> [(kl, bon, won)] of the optimal policy over a beta grid, from each member's config, for
+    the transform seen through the member's M-sample calibration (`at_m`, infalign.theory.finite_m).
+
+    The transform is rebuilt as data (infalign.study.runs: allow-listed transforms, the recorded t, nothing
+    executed); a member whose config is refused is logged and gets no curve, its measured points still show."""
+    return _curves_by_run(sweep_dir, rows)[0]
+
+
+MARKERS, LINESTYLES = "osD^v<>ph*", ("-", "--", "-.", ":")
+
+
+def summary_series(sweep_dir: Path, rows: list[dict]) -> dict[str, list[dict]]:
+    """What sweep_summary.png draws, as data: {"bon": series, "won": series}, each in legend order (`kind`):
+
+    - "runs": the runs of one (method, N, beta): label, color, marker, x (KL), y (the win rate at the run's own
+      N), yerr (each run's recorded s.e. over the eval prompts), method, n, beta;
+    - "theory": the optimal-policy curve of one transform (its t, M) at N over a beta grid: label, color,
+      linestyle, x, y, method, n, betas (of the runs it is the theory for), curve (its `_theory_curves` key).
+
+    Colour is keyed by (method, N): a run's points and the theory line of its own transform share one. Within it
+    markers tell betas apart and line styles the curves (an exp transform's t depends on beta: near-identical
+    curves for two betas); each label names method, N and beta(s). A curve follows the first run it belongs to."""
+    curves, keys = _curves_by_run(sweep_dir, rows)
+    method_of = [r.get("method") or r.get("transform") for r in rows]
+    out = {"bon": [], "won": []}
+    for gi, (method, n) in enumerate(sorted({(m, int(r["n"])) for m, r in zip(method_of, rows)})):
+        color = f"C{gi % 10}"
+        group = [(r, k) for m, r, k in zip(method_of, rows, keys) if (m, int(r["n"])) == (method, n)]
+        betas = sorted({float(r["beta"]) for r, _ in group})
+        own = list(dict.fromkeys(k for _, k in group if k is not None))  # this group's curves, in sweep order
+        for bi, beta in enumerate(betas):
+            runs = [r for r, _ in group if float(r["beta"]) == beta]
+            for mode in out:
+                col = f"eval/{mode}_win_rate@{n}"
+                pts = [r for r in runs if col in r and "eval/kl" in r]  # the summary outlives a bad member
+                out[mode].append({"kind": "runs", "label": f"{method} N={n} β={beta:g}", "color": color,
+                                  "marker": MARKERS[bi % len(MARKERS)], "method": method, "n": n, "beta": beta,
+                                  "x": [r["eval/kl"] for r in pts], "y": [r[col] for r in pts],
+                                  "yerr": [r.get(f"{col}_se", float("nan")) for r in pts]})
+            for key in own:
+                curve_betas = [b for b in betas if any(k == key and float(r["beta"]) == b for r, k in group)]
+                if curve_betas[0] != beta:
+                    continue  # drawn once, after the first beta it is the theory for
+                for mode, idx in (("bon", 1), ("won", 2)):
+                    out[mode].append({"kind": "theory", "color": color, "linestyle": LINESTYLES[own.index(key) % 4],
+                                      "label": f"theory {key[0]} N={n} (β={', '.join(f'{b:g}' for b in curve_betas)})",
+                                      "method": method, "n": n, "betas": curve_betas, "curve": key,
+                                      "x": [p[0] for p in curves[key]], "y": [p[idx] for p in curves[key]]})
+    return out
 
 
 def write_summary(sweep_dir: Path) -> tuple[Path, Path] | None:
@@ -92,24 +144,23 @@ def write_summary(sweep_dir: Path) -> tuple[Path, Path] | None:
     csv_path, png_path = sweep_dir / "sweep_summary.csv", sweep_dir / "sweep_summary.png"
     atomic_write_csv(csv_path, rows, fields)
 
-    curves = _theory_curves(sweep_dir, rows)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, (mode, label, idx) in zip(axes, (("bon", "best-of-N", 1), ("won", "worst-of-N", 2))):
-        for i, ((name, n), pts) in enumerate(sorted(curves.items())):
-            ax.plot([p[0] for p in pts], [p[idx] for p in pts], color=f"C{i}", alpha=0.5, label=f"theory {name} N={n}")
-        groups = sorted({(r.get("transform"), int(r["n"])) for r in rows})
-        for i, (name, n) in enumerate(groups):
-            pts = [r for r in rows if r.get("transform") == name and int(r["n"]) == n and f"eval/{mode}_win_rate@{n}" in r]
-            ax.errorbar([r["eval/kl"] for r in pts], [r[f"eval/{mode}_win_rate@{n}"] for r in pts],
-                        yerr=[r[f"eval/{mode}_win_rate@{n}_se"] for r in pts], fmt="o", color=f"C{i}",
-                        label=f"{name} N={n}", capsize=3)
+    series = summary_series(sweep_dir, rows)
+    fig, axes = plt.subplots(1, 2, figsize=(13.5, 4.4), layout="constrained")
+    for ax, (mode, label) in zip(axes, (("bon", "best-of-N"), ("won", "worst-of-N"))):
+        handles = []  # in series order: each (method, N)'s points next to their theory lines
+        for s in series[mode]:
+            if s["kind"] == "theory":
+                handles += ax.plot(s["x"], s["y"], s["linestyle"], color=s["color"], alpha=0.6, label=s["label"])
+            else:
+                handles.append(ax.errorbar(s["x"], s["y"], yerr=s["yerr"], fmt=s["marker"], color=s["color"],
+                                           label=s["label"], capsize=3))
         ax.set_xscale("symlog", linthresh=0.01)
         ax.set_xlabel("KL(policy || reference) [nats]")
-        ax.set_ylabel(f"{label} win rate vs reference")
+        ax.set_ylabel(f"{label} win rate vs reference (N: each run's own)")
         ax.grid(alpha=0.3)
-        ax.set_title(f"{label}: runs (points ± s.e.) and theory (lines)")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+        ax.set_title(f"{label}: runs (points ± s.e. over prompts) and theory (lines)", fontsize=10)
+    # the same entries in both panels: one legend, outside them (inside, it hid points)
+    fig.legend(handles=handles, fontsize=7, loc="outside right upper", ncols=1 + len(handles) // 28)
     try:
         atomic_write_figure(png_path, fig, dpi=110)
     finally:
