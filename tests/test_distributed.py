@@ -92,7 +92,8 @@ def test_ddp_run_matches_one_process(run_train, session_cache, tmp_path):
         torch.set_num_threads(threads)
     assert one["eval/prompts"] == 6
     compared = [k for k in one if k.startswith("eval/")]
-    assert len(compared) == 4 * len(ns) + 6  # bon/won x N x (rate, se) + kl, kl_k3, kl_calibrated, rewards, prompts
+    # bon/won x N x (rate, se) + kl, kl_k3, kl_calibrated, rewards, response lengths (policy, reference), prompts
+    assert len(compared) == 4 * len(ns) + 8
     for k in compared:
         assert final[k] == pytest.approx(one[k], rel=1e-9, abs=1e-12), k
     # the sample rows (eval_samples.jsonl): both processes' prompts gathered, in prompt order, as one process has them

@@ -1,5 +1,6 @@
 """W&B as a researcher uses it: runs named and grouped by their sweep, a table of samples at every evaluation,
-learning rate and gradient norm, every metric under one name, and the local files holding what W&B gets."""
+learning rate and gradient norm, every metric under one name and on one step axis (the iteration), and the local
+files holding what W&B gets."""
 
 import csv
 import json
@@ -10,6 +11,7 @@ from types import SimpleNamespace
 
 from omegaconf import OmegaConf
 
+from infalign.models.data import ASSISTANT, HUMAN
 from infalign.runtime.loggers import GuardedLogger, run_identity, swept_keys, with_identity
 from infalign.trainer.evaluation import SAMPLE_COLUMNS, SAMPLES_JSONL, SAMPLES_KEY, WinRateCallback
 
@@ -60,14 +62,14 @@ def offline_run(run_dir: Path) -> dict:
 
 # ---------------------------------------------------------------------------------------------- name, group, tags
 def _cfg(**over):
-    return OmegaConf.create({"n": 4, "beta": 0.24, "seed": 0, "solver": "rloo", "rl": {"algo": "rloo"}, **over})
+    return OmegaConf.create({"n": 4, "beta": 0.24, "seed": 0, "rl": {"algo": "rloo"}, **over})
 
 
 def test_a_run_is_named_by_method_n_beta_seed_and_tagged():
-    ident = run_identity(_cfg(), {"method": "bon_exp", "transform": "bon_exp", "scale": "smoke"})
+    ident = run_identity(_cfg(), {"method": "bon_exp", "transform": "bon_exp", "solver": "rloo", "scale": "smoke"})
     assert ident == {"name": "bon_exp-n4-b0.24-s0", "group": None, "tags": ["bon_exp", "rloo", "n=4", "scale=smoke"]}
     # no method preset: the transform names it; a study is a tag
-    ident = run_identity(_cfg(beta=0.05, seed=2, solver="distill", study={"name": "bon"}), {"transform": "identity"})
+    ident = run_identity(_cfg(beta=0.05, seed=2, study={"name": "bon"}), {"transform": "identity", "solver": "distill"})
     assert ident["name"] == "identity-n4-b0.05-s2" and ident["tags"] == ["identity", "distill", "n=4", "study=bon"]
 
 
@@ -101,9 +103,12 @@ class TableLogger:
 
 
 def _sample(prompt_id: str, reward: float) -> dict:
-    return {"prompt_id": prompt_id, "prompt": "Human: hi", "policy_response": "hello", "policy_reward_raw": reward,
-            "policy_reward_calibrated": 0.5, "reference_response": "hey", "reference_reward_raw": 0.1,
-            "reference_reward_calibrated": 0.25}
+    return {"prompt_id": prompt_id, "prompt": "Human: hi", "pick": "bon@1", "policy_response": "hello",
+            "policy_tokens": 2, "policy_reward_raw": reward, "policy_reward_calibrated": 0.5,
+            "reference_response": "hey", "reference_tokens": 1, "reference_reward_raw": 0.1,
+            "reference_reward_calibrated": 0.25, "policy_pick_response": "hello", "policy_pick_tokens": 2,
+            "policy_pick_reward_raw": reward, "policy_pick_reward_calibrated": 0.5, "reference_pick_response": "hey",
+            "reference_pick_tokens": 1, "reference_pick_reward_raw": 0.1, "reference_pick_reward_calibrated": 0.25}
 
 
 def test_samples_go_to_the_jsonl_file_and_the_table_and_a_repeated_evaluation_replaces_its_rows(tmp_path):
@@ -122,8 +127,9 @@ def test_samples_go_to_the_jsonl_file_and_the_table_and_a_repeated_evaluation_re
            [(2, "a", 1.0), (2, "b", 2.0), (4, "a", 3.0), (4, "b", 4.0)]
     assert all(list(r) == list(SAMPLE_COLUMNS) for r in read())
     key, columns, data, step = table.tables[-1]
-    assert key == SAMPLES_KEY and columns == list(SAMPLE_COLUMNS) and step == 8
-    assert data[0] == [4, 8, "a", "Human: hi", "hello", 3.0, 0.5, "hey", 0.1, 0.25]
+    assert key == SAMPLES_KEY and columns == list(SAMPLE_COLUMNS) and step == 4  # at the iteration, like the metrics
+    assert data[0] == [4, 8, "a", "Human: hi", "bon@1", "hello", 2, 3.0, 0.5, "hey", 1, 0.1, 0.25,
+                       "hello", 2, 3.0, 0.5, "hey", 1, 0.1, 0.25]
     # a resumed run evaluates iteration 4 again (the dead run wrote it after its last checkpoint): replaced
     callback.sample_rows = [_sample("a", 5.0)]
     callback._write_samples(trainer, iteration=4, step=8)
@@ -158,6 +164,13 @@ def test_an_offline_wandb_sweep_is_grouped_named_and_shows_samples(run_train, tm
             assert r["prompt"] and isinstance(r["policy_response"], str) and isinstance(r["reference_response"], str)
             assert all(math.isfinite(r[k]) for k in ("policy_reward_raw", "reference_reward_raw"))
             assert 0 <= r["policy_reward_calibrated"] <= 1 and 0 <= r["reference_reward_calibrated"] <= 1
+            # the prompt starts at a turn, or after "…" at a whole word (the smoke prompts are cut mid-turn)
+            assert r["prompt"].startswith((HUMAN, ASSISTANT, "…")) and not r["prompt"].startswith("… ")
+            # the run's best-of-4 pick among the first 4 samples, which hold the first sample shown
+            assert r["pick"] == "bon@4"
+            for side in ("policy", "reference"):
+                assert r[f"{side}_pick_reward_raw"] >= r[f"{side}_reward_raw"]
+                assert all(1 <= r[f"{side}{p}_tokens"] <= 16 for p in ("", "_pick"))  # generation.max_new_tokens
         # ... and the W&B table, one per evaluation, with the same rows
         logged = [h for h in wb["history"] if f"{SAMPLES_KEY}/path" in h]
         assert len(logged) == 2
@@ -170,6 +183,31 @@ def test_an_offline_wandb_sweep_is_grouped_named_and_shows_samples(run_train, tm
         with open(run_dir / "logs" / "metrics.csv", newline="") as f:
             reader = csv.DictReader(f)
             metrics, columns = list(reader), set(reader.fieldnames)
+        with open(run_dir / "eval_metrics.csv", newline="") as f:
+            evals = list(csv.DictReader(f))
+        # one step axis, the iteration, for all W&B logs: a training row at the iterations its policy has had (0, 1),
+        # an evaluation and its table at the iterations before it (1, 2); the optimizer step beside it, that of
+        # the policy each row measures (2 per iteration: 4 prompts x k=4 in minibatches of 8)
+        history = wb["history"]
+        axis = [h["trainer/global_step"] for h in history]
+        assert axis == sorted(axis)
+        train = [h for h in history if "train/kl/k1" in h]
+        evaluated = [h for h in history if "eval/kl" in h]
+        tables = [h for h in history if f"{SAMPLES_KEY}/path" in h]
+        assert [h["trainer/global_step"] for h in train] == [0, 1]
+        assert [h["trainer/global_step"] for h in evaluated] == [h["trainer/global_step"] for h in tables] == \
+               [int(r["iteration"]) for r in evals] == [1, 2]
+        assert [h["optimizer_step"] for h in train] == [0, 2]
+        assert [h["optimizer_step"] for h in evaluated] == [int(r["step"]) for r in evals] == [2, 4]
+        # ... and logs/metrics.csv, the same axis
+        steps = [int(r["step"]) for r in metrics]
+        assert steps == sorted(steps) and [int(r["step"]) for r in metrics if r["eval/kl"]] == [1, 2]
+        assert [int(r["step"]) for r in metrics if r["train/kl/k1"]] == [0, 1]
+        # the mean response length of policy and reference beside the win rates: every evaluation, the final one
+        final = json.loads((run_dir / "final_metrics.json").read_text())
+        for key in ("eval/response_tokens", "eval/reference_response_tokens"):
+            assert 1 <= final[key] <= 16 and final[key] == float(evals[-1][key]) and all(key in h for h in evaluated)
+        assert len({r["eval/reference_response_tokens"] for r in evals}) == 1  # the same cached samples each time
         assert "kl" not in columns and "reward" not in columns  # only train/kl/k1, train/reward/calibrated
         assert {"train/kl/k1", "train/reward/calibrated", "train/lr", "train/grad/norm"} <= columns
         lrs = [float(r["train/lr"]) for r in metrics if r["train/lr"]]

@@ -8,21 +8,31 @@ and in the checkpoints written after it: a run killed after its final evaluation
 instead of evaluating (and writing its rows) twice.
 
 Besides the win rates and the k1/k3 sequence KL, every evaluation logs `eval/kl_calibrated`, the KL in
-calibrated space (`CalibratedRankKL`), and the final one writes `eval_per_prompt.csv`: one row per held-out
+calibrated space (`CalibratedRankKL`), and the mean response length in tokens of the policy's samples and of
+the reference's (`eval/response_tokens`, `eval/reference_response_tokens`: a policy that wins by answering
+shorter shows it beside its win rate); the final one writes `eval_per_prompt.csv`: one row per held-out
 prompt (its win rates, mean k1 KL and mean calibrated reward), so that methods can be compared prompt by prompt.
 
+Every evaluation is logged at step = its iteration (the number of iterations the policy has trained), the axis
+of the training metrics too (Lightning logs those at the batches so far: one batch per iteration), so
+dashboards show one axis; `optimizer_step` (the optimizer steps at that point) is logged with it.
+
 Samples to read (`eval.log_samples` = S, 0 = off): at every evaluation, for each of the first S held-out prompts,
-the policy's first sample and the reference's first cached sample, with their raw and calibrated rewards (the
-policy's C against the prompt's M reference samples, the reference sample's against the other M - 1). They go
-to `eval_samples.jsonl` in the run directory (one JSON object per prompt and evaluation, rewritten atomically;
-rows of an evaluation that a resumed run repeats are replaced, never doubled) and, where the logger can show
-one, to a table `eval/samples` (W&B: a `wandb.Table` per evaluation).
+the policy's first sample and the reference's first cached sample, and the pick of the run's best-of-n (`pick`
+`bon@n`; the worst of n, `won@n`, for a worst-of-N run) among the first n samples of each, by raw reward as the
+win rate compares them; each with its length in tokens and its raw and calibrated rewards (the policy's C
+against the prompt's M reference samples, the reference sample's against the other M - 1). The prompt is shown
+as the models read it, but one cut from the left mid-turn (`truncate_prompt`) starts at its first whole word,
+after "…". They go to `eval_samples.jsonl` in the run directory (one JSON object per prompt and evaluation,
+rewritten atomically; rows of an evaluation that a resumed run repeats are replaced, never doubled) and, where
+the logger can show one, to a table `eval/samples` (W&B: a `wandb.Table` per evaluation).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import lightning as L
@@ -32,24 +42,37 @@ from torchmetrics import MeanMetric, Metric
 from infalign.core.calibration import EmpiricalCalibrator, check_rewards, leave_one_out_calibrated
 from infalign.core.losses import sequence_kl
 from infalign.core.metrics import InferenceTimeWinRate, inference_win_rate_per_prompt
+from infalign.models.data import ASSISTANT, HUMAN
 from infalign.models.logprobs import response_logprobs
 from infalign.runtime.atomic import atomic_write_csv, atomic_write_json, atomic_write_text, read_csv_rows
 from infalign.runtime.console import format_metrics
 from infalign.runtime.distributed import all_gather_object
 from infalign.runtime.seeds import derive_seed
+from infalign.trainer.module import OPTIMIZER_STEP
 from infalign.trainer.rollout import sample_and_score
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CalibratedRankKL", "PER_PROMPT_CSV", "PerPromptTable", "SAMPLE_COLUMNS", "SAMPLES_JSONL", "SAMPLES_KEY",
-           "WinRateCallback", "atomic_write_json", "calibrated_rank_histogram", "rank_kl"]
+__all__ = ["CalibratedRankKL", "PER_PROMPT_CSV", "PerPromptTable", "SAMPLE_COLUMNS", "SAMPLES_JSONL",
+           "SAMPLES_KEY", "WinRateCallback", "atomic_write_json", "calibrated_rank_histogram", "rank_kl", "shown_prompt"]
 
 PER_PROMPT_CSV = "eval_per_prompt.csv"
 SAMPLES_JSONL = "eval_samples.jsonl"  # eval.log_samples prompts per evaluation: responses and rewards
 SAMPLES_KEY = "eval/samples"  # the logger's table of them
-SAMPLE_COLUMNS = ("iteration", "step", "prompt_id", "prompt", "policy_response", "policy_reward_raw",
-                  "policy_reward_calibrated", "reference_response", "reference_reward_raw",
-                  "reference_reward_calibrated")
+SAMPLE_SIDES = ("policy", "reference", "policy_pick", "reference_pick")  # first samples, then the best-of-n picks
+SAMPLE_COLUMNS = ("iteration", "step", "prompt_id", "prompt", "pick",
+                  *(f"{side}_{c}" for side in SAMPLE_SIDES
+                    for c in ("response", "tokens", "reward_raw", "reward_calibrated")))
+
+
+def shown_prompt(prompt: str) -> str:
+    """The prompt as the samples show it: as the models read it, but if `truncate_prompt` cut it from the left
+    mid-turn (it then starts at no turn marker, usually mid-word), from its first whole word, after "…"."""
+    if prompt.startswith((HUMAN, ASSISTANT)):
+        return prompt  # whole, or cut at a turn boundary
+    body_end = len(prompt) - len(ASSISTANT) if prompt.endswith(ASSISTANT) else len(prompt)
+    partial = re.compile(r"\S*\s+").match(prompt, 0, body_end)  # the word the cut may have split, its space
+    return "…" + (prompt[partial.end():] if partial else prompt)
 
 
 # ---------------------------------------------------------------------------------------------- KL in calibrated space
@@ -182,7 +205,8 @@ class PerPromptTable(Metric):
 
 class WinRateCallback(L.Callback):
     def __init__(self, eval_prompts: list[tuple[str, str, str]], reference_samples, ns: list[int], k: int, every: int,
-                 gen_kwargs: dict, out_dir: str | Path, seed: int = 0, batch_prompts: int = 8, log_samples: int = 0):
+                 gen_kwargs: dict, out_dir: str | Path, seed: int = 0, batch_prompts: int = 8, log_samples: int = 0,
+                 n: int | None = None, mode: str = "bon"):
         self.prompt_ids = [p[0] for p in eval_prompts]
         self.prompts = [p[1] for p in eval_prompts]  # as the policy reads them
         self.reward_prompts = [p[2] for p in eval_prompts]  # as the reward model reads them
@@ -195,12 +219,16 @@ class WinRateCallback(L.Callback):
             self._set_reference_samples(reference_samples)
         self.gen_kwargs, self.out_dir, self.seed, self.batch_prompts = gen_kwargs, Path(out_dir), seed, batch_prompts
         self.log_samples = int(log_samples)  # the first this many prompts: responses and rewards to read
+        # the samples' pick: the run's best-of-n (mode "won": worst-of-n); max(ns) where the run's n is not given
+        self.n, self.mode = int(n) if n is not None else self.ns[-1], mode
+        if mode not in ("bon", "won") or self.n not in self.ns:
+            raise ValueError(f"samples pick {mode}@{self.n}: mode must be bon or won and n one of eval.ns {self.ns}")
         self.sample_rows: list[dict] = []  # the last evaluation's (every process's, in prompt order)
         self.metrics = {(mode, n): InferenceTimeWinRate(n=n, mode=mode) for mode in ("bon", "won") for n in self.ns}
         # torchmetrics means: synchronised across processes like the win rates
         # float64 states: the sum over processes then matches one process to ~1e-15, not float32 rounding
         self.means = {name: MeanMetric().set_dtype(torch.float64)
-                      for name in ("kl", "kl_k3", "reward_raw", "reward_calibrated")}
+                      for name in ("kl", "kl_k3", "reward_raw", "reward_calibrated", "response_tokens")}
         # per prompt: what paired comparisons between methods need (eval_per_prompt.csv)
         self.per_prompt = PerPromptTable(len(self.prompt_ids), [*(f"{mode}_win_rate@{n}" for mode, n in self.metrics),
                                                                 "kl", "reward_calibrated"])
@@ -215,6 +243,9 @@ class WinRateCallback(L.Callback):
                              f"M={reference_samples.m}); raise them or drop those N from eval.ns")
         self.reference_samples = reference_samples
         self.kl_calibrated = CalibratedRankKL(int(reference_samples.m))
+        # the same cached samples at every evaluation: one mean length (NaN for an entry built without lengths)
+        self.reference_tokens = (float(reference_samples.tokens_for(self.prompt_ids)[1].double().mean())
+                                 if reference_samples.response_lengths is not None else float("nan"))
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer, module, stage: str) -> None:
@@ -282,16 +313,18 @@ class WinRateCallback(L.Callback):
                 self.means["kl_k3"].update(kl["k3"].double())
                 self.means["reward_raw"].update(raw.flatten())
                 self.means["reward_calibrated"].update(calibrated.flatten())
+                self.means["response_tokens"].update(rollout.lengths.double())
                 columns = [inference_win_rate_per_prompt(raw, ref, n, mode).to(device) for mode, n in self.metrics]
                 columns += [kl["k1"].double().to(device).view(len(rows), -1).mean(1), calibrated.mean(1)]
                 self.per_prompt.update(torch.tensor(list(rows)), torch.stack(columns, dim=1))
-                samples += self._samples(rows, ids, reward_prompts, scored.texts, raw, calibrated, ref)
+                samples += self._samples(rows, ids, reward_prompts, scored.texts, rollout.lengths, raw, calibrated, ref)
         finally:
             torch.random.set_rng_state(state)
         if self.log_samples:  # every process: the gather is collective
             self.sample_rows = sorted((r for shard in all_gather_object(samples) for r in shard),
                                       key=lambda r: r.pop("_index"))
         out = {f"eval/{name}": metric.compute().item() for name, metric in self.means.items()}
+        out["eval/reference_response_tokens"] = self.reference_tokens  # beside the policy's eval/response_tokens
         out["eval/kl_calibrated"] = self.kl_calibrated.compute().item()
         table, evaluated = self.per_prompt.compute()  # every process: compute() synchronises
         self.per_prompt_rows = [{"prompt_id": pid, **dict(zip(self.per_prompt.columns, row))}
@@ -305,23 +338,41 @@ class WinRateCallback(L.Callback):
             out["eval/prompts"] = int(metric.prompts.item())
         return out
 
-    def _samples(self, rows, ids, prompts, texts, raw, calibrated, ref) -> list[dict]:
+    def _samples(self, rows, ids, prompts, texts, lengths, raw, calibrated, ref) -> list[dict]:
         """The sample rows of the batch's prompts among the first `log_samples`: the policy's first sample and the
-        reference's first cached one, raw and calibrated rewards (the reference's C leaves itself out)."""
+        reference's first cached one, and the best (`mode` won: worst) of the first n of each by raw reward, what
+        best-of-n serves; their lengths, raw and calibrated rewards (the reference's C leaves itself out)."""
         picked = [j for j, i in enumerate(rows) if i < self.log_samples]
         if not picked:
             return []
         k = len(texts) // len(ids)
-        ref_texts = self.reference_samples.responses_for([ids[j] for j in picked])
+        pids = [ids[j] for j in picked]
+        ref_texts = self.reference_samples.responses_for(pids)
+        ref_lengths = (self.reference_samples.tokens_for(pids)[1].tolist()
+                       if self.reference_samples.response_lengths is not None else None)
         ref_calibrated = leave_one_out_calibrated(ref[picked]) if ref.shape[1] >= 2 else ref[picked] * float("nan")
-        return [{"_index": rows[j], "prompt_id": ids[j], "prompt": prompts[j], "policy_response": texts[j * k],
-                 "policy_reward_raw": float(raw[j, 0]), "policy_reward_calibrated": float(calibrated[j, 0]),
-                 "reference_response": ref_texts[a][0], "reference_reward_raw": float(ref[j, 0]),
-                 "reference_reward_calibrated": float(ref_calibrated[a, 0])} for a, j in enumerate(picked)]
+        lengths, choose = lengths.view(len(ids), k).tolist(), torch.argmax if self.mode == "bon" else torch.argmin
+
+        def side(name, text, tokens, reward, c):
+            return {f"{name}_response": text, f"{name}_tokens": None if tokens is None else int(tokens),
+                    f"{name}_reward_raw": float(reward), f"{name}_reward_calibrated": float(c)}
+
+        def policy(name, j, i):  # batch row j's i-th sample
+            return side(name, texts[j * k + i], lengths[j][i], raw[j, i], calibrated[j, i])
+
+        def reference(name, j, a, i):  # and its reference's (a: its place among `picked`)
+            tokens = None if ref_lengths is None else ref_lengths[a][i]
+            return side(name, ref_texts[a][i], tokens, ref[j, i], ref_calibrated[a, i])
+
+        return [{"_index": rows[j], "prompt_id": ids[j], "prompt": shown_prompt(prompts[j]),
+                 "pick": f"{self.mode}@{self.n}", **policy("policy", j, 0), **reference("reference", j, a, 0),
+                 **policy("policy_pick", j, int(choose(raw[j, : self.n]))),
+                 **reference("reference_pick", j, a, int(choose(ref[j, : self.n])))} for a, j in enumerate(picked)]
 
     def _write_samples(self, trainer, iteration: int, step: int) -> None:
-        """This evaluation's sample rows: into eval_samples.jsonl (rows of this or a later iteration, written by a
-        run that died before its checkpoint, replaced) and to every logger that shows tables."""
+        """This evaluation's sample rows (`step`: the optimizer step) into eval_samples.jsonl (rows of this or a
+        later iteration, written by a run that died before its checkpoint, replaced) and to every logger that
+        shows tables, at step = the iteration like every logged metric."""
         rows = [{"iteration": iteration, "step": step, **r} for r in self.sample_rows]
         path = self.out_dir / SAMPLES_JSONL
         kept = []
@@ -332,13 +383,14 @@ class WinRateCallback(L.Callback):
         for logger in trainer.loggers:
             if hasattr(logger, "log_table"):  # W&B (through GuardedLogger); the CSV logger has none
                 logger.log_table(key=SAMPLES_KEY, columns=list(SAMPLE_COLUMNS),
-                                 data=[[r[c] for c in SAMPLE_COLUMNS] for r in rows], step=step)
+                                 data=[[r[c] for c in SAMPLE_COLUMNS] for r in rows], step=iteration)
 
     def run_eval(self, trainer, module, iteration: int, final: bool = False) -> dict:
         results = self.evaluate(module)
         results = {"iteration": iteration, "step": trainer.global_step, **results}
-        for logger in trainer.loggers:
-            logger.log_metrics({k: v for k, v in results.items() if k.startswith("eval/")}, step=trainer.global_step)
+        logged = {**{k: v for k, v in results.items() if k.startswith("eval/")}, OPTIMIZER_STEP: trainer.global_step}
+        for logger in trainer.loggers:  # step: the iteration, the training metrics' axis (not the optimizer step)
+            logger.log_metrics(logged, step=iteration)
         if trainer.is_global_zero:
             self._append_csv(results)
             if self.log_samples:

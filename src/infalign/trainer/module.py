@@ -11,6 +11,9 @@ schedule the `scheduler` partial, stepped after every step (its value is logged 
 
 Every statistic is logged once, under `train/...`; the iteration's KL and calibrated reward also go to the
 progress bar as `kl` and `reward` (`logger=False`: in `trainer.callback_metrics`, not logged a second time).
+The row's step is the iteration (Lightning's batches so far: one batch per iteration), the axis the evaluations
+log at too (`infalign.trainer.evaluation`); `optimizer_step` beside it: the optimizer steps before this
+iteration's, those of the policy whose samples the row measures (as an evaluation's at that iteration).
 
 The first `distill.iterations` iterations are distillation instead (`distill_step`): weighted maximum
 likelihood on stored reference samples of the training prompts, each weighted by exp(Phi(C) / beta)
@@ -68,6 +71,7 @@ __all__ = ["DistillConfig", "InfAlignModule", "LR_KEY", "RLConfig", "gradient_no
 
 FROZEN_PREFIX = "reference."
 LR_KEY = "train/lr"  # the learning rate's key (LearningRateMonitor, named by the scheduler config)
+OPTIMIZER_STEP = "optimizer_step"  # the optimizer steps, logged beside the iteration axis (as evaluation.py does)
 
 
 def gradient_norm(module: torch.nn.Module) -> float:
@@ -208,7 +212,7 @@ class InfAlignModule(L.LightningModule):
         # Dropout off for the policy as for the reference: the update must score the sampled distribution.
         self.policy.eval()
         self.reference.eval()
-        iteration = self.current_epoch
+        iteration, optimizer_step = self.current_epoch, self.global_step  # before this iteration's steps
         # update_passes: gradient checkpointing and LoRA's dropout act in the updates' forward and backward passes only
         if iteration < self.distill.iterations:
             with update_passes(self.policy):
@@ -225,8 +229,8 @@ class InfAlignModule(L.LightningModule):
             raise FloatingPointError(f"non-finite training statistics at iteration {iteration}: {stats}")
         if self.kl_controller and "kl/k1" in stats:  # all sequences of all processes
             self.kl_controller.update(stats["kl/k1"], n_steps=len(batch) * self.rl.k * self.trainer.world_size)
-        self.log_dict({f"train/{k}": v for k, v in stats.items()}, on_step=True, on_epoch=False, prog_bar=False,
-                      batch_size=len(batch))
+        self.log_dict({f"train/{k}": v for k, v in stats.items()} | {OPTIMIZER_STEP: float(optimizer_step)},
+                      on_step=True, on_epoch=False, prog_bar=False, batch_size=len(batch))
         if "kl/k1" in stats:  # RL iterations; a distillation iteration samples nothing
             # for the progress bar only: logged above as train/kl/k1 and train/reward/calibrated
             self.log("kl", stats["kl/k1"], prog_bar=True, logger=False, on_step=True, on_epoch=False,
