@@ -210,9 +210,12 @@ def run(cfg: DictConfig) -> dict:
     datamodule = RolloutDataModule(train_prompts, eval_prompts, reference_samples, cfg.rl.prompts_per_iteration, cfg.seed,
                                    distill_pool=distill_pool)
     ns = sorted({int(x) for x in cfg.eval.ns} | {int(cfg.n)})
+    # the samples table shows the run's own pick: best-of-n, or worst-of-n for a worst-of-N method
+    target = _bar_metric({"method": choices.get("method") or choices.get("transform")}, transform)
     win_rates = WinRateCallback(eval_prompts, None, ns, cfg.eval.k, cfg.eval.every, gen_kwargs, run_dir,
                                 seed=int(cfg.seed), batch_prompts=int(cfg.eval.prompts_per_batch),
-                                log_samples=int(cfg.eval.get("log_samples", 0)))
+                                log_samples=int(cfg.eval.get("log_samples", 0)), n=int(cfg.n),
+                                mode="won" if target == "won" else "bon")
     # last.ckpt between iterations, and on SIGINT/SIGTERM (infalign.trainer.checkpointing)
     # after win_rates in the callbacks: the final checkpoint follows (and holds) the final evaluation
     checkpoints = LastCheckpoint(run_dir, every=int(cfg.checkpoint.every), run_record=record, resume_entry=resume_entry)
