@@ -14,34 +14,37 @@ from infalign.runtime.allocator import tune_malloc
 # INFALIGN_MALLOC_TUNING=0 turns it off; MALLOC_*_ variables or GLIBC_TUNABLES set by the user take precedence.
 tune_malloc()
 
+import sys  # noqa: E402
+
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from infalign.config import ConfigError, exit_on_user_error  # noqa: E402 (stdlib + omegaconf)
+from infalign.config.check import check_config, moved_keys, report  # noqa: E402 (stdlib + omegaconf)
 from infalign.runtime.paths import conf_dir  # noqa: E402
-from infalign.runtime.schema import (  # noqa: E402 (stdlib + omegaconf)
-    ConfigError,
-    check_config,
-    exit_on_user_error,
-    report_warnings,
-)
 
 
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     try:
-        # Every key first, in milliseconds: importing torch and Lightning (below) takes ~10 s, building the models
-        # minutes. In a sweep (-m) each member is checked as it starts.
-        report_warnings(check_config(cfg, hydra_cfg.runtime.choices, multirun=hydra_cfg.mode == RunMode.MULTIRUN))
+        # Every key first, once, in milliseconds: importing torch and Lightning (below) takes ~10 s, building the
+        # models minutes. A sweep (-m) checked every member before the first one started (infalign.runtime.sweeper).
+        multirun = hydra_cfg.mode == RunMode.MULTIRUN
+        report(check_config(cfg, hydra_cfg.runtime.choices, multirun=multirun))
         from infalign.trainer.run import run  # torch, Lightning: only for a config that passed
 
-        final = run(cfg)  # its own checks (the model and reward configs' keys) raise ConfigError too
+        final = run(cfg)  # its own checks (those that need torch or the model) raise ConfigError too
     except ConfigError as e:  # one line, exit status 2 (the traceback with HYDRA_FULL_ERROR=1)
         exit_on_user_error(e)
     return final.get(f"eval/bon_win_rate@{cfg.n}")
 
 
 if __name__ == "__main__":
+    try:
+        moved_keys(sys.argv[1:])  # calibration.train_prompts=... (now data.train_prompts): one line, before Hydra
+    except ConfigError as e:
+        exit_on_user_error(e)
     main()

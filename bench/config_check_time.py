@@ -1,8 +1,8 @@
 """How long `python train.py` takes to refuse a bad value (issue 17: within 3 s on 2 cores).
 
 Times `--reps` runs of each bad command as a subprocess (wall time from start to exit, Python's start-up, Hydra's
-composition and the schema included) and prints a markdown table (median and max per command) with the
-commands, for docs/benchmarks.md. The cases are the schema's rows of the bad-input table
+composition and the config check, `infalign.config.check`, included) and prints a markdown table (median and max
+per command) with the commands, for docs/benchmarks.md. The cases are the torch-free check's rows of the bad-input table
 (tests/bad_input_cases.py; those the command line alone makes, with no setup); by default the user's reports of
 issue 17, `--all` for every such case. A Hydra error of its own (`transform=foo`) is timed too, for comparison.
 Run it on a quiet machine:
@@ -53,7 +53,7 @@ def time_command(overrides: tuple[str, ...], reps: int) -> tuple[list[float], se
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=5, help="runs per command (default 5)")
-    parser.add_argument("--all", action="store_true", help="every schema case of tests/bad_input_cases.py")
+    parser.add_argument("--all", action="store_true", help="every torch-free case of tests/bad_input_cases.py")
     args = parser.parse_args()
     cases = [c.overrides for c in load_cases()] if args.all else REPORTED
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -69,7 +69,7 @@ def main() -> None:
         label = " ".join(overrides) + (" (Hydra's own error)" if overrides == HYDRA_OWN else "")
         print(f"| `{label}` | {', '.join(map(str, sorted(codes)))} | {statistics.median(seconds):.2f} | "
               f"{max(seconds):.2f} |")
-    print(f"\nslowest refusal by the schema: {worst:.2f} s")
+    print(f"\nslowest refusal by the config check: {worst:.2f} s")
 
 
 if __name__ == "__main__":

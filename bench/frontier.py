@@ -4,7 +4,7 @@
     python bench/frontier.py --prompts 4 --fresh 16 --independent 8 --doc /tmp/f.md --csv /tmp/f.csv   # a check
     python bench/frontier.py n=8 calibration.m=32              # any train.py overrides
 
-For the held-out evaluation prompts (`calibration.eval_prompts`) it takes the run's calibration cache (M samples
+For the held-out evaluation prompts (`data.eval_prompts`) it takes the run's calibration cache (M samples
 per prompt, built if missing, exactly as train.py builds it), draws M' fresh reference samples and an independent
 set of L with `infalign.trainer.rollout.sample_and_score` (seeded per prompt by the streams `frontier_fresh` and
 `frontier_independent`), and stores those reward tables under outputs/bench/frontier/ (reused when the key
@@ -221,7 +221,7 @@ def report(rows: list[dict], header: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("overrides", nargs="*", help="train.py config overrides (e.g. n=8)")
-    ap.add_argument("--prompts", type=int, default=None, help="held-out prompts (default calibration.eval_prompts)")
+    ap.add_argument("--prompts", type=int, default=None, help="held-out prompts (default data.eval_prompts)")
     ap.add_argument("--fresh", type=int, default=128, help="M': fresh reference samples per prompt to tilt")
     ap.add_argument("--independent", type=int, default=64, help="L: independent reference samples per prompt")
     ap.add_argument("--seed", type=int, default=0)
@@ -240,7 +240,7 @@ def main() -> None:
     started, uptime_before = time.perf_counter(), uptime()
     cfg = load(args.overrides)
     n = int(cfg.n)
-    prompts = args.prompts or int(cfg.calibration.eval_prompts)
+    prompts = args.prompts or int(cfg.data.eval_prompts)
     if args.independent < n:
         raise SystemExit(f"--independent must be >= N = {n} (the reference side of the best-of-N win rate)")
     tables = reward_tables(cfg, prompts, args.fresh, args.independent, args.seed, not args.no_progress)

@@ -34,8 +34,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ["time/generate", "time/score", "time/calibrate", "time/logprobs", "time/update"]
 # a short run: a few iterations of a few prompts, a small calibration cache and evaluation (all overridable)
-SIZES = ["rl.prompts_per_iteration=4", "rl.k=4", "rl.minibatch_size=8", "calibration.train_prompts=8",
-         "calibration.eval_prompts=4", "calibration.m=4", "n=2", "eval.ns=[1,2]", "eval.k=4"]
+SIZES = ["rl.prompts_per_iteration=4", "rl.k=4", "rl.minibatch_size=8", "data.train_prompts=8",
+         "data.eval_prompts=4", "calibration.m=4", "n=2", "eval.ns=[1,2]", "eval.k=4"]
 ALWAYS = ["logger=none", "progress=false", "eval.every=0", "checkpoint.every=0"]
 # "full" says r=0 itself: a preset may turn LoRA on (scale=smollm2 does)
 VARIANTS = {"full": ["model.lora.r=0"], "lora": ["model.lora.r={rank}"],

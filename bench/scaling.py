@@ -42,9 +42,9 @@ def compose(point: dict):
     from infalign.runtime.paths import conf_dir
 
     overrides = [f"rl.k={point['k']}", f"rl.prompts_per_iteration={point['prompts']}",
-                 f"calibration.train_prompts={point['prompts']}", f"calibration.m={point['m']}", f"n={point['n']}",
+                 f"data.train_prompts={point['prompts']}", f"calibration.m={point['m']}", f"n={point['n']}",
                  f"generation.max_new_tokens={point['response_tokens']}", "eval.ns=[1]", f"eval.k={point['n']}",
-                 "calibration.eval_prompts=1", "logger=none"]
+                 "data.eval_prompts=1", "logger=none"]
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         return hydra_compose("train", overrides=overrides)
 

@@ -182,7 +182,7 @@ def main() -> None:
                   for r in logp] + [""]
     if run:
         lines += [f"Short run (`python train.py scale=smollm2 {shlex.join(args.overrides)}`, {run['iterations']} timed "
-                  f"iterations), evaluated on {int(cfg.calibration.eval_prompts)} held-out prompts x {int(cfg.eval.k)}:",
+                  f"iterations), evaluated on {int(cfg.data.eval_prompts)} held-out prompts x {int(cfg.eval.k)}:",
                   "", f"| peak RSS (MB) | s / iteration | update s | KL (nats) | best-of-{run['n']} win rate | standard "
                   "win rate | wall s |", "| --- | --- | --- | --- | --- | --- | --- |",
                   f"| {run['rss_mb']:.0f} | {run['iteration_s']:.1f} | {run['update_s']:.1f} | {run['kl']:.3f} | "

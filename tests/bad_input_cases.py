@@ -5,9 +5,10 @@ schema's), the timing benchmark (bench/config_check_time.py) and the README's "E
 (tests/test_bad_input.py checks that every case's `label` appears there). Pure Python: no torch.
 
 `stage` says which check refuses it:
-- "schema": `infalign.runtime.schema`, which train.py applies before torch is imported (exit status 2, one line);
-- "config": `infalign.trainer.config.validate_config`'s checks that need torch-importing modules (a model or reward
-  config's keys against its loader, the GenerationConfig fields), still before any model is built;
+- "schema": `infalign.config.check.check_config`, which train.py applies before torch is imported (exit status 2,
+  one line);
+- "config": `infalign.config.check.check_targets`, in `run()` once torch is imported: the keys of the open sections
+  (trainer, optimizer) against their classes' parameters, still before any model is built;
 - "run": `run()`'s checks of the data and the run directory, before any model is built.
 """
 
@@ -55,12 +56,15 @@ CASES = [
     case("rl.algo=dpo", match=r"rl.algo must be 'rloo' or 'ppo' .*got 'dpo'"),
     case("rl.minibatch_size=7", match=r"rl.minibatch_size must divide the rl.prompts_per_iteration x rl.k = 16 "
                                       r"sequences .*7 splits them into 3 steps\), got 7; e.g. rl.minibatch_size=4"),
-    case("rl.prompts_per_iteration=20", match=r"rl.prompts_per_iteration=20 exceeds calibration.train_prompts=12"),
+    case("rl.prompts_per_iteration=20", match=r"rl.prompts_per_iteration=20 exceeds data.train_prompts=12"),
     case("trainer=ddp", "rl.prompts_per_iteration=3",
          match=r"rl.prompts_per_iteration=3 must be divisible by the 2 processes"),
-    case("distill.iterations=5", match=r"distill.iterations must be an integer from 0 to rl.iterations=3 .*got 5"),
+    case("solver=distill", "distill.iterations=5",
+         match=r"distill.iterations must be an integer from 0 to rl.iterations=3 .*got 5"),
     case("generation.max_new_tokens=0", match=r"generation.max_new_tokens must be a positive integer .*got 0"),
-    case("calibration.eval_partition=train", match=r"calibration.eval_partition must be a held-out partition"),
+    case("data.eval_partition=train", match=r"data.eval_partition must be a held-out partition"),
+    case("+calibration.train_prompts=3", match=r"^calibration.train_prompts moved to data.train_prompts; "
+                                                r"e.g. data.train_prompts=3$"),
     case("eval.every=-1", match=r"eval.every must be an integer >= 0 .*got -1"),
     # the optimizer and the schedule
     case("optimizer.lr=-1", match=r"optimizer.lr must be a positive finite number .*got -1; e.g. optimizer.lr="),
@@ -68,16 +72,17 @@ CASES = [
                                  r"train nothing\), got 0"),
     case("+rl.lr=1e-4", match=r"rl.lr: unknown key in the rl config .*; lr is set as optimizer.lr"),
     case("optimizer.betas=[0.9,1.5]", match=r"optimizer.betas must be a list of two numbers in \[0, 1\) .*got \[0.9, 1.5\]"),
-    case("+optimizer.weight_decy=0.1", match=r"optimizer.weight_decy: unknown key .*did you mean 'weight_decay'"),
+    case("+optimizer.weight_decy=0.1", stage="config", match=r"optimizer.weight_decy: unknown key .*did you mean 'weight_decay'"),
     case("scheduler.warmup_steps=-1", match=r"scheduler.warmup_steps must be an integer >= 0 .*got -1"),
     case("rl.kl_penalty=loss", match=r"rl.kl_penalty=loss .* is gone"),
     case("rl.target_kl=0", match=r"rl.target_kl must be null \(beta stays fixed\) or a positive finite number"),
     case("num_threads=0", match=r"num_threads must be null \(torch's default\) or a positive integer .*use null"),
     # sampling
-    case("generation.temperature=0.7", match=r"generation.temperature=0.7: .*sample from the policy itself"),
-    case("+generation.repetition_penalty=1.3", stage="config",
-         match=r"generation.repetition_penalty=1.3 would change the sampling distribution"),
-    case("+generation.max_new_token=5", stage="config", match=r"generation.max_new_token: unknown key"),
+    case("generation.temperature=0.7", match=r"generation.temperature must be 1.0 \(rollouts sample from the policy "
+                                             r"itself.*\), got 0.7; e.g. generation.temperature=1.0"),
+    case("+generation.repetition_penalty=1.3",
+         match=r"generation.repetition_penalty: unknown key .*would change the sampling distribution"),
+    case("+generation.max_new_token=5", match=r"generation.max_new_token: unknown key .*did you mean 'max_new_tokens'"),
     # the Lightning Trainer
     case("trainer.devices=0", match=r"trainer.devices must be a count >= 1, -1 or auto .*got 0"),
     case("trainer.precision=bf17", match=r"trainer.precision must be one of 32-true, bf16-mixed.*got 'bf17'"),
@@ -86,17 +91,17 @@ CASES = [
     case("+trainer.accumulate_grad_batches=2",
          match=r"trainer.accumulate_grad_batches=2: .*manual optimisation.*raise rl.minibatch_size"),
     case("+trainer.gradient_clip_val=1.0", match=r"trainer.gradient_clip_val=1.0: .*set rl.grad_clip instead"),
-    case("+trainer.max_epoch=3", match=r"trainer.max_epoch: unknown key in conf/trainer/default.yaml.*did you mean "
-                                       r"'max_epochs'"),
-    # the model and reward configs (their loaders' signatures: validate_config)
-    case("+model.tokenzier=1", stage="config",
+    case("+trainer.max_epoch=3", stage="config",
+         match=r"trainer.max_epoch: unknown key in conf/trainer/default.yaml.*did you mean 'max_epochs'"),
+    # the model and reward configs (their loaders' dataclasses: infalign.config.models)
+    case("+model.tokenzier=1",
          match=r"model.tokenzier: unknown key in conf/model/tiny.yaml .*; known keys: .*tokenizer"),
-    case("+model.sft.lrr=1", stage="config", match=r"model.sft.lrr: unknown key in conf/model/tiny.yaml .*known keys: .*lr"),
-    case("+reward.bakbone=minilm", stage="config",
+    case("+model.sft.lrr=1", match=r"model.sft.lrr: unknown key in conf/model/tiny.yaml .*known keys: .*lr"),
+    case("+reward.bakbone=minilm",
          match=r"reward.bakbone: unknown key in conf/reward/trained.yaml .*; known keys: .*backbone"),
-    case("model.prompt_format=plain", stage="config", match=r"model.prompt_format must be one of 'raw', 'chat', got 'plain'"),
-    case("reward.backbone=bert", stage="config", match=r"reward.backbone must be one of 'minilm', .*got 'bert'"),
-    case("model=smollm2", stage="config",  # the smoke scale's model keys are model=tiny's
+    case("model.prompt_format=plain", match=r"model.prompt_format must be 'raw' or 'chat' .*got 'plain'"),
+    case("reward.backbone=bert", match=r"reward.backbone must be one of 'minilm', .*got 'bert'"),
+    case("model=smollm2",  # the smoke scale's model keys are model=tiny's
          match=r"model.tokenizer: unknown key in conf/model/smollm2.yaml \(as composed with conf/scale/smoke"),
     # a model given by path (its folder: infalign.runtime.model_paths), refused before the smoke scale's model keys
     case("model=hf", "model.name_or_path=/nonexistent",
@@ -131,7 +136,7 @@ WARNINGS = [
     case("rl.minibatch_size=16", match=r"rl.grad_noise_scale=true logs nothing: it needs >= 2 minibatches"),
     case("num_threads=4096", match=r"num_threads=4096 exceeds the \d+ CPU cores here"),
     case("resume_allow_changes=true", match=r"resume_allow_changes=true does nothing without resume"),
-    case("rl.algo=ppo", "model.lora.r=4", "model.lora.dropout=0.1",
+    case("solver=ppo", "model.lora.r=4", "model.lora.dropout=0.1",
          match=r"model.lora.dropout=0.1 with rl.algo=ppo: dropout in the update's passes perturbs PPO's"),
 ]
 

@@ -21,7 +21,7 @@ from infalign.runtime.paths import conf_dir
 RUN_ONLY = [
     ["generation.max_new_tokens=16"],
     ["generation.max_new_tokens=128", "generation.temperature=0.7"],
-    ["calibration.train_prompts=16", "calibration.eval_prompts=8", "calibration.m=8"],
+    ["data.train_prompts=16", "data.eval_prompts=8", "calibration.m=8"],
     ["eval.k=8", "eval.ns=[1,4]", "eval.every=5"],
     ["rl.k=8", "rl.prompts_per_iteration=4", "rl.iterations=2", "rl.algo=ppo", "rl.minibatch_size=8"],
     ["n=8", "beta=0.2", "seed=3", "optimizer.lr=3e-5"],

@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Llam
 
 import infalign.models.logprobs as logprobs  # noqa: E402
 import infalign.trainer.run as run_mod  # noqa: E402
+from infalign.config.check import check_config  # noqa: E402
 from infalign.models.logprobs import response_logprobs  # noqa: E402
 from infalign.models.lora import (  # noqa: E402
     add_lora,
@@ -35,7 +36,6 @@ from infalign.models.lora import (  # noqa: E402
 )
 from infalign.models.sampling import Rollout, generate  # noqa: E402
 from infalign.runtime.paths import conf_dir  # noqa: E402
-from infalign.trainer.config import validate_config  # noqa: E402
 from infalign.trainer.inprocess import run_in_process  # noqa: E402
 from infalign.trainer.module import InfAlignModule  # noqa: E402
 from infalign.trainer.resume import config_changes  # noqa: E402
@@ -193,7 +193,7 @@ def compose_train(*overrides):
 @pytest.mark.parametrize("override, match", [
     ("model.lora.r=-1", r"model.lora.r must be an integer >= 0 .*e.g. model.lora.r=8"),
     ("model.lora.r=2.5", r"model.lora.r must be an integer >= 0"),
-    ("model.lora.alpha=0", r"model.lora.alpha must be a number > 0 .*e.g. model.lora.alpha=16"),
+    ("model.lora.alpha=0", r"model.lora.alpha must be a positive finite number .*e.g. model.lora.alpha=16"),
     ("model.lora.dropout=1.0", r"model.lora.dropout must be a number in \[0, 1\) .*e.g. model.lora.dropout=0.05"),
     ("model.lora.dropout=-0.1", r"model.lora.dropout must be a number in \[0, 1\)"),
     ("model.lora.target_modules=[]", r"model.lora.target_modules must be a non-empty list .*e.g. "
@@ -206,7 +206,7 @@ def compose_train(*overrides):
 def test_a_bad_lora_value_is_refused_naming_the_key(override, match):
     cfg, choices = compose_train(override)
     with pytest.raises(ValueError, match=match):
-        validate_config(cfg, choices)
+        check_config(cfg, choices)
 
 
 def test_every_model_preset_has_lora_off_with_its_targets():
@@ -215,7 +215,7 @@ def test_every_model_preset_has_lora_off_with_its_targets():
         assert cfg.lora.r == 0 and cfg.gradient_checkpointing is False and not cfg.lora.save_merged
         assert OmegaConf.to_container(cfg.lora)["target_modules"] == targets
     cfg, choices = compose_train("model.lora.r=8", "model.gradient_checkpointing=true", "model.lora.dropout=0.1")
-    validate_config(cfg, choices)
+    check_config(cfg, choices)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

@@ -8,7 +8,7 @@ from tokenizers import Tokenizer, models
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from infalign.models.reward import hf_reward, load_reward_model
-from infalign.runtime.schema import ConfigError
+from infalign.runtime.errors import ConfigError
 
 
 def save_tiny(model_cls, folder, **config):

@@ -285,7 +285,7 @@ def test_null_control_spends_kl_at_win_rate_one_half(run_train, tmp_path):
     advantages shows up here as a win rate off 0.5."""
     run_dir = tmp_path / "null"
     run_train(*SMOKE, "rl.null_control=true", "rl.iterations=6", "optimizer.lr=3e-3", "eval.every=0",
-              "calibration.eval_prompts=12", "eval.k=16", f"hydra.run.dir={run_dir}")
+              "data.eval_prompts=12", "eval.k=16", f"hydra.run.dir={run_dir}")
     final = _final(run_dir)
     assert final["eval/kl"] > 0.01, "the null control must spend KL (drift) for the check to mean anything"
     for key in ("eval/bon_win_rate@1", "eval/bon_win_rate@4"):

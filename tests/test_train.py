@@ -8,8 +8,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from infalign.config.check import check_config
 from infalign.runtime.paths import conf_dir
-from infalign.trainer.config import validate_config
 
 SMOKE = ["scale=smoke", "progress=false"]
 
@@ -53,7 +53,7 @@ def test_a_method_preset_runs_at_the_smoke_scale(run_train, tmp_path):
     run_train("method=bon_exp", *args, f"hydra.run.dir={tmp_path / 'bon_exp'}")
     final = read_final(tmp_path / "bon_exp")
     assert final["method"] == "bon_exp" and final["transform"] == "bon_exp" and final["calibrator"] == "empirical"
-    assert final["iteration"] == 1 and final["eval/prompts"] == 6  # smoke-sized: calibration.eval_prompts=6
+    assert final["iteration"] == 1 and final["eval/prompts"] == 6  # smoke-sized: data.eval_prompts=6
     assert final["t_auto"] is True  # bon_exp.yaml: t: auto, chosen for n
     # a method named otherwise than its transform: the record is the preset's name
     run_train("method=calibrated", *args, f"hydra.run.dir={tmp_path / 'calibrated'}")
@@ -111,7 +111,7 @@ def compose_train(*overrides):
         ("beta=-1", "beta"),
         ("calibration.m=2", "calibration.m=2 is below N=8"),
         ("rl.k=1", "rl.k must be an integer >= 2"),
-        ("generation.temperature=0.7", "sample from the policy itself"),
+        ("generation.temperature=0.7", "sample from the policy itself"),  # generation.temperature must be 1.0
         ("transform.t=0", None),
     ],
 )
@@ -124,7 +124,7 @@ def test_bad_config_is_refused_before_any_model(override, match):
             instantiate(cfg.transform)
         return
     with pytest.raises(ValueError, match=match):
-        validate_config(cfg)
+        check_config(cfg)
 
 
 def test_unknown_transform_fails_fast_with_the_options(run_train, tmp_path):

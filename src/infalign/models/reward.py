@@ -369,7 +369,7 @@ def _refuse_missing_weights(name_or_path: str, model: nn.Module, missing_keys) -
     """
     if not missing_keys:
         return
-    from infalign.runtime.schema import ConfigError  # train.py prints it as one line and exits 2
+    from infalign.runtime.errors import ConfigError  # train.py prints it as one line and exits 2
 
     saved = ", ".join(getattr(model.config, "architectures", None) or []) or "a model"
     keys = sorted(missing_keys)

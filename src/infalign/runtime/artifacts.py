@@ -77,7 +77,7 @@ def cache_root_warning(cache_root: str | Path | None) -> str | None:
     """Refuse in milliseconds a cache root that cannot be written and holds no entry: every model would have to be
     built there, and the first build would fail after the data was read. A read-only root that holds entries is
     allowed (a shared, prebuilt cache): the warning to give is returned, since a missing entry fails when it is
-    built. The root is created if absent. The config schema applies it (`infalign.runtime.schema`)."""
+    built. The root is created if absent. The config check applies it (`infalign.config.check`)."""
     root = Path(cache_root) if cache_root is not None else Path(default_cache_root())
     try:
         root.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
 Given a path that does not exist, transformers takes the text for a hub id and fails four chained tracebacks deep
 about the characters a repository id may hold. :func:`model_path_problem` says what is wrong in one line instead;
 it imports nothing heavy (no torch, no transformers), so a config check can call it in milliseconds: the config
-schema (``infalign.runtime.schema``, before torch is imported) and ``infalign.models.loaders.check_loader_config``
+check (``infalign.config.check``, before torch is imported) and ``infalign.models.loaders.check_loader_config``
 do, for every key in :data:`PATH_KEYS`. It lives in ``infalign.runtime`` for the schema, which imports nothing
 outside that package.
 """

@@ -26,8 +26,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from infalign.runtime.atomic import atomic_write_text
+from infalign.runtime.errors import ConfigError, exit_on_user_error
 from infalign.runtime.log_files import open_run_logs, remove_planted_links
-from infalign.runtime.schema import ConfigError, exit_on_user_error
 
 log = logging.getLogger(__name__)
 

@@ -51,8 +51,8 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 def check_run_options(cfg) -> None:
     """`resume`, `overwrite`, `resume_allow_changes` and `checkpoint.every`: clear errors before anything is
-    loaded. The rules are the config schema's (`infalign.runtime.schema`, which `train.py` applies first)."""
-    from infalign.runtime.schema import check_run_options as schema_rules
+    loaded. The rules are the config's (`infalign.config`, which `train.py` applies first)."""
+    from infalign.config.check import check_run_options as schema_rules
 
     schema_rules(cfg)
 

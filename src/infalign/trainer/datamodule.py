@@ -33,7 +33,7 @@ class IterationSampler(Sampler[int]):
         if per_iteration > num_prompts:
             raise ValueError(
                 f"rl.prompts_per_iteration={per_iteration} exceeds the {num_prompts} training prompts; lower it "
-                "or raise calibration.train_prompts"
+                "or raise data.train_prompts"
             )
         self.num_prompts, self.per_iteration, self.seed, self.epoch = num_prompts, per_iteration, seed, 0
         self.rank, self.world = 0, 1

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, open_dict
 
 from infalign.runtime.paths import conf_dir
 
-__all__ = ["compose_run_config", "run_in_process"]
+__all__ = ["compose_run_config", "run_checked", "run_in_process"]
 
 
 def compose_run_config(overrides: list[str], run_dir: str | Path) -> DictConfig:
@@ -36,8 +36,17 @@ def compose_run_config(overrides: list[str], run_dir: str | Path) -> DictConfig:
     return cfg
 
 
-def run_in_process(overrides: list[str], run_dir: str | Path) -> dict:
-    """`infalign.trainer.run.run` on the composed config; returns the final metrics."""
+def run_checked(cfg: DictConfig) -> dict:
+    """What `python train.py` runs: the config check (`infalign.config.check.check_config`, once, with Hydra's
+    choices and overrides), then `infalign.trainer.run.run`, which checks only what needs torch or the model."""
+    from infalign.config.check import check_config, report
     from infalign.trainer.run import run
 
-    return run(compose_run_config(overrides, run_dir))
+    hydra = HydraConfig.get()
+    report(check_config(cfg, hydra.runtime.choices, overrides=list(hydra.overrides.task)))
+    return run(cfg)
+
+
+def run_in_process(overrides: list[str], run_dir: str | Path) -> dict:
+    """The checked run (`run_checked`) of the composed config; returns the final metrics."""
+    return run_checked(compose_run_config(overrides, run_dir))

@@ -29,6 +29,7 @@ from infalign.models.lora import check_lora_settings, check_target_modules
 from infalign.models.policy import format_prompts, load_policy
 from infalign.models.pure_sampling import sampling_kwargs
 from infalign.models.reward import load_reward_model
+from infalign.config.check import check_targets
 from infalign.runtime.artifacts import fingerprint
 from infalign.runtime.atomic import give_plain_modes
 from infalign.runtime.checkpoint_io import SafeCheckpointIO
@@ -37,7 +38,6 @@ from infalign.runtime.loggers import build_loggers, finish_loggers, run_identity
 from infalign.runtime.run_dir import accept_run, hold_run_dir
 from infalign.trainer.calibration_cache import load_or_build_reference_samples
 from infalign.trainer.checkpointing import LastCheckpoint, TrainingInterrupted, exit_on_stop_signal
-from infalign.trainer.config import validate_config
 from infalign.trainer.datamodule import RolloutDataModule
 from infalign.trainer.evaluation import WinRateCallback, atomic_write_json
 from infalign.trainer.module import InfAlignModule
@@ -65,13 +65,13 @@ def _prompt_sets(cfg, partitions, tokenizer) -> tuple[list[tuple[str, str, str]]
 
     train = unique(partitions["train"])
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(int(cfg.calibration.seed)))
-    train = [train[i] for i in order[: int(cfg.calibration.train_prompts)].tolist()]
-    part = cfg.calibration.eval_partition  # a held-out partition (validate_config)
-    held_out = unique(partitions[part])[: int(cfg.calibration.eval_prompts)]
-    for name, got, want in (("train", train, cfg.calibration.train_prompts), (part, held_out, cfg.calibration.eval_prompts)):
+    train = [train[i] for i in order[: int(cfg.data.train_prompts)].tolist()]
+    part = cfg.data.eval_partition  # a held-out partition (infalign.config)
+    held_out = unique(partitions[part])[: int(cfg.data.eval_prompts)]
+    for name, got, want in (("train", train, cfg.data.train_prompts), (part, held_out, cfg.data.eval_prompts)):
         if len(got) < want:
             raise ValueError(f"the {name} partition has {len(got)} unique prompts, fewer than the {want} asked "
-                             f"(calibration.{'train' if name == 'train' else 'eval'}_prompts); lower it or use more data")
+                             f"(data.{'train' if name == 'train' else 'eval'}_prompts); lower it or use more data")
     budget, fmt = int(cfg.data.max_prompt_tokens), cfg.model.get("prompt_format", "raw")
 
     def render(items):
@@ -137,7 +137,7 @@ def run(cfg: DictConfig) -> dict:
     started = time.time()
     quiet_console()  # Lightning's lines once, no tips, no per-load bars (infalign.runtime.console)
     choices = HydraConfig.get().runtime.choices
-    validate_config(cfg, choices, multirun=HydraConfig.get().mode == RunMode.MULTIRUN)  # before any model
+    check_targets(cfg, choices)  # Lightning's and the optimizer's own parameters (the rest: train.py's check_config)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     hold_run_dir(run_dir)  # one command at a time: refused here, in one line, while another one runs there
     resume_from = resolve_resume(run_dir, cfg.resume, cfg.overwrite)  # refuses a bad checkpoint here, in seconds
