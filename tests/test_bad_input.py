@@ -209,7 +209,8 @@ def test_unknown_config_option_lists_the_accepted_ones():
 
 def test_prompt_plus_response_longer_than_the_context_is_refused():
     model = SimpleNamespace(config=SimpleNamespace(n_positions=32))
-    cfg = OmegaConf.create({"data": {"max_prompt_tokens": 48}, "generation": {"max_new_tokens": 16}})
+    cfg = OmegaConf.create({"data": {"max_prompt_tokens": 48}, "generation": {"max_new_tokens": 16},
+                            "model": {"_target_": "infalign.models.policy.hf_policy"}})
     with pytest.raises(ValueError, match="data.max_prompt_tokens \\+ generation.max_new_tokens = 64 exceeds .* 32"):
         _check_context(model, cfg)
     cfg.data.max_prompt_tokens = 16
