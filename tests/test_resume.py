@@ -55,7 +55,7 @@ def test_the_checkpoint_and_run_config_yaml_record_the_config(finished):
                                          "transform._target_: infalign.theory.factories.bon_exp -> "
                                          "infalign.theory.factories.won_exp", "transform.beta: 0.05 -> 0.5"]),
     (["rl.iterations=1"], ["rl.iterations: 2 -> 1"]),  # fewer iterations is no extension
-    (["seed=1", "optimizer.lr=0.01"], ["seed: 0 -> 1", "optimizer.lr: 0.001 -> 0.01"]),
+    (["seed=1", "optimizer.lr=0.01"], ["seed: 0 -> 1", "optimizer.lr: 0.0001 -> 0.01"]),
 ])
 def test_a_changed_experiment_is_refused_before_any_model_listing_the_keys(session_cache, finished, tmp_path, no_model,
                                                                            overrides, lines):

@@ -243,8 +243,7 @@ def run_identity(cfg, choices: Mapping, *, sweep_dir: str | Path | None = None, 
     for key in swept:
         if key not in NAMED_KEYS and key in values:
             name += f"-{key}={values[key]}"
-    solver = cfg.get("solver")
-    tags = [method, str(solver) if isinstance(solver, str) and solver else str(cfg.rl.algo), f"n={int(cfg.n)}"]
+    tags = [method, str(choices.get("solver") or cfg.rl.algo), f"n={int(cfg.n)}"]
     study = cfg.get("study")
     if isinstance(study, Mapping) and study.get("name"):
         tags.append(f"study={study['name']}")

@@ -112,6 +112,7 @@ class DistillConfig:
     m: int = 64  # reference samples per training prompt in the pool (their own cache entry)
     samples_per_prompt: int = 4  # pool samples resampled (by weight, with replacement) per prompt and iteration
     prompts_per_batch: int = 8  # prompts per batch while building the pool
+    minibatch_size: int = 32  # sequences per optimizer step (over all processes); RL's is rl.minibatch_size
 
 
 class InfAlignModule(L.LightningModule):
@@ -156,7 +157,7 @@ class InfAlignModule(L.LightningModule):
         rl_iterations = self.rl.iterations - self.distill.iterations
         per_rl = (self.rl.ppo_epochs if self.rl.algo == "ppo" else 1) * -(-self.rl.prompts_per_iteration * self.rl.k
                                                                           // self.rl.minibatch_size)
-        per_distill = -(-self.rl.prompts_per_iteration * self.distill.samples_per_prompt // self.rl.minibatch_size)
+        per_distill = -(-self.rl.prompts_per_iteration * self.distill.samples_per_prompt // self.distill.minibatch_size)
         return rl_iterations * per_rl + self.distill.iterations * per_distill
 
     def configure_optimizers(self):
@@ -355,12 +356,12 @@ class InfAlignModule(L.LightningModule):
         if noise is not None and grad_sum is not None:
             steps = len(grad_sq)
             big_sq = sum(float(g.pow(2).sum()) for g in grad_sum) / steps**2  # |mean of the minibatch gradients|^2
+            # no grad/noise_scale while it is undefined (|G|^2 estimate <= 0); the same keys on every process,
+            # whose gradients DDP has averaged, as the reduction of the statistics needs
             stats.update(noise.update(sum(grad_sq) / steps, big_sq, self.rl.minibatch_size,
                                       self.rl.minibatch_size * steps))
         if clip_fracs:
             stats["policy/clip_fraction"] = sum(clip_fracs) / len(clip_fracs)
-            # no grad/noise_scale while it is undefined (|G|^2 estimate <= 0); the same keys on every process,
-            # whose gradients DDP has averaged, as the reduction of the statistics needs
         return stats
 
     # ------------------------------------------------------------------ distillation
@@ -387,7 +388,7 @@ class InfAlignModule(L.LightningModule):
         order = torch.randperm(rollout.input_ids.shape[0],
                                generator=torch.Generator().manual_seed(derive_seed(self.seed, "minibatch_order",
                                                                                    iteration)))
-        size = self.rl.minibatch_size // self.trainer.world_size
+        size = self.distill.minibatch_size // self.trainer.world_size
         losses, norms = [], []
         for idx in order.split(size):
             sub = Rollout(rollout.input_ids[idx], rollout.attention_mask[idx], rollout.response_mask[idx],
