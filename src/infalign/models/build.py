@@ -26,6 +26,7 @@ from infalign.models.data import load_partitions, partition_fingerprint
 from infalign.models.loaders import call_loader, check_loader_config
 from infalign.models.policy import format_prompts
 from infalign.runtime.artifacts import atomic_write_text
+from infalign.runtime.errors import ConfigError, exit_on_user_error
 from infalign.runtime.paths import conf_dir
 
 log = logging.getLogger("infalign.models.build")
@@ -53,7 +54,7 @@ def build_all(cfg: DictConfig, progress: bool = True) -> dict[str, Any]:
     """Run the configured stages; returns a JSON-able summary (cache paths, hits, metrics, timings)."""
     stages = list(cfg.get("stages", STAGES))
     if unknown := set(stages) - set(STAGES):
-        raise ValueError(f"unknown stages {sorted(unknown)}; choose from {STAGES}")
+        raise ConfigError(f"stages: unknown stages {sorted(unknown)}; choose from {list(STAGES)}, e.g. stages=[policy]")
     check_loader_config(cfg.model, "model")  # an unknown key, a bad value: refused before any work
     check_loader_config(cfg.reward, "reward")
     cache_root = cfg.get("cache_root")
@@ -93,7 +94,10 @@ def build_all(cfg: DictConfig, progress: bool = True) -> dict[str, Any]:
 def main(cfg: DictConfig) -> dict[str, Any]:
     torch.set_num_threads(int(cfg.get("num_threads") or torch.get_num_threads()))
     log.info("build config:\n%s", OmegaConf.to_yaml(cfg))
-    summary = build_all(cfg, progress=bool(cfg.get("progress", True)))
+    try:
+        summary = build_all(cfg, progress=bool(cfg.get("progress", True)))
+    except ConfigError as e:  # a refused key, file or model: one line `error: ...`, exit status 2, as train.py
+        exit_on_user_error(e)
     out = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir) / "build_summary.json"
     atomic_write_text(out, json.dumps(summary, indent=2, default=str))
     log.info("summary written to %s (total %.1f s)", out, summary["seconds"])

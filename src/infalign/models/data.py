@@ -20,6 +20,7 @@ from typing import Any
 
 from infalign.runtime import signals
 from infalign.runtime.artifacts import fingerprint
+from infalign.runtime.errors import ConfigError
 from infalign.runtime.paths import data_root as default_data_root
 
 log = logging.getLogger(__name__)
@@ -30,11 +31,13 @@ HUMAN = "\n\nHuman:"
 PARTITIONS = ("train", "validation", "test")
 
 
-class DataNotFoundError(FileNotFoundError):
+# The data's errors are the user's (the message names the file, what is wrong and the fix): ConfigError, which
+# every entry point prints as one line `error: ...` (exit status 2; the traceback with HYDRA_FULL_ERROR=1).
+class DataNotFoundError(ConfigError, FileNotFoundError):
     """Neither the local copy nor the hub dataset could be read."""
 
 
-class DataFileError(ValueError):
+class DataFileError(ConfigError):
     """A local data file that cannot be read to its end: truncated, corrupted, not UTF-8, unreadable."""
 
 

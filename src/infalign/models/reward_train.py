@@ -36,6 +36,8 @@ from infalign.models.reward import (
     load_embedding_head_reward,
     load_frozen_encoder,
     make_head,
+    minilm_path,
+    refuse_reward_context,
 )
 from infalign.models.sft import TrainingPrecision, TrainingSettings, warmup_cosine
 from infalign.runtime.artifacts import CacheEntry, get_or_build
@@ -269,6 +271,9 @@ def trained_reward(*, backbone: Backbone = "minilm", head: HeadSettings | None =
         if pentry is None:
             raise ValueError(f"reward.backbone={backbone} needs a cached reference policy (model=tiny or smollm2)")
         policy_path, key["policy"] = pentry.path, pentry.hash
+    # the backbone takes the budgets: refused now, not after minutes of training (or mid-way through scoring)
+    refuse_reward_context(max_p, max_r, *_backbone_context(backbone, policy_path), f"reward.backbone={backbone}",
+                          sources["max_prompt_tokens"], sources["max_response_tokens"])
 
     def build(out: Path) -> dict:
         log.info("training Bradley-Terry reward model (backbone %s) on %d pairs", backbone, len(parts["train"]))
@@ -283,7 +288,27 @@ def trained_reward(*, backbone: Backbone = "minilm", head: HeadSettings | None =
 
     entry = get_or_build(cache_root, "reward", key, build, sources=sources)
     rm = load_trained_reward(entry.path, policy_path=policy_path, cache_root=cache_root)
+    rm.source = f"reward.backbone={backbone}"
     return rm.configure(precision=precision, max_batch_tokens=max_batch_tokens), entry
+
+
+def _backbone_context(backbone: str, policy_path) -> tuple[int, tuple[int, str] | None]:
+    """``(tokens its input adds to the two budgets, its context)`` of a backbone, from its config.json alone (no
+    weights loaded). SmolLM2 (8192 positions) and a backbone not installed give no limit here: its loading says."""
+    from transformers import AutoConfig
+
+    from infalign.models.checks import context_of
+
+    if backbone == "minilm":
+        try:
+            path, extra = minilm_path(), 2  # [CLS] ... [SEP] around the mean-pooled rows
+        except ModuleNotFoundError:
+            return 0, None
+    elif backbone in ("policy", "policy_frozen"):
+        path, extra = policy_path, int(backbone == "policy")  # the fine-tuned one scores with an EOS appended
+    else:
+        return 0, None
+    return extra, context_of(AutoConfig.from_pretrained(path))
 
 
 def load_trained_reward(path: str | Path, policy_path=None, cache_root=None) -> RewardModel:

@@ -82,11 +82,31 @@ def _prompt_sets(cfg, partitions, tokenizer) -> tuple[list[tuple[str, str, str]]
 
 
 def _check_context(model, cfg) -> None:
-    context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
-    need = int(cfg.data.max_prompt_tokens) + int(cfg.generation.max_new_tokens)
-    if context is not None and need > context:
-        raise ValueError(f"data.max_prompt_tokens + generation.max_new_tokens = {need} exceeds the model's context "
-                         f"of {context} tokens; lower them")
+    """The longest sequence a model is fed fits its context: ConfigError (one line) as it loads, before it computes.
+    The policy: a prompt (`data.max_prompt_tokens`) and its sample (`generation.max_new_tokens`). The reward model
+    (a `RewardModel`): a prompt's tail and a response's head (`reward.max_*_tokens`, else `data.max_*_tokens`)."""
+    from infalign.models.checks import check_context, context_of, fitting_budgets
+    from infalign.models.reward import RewardModel, check_reward_context
+
+    if isinstance(model, RewardModel):
+        check_reward_context(model, *(f"reward.{k}" if cfg.reward.get(k) is not None else f"data.{k}"
+                                      for k in ("max_prompt_tokens", "max_response_tokens")))
+        return
+    context, model_cfg = context_of(model.config), cfg.get("model") or {}
+    prompt, new = int(cfg.data.max_prompt_tokens), int(cfg.generation.max_new_tokens)
+    what = "data.max_prompt_tokens + generation.max_new_tokens"
+    if str(model_cfg.get("_target_", "")).endswith(".tiny_policy"):  # its context is made from data.max_*_tokens
+        response = int(cfg.data.max_response_tokens)
+        check_context(prompt + new, what, context, "model=tiny",
+                      f"model=tiny is built with data.max_prompt_tokens + data.max_response_tokens + 1 positions: set "
+                      f"generation.max_new_tokens={response + 1} (at most), or data.max_response_tokens={new - 1} "
+                      "(which rebuilds the model)")
+        return
+    name = model_cfg.get("name_or_path") or model_cfg.get("gguf_file")
+    a, b = fitting_budgets(context[0], prompt, new) if context else (prompt, new)
+    check_context(prompt + new, what, context, f"model.name_or_path={name}" if model_cfg.get("name_or_path")
+                  else f"model={model_cfg.get('name', '?')}" + (f" ({name})" if name else ""),
+                  f"lower them to fit, e.g. data.max_prompt_tokens={a} generation.max_new_tokens={b}")
 
 
 def _save_policy(policy, tokenizer, out: Path, merged=None) -> None:
@@ -169,6 +189,7 @@ def run(cfg: DictConfig) -> dict:
         check_target_modules(reference, lora)
     reward_model = load_reward_model(cfg.reward, cfg.data, cfg.model, cfg.cache_root, partitions=partitions,
                                      progress=cfg.progress)
+    _check_context(reward_model, cfg)  # its prompt + response budgets, before it scores anything
     train_prompts, eval_prompts = _prompt_sets(cfg, partitions, tokenizer)
     gen_kwargs = sampling_kwargs(cfg.generation)
     everything = train_prompts + eval_prompts
