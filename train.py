@@ -24,6 +24,7 @@ from omegaconf import DictConfig  # noqa: E402
 from infalign.config import ConfigError, exit_on_user_error  # noqa: E402 (stdlib + omegaconf)
 from infalign.config.check import check_config, moved_keys, report  # noqa: E402 (stdlib + omegaconf)
 from infalign.runtime.paths import conf_dir  # noqa: E402
+from infalign.runtime.sweeper import refuse_study_without_multirun  # noqa: E402 (hydra, omegaconf)
 
 
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="train")
@@ -33,6 +34,7 @@ def main(cfg: DictConfig) -> float | None:
         # Every key first, once, in milliseconds: importing torch and Lightning (below) takes ~10 s, building the
         # models minutes. A sweep (-m) checked every member before the first one started (infalign.runtime.sweeper).
         multirun = hydra_cfg.mode == RunMode.MULTIRUN
+        refuse_study_without_multirun(hydra_cfg.runtime.choices, hydra_cfg.overrides.task, multirun)
         report(check_config(cfg, hydra_cfg.runtime.choices, multirun=multirun))
         from infalign.trainer.run import run  # torch, Lightning: only for a config that passed
 

@@ -7,6 +7,7 @@ see README) or through `INFALIGN_CONF_DIR`.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -42,10 +43,22 @@ def pick(values, index):
     return values[index]
 
 
+def fraction(count, share):
+    """`${infalign.fraction:<count>,<share>}`: share x count rounded up to a whole number (at least 1 of a count
+    >= 1). conf/solver/distill_rl.yaml distils the first half of whatever rl.iterations a scale sets:
+    `${infalign.fraction:${rl.iterations},0.5}` (30 -> 15, 3 -> 2)."""
+    count, share = int(count), float(share)
+    if count < 0 or not 0 <= share <= 1:
+        raise ValueError(f"infalign.fraction takes a count >= 0 and a share from 0 to 1, got {count}, {share}")
+    return math.ceil(count * share)
+
+
 def register_resolvers() -> None:
-    """Register `${infalign.data_root:}`, `${infalign.cache_root:}` and `${infalign.pick:...}` (idempotent)."""
+    """Register `${infalign.data_root:}`, `${infalign.cache_root:}`, `${infalign.pick:...}` and
+    `${infalign.fraction:...}` (idempotent)."""
     from omegaconf import OmegaConf
 
-    for name, fn in (("infalign.data_root", data_root), ("infalign.cache_root", cache_root), ("infalign.pick", pick)):
+    for name, fn in (("infalign.data_root", data_root), ("infalign.cache_root", cache_root), ("infalign.pick", pick),
+                     ("infalign.fraction", fraction)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
