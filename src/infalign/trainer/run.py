@@ -24,12 +24,12 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
+from infalign.config.check import check_targets
 from infalign.models.data import load_partitions, partition_fingerprint, truncate_prompt
 from infalign.models.lora import check_lora_settings, check_target_modules
 from infalign.models.policy import format_prompts, load_policy
 from infalign.models.pure_sampling import sampling_kwargs
 from infalign.models.reward import load_reward_model
-from infalign.config.check import check_targets
 from infalign.runtime.artifacts import fingerprint
 from infalign.runtime.atomic import give_plain_modes
 from infalign.runtime.checkpoint_io import SafeCheckpointIO
@@ -245,9 +245,11 @@ def run(cfg: DictConfig) -> dict:
     identity = _run_identity(cfg, choices)
     loggers = build_loggers(cfg.get("logger"), run_dir, resuming=resume_from is not None, identity=identity)
     # method: the method preset chosen (conf/method/; studies group runs by it), else the transform's name;
+    # solver: the solver preset chosen (conf/solver/; infalign.runtime.presets keeps it true to what trains);
     # t: the exp family's t as used (t=auto resolved)
     run_info = {"n": int(cfg.n), "beta": float(cfg.beta), "transform": choices.get("transform"),
-                "method": choices.get("method") or choices.get("transform"), "t": getattr(transform, "t", None),
+                "method": choices.get("method") or choices.get("transform"), "solver": choices.get("solver"),
+                "t": getattr(transform, "t", None),
                 "t_auto": getattr(transform, "auto", None),
                 "calibrator": choices.get("calibrator"), "seed": int(cfg.seed), "run_dir": str(run_dir)}
     for lg in loggers:  # the name, group and tags too: logs/hparams.yaml keeps what W&B shows
@@ -330,8 +332,7 @@ def _efficiency_metrics(cfg: DictConfig, final: dict, transform) -> dict:
     costs the run its final metrics."""
     from infalign.theory.efficiency import efficiency_columns, measured_win_rate, target_metric
 
-    solver = cfg.get("solver")  # the solver preset's name (conf/solver/), else the RL algorithm
-    out = {"solver": str(solver) if isinstance(solver, str) and solver else cfg.rl.algo,
+    out = {"solver": final.get("solver") or cfg.rl.algo,  # the solver preset chosen (run_info), else the algorithm
            "metric": None, "calibration_m": int(cfg.calibration.m), "kl_calibrated": final.get("eval/kl_calibrated"),
            "gain_fraction": None, "kl_efficiency": None, "tilt_win_rate_at_kl": None, "optimum_win_rate_at_kl": None,
            "gain_fraction_optimum": None, "kl_efficiency_optimum": None, "efficiency_note": ""}
