@@ -89,9 +89,9 @@ def finished_sweep(session_cache, tmp_path_factory):
 
 
 @pytest.mark.parametrize("extra, rc, says", [
-    ([], 1, "already holds a run's outputs"),  # no resume flag
+    ([], 2, "already holds a run's outputs"),  # no resume flag
     (["beta=-1"], 2, "error: beta must be a positive"),  # a bad value
-    (["resume=true", "beta=0.2"], 1, "resume refused"),  # a changed experiment
+    (["resume=true", "beta=0.2"], 2, "error: resume refused"),  # a changed experiment
     (["resume=auto"], 0, "is already finished"),  # nothing to do
     (["resume=true"], 0, "is already finished"),
 ])
@@ -100,6 +100,7 @@ def test_a_refused_or_idle_command_changes_no_file_in_the_run(session_cache, fin
     before = files_of(member)
     got, out = finish(train(session_cache, *SHORT, "seed=3", *extra, f"hydra.run.dir={member}"))
     assert got == rc and says in out, out[-3000:]
+    assert "Traceback" not in out  # a refusal is one line (exit status 2)
     assert files_of(member) == before  # .hydra/*, train.log and every result, byte for byte
 
 

@@ -35,6 +35,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from infalign.runtime.artifacts import file_sha256
 from infalign.runtime.atomic import WRITE_ERRNOS, FileWriteError, atomic_write, atomic_write_json, write_error
+from infalign.runtime.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,9 @@ __all__ = ["CheckpointError", "SafeCheckpointIO", "load_checkpoint", "verify_che
 _KEEP_DIGESTS = 3  # the new digest + the ones a crash between the two renames could leave in place
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that must not be used: missing, truncated, corrupted, or not plain data."""
+class CheckpointError(ConfigError, RuntimeError):
+    """A checkpoint that must not be used: missing, truncated, corrupted, or not plain data. A user's error, printed
+    in one line by train.py (`ConfigError`)."""
 
 
 def checksum_path(path: str | Path) -> Path:

@@ -32,6 +32,7 @@ from omegaconf import OmegaConf
 
 from infalign.runtime.atomic import atomic_write_text, read_csv_rows, remove_stale_temps
 from infalign.runtime.checkpoint_io import _torch_load, verify_checkpoint
+from infalign.runtime.errors import ConfigError
 from infalign.runtime.run_dir import is_first_process
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,18 @@ EXTENSIBLE = "rl.iterations"  # raising it continues a run, finished or not: alw
 ABSENT = "<absent>"
 
 
+class MissingCheckpoint(ConfigError, FileNotFoundError):
+    """resume=true, and the run directory holds no checkpoint."""
+
+
+class RunDirTaken(ConfigError, FileExistsError):
+    """A fresh start in a directory that holds another run's outputs."""
+
+
+class ResumeRefused(ConfigError):
+    """A resume whose command changes the run's experiment."""
+
+
 def _existing_outputs(run_dir: Path) -> list[str]:
     found = []
     for name in RUN_OUTPUTS:
@@ -94,7 +107,7 @@ def resolve_resume(run_dir: Path, resume, overwrite: bool) -> Path | None:
         return last if resume is not False and last.exists() else None
     remove_stale_temps(last.parent)  # what a kill during a checkpoint write leaves behind
     if resume is True and not last.exists():
-        raise FileNotFoundError(f"resume=true but {last} does not exist: point hydra.run.dir at the run to "
+        raise MissingCheckpoint(f"resume=true but {last} does not exist: point hydra.run.dir at the run to "
                                 "continue, or pass resume=auto to start afresh when there is no checkpoint")
     if resume is not False and last.exists():
         verify_checkpoint(last)  # before any model is built: a bad checkpoint fails in seconds
@@ -106,7 +119,7 @@ def resolve_resume(run_dir: Path, resume, overwrite: bool) -> Path | None:
         _clear_outputs(run_dir, existing)
     elif existing:
         if not overwrite:
-            raise FileExistsError(f"{run_dir} already holds a run's outputs ({', '.join(existing)}): pass resume=true "
+            raise RunDirTaken(f"{run_dir} already holds a run's outputs ({', '.join(existing)}): pass resume=true "
                                   "(or resume=auto) to continue it, overwrite=true to replace it, or choose another "
                                   "hydra.run.dir")
         log.warning("overwrite=true: deleting %s in %s", existing, run_dir)
@@ -187,6 +200,10 @@ def _show(value) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+def _inline(diff: dict) -> str:  # one line: user errors are printed as one
+    return "; ".join(f"{k}: {_show(a)} -> {_show(b)}" for k, (a, b) in diff.items())
+
+
 def _lines(diff: dict) -> str:
     return "\n".join(f"  {k}: {_show(a)} -> {_show(b)}" for k, (a, b) in diff.items())
 
@@ -238,14 +255,14 @@ def check_resume(run_dir: Path, checkpoint: Path, record: dict, *, allow_changes
         changes, extensions = config_changes(stored, record)
         fixed = {k: v for k, v in changes.items() if k.startswith(SHAPE_KEYS)}
         if fixed and allow_changes:
-            raise ValueError(
-                f"resume refused: the weights in {checkpoint} cannot take the command's policy (old -> new):\n"
-                f"{_lines(fixed)}\nThese keys are not changeable, even with resume_allow_changes=true: resume with the "
+            raise ResumeRefused(
+                f"resume refused: the weights in {checkpoint} cannot take the command's policy (old -> new): "
+                f"{_inline(fixed)}. These keys are not changeable, even with resume_allow_changes=true: resume with the "
                 f"run's own values (its config: {run_dir / RUN_CONFIG}), or start a new run in another hydra.run.dir")
         if changes and not allow_changes:
-            raise ValueError(
+            raise ResumeRefused(
                 f"resume refused: the command changes the experiment that {checkpoint} (iteration "
-                f"{state['iteration']}) was trained with (old -> new):\n{_lines(changes)}\n"
+                f"{state['iteration']}) was trained with (old -> new): {_inline(changes)}. "
                 f"Resume with the run's own settings (its config: {run_dir / RUN_CONFIG}; raising rl.iterations is "
                 "allowed), start a new run in another hydra.run.dir, or pass resume_allow_changes=true to continue "
                 f"this run with the new values (both configs are kept: {RUN_CONFIG} and {RESUME_HISTORY})")
