@@ -1,7 +1,7 @@
 """The bad-input table: what a user may type wrong, where it is refused, and the message's key text.
 
 One table for the tests (tests/test_bad_input.py: in-process `run()` for every case, `python train.py` for the
-schema's), the timing benchmark (bench/config_check_time.py) and the README's "Errors you may see" table
+schema's), the timing benchmark (bench/config_check_time.py) and docs/errors.md's "Errors you may see" table
 (tests/test_bad_input.py checks that every case's `label` appears there). Pure Python: no torch.
 
 `stage` says which check refuses it:
@@ -23,7 +23,7 @@ class Case:
     match: str  # regex the message must match: it names the key (and the value)
     stage: str = "schema"
     setup: str | None = None  # a function of tests/test_bad_input.py that breaks the run directory or the cache root
-    label: str | None = None  # how the README's table names the case; default: the overrides
+    label: str | None = None  # how docs/errors.md's table names the case; default: the overrides
 
     @property
     def name(self) -> str:

@@ -1,7 +1,7 @@
 """Bad input: every case is a clear error naming the key and what is accepted, raised before any model is built.
 
-The cases are one table, tests/bad_input_cases.py (also read by bench/config_check_time.py and mirrored by the
-README's "Errors you may see"). `run()` is called in-process on the smoke config with a private cache root for
+The cases are one table, tests/bad_input_cases.py (also read by bench/config_check_time.py and mirrored by
+docs/errors.md's "Errors you may see"). `run()` is called in-process on the smoke config with a private cache root for
 every case, and must fail without creating any model cache (tokenizer, policy, reward) there; the schema's cases
 also fail `python train.py` at once: exit status 2, one line, no traceback, torch never imported.
 """
@@ -128,13 +128,13 @@ def test_valid_values_that_look_pointless_pass_silently(case):
     assert check_config(cfg, choices) == []
 
 
-def test_every_case_is_in_the_readme_table():
-    text = (REPO / "README.md").read_text()
-    section = text.split("### Errors you may see", 1)[1].split("\n## ", 1)[0]
+def test_every_case_is_in_the_docs_errors_table():
+    text = (REPO / "docs" / "errors.md").read_text()
+    section = text.split("\n## Errors you may see", 1)[1].split("\n## ", 1)[0]
     for c in CASES + WARNINGS:
         names = [c.label] if c.label else [f"`{o}`" for o in c.overrides]
         missing = [n for n in names if n not in section]
-        assert not missing, f"README 'Errors you may see' lacks {missing} (case {c.name})"
+        assert not missing, f"docs/errors.md 'Errors you may see' lacks {missing} (case {c.name})"
 
 
 # ------------------------------------------------------------------------------------------- python train.py

@@ -2,7 +2,7 @@
 signal at any stage says what was stopped and what to run next; nothing written into a run directory follows a
 symbolic link planted there (issue 17, part 2).
 
-One table, `CASES` (the README's "File and signal errors" table lists the same failures): how the file or the
+One table, `CASES` (docs/errors.md's "File and signal errors" table lists the same failures): how the file or the
 environment is broken, the stage that meets it, and a regex the message must match, naming the file and the
 cause. A full disk and a read-only mount are simulated (root ignores permission bits, and a test cannot fill a
 disk); permission bits are also tested for real where the tests do not run as root. The signal cases send the
