@@ -17,7 +17,7 @@ from infalign.models.reward import load_reward_model
 from infalign.runtime.artifacts import fingerprint
 from infalign.runtime.paths import conf_dir
 
-# changing any of these must leave both models' keys as they are (README: "what rebuilds what")
+# changing any of these must leave both models' keys as they are (docs/training.md: "What rebuilds what")
 RUN_ONLY = [
     ["generation.max_new_tokens=16"],
     ["generation.max_new_tokens=128", "generation.temperature=0.7"],

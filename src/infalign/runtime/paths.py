@@ -2,7 +2,7 @@
 
 The Hydra configs sit at the repository root (`conf/`, as in lightning-hydra-template) rather than inside
 the package, so entry points find them relative to this file in an editable install (the supported way,
-see README) or through `INFALIGN_CONF_DIR`.
+see docs/development.md) or through `INFALIGN_CONF_DIR`.
 """
 
 from __future__ import annotations
