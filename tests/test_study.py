@@ -366,10 +366,9 @@ def test_rerunning_a_study_into_its_directory_skips_finished_members(run_train, 
     run_train(*args)
     finals = {i: (sweep / str(i) / "final_metrics.json").read_bytes() for i in (0, 1)}
     final = json.loads(finals[0])
-    for key in ("solver", "metric", "gain_fraction", "kl_efficiency", "optimum_win_rate_at_kl", "kl_calibrated"):
-        assert key in final, key
     assert final["solver"] == "rloo" and final["metric"] == "std" and final["calibration_m"] == 8  # calibrated
-    assert math.isfinite(final["eval/kl_calibrated"]) and final["kl_calibrated"] == final["eval/kl_calibrated"]
+    assert math.isfinite(final["eval/kl_calibrated"]) and "kl_calibrated" not in final  # one name per metric
+    assert "gain_fraction" not in final and "kl_efficiency" not in final  # research yardsticks: the study's
     per_prompt = list(csv.DictReader(open(sweep / "0" / "eval_per_prompt.csv")))
     assert len(per_prompt) == 6 and {"prompt_id", "bon_win_rate@4", "won_win_rate@2", "kl", "reward_calibrated"} \
         <= set(per_prompt[0])

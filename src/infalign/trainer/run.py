@@ -284,7 +284,9 @@ def run(cfg: DictConfig) -> dict:
         calibration = datamodule.reference_samples
         final = {**run_info, **(win_rates.final or {}), "calibration_cache": str(calibration.cache_path),
                  "calibration_cache_hit": calibration.cache_hit}
-        final.update(_efficiency_metrics(cfg, final, transform))  # every process: the same numbers, no collective
+        # what the run was built for and the M it calibrated with; the research yardsticks (gain fraction, KL
+        # efficiency, the tilt's and the optimum's win rates) are the study tools' (python -m infalign.study)
+        final.update(metric=target, calibration_m=int(cfg.calibration.m))
         final["wall_seconds"] = round(time.time() - started, 1)
         if trainer.is_global_zero:
             atomic_write_json(run_dir / "final_metrics.json", final)
@@ -319,37 +321,6 @@ def _bar_metric(run_info: dict, transform) -> str:
         return target_metric(run_info.get("method"), transform)
     except ValueError:
         return "bon"
-
-
-def _efficiency_metrics(cfg: DictConfig, final: dict, transform) -> dict:
-    """How KL-efficiently this run's solver turned KL into its target metric (infalign.theory.efficiency):
-
-    solver (the `solver` preset's name, else `rl.algo`), metric (bon / won / std: what the run's method is built for),
-    calibration_m, kl_calibrated (the final `eval/kl_calibrated`), gain_fraction and kl_efficiency against the
-    optimal tilt of the run's own transform through its M-sample calibration (None for raw), tilt_win_rate_at_kl,
-    optimum_win_rate_at_kl, gain_fraction_optimum and kl_efficiency_optimum against the best any policy reaches,
-    efficiency_note. NaN becomes None (plain JSON). A theory failure is logged and leaves them None: it never
-    costs the run its final metrics."""
-    from infalign.theory.efficiency import efficiency_columns, measured_win_rate, target_metric
-
-    out = {"solver": final.get("solver") or cfg.rl.algo,  # the solver preset chosen (run_info), else the algorithm
-           "metric": None, "calibration_m": int(cfg.calibration.m), "kl_calibrated": final.get("eval/kl_calibrated"),
-           "gain_fraction": None, "kl_efficiency": None, "tilt_win_rate_at_kl": None, "optimum_win_rate_at_kl": None,
-           "gain_fraction_optimum": None, "kl_efficiency_optimum": None, "efficiency_note": ""}
-    try:
-        metric = out["metric"] = target_metric(final.get("method"), transform)
-        n = int(final["n"])
-        cols = efficiency_columns(transform if transform.needs_calibration else None, float(final["eval/kl"]),
-                                  measured_win_rate(final, metric, n), n, metric, out["calibration_m"])
-    except Exception as e:  # noqa: BLE001 - the results must be written whatever the theory makes of them
-        log.warning("KL efficiency not computed: %s", e)
-        out["efficiency_note"] = f"not computed: {e}"
-        return out
-    for key in ("gain_fraction", "kl_efficiency", "tilt_win_rate_at_kl", "optimum_win_rate_at_kl",
-                "gain_fraction_optimum", "kl_efficiency_optimum", "efficiency_note"):
-        value = cols[key]
-        out[key] = None if isinstance(value, float) and not math.isfinite(value) else value
-    return out
 
 
 def _t_label(final: dict) -> str:
