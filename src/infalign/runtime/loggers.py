@@ -243,7 +243,7 @@ def run_identity(cfg, choices: Mapping, *, sweep_dir: str | Path | None = None, 
     for key in swept:
         if key not in NAMED_KEYS and key in values:
             name += f"-{key}={values[key]}"
-    solver = cfg.get("solver")
+    solver = choices.get("solver") or cfg.get("solver")  # the conf/solver/ file chosen
     tags = [method, str(solver) if isinstance(solver, str) and solver else str(cfg.rl.algo), f"n={int(cfg.n)}"]
     study = cfg.get("study")
     if isinstance(study, Mapping) and study.get("name"):

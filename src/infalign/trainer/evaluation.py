@@ -48,7 +48,9 @@ from infalign.runtime.atomic import atomic_write_csv, atomic_write_json, atomic_
 from infalign.runtime.console import format_metrics
 from infalign.runtime.distributed import all_gather_object
 from infalign.runtime.seeds import derive_seed
+from infalign.trainer.calibration_cache import CachedSamples, ReferenceSamples
 from infalign.trainer.module import OPTIMIZER_STEP
+from infalign.trainer.prompts import Prompt
 from infalign.trainer.rollout import sample_and_score
 
 log = logging.getLogger(__name__)
@@ -204,18 +206,21 @@ class PerPromptTable(Metric):
 
 
 class WinRateCallback(L.Callback):
-    def __init__(self, eval_prompts: list[tuple[str, str, str]], reference_samples, ns: list[int], k: int, every: int,
-                 gen_kwargs: dict, out_dir: str | Path, seed: int = 0, batch_prompts: int = 8, log_samples: int = 0,
-                 n: int | None = None, mode: str = "bon"):
-        self.prompt_ids = [p[0] for p in eval_prompts]
-        self.prompts = [p[1] for p in eval_prompts]  # as the policy reads them
-        self.reward_prompts = [p[2] for p in eval_prompts]  # as the reward model reads them
+    def __init__(self, eval_prompts: list[Prompt], reference_samples: ReferenceSamples | CachedSamples | None,
+                 ns: list[int], k: int, every: int, gen_kwargs: dict, out_dir: str | Path, seed: int = 0,
+                 batch_prompts: int = 8, log_samples: int = 0, n: int | None = None, mode: str = "bon"):
+        eval_prompts = [Prompt(*p) for p in eval_prompts]
+        self.prompt_ids = [p.id for p in eval_prompts]
+        self.prompts = [p.text for p in eval_prompts]  # as the policy reads them
+        self.reward_prompts = [p.reward_text for p in eval_prompts]  # as the reward model reads them
         if len(set(self.prompt_ids)) != len(self.prompt_ids):
             raise ValueError("evaluation prompts must be unique: each prompt is counted once")
         self.ns, self.k, self.every = sorted(set(ns)), int(k), int(every)
         self.reference_samples = None
         self.kl_calibrated: CalibratedRankKL | None = None  # sized by M when the reference samples arrive
-        if reference_samples is not None:  # else the datamodule's, once it has loaded or built it (setup)
+        # the calibration cache, or the one object that loads or builds it (in the DataModule's setup, before ours)
+        self._cache = reference_samples if isinstance(reference_samples, CachedSamples) else None
+        if reference_samples is not None and self._cache is None:
             self._set_reference_samples(reference_samples)
         self.gen_kwargs, self.out_dir, self.seed, self.batch_prompts = gen_kwargs, Path(out_dir), seed, batch_prompts
         self.log_samples = int(log_samples)  # the first this many prompts: responses and rewards to read
@@ -249,8 +254,8 @@ class WinRateCallback(L.Callback):
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer, module, stage: str) -> None:
-        if self.reference_samples is None:  # Lightning calls the datamodule's setup before the callbacks'
-            self._set_reference_samples(trainer.datamodule.reference_samples)
+        if self.reference_samples is None and self._cache is not None:
+            self._set_reference_samples(self._cache.get())
 
     def on_train_epoch_end(self, trainer, module) -> None:
         iteration = trainer.current_epoch + 1

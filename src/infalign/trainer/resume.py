@@ -50,7 +50,7 @@ RUN_OUTPUTS = ("checkpoints", "final_metrics.json", "eval_metrics.csv", "eval_sa
 # (eval.*, checkpoint.*, trainer, logger, progress, num_threads, cache_root may change freely; model.lora.* counts
 # only with LoRA on, r > 0, and its save_merged, like model.gradient_checkpointing, may change: NOT_COMPARED.)
 EXPERIMENT_KEYS = ("model", "reward", "data", "calibrator", "transform", "generation", "n", "beta", "seed", "rl",
-                   "optimizer", "scheduler", "distill", "calibration")
+                   "optimizer", "scheduler", "distill", "solver", "calibration")
 CONFIG_GROUPS = ("model", "reward", "data", "calibrator", "transform")  # their Hydra choices are compared too
 NOT_COMPARED = ("data.root",  # where the data lies, not what it is: a run moved to another machine finds it elsewhere
                 # how the policy is saved and how much memory its update takes, not what it learns

@@ -10,10 +10,9 @@ from infalign.runtime.schema.rules import ConfigError, _int, _real, _show
 
 # ---------------------------------------------------------------------------------------------- cross-field rules
 def _presets_named_by_file(c, choices, **_) -> None:
-    """A method or solver preset's `method` / `solver` value is its file name: the study tables group by it."""
-    for group, why in (("method", "a method preset's `method` is its file name (the study grids are indexed by it)"),
-                       ("solver", "a solver preset's `solver` is its file name (final_metrics.json and the study "
-                                  "tables record it)")):
+    """A method preset's `method` value is its file name: the study tables group by it. (A solver preset's name is
+    Hydra's choice, recorded as such; its `solver` node is the solver.)"""
+    for group, why in (("method", "a method preset's `method` is its file name (the study grids are indexed by it)"),):
         choice = (choices or {}).get(group)
         if choice and c.get(group) != choice:
             raise ConfigError(f"conf/{group}/{choice}.yaml sets {group}: {c.get(group)!r}; {why}: set {group}: {choice}")

@@ -46,7 +46,8 @@ KEYS: dict[str, Key] = {
     "beta": Key(number(gt=0), "the KL strength; with rl.target_kl its starting value", "0.05"),
     "seed": Key(SEED, "the run's seed; Lightning takes 0 to 2^32-1", "0"),
     "method": Key(TEXT, "the method preset's name, conf/method/", "bon_exp", required=False),
-    "solver": Key(TEXT, "the solver preset's name, conf/solver/", "rloo", required=False),
+    "solver._target_": Key(TARGET, "the solver class, conf/solver/ (docs/solvers.md)",
+                           "infalign.trainer.solvers.rloo.RLOO", required=False),
     # the run
     "cache_root": Key(TEXT, "the folder of built models and calibration caches", "/data/infalign-cache"),
     "resume": Key(one_of(True, False, "auto", text="true, false or auto"),
