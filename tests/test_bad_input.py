@@ -28,7 +28,8 @@ from infalign.runtime.checkpoint_io import SafeCheckpointIO
 from infalign.runtime.paths import conf_dir
 from infalign.runtime.schema import ConfigError, check_config
 from infalign.trainer.inprocess import compose_run_config
-from infalign.trainer.run import _check_context, run
+from infalign.trainer.pieces import check_context as _check_context
+from infalign.trainer.run import run
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = ["scale=smoke", "progress=false", "logger=none", "num_threads=1"]

@@ -211,7 +211,6 @@ def test_every_key_of_train_yaml_is_in_the_schema():
 
 def test_the_schema_mirrors_the_code_it_guards():
     """The schema imports no torch, so it repeats some of the code's constants: they must agree."""
-    import dataclasses
     import inspect
     import typing
 
@@ -226,12 +225,12 @@ def test_the_schema_mirrors_the_code_it_guards():
     from infalign.models.pure_sampling import SAMPLERS
     from infalign.runtime import schema
     from infalign.trainer import schedules
-    from infalign.trainer.module import RLConfig
+    from infalign.trainer.solvers.rloo import ALGOS
 
     assert schema.KL_PENALTY_MODES == KL_PENALTY_MODES and schema.PARTITIONS == PARTITIONS
     assert schema.SAMPLERS == SAMPLERS
-    assert schema.RL_ALGOS[0] == RLConfig.algo and {f.name for f in dataclasses.fields(RLConfig)} == {
-        p.split(".", 1)[1] for p in schema.KEYS if p.startswith("rl.")}
+    cfg, _ = compose_train("logger=none")
+    assert schema.RL_ALGOS == ALGOS and set(cfg.rl) == {p.split(".", 1)[1] for p in schema.KEYS if p.startswith("rl.")}
     precisions = {*typing.get_args(lp._PRECISION_INPUT_STR), *typing.get_args(lp._PRECISION_INPUT_STR_ALIAS),
                   *typing.get_args(lp._PRECISION_INPUT_INT)}
     assert set(schema.PRECISIONS) == precisions
@@ -257,17 +256,14 @@ def test_the_schema_mirrors_the_code_it_guards():
             assert (target in schema.RAW_TRANSFORMS) == (not cls.needs_calibration), target
 
 
-def test_the_schema_counts_optimizer_steps_as_the_module_does():
-    from types import SimpleNamespace
-
+def test_the_schema_counts_optimizer_steps_as_the_solver_does():
     from infalign.runtime.schema import optimizer_steps
-    from infalign.trainer.module import DistillConfig, InfAlignModule, RLConfig
+    from infalign.trainer.pieces import build_solver
 
-    for overrides in ([], ["rl.algo=ppo"], ["solver=distill_rl"], ["solver=distill", "scale=smoke"]):
+    for overrides in ([], ["rl.algo=ppo"], ["solver=exact"], ["solver=distill_rl"], ["solver=distill", "scale=smoke"]):
         cfg, _ = compose_train(*overrides, "logger=none")  # the wandb logger's save_dir needs Hydra's runtime
         plain = OmegaConf.to_container(cfg, resolve=True)
-        module = SimpleNamespace(rl=RLConfig(**plain["rl"]), distill=DistillConfig(**plain["distill"]))
-        assert optimizer_steps(plain) == InfAlignModule.optimizer_steps(module), overrides
+        assert optimizer_steps(plain) == build_solver(cfg).optimizer_steps(cfg.rl.iterations), overrides
 
 
 @pytest.mark.parametrize("trainer, expected", [

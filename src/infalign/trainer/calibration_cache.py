@@ -83,6 +83,13 @@ class CachedSamples:
     def __init__(self, **kwargs):
         self.kwargs, self._samples = kwargs, None
 
+    @classmethod
+    def ready(cls, samples: ReferenceSamples) -> CachedSamples:
+        """Samples already in hand (tests, benchmarks)."""
+        out = cls()
+        out._samples = samples
+        return out
+
     def get(self) -> ReferenceSamples:
         if self._samples is None:
             self._samples = load_or_build_reference_samples(**self.kwargs)
