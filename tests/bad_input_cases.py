@@ -59,6 +59,7 @@ CASES = [
     case("trainer=ddp", "rl.prompts_per_iteration=3",
          match=r"rl.prompts_per_iteration=3 must be divisible by the 2 processes"),
     case("distill.iterations=5", match=r"distill.iterations must be an integer from 0 to rl.iterations=3 .*got 5"),
+    case("distill.iterations=2", match=r"distill.iterations=2 does nothing with solver .*solver=distill_rl"),
     case("generation.max_new_tokens=0", match=r"generation.max_new_tokens must be a positive integer .*got 0"),
     case("calibration.eval_partition=train", match=r"calibration.eval_partition must be a held-out partition"),
     case("eval.every=-1", match=r"eval.every must be an integer >= 0 .*got -1"),

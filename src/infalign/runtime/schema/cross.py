@@ -3,6 +3,8 @@ and raises `ConfigError` when the keys, each valid on its own, do not fit togeth
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from infalign.runtime.schema.fields import _ABSENT, processes
 from infalign.runtime.schema.keys import CALIBRATORS, RAW_TRANSFORMS, SET_BY_RUN, TARGET_KEYS
 from infalign.runtime.schema.rules import ConfigError, _int, _real, _show
@@ -43,6 +45,18 @@ def _distill_within_iterations(c, **_) -> None:
     if it > total:
         raise ConfigError(f"distill.iterations must be an integer from 0 to rl.iterations={total} (the first of all "
                           f"iterations that distil; 0 = off), got {it}; e.g. distill.iterations={total}")
+
+
+def _distill_iterations_need_a_distilling_solver(c, **_) -> None:
+    """`distill.iterations` is a stage's length (solver=distill_rl), no switch: a solver that never distils refuses it."""
+    solver = c.get("solver")
+    target = str(solver.get("_target_", "")) if isinstance(solver, Mapping) else ""
+    it = c["distill"]["iterations"]
+    if it and target.startswith("infalign.trainer.solvers.") and target.rsplit(".", 1)[1] in (
+            "policy_gradient", "RLOO", "ExactKL"):
+        raise ConfigError(f"distill.iterations={it} does nothing with solver {target}, which never distils: distillation "
+                          f"is a solver (solver=distill_rl distill.iterations={it}: distil first, then exact RL; "
+                          "solver=distill: distil only); docs/solvers.md")
 
 
 def _divisors(total: int, multiple: int) -> list[int]:
@@ -173,5 +187,6 @@ def _reward_on_cached_policy(c, **_) -> None:
 
 
 CROSS_RULES = (_presets_named_by_file, _samples_cover_n, _prompts_fit, _distill_within_iterations,
+               _distill_iterations_need_a_distilling_solver,
                _processes_share, _minibatches_divide, _iterations_one_source, _manual_optimisation, _pure_sampling,
                _transform_fits_calibrator, _reward_on_cached_policy)

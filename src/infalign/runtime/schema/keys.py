@@ -75,7 +75,7 @@ KEYS: dict[str, Key] = {
     "rl.null_control": Key(BOOL, "shuffle Phi within a prompt's samples: a control that learns nothing", "true"),
     "rl.grad_noise_scale": Key(BOOL, "log the gradient noise scale from the minibatch gradients", "false"),
     # distill: the distillation solver
-    "distill.iterations": Key(integer(0), "the first iterations that distil; 0 = off", "0"),
+    "distill.iterations": Key(integer(0), "solver=distill_rl: the first stage's iterations", "0"),
     "distill.m": Key(integer(2), "reference samples per training prompt in the pool; leave-one-out needs 2",
                      "64"),
     "distill.samples_per_prompt": Key(integer(1), "pool samples resampled per prompt and iteration", "4"),

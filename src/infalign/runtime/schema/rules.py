@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 SEED_MAX = 2**32 - 1  # Lightning's seed_everything replaces a seed outside [0, 2^32 - 1] by 0, with a warning
 # Mirrors of constants that live in torch-importing modules (tests/test_config.py checks that they agree):
-RL_ALGOS = ("rloo", "ppo")  # infalign.trainer.module.RLConfig
+RL_ALGOS = ("rloo", "ppo")  # infalign.trainer.solvers.rloo.ALGOS
 KL_PENALTY_MODES = ("reward", "exact")  # infalign.core.losses.KL_PENALTY_MODES
 PARTITIONS = ("train", "validation", "test")  # infalign.models.data.PARTITIONS
 SAMPLERS = ("inverse_cdf", "multinomial")  # infalign.models.pure_sampling.SAMPLERS
