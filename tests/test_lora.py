@@ -35,10 +35,10 @@ from infalign.models.lora import (  # noqa: E402
 )
 from infalign.models.sampling import Rollout, generate  # noqa: E402
 from infalign.runtime.paths import conf_dir  # noqa: E402
+from infalign.trainer import pieces  # noqa: E402
 from infalign.trainer.config import validate_config  # noqa: E402
 from infalign.trainer.inprocess import run_in_process  # noqa: E402
 from infalign.trainer.module import InfAlignModule  # noqa: E402
-from infalign.trainer import pieces  # noqa: E402
 from infalign.trainer.pieces import calibration_key  # noqa: E402
 from infalign.trainer.resume import config_changes  # noqa: E402
 
