@@ -42,7 +42,8 @@ __all__ = ["ResumePlan", "append_history", "check_resume", "checkpoint_state", "
 LAST = "last.ckpt"  # checkpoints/last.ckpt: what a run resumes from (kept current by checkpointing.LastCheckpoint)
 RUN_CONFIG = "run_config.yaml"  # the resolved config the run started with: written once, never overwritten
 RESUME_HISTORY = "resume_history.jsonl"  # one JSON line per resume: from where, with which overrides, what changed
-RUN_OUTPUTS = ("checkpoints", "final_metrics.json", "eval_metrics.csv", "eval_samples.jsonl", "logs", "policy", RUN_CONFIG, RESUME_HISTORY)
+RUN_OUTPUTS = ("checkpoints", "final_metrics.json", "eval_metrics.csv", "eval_samples.jsonl", "logs", "policy", RUN_CONFIG,
+               RESUME_HISTORY)
 # What defines an experiment: a resume that changes any of these is refused unless resume_allow_changes=true.
 # (eval.*, checkpoint.*, trainer, logger, progress, num_threads, cache_root may change freely; model.lora.* counts
 # only with LoRA on, r > 0, and its save_merged, like model.gradient_checkpointing, may change: NOT_COMPARED.)
@@ -62,12 +63,7 @@ ABSENT = "<absent>"
 
 
 def _existing_outputs(run_dir: Path) -> list[str]:
-    found = []
-    for name in RUN_OUTPUTS:
-        p = run_dir / name
-        if p.is_file() or (p.is_dir() and any(p.iterdir())):
-            found.append(name)
-    return found
+    return [name for name in RUN_OUTPUTS if (p := run_dir / name).is_file() or (p.is_dir() and any(p.iterdir()))]
 
 
 def _clear_outputs(run_dir: Path, names: list[str]) -> None:
