@@ -49,7 +49,12 @@ class Stages(Solver):
             s.check(world)
 
     def state_dict(self) -> dict:
-        return {k: v for s in self.solvers for k, v in s.state_dict().items()}
+        """The stages' states side by side in the checkpoint (one stateful stage of a kind: its keys are its own)."""
+        states = [s.state_dict() for s in self.solvers]
+        keys = [k for state in states for k in state]
+        if len(keys) != len(set(keys)):
+            raise ValueError(f"solver.stages: two stages keep state under the same checkpoint keys {sorted(keys)}")
+        return {k: v for state in states for k, v in state.items()}
 
     def load_state_dict(self, state: Mapping) -> None:
         for s in self.solvers:
