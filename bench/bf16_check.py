@@ -42,7 +42,7 @@ def load(overrides: list[str]):
     from infalign.models.policy import load_policy
     from infalign.models.reward import load_reward_model
     from infalign.runtime.paths import conf_dir
-    from infalign.trainer.run import _prompt_sets
+    from infalign.trainer.prompts import prompt_sets as _prompt_sets
 
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         cfg = compose("train", overrides=overrides)

@@ -71,8 +71,9 @@ def reward_tables(cfg, prompts: int, fresh: int, independent: int, seed: int, pr
     from infalign.runtime.atomic import atomic_write_bytes
     from infalign.runtime.seeds import derive_seed
     from infalign.trainer.calibration_cache import load_or_build_reference_samples
+    from infalign.trainer.pieces import calibration_key
+    from infalign.trainer.prompts import prompt_sets as _prompt_sets
     from infalign.trainer.rollout import sample_and_score
-    from infalign.trainer.run import _prompt_sets, calibration_key
 
     started = time.perf_counter()
     partitions = load_partitions(cfg.data)

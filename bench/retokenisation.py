@@ -38,7 +38,7 @@ def main() -> None:
     from infalign.models.policy import load_policy
     from infalign.models.pure_sampling import sampling_kwargs
     from infalign.models.sampling import decode_responses, generate, rollout_from_tokens
-    from infalign.trainer.run import _prompt_sets
+    from infalign.trainer.prompts import prompt_sets as _prompt_sets
 
     print("before:", uptime())
     cfg = load(args.overrides)

@@ -52,7 +52,8 @@ def reference_samples(cfg):
     from infalign.models.pure_sampling import sampling_kwargs
     from infalign.models.reward import load_reward_model
     from infalign.trainer.calibration_cache import load_or_build_reference_samples
-    from infalign.trainer.run import _prompt_sets, calibration_key
+    from infalign.trainer.pieces import calibration_key
+    from infalign.trainer.prompts import prompt_sets as _prompt_sets
 
     partitions = load_partitions(cfg.data)
     reference, tokenizer = load_policy(cfg.model, cfg.data, cfg.cache_root, partitions=partitions, progress=False)

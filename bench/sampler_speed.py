@@ -41,7 +41,7 @@ def main() -> None:
     from infalign.models.pure_sampling import sampling_kwargs
     from infalign.models.sampling import generate
     from infalign.runtime.paths import conf_dir, register_resolvers
-    from infalign.trainer.run import _prompt_sets
+    from infalign.trainer.prompts import prompt_sets as _prompt_sets
 
     register_resolvers()
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):

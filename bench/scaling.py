@@ -53,13 +53,14 @@ def measure(point: dict, models, cache_root: str, iters: int) -> dict:
     """Phase medians for one point (like train.py, without evaluation, checkpoints or loggers)."""
     import lightning as L
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
     from infalign.models.pure_sampling import sampling_kwargs
-    from infalign.trainer.calibration_cache import load_or_build_reference_samples
+    from infalign.trainer.calibration_cache import CachedSamples, load_or_build_reference_samples
     from infalign.trainer.datamodule import RolloutDataModule
+    from infalign.trainer.experience import RolloutBuilder
     from infalign.trainer.module import InfAlignModule
-    from infalign.trainer.run import _prompt_sets
+    from infalign.trainer.pieces import build_solver
+    from infalign.trainer.prompts import prompt_sets as _prompt_sets
 
     partitions, reference, tokenizer, reward_model = models
     cfg = compose(point)
@@ -72,10 +73,13 @@ def measure(point: dict, models, cache_root: str, iters: int) -> dict:
         reward_prompts=[p[2] for p in train_prompts], reference=reference, tokenizer=tokenizer,
         reward_model=reward_model, m=point["m"], gen_kwargs=gen_kwargs, seed=0, progress=False)
     cache_s = time.perf_counter() - t0 if not refs.cache_hit else None
-    module = InfAlignModule(reference, tokenizer, reward_model, instantiate(cfg.calibrator), instantiate(cfg.transform),
-                            beta=float(cfg.beta), rl=OmegaConf.to_container(cfg.rl, resolve=True),
-                            optimizer=instantiate(cfg.optimizer, _convert_="all"), gen_kwargs=gen_kwargs, seed=0)
-    dm = RolloutDataModule(train_prompts, [], refs, point["prompts"], 0)
+    calibrator, transform, solver = instantiate(cfg.calibrator), instantiate(cfg.transform), build_solver(cfg)
+    module = InfAlignModule(reference, tokenizer, reward_model, calibrator, transform, solver=solver,
+                            optimizer=instantiate(cfg.optimizer, _convert_="all"), iterations=iters + 1, seed=0)
+    builder = RolloutBuilder(policy=module.policy, reference=reference, tokenizer=tokenizer, reward_model=reward_model,
+                             calibrator=calibrator, transform=transform, gen_kwargs=gen_kwargs, seed=0,
+                             calibration=CachedSamples.ready(refs))
+    dm = RolloutDataModule(train_prompts, builder, solver, point["prompts"], 0)
     rows, ends = [], []
 
     class Clock(L.Callback):

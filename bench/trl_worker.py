@@ -126,24 +126,29 @@ def run_ours(d: Path, iters: int) -> dict:
     from infalign.core.calibration import PassThroughCalibrator
     from infalign.core.transforms import RawTransform
     from infalign.models.pure_sampling import sampling_kwargs
-    from infalign.trainer.calibration_cache import ReferenceSamples
+    from infalign.trainer.calibration_cache import CachedSamples, ReferenceSamples
     from infalign.trainer.datamodule import RolloutDataModule
+    from infalign.trainer.experience import RolloutBuilder
     from infalign.trainer.module import InfAlignModule
+    from infalign.trainer.prompts import Prompt
+    from infalign.trainer.solvers.rloo import RLOO
 
     meta, tok, policy, rm, prompts = load_setting(d)
     # TRL optimises the raw reward minus beta * KL(k1, per sequence): the same objective here
     # (calibrator=passthrough transform=raw); CTRL's calibrate step is timed in section 4 of docs/benchmarks.md.
-    rl = {"algo": "rloo", "k": meta["k"], "iterations": iters, "prompts_per_iteration": meta["prompts_per_iteration"],
-          "minibatch_size": meta["minibatch_size"], "ppo_epochs": 1, "clip": 0.2, "grad_clip": meta["grad_clip"],
-          "kl_penalty": "reward", "target_kl": None}
+    solver = RLOO(beta=meta["beta"], k=meta["k"], minibatch_size=meta["minibatch_size"],
+                  prompts_per_iteration=meta["prompts_per_iteration"], grad_clip=meta["grad_clip"])
     # the optimizer of conf/train.yaml (AdamW, betas 0.9 / 0.95, no weight decay) at the setting's lr
     optimizer = functools.partial(torch.optim.AdamW, lr=meta["lr"], betas=(0.9, 0.95), weight_decay=0.0)
-    module = InfAlignModule(policy, tok, rm, PassThroughCalibrator(), RawTransform(), beta=meta["beta"], rl=rl,
-                            optimizer=optimizer, gen_kwargs=sampling_kwargs({"max_new_tokens": meta["max_new_tokens"]}),
-                            seed=meta["seed"])
-    items = [(f"p{i}", p, p) for i, p in enumerate(prompts)]
+    module = InfAlignModule(policy, tok, rm, PassThroughCalibrator(), RawTransform(), solver=solver,
+                            optimizer=optimizer, iterations=iters, seed=meta["seed"])
+    items = [Prompt(f"p{i}", p, p) for i, p in enumerate(prompts)]
     no_refs = ReferenceSamples([], torch.zeros(0, 1), [])  # passthrough never asks for reference rewards
-    dm = RolloutDataModule(items, [], no_refs, meta["prompts_per_iteration"], meta["seed"])
+    builder = RolloutBuilder(policy=module.policy, reference=module.reference, tokenizer=tok, reward_model=rm,
+                             calibrator=module.calibrator, transform=module.transform,
+                             gen_kwargs=sampling_kwargs({"max_new_tokens": meta["max_new_tokens"]}), seed=meta["seed"],
+                             calibration=CachedSamples.ready(no_refs))
+    dm = RolloutDataModule(items, builder, solver, meta["prompts_per_iteration"], meta["seed"])
     ends, phases = [], defaultdict(list)
 
     class Clock(L.Callback):

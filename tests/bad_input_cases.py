@@ -61,6 +61,8 @@ CASES = [
          match=r"rl.prompts_per_iteration=3 must be divisible by the 2 processes"),
     case("solver=distill", "distill.iterations=5",
          match=r"distill.iterations must be an integer from 0 to rl.iterations=3 .*got 5"),
+    case("distill.iterations=2", match=r"distill.iterations=2 does nothing useful under solver=rloo, which does not "
+                                       r"distil: .*solver=distill_rl"),
     case("generation.max_new_tokens=0", match=r"generation.max_new_tokens must be a positive integer .*got 0"),
     case("data.eval_partition=train", match=r"data.eval_partition must be a held-out partition"),
     case("+calibration.train_prompts=3", match=r"^calibration.train_prompts moved to data.train_prompts; "

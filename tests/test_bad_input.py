@@ -30,7 +30,7 @@ from infalign.config.check import check_config
 from infalign.runtime.checkpoint_io import SafeCheckpointIO
 from infalign.runtime.paths import conf_dir
 from infalign.trainer.inprocess import compose_run_config, run_checked
-from infalign.trainer.run import _check_context
+from infalign.trainer.pieces import check_context as _check_context
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = ["scale=smoke", "progress=false", "logger=none", "num_threads=1"]

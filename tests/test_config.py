@@ -12,7 +12,7 @@ from omegaconf import OmegaConf, open_dict
 
 from infalign.config import ConfigError, TrainConfig, processes
 from infalign.config.__main__ import markdown
-from infalign.config.check import check_config, optimizer_steps
+from infalign.config.check import check_config
 from infalign.config.models import LOADERS
 from infalign.config.rules import devices
 from infalign.models.loaders import call_loader, check_loader_config
@@ -226,16 +226,14 @@ def test_an_old_key_name_is_refused_with_its_new_name():
         check_config(cfg, choices)
 
 
-def test_the_schema_counts_optimizer_steps_as_the_module_does():
-    from types import SimpleNamespace
+def test_the_schema_counts_optimizer_steps_as_the_solver_does():
+    from infalign.config.check import optimizer_steps
+    from infalign.trainer.pieces import build_solver
 
-    from infalign.trainer.module import DistillConfig, InfAlignModule, RLConfig
-
-    for overrides in ([], ["rl.algo=ppo"], ["solver=distill_rl"], ["solver=distill", "scale=smoke"]):
+    for overrides in ([], ["rl.algo=ppo"], ["solver=exact"], ["solver=distill_rl"], ["solver=distill", "scale=smoke"]):
         cfg, _ = compose_train(*overrides, "logger=none")  # the wandb logger's save_dir needs Hydra's runtime
         plain = OmegaConf.to_container(cfg, resolve=True)
-        module = SimpleNamespace(rl=RLConfig(**plain["rl"]), distill=DistillConfig(**plain["distill"]))
-        assert optimizer_steps(plain) == InfAlignModule.optimizer_steps(module), overrides
+        assert optimizer_steps(plain) == build_solver(cfg).optimizer_steps(cfg.rl.iterations), overrides
 
 
 @pytest.mark.parametrize("trainer, expected", [

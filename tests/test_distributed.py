@@ -45,7 +45,7 @@ def test_ddp_run_matches_one_process(run_train, session_cache, tmp_path):
     from infalign.models.reward import load_reward_model
     from infalign.trainer.calibration_cache import load_or_build_reference_samples, load_reference_samples
     from infalign.trainer.evaluation import WinRateCallback
-    from infalign.trainer.run import _prompt_sets
+    from infalign.trainer.prompts import prompt_sets as _prompt_sets
 
     run_dir = tmp_path / "ddp"
     run_train(*DDP_RUN, "progress=false", "num_threads=1", "trainer=ddp", "trainer.devices=2",

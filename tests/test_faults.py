@@ -133,7 +133,7 @@ def test_logger_failing_mid_run_costs_no_metrics_and_warns_once(session_cache, t
 def test_resuming_a_finished_run_changes_nothing(session_cache, straight, tmp_path, monkeypatch, capsys):
     import shutil
 
-    import infalign.trainer.run
+    import infalign.trainer.pieces
 
     run_dir = tmp_path / "finished"
     shutil.copytree(straight, run_dir)
@@ -142,7 +142,7 @@ def test_resuming_a_finished_run_changes_nothing(session_cache, straight, tmp_pa
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded to resume a finished run")
 
-    monkeypatch.setattr(infalign.trainer.run, "load_policy", no_model)  # the check comes before any model
+    monkeypatch.setattr(infalign.trainer.pieces, "load_policy", no_model)  # the check comes before any model
     for mode in ("auto", "true"):
         final = run_in_process([*ARGS, f"resume={mode}", f"cache_root={session_cache}"], run_dir)
         assert "is already finished" in capsys.readouterr().out

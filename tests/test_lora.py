@@ -36,10 +36,11 @@ from infalign.models.lora import (  # noqa: E402
 )
 from infalign.models.sampling import Rollout, generate  # noqa: E402
 from infalign.runtime.paths import conf_dir  # noqa: E402
+from infalign.trainer import pieces  # noqa: E402
 from infalign.trainer.inprocess import run_in_process  # noqa: E402
 from infalign.trainer.module import InfAlignModule  # noqa: E402
+from infalign.trainer.pieces import calibration_key  # noqa: E402
 from infalign.trainer.resume import config_changes  # noqa: E402
-from infalign.trainer.run import calibration_key  # noqa: E402
 
 SMOKE = ["scale=smoke", "progress=false", "logger=none", "num_threads=1", "eval.every=0"]
 LORA = ["model.lora.r=4", "model.lora.alpha=8"]
@@ -411,7 +412,7 @@ def test_a_bad_target_module_fails_before_the_reward_model_loads(session_cache, 
     def refuse(*args, **kwargs):
         raise AssertionError("the reward model was loaded before the target modules were checked")
 
-    monkeypatch.setattr(run_mod, "load_reward_model", refuse)
+    monkeypatch.setattr(pieces, "load_reward_model", refuse)
     with pytest.raises(ValueError, match=r"'q_proj' matches no module of GPT2LMHeadModel.*c_attn"):
         run_in_process([*SMOKE, *LORA, "model.lora.target_modules=[q_proj]", f"cache_root={session_cache}"],
                        tmp_path / "bad")

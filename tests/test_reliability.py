@@ -105,7 +105,7 @@ def test_saved_policy_and_cache_entries_get_the_umask_modes(tmp_path, umask):
         from tokenizers import Tokenizer, models
         from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
         from infalign.runtime.artifacts import get_or_build
-        from infalign.trainer.run import _save_policy
+        from infalign.trainer.pieces import save_policy as _save_policy
         out = Path(sys.argv[1])
         tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({{"a": 0, "<eos>": 1}}, unk_token="a")),
                                       eos_token="<eos>", pad_token="<eos>")

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-import infalign.trainer.run
+import infalign.trainer.pieces
 from infalign.trainer.inprocess import run_in_process
 
 ARGS = ["scale=smoke", "progress=false", "logger=none", "num_threads=1", "rl.iterations=2", "eval.every=0"]
@@ -33,7 +33,7 @@ def no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the config check")
 
-    monkeypatch.setattr(infalign.trainer.run, "load_policy", refuse)
+    monkeypatch.setattr(infalign.trainer.pieces, "load_policy", refuse)
 
 
 def copy_of(run_dir, tmp_path):

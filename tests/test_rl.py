@@ -171,16 +171,16 @@ def test_minibatches_keep_each_prompts_k_samples_together_and_cover_the_buffer_o
     rollout = Rollout(input_ids=rows[:, None].repeat(1, 3), attention_mask=torch.ones(len(rows), 3, dtype=torch.long),
                       response_mask=torch.ones(len(rows), 1, dtype=torch.long), prompt_len=2)
     buffer = RolloutBuffer(rollout=rollout, old_logp=rows.float()[:, None], advantages=rows.float(), stats={},
-                           ref_logp=rows.float()[:, None])
+                           ref_logp=rows.float()[:, None], group=k)
     seen = []
-    for sub, old_logp, _, adv in buffer.minibatches(8, torch.Generator().manual_seed(0), group=k):
+    for sub, old_logp, _, adv in buffer.minibatches(8, torch.Generator().manual_seed(0)):
         ids = sub.input_ids[:, 0]
         assert torch.equal(ids.float(), adv) and torch.equal(ids.float(), old_logp[:, 0])  # rows stay aligned
         assert len(ids) == 8 and len(set((ids // k).tolist())) == 2  # two whole prompts
         seen += ids.tolist()
     assert sorted(seen) == rows.tolist()
-    orders = {tuple(s.input_ids[:, 0].tolist()) for s, *_ in buffer.minibatches(8, torch.Generator().manual_seed(1),
-                                                                                 group=k)}
+    orders = {tuple(s.input_ids[:, 0].tolist()) for s, *_ in buffer.minibatches(8, torch.Generator().manual_seed(1))}
     assert any(o[0] // k != 0 for o in orders)  # the prompts are shuffled
+    buffer.group = 1  # a pool's draws: one by one
     mixed = [s.input_ids[:, 0] for s, *_ in buffer.minibatches(8, torch.Generator().manual_seed(0))]
     assert any(len(set((m // k).tolist())) > 2 for m in mixed)  # group=1: samples shuffled one by one

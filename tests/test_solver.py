@@ -265,7 +265,7 @@ def test_k3_loss_mode_is_refused_with_the_replacement(run_train, tmp_path):
 
 def test_distillation_then_rl_with_a_schedule(run_train, tmp_path):
     run_dir = tmp_path / "distill"
-    run_train(*SMOKE, "distill.iterations=2", "distill.m=8", "scheduler.warmup_steps=2",
+    run_train(*SMOKE, "solver=distill_rl", "distill.iterations=2", "distill.m=8", "scheduler.warmup_steps=2",
               "scheduler.final_lr_fraction=0.1", f"hydra.run.dir={run_dir}")
     rows = _logged(run_dir)
     distilled = [r for r in rows if r.get("train/distill/ess")]

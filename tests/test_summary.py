@@ -10,7 +10,7 @@ import pytest
 from infalign.core.losses import GradientNoiseScale
 from infalign.runtime import artifacts
 from infalign.runtime.artifacts import get_or_build
-from infalign.trainer.run import _print_summary
+from infalign.trainer.summary import print_summary as _print_summary
 
 FINAL = {  # a smoke run's final_metrics.json, trimmed
     "wall_seconds": 24.0, "transform": "bon_exp", "t": 21.09, "t_auto": True, "n": 4, "beta": 0.05,

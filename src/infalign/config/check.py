@@ -24,7 +24,7 @@ from infalign.runtime.model_paths import PATH_KEYS, model_path_problem
 from infalign.runtime.presets import check_presets
 
 log = logging.getLogger("infalign.config")
-GROUPS = ("data", "model", "reward", "calibrator", "transform", "trainer", "logger", "study", "hydra")
+GROUPS = ("data", "model", "reward", "calibrator", "transform", "trainer", "logger", "solver", "study", "hydra")
 HYDRA_KEYS = ("_target_", "_partial_", "_convert_", "_recursive_", "_args_")
 HINTS = {"lr": "optimizer.lr", "learning_rate": "optimizer.lr", "weight_decay": "optimizer.weight_decay",
          "betas": "optimizer.betas", "epochs": "rl.iterations", "max_epochs": "rl.iterations",

@@ -82,8 +82,8 @@ class RLConfig:
 
 @dataclass(kw_only=True)
 class DistillConfig:
-    iterations: int = key(integer(0), "the first iterations that distil the tilt; 0 = off, rl.iterations = only",
-                          default=0)
+    iterations: int = key(integer(0), "the iterations that distil (of rl.iterations): solver=distill_rl's first "
+                          "stage; solver=distill sets rl.iterations", default=0)
     m: int = key(integer(2), "reference samples per training prompt in the pool; leave-one-out needs 2", default=64)
     samples_per_prompt: int = key(integer(1), "pool samples resampled per prompt and iteration", default=4)
     prompts_per_batch: int = key(integer(1), "prompts per batch while building the pool", default=8)

@@ -47,16 +47,22 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: node}
 
 
+def _load(group: str, choice: str) -> dict:
+    """The preset file as plain data; {} for one that is not in conf/ (a user's own, on `hydra.searchpath`: it is
+    composed by Hydra as usual, and compared with nothing here)."""
+    path = _file(group, choice)
+    return (OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}) if path.is_file() else {}
+
+
 def preset_values(group: str, choice: str) -> dict[str, Any]:
     """The keys `conf/<group>/<choice>.yaml` sets (dotted, values as written), its defaults list and `hydra` aside."""
-    raw = OmegaConf.to_container(OmegaConf.load(_file(group, choice)), resolve=False)
+    raw = _load(group, choice)
     return _flatten({k: v for k, v in (raw or {}).items() if k not in ("defaults", "hydra")})
 
 
 def preset_defaults(group: str, choice: str) -> dict[str, str]:
     """The groups `conf/<group>/<choice>.yaml` overrides in its defaults list: {"transform": "bon_exp", ...}."""
-    raw = OmegaConf.to_container(OmegaConf.load(_file(group, choice)), resolve=False) or {}
-    out = {}
+    raw, out = _load(group, choice), {}
     for entry in raw.get("defaults") or []:
         if isinstance(entry, Mapping):
             for key, value in entry.items():

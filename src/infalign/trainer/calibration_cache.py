@@ -26,7 +26,7 @@ from infalign.trainer.rollout import sample_and_score
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ReferenceSamples", "load_or_build_reference_samples", "load_reference_samples"]
+__all__ = ["CachedSamples", "ReferenceSamples", "load_or_build_reference_samples", "load_reference_samples"]
 
 KIND = "reference_samples"  # cache kind: <cache_root>/reference_samples/<hash>/
 
@@ -72,6 +72,28 @@ class ReferenceSamples:
         if missing:
             raise KeyError(f"{len(missing)} prompt(s) are not in the calibration cache, e.g. {missing[0]}")
         return self.rewards[[self._row[p] for p in prompt_ids]]
+
+
+class CachedSamples:
+    """One cache entry's reference samples (the calibration cache, or distillation's pool) as one object, built
+    once and handed to whoever reads them: `get()` loads or builds them on first use
+    (`load_or_build_reference_samples` with these arguments), where under DDP every process and the process
+    group exist (the DataModule's setup), and returns the same `ReferenceSamples` after."""
+
+    def __init__(self, **kwargs):
+        self.kwargs, self._samples = kwargs, None
+
+    @classmethod
+    def ready(cls, samples: ReferenceSamples) -> CachedSamples:
+        """Samples already in hand (tests, benchmarks)."""
+        out = cls()
+        out._samples = samples
+        return out
+
+    def get(self) -> ReferenceSamples:
+        if self._samples is None:
+            self._samples = load_or_build_reference_samples(**self.kwargs)
+        return self._samples
 
 
 def load_reference_samples(path: Path, prompt_ids: list[str], m: int, hit: bool = True) -> ReferenceSamples:

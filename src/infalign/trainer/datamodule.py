@@ -1,24 +1,26 @@
-"""The training prompts and the calibration cache, as a LightningDataModule: what the RL iterations read.
+"""The experience of every iteration, as a LightningDataModule: its training "batch" is the iteration's
+`RolloutBuffer`, built from the iteration's prompts by the `RolloutBuilder` it is given.
 
-One training iteration = one Lightning epoch of one batch: a batch of training prompts. Making the
-iteration an epoch means a checkpoint always falls between iterations, so resuming continues with the
-next iteration's prompts (the sampler derives them from the seed and the epoch number) instead of
-restarting an epoch. The module turns the prompt batch into a rollout and updates on it
-(`InfAlignModule.training_step`); it reads the calibration cache (`reference_samples`) loaded here.
+One training iteration = one Lightning epoch of one batch. Making the iteration an epoch means a checkpoint always
+falls between iterations, so resuming continues with the next iteration's prompts (the sampler derives them from
+the seed and the epoch number) instead of restarting an epoch. The solver says which experience each iteration
+needs (`Solver.experience`: the policy's samples, scored, calibrated and transformed, or the distillation pool's
+drawn by weight); the builder makes it, inside Lightning's precision context (as the training step runs), and the
+module hands it to the solver (`InfAlignModule.training_step`).
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 
 from infalign.runtime.seeds import derive_seed
-from infalign.trainer.calibration_cache import ReferenceSamples
+from infalign.trainer.experience import RolloutBuilder
+from infalign.trainer.prompts import Prompt
+from infalign.trainer.solvers.base import Solver
 
-__all__ = ["IterationSampler", "RolloutDataModule"]
+__all__ = ["Experiences", "IterationSampler", "RolloutDataModule"]
 
 
 class IterationSampler(Sampler[int]):
@@ -62,38 +64,44 @@ class IterationSampler(Sampler[int]):
         return iter(out[self.rank :: self.world])
 
 
+class Experiences:
+    """The training loader: for each batch of prompts (one per iteration), the buffer the solver asks for.
+    `sampler` is the prompt loader's, so Lightning sets its epoch (the iteration) as for a DataLoader."""
+
+    def __init__(self, prompts: DataLoader, builder: RolloutBuilder, solver: Solver, precision_context):
+        self.prompts, self.builder, self.solver, self.precision_context = prompts, builder, solver, precision_context
+        self.sampler = prompts.sampler
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __iter__(self):
+        for batch in self.prompts:
+            iteration = self.sampler.epoch
+            with self.precision_context():  # e.g. trainer.precision=bf16-mixed: the autocast the step runs in
+                yield self.builder.build(self.solver.experience(iteration), batch, iteration)
+
+
 class RolloutDataModule(L.LightningDataModule):
-    """Training prompts (one batch per iteration), evaluation prompts, and the calibration cache.
+    """Training prompts (one batch per iteration) turned into experience by `builder` for `solver`."""
 
-    `reference_samples` is the calibration cache or a zero-argument function that loads or builds it. The
-    function is called in `setup`, where every process exists and the process group is up (Lightning
-    re-launches the script per process on `trainer.fit`), so a distributed run splits the building across
-    ranks and stores it once (`load_or_build_reference_samples`)."""
-
-    def __init__(self, train_prompts: list[tuple[str, str, str]], eval_prompts: list[tuple[str, str, str]],
-                 reference_samples: ReferenceSamples | Callable[[], ReferenceSamples], prompts_per_iteration: int,
-                 seed: int, distill_pool: ReferenceSamples | Callable[[], ReferenceSamples] | None = None):
+    def __init__(self, train_prompts: list[Prompt], builder: RolloutBuilder, solver: Solver,
+                 prompts_per_iteration: int, seed: int):
         super().__init__()
-        self.train_prompts, self.eval_prompts = train_prompts, eval_prompts
-        self._build_reference_samples = None if isinstance(reference_samples, ReferenceSamples) else reference_samples
-        self.reference_samples = reference_samples if self._build_reference_samples is None else None
-        self.prompts_per_iteration, self.seed = int(prompts_per_iteration), int(seed)
-        # distillation's pool of reference samples of the training prompts: built in setup like the cache
-        self._build_distill_pool = distill_pool if callable(distill_pool) else None
-        self.distill_pool = None if callable(distill_pool) else distill_pool
-        self.sampler = IterationSampler(len(train_prompts), self.prompts_per_iteration, self.seed)
+        self.train_prompts, self.builder, self.solver = train_prompts, builder, solver
+        self.sampler = IterationSampler(len(train_prompts), int(prompts_per_iteration), int(seed))
 
     def setup(self, stage: str) -> None:
         trainer = self.trainer
         self.sampler.shard(trainer.global_rank, trainer.world_size)
-        # Lightning moves the module to its device only after setup: the calibration cache is sampled on it already
-        trainer.lightning_module.place_frozen_models(trainer.strategy.root_device)
-        if self.reference_samples is None:
-            self.reference_samples = self._build_reference_samples()
-        if self.distill_pool is None and self._build_distill_pool is not None:
-            self.distill_pool = self._build_distill_pool()
+        # the frozen models on the device, the calibration cache (and pool) loaded or built with them
+        self.builder.setup(trainer.strategy.root_device, trainer.global_rank)
 
-    def train_dataloader(self) -> DataLoader:
-        # Items are (prompt_id, policy text, reward text); the batch is a list of them (nothing to collate).
-        return DataLoader(self.train_prompts, batch_size=len(self.sampler), sampler=self.sampler,
-                          collate_fn=list, num_workers=0)
+    def train_dataloader(self) -> Experiences:
+        # a batch is a list of Prompt records (nothing to collate)
+        prompts = DataLoader(self.train_prompts, batch_size=len(self.sampler), sampler=self.sampler,
+                             collate_fn=list, num_workers=0)
+        return Experiences(prompts, self.builder, self.solver, self.trainer.precision_plugin.train_step_context)
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        return batch  # built on the device already

@@ -6,10 +6,9 @@ is `infalign.trainer.checkpointing`. `infalign.trainer.run` calls these before a
 - `run_record`, `check_resume`: the checkpoint records the run's resolved config (Hydra rewrites
   `.hydra/config.yaml` whenever a command runs there). A resume whose experiment (`EXPERIMENT_KEYS`) differs is refused,
   listing the keys, unless `resume_allow_changes=true`; raising `rl.iterations` is always allowed.
-  `run_config.yaml` keeps the config the run started with (written once, never overwritten) and
-  `resume_history.jsonl` one line per resume (what changed), both written by `LastCheckpoint` with the
-  resumed run's first checkpoint. A finished run (checkpoint at the final iteration, `final_metrics.json`,
-  `eval_metrics.csv` and `policy/` complete) is left as it is: nothing is loaded or written.
+  `run_config.yaml` keeps the config the run started with (written once) and `resume_history.jsonl` one line per
+  resume (what changed), both written by `LastCheckpoint` with the resumed run's first checkpoint. A finished run
+  (checkpoint at the final iteration, `final_metrics.json`, `eval_metrics.csv`, `policy/`) is left as it is.
 - `finish_restored_loops`: a run killed during or after its final evaluation finishes it. Lightning skips the
   whole fit loop, on_train_start and on_train_end included, when the restored loop is already done; such a
   loop now runs both hooks (no iteration): the final evaluation runs (or is taken from the checkpoint when it
@@ -37,10 +36,9 @@ from infalign.runtime.run_dir import is_first_process
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ResumePlan", "append_history", "check_resume", "checkpoint_state",
-           "config_changes", "finish_restored_loops", "finished_results", "is_first_process", "resolve_resume",
-           "resume_command", "run_record", "write_run_config", "EXPERIMENT_KEYS", "LAST", "RESUME_HISTORY",
-           "RUN_CONFIG", "RUN_OUTPUTS", "SHAPE_KEYS"]
+__all__ = ["ResumePlan", "append_history", "check_resume", "checkpoint_state", "config_changes", "finish_restored_loops",
+           "finished_results", "is_first_process", "resolve_resume", "resume_command", "run_record", "write_run_config",
+           "EXPERIMENT_KEYS", "LAST", "RESUME_HISTORY", "RUN_CONFIG", "RUN_OUTPUTS", "SHAPE_KEYS"]
 
 LAST = "last.ckpt"  # checkpoints/last.ckpt: what a run resumes from (kept current by checkpointing.LastCheckpoint)
 RUN_CONFIG = "run_config.yaml"  # the resolved config the run started with: written once, never overwritten
@@ -52,7 +50,7 @@ RUN_OUTPUTS = ("checkpoints", "final_metrics.json", "eval_metrics.csv", "eval_sa
 # only with LoRA on, r > 0, and its save_merged, like model.gradient_checkpointing, may change: NOT_COMPARED.)
 EXPERIMENT_KEYS = ("model", "reward", "data", "calibrator", "transform", "generation", "n", "beta", "seed", "rl",
                    "optimizer", "scheduler", "distill", "calibration")
-CONFIG_GROUPS = ("model", "reward", "data", "calibrator", "transform")  # their Hydra choices are compared too
+CONFIG_GROUPS = ("model", "reward", "data", "calibrator", "transform", "solver")  # their Hydra choices compared too
 NOT_COMPARED = ("data.root",  # where the data lies, not what it is: a run moved to another machine finds it elsewhere
                 # how the policy is saved and how much memory its update takes, not what it learns
                 "model.lora.save_merged", "model.gradient_checkpointing")
@@ -78,12 +76,7 @@ class ResumeRefused(ConfigError):
 
 
 def _existing_outputs(run_dir: Path) -> list[str]:
-    found = []
-    for name in RUN_OUTPUTS:
-        p = run_dir / name
-        if p.is_file() or (p.is_dir() and any(p.iterdir())):
-            found.append(name)
-    return found
+    return [name for name in RUN_OUTPUTS if (p := run_dir / name).is_file() or (p.is_dir() and any(p.iterdir()))]
 
 
 def _clear_outputs(run_dir: Path, names: list[str]) -> None:
@@ -170,6 +163,8 @@ def _flatten(value, key: str) -> dict:
 def _experiment(record: dict) -> dict:
     config = record.get("config") or {}
     flat = {f"choices.{g}": v for g, v in (record.get("choices") or {}).items() if g in CONFIG_GROUPS}
+    if "choices.solver" not in flat and isinstance(config.get("solver"), str):  # a record from before the solver node
+        flat["choices.solver"] = config["solver"]
     for key in EXPERIMENT_KEYS:
         if key in config:
             flat.update(_flatten(config[key], key))

@@ -1,10 +1,10 @@
 """Sampling and scoring responses for the trainer, and the buffer one RL iteration's update reads.
 
 `sample_and_score` is the one path from prompts to scored samples (generate -> decode -> score -> check
-finite -> `[P, k]` rewards), shared by the training rollouts (`InfAlignModule.rollout`), the win-rate
+finite -> `[P, k]` rewards), shared by the training rollouts (`RolloutBuilder`), the win-rate
 evaluation (`infalign.trainer.evaluation`) and the calibration cache (`infalign.trainer.calibration_cache`).
-`RolloutBuffer` holds an iteration's samples with what the update needs (old and reference log-probs,
-advantages) and deals them out in minibatches.
+`RolloutBuffer` holds an iteration's experience (built by `infalign.trainer.experience.RolloutBuilder`) with
+what the solver needs and deals it out in minibatches.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 
 from infalign.models.sampling import Rollout, decode_responses, generate
 
-__all__ = ["RolloutBuffer", "Scored", "check_finite_rewards", "sample_and_score"]
+__all__ = ["Minibatch", "RolloutBuffer", "Scored", "check_finite_rewards", "sample_and_score"]
 
 
 def check_finite_rewards(rewards: torch.Tensor, prompts: list[str], where: str) -> None:
@@ -56,21 +56,37 @@ def sample_and_score(model, tokenizer, reward_model, prompts: list[str], reward_
     return Scored(rollout, texts, rewards, sampled - start, time.perf_counter() - sampled)
 
 
-@dataclass
-class RolloutBuffer:
-    """One iteration's samples with everything the update needs (rows prompt-major, k per prompt)."""
+class Minibatch(NamedTuple):
+    """A minibatch of a buffer's rows: the sequences and, where the buffer has them, their per-row tables."""
 
     rollout: Rollout
-    old_logp: torch.Tensor  # [S, T] policy log-probs at sampling time
-    advantages: torch.Tensor  # [S]
+    old_logp: torch.Tensor | None
+    ref_logp: torch.Tensor | None
+    advantages: torch.Tensor | None
+
+
+@dataclass
+class RolloutBuffer:
+    """One iteration's experience (rows prompt-major, `group` consecutive rows per prompt): the sequences, what
+    was measured of them (`stats`), and for the policy's own samples the tables a policy-gradient solver reads."""
+
+    rollout: Rollout
     stats: dict[str, float]
+    iteration: int = 0
+    prompts: int = 0  # prompts of this process's share
+    group: int = 1  # consecutive samples per prompt kept together in a minibatch (k for rollouts)
+    old_logp: torch.Tensor | None = None  # [S, T] policy log-probs at sampling time
     ref_logp: torch.Tensor | None = None  # [S, T] reference log-probs (computed once per rollout, fp32)
+    rewards: torch.Tensor | None = None  # [P, k] the transformed rewards Phi(C), float64
+    kl: dict[str, torch.Tensor] | None = None  # per sequence: k1, k3 (sequence_kl)
+    exact_kl: torch.Tensor | None = None  # [S, T] the full-vocabulary KL of every position (exact solvers)
+    advantages: torch.Tensor | None = None  # [S] or [S, T]: set by the solver
 
     def __len__(self) -> int:
-        return self.advantages.shape[0]
+        return self.rollout.input_ids.shape[0]
 
-    def minibatches(self, size: int, generator: torch.Generator, group: int = 1):
-        """Shuffled minibatches covering the buffer once: (sub-rollout, old_logp, ref_logp, advantages).
+    def minibatches(self, size: int, generator: torch.Generator):
+        """Shuffled minibatches (`Minibatch`) covering the buffer once.
 
         With `group` = k (the buffer holds k consecutive samples per prompt, as `generate` lays them out) and a
         `size` that is a multiple of it, the prompts are shuffled and each prompt's k samples stay in one
@@ -79,7 +95,7 @@ class RolloutBuffer:
         decides the update's activations and time (docs/benchmarks.md, SmolLM2). Each minibatch's leave-one-out
         advantages then also sum to zero, as over the whole rollout.
         """
-        n = len(self)
+        n, group = len(self), self.group
         if group > 1 and size % group == 0 and n % group == 0:
             groups = torch.randperm(n // group, generator=generator)
             order = (groups[:, None] * group + torch.arange(group)).flatten()
@@ -88,4 +104,5 @@ class RolloutBuffer:
         r = self.rollout
         for idx in order.split(size):
             sub = Rollout(r.input_ids[idx], r.attention_mask[idx], r.response_mask[idx], r.prompt_len)
-            yield sub, self.old_logp[idx], self.ref_logp[idx], self.advantages[idx]
+            yield Minibatch(sub, *(None if x is None else x[idx] for x in (self.old_logp, self.ref_logp,
+                                                                            self.advantages)))
