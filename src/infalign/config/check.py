@@ -158,6 +158,13 @@ def _prompts_fit(c) -> None:
                           "are drawn from the training prompts; lower it or raise data.train_prompts")
 
 
+def _held_in_fit(c) -> None:
+    have, held_in = c["data"]["train_prompts"], c["eval"].get("held_in_prompts", 0)
+    if held_in > have:
+        raise ConfigError(f"eval.held_in_prompts={held_in} exceeds data.train_prompts={have}: the held-in evaluation "
+                          f"takes its prompts from the training prompts; e.g. eval.held_in_prompts={have}")
+
+
 def _distill_within_iterations(c) -> None:
     it, total = c["distill"]["iterations"], c["rl"]["iterations"]
     if it > total:
@@ -326,6 +333,7 @@ def check_config(cfg, choices: Mapping | None = None, *, multirun: bool = False,
     _run_options(c)
     _samples_cover_n(c)
     _prompts_fit(c)
+    _held_in_fit(c)
     _distill_within_iterations(c)
     _processes_share(c, multirun)
     _minibatches_divide(c)

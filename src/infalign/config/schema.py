@@ -149,6 +149,9 @@ class EvalConfig:
     prompts_per_batch: int = key(integer(1), "evaluation prompts per batch", default=8)
     log_samples: int = key(integer(0), "evaluation prompts whose responses are logged (eval_samples.jsonl); 0 = off",
                            default=8, opt=True)
+    held_in_prompts: int = key(integer(0), "training prompts evaluated too, a fixed seeded subset (calibration.seed), "
+                               "logged as eval_held_in/*; 0 = off; at most data.train_prompts", 48, default=0,
+                               opt=True)
 
 
 @dataclass(kw_only=True)

@@ -20,6 +20,7 @@ STREAMS = (
     "minibatch_order",    # the order of the update's minibatches in each iteration
     "calibration_cache",  # the reference samples of each calibration-cache batch
     "evaluation",         # the policy's samples of each evaluation batch
+    "evaluation_held_in", # the policy's samples of each batch of the held-in evaluation (eval.held_in_prompts)
     "null_control",       # rl.null_control: the within-prompt shuffle of the transformed rewards, per iteration
     "distill_pool",       # the reference samples of the training prompts that distillation fits, per batch
     "distill",            # which pool samples a distillation iteration resamples, per iteration and process

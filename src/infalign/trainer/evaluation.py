@@ -13,6 +13,13 @@ the reference's (`eval/response_tokens`, `eval/reference_response_tokens`: a pol
 shorter shows it beside its win rate); the final one writes `eval_per_prompt.csv`: one row per held-out
 prompt (its win rates, mean k1 KL and mean calibrated reward), so that methods can be compared prompt by prompt.
 
+Held-in beside held-out (`eval.held_in_prompts` = H > 0): every evaluation also measures H of the run's training
+prompts the same way (same k, the same cached reference samples: the calibration cache holds every training
+prompt's), by an evaluator of its own (`held_in`): its metrics under `eval_held_in/` in the same logged row, the
+same eval_metrics.csv row and final_metrics.json, its final per-prompt rows in `eval_per_prompt_held_in.csv`. Its
+batches are seeded from the `evaluation_held_in` stream, and it runs after the held-out prompts: the held-out
+numbers are bit for bit those of the run without it.
+
 Every evaluation is logged at step = its iteration (the number of iterations the policy has trained), the axis
 of the training metrics too (Lightning logs those at the batches so far: one batch per iteration), so
 dashboards show one axis; `optimizer_step` (the optimizer steps at that point) is logged with it.
@@ -56,10 +63,13 @@ from infalign.trainer.rollout import sample_and_score
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CalibratedRankKL", "PER_PROMPT_CSV", "PerPromptTable", "SAMPLE_COLUMNS", "SAMPLES_JSONL",
-           "SAMPLES_KEY", "WinRateCallback", "atomic_write_json", "calibrated_rank_histogram", "rank_kl", "shown_prompt"]
+__all__ = ["CalibratedRankKL", "HELD_IN_PREFIX", "PER_PROMPT_CSV", "PER_PROMPT_HELD_IN_CSV", "PerPromptTable",
+           "SAMPLE_COLUMNS", "SAMPLES_JSONL", "SAMPLES_KEY", "WinRateCallback", "atomic_write_json",
+           "calibrated_rank_histogram", "rank_kl", "shown_prompt"]
 
 PER_PROMPT_CSV = "eval_per_prompt.csv"
+HELD_IN_PREFIX = "eval_held_in"  # the held-in evaluation's metrics (eval.held_in_prompts): eval_held_in/<metric>
+PER_PROMPT_HELD_IN_CSV = "eval_per_prompt_held_in.csv"  # its per-prompt rows
 SAMPLES_JSONL = "eval_samples.jsonl"  # eval.log_samples prompts per evaluation: responses and rewards
 SAMPLES_KEY = "eval/samples"  # the logger's table of them
 SAMPLE_SIDES = ("policy", "reference", "policy_pick", "reference_pick")  # first samples, then the best-of-n picks
@@ -84,8 +94,15 @@ def shown_prompt(prompt: str) -> str:
 class WinRateCallback(L.Callback):
     def __init__(self, eval_prompts: list[Prompt], reference_samples: ReferenceSamples | CachedSamples | None,
                  ns: list[int], k: int, every: int, gen_kwargs: dict, out_dir: str | Path, seed: int = 0,
-                 batch_prompts: int = 8, log_samples: int = 0, n: int | None = None, mode: str = "bon"):
+                 batch_prompts: int = 8, log_samples: int = 0, n: int | None = None, mode: str = "bon",
+                 held_in_prompts: list[Prompt] | None = None, prefix: str = "eval", stream: str = "evaluation",
+                 per_prompt_csv: str = PER_PROMPT_CSV):
+        """`held_in_prompts`: training prompts evaluated the same way beside the held-out `eval_prompts` (same k,
+        same cached reference samples), by an evaluator of its own: metrics `eval_held_in/*`, rows in
+        `eval_per_prompt_held_in.csv`, samples from the `evaluation_held_in` stream (the held-out samples and
+        numbers are those of a run without it). `prefix`, `stream`, `per_prompt_csv`: that evaluator's."""
         eval_prompts = [Prompt(*p) for p in eval_prompts]
+        self.prefix, self.stream, self.per_prompt_csv = prefix, stream, per_prompt_csv
         self.prompt_ids = [p.id for p in eval_prompts]
         self.prompts = [p.text for p in eval_prompts]  # as the policy reads them
         self.reward_prompts = [p.reward_text for p in eval_prompts]  # as the reward model reads them
@@ -116,6 +133,10 @@ class WinRateCallback(L.Callback):
         self.per_prompt_rows: list[dict] = []  # the last evaluation's, for eval_per_prompt.csv
         self.final: dict | None = None
         self.latest: dict | None = None  # the last evaluation's results (the progress bar shows its win rate)
+        self.held_in = None if not held_in_prompts else WinRateCallback(
+            held_in_prompts, reference_samples, ns, k, every, gen_kwargs, out_dir, seed=seed,
+            batch_prompts=batch_prompts, log_samples=0, n=n, mode=mode, prefix=HELD_IN_PREFIX,
+            stream="evaluation_held_in", per_prompt_csv=PER_PROMPT_HELD_IN_CSV)
 
     def _set_reference_samples(self, reference_samples) -> None:
         too_big = [n for n in self.ns if n > min(self.k, reference_samples.m)]
@@ -132,6 +153,8 @@ class WinRateCallback(L.Callback):
     def setup(self, trainer, module, stage: str) -> None:
         if self.reference_samples is None and self._cache is not None:
             self._set_reference_samples(self._cache.get())
+        if self.held_in is not None:
+            self.held_in.setup(trainer, module, stage)
 
     def on_train_epoch_end(self, trainer, module) -> None:
         iteration = trainer.current_epoch + 1
@@ -159,7 +182,8 @@ class WinRateCallback(L.Callback):
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, module) -> dict[str, float]:
-        """Win rates, KL and mean rewards of the current policy on the evaluation prompts."""
+        """Win rates, KL and mean rewards of the current policy on the evaluation prompts (`eval/*`), then on the
+        held-in training prompts if any (`eval_held_in/*`)."""
         device = module.device
         module.policy.eval()  # dropout off, as in training_step (a resumed run may evaluate before any step)
         for metric in [*self.metrics.values(), *self.means.values(), self.kl_calibrated, self.per_prompt]:
@@ -176,7 +200,7 @@ class WinRateCallback(L.Callback):
         try:
             for b in range(rank, len(starts), world):
                 rows = range(starts[b], min(starts[b] + self.batch_prompts, len(self.prompts)))
-                torch.manual_seed(derive_seed(self.seed, "evaluation", b))
+                torch.manual_seed(derive_seed(self.seed, self.stream, b))
                 ids = [self.prompt_ids[i] for i in rows]
                 prompts = [self.prompts[i] for i in rows]
                 reward_prompts = [self.reward_prompts[i] for i in rows]
@@ -204,19 +228,22 @@ class WinRateCallback(L.Callback):
         if self.log_samples:  # every process: the gather is collective
             self.sample_rows = sorted((r for shard in all_gather_object(samples) for r in shard),
                                       key=lambda r: r.pop("_index"))
-        out = {f"eval/{name}": metric.compute().item() for name, metric in self.means.items()}
-        out["eval/reference_response_tokens"] = self.reference_tokens  # beside the policy's eval/response_tokens
-        out["eval/kl_calibrated"] = self.kl_calibrated.compute().item()
+        p = self.prefix
+        out = {f"{p}/{name}": metric.compute().item() for name, metric in self.means.items()}
+        out[f"{p}/reference_response_tokens"] = self.reference_tokens  # beside the policy's eval/response_tokens
+        out[f"{p}/kl_calibrated"] = self.kl_calibrated.compute().item()
         table, evaluated = self.per_prompt.compute()  # every process: compute() synchronises
         self.per_prompt_rows = [{"prompt_id": pid, **dict(zip(self.per_prompt.columns, row))}
                                 for pid, row, done in zip(self.prompt_ids, table.tolist(), evaluated.tolist()) if done]
         for (mode, n), metric in self.metrics.items():
-            out[f"eval/{mode}_win_rate@{n}"] = metric.compute().item()
-            out[f"eval/{mode}_win_rate@{n}_se"] = metric.standard_error().item()
+            out[f"{p}/{mode}_win_rate@{n}"] = metric.compute().item()
+            out[f"{p}/{mode}_win_rate@{n}_se"] = metric.standard_error().item()
         # prompts counted over all processes: equals the number of evaluation prompts unless one was repeated
         metric = next(iter(self.metrics.values()))
         with metric.sync_context():
-            out["eval/prompts"] = int(metric.prompts.item())
+            out[f"{p}/prompts"] = int(metric.prompts.item())
+        if self.held_in is not None:  # after the held-out prompts, from its own stream: their numbers stay as they were
+            out.update(self.held_in.evaluate(module))
         return out
 
     def _samples(self, rows, ids, prompts, texts, lengths, raw, calibrated, ref) -> list[dict]:
@@ -269,21 +296,28 @@ class WinRateCallback(L.Callback):
     def run_eval(self, trainer, module, iteration: int, final: bool = False) -> dict:
         results = self.evaluate(module)
         results = {"iteration": iteration, "step": trainer.global_step, **results}
-        logged = {**{k: v for k, v in results.items() if k.startswith("eval/")}, OPTIMIZER_STEP: trainer.global_step}
+        evaluated = self._evaluators()
+        logged = {**{k: v for k, v in results.items() if k.startswith(tuple(f"{e.prefix}/" for e in evaluated))},
+                  OPTIMIZER_STEP: trainer.global_step}
         for logger in trainer.loggers:  # step: the iteration, the training metrics' axis (not the optimizer step)
             logger.log_metrics(logged, step=iteration)
         if trainer.is_global_zero:
             self._append_csv(results)
             if self.log_samples:
                 self._write_samples(trainer, iteration, trainer.global_step)
-            if final:  # rank 0, after evaluate() gathered every process's prompts
-                atomic_write_csv(self.out_dir / PER_PROMPT_CSV, self.per_prompt_rows,
-                                 ["prompt_id", *self.per_prompt.columns])
-            log.info("eval @ iteration %d: %s", results["iteration"],
-                     format_metrics({k: v for k, v in results.items() if k.startswith("eval/") and "_se" not in k},
-                                    strip="eval/"))
+            for e in evaluated:
+                if final:  # rank 0, after evaluate() gathered every process's prompts
+                    atomic_write_csv(self.out_dir / e.per_prompt_csv, e.per_prompt_rows,
+                                     ["prompt_id", *e.per_prompt.columns])
+                log.info("%s @ iteration %d: %s", e.prefix, results["iteration"],
+                         format_metrics({k: v for k, v in results.items()
+                                         if k.startswith(f"{e.prefix}/") and "_se" not in k}, strip=f"{e.prefix}/"))
         self.latest = results
         return results
+
+    def _evaluators(self) -> list[WinRateCallback]:
+        """This evaluation's, then the held-in one's (if any)."""
+        return [self] if self.held_in is None else [self, self.held_in]
 
     def _append_csv(self, row: dict) -> None:
         # rewritten whole and renamed into place (infalign.runtime.atomic): a kill mid-write never truncates it

@@ -37,7 +37,7 @@ from infalign.trainer.experience import RolloutBuilder
 from infalign.trainer.module import InfAlignModule
 from infalign.trainer.pieces import build_solver, load_models, sample_sets, save_policy
 from infalign.trainer.progress import IterationProgressBar, win_rate_shown
-from infalign.trainer.prompts import prompt_sets
+from infalign.trainer.prompts import held_in_prompts, prompt_sets
 from infalign.trainer.resume import check_resume, finish_restored_loops, resolve_resume, resume_command, run_record
 from infalign.trainer.summary import bar_metric, print_summary
 
@@ -100,7 +100,8 @@ def run(cfg: DictConfig) -> dict:
                 "t": getattr(transform, "t", None),
                 "t_auto": getattr(transform, "auto", None),
                 "calibrator": choices.get("calibrator"), "seed": int(cfg.seed), "run_dir": str(run_dir)}
-    win_rates = _win_rates(cfg, eval_prompts, calibration, gen_kwargs, run_dir, bar_metric(run_info, transform))
+    win_rates = _win_rates(cfg, eval_prompts, calibration, gen_kwargs, run_dir, bar_metric(run_info, transform),
+                           held_in=held_in_prompts(cfg, train_prompts))
     loggers = _loggers(cfg, choices, run_dir, resume_from, run_info)
     # last.ckpt between iterations, and on SIGINT/SIGTERM (infalign.trainer.checkpointing); after win_rates in the
     # callbacks: the final checkpoint follows (and holds) the final evaluation
@@ -153,14 +154,16 @@ def _check_resume(cfg: DictConfig, run_dir: Path, resume_from, record) -> tuple[
     return plan.entry, plan.finished
 
 
-def _win_rates(cfg: DictConfig, eval_prompts, calibration, gen_kwargs: dict, run_dir: Path, target: str):
+def _win_rates(cfg: DictConfig, eval_prompts, calibration, gen_kwargs: dict, run_dir: Path, target: str,
+               held_in=None):
     """The evaluation callback; its samples table shows the run's own pick: best-of-n, or worst-of-n for a
-    worst-of-N method (`target`)."""
+    worst-of-N method (`target`). `held_in`: training prompts evaluated beside the held-out ones (eval_held_in/*;
+    their reference samples are in the calibration cache, which holds every training prompt's)."""
     return WinRateCallback(eval_prompts, calibration, ns=sorted({int(x) for x in cfg.eval.ns} | {int(cfg.n)}),
                            k=cfg.eval.k, every=cfg.eval.every, gen_kwargs=gen_kwargs, out_dir=run_dir,
                            seed=int(cfg.seed), batch_prompts=int(cfg.eval.prompts_per_batch),
                            log_samples=int(cfg.eval.get("log_samples", 0)), n=int(cfg.n),
-                           mode="won" if target == "won" else "bon")
+                           mode="won" if target == "won" else "bon", held_in_prompts=held_in or None)
 
 
 def _loggers(cfg: DictConfig, choices, run_dir: Path, resume_from, run_info: dict) -> list:
