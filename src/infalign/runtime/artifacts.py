@@ -377,7 +377,10 @@ def _first_report(path: Path) -> bool:
     member reports its own hits), else the process."""
     global _reported
     hydra = sys.modules.get("hydra.core.hydra_config")  # never imported here: a Hydra run has imported it
-    run = hydra.HydraConfig.get().runtime.output_dir if hydra and hydra.HydraConfig.initialized() else None
+    try:  # a composed config (tests, notebooks) may leave Hydra's runtime unset: then the process
+        run = hydra.HydraConfig.get().runtime.output_dir if hydra and hydra.HydraConfig.initialized() else None
+    except Exception:  # noqa: BLE001 - omegaconf's MissingMandatoryValue
+        run = None
     if run != _reported[0]:
         _reported = (run, set())
     first = path not in _reported[1]
