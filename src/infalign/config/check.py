@@ -139,6 +139,19 @@ def _keys(c: Mapping, choices: Mapping | None) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- rules between keys
+def _maxk_fits(c) -> None:
+    """solver=maxk estimates the win rate at N from the rl.k samples of a prompt, against its reference rewards."""
+    solver = c.get("solver") or {}
+    if not (isinstance(solver, Mapping) and str(solver.get("_target_", "")).endswith(".MaxK")):
+        return
+    if c["rl"]["k"] < c["n"]:
+        raise ConfigError(f"rl.k={c['rl']['k']} is below n={c['n']}: solver=maxk estimates the best-of-N win rate from "
+                          f"k >= N samples per prompt; e.g. rl.k={2 * c['n']}")
+    if not str((c.get("calibrator") or {}).get("_target_", "")).endswith("EmpiricalCalibrator"):
+        raise ConfigError("solver=maxk compares each sample with the reference's samples of its prompt: it needs "
+                          "calibrator=empirical (drop calibrator=passthrough / method=raw)")
+
+
 def _samples_cover_n(c) -> None:
     """The win rate at N needs M >= N reference samples and K >= N policy samples per prompt."""
     top = max({int(x) for x in c["eval"]["ns"]} | {int(c["n"])})
@@ -332,6 +345,7 @@ def check_config(cfg, choices: Mapping | None = None, *, multirun: bool = False,
         check_presets(choices, list(overrides))
     _run_options(c)
     _samples_cover_n(c)
+    _maxk_fits(c)
     _prompts_fit(c)
     _held_in_fit(c)
     _distill_within_iterations(c)

@@ -122,7 +122,8 @@ class RolloutBuilder:
             "throughput/generated_tokens_per_s": lengths.sum().item() / max(t_generate, 1e-9),
         }
         return RolloutBuffer(rollout=rollout, stats=stats, iteration=iteration, prompts=len(prompts), group=k,
-                             old_logp=old_logp, ref_logp=ref_logp, rewards=transformed, kl=kl, exact_kl=exact_kl)
+                             old_logp=old_logp, ref_logp=ref_logp, rewards=transformed, kl=kl, exact_kl=exact_kl,
+                             raw_rewards=raw, reference_rewards=ref_rewards)
 
     def pool_draw(self, prompts: list[Prompt], iteration: int, samples_per_prompt: int, beta: float) -> RolloutBuffer:
         """`samples_per_prompt` of each prompt's pool samples, drawn with replacement by w ∝ exp(Phi(C) / beta).

@@ -81,6 +81,8 @@ class RolloutBuffer:
     kl: dict[str, torch.Tensor] | None = None  # per sequence: k1, k3 (sequence_kl)
     exact_kl: torch.Tensor | None = None  # [S, T] the full-vocabulary KL of every position (exact solvers)
     advantages: torch.Tensor | None = None  # [S] or [S, T]: set by the solver
+    raw_rewards: torch.Tensor | None = None  # [P, k] the reward model's scores (solvers of the win rate itself: maxk)
+    reference_rewards: torch.Tensor | None = None  # [P, M] the calibration cache's reference scores (calibrated runs)
 
     def __len__(self) -> int:
         return self.rollout.input_ids.shape[0]
