@@ -284,13 +284,13 @@ def test_paired_comparison_per_prompt_mean_and_standard_error(efficiency_sweep):
 
 
 def test_predicted_difference_and_the_seeds_it_needs():
-    a = {"theory_bon": 0.80, "gain_fraction": 0.6, "seeds": 4}
-    b = {"theory_bon": 0.76, "gain_fraction": 0.4, "seeds": 5}
+    a = {"theory_bon": 0.80, "gain_fraction_bon": 0.6, "seeds": 4}  # each on the metric compared (issue 30 item 1)
+    b = {"theory_bon": 0.76, "gain_fraction_bon": 0.4, "seeds": 5}
     p = predicted_difference(a, b, "bon", se=0.01)
     # tilt 0.04 x mean gain fraction 0.5 = 0.02 = 2 s.e.; 3 s.e. needs (3/2)^2 = 2.25x the smaller side's 4 seeds
     assert p["tilt_diff"] == pytest.approx(0.04) and p["predicted_diff"] == pytest.approx(0.02)
     assert p["z_predicted"] == pytest.approx(2.0) and p["seeds_for_3se"] == 9
-    raw = predicted_difference({"theory_bon": math.nan, "gain_fraction": math.nan, "seeds": 4}, b, "bon", se=0.01)
+    raw = predicted_difference({"theory_bon": math.nan, "gain_fraction_bon": math.nan, "seeds": 4}, b, "bon", se=0.01)
     assert math.isnan(raw["predicted_diff"]) and math.isnan(raw["seeds_for_3se"])
     assert math.isnan(predicted_difference(a, b, "bon", se=math.nan)["z_predicted"])
 

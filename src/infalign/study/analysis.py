@@ -5,15 +5,20 @@ Every number comes from the members' `final_metrics.json` and `eval_per_prompt.c
 `infalign.study.runs`; measured on the same held-out prompts against the same cached reference samples) and
 from `infalign.theory` evaluated at each run's measured KL:
 
-- theory for the run's transform: the beta at which the optimal tilt of that transform, seen through the run's
-  M-sample calibration (`at_m(transform, calibration.m)`, infalign.theory.finite_m), spends the measured KL
+- theory for the run's transform: the beta at which the optimal tilt of that transform, seen through the
+  M-sample calibration its target was built with (`yardstick_m`: `calibration.m` for RL, the pool's `distill.m` - 1
+  for distillation, whose pool samples are calibrated leave-one-out; the exact fixed-cache form,
+  infalign.theory.finite_m), spends the measured KL
   (`beta_for_kl`), then that policy's win rates. It is what the transform would give if RL reached its
   optimum; `raw` has no such value (its reward is uncalibrated, so no model-agnostic theory);
 - the optimum: the best any policy can do at that KL (the fixed-point optimal transform for best-/worst-of-N,
   traced over beta; for the standard win rate the identity transform, which is optimal for N = 1);
 - KL efficiency (infalign.theory.efficiency) on the run's target metric (bon / won / std): the gain fraction
   (the run's gain over 0.5 per the curve's gain at the same KL) and the KL efficiency (the KL the curve needs for
-  the run's win rate per KL spent), against the tilt and against the optimum.
+  the run's win rate per KL spent), against the tilt and against the optimum; and the gain fraction against the
+  same tilt on every metric (`gain_fraction_<std|bon|won>`, issue 30 item 1), held-in beside held-out when the run
+  recorded a held-in evaluation (`eval_held_in/*`: `gain_fraction_<metric>_held_in`, NaN otherwise);
+- the claimed orderings at matched KL with the shape transfer (infalign.study.orderings, orderings.csv).
 
 `gap = measured - theoretical`: negative when the run falls short of the closed form.
 Matched-KL values are interpolated only inside the KL range each method measured, never extrapolated or
@@ -30,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from infalign.study.orderings import ordering_rows
 from infalign.study.paired import curve_label, paired_comparisons, predicted_difference
 from infalign.study.runs import (
     calibration_m,
@@ -37,6 +43,7 @@ from infalign.study.runs import (
     logged_values,
     run_solver,
     transform_from_run,
+    yardstick_m,
 )
 from infalign.theory import default_grid
 from infalign.theory.efficiency import (  # the optimum lives in theory (the trainer uses it too); re-exported here
@@ -105,11 +112,12 @@ def run_rows(raw_rows: list[dict], sweep_dir: Path, kl_max: float | None = None)
     for r in raw_rows:
         n = int(r["n"])
         member_dir = Path(sweep_dir) / r["member"]
-        m = calibration_m(r, member_dir)
-        row = {"member": r["member"], "solver": run_solver(r, member_dir), "method": r.get("method") or r.get("transform"),
+        solver = run_solver(r, member_dir)
+        m = yardstick_m(r, member_dir, solver)  # the M its target was calibrated with (distill: the pool's M - 1)
+        row = {"member": r["member"], "solver": solver, "method": r.get("method") or r.get("transform"),
                "transform": r.get("transform"), "n": n, "beta": float(r["beta"]), "t": r.get("t"),
-               "seed": int(r.get("seed", 0)), "m": m, "kl": float(r["eval/kl"]),
-               "kl_calibrated": _number(r.get("eval/kl_calibrated"))}
+               "seed": int(r.get("seed", 0)), "m": m, "calibration_m": calibration_m(r, member_dir),
+               "kl": float(r["eval/kl"]), "kl_calibrated": _number(r.get("eval/kl_calibrated"))}
         row["length_start"], row["length_end"] = response_lengths(member_dir)
         row["std"], row["std_pse"] = r.get("eval/bon_win_rate@1", math.nan), r.get("eval/bon_win_rate@1_se", math.nan)
         for big_n in _ns_of(r):  # `_pse`: the within-run standard error over prompts
@@ -136,6 +144,9 @@ def run_rows(raw_rows: list[dict], sweep_dir: Path, kl_max: float | None = None)
             row[f"theory_{key}"], row[f"opt_{key}"] = theory[key], opt
             row[f"gap_theory_{key}"] = measured[key] - theory[key]
             row[f"gap_opt_{key}"] = measured[key] - opt
+        for key in ("std", "bon", "won"):  # per metric: the share of the same tilt's gain on that metric
+            row[f"gain_fraction_{key}"] = _gain_fraction(measured[key], theory[key])
+        row.update(_held_in(r, transform, n, m, notes))
         try:  # KL efficiency on the run's target metric (infalign.theory.efficiency)
             metric = target_metric(row["method"], r.get("transform"))
             eff = efficiency_columns(transform, row["kl"], measured[metric], n, metric, m)
@@ -153,6 +164,35 @@ def run_rows(raw_rows: list[dict], sweep_dir: Path, kl_max: float | None = None)
     return out
 
 
+def _gain_fraction(win: float, tilt: float) -> float:
+    """(win - 0.5) / (tilt - 0.5) on one metric: the run's gain over the reference as a share of the gain of
+    its tilt (at the run's KL and yardstick M) on the same metric; NaN without a tilt or with no gain to share."""
+    gain = tilt - 0.5
+    return (win - 0.5) / gain if math.isfinite(win) and math.isfinite(gain) and gain > 1e-12 else math.nan
+
+
+HELD_IN = "eval_held_in"  # the held-in evaluation's keys in final_metrics.json (training prompts)
+
+
+def _held_in(r: dict, transform, n: int, m: int | None, notes: list[str]) -> dict:
+    """kl_held_in, <metric>_held_in and gain_fraction_<metric>_held_in from the run's `eval_held_in/*` final
+    metrics (the same evaluation on training prompts), the tilt evaluated at the held-in KL; NaN when the run has
+    no held-in evaluation."""
+    kl = _number(r.get(f"{HELD_IN}/kl"))
+    measured = {"std": _number(r.get(f"{HELD_IN}/bon_win_rate@1")), "bon": _number(r.get(f"{HELD_IN}/bon_win_rate@{n}")),
+                "won": _number(r.get(f"{HELD_IN}/won_win_rate@{n}"))}
+    out = {"kl_held_in": kl, **{f"{k}_held_in": v for k, v in measured.items()}}
+    theory = {"std": math.nan, "bon": math.nan, "won": math.nan}
+    if transform is not None and math.isfinite(kl):
+        try:
+            theory = theory_at_kl(transform, kl, n, m)
+        except ValueError as e:
+            notes.append(f"held-in theory n/a: {e}")
+    for key in ("std", "bon", "won"):
+        out[f"gain_fraction_{key}_held_in"] = _gain_fraction(measured[key], theory[key])
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- seeds
 def _mean_se(values) -> tuple[float, float, int]:
     x = np.asarray([v for v in values if v is not None], dtype=float)
@@ -163,7 +203,7 @@ def _mean_se(values) -> tuple[float, float, int]:
     return float(np.mean(x)), se, len(x)
 
 
-IDENTITY = ("member", "solver", "method", "transform", "n", "beta", "seed", "m", "metric", "note")
+IDENTITY = ("member", "solver", "method", "transform", "n", "beta", "seed", "m", "calibration_m", "metric", "note")
 
 
 def aggregate(runs: list[dict]) -> list[dict]:
@@ -179,6 +219,7 @@ def aggregate(runs: list[dict]) -> list[dict]:
         first = members[0]
         row = {"label": f"{method} [{solver}]" if several_solvers else method, "solver": solver, "method": method,
                "transform": first["transform"], "n": n, "beta": beta, "metric": first.get("metric"), "m": first.get("m"),
+               "calibration_m": first.get("calibration_m"),
                "seeds": len(members),
                "seed_list": " ".join(str(m["seed"]) for m in sorted(members, key=lambda m: m["seed"])),
                "members": " ".join(m["member"] for m in members)}
@@ -196,13 +237,17 @@ def aggregate(runs: list[dict]) -> list[dict]:
 def efficiency_rows(groups: list[dict]) -> list[dict]:
     """solver_efficiency.csv: one row per solver x method x beta (x N), means over seeds (± s.e.) of the KL, the
     KL in calibrated space, the target metric's win rate, what the tilt and the optimum reach at that KL, and the
-    gain fractions and KL efficiencies against both (infalign.theory.efficiency)."""
+    gain fractions and KL efficiencies against both (infalign.theory.efficiency), the yardstick's M (`m`), the gain
+    fraction on every metric against the same tilt (`gain_fraction_<std|bon|won>`) and held in (`*_held_in`, NaN
+    without a held-in evaluation)."""
     cols = ("kl", "kl_calibrated", "win_rate", "tilt_win_rate_at_kl", "optimum_win_rate_at_kl", "gain_fraction",
-            "kl_efficiency", "gain_fraction_optimum", "kl_efficiency_optimum")
+            "kl_efficiency", "gain_fraction_optimum", "kl_efficiency_optimum",
+            *(f"gain_fraction_{k}" for k in ("std", "bon", "won")), "kl_held_in",
+            *(f"gain_fraction_{k}_held_in" for k in ("std", "bon", "won")))
     out = []
     for g in groups:
         row = {"solver": g["solver"], "method": g["method"], "n": g["n"], "beta": g["beta"], "seeds": g["seeds"],
-               "metric": g.get("metric")}
+               "metric": g.get("metric"), "m": g.get("m")}
         for col in cols:
             row[col] = g.get(col, math.nan)
             row[f"{col}_se"] = g.get(f"{col}_se", math.nan)
@@ -271,6 +316,7 @@ class Study:
     methods: list[str] = field(default_factory=list)  # in sweep order
     efficiency: list[dict] = field(default_factory=list)  # solver_efficiency.csv (efficiency_rows)
     paired: list[dict] = field(default_factory=list)  # per-prompt paired comparisons (paired_comparisons)
+    orderings: list[dict] = field(default_factory=list)  # the claimed orderings at matched KL (orderings.ordering_rows)
 
     @property
     def kl_max(self) -> float:
@@ -290,6 +336,7 @@ def analyze_sweep(sweep_dir, kls=None, points: int = 3) -> Study:
         groups = aggregate(runs)
         matched = matched_kl(groups, kls, points)
         paired = paired_comparisons(groups, sweep_dir)
+        orderings = ordering_rows(runs, sweep_dir)
     ns = sorted({n for r in raw for n in _ns_of(r)})
     return Study(sweep_dir, runs, groups, matched, ns, list(dict.fromkeys(r["method"] for r in runs)),
-                 efficiency_rows(groups), paired)
+                 efficiency_rows(groups), paired, orderings)

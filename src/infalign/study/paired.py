@@ -89,14 +89,16 @@ def predicted_difference(ga: dict, gb: dict, metric: str, se: float) -> dict:
     """What the closed forms predict for a paired row, and whether the study can resolve it (issue 15, item 5).
 
     `tilt_diff`: the `metric` win rate of group a's optimal tilt at a's measured KL minus b's at b's (the
-    `theory_<metric>` columns: the exact fixed-cache form of each run's own transform); `predicted_diff`: that
-    difference scaled by the solver's mean gain fraction over the two groups (each on its own target metric):
-    a solver that reaches a fraction g of every tilt's gain over 0.5 moves the difference by g too, an
-    assumption the measured `diff` tests. `z_predicted` = predicted_diff / se; `seeds_for_3se`: the seeds per
+    `theory_<metric>` columns: the exact fixed-cache form of each run's own transform at its yardstick M);
+    `predicted_diff`: that difference scaled by the two groups' mean gain fraction **on that same metric**
+    (`gain_fraction_<metric>`; never one group's target metric mixed with another's, issue 30 item 1): a
+    solver that reaches a fraction g of every tilt's gain over 0.5 moves the difference by g too, an
+    assumption the measured `diff` tests. At unmatched KL: the matched comparisons are study/orderings.py's.
+    `z_predicted` = predicted_diff / se; `seeds_for_3se`: the seeds per
     side at which that prediction would be 3 s.e., with the same prompts and samples and se shrinking as
     1/sqrt(seeds) (the seeds of the smaller side scaled). NaN where a side has no theory (`raw`)."""
     tilt = ga.get(f"theory_{metric}", math.nan) - gb.get(f"theory_{metric}", math.nan)
-    gain = 0.5 * (ga.get("gain_fraction", math.nan) + gb.get("gain_fraction", math.nan))
+    gain = 0.5 * (ga.get(f"gain_fraction_{metric}", math.nan) + gb.get(f"gain_fraction_{metric}", math.nan))
     predicted = gain * tilt
     z = predicted / se if se and math.isfinite(se) and se > 0 else math.nan
     seeds = min(int(ga["seeds"]), int(gb["seeds"]))

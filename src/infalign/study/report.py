@@ -6,6 +6,8 @@
     solver_efficiency.csv per solver x method x beta: KL, KL in calibrated space, target win rate, what the tilt
                           and the optimum reach at that KL, gain fraction and KL efficiency (infalign.theory.efficiency)
     study_paired.csv      paired per-prompt differences of the target win rates between methods at matched KL
+    orderings.csv         the three claimed orderings at matched calibrated KL and matched sequence KL, with the
+                          shape transfer (infalign.study.orderings)
     study_results.md      the summary tables in markdown, the figures and how to read them
     study_{bon,won,standard}.png   see infalign.study.figures
 """
@@ -19,6 +21,7 @@ from pathlib import Path
 from infalign.runtime.atomic import atomic_write_csv, atomic_write_text
 from infalign.study.analysis import RAW_NOTE, Study, analyze_sweep
 from infalign.study.figures import write_figures
+from infalign.study.orderings import COLUMNS as ORDERING_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +30,9 @@ __all__ = ["EFFICIENCY_COLUMNS", "write_study", "markdown", "study_kls_from_swee
 # solver_efficiency.csv: these first, in this order (then their standard errors over seeds)
 EFFICIENCY_COLUMNS = ["solver", "method", "n", "beta", "seeds", "kl", "metric", "win_rate", "optimum_win_rate_at_kl",
                       "gain_fraction", "kl_efficiency", "kl_calibrated", "tilt_win_rate_at_kl", "gain_fraction_optimum",
-                      "kl_efficiency_optimum"]
+                      "kl_efficiency_optimum", "m", "gain_fraction_std", "gain_fraction_bon", "gain_fraction_won",
+                      "kl_held_in", "gain_fraction_std_held_in", "gain_fraction_bon_held_in",
+                      "gain_fraction_won_held_in"]
 METRIC_NAMES = {"bon": "best-of-N", "won": "worst-of-N", "std": "standard"}
 
 
@@ -105,13 +110,16 @@ def markdown(study: Study, figures: dict[str, Path] | None = None) -> str:
               "calibration): the solver's shortfall; against the optimum: the solver's and the transform's. 1: on "
               "the curve; n/a for raw against the tilt (no closed form). Table: solver_efficiency.csv.", ""]
     header = ["solver", "method", "N", "beta", "seeds", "KL", "KL calibrated", "metric", "win rate",
-              "tilt at KL", "gain fraction", "KL efficiency", "optimum at KL", "gain fr. (opt.)", "KL eff. (opt.)"]
+              "tilt at KL", "gain fraction", "KL efficiency", "optimum at KL", "gain fr. (opt.)", "KL eff. (opt.)",
+              "M", "gain fr. std / BoN / WoN"]
     rows = [[e["solver"], e["method"], str(e["n"]), f"{e['beta']:.4g}", str(e["seeds"]), _pm(e["kl"], e["kl_se"]),
              _pm(e["kl_calibrated"], e["kl_calibrated_se"]), METRIC_NAMES.get(e["metric"], str(e["metric"])),
              _pm(e["win_rate"], e["win_rate_se"]), _pm(e["tilt_win_rate_at_kl"], None),
              _pm(e["gain_fraction"], e["gain_fraction_se"], 2), _pm(e["kl_efficiency"], e["kl_efficiency_se"], 2),
              _pm(e["optimum_win_rate_at_kl"], None), _pm(e["gain_fraction_optimum"], e["gain_fraction_optimum_se"], 2),
-             _pm(e["kl_efficiency_optimum"], e["kl_efficiency_optimum_se"], 2)] for e in study.efficiency]
+             _pm(e["kl_efficiency_optimum"], e["kl_efficiency_optimum_se"], 2), str(e.get("m")),
+             " / ".join(_pm(e[f"gain_fraction_{k}"], None, 2) for k in ("std", "bon", "won"))]
+            for e in study.efficiency]
     lines += _table(header, rows) + [""]
     lines += ["## Paired comparisons on the held-out prompts", "",
               "For each pair of methods and each beta of the first, the second's beta at the closest mean KL: the "
@@ -119,8 +127,9 @@ def markdown(study: Study, figures: dict[str, Path] | None = None) -> str:
               "each side averaged over its seeds, from eval_per_prompt.csv), ± the s.e. over prompts and seeds "
               "(sqrt(s.e. over prompts² + s.e. of the seed means' difference²)). The same prompts and reference "
               "samples on both sides make this much sharper than comparing the two means. *predicted*: the "
-              "difference of the two methods' optimal tilts at their measured KLs (closed form) times the solver's "
-              "mean gain fraction of the two; *z*: predicted / s.e.; *seeds for 3 s.e.*: the seeds per side at which "
+              "difference of the two methods' optimal tilts at their measured KLs (closed form) times the two "
+              "groups' mean gain fraction on that same metric (unmatched KL: see the orderings below); *z*: "
+              "predicted / s.e.; *seeds for 3 s.e.*: the seeds per side at which "
               "the prediction would be 3 s.e. (s.e. ~ 1/sqrt(seeds), same prompts and samples). Table: "
               "study_paired.csv.", ""]
     if study.paired:
@@ -138,12 +147,34 @@ def markdown(study: Study, figures: dict[str, Path] | None = None) -> str:
         lines += _table(header, rows) + [""]
     else:
         lines += ["(no pairs: fewer than two methods, or runs without eval_per_prompt.csv)", ""]
+    lines += ["## The claimed orderings at matched KL", "",
+              "bon_exp > calibrated on best-of-N, won_exp > calibrated on worst-of-N, calibrated >= raw on the "
+              "standard win rate, where both methods ran: each method's metric regressed on KL across its seeds, "
+              "both fits evaluated at the mean of the two sides' mean KLs, A - B ± the s.e. from the two "
+              "regressions; matched on the KL in calibrated space and on the sequence KL. *shape transfer*: "
+              "(A - B) / (tilt A - tilt B), the tilts the closed forms of each side's transform at the M its target "
+              "was calibrated with (distillation: the pool's M - 1) spending that KL. Table: orderings.csv "
+              "(infalign.study.orderings).", ""]
+    if study.orderings:
+        header = ["A", "B", "metric", "matched on", "at KL", "seeds", "A - B", "z", "tilt A - B", "shape transfer",
+                  "config"]
+
+        def cell(v, spec):
+            return format(v, spec) if isinstance(v, (int, float)) and math.isfinite(v) else "n/a"
+
+        rows = [[o["a"], o["b"], o["metric"], o["matched"], cell(o["at_kl"], ".3g"), f"{o['seeds_a']} / {o['seeds_b']}",
+                 _signed_pm(o["diff"], o["se"]), cell(o["z"], ".1f"), cell(o["tilt_diff"], "+.3f"),
+                 _signed_pm(o["shape_transfer"], o["shape_transfer_se"], 2), o["config"]] for o in study.orderings]
+        lines += _table(header, rows) + [""]
+    else:
+        lines += ["(none: no pair of methods of the three orderings ran in one configuration)", ""]
     if figures:
         lines += ["## Figures", ""] + [f"![{k}]({p.name})" for k, p in figures.items()] + [""]
     lines += ["## How to read the gaps", "",
               "- *gap to theory* = measured - the win rate of the optimal policy for the run's own transform at "
               "the run's measured KL (infalign.theory: beta_for_kl in calibrated-reward space on the transform seen "
-              "through the run's M-sample calibration, at_m(transform, calibration.m), then the closed form). "
+              "through the M-sample calibration its target was built with: calibration.m for RL, distill.m - 1 "
+              "for distillation; exact fixed-cache form, then the closed form). "
               "Near 0: RL reached what the transform promises at that KL; negative: it fell short.",
               "- *gap to optimum* = measured - the best win rate any policy can reach at that KL (the "
               "fixed-point optimal transform for best-/worst-of-N; identity for the standard win rate).",
@@ -177,12 +208,15 @@ def write_study(sweep_dir, kls=None, points: int = 3) -> dict[str, Path]:
     study = analyze_sweep(sweep_dir, kls if kls is not None else study_kls_from_sweep(sweep_dir), points)
     paths = {"runs": sweep_dir / "study_runs.csv", "results": sweep_dir / "study_results.csv",
              "matched_kl": sweep_dir / "study_matched_kl.csv", "efficiency": sweep_dir / "solver_efficiency.csv",
-             "paired": sweep_dir / "study_paired.csv", "markdown": sweep_dir / "study_results.md"}
+             "paired": sweep_dir / "study_paired.csv", "orderings": sweep_dir / "orderings.csv",
+             "markdown": sweep_dir / "study_results.md"}
     _write_csv(paths["runs"], study.runs)
     _write_csv(paths["results"], study.groups)
     _write_csv(paths["matched_kl"], study.matched)
     _write_csv(paths["efficiency"], study.efficiency, EFFICIENCY_COLUMNS)
     _write_csv(paths["paired"], study.paired)
+    atomic_write_csv(paths["orderings"], [{k: o.get(k, math.nan) for k in ORDERING_COLUMNS} for o in study.orderings],
+                     ORDERING_COLUMNS)  # exactly these columns (the markdown shows the KL and tilts beside them)
     figures = write_figures(study, sweep_dir)
     atomic_write_text(paths["markdown"], markdown(study, figures))
     paths.update({f"figure_{k}": p for k, p in figures.items()})

@@ -10,7 +10,8 @@ scripts know about a run comes through here, and only by reading files, never by
 - `collect_runs`: the `final_metrics.json` of each of those members;
 - `logged_values`: one column of a member's `logs/metrics.csv`;
 - `transform_from_run`: the member's transform rebuilt from its saved config and recorded values;
-- `calibration_m`, `run_solver`, `config_value`: other recorded values (the calibration's M, the RL solver);
+- `calibration_m`, `yardstick_m`, `run_solver`, `config_value`: other recorded values (the calibration's M, the M
+  the run's target was calibrated with, the solver);
 - `per_prompt_rows`: the member's eval_per_prompt.csv (paired comparisons between methods).
 
 A results folder may come from anyone, so its `.hydra/config.yaml` is never handed to Hydra's
@@ -61,7 +62,7 @@ log = logging.getLogger(__name__)
 __all__ = ["ALLOWED_TRANSFORMS", "FINAL_METRICS", "FINISHED", "METRICS_LOG", "PER_PROMPT", "RECORDED_ROOT_KEYS",
            "RUN_CONFIG", "SWEEP_DIR_ENV", "calibration_m", "collect_runs", "config_value", "final_metrics",
            "find_sweep_dir", "finished_members", "logged_values", "member_problem", "per_prompt_rows", "run_solver",
-           "sweep_problem", "transform_config", "transform_from_run"]
+           "sweep_problem", "transform_config", "transform_from_run", "yardstick_m"]
 
 ALLOWED_TRANSFORMS: dict[str, Callable[..., Transform]] = {
     **{f"infalign.core.transforms.{cls.__name__}": cls for cls in (RawTransform, IdentityTransform, LogTransform)},
@@ -322,6 +323,19 @@ def calibration_m(row: dict, member_dir: Path) -> int | None:
         if _number(value) and float(value).is_integer() and value >= 1:
             return int(value)
     return None
+
+
+def yardstick_m(row: dict, member_dir: Path, solver: str | None = None) -> int | None:
+    """The M the run's target was calibrated with, at which its tilt yardstick is evaluated (issue 30, item 1):
+    distillation (`solver` distill) calibrates each pool sample leave-one-out against the pool's other
+    `distill.m` - 1 samples (final_metrics.json's `distill_m`, else the saved config's `distill.m`); the RL
+    solvers calibrate against the `calibration.m` cached reference samples (`calibration_m`)."""
+    solver = solver if solver is not None else run_solver(row, member_dir)
+    if solver == "distill":
+        for value in (row.get("distill_m"), config_value(member_dir, "distill.m")):
+            if _number(value) and float(value).is_integer() and value >= 2:
+                return int(value) - 1
+    return calibration_m(row, member_dir)
 
 
 def run_solver(row: dict, member_dir: Path) -> str:

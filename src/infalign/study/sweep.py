@@ -41,7 +41,7 @@ def _curves_by_run(sweep_dir: Path, rows: list[dict]) -> tuple[dict[tuple[str, i
     """(curves, keys): curves as `_theory_curves`, and for each row the (label, n) key of its own curve (None: none)."""
     import numpy as np
 
-    from infalign.study.runs import RUN_CONFIG, calibration_m, transform_from_run
+    from infalign.study.runs import RUN_CONFIG, transform_from_run, yardstick_m
     from infalign.theory import tilted_density
     from infalign.theory.efficiency import calibrated_transform
 
@@ -59,7 +59,7 @@ def _curves_by_run(sweep_dir: Path, rows: list[dict]) -> tuple[dict[tuple[str, i
             continue
         if transform is None:
             continue
-        m = calibration_m(row, member_dir)
+        m = yardstick_m(row, member_dir)  # distill: the pool's M - 1 (issue 30 item 1)
         label = f"{name}(t={transform.t:.3g})" if hasattr(transform, "t") else name
         label += f", M={m}" if m else ""
         keys[-1] = (label, n)

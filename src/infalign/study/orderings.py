@@ -1,0 +1,134 @@
+"""The three orderings the paper claims, each a comparison of two methods at matched KL (a study's
+`orderings.csv`; issue 30, item 1):
+
+    bon_exp > calibrated    on best-of-N (at the run's N)
+    won_exp > calibrated    on worst-of-N
+    calibrated >= raw       on the standard win rate
+
+Two methods' runs rarely spend the same KL, and the win rate rises with KL, so their mean difference mixes the
+methods' effect with the KL difference. Here each method's metric is regressed on KL across its runs (its seeds:
+ordinary least squares, `metric = intercept + slope * KL`) and both fits are evaluated at one common KL, the
+mean of the two groups' mean KLs; `diff` = A's value there - B's, `se` = sqrt(se_A^2 + se_B^2) from each fit's
+prediction variance `s^2 (1/n + (KL - mean KL)^2 / Sxx)` (the two methods' runs are independent), `z` = diff / se.
+Done twice, `matched` = `calibrated_kl` (the KL in calibrated space, `eval/kl_calibrated`: the KL the reward can
+see) and `kl` (the sequence KL, `eval/kl`). NaN where a side has fewer than 3 runs or a single KL (no slope
+with an s.e.).
+
+`shape_transfer` = (measured A - B) / (tilt A - tilt B) on the row's metric (A's target) at the row's common KL:
+how much of the difference between the two transforms' exact tilts the trained policies realise. The tilts are
+the closed forms of each side's own transform at the M its target was calibrated with (`yardstick_m`: the pool's
+M - 1 for distillation, `calibration.m` for RL) spending the common KL (`infalign.theory.efficiency.tilt_at_kl`;
+the closed form's KL is the KL over calibrated ranks, so the `calibrated_kl` row is the one that compares like
+with like; the `kl` row evaluates the tilts at the sequence KL, as the study's theory columns do).
+`shape_transfer_se` = se / |tilt A - tilt B| (delta method; the tilts' Monte Carlo error, ~0.001, is left out).
+NaN where a side has no tilt (`raw`).
+
+One row per ordering, matched space and configuration (`config`: the sweep, the solver, N, and each side's beta;
+B's beta is the one at the closest mean KL to A's when a method has several). numpy and infalign.theory only.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from infalign.study.runs import final_metrics, transform_from_run
+from infalign.theory.efficiency import tilt_at_kl
+
+__all__ = ["COLUMNS", "MATCHED", "ORDERINGS", "kl_fit", "matched_difference", "ordering_rows"]
+
+ORDERINGS = (("bon_exp", "calibrated", "bon"), ("won_exp", "calibrated", "won"), ("calibrated", "raw", "std"))
+MATCHED = {"calibrated_kl": "kl_calibrated", "kl": "kl"}  # orderings.csv's `matched` -> the run row's KL column
+COLUMNS = ["a", "b", "metric", "matched", "diff", "se", "z", "seeds_a", "seeds_b", "shape_transfer",
+           "shape_transfer_se", "config"]
+
+
+def kl_fit(x, y) -> dict:
+    """OLS of `y` on `x`: {n, mean_x, intercept, slope, s2 (residual variance, n - 2 dof), sxx}."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    n = len(x)
+    mean_x = float(x.mean()) if n else math.nan
+    sxx = float(((x - mean_x) ** 2).sum()) if n else 0.0
+    if n < 2 or sxx <= 0:
+        return {"n": n, "mean_x": mean_x, "intercept": math.nan, "slope": math.nan, "s2": math.nan, "sxx": sxx}
+    slope = float(((x - mean_x) * (y - y.mean())).sum() / sxx)
+    intercept = float(y.mean() - slope * mean_x)
+    s2 = float(((y - intercept - slope * x) ** 2).sum() / (n - 2)) if n > 2 else math.nan
+    return {"n": n, "mean_x": mean_x, "intercept": intercept, "slope": slope, "s2": s2, "sxx": sxx}
+
+
+def _at(fit: dict, x0: float) -> tuple[float, float]:
+    if not math.isfinite(fit["slope"]):  # fewer than 2 runs or a single KL: no fit
+        return math.nan, math.nan
+    value = fit["intercept"] + fit["slope"] * x0
+    var = fit["s2"] * (1.0 / fit["n"] + (x0 - fit["mean_x"]) ** 2 / fit["sxx"]) if fit["n"] > 2 else math.nan
+    return value, math.sqrt(var) if math.isfinite(var) and var >= 0 else math.nan
+
+
+def matched_difference(xa, ya, xb, yb, x0: float | None = None) -> dict:
+    """A's fitted metric minus B's at the common KL `x0` (None: the mean of the two sides' mean KLs), with its
+    s.e. from the two regressions: {kl, diff, se, z, a, se_a, b, se_b, slope_a, slope_b, seeds_a, seeds_b}."""
+    fa, fb = kl_fit(xa, ya), kl_fit(xb, yb)
+    if x0 is None:
+        x0 = 0.5 * (fa["mean_x"] + fb["mean_x"])
+    a, se_a = _at(fa, x0)
+    b, se_b = _at(fb, x0)
+    diff, se = a - b, math.sqrt(se_a**2 + se_b**2)
+    z = diff / se if math.isfinite(se) and se > 0 else math.nan
+    return {"kl": x0, "diff": diff, "se": se, "z": z, "a": a, "se_a": se_a, "b": b, "se_b": se_b,
+            "slope_a": fa["slope"], "slope_b": fb["slope"], "seeds_a": fa["n"], "seeds_b": fb["n"]}
+
+
+def _column(metric: str, n: int) -> str:
+    return "std" if metric == "std" else f"{metric}@{n}"
+
+
+def _tilt(runs: list[dict], sweep_dir: Path, kl: float, n: int, metric: str) -> float:
+    """The `metric` win rate of the tilt of these runs' transform (their first member's, at its yardstick M) at
+    `kl`; NaN for raw or when the tilt cannot spend `kl`."""
+    first = runs[0]
+    member_dir = Path(sweep_dir) / first["member"]
+    try:
+        transform = transform_from_run(final_metrics(member_dir), member_dir)
+        if transform is None or not math.isfinite(kl):
+            return math.nan
+        return float(tilt_at_kl(transform, kl, n, first.get("m"))[metric])
+    except (ValueError, FileNotFoundError):
+        return math.nan
+
+
+def ordering_rows(runs: list[dict], sweep_dir: Path) -> list[dict]:
+    """orderings.csv's rows (module docstring) from the study's run rows (`analysis.run_rows`)."""
+    sweep_dir = Path(sweep_dir)
+    out = []
+    for solver, n in dict.fromkeys((r["solver"], r["n"]) for r in runs):
+        config_runs = [r for r in runs if r["solver"] == solver and r["n"] == n]
+        for a, b, metric in ORDERINGS:
+            col = _column(metric, n)
+            betas = {m: list(dict.fromkeys(r["beta"] for r in config_runs if r["method"] == m)) for m in (a, b)}
+            if not betas[a] or not betas[b]:
+                continue
+            for beta_a in betas[a]:
+                side_a = [r for r in config_runs if r["method"] == a and r["beta"] == beta_a]
+                mean_kl_a = float(np.mean([r["kl"] for r in side_a]))
+                beta_b = min(betas[b], key=lambda bb: abs(float(np.mean(
+                    [r["kl"] for r in config_runs if r["method"] == b and r["beta"] == bb])) - mean_kl_a))
+                side_b = [r for r in config_runs if r["method"] == b and r["beta"] == beta_b]
+                config = f"{sweep_dir.name}: solver={solver} N={n} beta_a={beta_a:g} beta_b={beta_b:g}"
+                for matched, kl_col in MATCHED.items():
+                    pa = [(r[kl_col], r[col]) for r in side_a if math.isfinite(r[kl_col]) and math.isfinite(r[col])]
+                    pb = [(r[kl_col], r[col]) for r in side_b if math.isfinite(r[kl_col]) and math.isfinite(r[col])]
+                    if not pa or not pb:
+                        continue
+                    d = matched_difference(*zip(*pa), *zip(*pb))
+                    tilt = _tilt(side_a, sweep_dir, d["kl"], n, metric) - _tilt(side_b, sweep_dir, d["kl"], n, metric)
+                    ok = math.isfinite(tilt) and abs(tilt) > 1e-12
+                    out.append({"a": a, "b": b, "metric": col, "matched": matched, "diff": d["diff"], "se": d["se"],
+                                "z": d["z"], "seeds_a": d["seeds_a"], "seeds_b": d["seeds_b"],
+                                "shape_transfer": d["diff"] / tilt if ok else math.nan,
+                                "shape_transfer_se": d["se"] / abs(tilt) if ok else math.nan, "config": config,
+                                "at_kl": d["kl"], "tilt_diff": tilt, "m_a": side_a[0].get("m"),
+                                "m_b": side_b[0].get("m"), "slope_a": d["slope_a"], "slope_b": d["slope_b"]})
+    return out
