@@ -39,7 +39,7 @@ from infalign.models.reward import (
     minilm_path,
     refuse_reward_context,
 )
-from infalign.models.sft import TrainingPrecision, TrainingSettings, warmup_cosine
+from infalign.models.sft import TrainingPrecision, TrainingSettings, warmup_cosine_factor
 from infalign.runtime.artifacts import CacheEntry, get_or_build
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,8 @@ class BradleyTerryModule(L.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.scorer.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, self.warmup_steps, self.total_steps, 0.0))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_cosine_factor(s, self.warmup_steps, self.total_steps, 0.0))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 

@@ -111,7 +111,10 @@ def sft_loaders(records: Mapping[str, list[PreferenceRecord]], tokenizer, *, bat
     return DataLoader(train, batch_size=None, shuffle=True), DataLoader(val, batch_size=None)
 
 
-def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
+def warmup_cosine_factor(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
+    """The learning-rate factor at optimizer step `step`: linear warm-up from 1/warmup over `warmup` steps, then a
+    cosine down to `floor` at `total`. The one schedule of every training here (the reference's SFT, the reward
+    head, and the policy's through `infalign.trainer.schedules.warmup_cosine`)."""
     if step < warmup:
         return (step + 1) / max(1, warmup)
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -169,7 +172,7 @@ class SFTModule(L.LightningModule):
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=self.lr, betas=(0.9, 0.98))
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: warmup_cosine(s, self.warmup_steps, self.total_steps))
+            opt, lambda s: warmup_cosine_factor(s, self.warmup_steps, self.total_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 

@@ -9,9 +9,9 @@ a policy-gradient gradient is mostly noise (the gradient noise scale, logged as 
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+from infalign.models.sft import warmup_cosine_factor
 
 __all__ = ["warmup_cosine"]
 
@@ -25,12 +25,5 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ste
     if not (isinstance(final_lr_fraction, (int, float)) and 0.0 <= final_lr_fraction <= 1.0):
         raise ValueError(f"scheduler.final_lr_fraction must be in [0, 1], got {final_lr_fraction!r}")
     total_steps = max(int(total_steps), 1)
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        span = max(total_steps - warmup_steps, 1)
-        progress = min((step - warmup_steps) / span, 1.0)
-        return final_lr_fraction + (1.0 - final_lr_fraction) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine_factor(step, warmup_steps, total_steps, final_lr_fraction))
