@@ -67,8 +67,8 @@ def reward_tables(cfg, prompts: int, fresh: int, independent: int, seed: int, pr
     from infalign.models.policy import load_policy
     from infalign.models.pure_sampling import sampling_kwargs
     from infalign.models.reward import load_reward_model
-    from infalign.runtime.artifacts import fingerprint
     from infalign.runtime.atomic import atomic_write_bytes
+    from infalign.runtime.manifest import fingerprint
     from infalign.runtime.seeds import derive_seed
     from infalign.trainer.calibration_cache import load_or_build_reference_samples
     from infalign.trainer.pieces import calibration_key

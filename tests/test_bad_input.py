@@ -246,7 +246,7 @@ def test_non_finite_rewards_name_the_prompt_and_nothing_is_cached(tmp_path):
 
     from infalign.models.pure_sampling import sampling_kwargs
     from infalign.models.tokenizer import train_bpe_tokenizer
-    from infalign.runtime.artifacts import entry_path
+    from infalign.runtime.manifest import entry_path
     from infalign.trainer.calibration_cache import load_or_build_reference_samples
 
     tok = train_bpe_tokenizer(["Human: hi there. Assistant: hello friend"] * 8, vocab_size=300)

@@ -5,15 +5,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from infalign.runtime.artifacts import (
-    MANIFEST,
-    entry_path,
-    fingerprint,
-    get_or_build,
-    key_changes,
-    lookup,
-    verify_entry,
-)
+from infalign.runtime.artifacts import get_or_build, lookup
+from infalign.runtime.manifest import MANIFEST, entry_path, fingerprint, verify_entry
+from infalign.runtime.rebuild import key_changes
 
 
 def test_fingerprint_canonical():

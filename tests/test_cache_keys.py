@@ -14,7 +14,7 @@ import infalign.models.policy as policy_mod
 import infalign.models.reward_train as reward_mod
 from infalign.models.policy import load_policy
 from infalign.models.reward import load_reward_model
-from infalign.runtime.artifacts import fingerprint
+from infalign.runtime.manifest import fingerprint
 from infalign.runtime.paths import conf_dir
 
 # changing any of these must leave both models' keys as they are (docs/training.md: "What rebuilds what")

@@ -16,10 +16,11 @@ import torch
 from omegaconf import OmegaConf
 
 from infalign.runtime import atomic
-from infalign.runtime.artifacts import entry_path, get_or_build, remove_dead_builds
+from infalign.runtime.artifacts import get_or_build, remove_dead_builds
 from infalign.runtime.atomic import atomic_write, atomic_write_csv, read_csv_rows
 from infalign.runtime.checkpoint_io import CheckpointError, SafeCheckpointIO, checksum_path, load_checkpoint, verify_checkpoint
 from infalign.runtime.loggers import GuardedLogger, ResumableCSVLogger, build_loggers
+from infalign.runtime.manifest import entry_path
 from infalign.trainer.checkpointing import check_run_options, truncate_csv
 from infalign.trainer.resume import check_resume, config_changes, resolve_resume, resume_command
 

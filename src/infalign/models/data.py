@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from infalign.runtime import signals
-from infalign.runtime.artifacts import fingerprint
 from infalign.runtime.errors import ConfigError
+from infalign.runtime.manifest import fingerprint
 from infalign.runtime.paths import data_root as default_data_root
 
 log = logging.getLogger(__name__)

@@ -35,7 +35,8 @@ from infalign.models.data import (
 from infalign.models.loaders import PromptFormat, call_loader
 from infalign.models.sft import SFTSettings
 from infalign.models.tokenizer import TokenizerSettings, load_or_train_tokenizer
-from infalign.runtime.artifacts import CacheEntry, fingerprint, get_or_build
+from infalign.runtime.artifacts import get_or_build
+from infalign.runtime.manifest import CacheEntry, fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,8 @@ from infalign.models.reward import (
     refuse_reward_context,
 )
 from infalign.models.sft import TrainingPrecision, TrainingSettings, warmup_cosine_factor
-from infalign.runtime.artifacts import CacheEntry, get_or_build
+from infalign.runtime.artifacts import get_or_build
+from infalign.runtime.manifest import CacheEntry
 
 log = logging.getLogger(__name__)
 Backbone = Literal["minilm", "smollm2", "policy_frozen", "policy"]

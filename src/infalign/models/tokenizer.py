@@ -15,7 +15,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from infalign.models.data import PARTITION_SOURCES, PreferenceRecord
-from infalign.runtime.artifacts import CacheEntry, get_or_build
+from infalign.runtime.artifacts import get_or_build
+from infalign.runtime.manifest import CacheEntry
 
 log = logging.getLogger(__name__)
 

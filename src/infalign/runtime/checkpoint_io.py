@@ -33,9 +33,9 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from infalign.runtime.artifacts import file_sha256
 from infalign.runtime.atomic import WRITE_ERRNOS, FileWriteError, atomic_write, atomic_write_json, write_error
 from infalign.runtime.errors import ConfigError
+from infalign.runtime.manifest import file_sha256
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,9 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from infalign.runtime import signals
-from infalign.runtime.artifacts import fingerprint, get_or_build, lookup
+from infalign.runtime.artifacts import get_or_build, lookup
 from infalign.runtime.distributed import all_gather_object, barrier, broadcast_object, rank_and_world
+from infalign.runtime.manifest import fingerprint
 from infalign.runtime.seeds import derive_seed
 from infalign.trainer.rollout import sample_and_score
 

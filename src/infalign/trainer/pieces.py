@@ -15,8 +15,8 @@ from infalign.models.data import partition_fingerprint
 from infalign.models.lora import check_lora_settings, check_target_modules
 from infalign.models.policy import load_policy
 from infalign.models.reward import load_reward_model
-from infalign.runtime.artifacts import fingerprint
 from infalign.runtime.atomic import give_plain_modes
+from infalign.runtime.manifest import fingerprint
 from infalign.trainer.calibration_cache import CachedSamples
 from infalign.trainer.prompts import Prompt
 from infalign.trainer.solvers.base import Solver
