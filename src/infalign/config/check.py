@@ -1,6 +1,7 @@
 """The check of a composed config, in one pass before torch is imported: every key against its definition
 (infalign.config.schema, .models), the files it names, the presets (infalign.runtime.presets), the rules between
-keys (each written once, here), and the warnings (valid values that lose a diagnostic or some speed)."""
+keys (each written once, in infalign.config.cross), and the warnings (valid values that lose a diagnostic or some
+speed)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,21 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from infalign.config.models import CACHED_POLICIES, LOADERS
-from infalign.config.rules import ConfigError, is_int, is_real, processes, show
-from infalign.config.schema import CALIBRATORS, TRANSFORMS, DataConfig, TrainConfig, TrainerConfig
+from infalign.config.cross import (
+    _distill_within_iterations,
+    _held_in_fit,
+    _maxk_fits,
+    _minibatches_divide,
+    _processes_share,
+    _prompts_fit,
+    _reward_on_cached_policy,
+    _samples_cover_n,
+    _trainer_fits,
+    _transform_fits_calibrator,
+)
+from infalign.config.models import LOADERS
+from infalign.config.rules import ConfigError, is_int, is_real, show
+from infalign.config.schema import TRANSFORMS, DataConfig, TrainConfig, TrainerConfig
 from infalign.runtime.artifacts import CACHE_FIX, cache_root_warning
 from infalign.runtime.atomic import FileWriteError
 from infalign.runtime.model_paths import PATH_KEYS, model_path_problem
@@ -33,10 +46,6 @@ MOVED = {f"calibration.{k}": f"data.{k}" for k in ("train_prompts", "eval_prompt
 RETIRED = {("rl.kl_penalty", "loss"): "rl.kl_penalty=loss (k3 per token in the loss) is gone: its fixed point is not "
            "the tilted reference pi_ref exp(Phi/beta). Use rl.kl_penalty=exact (the full-vocabulary KL per token in "
            "the loss, with the KL still to come in the advantage) or reward (k1 per sequence in the reward)"}
-SET_BY_RUN = {"logger": "the logger group (logger=wandb or logger=none)", "callbacks": "infalign's own callbacks",
-              "enable_progress_bar": "progress=true|false", "default_root_dir": "hydra.run.dir",
-              "use_distributed_sampler": "infalign's sampler, which shards each iteration's prompts",
-              "plugins": "infalign's checksummed checkpoint I/O", "enable_checkpointing": "checkpoint.every"}
 
 
 def source(group: str, choices: Mapping | None, *, scale: bool = False) -> str:
@@ -136,139 +145,6 @@ def _keys(c: Mapping, choices: Mapping | None) -> None:
         check_section(transform, TRANSFORMS[transform["_target_"]], "transform", source("transform", choices))
     for group in ("model", "reward"):
         check_loader_keys(c.get(group), group, source(group, choices, scale=True))
-
-
-# ---------------------------------------------------------------------------------------------- rules between keys
-def _maxk_fits(c) -> None:
-    """solver=maxk estimates the win rate at N from the rl.k samples of a prompt, against its reference rewards."""
-    solver = c.get("solver") or {}
-    if not (isinstance(solver, Mapping) and str(solver.get("_target_", "")).endswith(".MaxK")):
-        return
-    if c["rl"]["k"] < c["n"]:
-        raise ConfigError(f"rl.k={c['rl']['k']} is below n={c['n']}: solver=maxk estimates the best-of-N win rate from "
-                          f"k >= N samples per prompt; e.g. rl.k={2 * c['n']}")
-    if not str((c.get("calibrator") or {}).get("_target_", "")).endswith("EmpiricalCalibrator"):
-        raise ConfigError("solver=maxk compares each sample with the reference's samples of its prompt: it needs "
-                          "calibrator=empirical (drop calibrator=passthrough / method=raw)")
-
-
-def _samples_cover_n(c) -> None:
-    """The win rate at N needs M >= N reference samples and K >= N policy samples per prompt."""
-    top = max({int(x) for x in c["eval"]["ns"]} | {int(c["n"])})
-    m, k = c["calibration"]["m"], c["eval"]["k"]
-    if m < top:
-        raise ConfigError(f"calibration.m={m} is below N={top}: the win rate at N needs M >= N reference samples "
-                          "per prompt; raise calibration.m or lower n / eval.ns")
-    if k < top:
-        raise ConfigError(f"eval.k={k} is below N={top}: best-of-N needs K >= N policy samples per prompt; raise "
-                          "eval.k or lower n / eval.ns")
-
-
-def _prompts_fit(c) -> None:
-    per, have = c["rl"]["prompts_per_iteration"], c["data"]["train_prompts"]
-    if per > have:
-        raise ConfigError(f"rl.prompts_per_iteration={per} exceeds data.train_prompts={have}: an iteration's prompts "
-                          "are drawn from the training prompts; lower it or raise data.train_prompts")
-
-
-def _held_in_fit(c) -> None:
-    have, held_in = c["data"]["train_prompts"], c["eval"].get("held_in_prompts", 0)
-    if held_in > have:
-        raise ConfigError(f"eval.held_in_prompts={held_in} exceeds data.train_prompts={have}: the held-in evaluation "
-                          f"takes its prompts from the training prompts; e.g. eval.held_in_prompts={have}")
-
-
-def _distill_within_iterations(c) -> None:
-    it, total = c["distill"]["iterations"], c["rl"]["iterations"]
-    if it > total:
-        raise ConfigError(f"distill.iterations must be an integer from 0 to rl.iterations={total} (the first of all "
-                          f"iterations that distil; 0 = off), got {it}; e.g. distill.iterations={total}")
-
-
-def _processes_share(c, multirun: bool) -> None:
-    """Each of W processes takes an equal share of every iteration's prompts and every minibatch."""
-    world = processes(c.get("trainer"))
-    if multirun and world != 1:  # Lightning's launcher re-runs the command line per process: each the whole sweep
-        raise ConfigError("a sweep (-m) runs in one process; it cannot start trainer.devices x trainer.num_nodes "
-                          "processes per member: sweep with a shell loop over single runs instead")
-    for name in ("rl.prompts_per_iteration", "rl.minibatch_size", "distill.minibatch_size"):
-        section, leaf = name.split(".")
-        if world and world > 1 and c[section][leaf] % world:
-            raise ConfigError(f"{name}={c[section][leaf]} must be divisible by the {world} processes (trainer.devices "
-                              f"x trainer.num_nodes): each takes an equal share; e.g. {name}="
-                              f"{world * -(-c[section][leaf] // world)}")
-
-
-def _minibatches_divide(c) -> None:
-    """Every optimizer step takes a whole minibatch: a remainder would be a smaller, noisier last step."""
-    rl, distill, world = c["rl"], c["distill"], processes(c.get("trainer")) or 1
-    sizes = []
-    if rl["iterations"] > distill["iterations"]:
-        sizes.append((rl["prompts_per_iteration"] * rl["k"], "rl.prompts_per_iteration x rl.k", "rl.minibatch_size"))
-    if distill["iterations"] > 0:
-        sizes.append((rl["prompts_per_iteration"] * distill["samples_per_prompt"],
-                      "rl.prompts_per_iteration x distill.samples_per_prompt", "distill.minibatch_size"))
-    for total, what, name in sizes:
-        mb = c[name.split(".")[0]]["minibatch_size"]
-        if total % mb:
-            fits = [d for d in range(world, total + 1, world) if total % d == 0]
-            example = max((d for d in fits if d <= mb), default=fits[0] if fits else total)
-            raise ConfigError(f"{name} must divide the {what} = {total} sequences of an iteration (else the last "
-                              f"optimizer step is a smaller one: {mb} splits them into {-(-total // mb)} steps), got "
-                              f"{mb}; e.g. {name}={example}")
-
-
-def _trainer_fits(c) -> None:
-    """rl.iterations is the run's one count of iterations, and the update steps the optimizer itself (manual
-    optimisation): Lightning's own limits, accumulation and clipping would act behind its back."""
-    trainer, iterations = c.get("trainer") or {}, c["rl"]["iterations"]
-    fix = f"set rl.iterations instead (the number of RL iterations, one Lightning epoch each; now {iterations})"
-    epochs = trainer.get("max_epochs", MISSING)
-    if epochs != iterations:
-        shown = "absent (Lightning's default: 1000)" if epochs is MISSING else show(epochs)
-        raise ConfigError(f"trainer.max_epochs={shown} differs from rl.iterations={iterations}: {fix}, and leave "
-                          "trainer.max_epochs at ${rl.iterations}")
-    for name, neutral in (("max_steps", (-1, None)), ("min_epochs", (None,)), ("min_steps", (None,)),
-                          ("max_time", (None,)), ("fast_dev_run", (False, None, 0)),
-                          ("limit_train_batches", (None, 1, 1.0))):
-        value = trainer.get(name)
-        if not any(value == x and type(value) is type(x) for x in neutral):
-            raise ConfigError(f"trainer.{name}={show(value)} would change the number or length of the iterations: "
-                              f"{fix}; remove trainer.{name}")
-    acc = trainer.get("accumulate_grad_batches")
-    if acc not in (None, 1) or isinstance(acc, bool):
-        raise ConfigError(f"trainer.accumulate_grad_batches={show(acc)}: the RL update takes one optimizer step per "
-                          "rl.minibatch_size sequences itself (manual optimisation), so Lightning cannot accumulate; "
-                          f"for larger steps raise rl.minibatch_size (e.g. rl.minibatch_size="
-                          f"{c['rl']['minibatch_size'] * (acc if is_int(acc) and acc > 1 else 2)}) and remove "
-                          "trainer.accumulate_grad_batches")
-    for name in ("gradient_clip_val", "gradient_clip_algorithm"):
-        if trainer.get(name) is not None:
-            raise ConfigError(f"trainer.{name}={show(trainer[name])}: the RL update clips the gradient norm itself "
-                              f"(manual optimisation); set rl.grad_clip instead (e.g. rl.grad_clip=1.0) and remove "
-                              f"trainer.{name}")
-    for name, use in SET_BY_RUN.items():
-        if name in trainer:
-            raise ConfigError(f"trainer.{name}={show(trainer[name])}: infalign sets it (to {use}); remove trainer.{name}")
-
-
-def _transform_fits_calibrator(c, choices: Mapping | None) -> None:
-    transform = TRANSFORMS.get((c.get("transform") or {}).get("_target_"))
-    calibrator = CALIBRATORS.get((c.get("calibrator") or {}).get("_target_"))
-    if transform and calibrator and transform.raw == calibrator.calibrates:
-        t, cal = (choices or {}).get("transform"), (choices or {}).get("calibrator")
-        raise ConfigError(f"transform={t} and calibrator={cal} do not fit: raw rewards go with calibrator=passthrough, "
-                          "calibrated transforms with calibrator=empirical")
-
-
-def _reward_on_cached_policy(c) -> None:
-    """reward.backbone=policy / policy_frozen fine-tunes the cached reference policy's network."""
-    reward, model = c["reward"], c["model"]
-    backbone = reward.get("backbone") if str(reward["_target_"]).endswith(".trained_reward") else None
-    if backbone in ("policy", "policy_frozen") and model["_target_"] not in CACHED_POLICIES:
-        raise ConfigError(f"reward.backbone={backbone} is built on the cached reference policy (model=tiny or "
-                          f"model=smollm2), but model._target_ is {model['_target_']}; pick another reward.backbone "
-                          "(e.g. minilm) or reward=hf")
 
 
 def check_run_options(cfg) -> None:
