@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from infalign.study.runs import collect_runs, logged_values, transform_from_run
+from infalign.study.run_config import transform_from_run
+from infalign.study.runs import collect_runs, logged_values
 from infalign.theory import analyze
 
 

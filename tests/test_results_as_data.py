@@ -1,6 +1,6 @@
 """A results folder is read as data, never executed (issue 12): `python -m infalign.study.sweep` and
 `infalign.study` rebuild each run's transform from its saved config through one allow-listed reader
-(infalign.study.runs.transform_from_run), never through Hydra's `instantiate`, and with the `t` the run
+(infalign.study.run_config.transform_from_run), never through Hydra's `instantiate`, and with the `t` the run
 recorded (no solver runs again).
 
 The sweep summary skips the theory curve of a refused member with a warning (its measured points and the
@@ -16,7 +16,8 @@ from test_study import fake_final, fake_member
 import infalign.theory
 from infalign.core.transforms import BoNExpTransform, LogTransform, WoNExpTransform
 from infalign.study import write_study
-from infalign.study.runs import ALLOWED_TRANSFORMS, collect_runs, transform_from_run
+from infalign.study.run_config import ALLOWED_TRANSFORMS, transform_from_run
+from infalign.study.runs import collect_runs
 from infalign.study.sweep import _theory_curves, write_summary
 
 VICTIM_TEXT = "precious results\n"

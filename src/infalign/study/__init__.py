@@ -1,7 +1,8 @@
 """Studies: a sweep of methods x beta x seeds read as win-rate-vs-KL curves with error bars, compared with
 the closed-form theory (infalign.theory). No Lightning: it reads the runs' final_metrics.json.
 
-    runs.py      reading a sweep's runs as data (final metrics, logs, the transform each trained with)
+    runs.py      reading a sweep's runs as data (which finished, final metrics, logs)
+    run_config.py  a run's saved config read as data (the transform it trained with, recorded values)
     analysis.py  the study computed from them: theory, gaps, mean ± s.e. over seeds, matched KL
     paired.py    paired per-prompt differences between methods, their s.e., the closed forms' prediction
     figures.py, report.py   the study's figures and tables, written into the sweep directory
@@ -19,7 +20,8 @@ _EXPORTS = {
                  "theory_at_kl"),
     "figures": ("plot_metric", "study_figure", "write_figures"),
     "report": ("markdown", "write_study"),
-    "runs": ("collect_runs", "transform_from_run"),
+    "runs": ("collect_runs",),
+    "run_config": ("transform_from_run",),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)

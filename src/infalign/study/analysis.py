@@ -37,14 +37,8 @@ import numpy as np
 
 from infalign.study.orderings import ordering_rows
 from infalign.study.paired import curve_label, paired_comparisons, predicted_difference
-from infalign.study.runs import (
-    calibration_m,
-    collect_runs,
-    logged_values,
-    run_solver,
-    transform_from_run,
-    yardstick_m,
-)
+from infalign.study.run_config import calibration_m, run_solver, transform_from_run, yardstick_m
+from infalign.study.runs import collect_runs, logged_values
 from infalign.theory import default_grid
 from infalign.theory.efficiency import (  # the optimum lives in theory (the trainer uses it too); re-exported here
     BETA_START,
@@ -129,7 +123,7 @@ def run_rows(raw_rows: list[dict], sweep_dir: Path, kl_max: float | None = None)
         if row["kl"] <= KL_FLOOR:
             notes.append("measured KL <= 0 (sampling noise): theory and optimum are the reference's 0.5")
         theory = {"beta": math.nan, "std": math.nan, "bon": math.nan, "won": math.nan}
-        # rebuilt as data (infalign.study.runs: allow-listed transforms, the recorded t, never executed)
+        # rebuilt as data (infalign.study.run_config: allow-listed transforms, the recorded t, never executed)
         transform = transform_from_run(r, member_dir)
         if transform is None:
             notes.append(RAW_NOTE)

@@ -34,7 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from infalign.study.runs import final_metrics, transform_from_run
+from infalign.study.run_config import transform_from_run
+from infalign.study.runs import final_metrics
 from infalign.theory.efficiency import tilt_at_kl
 
 __all__ = ["COLUMNS", "MATCHED", "ORDERINGS", "kl_fit", "matched_difference", "ordering_rows"]

@@ -41,7 +41,8 @@ def _curves_by_run(sweep_dir: Path, rows: list[dict]) -> tuple[dict[tuple[str, i
     """(curves, keys): curves as `_theory_curves`, and for each row the (label, n) key of its own curve (None: none)."""
     import numpy as np
 
-    from infalign.study.runs import RUN_CONFIG, transform_from_run, yardstick_m
+    from infalign.study.run_config import transform_from_run, yardstick_m
+    from infalign.study.runs import RUN_CONFIG
     from infalign.theory import tilted_density
     from infalign.theory.efficiency import calibrated_transform
 
@@ -78,7 +79,7 @@ def _theory_curves(sweep_dir: Path, rows: list[dict]) -> dict[tuple[str, int], l
     """(transform, n) -> [(kl, bon, won)] of the optimal policy over a beta grid, from each member's config, for
     the transform seen through the member's M-sample calibration (`at_m`, infalign.theory.finite_m).
 
-    The transform is rebuilt as data (infalign.study.runs: allow-listed transforms, the recorded t, nothing
+    The transform is rebuilt as data (infalign.study.run_config: allow-listed transforms, the recorded t, nothing
     executed); a member whose config is refused is logged and gets no curve, its measured points still show."""
     return _curves_by_run(sweep_dir, rows)[0]
 
