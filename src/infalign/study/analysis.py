@@ -39,6 +39,7 @@ from infalign.study.orderings import ordering_rows
 from infalign.study.paired import curve_label, paired_comparisons, predicted_difference
 from infalign.study.run_config import calibration_m, run_solver, transform_from_run, yardstick_m
 from infalign.study.runs import collect_runs, logged_values
+from infalign.study.tilt_fit import read_tilt_fit
 from infalign.theory import default_grid
 from infalign.theory.efficiency import (  # the optimum lives in theory (the trainer uses it too); re-exported here
     BETA_START,
@@ -141,6 +142,8 @@ def run_rows(raw_rows: list[dict], sweep_dir: Path, kl_max: float | None = None)
         for key in ("std", "bon", "won"):  # per metric: the share of the same tilt's gain on that metric
             row[f"gain_fraction_{key}"] = _gain_fraction(measured[key], theory[key])
         row.update(_held_in(r, transform, n, m, notes))
+        fit = read_tilt_fit(member_dir)  # `python -m infalign.study.tilt_fit <member>` (issue 30 item 3); NaN before
+        row["tilt_slope"], row["tilt_shape"] = _number(fit.get("slope")), _number(fit.get("shape"))
         try:  # KL efficiency on the run's target metric (infalign.theory.efficiency)
             metric = target_metric(row["method"], r.get("transform"))
             eff = efficiency_columns(transform, row["kl"], measured[metric], n, metric, m)
@@ -237,7 +240,7 @@ def efficiency_rows(groups: list[dict]) -> list[dict]:
     cols = ("kl", "kl_calibrated", "win_rate", "tilt_win_rate_at_kl", "optimum_win_rate_at_kl", "gain_fraction",
             "kl_efficiency", "gain_fraction_optimum", "kl_efficiency_optimum",
             *(f"gain_fraction_{k}" for k in ("std", "bon", "won")), "kl_held_in",
-            *(f"gain_fraction_{k}_held_in" for k in ("std", "bon", "won")))
+            *(f"gain_fraction_{k}_held_in" for k in ("std", "bon", "won")), "tilt_slope", "tilt_shape")
     out = []
     for g in groups:
         row = {"solver": g["solver"], "method": g["method"], "n": g["n"], "beta": g["beta"], "seeds": g["seeds"],
