@@ -85,7 +85,7 @@ def truncate_csv(path: Path, rows: int) -> int:
 
 
 class LastCheckpoint(L.Callback):
-    """`run_record` (`infalign.trainer.resume.run_record(cfg, choices)`) goes into every checkpoint and, with the
+    """`run_record` (`infalign.trainer.run_record.run_record(cfg, choices)`) goes into every checkpoint and, with the
     first one, into `run_config.yaml` if the run has none; `resume_entry` (`check_resume`) is appended to
     `resume_history.jsonl` with the first checkpoint of a resumed run. Place it after `WinRateCallback`:
     the final checkpoint is then written after the final evaluation, and holds it."""

@@ -3,7 +3,7 @@ is `infalign.trainer.checkpointing`. `infalign.trainer.run` calls these before a
 
 - `resolve_resume`: `resume=true|false|auto` and `overwrite` (checked by `checkpointing.check_run_options`): the
   checkpoint to continue from, or a fresh start that never clobbers another run's outputs silently.
-- `run_record`, `check_resume`: the checkpoint records the run's resolved config (Hydra rewrites
+- `check_resume`: the checkpoint records the run's resolved config (`infalign.trainer.run_record`; Hydra rewrites
   `.hydra/config.yaml` whenever a command runs there). A resume whose experiment (`EXPERIMENT_KEYS`) differs is refused,
   listing the keys, unless `resume_allow_changes=true`; raising `rl.iterations` is always allowed.
   `run_config.yaml` keeps the config the run started with (written once) and `resume_history.jsonl` one line per
@@ -22,7 +22,6 @@ import logging
 import shlex
 import shutil
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,37 +29,22 @@ from lightning.pytorch.loops.fit_loop import _FitLoop
 from omegaconf import OmegaConf
 
 from infalign.runtime.atomic import atomic_write_text, read_csv_rows, remove_stale_temps
-from infalign.runtime.checkpoint_io import _torch_load, verify_checkpoint
+from infalign.runtime.checkpoint_io import verify_checkpoint
 from infalign.runtime.errors import ConfigError
 from infalign.runtime.run_dir import is_first_process
+from infalign.trainer.run_record import SHAPE_KEYS, _inline, _lines, checkpoint_state, config_changes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ResumePlan", "append_history", "check_resume", "checkpoint_state", "config_changes", "finish_restored_loops",
-           "finished_results", "is_first_process", "resolve_resume", "resume_command", "run_record", "write_run_config",
-           "EXPERIMENT_KEYS", "LAST", "RESUME_HISTORY", "RUN_CONFIG", "RUN_OUTPUTS", "SHAPE_KEYS"]
+__all__ = ["ResumePlan", "append_history", "check_resume", "finish_restored_loops", "finished_results",
+           "is_first_process", "resolve_resume", "resume_command", "write_run_config", "LAST", "RESUME_HISTORY",
+           "RUN_CONFIG", "RUN_OUTPUTS"]
 
 LAST = "last.ckpt"  # checkpoints/last.ckpt: what a run resumes from (kept current by checkpointing.LastCheckpoint)
 RUN_CONFIG = "run_config.yaml"  # the resolved config the run started with: written once, never overwritten
 RESUME_HISTORY = "resume_history.jsonl"  # one JSON line per resume: from where, with which overrides, what changed
 RUN_OUTPUTS = ("checkpoints", "final_metrics.json", "eval_metrics.csv", "eval_samples.jsonl", "logs", "policy", RUN_CONFIG,
                RESUME_HISTORY)
-# What defines an experiment: a resume that changes any of these is refused unless resume_allow_changes=true.
-# (eval.*, checkpoint.*, trainer, logger, progress, num_threads, cache_root may change freely; model.lora.* counts
-# only with LoRA on, r > 0, and its save_merged, like model.gradient_checkpointing, may change: NOT_COMPARED.)
-EXPERIMENT_KEYS = ("model", "reward", "data", "calibrator", "transform", "generation", "n", "beta", "seed", "rl",
-                   "optimizer", "scheduler", "distill", "calibration")
-CONFIG_GROUPS = ("model", "reward", "data", "calibrator", "transform", "solver")  # their Hydra choices compared too
-NOT_COMPARED = ("data.root",  # where the data lies, not what it is: a run moved to another machine finds it elsewhere
-                # how the policy is saved and how much memory its update takes, not what it learns
-                "model.lora.save_merged", "model.gradient_checkpointing")
-# What the checkpoint's weights fix: the policy's architecture, vocabulary and LoRA adapter shapes. Loading them
-# into another shape fails with a raw size mismatch after the models were built, so a change of these is refused
-# up front even with resume_allow_changes=true (a prefix of the dotted keys).
-SHAPE_KEYS = ("choices.model", "model.name_or_path", "model.gpt2.", "model.tokenizer.", "model.lora.r",
-              "model.lora.target_modules")
-EXTENSIBLE = "rl.iterations"  # raising it continues a run, finished or not: always allowed
-ABSENT = "<absent>"
 
 
 class MissingCheckpoint(ConfigError, FileNotFoundError):
@@ -130,79 +114,6 @@ def resume_command(task_overrides: list[str], run_dir: Path, resume: str = "true
     return "python train.py " + " ".join(shlex.quote(a) for a in args)
 
 
-# ---------------------------------------------------------------------------------------- resume checks
-def run_record(cfg, choices) -> dict:
-    """What a checkpoint records of its run: the resolved config (plain data) and the experiment's group choices."""
-    config = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
-    return {"config": config, "choices": {g: (choices or {}).get(g) for g in CONFIG_GROUPS}}
-
-
-def checkpoint_state(path: str | Path) -> dict | None:
-    """A checkpoint's iterations done, global step, recorded run config and metric row counts, read without its
-    tensors (mapped, not loaded); None for a sharded (directory) checkpoint, whose strategy reads it."""
-    path = Path(path)
-    if path.is_dir():
-        return None
-    ckpt = _torch_load(path, map_location="cpu", mmap=zipfile.is_zipfile(path))
-    progress = (((ckpt.get("loops") or {}).get("fit_loop") or {}).get("epoch_progress") or {}).get("current") or {}
-    # `processed` counts the iterations whose training ended (raised before on_train_epoch_end, where we save)
-    iteration = progress.get("processed", int(ckpt.get("epoch", -1)) + 1)
-    return {"iteration": int(iteration), "global_step": int(ckpt.get("global_step", 0)),
-            "run_config": ckpt.get("run_config"), "metric_rows": ckpt.get("metric_rows")}
-
-
-def _flatten(value, key: str) -> dict:
-    if isinstance(value, dict) and value:
-        out = {}
-        for k, v in value.items():
-            out.update(_flatten(v, f"{key}.{k}"))
-        return out
-    return {key: value}
-
-
-def _experiment(record: dict) -> dict:
-    config = record.get("config") or {}
-    flat = {f"choices.{g}": v for g, v in (record.get("choices") or {}).items() if g in CONFIG_GROUPS}
-    if "choices.solver" not in flat and isinstance(config.get("solver"), str):  # a record from before the solver node
-        flat["choices.solver"] = config["solver"]
-    for key in EXPERIMENT_KEYS:
-        if key in config:
-            flat.update(_flatten(config[key], key))
-    if not flat.get("model.lora.r"):  # LoRA off (r=0, or a record from before model.lora): its other keys do nothing
-        flat = {k: v for k, v in flat.items() if not k.startswith("model.lora.")}
-    return {k: v for k, v in flat.items() if k not in NOT_COMPARED}
-
-
-def _same(x, y) -> bool:
-    return x == y and isinstance(x, bool) == isinstance(y, bool)  # 1 == 1.0, but true is not 1
-
-
-def config_changes(old: dict, new: dict) -> tuple[dict, dict]:
-    """`(changes, extensions)` from run record `old` to `new`, each `{dotted key: (old value, new value)}` over
-    the experiment keys; a raised `rl.iterations` is an extension, not a change."""
-    a, b = _experiment(old), _experiment(new)
-    changes = {k: (a.get(k, ABSENT), b.get(k, ABSENT)) for k in sorted(a.keys() | b.keys())
-               if not _same(a.get(k, ABSENT), b.get(k, ABSENT))}
-    extensions = {}
-    if EXTENSIBLE in changes:
-        before, after = changes[EXTENSIBLE]
-        if isinstance(before, int) and isinstance(after, int) and after > before:
-            extensions[EXTENSIBLE] = changes.pop(EXTENSIBLE)
-    return changes, extensions
-
-
-def _show(value) -> str:
-    return value if isinstance(value, str) else json.dumps(value)
-
-
-def _inline(diff: dict) -> str:  # one line: user errors are printed as one
-    return "; ".join(f"{k}: {_show(a)} -> {_show(b)}" for k, (a, b) in diff.items())
-
-
-def _lines(diff: dict) -> str:
-    return "\n".join(f"  {k}: {_show(a)} -> {_show(b)}" for k, (a, b) in diff.items())
-
-
 @dataclass
 class ResumePlan:
     entry: dict | None = None  # the resume_history.jsonl line, written with the resumed run's first checkpoint
@@ -269,7 +180,6 @@ def check_resume(run_dir: Path, checkpoint: Path, record: dict, *, allow_changes
         entry["changes"] = {k: list(v) for k, v in changes.items()}
         entry["extensions"] = {k: list(v) for k, v in extensions.items()}
     return ResumePlan(entry=entry, finished=finished_results(run_dir, state, iterations, n))
-
 
 
 class _FitLoopThatEnds(_FitLoop):
