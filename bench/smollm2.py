@@ -52,8 +52,9 @@ def compose(overrides: list[str]):
 
 def rollout_inputs(cfg):
     """The policy, its tokenizer and `rl.prompts_per_iteration` held-out prompts rendered as the trainer does."""
-    from infalign.models.data import load_partitions, truncate_prompt
+    from infalign.models.data import load_partitions
     from infalign.models.policy import format_prompts, load_policy
+    from infalign.models.prompt_text import truncate_prompt
 
     model, tok = load_policy(cfg.model, cfg.data, cfg.cache_root)
     seen, prompts = set(), []

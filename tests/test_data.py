@@ -6,15 +6,14 @@ from hh_helpers import SHARED_DATA, synthetic_pairs, write_jsonl_gz
 from infalign.models.data import (
     ASSISTANT,
     DataNotFoundError,
-    hh_to_messages,
     load_partitions,
     parse_pair,
     parse_pairs,
     partition_by_prompt,
     partition_fingerprint,
     split_dialogue,
-    truncate_prompt,
 )
+from infalign.models.prompt_text import hh_to_messages, truncate_prompt
 from infalign.models.tokenizer import train_bpe_tokenizer
 
 GOOD = {"chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant: fine, thanks",

@@ -38,7 +38,7 @@ def sample_responses(model, tokenizer, prompts: list[str], max_new_tokens: int, 
                      max_prompt_tokens: int | None = None, seed: int = 0) -> list[str]:
     """Sampled responses to HH prompts: pure samples of the model (`infalign.models.sampling.generate`, as the
     RL stage, the calibration cache and best-of-N evaluation sample)."""
-    from infalign.models.data import truncate_prompt
+    from infalign.models.prompt_text import truncate_prompt
     from infalign.models.pure_sampling import sampling_kwargs
     from infalign.models.sampling import decode_responses, generate
 

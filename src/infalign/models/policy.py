@@ -28,11 +28,11 @@ from infalign.models.checks import check_weights, ensure_pad_token
 from infalign.models.data import (
     PARTITION_SOURCES,
     PreferenceRecord,
-    hh_to_messages,
     load_partitions,
     partition_fingerprint,
 )
 from infalign.models.loaders import PromptFormat, call_loader
+from infalign.models.prompt_text import hh_to_messages
 from infalign.models.sft import SFTSettings
 from infalign.models.tokenizer import TokenizerSettings, load_or_train_tokenizer
 from infalign.runtime.artifacts import get_or_build

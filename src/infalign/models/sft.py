@@ -18,7 +18,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.text import Perplexity
 
-from infalign.models.data import PreferenceRecord, truncate_prompt
+from infalign.models.data import PreferenceRecord
+from infalign.models.prompt_text import truncate_prompt
 
 IGNORE = -100
 

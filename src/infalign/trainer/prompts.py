@@ -6,8 +6,8 @@ from typing import NamedTuple
 
 import torch
 
-from infalign.models.data import truncate_prompt
 from infalign.models.policy import format_prompts
+from infalign.models.prompt_text import truncate_prompt
 
 __all__ = ["Prompt", "held_in_prompts", "prompt_sets"]
 
