@@ -22,7 +22,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 
-from infalign.models.sampling import Rollout, _run
+from infalign.models.kv_cache import _run
+from infalign.models.sampling import Rollout
 
 __all__ = ["LOGITS_BUDGET", "response_logprobs"]
 
