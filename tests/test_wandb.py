@@ -12,7 +12,8 @@ from types import SimpleNamespace
 from omegaconf import OmegaConf
 
 from infalign.models.data import ASSISTANT, HUMAN
-from infalign.runtime.loggers import GuardedLogger, run_identity, swept_keys, with_identity
+from infalign.runtime.identity import run_identity, swept_keys, with_identity
+from infalign.runtime.loggers import GuardedLogger
 from infalign.trainer.evaluation import SAMPLE_COLUMNS, SAMPLES_JSONL, SAMPLES_KEY, WinRateCallback
 
 SMOKE = ["scale=smoke", "progress=false"]

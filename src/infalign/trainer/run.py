@@ -28,7 +28,8 @@ from infalign.models.data import load_partitions
 from infalign.models.pure_sampling import sampling_kwargs
 from infalign.runtime.checkpoint_io import SafeCheckpointIO
 from infalign.runtime.console import quiet_console
-from infalign.runtime.loggers import build_loggers, finish_loggers, run_identity, swept_keys
+from infalign.runtime.identity import run_identity, swept_keys
+from infalign.runtime.loggers import build_loggers, finish_loggers
 from infalign.runtime.run_dir import accept_run, hold_run_dir
 from infalign.trainer.checkpointing import LastCheckpoint, TrainingInterrupted, exit_on_stop_signal
 from infalign.trainer.datamodule import RolloutDataModule
@@ -189,7 +190,7 @@ def _fit(trainer, module, datamodule, resume_from, run_dir: Path) -> None:
 
 
 def _run_identity(cfg: DictConfig, choices) -> dict:
-    """The remote run's name, group and tags (`infalign.runtime.loggers.run_identity`). In a multirun: grouped by
+    """The remote run's name, group and tags (`infalign.runtime.identity.run_identity`). In a multirun: grouped by
     the sweep directory, and named apart by the keys the sweep varies (its command line's sweep overrides, which
     Hydra keeps in <sweep dir>/multirun.yaml, and the config's `hydra.sweeper.params`)."""
     hydra = HydraConfig.get()
