@@ -7,7 +7,8 @@ import torch
 
 from infalign.core.calibration import EmpiricalCalibrator
 from infalign.trainer.calibration_cache import ReferenceSamples
-from infalign.trainer.evaluation import SAMPLE_COLUMNS, WinRateCallback, shown_prompt
+from infalign.trainer.eval_samples import SAMPLE_COLUMNS, shown_prompt
+from infalign.trainer.evaluation import WinRateCallback
 
 WHOLE = "\n\nHuman: Where is Georgia?\n\nAssistant:"
 CUT = "ia has been a disaster area forever.\n\nAssistant:"  # `truncate_prompt` cut it mid-word from the left

@@ -14,7 +14,8 @@ from omegaconf import OmegaConf
 from infalign.models.data import ASSISTANT, HUMAN
 from infalign.runtime.identity import run_identity, swept_keys, with_identity
 from infalign.runtime.loggers import GuardedLogger
-from infalign.trainer.evaluation import SAMPLE_COLUMNS, SAMPLES_JSONL, SAMPLES_KEY, WinRateCallback
+from infalign.trainer.eval_samples import SAMPLE_COLUMNS, SAMPLES_JSONL, SAMPLES_KEY
+from infalign.trainer.evaluation import WinRateCallback
 
 SMOKE = ["scale=smoke", "progress=false"]
 

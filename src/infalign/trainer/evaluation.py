@@ -25,21 +25,14 @@ of the training metrics too (Lightning logs those at the batches so far: one bat
 dashboards show one axis; `optimizer_step` (the optimizer steps at that point) is logged with it.
 
 Samples to read (`eval.log_samples` = S, 0 = off): at every evaluation, for each of the first S held-out prompts,
-the policy's first sample and the reference's first cached sample, and the pick of the run's best-of-n (`pick`
-`bon@n`; the worst of n, `won@n`, for a worst-of-N run) among the first n samples of each, by raw reward as the
-win rate compares them; each with its length in tokens and its raw and calibrated rewards (the policy's C
-against the prompt's M reference samples, the reference sample's against the other M - 1). The prompt is shown
-as the models read it, but one cut from the left mid-turn (`truncate_prompt`) starts at its first whole word,
-after "…". They go to `eval_samples.jsonl` in the run directory (one JSON object per prompt and evaluation,
-rewritten atomically; rows of an evaluation that a resumed run repeats are replaced, never doubled) and, where
-the logger can show one, to a table `eval/samples` (W&B: a `wandb.Table` per evaluation).
+the policy's and the reference's samples go to `eval_samples.jsonl` and to the logger's table `eval/samples`
+(what a row holds: `infalign.trainer.eval_samples`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 from pathlib import Path
 
 import lightning as L
@@ -49,7 +42,6 @@ from torchmetrics import MeanMetric
 from infalign.core.calibration import EmpiricalCalibrator, leave_one_out_calibrated
 from infalign.core.losses import sequence_kl
 from infalign.core.metrics import InferenceTimeWinRate, inference_win_rate_per_prompt
-from infalign.models.data import ASSISTANT, HUMAN
 from infalign.models.logprobs import response_logprobs
 from infalign.runtime.atomic import atomic_write_csv, atomic_write_json, atomic_write_text, read_csv_rows
 from infalign.runtime.console import format_metrics
@@ -57,6 +49,7 @@ from infalign.runtime.distributed import all_gather_object
 from infalign.runtime.seeds import derive_seed
 from infalign.trainer.calibration_cache import CachedSamples, ReferenceSamples
 from infalign.trainer.eval_metrics import CalibratedRankKL, PerPromptTable, calibrated_rank_histogram, rank_kl
+from infalign.trainer.eval_samples import SAMPLE_COLUMNS, SAMPLES_JSONL, SAMPLES_KEY, shown_prompt
 from infalign.trainer.module import OPTIMIZER_STEP
 from infalign.trainer.prompts import Prompt
 from infalign.trainer.rollout import sample_and_score
@@ -64,31 +57,11 @@ from infalign.trainer.rollout import sample_and_score
 log = logging.getLogger(__name__)
 
 __all__ = ["CalibratedRankKL", "HELD_IN_PREFIX", "PER_PROMPT_CSV", "PER_PROMPT_HELD_IN_CSV", "PerPromptTable",
-           "SAMPLE_COLUMNS", "SAMPLES_JSONL", "SAMPLES_KEY", "WinRateCallback", "atomic_write_json",
-           "calibrated_rank_histogram", "rank_kl", "shown_prompt"]
+           "WinRateCallback", "atomic_write_json", "calibrated_rank_histogram", "rank_kl"]
 
 PER_PROMPT_CSV = "eval_per_prompt.csv"
 HELD_IN_PREFIX = "eval_held_in"  # the held-in evaluation's metrics (eval.held_in_prompts): eval_held_in/<metric>
 PER_PROMPT_HELD_IN_CSV = "eval_per_prompt_held_in.csv"  # its per-prompt rows
-SAMPLES_JSONL = "eval_samples.jsonl"  # eval.log_samples prompts per evaluation: responses and rewards
-SAMPLES_KEY = "eval/samples"  # the logger's table of them
-SAMPLE_SIDES = ("policy", "reference", "policy_pick", "reference_pick")  # first samples, then the best-of-n picks
-SAMPLE_COLUMNS = ("iteration", "step", "prompt_id", "prompt", "pick",
-                  *(f"{side}_{c}" for side in SAMPLE_SIDES
-                    for c in ("response", "tokens", "reward_raw", "reward_calibrated")))
-
-
-def shown_prompt(prompt: str) -> str:
-    """The prompt as the samples show it: as the models read it, but if `truncate_prompt` cut it from the left
-    mid-turn (it then starts at no turn marker, usually mid-word), from its first whole word, after "…"."""
-    if prompt.startswith((HUMAN, ASSISTANT)):
-        return prompt  # whole, or cut at a turn boundary
-    body_end = len(prompt) - len(ASSISTANT) if prompt.endswith(ASSISTANT) else len(prompt)
-    partial = re.compile(r"\S*\s+").match(prompt, 0, body_end)  # the word the cut may have split, its space
-    return "…" + (prompt[partial.end():] if partial else prompt)
-
-
-# ---------------------------------------------------------------------------------------------- the callback
 
 
 class WinRateCallback(L.Callback):
