@@ -72,7 +72,8 @@ def recompute_efficiency(final: dict, d: Path) -> dict:
     """Gain fraction and KL efficiency from the run's measured KL and win rate with the current theory
     (`infalign.theory.efficiency`), so runs recorded by an older version are judged by the same yardstick."""
     from infalign.study.run_config import transform_from_run
-    from infalign.theory.efficiency import efficiency_columns, measured_win_rate, target_metric
+    from infalign.theory.efficiency import measured_win_rate, target_metric
+    from infalign.theory.run_efficiency import efficiency_columns
 
     metric = target_metric(final.get("method"), None, final.get("metric"))
     n = int(final["n"])

@@ -8,17 +8,15 @@ import pytest
 from infalign.core.transforms import BoNExpTransform, IdentityTransform, RawTransform, WoNExpTransform
 from infalign.theory.efficiency import (
     TILT_DRAWS,
-    efficiency_columns,
     measured_win_rate,
     optimal_tilt_at_kl,
     optimum_at,
-    optimum_efficiency,
     optimum_kl_for_win_rate,
     target_metric,
-    tilt_efficiency,
     tilt_kl_for_win_rate,
 )
 from infalign.theory.finite_m import cache_averaged_summary
+from infalign.theory.run_efficiency import efficiency_columns, optimum_efficiency, tilt_efficiency
 
 M = 16
 CASES = [(BoNExpTransform(t=10.0), "bon", 0.4), (WoNExpTransform(t=8.0), "won", 0.1), (IdentityTransform(), "std", 0.3)]

@@ -47,12 +47,12 @@ from infalign.theory.efficiency import (  # the optimum lives in theory (the tra
     GRID_CELLS,
     KL_FLOOR,
     PER_DECADE,
-    efficiency_columns,
     optimum_at,
     optimum_curve,
     target_metric,
     tilt_at_kl,
 )
+from infalign.theory.run_efficiency import efficiency_columns
 
 __all__ = ["BETA_START", "BETA_STOP", "PER_DECADE", "Study", "analyze_sweep", "aggregate", "efficiency_rows",
            "matched_kl", "metric_column", "optimum_curve", "optimum_at", "paired_comparisons", "predicted_difference",
