@@ -3,7 +3,8 @@ the closed-form theory (infalign.theory). No Lightning: it reads the runs' final
 
     runs.py      reading a sweep's runs as data (which finished, final metrics, logs)
     run_config.py  a run's saved config read as data (the transform it trained with, recorded values)
-    analysis.py  the study computed from them: theory, gaps, mean ± s.e. over seeds, matched KL
+    analysis.py  the study computed from them: theory, gaps, matched KL
+    seed_means.py  the runs' mean ± s.e. over seeds per solver x method x n x beta
     paired.py    paired per-prompt differences between methods, their s.e., the closed forms' prediction
     figures.py, report.py   the study's figures and tables, written into the sweep directory
     sweep.py     the Hydra end-of-multirun callback: the raw sweep summary, then the study
@@ -16,11 +17,12 @@ import importlib
 # Imported on first use (PEP 562): train.py instantiates the sweep callback (infalign.study.sweep) at Hydra's
 # start-up, before the config is checked, and the analysis imports torch (~2 s) that a refused config never needs.
 _EXPORTS = {
-    "analysis": ("Study", "aggregate", "analyze_sweep", "matched_kl", "optimum_at", "optimum_curve", "run_rows",
+    "analysis": ("Study", "analyze_sweep", "matched_kl", "optimum_at", "optimum_curve", "run_rows",
                  "theory_at_kl"),
     "figures": ("plot_metric", "study_figure", "write_figures"),
     "report": ("markdown", "write_study"),
     "runs": ("collect_runs",),
+    "seed_means": ("aggregate",),
     "run_config": ("transform_from_run",),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

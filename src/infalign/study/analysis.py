@@ -39,6 +39,7 @@ from infalign.study.orderings import ordering_rows
 from infalign.study.paired import curve_label, paired_comparisons, predicted_difference
 from infalign.study.run_config import calibration_m, run_solver, transform_from_run, yardstick_m
 from infalign.study.runs import collect_runs, logged_values
+from infalign.study.seed_means import aggregate, efficiency_rows
 from infalign.study.tilt_fit import read_tilt_fit
 from infalign.theory import default_grid
 from infalign.theory.efficiency import (  # the optimum lives in theory (the trainer uses it too); re-exported here
@@ -54,9 +55,8 @@ from infalign.theory.efficiency import (  # the optimum lives in theory (the tra
 )
 from infalign.theory.run_efficiency import efficiency_columns
 
-__all__ = ["BETA_START", "BETA_STOP", "PER_DECADE", "Study", "analyze_sweep", "aggregate", "efficiency_rows",
-           "matched_kl", "metric_column", "optimum_curve", "optimum_at", "paired_comparisons", "predicted_difference",
-           "run_rows", "theory_at_kl"]
+__all__ = ["BETA_START", "BETA_STOP", "PER_DECADE", "Study", "analyze_sweep", "matched_kl", "metric_column",
+           "optimum_curve", "optimum_at", "paired_comparisons", "predicted_difference", "run_rows", "theory_at_kl"]
 
 RAW_NOTE = "raw reward: uncalibrated, no closed-form theory for its transform (gap to the optimum only)"
 
@@ -187,68 +187,6 @@ def _held_in(r: dict, transform, n: int, m: int | None, notes: list[str]) -> dic
             notes.append(f"held-in theory n/a: {e}")
     for key in ("std", "bon", "won"):
         out[f"gain_fraction_{key}_held_in"] = _gain_fraction(measured[key], theory[key])
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- seeds
-def _mean_se(values) -> tuple[float, float, int]:
-    x = np.asarray([v for v in values if v is not None], dtype=float)
-    x = x[np.isfinite(x)]
-    if len(x) == 0:
-        return math.nan, math.nan, 0
-    se = float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else math.nan
-    return float(np.mean(x)), se, len(x)
-
-
-IDENTITY = ("member", "solver", "method", "transform", "n", "beta", "seed", "m", "calibration_m", "metric", "note")
-
-
-def aggregate(runs: list[dict]) -> list[dict]:
-    """Per (solver, method, n, beta), in sweep order: the mean over seeds of every measured, theory and
-    efficiency column and its standard error over seeds (`<col>_se`; NaN with a single seed). `label` names the
-    curve: the method, with the solver in brackets when the sweep has more than one solver."""
-    several_solvers = len({r["solver"] for r in runs}) > 1
-    groups: dict[tuple, list[dict]] = {}
-    for r in runs:
-        groups.setdefault((r["solver"], r["method"], r["n"], r["beta"]), []).append(r)
-    out = []
-    for (solver, method, n, beta), members in groups.items():
-        first = members[0]
-        row = {"label": f"{method} [{solver}]" if several_solvers else method, "solver": solver, "method": method,
-               "transform": first["transform"], "n": n, "beta": beta, "metric": first.get("metric"), "m": first.get("m"),
-               "calibration_m": first.get("calibration_m"),
-               "seeds": len(members),
-               "seed_list": " ".join(str(m["seed"]) for m in sorted(members, key=lambda m: m["seed"])),
-               "members": " ".join(m["member"] for m in members)}
-        cols = [c for c in first if c not in IDENTITY and not c.endswith("_pse")]
-        for col in cols:
-            mean, se, _ = _mean_se(m.get(col) for m in members)
-            row[col] = mean
-            if col != "t":
-                row[f"{col}_se"] = se
-        row["note"] = "; ".join(sorted({m["note"] for m in members if m["note"]}))
-        out.append(row)
-    return out
-
-
-def efficiency_rows(groups: list[dict]) -> list[dict]:
-    """solver_efficiency.csv: one row per solver x method x beta (x N), means over seeds (± s.e.) of the KL, the
-    KL in calibrated space, the target metric's win rate, what the tilt and the optimum reach at that KL, and the
-    gain fractions and KL efficiencies against both (infalign.theory.efficiency), the yardstick's M (`m`), the gain
-    fraction on every metric against the same tilt (`gain_fraction_<std|bon|won>`) and held in (`*_held_in`, NaN
-    without a held-in evaluation)."""
-    cols = ("kl", "kl_calibrated", "win_rate", "tilt_win_rate_at_kl", "optimum_win_rate_at_kl", "gain_fraction",
-            "kl_efficiency", "gain_fraction_optimum", "kl_efficiency_optimum",
-            *(f"gain_fraction_{k}" for k in ("std", "bon", "won")), "kl_held_in",
-            *(f"gain_fraction_{k}_held_in" for k in ("std", "bon", "won")), "tilt_slope", "tilt_shape")
-    out = []
-    for g in groups:
-        row = {"solver": g["solver"], "method": g["method"], "n": g["n"], "beta": g["beta"], "seeds": g["seeds"],
-               "metric": g.get("metric"), "m": g.get("m")}
-        for col in cols:
-            row[col] = g.get(col, math.nan)
-            row[f"{col}_se"] = g.get(f"{col}_se", math.nan)
-        out.append(row)
     return out
 
 
