@@ -62,10 +62,10 @@ def main() -> None:
     ap.add_argument("--features", help="a .pt file: loaded if it exists, else the features are saved there")
     args = ap.parse_args()
 
+    from infalign.models.bradley_terry import encode_pairs
     from infalign.models.data import load_partitions
     from infalign.models.reward import DEFAULT_BATCH_TOKENS
     from infalign.models.reward_embedding import load_frozen_encoder
-    from infalign.models.reward_train import encode_pairs
 
     cfg = {"root": args.data_root} if args.data_root else {}
     parts = load_partitions(cfg)

@@ -5,11 +5,11 @@ import pytest
 import torch
 from hh_helpers import built, compose, one_thread, synth_root, tiny_cfg, tiny_overrides  # noqa: F401  (fixtures)
 
+from infalign.models.bradley_terry import pairwise_accuracy
 from infalign.models.build import build_all
 from infalign.models.data import load_partitions
 from infalign.models.policy import gpt2_config, load_policy, tiny_policy
 from infalign.models.reward import RewardModel, SequenceClassifierReward, load_reward_model
-from infalign.models.reward_train import pairwise_accuracy
 from infalign.models.sft import run_sft, sft_loaders
 from infalign.models.tokenizer import train_bpe_tokenizer, training_texts
 
