@@ -249,7 +249,7 @@ def _logged(run_dir):
 
 def test_exact_kl_solver_runs_and_logs_its_kl(run_train, tmp_path):
     run_dir = tmp_path / "exact"
-    run_train(*SMOKE, "rl.kl_penalty=exact", f"hydra.run.dir={run_dir}")
+    run_train(*SMOKE, "solver=exact", f"hydra.run.dir={run_dir}")
     rows = [r for r in _logged(run_dir) if r.get("train/kl/exact")]
     assert len(rows) == 3 and all(float(r["train/kl/exact"]) >= 0 for r in rows)
     # 2 minibatches per iteration at smoke size: the estimator runs; its scale is logged (> 0) only where defined

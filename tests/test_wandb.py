@@ -214,7 +214,7 @@ def test_an_offline_wandb_sweep_is_grouped_named_and_shows_samples(run_train, tm
         assert {"train/kl/k1", "train/reward/calibrated", "train/lr", "train/grad/norm"} <= columns
         lrs = [float(r["train/lr"]) for r in metrics if r["train/lr"]]
         norms = [float(r["train/grad/norm"]) for r in metrics if r["train/grad/norm"]]
-        assert lrs == [1e-3, 1e-3]  # the smoke scale's optimizer.lr, constant schedule: each iteration's
+        assert lrs == [1e-4, 1e-4]  # the solver's optimizer.lr (rloo: train.yaml's), constant schedule: each iteration's
         assert len(norms) == 2 and all(math.isfinite(x) and x > 0 for x in norms)
         # what W&B got, the local file has: the same metric keys, no others
         wandb_keys = {k for h in wb["history"] for k in h

@@ -108,8 +108,9 @@ def check_presets(choices: Mapping, overrides: Sequence[str] = ()) -> None:
         own = preset_values("solver", solver)
         for key in SOLVER_IDENTITY:
             if key in given and key in own and given[key] != str(own[key]):
-                others = [s.stem for s in sorted(_file("solver", solver).parent.glob("*.yaml"))
-                          if str(preset_values("solver", s.stem).get(key)) == given[key]]
+                others = sorted((s.stem for s in _file("solver", solver).parent.glob("*.yaml")
+                                 if str(preset_values("solver", s.stem).get(key)) == given[key]),
+                                key=lambda s: len(preset_values("solver", s).keys() ^ own.keys()))  # the nearest
                 fix = f"choose solver={others[0]}" if others else f"leave {key} to the solver"
                 raise ConfigError(f"{key}={given[key]} contradicts solver={solver} ({key}={own[key]}), which the run "
                                   f"would record: {fix}")
