@@ -11,6 +11,7 @@ how to add one: a file with a subclass, and a YAML in conf/solver/ whose `solver
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -41,7 +42,7 @@ def gradient_norm(module: torch.nn.Module) -> float:
     return float(torch.stack(norms).norm()) if norms else 0.0  # one host sync per step, not one per parameter
 
 
-class Solver:
+class Solver(ABC):
     """Subclasses set `experience` and `loss` (and may override `step`, `optimizer_steps`, `end_iteration`)."""
 
     loss_key = "policy/loss"  # the mean loss's statistic
@@ -52,12 +53,14 @@ class Solver:
         self.prompts_per_iteration = int(prompts_per_iteration)
 
     # ------------------------------------------------------------------ what a subclass says
+    @abstractmethod
     def experience(self, iteration: int) -> Experience:
-        raise NotImplementedError
+        """What the DataModule builds for `iteration` (`Experience`)."""
 
     def loss(self, module, minibatch) -> tuple[torch.Tensor, dict[str, float]]:
-        """The minibatch's loss (to minimise) and per-step statistics (averaged over the iteration's steps)."""
-        raise NotImplementedError
+        """The minibatch's loss (to minimise) and per-step statistics (averaged over the iteration's steps). A
+        solver that only delegates its steps (`Stages`) has none."""
+        raise TypeError(f"{type(self).__name__} defines no loss: a solver overrides loss(), or step() without it")
 
     def sequences_per_iteration(self, iteration: int) -> int:
         e = self.experience(iteration)
