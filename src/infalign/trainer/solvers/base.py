@@ -84,7 +84,7 @@ class Solver(ABC):
         with update_passes(module.policy):  # gradient checkpointing and LoRA's dropout: in the update's passes only
             return {**buffer.stats, **self.minibatch_steps(module, buffer)}
 
-    def end_iteration(self, stats: Mapping[str, float], sequences: int, iteration: int) -> None:
+    def end_iteration(self, stats: Mapping[str, float], sequences: int, iteration: int) -> None:  # noqa: B027 (a hook)
         """After the statistics are averaged over all processes (an adaptive beta must adapt identically)."""
 
     def check(self, world: int) -> None:
@@ -95,7 +95,7 @@ class Solver(ABC):
     def state_dict(self) -> dict:
         return {}
 
-    def load_state_dict(self, state: Mapping) -> None:
+    def load_state_dict(self, state: Mapping) -> None:  # noqa: B027 (a hook: a solver without state ignores it)
         pass
 
     # ------------------------------------------------------------------ the one minibatch loop
