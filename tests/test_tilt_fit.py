@@ -15,7 +15,8 @@ import torch
 
 from infalign.core.calibration import leave_one_out_calibrated
 from infalign.core.transforms import BoNExpTransform, IdentityTransform, WoNExpTransform
-from infalign.study.tilt_fit import fit_slope, read_tilt_fit, tilt_fit
+from infalign.study.tilt_fit import read_tilt_fit, tilt_fit
+from infalign.study.tilt_regression import fit_slope
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 P, M, BETA = 12, 16, 0.1
