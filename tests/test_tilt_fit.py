@@ -195,3 +195,18 @@ def test_study_tables_carry_the_tilt_slope_when_a_member_has_one(tmp_path):
     row = next(csv.DictReader(open(paths["efficiency"])))
     assert float(row["tilt_slope"]) == pytest.approx(0.5)  # the mean over the seeds that have one
     assert "tilt_slope" in next(csv.DictReader(open(paths["runs"])))
+
+
+def test_a_run_recorded_before_the_prompt_keys_moved_is_read(tmp_path):
+    """run_config.yaml from before issue 28 (calibration.train_prompts ...): read with the keys at data.*."""
+    from omegaconf import OmegaConf
+
+    from infalign.study.tilt_fit import _run_config
+
+    old = {"config": {"data": {"max_prompt_tokens": 8}, "calibration": {"m": 4, "train_prompts": 12,
+                                                                         "eval_prompts": 6, "eval_partition": "test"},
+                      "solver": "rloo", "cache_root": "/x"}}
+    (tmp_path / "run_config.yaml").write_text(OmegaConf.to_yaml(old))
+    cfg = _run_config(tmp_path, cache_root=tmp_path / "cache")
+    assert (cfg.data.train_prompts, cfg.data.eval_prompts, cfg.data.eval_partition) == (12, 6, "test")
+    assert "train_prompts" not in cfg.calibration and cfg.cache_root == str(tmp_path / "cache")

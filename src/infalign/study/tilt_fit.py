@@ -76,6 +76,9 @@ def _run_config(run_dir: Path, cache_root):
         cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     else:
         raise FileNotFoundError(f"{run_dir}: neither run_config.yaml nor .hydra/config.yaml; is it a run directory?")
+    for key in ("train_prompts", "eval_prompts", "eval_partition"):  # a run recorded before they moved to data.*
+        if key in (cfg.get("calibration") or {}) and key not in (cfg.get("data") or {}):
+            cfg.data[key] = cfg.calibration.pop(key)
     if cache_root is not None:
         cfg.cache_root = str(cache_root)
     return cfg
@@ -104,8 +107,11 @@ def _sample_entry(cfg, partitions, train, held_out, gen_kwargs, which: str):
 
     none = dict(reference=None, tokenizer=None, reward_model=None)
     calibration, pool = sample_sets(cfg, partitions, train, held_out, none, gen_kwargs, with_pool=True)
-    solver, iterations = build_solver(cfg), int(cfg.rl.iterations)  # as run.py decides whether the run has a pool
-    trained_on_pool = any(solver.experience(i).kind == "pool" for i in range(iterations))
+    if isinstance(cfg.get("solver"), str):  # a run recorded before solvers were objects: distill.iterations switched
+        trained_on_pool = int(cfg.distill.iterations) > 0
+    else:  # as run.py decides whether the run has a pool
+        solver, iterations = build_solver(cfg), int(cfg.rl.iterations)
+        trained_on_pool = any(solver.experience(i).kind == "pool" for i in range(iterations))
     candidates = [(pool, "distill_pool")] if which == "train" and trained_on_pool else []
     candidates.append((calibration, "calibration_cache"))
     for cached, source in candidates:
@@ -136,10 +142,7 @@ def tilt_fit(run_dir, cache_root=None, prompts: str = "held_out", max_prompts: i
     from infalign.models.pure_sampling import sampling_kwargs
     from infalign.models.sampling import rollout_from_tokens
     from infalign.runtime.atomic import atomic_write_json
-    try:  # the study's reader of a run's transform (allow-listed, the recorded t), in run_config.py or runs.py
-        from infalign.study.run_config import transform_from_run
-    except ImportError:
-        from infalign.study.runs import transform_from_run
+    from infalign.study.run_config import transform_from_run  # allow-listed, with the recorded t
     from infalign.trainer.prompts import prompt_sets
 
     if prompts not in PROMPT_SETS:
