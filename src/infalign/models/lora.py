@@ -71,45 +71,19 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def check_lora_settings(lora: Mapping | None) -> dict | None:
-    """``model.lora`` checked, with the defaults filled in; None when LoRA is off (absent or ``r=0``).
-
-    Every value is checked even when ``r=0``, so a typo fails on the run that has it, not the first that turns
-    LoRA on. LoRA on without peft installed is refused here, before any model loads."""
+    """``model.lora`` with the defaults filled in; None when LoRA is off (absent or ``r=0``). Its values were checked
+    with the rest of the config (`infalign.config`, before torch): here only that peft is installed when LoRA is
+    on, before any model loads."""
     if lora is None:
         return None
-    lora = _plain(lora)
-    if not isinstance(lora, Mapping):
-        raise ValueError(f"model.lora must be a mapping of {', '.join(DEFAULTS)}, got {lora!r}")
-    unknown = sorted(set(lora) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"model.lora.{unknown[0]}: unknown key; known keys: {', '.join(sorted(DEFAULTS))}")
-    s = {**DEFAULTS, **lora}
-    r, alpha, dropout, targets = s["r"], s["alpha"], s["dropout"], s["target_modules"]
-    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
-        raise ValueError(f"model.lora.r must be an integer >= 0 (the adapters' rank; 0 = LoRA off), got {r!r}; "
-                         "e.g. model.lora.r=8")
-    if not _number(alpha) or not alpha > 0:
-        raise ValueError(f"model.lora.alpha must be a number > 0 (the adapters' scale is alpha / r), got {alpha!r}; "
-                         "e.g. model.lora.alpha=16")
-    if not _number(dropout) or not 0 <= dropout < 1:
-        raise ValueError(f"model.lora.dropout must be a number in [0, 1) (0 = none), got {dropout!r}; "
-                         "e.g. model.lora.dropout=0.05")
-    names_ok = isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)
-    if not (targets == ALL_LINEAR or names_ok):
-        raise ValueError(f"model.lora.target_modules must be a non-empty list of module names or '{ALL_LINEAR}', got "
-                         f"{targets!r}; e.g. model.lora.target_modules=[q_proj,k_proj,v_proj,o_proj]")
-    if not isinstance(s["save_merged"], bool):
-        raise ValueError(f"model.lora.save_merged must be true or false, got {s['save_merged']!r}")
-    if r == 0:
+    s = {**DEFAULTS, **_plain(lora)}
+    if s["r"] == 0:
         return None
     if importlib.util.find_spec("peft") is None:
-        raise ModuleNotFoundError(f"model.lora.r={r} needs the peft package: {LORA_INSTALL}")
-    return {**s, "alpha": float(alpha), "dropout": float(dropout),
+        raise ModuleNotFoundError(f"model.lora.r={s['r']} needs the peft package: {LORA_INSTALL}")
+    targets = s["target_modules"]
+    return {**s, "alpha": float(s["alpha"]), "dropout": float(s["dropout"]),
             "target_modules": targets if isinstance(targets, str) else list(targets)}
 
 
