@@ -26,6 +26,7 @@ def test_maxk_trains_a_smoke_run(run_train, tmp_path, extra):
     header = (run_dir / "logs" / "metrics.csv").read_text().splitlines()[0]
     mode = "won" if "solver.mode=won" in extra else "bon"
     assert f"train/reward/maxk_{mode}_win_rate" in header  # the estimator's own win rate, per iteration
+    assert final["metric"] == mode  # what the run was built for: the solver's mode, not the unused transform's
 
 
 def test_maxk_advantages_are_the_estimators_on_the_buffers_rewards():

@@ -106,3 +106,9 @@ def test_a_cache_hit_is_logged_once_per_entry_and_run(tmp_path, caplog, monkeypa
         get_or_build(tmp_path, "thing", {"k": 1}, _Builder())
         get_or_build(tmp_path, "thing", {"k": 1}, _Builder())
         assert _hits(caplog) == [logging.INFO, logging.DEBUG]
+
+
+def test_a_maxk_run_is_summarised_by_its_solver_not_the_unused_transform(capsys, tmp_path):
+    out = _summary(capsys, tmp_path, solver="maxk")
+    assert "solver=maxk" in out and "transform=bon_exp" not in out and "t=21.09" not in out
+    assert "transform=bon_exp (t=21.09" in _summary(capsys, tmp_path)  # the other solvers: the transform, as before

@@ -102,7 +102,9 @@ def run(cfg: DictConfig) -> dict:
                 "t": getattr(transform, "t", None),
                 "t_auto": getattr(transform, "auto", None),
                 "calibrator": choices.get("calibrator"), "seed": int(cfg.seed), "run_dir": str(run_dir)}
-    win_rates = _win_rates(cfg, eval_prompts, calibration, gen_kwargs, run_dir, bar_metric(run_info, transform),
+    # what the run is built for: the method's target metric, or the mode of a solver of the win rate itself (maxk)
+    target = getattr(solver, "mode", None) or bar_metric(run_info, transform)
+    win_rates = _win_rates(cfg, eval_prompts, calibration, gen_kwargs, run_dir, target,
                            held_in=held_in_prompts(cfg, train_prompts))
     loggers = _loggers(cfg, choices, run_dir, resume_from, run_info)
     # last.ckpt between iterations, and on SIGINT/SIGTERM (infalign.trainer.checkpointing); after win_rates in the
@@ -111,7 +113,7 @@ def run(cfg: DictConfig) -> dict:
     callbacks = [win_rates, LastCheckpoint(run_dir, every=int(cfg.checkpoint.every), run_record=record,
                                            resume_entry=resume_entry), LearningRateMonitor(logging_interval="step")]
     if cfg.progress:  # one bar over the iterations, after win_rates: it shows the evaluation of its iteration
-        callbacks.append(IterationProgressBar(win_rates, *win_rate_shown(bar_metric(run_info, transform), int(cfg.n))))
+        callbacks.append(IterationProgressBar(win_rates, *win_rate_shown(target, int(cfg.n))))
     # use_distributed_sampler=False: IterationSampler shards each iteration's prompts by rank itself; Lightning's
     # DistributedSampler would pad with repeats and reshuffle them.
     # SafeCheckpointIO: atomic, checksummed, weights_only checkpoints; LastCheckpoint replaces ModelCheckpoint
@@ -131,7 +133,7 @@ def run(cfg: DictConfig) -> dict:
                  "calibration_cache_hit": calibration.get().cache_hit}
         # what the run was built for and the M it calibrated with; the research yardsticks (gain fraction, KL
         # efficiency, the tilt's and the optimum's win rates) are the study tools' (python -m infalign.study)
-        final.update(metric=bar_metric(run_info, transform), calibration_m=int(cfg.calibration.m))
+        final.update(metric=target, calibration_m=int(cfg.calibration.m))
         final["wall_seconds"] = round(time.time() - started, 1)
         if trainer.is_global_zero:
             atomic_write_json(run_dir / "final_metrics.json", final)

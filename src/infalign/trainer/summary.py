@@ -33,6 +33,13 @@ def _t_label(final: dict) -> str:
     return f" (t={t:.4g}{', auto for n=' + str(final['n']) if final.get('t_auto') else ''})"
 
 
+def _method_label(final: dict) -> str:
+    """What was trained for: the transform (with its t), or for solver=maxk, which does not use one, the solver."""
+    if final.get("solver") == "maxk":
+        return "solver=maxk (the win rate's own gradient; no transform)"
+    return f"transform={final['transform']}{_t_label(final)}"
+
+
 def print_summary(final: dict, run_dir: Path, n: int) -> None:
     """The end of the run in plain words, for someone who has not read the paper: what each win rate compares, the
     KL per response (an estimate near 0 shown as ~0), where the files are. Research diagnostics (gain fraction, KL
@@ -63,7 +70,7 @@ def print_summary(final: dict, run_dir: Path, n: int) -> None:
     prompts = f" on {final['eval/prompts']} held-out prompts" if num("eval/prompts") else ""
     lines = [
         "",
-        f"infalign run finished in {final['wall_seconds']:.0f} s: transform={final['transform']}{_t_label(final)} n={n} "
+        f"infalign run finished in {final['wall_seconds']:.0f} s: {_method_label(final)} n={n} "
         f"beta={final['beta']}",
         f"Win rates of the policy against the reference policy{prompts}, judged by the reward model "
         "(± one standard error; 0.5 = no better than the reference):",
