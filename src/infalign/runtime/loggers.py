@@ -45,6 +45,13 @@ LOCAL_FILES = "logs/metrics.csv, eval_metrics.csv, final_metrics.json"
 
 
 class _CSVWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that a resumed run appends under the existing header, a new column rewrites
+    the file atomically, and no write follows a planted link. Kept because the stock writer (Lightning 2.6) deletes
+    an existing metrics.csv when it starts and rewrites it in place on a new column, where a kill loses every
+    earlier row; the promises are tested in tests/test_reliability.py::
+    test_csv_logger_keeps_earlier_rows_on_resume_and_adds_columns_atomically and tests/test_file_errors.py
+    ("symlink planted at logs/metrics.csv")."""
+
     keep_existing = False
 
     def _check_log_dir_exists(self) -> None:
@@ -120,7 +127,9 @@ class WandbLogger(LightningWandbLogger):
 
 
 class GuardedLogger(Logger):
-    """Delegates to `logger`; the first exception it raises is reported once and switches it off."""
+    """Delegates to `logger`; the first exception it raises is reported once and switches it off. Lightning has no
+    such guard: a remote logger's exception stops training (tests/test_faults.py::
+    test_logger_failing_mid_run_costs_no_metrics_and_warns_once)."""
 
     def __init__(self, logger: Logger, label: str | None = None):
         super().__init__()

@@ -187,7 +187,9 @@ class _FitLoopThatEnds(_FitLoop):
 
     Lightning 2.6 skips the whole loop, both hooks included, when the restored loop is already done: resuming
     from the final checkpoint then ran no final evaluation, and the run wrote its results without it. Such a
-    loop now runs no iteration but both hooks, so the final evaluation and the final checkpoint are done."""
+    loop now runs no iteration but both hooks, so the final evaluation and the final checkpoint are done.
+    Kept because the stock loop loses the final evaluation: with Lightning's own loop (2026-12-06, Lightning 2.6)
+    tests/test_faults.py::test_sigkill_during_or_after_the_final_evaluation_then_resume_finishes_it[eval:3] fails."""
 
     @property
     def skip(self) -> bool:
