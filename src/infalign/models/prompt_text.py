@@ -1,7 +1,7 @@
 """An HH prompt's text as a model reads it: cut from the left to a token budget, or turned into chat messages.
 
 `truncate_prompt` keeps the final ``Assistant:`` marker and moves the cut to the next turn boundary where one
-exists (so a model never sees half a turn); `truncate_response` keeps a response's first tokens;
+exists (so a model never sees half a turn);
 `hh_to_messages` turns a prompt into ``user`` / ``assistant`` messages for chat-template models. The records
 themselves are read and partitioned by `infalign.models.data`.
 """
@@ -43,16 +43,6 @@ def truncate_prompt(prompt: str, tokenizer, max_tokens: int) -> str:
     while _n_tokens(tokenizer, out) > max_tokens and len(out) > len(ASSISTANT):
         out = out[1:]  # BPE merges at the cut can differ by a token; shave until it fits
     return out
-
-
-def truncate_response(response: str, tokenizer, max_tokens: int) -> str:
-    """Keep the first ``max_tokens`` tokens of a response (decoded back to text)."""
-    if max_tokens is None:
-        return response
-    ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-    if len(ids) <= max_tokens:
-        return response
-    return tokenizer.decode(ids[:max_tokens], skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 def hh_to_messages(prompt: str) -> list[dict[str, str]]:
