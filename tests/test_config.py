@@ -72,6 +72,7 @@ def test_the_default_has_no_method_and_the_build_config_takes_the_scale():
     assert choices["method"] is None and choices["scale"] is None and "method" not in cfg
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         build = compose("build", overrides=["scale=smoke"])
+        assert compose("build", overrides=["scale=smollm2"]).model.name == "smollm2"  # its solver choice: unused
     smoke, _ = compose_train("scale=smoke")
     assert build.model == smoke.model and build.reward == smoke.reward and build.data == smoke.data
 

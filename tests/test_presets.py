@@ -1,5 +1,5 @@
-"""Presets compose or refuse (infalign.runtime.presets): every method x solver x scale either keeps each preset's
-own values or is refused in one line naming both presets and the key; the recorded choices are what trains."""
+"""Presets compose (infalign.runtime.presets): the preset groups set disjoint keys, every method x solver x scale keeps
+each preset's own values, and a command line that contradicts the recorded choices is refused."""
 
 import itertools
 from pathlib import Path
@@ -32,16 +32,22 @@ def test_the_groups_hold_presets():
     assert "ppo" in SOLVERS and "distill_rl" in SOLVERS and METHODS and SCALES
 
 
+def test_the_preset_groups_set_disjoint_keys():
+    """So no preset silently replaces another's value, whatever the defaults list's order (a scale that needs a
+    solver of its own picks it in its defaults list: conf/scale/smollm2.yaml picks rloo_lora)."""
+    for (a, choices_a), (b, choices_b) in itertools.combinations(zip(("method", "solver", "scale"),
+                                                                     (METHODS, SOLVERS, SCALES)), 2):
+        for ca, cb in itertools.product(choices_a, choices_b):
+            common = preset_values(a, ca).keys() & preset_values(b, cb).keys()
+            assert not common, f"conf/{a}/{ca}.yaml and conf/{b}/{cb}.yaml both set {sorted(common)}"
+
+
 @pytest.mark.parametrize("method, solver, scale", list(itertools.product(METHODS, SOLVERS, SCALES)))
-def test_every_method_solver_scale_keeps_each_presets_values_or_is_refused(method, solver, scale):
+def test_every_method_solver_scale_keeps_each_presets_values(method, solver, scale):
     overrides = [f"method={method}", f"solver={solver}", f"scale={scale}"]
     cfg, choices = compose_train(*overrides)
-    try:
-        check_presets(choices, overrides)
-    except ConfigError as e:  # refused: one line naming both presets' files and the key
-        message = str(e)
-        assert "\n" not in message and message.count("conf/") == 2 and "sets" in message, message
-        return
+    check_presets(choices, overrides)
+    assert (choices["method"], choices["solver"], choices["scale"]) == (method, solver, scale)  # what is recorded
     for group, choice in (("solver", solver), ("scale", scale)):
         for key, value in preset_values(group, choice).items():
             assert raw_value(cfg, key) == value, f"{key}: conf/{group}/{choice}.yaml's {value!r} was replaced"
@@ -49,16 +55,15 @@ def test_every_method_solver_scale_keeps_each_presets_values_or_is_refused(metho
         assert choices[group] == choice  # the method is its transform and calibrator
 
 
-def test_the_smollm2_scale_and_the_distill_solver_are_refused_naming_both_and_the_key():
+def test_the_smollm2_scale_picks_the_lora_solver_and_a_command_line_solver_wins():
+    cfg, choices = compose_train("scale=smollm2")
+    assert choices["solver"] == "rloo_lora" and cfg.optimizer.lr == 1e-3 and cfg.scheduler.warmup_steps == 2
+    assert preset_values("solver", "rloo_lora").items() >= preset_values("solver", "rloo").items()  # rloo, plus
     overrides = ["method=bon_exp", "solver=distill", "scale=smollm2"]
-    with pytest.raises(ConfigError, match=r"conf/solver/distill.yaml sets optimizer.lr=3e-05 and "
-                                          r"conf/scale/smollm2.yaml sets optimizer.lr=0.001"):
-        check_presets(compose_train(*overrides)[1], overrides)
-    # the command line chooses: composed, and its value is what trains
-    overrides += ["optimizer.lr=1e-4", "scheduler.warmup_steps=5"]
     cfg, choices = compose_train(*overrides)
     check_presets(choices, overrides)
-    assert cfg.optimizer.lr == 1e-4 and cfg.distill.m == 256
+    assert choices["solver"] == "distill" and cfg.optimizer.lr == 3e-5 and cfg.scheduler.warmup_steps == 5
+    assert cfg.distill.m == 256 and cfg.rl.minibatch_size == 8  # the scale's sizes stay
 
 
 @pytest.mark.parametrize("overrides, match", [
@@ -67,6 +72,7 @@ def test_the_smollm2_scale_and_the_distill_solver_are_refused_naming_both_and_th
     (["solver=rloo", "rl.algo=ppo"], r"rl.algo=ppo contradicts solver=rloo .*choose solver=ppo"),
     (["rl.kl_penalty=exact"], r"rl.kl_penalty=exact contradicts solver=rloo .*choose solver=(distill_rl|exact)"),
     (["distill.iterations=5"], r"distill.iterations=5 .* under solver=rloo, which does not distil"),
+    (["scale=smollm2", "rl.algo=ppo"], r"rl.algo=ppo contradicts solver=rloo_lora \(rl.algo=rloo\).*solver=ppo"),
 ])
 def test_a_command_line_that_contradicts_the_recorded_choice_is_refused(overrides, match):
     with pytest.raises(ConfigError, match=match):
