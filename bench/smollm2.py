@@ -74,7 +74,7 @@ def bench_generation(cfg, repeats: int) -> list[dict]:
     from infalign.models.sampling import generate
 
     model, tok, prompts = rollout_inputs(cfg)
-    gen = sampling_kwargs(cfg.generation, for_training=True)
+    gen = sampling_kwargs(cfg.generation)
     rows = []
     for name, bf16 in (("fp32", False), ("bf16 autocast", True)):
         times, tokens = [], []
@@ -104,7 +104,7 @@ def logprobs_child(overrides: list[str], whole: bool) -> None:
     cfg = compose(overrides)
     model, tok, prompts = rollout_inputs(cfg)
     torch.manual_seed(0)
-    rollout = generate(model, tok, prompts, int(cfg.rl.k), sampling_kwargs(cfg.generation, for_training=True))
+    rollout = generate(model, tok, prompts, int(cfg.rl.k), sampling_kwargs(cfg.generation))
     size = int(cfg.rl.minibatch_size)
     sub = Rollout(rollout.input_ids[:size], rollout.attention_mask[:size], rollout.response_mask[:size],
                   rollout.prompt_len)

@@ -82,6 +82,9 @@ CASES = [
     # sampling
     case("generation.temperature=0.7", match=r"generation.temperature must be 1.0 \(rollouts sample from the policy "
                                              r"itself.*\), got 0.7; e.g. generation.temperature=1.0"),
+    case("generation.top_k=50", match=r"generation.top_k must be 0 \(or null\) \(rollouts sample from the policy itself"),
+    case("generation.top_p=0.9", match=r"generation.top_p must be 1.0 \(or null\) \(rollouts sample from the policy itself"),
+    case("generation.sampler=greedy", match=r"generation.sampler must be 'inverse_cdf' or 'multinomial' .*got 'greedy'"),
     case("+generation.repetition_penalty=1.3",
          match=r"generation.repetition_penalty: unknown key .*would change the sampling distribution"),
     case("+generation.max_new_token=5", match=r"generation.max_new_token: unknown key .*did you mean 'max_new_tokens'"),

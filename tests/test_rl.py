@@ -62,12 +62,10 @@ def test_adaptive_kl_moves_beta_towards_target():
     assert ctl.update(kl=0.2, n_steps=10) < 0.1
 
 
-def test_training_sampling_must_be_pure():
-    assert sampling_kwargs({"max_new_tokens": 5})["top_k"] == 0
-    for bad in ({"temperature": 0.7}, {"top_k": 50}, {"top_p": 0.9}):
-        with pytest.raises(ValueError, match="sample from the policy itself"):
-            sampling_kwargs(bad)
-    assert sampling_kwargs({"temperature": 0.7}, for_training=False)["temperature"] == 0.7
+def test_sampling_kwargs_sample_from_the_policy_itself():
+    """The values are checked by the config check (tests/bad_input_cases.py: generation.temperature=0.7, ...)."""
+    assert sampling_kwargs({"max_new_tokens": 5, "top_k": None, "top_p": None}) == {
+        "sampler": "inverse_cdf", "do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "max_new_tokens": 5}
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ tiny GPT-2 whose generation_config sets one such field to a real local folder an
 import pytest
 import torch
 from hh_helpers import one_thread  # noqa: F401  (fixture)
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
@@ -170,8 +170,6 @@ def test_samplers_are_seeded_and_differ_from_each_other(checkpoint, tokenizer):
         r = generate(model, tokenizer, PROMPTS, 4, sampling_kwargs({"max_new_tokens": 8, "sampler": sampler}))
         assert draws.setdefault(sampler, r.input_ids).equal(r.input_ids)  # same seed, same tokens
     assert not draws["inverse_cdf"].equal(draws["multinomial"])
-    with pytest.raises(ValueError, match="generation.sampler"):
-        sampling_kwargs({"sampler": "greedy"})
 
 
 def test_response_logprobs_skip_padding_columns(checkpoint, tokenizer):
@@ -216,17 +214,17 @@ def test_checkpoint_cache_implementation_leaves_the_shared_prompt_cache_alone(ch
 
 def test_generate_refuses_what_would_still_change_the_probabilities(checkpoint, tokenizer, monkeypatch):
     model = checkpoint(repetition_penalty=1.3)
-    # settings passed in (for_training=False leaves them unchecked): named, never silently dropped
+    # settings passed in without the config check (which refuses them): named, never silently dropped
     with pytest.raises(ValueError, match=r"temperature=0\.7 \(from the generation kwargs\)"):
-        generate(model, tokenizer, PROMPTS, 2, sampling_kwargs({"temperature": 0.7}, for_training=False))
+        generate(model, tokenizer, PROMPTS, 2, sampling_kwargs({"temperature": 0.7}))
     with pytest.raises(ValueError, match="no_repeat_ngram_size=3"):
-        generate(model, tokenizer, PROMPTS, 2, sampling_kwargs({"no_repeat_ngram_size": 3}, for_training=False))
+        generate(model, tokenizer, PROMPTS, 2, sampling_kwargs({"no_repeat_ngram_size": 3}))
     with pytest.raises(ValueError, match="not one it knows"):
         generate(model, tokenizer, PROMPTS, 2, {"max_new_tokens": 3, "length_penalty": 2.0})
     # through model.generate (a cache implementation asked for): the checkpoint's own setting, once a field the
     # table would not know (a later transformers version), is caught by the processor list generate builds
     with pytest.raises(ValueError, match=r"temperature=0\.7 \(from the generation kwargs\)"):
-        generate(model, tokenizer, PROMPTS, 2, {**sampling_kwargs({"temperature": 0.7}, for_training=False),
+        generate(model, tokenizer, PROMPTS, 2, {**sampling_kwargs({"temperature": 0.7}),
                                                 "cache_implementation": "dynamic"})
     monkeypatch.delitem(pure_sampling.PURE_SAMPLING, "repetition_penalty")
     with pytest.raises(ValueError, match="RepetitionPenaltyLogitsProcessor"):
@@ -252,23 +250,34 @@ REFUSED = [("repetition_penalty", 1.3), ("encoder_repetition_penalty", 1.2), ("n
            ("watermarking_config", {"bias": 2.0}), ("num_beams", 2), ("do_sample", False), ("penalty_alpha", 0.6)]
 
 
+@pytest.fixture(scope="module")
+def default_config():
+    from hydra import compose, initialize_config_dir
+
+    from infalign.runtime.paths import conf_dir
+
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=["logger=none"], return_hydra_config=True)
+    return cfg, OmegaConf.to_container(cfg.hydra.runtime.choices)
+
+
 @pytest.mark.parametrize(("key", "value"), REFUSED, ids=[k for k, _ in REFUSED])
-def test_sampling_kwargs_refuses_probability_changing_settings(key, value):
-    for gen_cfg in ({key: value, "max_new_tokens": 5}, OmegaConf.create({key: value, "max_new_tokens": 5})):
-        with pytest.raises(ValueError, match=rf"sample from the policy itself.*generation\.{key}=") as err:
-            sampling_kwargs(gen_cfg)
-        message = str(err.value)
-        assert "KL" in message and "policy gradient" in message and f"Remove generation.{key}" in message
-        assert "eval.generation" not in message
-    assert sampling_kwargs({key: value}, for_training=False)[key] == value  # unchecked, for one's own generate
+def test_a_probability_changing_setting_is_refused_by_the_config_check_and_by_the_sampler(key, value,
+                                                                                             default_config):
+    """The config check refuses it in one line before torch (`python train.py +generation.<key>=...`);
+    `sampling_kwargs` passes on what a caller gives it unchecked, and the sampler refuses it, never dropping it."""
+    from infalign.config import ConfigError
+    from infalign.config.check import check_config
 
-
-def test_sampling_kwargs_accepts_neutral_settings_unchanged():
-    plain = sampling_kwargs({"max_new_tokens": 5})
-    neutral = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_length": 0, "epsilon_cutoff": 0.0,
-               "suppress_tokens": None, "do_sample": True, "num_beams": 1, "max_new_tokens": 5}
-    assert sampling_kwargs(neutral) == plain  # so the calibration cache key does not change either
-    for bad in ({"temperature": 0.7}, {"top_k": 50}, {"top_p": 0.9}):
-        with pytest.raises(ValueError, match="sample from the policy itself") as err:
-            sampling_kwargs(bad)
-        assert "eval.generation" not in str(err.value) and "no separate generation config" in str(err.value)
+    cfg, choices = default_config
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        del cfg["hydra"]
+        cfg.generation[key] = value
+    with pytest.raises(ConfigError, match=rf"^generation\.{key}: unknown key .*would change the sampling "
+                                          "distribution") as err:
+        check_config(cfg, choices, overrides=[])
+    assert "\n" not in str(err.value)
+    assert sampling_kwargs({key: value})[key] == value
+    with pytest.raises(ValueError, match=rf"{key}=.* would change the sampling distribution|not one it knows"):
+        pure_sampling.check_sampler_kwargs(sampling_kwargs({key: value}))

@@ -1,8 +1,9 @@
 """Pure sampling: the `generate` settings under which samples come from the model's own distribution.
 
 The KL estimate and the policy gradient assume responses drawn from the policy itself. `sampling_kwargs`
-turns `cfg.generation` into `generate` kwargs and refuses, for training, anything that changes the sampling
-distribution; `generate_kwargs` adds every probability-changing `GenerationConfig` field at its neutral
+turns `cfg.generation` (checked by `infalign.config`: nothing that changes the sampling distribution) into
+`generate` kwargs; `check_sampler_kwargs` refuses any other kwargs the project's sampler would ignore;
+`generate_kwargs` adds every probability-changing `GenerationConfig` field at its neutral
 value, so the checkpoint's own `generation_config` cannot slip one in; `check_pure_sampling` refuses to
 sample if `model.generate` would still build a logits processor. Used by `infalign.models.sampling`.
 """
@@ -43,10 +44,6 @@ PURE_SAMPLING = {
     # what is sampled and where it stops, besides max_new_tokens and EOS (the response mask knows only EOS)
     "token_healing": False, "stop_strings": None, "max_time": None,
 }
-_CONFIG_KEYS = ("temperature", "top_k", "top_p")  # read by sampling_kwargs with their own defaults
-# How the project's sampler draws a token from the model's distribution (both exact; infalign.models.sampling):
-# inverse_cdf: one uniform per row and step; multinomial: torch.multinomial's draws, the tokens `generate` draws
-SAMPLERS = ("inverse_cdf", "multinomial")
 
 
 def _is_neutral(value, neutral) -> bool:
@@ -55,58 +52,22 @@ def _is_neutral(value, neutral) -> bool:
     return value is None or (type(value) in (bool, int, float) and value == neutral)
 
 
-def _plain(value):
+def sampling_kwargs(gen_cfg) -> dict:
+    """`generate` kwargs from `cfg.generation`, whose values the config check (`infalign.config`, before torch)
+    has refused unless they sample from the policy itself: temperature 1, no top-k / top-p, a known sampler, no
+    other key. There is no separate generation config for evaluation: the calibration samples and the win-rate
+    evaluation sample exactly like training. Any other key of `gen_cfg` is passed on, so `rollout.generate`
+    refuses one that would change the probabilities instead of it being dropped.
+    """
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-
-
-def sampling_kwargs(gen_cfg, *, for_training: bool = True) -> dict:
-    """`generate` kwargs from `cfg.generation`; training rollouts must be pure samples of the policy.
-
-    There is no separate generation config for evaluation: the calibration samples and the win-rate
-    evaluation sample exactly like training (`rollout.generate` refuses anything else). `for_training=False`
-    returns the settings unchecked, for a `model.generate` of the caller's own.
-    """
-    temperature = float(gen_cfg.get("temperature", 1.0))
-    top_k = gen_cfg.get("top_k") or 0
-    top_p = float(gen_cfg.get("top_p") or 1.0)
-    fix = ("the KL estimate and the policy gradient assume pure samples of the policy (otherwise they are biased, "
-           "and the k1 KL can turn negative). There is no separate generation config for evaluation: training "
-           "rollouts, the calibration samples and evaluation all sample this way.")
-    if for_training and (temperature != 1.0 or top_k not in (0, None) or top_p != 1.0):
-        raise ValueError(
-            f"training rollouts must sample from the policy itself (temperature=1, top_k=0, top_p=1), got "
-            f"generation.temperature={temperature}, generation.top_k={top_k}, generation.top_p={top_p}: {fix} "
-            "Set them back to 1.0 / 0 / 1.0 (or remove them)."
-        )
-    other = {key: _plain(gen_cfg.get(key)) for key in PURE_SAMPLING
-             if key not in _CONFIG_KEYS and gen_cfg.get(key) is not None
-             and not _is_neutral(_plain(gen_cfg.get(key)), PURE_SAMPLING[key])}
-    if for_training and other:
-        key, value = next(iter(other.items()))
-        raise ValueError(
-            f"training rollouts must sample from the policy itself, but generation.{key}={value!r} would change "
-            f"the sampling distribution: {fix} Remove generation.{key} (or set it to "
-            f"{PURE_SAMPLING[key]!r}); the model's own generation_config is overridden the same way."
-        )
-    sampler = str(gen_cfg.get("sampler") or "inverse_cdf")
-    if sampler not in SAMPLERS:
-        raise ValueError(f"generation.sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
-    kwargs = {
-        "sampler": sampler,
-        "do_sample": True,
-        "temperature": temperature,
-        "top_k": int(top_k),
-        "top_p": top_p,
-        "max_new_tokens": int(gen_cfg.get("max_new_tokens", 48)),
-        **other,
-    }
-    # Optional preallocated ("static") KV cache: 1.65x faster for one batch of 256 sequences here, but
-    # much slower across RL iterations (new shapes each call); off by default. It changes no probabilities.
-    if gen_cfg.get("cache_implementation"):
-        kwargs["cache_implementation"] = str(gen_cfg["cache_implementation"])
-    return kwargs
+    gen = OmegaConf.to_container(gen_cfg, resolve=True) if OmegaConf.is_config(gen_cfg) else dict(gen_cfg)
+    kwargs = {"sampler": str(gen.pop("sampler", None) or "inverse_cdf"), "do_sample": True,
+              "temperature": float(gen.pop("temperature", 1.0)), "top_k": int(gen.pop("top_k", None) or 0),
+              "top_p": float(gen.pop("top_p", None) or 1.0), "max_new_tokens": int(gen.pop("max_new_tokens", 48))}
+    # e.g. cache_implementation: a preallocated ("static") KV cache was 1.65x faster for one batch of 256 sequences
+    # here, but much slower across RL iterations (new shapes each call); off by default. It changes no probabilities.
+    return {**kwargs, **{k: v for k, v in gen.items() if v is not None}}
 
 
 @functools.cache

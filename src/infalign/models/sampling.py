@@ -2,8 +2,8 @@
 
 Two traps handled here:
 - The KL and the policy gradient assume the responses were drawn from the policy's own distribution, so
-  rollouts sample at temperature 1 with no top-k / top-p (`infalign.models.pure_sampling` refuses anything else
-  for training), otherwise the k1 KL estimate is biased and can go negative. The sampler (`_sample`) applies
+  rollouts sample at temperature 1 with no top-k / top-p (the config check, `infalign.config`, refuses anything
+  else), otherwise the k1 KL estimate is biased and can go negative. The sampler (`_sample`) applies
   no logits processor at all and never reads the checkpoint's own `generation_config` (repetition penalty,
   n-gram bans, minimum lengths, ...); the `model.generate` path (only for `generation.cache_implementation`)
   switches all of those off (`pure_sampling.PURE_SAMPLING`) and refuses to sample if one would still apply.
