@@ -196,3 +196,52 @@ def test_orderings_csv_at_matched_kl_with_the_shape_transfer(matched_sweep):
     assert float(row["shape_transfer"]) == pytest.approx(0.02 / tilt, rel=1e-6)
     assert float(row["shape_transfer_se"]) == pytest.approx(float(row["se"]) / tilt, abs=1e-12)
     assert "## The claimed orderings at matched KL" in paths["markdown"].read_text()
+
+
+# ------------------------------------------------------------- issue 31: maxk against CTRL; held-in beside held-out
+@pytest.fixture(scope="module")
+def maxk_sweep(tmp_path_factory):
+    """Four seeds each of maxk (solver maxk, method maxk, recording the bon_exp transform it did not use),
+    bon_exp and calibrated (solver rloo), every metric linear in the KL, with offsets on best-of-4: maxk +0.03,
+    bon_exp +0.02 (held-out); on the training prompts (eval_held_in/*) bon_exp +0.05 and maxk +0.04."""
+    root = tmp_path_factory.mktemp("maxk")
+    arms = {"maxk": ("maxk", "bon_exp", BON_EXP_CFG, 0.03, 0.04, 0.35), "bon_exp": ("rloo", "bon_exp", BON_EXP_CFG, 0.02,
+                                                                                 0.05, 0.30),
+            "calibrated": ("rloo", "identity", IDENTITY_CFG, 0.0, 0.0, 0.40)}
+    for method, (solver, transform, cfg, off, off_in, kl0) in arms.items():
+        for seed in range(4):
+            kl = kl0 + 0.05 * seed + 0.01 * seed**2
+            final = fake_final(method, transform, 0.2, seed, kl, 0.55 + 0.2 * kl, 0.6 + 0.3 * kl + off, 0.7)
+            final.update({"t": 10.0 if transform == "bon_exp" else None, "solver": solver, "metric": "bon",
+                          "calibration_m": 16, "eval/kl_calibrated": 0.2 * kl, "eval_held_in/kl": kl + 0.1,
+                          "eval_held_in/kl_calibrated": 0.2 * (kl + 0.1),
+                          "eval_held_in/bon_win_rate@1": 0.56 + 0.2 * kl,
+                          "eval_held_in/bon_win_rate@4": 0.62 + 0.3 * kl + off_in,
+                          "eval_held_in/won_win_rate@4": 0.7})
+            member(root, f"{method}_seed{seed}", final, cfg, calibration={"m": 16})
+    return root
+
+
+def test_maxk_is_compared_with_each_method_of_another_solver_without_a_tilt(maxk_sweep):
+    study = analyze_sweep(maxk_sweep)
+    maxk_runs = [r for r in study.runs if r["solver"] == "maxk"]
+    assert len(maxk_runs) == 4 and all(math.isnan(r["theory_bon"]) for r in maxk_runs)  # not bon_exp's tilt
+    assert all(r["metric"] == "bon" for r in maxk_runs)
+    got = {(o["a"], o["b"], o["metric"], o["matched"]): o for o in study.orderings}
+    for b, off in (("bon_exp", 0.01), ("calibrated", 0.03)):
+        for m in ("calibrated_kl", "kl"):
+            o = got[("maxk", b, "bon@4", m)]
+            assert o["diff"] == pytest.approx(off, abs=1e-9)
+            assert math.isnan(o["shape_transfer"]) and "solver_a=maxk solver_b=rloo" in o["config"]
+    assert ("maxk", "bon_exp", "std", "kl") not in got and not any(o["a"] == "won_exp" for o in study.orderings)
+
+
+def test_orderings_on_the_training_prompts_beside_the_held_out_ones(maxk_sweep):
+    study = analyze_sweep(maxk_sweep)
+    got = {(o["a"], o["b"], o["metric"], o["matched"]): o for o in study.orderings}
+    assert got[("bon_exp", "calibrated", "bon@4", "calibrated_kl")]["diff"] == pytest.approx(0.02, abs=1e-9)
+    held_in = got[("bon_exp", "calibrated", "bon@4_held_in", "calibrated_kl")]
+    assert held_in["diff"] == pytest.approx(0.05, abs=1e-9)
+    assert got[("maxk", "bon_exp", "bon@4_held_in", "kl")]["diff"] == pytest.approx(-0.01, abs=1e-9)
+    # its shape transfer: over the tilts' difference at the held-in common KL
+    assert held_in["shape_transfer"] == pytest.approx(0.05 / held_in["tilt_diff"], rel=1e-9)

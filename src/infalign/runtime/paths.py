@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[3]  # src/infalign/runtime/paths.py -> the checkout
@@ -35,8 +36,14 @@ def cache_root() -> str:
 
 
 def pick(values, index):
-    """`${infalign.pick:<list>,<i>}`: the i-th item of a list. Study presets sweep an index into per-method
-    beta grids (OmegaConf cannot index a list with an interpolated integer)."""
+    """`${infalign.pick:<list>,<i>}`: the i-th item of a list; `${infalign.pick:<mapping>,<key>}`: the item under
+    the key (as written, or as an integer: `{4: 0.14, 8: 0.11}` picked by `${n}`). Study presets pick per-method
+    beta grids by a swept index or by N (OmegaConf cannot index with an interpolated value)."""
+    if isinstance(values, Mapping):
+        for key in (index, str(index), *([int(index)] if str(index).lstrip("-").isdigit() else [])):
+            if key in values:
+                return values[key]
+        raise KeyError(f"{index!r} is not one of the keys {list(values)}")
     index = int(index)
     if not 0 <= index < len(values):
         raise IndexError(f"index {index} is outside the list {list(values)} (it has {len(values)} items)")

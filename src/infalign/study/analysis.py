@@ -59,6 +59,7 @@ __all__ = ["BETA_START", "BETA_STOP", "PER_DECADE", "Study", "analyze_sweep", "m
            "optimum_curve", "optimum_at", "paired_comparisons", "predicted_difference", "run_rows", "theory_at_kl"]
 
 RAW_NOTE = "raw reward: uncalibrated, no closed-form theory for its transform (gap to the optimum only)"
+MAXK_NOTE = "maxk: optimises the win rate itself, no transform and so no tilt (gap to the optimum only)"
 
 
 def _grid():
@@ -125,9 +126,10 @@ def run_rows(raw_rows: list[dict], sweep_dir: Path, kl_max: float | None = None)
             notes.append("measured KL <= 0 (sampling noise): theory and optimum are the reference's 0.5")
         theory = {"beta": math.nan, "std": math.nan, "bon": math.nan, "won": math.nan}
         # rebuilt as data (infalign.study.run_config: allow-listed transforms, the recorded t, never executed)
-        transform = transform_from_run(r, member_dir)
+        # maxk optimises the win rate itself: the transform it records is unused and its tilt no yardstick
+        transform = None if solver == "maxk" else transform_from_run(r, member_dir)
         if transform is None:
-            notes.append(RAW_NOTE)
+            notes.append(MAXK_NOTE if solver == "maxk" else RAW_NOTE)
         else:
             try:
                 theory = theory_at_kl(transform, row["kl"], n, m)
@@ -145,7 +147,7 @@ def run_rows(raw_rows: list[dict], sweep_dir: Path, kl_max: float | None = None)
         fit = read_tilt_fit(member_dir)  # `python -m infalign.study.tilt_fit <member>` (issue 30 item 3); NaN before
         row["tilt_slope"], row["tilt_shape"] = _number(fit.get("slope")), _number(fit.get("shape"))
         try:  # KL efficiency on the run's target metric (infalign.theory.efficiency)
-            metric = target_metric(row["method"], r.get("transform"))
+            metric = target_metric(row["method"], r.get("transform"), r.get("metric") if solver == "maxk" else None)
             eff = efficiency_columns(transform, row["kl"], measured[metric], n, metric, m)
             if eff["efficiency_note"] and transform is not None:
                 notes.append(eff["efficiency_note"])
@@ -178,7 +180,8 @@ def _held_in(r: dict, transform, n: int, m: int | None, notes: list[str]) -> dic
     kl = _number(r.get(f"{HELD_IN}/kl"))
     measured = {"std": _number(r.get(f"{HELD_IN}/bon_win_rate@1")), "bon": _number(r.get(f"{HELD_IN}/bon_win_rate@{n}")),
                 "won": _number(r.get(f"{HELD_IN}/won_win_rate@{n}"))}
-    out = {"kl_held_in": kl, **{f"{k}_held_in": v for k, v in measured.items()}}
+    out = {"kl_held_in": kl, "kl_calibrated_held_in": _number(r.get(f"{HELD_IN}/kl_calibrated")),
+           **{f"{k}_held_in": v for k, v in measured.items()}}
     theory = {"std": math.nan, "bon": math.nan, "won": math.nan}
     if transform is not None and math.isfinite(kl):
         try:

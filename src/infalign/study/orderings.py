@@ -23,12 +23,19 @@ with like; the `kl` row evaluates the tilts at the sequence KL, as the study's t
 `shape_transfer_se` = se / |tilt A - tilt B| (delta method; the tilts' Monte Carlo error, ~0.001, is left out).
 NaN where a side has no tilt (`raw`).
 
+Each comparison is made on the held-out evaluation prompts (`metric` e.g. `bon@4`) and, where the runs evaluated
+training prompts too (`eval.held_in_prompts`), on those (`bon@4_held_in`: the run's N only).
+
+The maxk solver (issue 31) is compared with bon_exp and calibrated (won_exp and calibrated for worst-of-N) trained
+by another solver at the same N (`MAXK_ORDERINGS`; `config` names both solvers); its rows have no shape transfer.
+
 One row per ordering, matched space and configuration (`config`: the sweep, the solver, N, and each side's beta;
 B's beta is the one at the closest mean KL to A's when a method has several). numpy and infalign.theory only.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -38,9 +45,13 @@ from infalign.study.run_config import transform_from_run
 from infalign.study.runs import final_metrics
 from infalign.theory.efficiency import tilt_at_kl
 
-__all__ = ["COLUMNS", "MATCHED", "ORDERINGS", "kl_fit", "matched_difference", "ordering_rows"]
+__all__ = ["COLUMNS", "MATCHED", "MAXK_ORDERINGS", "ORDERINGS", "kl_fit", "matched_difference", "ordering_rows"]
 
 ORDERINGS = (("bon_exp", "calibrated", "bon"), ("won_exp", "calibrated", "won"), ("calibrated", "raw", "std"))
+# issue 31: the win rate optimised directly (solver=maxk, recorded as method maxk) against CTRL's transform and
+# calibrated RL, each trained by its own solver, at the same N; a maxk run has no transform, so no tilt
+MAXK_ORDERINGS = (("maxk", "bon_exp", "bon"), ("maxk", "calibrated", "bon"), ("maxk", "won_exp", "won"),
+                  ("maxk", "calibrated", "won"))
 MATCHED = {"calibrated_kl": "kl_calibrated", "kl": "kl"}  # orderings.csv's `matched` -> the run row's KL column
 COLUMNS = ["a", "b", "metric", "matched", "diff", "se", "z", "seeds_a", "seeds_b", "shape_transfer",
            "shape_transfer_se", "config"]
@@ -90,6 +101,8 @@ def _tilt(runs: list[dict], sweep_dir: Path, kl: float, n: int, metric: str) -> 
     """The `metric` win rate of the tilt of these runs' transform (their first member's, at its yardstick M) at
     `kl`; NaN for raw or when the tilt cannot spend `kl`."""
     first = runs[0]
+    if first.get("solver") == "maxk":  # no transform: no tilt to compare with
+        return math.nan
     member_dir = Path(sweep_dir) / first["member"]
     try:
         transform = transform_from_run(final_metrics(member_dir), member_dir)
@@ -100,36 +113,57 @@ def _tilt(runs: list[dict], sweep_dir: Path, kl: float, n: int, metric: str) -> 
         return math.nan
 
 
+def _comparisons(runs: list[dict]):
+    """(solver_a, a, solver_b, b, n, metric) of every comparison the runs hold: each of ORDERINGS within one
+    solver and N, and (issue 31) the maxk solver against each method of MAXK_ORDERINGS trained by another solver
+    at the same N, on the metric the maxk runs were built for (their `metric`, bon or won)."""
+    configs = list(dict.fromkeys((r["solver"], r["n"]) for r in runs))
+    for solver, n in configs:
+        for a, b, metric in ORDERINGS:
+            yield solver, a, solver, b, n, metric
+    for solver_b, n in configs:
+        if solver_b == "maxk":
+            continue
+        for a, b, metric in MAXK_ORDERINGS:
+            if any(r["solver"] == "maxk" and r["n"] == n and r.get("metric") == metric for r in runs):
+                yield "maxk", a, solver_b, b, n, metric
+
+
 def ordering_rows(runs: list[dict], sweep_dir: Path) -> list[dict]:
     """orderings.csv's rows (module docstring) from the study's run rows (`analysis.run_rows`)."""
     sweep_dir = Path(sweep_dir)
     out = []
-    for solver, n in dict.fromkeys((r["solver"], r["n"]) for r in runs):
-        config_runs = [r for r in runs if r["solver"] == solver and r["n"] == n]
-        for a, b, metric in ORDERINGS:
-            col = _column(metric, n)
-            betas = {m: list(dict.fromkeys(r["beta"] for r in config_runs if r["method"] == m)) for m in (a, b)}
-            if not betas[a] or not betas[b]:
-                continue
-            for beta_a in betas[a]:
-                side_a = [r for r in config_runs if r["method"] == a and r["beta"] == beta_a]
-                mean_kl_a = float(np.mean([r["kl"] for r in side_a]))
-                beta_b = min(betas[b], key=lambda bb: abs(float(np.mean(
-                    [r["kl"] for r in config_runs if r["method"] == b and r["beta"] == bb])) - mean_kl_a))
-                side_b = [r for r in config_runs if r["method"] == b and r["beta"] == beta_b]
-                config = f"{sweep_dir.name}: solver={solver} N={n} beta_a={beta_a:g} beta_b={beta_b:g}"
-                for matched, kl_col in MATCHED.items():
-                    pa = [(r[kl_col], r[col]) for r in side_a if math.isfinite(r[kl_col]) and math.isfinite(r[col])]
-                    pb = [(r[kl_col], r[col]) for r in side_b if math.isfinite(r[kl_col]) and math.isfinite(r[col])]
-                    if not pa or not pb:
-                        continue
-                    d = matched_difference(*zip(*pa), *zip(*pb))
-                    tilt = _tilt(side_a, sweep_dir, d["kl"], n, metric) - _tilt(side_b, sweep_dir, d["kl"], n, metric)
-                    ok = math.isfinite(tilt) and abs(tilt) > 1e-12
-                    out.append({"a": a, "b": b, "metric": col, "matched": matched, "diff": d["diff"], "se": d["se"],
-                                "z": d["z"], "seeds_a": d["seeds_a"], "seeds_b": d["seeds_b"],
-                                "shape_transfer": d["diff"] / tilt if ok else math.nan,
-                                "shape_transfer_se": d["se"] / abs(tilt) if ok else math.nan, "config": config,
-                                "at_kl": d["kl"], "tilt_diff": tilt, "m_a": side_a[0].get("m"),
-                                "m_b": side_b[0].get("m"), "slope_a": d["slope_a"], "slope_b": d["slope_b"]})
+    for solver_a, a, solver_b, b, n, metric in _comparisons(runs):
+        col = _column(metric, n)
+        arm_a = [r for r in runs if r["solver"] == solver_a and r["n"] == n and r["method"] == a
+                 and (solver_a != "maxk" or r.get("metric") == metric)]
+        arm_b = [r for r in runs if r["solver"] == solver_b and r["n"] == n and r["method"] == b]
+        betas = {side: list(dict.fromkeys(r["beta"] for r in arm)) for side, arm in (("a", arm_a), ("b", arm_b))}
+        if not betas["a"] or not betas["b"]:
+            continue
+        for beta_a in betas["a"]:
+            side_a = [r for r in arm_a if r["beta"] == beta_a]
+            mean_kl_a = float(np.mean([r["kl"] for r in side_a]))
+            beta_b = min(betas["b"], key=lambda bb: abs(float(np.mean(
+                [r["kl"] for r in arm_b if r["beta"] == bb])) - mean_kl_a))
+            side_b = [r for r in arm_b if r["beta"] == beta_b]
+            solvers = f"solver={solver_a}" if solver_a == solver_b else f"solver_a={solver_a} solver_b={solver_b}"
+            config = f"{sweep_dir.name}: {solvers} N={n} beta_a={beta_a:g} beta_b={beta_b:g}"
+            for (matched, kl_col), prompts in itertools.product(MATCHED.items(), ("held_out", "held_in")):
+                # held_in: the same comparison on training prompts (eval.held_in_prompts), at the run's N only
+                x, y = (kl_col, col) if prompts == "held_out" else (f"{kl_col}_held_in", f"{metric}_held_in")
+                pa = [(r[x], r[y]) for r in side_a if math.isfinite(r.get(x, math.nan)) and math.isfinite(r.get(y, math.nan))]
+                pb = [(r[x], r[y]) for r in side_b if math.isfinite(r.get(x, math.nan)) and math.isfinite(r.get(y, math.nan))]
+                if not pa or not pb:
+                    continue
+                d = matched_difference(*zip(*pa), *zip(*pb))
+                tilt = _tilt(side_a, sweep_dir, d["kl"], n, metric) - _tilt(side_b, sweep_dir, d["kl"], n, metric)
+                ok = math.isfinite(tilt) and abs(tilt) > 1e-12
+                out.append({"a": a, "b": b, "metric": col if prompts == "held_out" else f"{col}_held_in",
+                            "matched": matched, "diff": d["diff"], "se": d["se"],
+                            "z": d["z"], "seeds_a": d["seeds_a"], "seeds_b": d["seeds_b"],
+                            "shape_transfer": d["diff"] / tilt if ok else math.nan,
+                            "shape_transfer_se": d["se"] / abs(tilt) if ok else math.nan, "config": config,
+                            "at_kl": d["kl"], "tilt_diff": tilt, "m_a": side_a[0].get("m"),
+                            "m_b": side_b[0].get("m"), "slope_a": d["slope_a"], "slope_b": d["slope_b"]})
     return out

@@ -94,11 +94,13 @@ def run(cfg: DictConfig) -> dict:
                              null_control=bool(cfg.rl.null_control))
     datamodule = RolloutDataModule(train_prompts, builder, solver, cfg.rl.prompts_per_iteration, cfg.seed)
 
-    # method: the method preset chosen (conf/method/; studies group runs by it), else the transform's name;
+    # method: the method preset chosen (conf/method/; studies group runs by it), else the transform's name; a
+    # solver of the win rate itself (maxk: `mode`) uses no transform, so the method it ran is the solver's name;
     # solver: the solver preset chosen (conf/solver/; infalign.runtime.presets keeps it true to what trains);
     # t: the exp family's t as used (t=auto resolved)
+    method = choices.get("solver") if getattr(solver, "mode", None) else choices.get("method") or choices.get("transform")
     run_info = {"n": int(cfg.n), "beta": float(cfg.beta), "transform": choices.get("transform"),
-                "method": choices.get("method") or choices.get("transform"), "solver": choices.get("solver"),
+                "method": method, "solver": choices.get("solver"),
                 "t": getattr(transform, "t", None),
                 "t_auto": getattr(transform, "auto", None),
                 "calibrator": choices.get("calibrator"), "seed": int(cfg.seed), "run_dir": str(run_dir)}
