@@ -16,23 +16,13 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from infalign.config.cross import (
-    _distill_within_iterations,
-    _held_in_fit,
-    _maxk_fits,
-    _minibatches_divide,
-    _processes_share,
-    _prompts_fit,
-    _reward_on_cached_policy,
-    _samples_cover_n,
-    _trainer_fits,
-    _transform_fits_calibrator,
-)
+from infalign.config.cross import check_between
 from infalign.config.models import LOADERS
-from infalign.config.rules import ConfigError, is_int, is_real, show
+from infalign.config.rules import is_int, is_real, show
 from infalign.config.schema import TRANSFORMS, DataConfig, TrainConfig, TrainerConfig
 from infalign.runtime.artifacts import CACHE_FIX, cache_root_warning
 from infalign.runtime.atomic import FileWriteError
+from infalign.runtime.errors import ConfigError
 from infalign.runtime.model_paths import PATH_KEYS, model_path_problem
 from infalign.runtime.presets import check_presets
 
@@ -116,8 +106,6 @@ def check_loader_keys(node, group: str, where: str) -> type | None:
 
 def plain(cfg) -> dict:
     """The config as plain data, interpolations resolved; `logger` and `hydra` unresolved (Hydra's runtime)."""
-    if not isinstance(cfg, (DictConfig, Mapping)):
-        raise ConfigError(f"the config must be a mapping, got {type(cfg).__name__}")
     out, unresolved = {}, OmegaConf.to_container(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
     for name in cfg:
         if name in ("logger", "hydra"):
@@ -145,20 +133,6 @@ def _keys(c: Mapping, choices: Mapping | None) -> None:
         check_section(transform, TRANSFORMS[transform["_target_"]], "transform", source("transform", choices))
     for group in ("model", "reward"):
         check_loader_keys(c.get(group), group, source(group, choices, scale=True))
-
-
-def check_run_options(cfg) -> None:
-    """`resume`, `overwrite`, `resume_allow_changes` and `checkpoint.every` alone (infalign.trainer.checkpointing)."""
-    c = plain(cfg)
-    names = ("resume", "overwrite", "resume_allow_changes", "checkpoint")
-    check_section({k: c[k] for k in names if k in c}, TrainConfig, "", "conf/train.yaml")
-    _run_options(c)
-
-
-def _run_options(c: Mapping) -> None:
-    if c.get("resume", False) is not False and c.get("overwrite"):
-        raise ConfigError("resume and overwrite=true contradict each other: resume continues the run in "
-                          "hydra.run.dir, overwrite replaces it; pass one of them")
 
 
 # ---------------------------------------------------------------------------------------------- warnings
@@ -219,17 +193,7 @@ def check_config(cfg, choices: Mapping | None = None, *, multirun: bool = False,
     _keys(c, choices)
     if choices is not None:  # each key's own value first, then the presets
         check_presets(choices, list(overrides))
-    _run_options(c)
-    _samples_cover_n(c)
-    _maxk_fits(c)
-    _prompts_fit(c)
-    _held_in_fit(c)
-    _distill_within_iterations(c)
-    _processes_share(c, multirun)
-    _minibatches_divide(c)
-    _trainer_fits(c)
-    _transform_fits_calibrator(c, choices)
-    _reward_on_cached_policy(c)
+    check_between(c, choices, multirun)
     return [*warnings(c), *filter(None, [_cache_root(c["cache_root"])])]  # last: it creates the folder
 
 

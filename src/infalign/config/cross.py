@@ -1,19 +1,16 @@
-"""The rules between keys of a composed config, each written once (:func:`infalign.config.check.check_config`
-applies them in turn, after every key has passed its own check).
-
-Each rule takes the plain config (:func:`infalign.config.check.plain`) and raises a one-line
-:class:`infalign.config.rules.ConfigError` naming the keys that conflict and a value that fits: the samples the
-win rate at N needs, the prompts an iteration draws, the processes' equal shares, whole minibatches, the Lightning
-Trainer keys the RL loop owns, a transform that fits its calibrator, a reward built on the cached policy.
-"""
+"""The rules between keys of a composed config, each written once: `check_between` applies them in turn to the
+plain config (:func:`infalign.config.check.plain`), after every key has passed its own check. Each raises a
+one-line ConfigError naming the keys that conflict and a value that fits."""
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import MISSING
+from functools import partial
 
 from infalign.config.models import CACHED_POLICIES
-from infalign.config.rules import ConfigError, is_int, processes, show
-from infalign.config.schema import CALIBRATORS, TRANSFORMS
+from infalign.config.rules import is_int, processes, show
+from infalign.config.schema import CALIBRATORS, RAW, TRANSFORMS
+from infalign.runtime.errors import ConfigError
 
 SET_BY_RUN = {"logger": "the logger group (logger=wandb or logger=none)", "callbacks": "infalign's own callbacks",
               "enable_progress_bar": "progress=true|false", "default_root_dir": "hydra.run.dir",
@@ -21,7 +18,19 @@ SET_BY_RUN = {"logger": "the logger group (logger=wandb or logger=none)", "callb
               "plugins": "infalign's checksummed checkpoint I/O", "enable_checkpointing": "checkpoint.every"}
 
 
-# ---------------------------------------------------------------------------------------------- rules between keys
+def check_between(c: Mapping, choices: Mapping | None, multirun: bool) -> None:
+    for rule in (_resume_or_overwrite, _samples_cover_n, _maxk_fits, _prompts_fit, _held_in_fit,
+                 _distill_within_iterations, partial(_processes_share, multirun=multirun), _minibatches_divide,
+                 _trainer_fits, partial(_transform_fits_calibrator, choices=choices), _reward_on_cached_policy):
+        rule(c)
+
+
+def _resume_or_overwrite(c) -> None:
+    if c.get("resume", False) is not False and c.get("overwrite"):
+        raise ConfigError("resume and overwrite=true contradict each other: resume continues the run in "
+                          "hydra.run.dir, overwrite replaces it; pass one of them")
+
+
 def _maxk_fits(c) -> None:
     """solver=maxk estimates the win rate at N from the rl.k samples of a prompt, against its reference rewards."""
     solver = c.get("solver") or {}
@@ -136,9 +145,8 @@ def _trainer_fits(c) -> None:
 
 
 def _transform_fits_calibrator(c, choices: Mapping | None) -> None:
-    transform = TRANSFORMS.get((c.get("transform") or {}).get("_target_"))
-    calibrator = CALIBRATORS.get((c.get("calibrator") or {}).get("_target_"))
-    if transform and calibrator and transform.raw == calibrator.calibrates:
+    transform, calibrator = (c.get("transform") or {}).get("_target_"), (c.get("calibrator") or {}).get("_target_")
+    if transform in TRANSFORMS and calibrator in CALIBRATORS and (transform in RAW) != (calibrator in RAW):
         t, cal = (choices or {}).get("transform"), (choices or {}).get("calibrator")
         raise ConfigError(f"transform={t} and calibrator={cal} do not fit: raw rewards go with calibrator=passthrough, "
                           "calibrated transforms with calibrator=empirical")

@@ -11,16 +11,12 @@ from typing import Any, ClassVar
 from infalign.config.rules import BOOL, SEED, TEXT, Rule, integer, list_of, nullable, number, one_of
 from infalign.config.schema import key, sub
 
-_TRAIN_PRECISION = one_of("32-true", "bf16-mixed")
-_SCORE_PRECISION = one_of("fp32", "bf16")
-_BATCH_TOKENS = key(integer(1), "padded tokens per forward pass (pairs batched by length)", 2048, opt=True)
-
 
 @dataclass(kw_only=True)
 class Lora:
     r: int = key(integer(0), "the adapters' rank; 0 = off (the whole policy trains)", 8, opt=True)
-    alpha: float = key(number(gt=0), "the adapters' scale is alpha / r", 16, opt=True)
-    dropout: float = key(number(ge=0, lt=1), "dropout on the adapters' input, in the update's passes only", 0.05,
+    alpha: float = key(number("(0, inf)"), "the adapters' scale is alpha / r", 16, opt=True)
+    dropout: float = key(number("[0, 1)"), "dropout on the adapters' input, in the update's passes only", 0.05,
                          opt=True)
     target_modules: Any = key(Rule(lambda v: TEXT.test(v) or list_of(TEXT, "", nonempty=True).test(v), "a non-empty "
                               "list of module names, or all-linear"), "the modules adapted", "[q_proj,v_proj]", opt=True)
@@ -51,18 +47,19 @@ class GPT2:
     n_layer: int = key(integer(1), "layers", 2)
     n_embd: int = key(integer(1), "width, divisible by n_head", 256)
     n_head: int = key(integer(1), "attention heads", 4)
-    dropout: float = key(number(ge=0, lt=1), "residual, embedding and attention dropout", 0.1, opt=True)
+    dropout: float = key(number("[0, 1)"), "residual, embedding and attention dropout", 0.1, opt=True)
 
 
 @dataclass(kw_only=True)
 class Training:
     epochs: int = key(integer(1), "epochs", 6, opt=True)
     batch_size: int = key(integer(1), "pairs or dialogues per step", 16, opt=True)
-    lr: float = key(number(gt=0), "the learning rate", 1e-3, opt=True)
-    weight_decay: float = key(number(ge=0), "AdamW's weight decay", 0.01, opt=True)
+    lr: float = key(number("(0, inf)"), "the learning rate", 1e-3, opt=True)
+    weight_decay: float = key(number("[0, inf)"), "AdamW's weight decay", 0.01, opt=True)
     warmup_steps: int = key(integer(0), "linear warm-up steps", 50, opt=True)
-    grad_clip: float = key(number(ge=0), "the gradient norm's clip", 1.0, opt=True)
-    precision: str = key(_TRAIN_PRECISION, "Lightning's precision while it trains", "bf16-mixed", opt=True)
+    grad_clip: float = key(number("[0, inf)"), "the gradient norm's clip", 1.0, opt=True)
+    precision: str = key(one_of("32-true", "bf16-mixed"), "Lightning's precision while it trains", "bf16-mixed",
+                         opt=True)
 
 
 @dataclass(kw_only=True)
@@ -107,8 +104,9 @@ class Reward:
                                         "prompt budget in the reward model's own tokens", 384, opt=True)
     max_response_tokens: int | None = key(nullable(integer(1), "data.max_response_tokens"),
                                           "response budget in the reward model's own tokens", 128, opt=True)
-    precision: str = key(_SCORE_PRECISION, "how the frozen model scores, everywhere", "bf16", opt=True)
-    max_batch_tokens: int = _BATCH_TOKENS
+    precision: str = key(one_of("fp32", "bf16"), "how the frozen model scores, everywhere", "bf16", opt=True)
+    max_batch_tokens: int = key(integer(1), "padded tokens per forward pass (pairs batched by length)", 2048,
+                                opt=True)
     trainer_keys: ClassVar[tuple[str, ...]] = ("name",)
 
 
@@ -126,7 +124,7 @@ class HFReward(Reward):  # infalign.models.reward.hf_reward: any sequence classi
 @dataclass(kw_only=True)
 class Head:
     hidden: int = key(integer(0), "hidden units; 0: a linear head", 0, opt=True)
-    dropout: float = key(number(ge=0, lt=1), "the MLP head's dropout", 0.1, opt=True)
+    dropout: float = key(number("[0, 1)"), "the MLP head's dropout", 0.1, opt=True)
 
 
 @dataclass(kw_only=True)

@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from infalign.runtime.errors import ConfigError, exit_on_user_error  # noqa: F401 (the one-line contract)
+YAML = {None: "null", True: "true", False: "false"}
 
 
 @dataclass(frozen=True)
@@ -20,9 +20,14 @@ class Rule:
 
 def show(v) -> str:
     """A value as a message shows it: YAML's true/false/null, strings quoted (so `seed='abc'` reads as text)."""
-    if v is None or isinstance(v, bool):
-        return {None: "null", True: "true", False: "false"}[v]
-    return repr(v)
+    return YAML[v] if v is None or isinstance(v, bool) else repr(v)
+
+
+def cli(v) -> str:
+    """A value as typed on the command line."""
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(map(cli, v)) + "]"
+    return YAML[v] if v is None or isinstance(v, bool) else str(v)
 
 
 def is_int(v) -> bool:
@@ -33,27 +38,25 @@ def is_real(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def integer(lo: int | None = None, hi: int | None = None, *, integral_float: bool = False) -> Rule:
+def integer(lo: int, hi: int | None = None, *, integral_float: bool = False) -> Rule:
     """An integer in [lo, hi]; `integral_float`: 4.0 counts as 4 (N, which the theory also takes as a float)."""
     def test(v):
         ok = is_int(v) or (integral_float and is_real(v) and float(v).is_integer())
-        return ok and (lo is None or v >= lo) and (hi is None or v <= hi)
-    what = "a positive integer" if lo == 1 and hi is None else "an integer"
-    bounds = f" from {lo} to {hi}" if hi is not None else f" >= {lo}" if lo not in (None, 1) else ""
-    return Rule(test, what + bounds)
+        return ok and v >= lo and (hi is None or v <= hi)
+    if hi is not None:
+        return Rule(test, f"an integer from {lo} to {hi}")
+    return Rule(test, "a positive integer" if lo == 1 else f"an integer >= {lo}")
 
 
-def number(*, gt=None, ge=None, le=None, lt=None) -> Rule:
-    """A finite number (an int or a float, not a bool) within the bounds given."""
+def number(interval: str) -> Rule:
+    """A finite number (an int or a float, not a bool) in `interval`: "(0, inf)", "[0, inf)", "[0, 1)", ..."""
+    lo, hi = (float(bound) for bound in interval[1:-1].split(","))
+
     def test(v):
-        return is_real(v) and (gt is None or v > gt) and (ge is None or v >= ge) and \
-            (le is None or v <= le) and (lt is None or v < lt)
-    if gt == 0 and ge is le is lt is None:
-        return Rule(test, "a positive finite number")
-    if ge is not None and (le is not None or lt is not None):
-        return Rule(test, f"a number in [{ge}, {le}]" if le is not None else f"a number in [{ge}, {lt})")
-    bounds = [f"{op} {b}" for op, b in ((">", gt), (">=", ge), ("<=", le), ("<", lt)) if b is not None]
-    return Rule(test, " ".join(["a number", *bounds]))
+        return is_real(v) and (v >= lo if interval[0] == "[" else v > lo) and \
+            (v <= hi if interval[-1] == "]" else v < hi)
+    named = {"(0, inf)": "a positive finite number", "[0, inf)": "a number >= 0"}
+    return Rule(test, named.get(interval, f"a number in {interval}"))
 
 
 def one_of(*values, text: str | None = None) -> Rule:
@@ -99,16 +102,11 @@ def fractions(v) -> bool:
             and all(is_real(x) and x >= 0 for x in v.values()) and abs(sum(v.values()) - 1.0) <= 1e-6)
 
 
-def processes(trainer) -> int | None:
-    """Processes a trainer config starts (devices x num_nodes; None when Lightning decides: auto, -1)."""
-    trainer = trainer or {}
-    n, nodes = trainer.get("devices", "auto"), trainer.get("num_nodes", 1) or 1
-    nodes = int(nodes) if is_int(nodes) else 1
-    if is_int(n):
-        return n * nodes if n >= 1 else None
-    if isinstance(n, str) and n.strip().isdigit():
-        return int(n) * nodes
-    if isinstance(n, str) and "," in n:  # "0,1": device indices
-        return len([d for d in n.split(",") if d.strip()]) * nodes
-    n = list(n) if not isinstance(n, (str, list)) and hasattr(n, "__iter__") else n
-    return len(n) * nodes if isinstance(n, list) else None
+def processes(trainer: Mapping) -> int | None:
+    """Processes a checked trainer config (plain data) starts: devices x num_nodes; None when Lightning decides
+    (auto, -1)."""
+    n, nodes = trainer.get("devices", "auto"), trainer.get("num_nodes", 1)
+    if isinstance(n, str):  # "2", "0,1" (device indices), "auto"
+        n = [d for d in n.split(",") if d.strip()] if "," in n else int(n) if n.strip().isdigit() else None
+    count = len(n) if isinstance(n, list) else n if is_int(n) and n >= 1 else None
+    return count * (nodes if is_int(nodes) else 1) if count else None

@@ -6,7 +6,7 @@ groups' own files (conf/data, conf/trainer, conf/model, conf/reward, conf/transf
 values; their keys are defined here without a default (`opt`: the key may be absent), one dataclass per group or,
 for the groups that name a function in `_target_`, per function: the keys a config of it may hold.
 Each field's metadata: `rule` (infalign.config.rules), `help` (one line), `example` (a valid command-line value);
-`section`: the dataclass of a nested mapping. `python -m infalign.config` prints them as docs/configuration.md.
+`section`: the dataclass of a nested mapping.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from infalign.config.rules import (
     TARGET,
     TEXT,
     Rule,
+    cli,
     devices,
     fractions,
     integer,
@@ -31,13 +32,6 @@ from infalign.config.rules import (
     number,
     one_of,
 )
-
-
-def cli(v) -> str:
-    """A value as typed on the command line."""
-    if isinstance(v, (list, tuple)):
-        return "[" + ",".join(map(cli, v)) + "]"
-    return {None: "null", True: "true", False: "false"}.get(v, str(v)) if v is None or isinstance(v, bool) else str(v)
 
 
 def key(rule: Rule, help: str, example: Any = MISSING, *, default: Any = MISSING, opt: bool = False):
@@ -67,12 +61,12 @@ class RLConfig:
     prompts_per_iteration: int = key(integer(1), "prompts per rollout", default=16)
     minibatch_size: int = key(integer(1), "sequences per optimizer step, over all processes", default=32)
     ppo_epochs: int = key(integer(1), "passes over a rollout with rl.algo=ppo", default=2)
-    clip: float = key(number(gt=0), "PPO's clip range of the probability ratio, rl.algo=ppo", default=0.2)
-    grad_clip: float | None = key(nullable(number(ge=0), "no clipping"),
+    clip: float = key(number("(0, inf)"), "PPO's clip range of the probability ratio, rl.algo=ppo", default=0.2)
+    grad_clip: float | None = key(nullable(number("[0, inf)"), "no clipping"),
                                   "the gradient norm is clipped to it; 0: no clipping", default=1.0)
     kl_penalty: str = key(one_of("reward", "exact"), "reward: k1 KL per sequence in the reward; exact: the "
                           "full-vocabulary KL per token in the loss", "exact", default="reward")
-    target_kl: float | None = key(nullable(number(gt=0), "beta stays fixed"),
+    target_kl: float | None = key(nullable(number("(0, inf)"), "beta stays fixed"),
                                   "adapt beta towards this KL, nats per sequence", 6.0, default=None)
     null_control: bool = key(BOOL, "shuffle Phi within a prompt's samples: a control that learns nothing",
                              default=False)
@@ -95,11 +89,11 @@ class DistillConfig:
 class OptimizerConfig:  # open: the class's other parameters are checked against it once torch is imported
     _target_: str = key(TARGET, "the optimizer class", default="torch.optim.AdamW")
     _partial_: bool = key(_PARTIAL, "the trainer calls it with the trainable parameters", default=True)
-    lr: float = key(number(gt=0), "the learning rate; 0 would train nothing", "1e-4", default=1.0e-4)
-    betas: list = key(Rule(lambda v: isinstance(v, list) and len(v) == 2 and all(number(ge=0, lt=1).test(x) for x in v),
+    lr: float = key(number("(0, inf)"), "the learning rate; 0 would train nothing", "1e-4", default=1.0e-4)
+    betas: list = key(Rule(lambda v: isinstance(v, list) and len(v) == 2 and all(number("[0, 1)").test(x) for x in v),
                            "a list of two numbers in [0, 1)"), "Adam's decay rates of the gradient's moments",
                       default=[0.9, 0.95], opt=True)
-    weight_decay: float = key(number(ge=0), "decoupled weight decay", default=0.0, opt=True)
+    weight_decay: float = key(number("[0, inf)"), "decoupled weight decay", default=0.0, opt=True)
     open: ClassVar[bool] = True
 
 
@@ -108,7 +102,7 @@ class SchedulerConfig:
     _target_: str = key(TARGET, "the schedule factory", default="infalign.trainer.schedules.warmup_cosine")
     _partial_: bool = key(_PARTIAL, "called with the optimizer", default=True)
     warmup_steps: int = key(integer(0), "optimizer steps of linear warm-up from 0", 5, default=0, opt=True)
-    final_lr_fraction: float = key(number(ge=0, le=1), "the cosine's end, a fraction of optimizer.lr (1: constant)",
+    final_lr_fraction: float = key(number("[0, 1]"), "the cosine's end, a fraction of optimizer.lr (1: constant)",
                                    default=1.0, opt=True)
     open: ClassVar[bool] = True
 
@@ -163,7 +157,7 @@ class CheckpointConfig:
 class TrainConfig:
     """The keys of every run (conf/train.yaml's base); the groups' keys follow."""
     n: int = key(integer(1, integral_float=True), "the N of best-/worst-of-N; n=1 is the standard win rate", default=4)
-    beta: float = key(number(gt=0), "the KL strength; with rl.target_kl its starting value", default=0.05)
+    beta: float = key(number("(0, inf)"), "the KL strength; with rl.target_kl its starting value", default=0.05)
     seed: int = key(SEED, "the run's seed; Lightning takes 0 to 2^32-1", default=0)
     cache_root: str = key(TEXT, "built models and calibration caches ($INFALIGN_CACHE, else <repo>/.cache)",
                           "/data/infalign-cache", default="${infalign.cache_root:}")
@@ -236,57 +230,39 @@ class TrainerConfig:  # conf/trainer/; open: Lightning's other parameters are ch
     open: ClassVar[bool] = True
 
 
-# transforms (conf/transform/) and calibrators (conf/calibrator/): per class, `raw` / `calibrates` say which fit
+# transforms (conf/transform/) and calibrators (conf/calibrator/): the keys of each class; RAW: raw rewards
 @dataclass(kw_only=True)
 class ExpTransform:
     t: Any = key(Rule(lambda v: v == "auto" or (is_real(v) and v > 0), "auto or a positive finite number"),
                  "the exp transform's t; auto: the t infalign.theory picks for n and beta", 4, opt=True)
     n: int = key(integer(1, integral_float=True), "the N it is built for", "${n}", opt=True)
-    beta: float = key(number(gt=0), "the beta it is built for", "${beta}", opt=True)
-    target_kl: float | None = key(nullable(number(gt=0), "the KL of the optimum at beta"), "the KL t=auto tunes for",
-                                  0.5, opt=True)
-    raw: ClassVar[bool] = False
+    beta: float = key(number("(0, inf)"), "the beta it is built for", "${beta}", opt=True)
+    target_kl: float | None = key(nullable(number("(0, inf)"), "the KL of the optimum at beta"),
+                                  "the KL t=auto tunes for", 0.5, opt=True)
 
 
 @dataclass(kw_only=True)
 class OptimalTransform:
     n: int = key(integer(1, integral_float=True), "the N it is built for", "${n}", opt=True)
     mode: str = key(one_of("bon", "won"), "best-of-N or worst-of-N", "bon", opt=True)
-    beta: float = key(number(gt=0), "the beta it is built for", "${beta}", opt=True)
-    raw: ClassVar[bool] = False
+    beta: float = key(number("(0, inf)"), "the beta it is built for", "${beta}", opt=True)
 
 
 @dataclass(kw_only=True)
 class LogTransform:
     m: int | None = key(nullable(integer(1), "continuous u"), "the calibration's M", "${calibration.m}", opt=True)
-    eps: float = key(number(gt=0), "the floor of log(u)", 1e-3, opt=True)
-    raw: ClassVar[bool] = False
+    eps: float = key(number("(0, inf)"), "the floor of log(u)", 1e-3, opt=True)
 
 
 @dataclass(kw_only=True)
-class PlainTransform:
-    raw: ClassVar[bool] = False
-
-
-@dataclass(kw_only=True)
-class RawTransform:
-    raw: ClassVar[bool] = True
-
-
-@dataclass(kw_only=True)
-class EmpiricalCalibrator:
-    calibrates: ClassVar[bool] = True
-
-
-@dataclass(kw_only=True)
-class PassThroughCalibrator:
-    calibrates: ClassVar[bool] = False
+class NoKeys:  # a transform or calibrator that takes no key
+    pass
 
 
 _T = "infalign.theory.factories."
 TRANSFORMS = {_T + "bon_exp": ExpTransform, _T + "won_exp": ExpTransform, _T + "optimal": OptimalTransform,
               "infalign.core.transforms.LogTransform": LogTransform,
-              "infalign.core.transforms.IdentityTransform": PlainTransform,
-              "infalign.core.transforms.RawTransform": RawTransform}
-CALIBRATORS = {"infalign.core.calibration.EmpiricalCalibrator": EmpiricalCalibrator,
-               "infalign.core.calibration.PassThroughCalibrator": PassThroughCalibrator}
+              "infalign.core.transforms.IdentityTransform": NoKeys, "infalign.core.transforms.RawTransform": NoKeys}
+CALIBRATORS = {"infalign.core.calibration.EmpiricalCalibrator": NoKeys,
+               "infalign.core.calibration.PassThroughCalibrator": NoKeys}
+RAW = ("infalign.core.transforms.RawTransform", "infalign.core.calibration.PassThroughCalibrator")  # go together

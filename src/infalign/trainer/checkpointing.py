@@ -6,7 +6,7 @@ SIGTERM arrived, after which it stops the run (exit status 128 + signal number, 
 a signal during the final evaluation stops the run after the final checkpoint. At every other stage (data,
 models, calibration cache, distillation pool, writing the results) `exit_on_stop_signal` around the run stops it
 at once (`infalign.runtime.signals`: nothing half-built is kept) and prints what was stopped and the command that
-continues it. `check_run_options` checks `checkpoint.every` and the resume options before anything is loaded.
+continues it. `checkpoint.every` and the resume options are checked with the rest of the config (`infalign.config`).
 
 Why not Lightning's own machinery:
 - `ModelCheckpoint(save_top_k=0, save_last=True)` in Lightning 2.6 writes `last.ckpt` at an epoch's end only
@@ -42,19 +42,11 @@ from infalign.trainer.resume import LAST, append_history, resume_command, write_
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LastCheckpoint", "TrainingInterrupted", "check_run_options", "exit_on_stop_signal", "stopped_message",
-           "truncate_csv", "METRIC_FILES", "STOP_SIGNALS"]
+__all__ = ["LastCheckpoint", "TrainingInterrupted", "exit_on_stop_signal", "stopped_message", "truncate_csv",
+           "METRIC_FILES", "STOP_SIGNALS"]
 
 METRIC_FILES = ("logs/metrics.csv", "eval_metrics.csv")  # relative to the run directory
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-def check_run_options(cfg) -> None:
-    """`resume`, `overwrite`, `resume_allow_changes` and `checkpoint.every`: clear errors before anything is
-    loaded. The rules are the config's (`infalign.config`, which `train.py` applies first)."""
-    from infalign.config.check import check_run_options as schema_rules
-
-    schema_rules(cfg)
 
 
 class TrainingInterrupted(Exception):

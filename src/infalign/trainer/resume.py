@@ -1,7 +1,7 @@
 """How a run continues after a crash, a kill or a stop signal; the saving itself (when, signals, metric files)
 is `infalign.trainer.checkpointing`. `infalign.trainer.run` calls these before any model is loaded.
 
-- `resolve_resume`: `resume=true|false|auto` and `overwrite` (checked by `checkpointing.check_run_options`): the
+- `resolve_resume`: `resume=true|false|auto` and `overwrite` (checked with the config, `infalign.config`): the
   checkpoint to continue from, or a fresh start that never clobbers another run's outputs silently.
 - `check_resume`: the checkpoint records the run's resolved config (`infalign.trainer.run_record`; Hydra rewrites
   `.hydra/config.yaml` whenever a command runs there). A resume whose experiment (`EXPERIMENT_KEYS`) differs is refused,
