@@ -245,3 +245,20 @@ def test_orderings_on_the_training_prompts_beside_the_held_out_ones(maxk_sweep):
     assert got[("maxk", "bon_exp", "bon@4_held_in", "kl")]["diff"] == pytest.approx(-0.01, abs=1e-9)
     # its shape transfer: over the tilts' difference at the held-in common KL
     assert held_in["shape_transfer"] == pytest.approx(0.05 / held_in["tilt_diff"], rel=1e-9)
+
+
+def test_collect_joins_several_studies_tables(maxk_sweep, matched_sweep, tmp_path):
+    from infalign.study.collect import main
+
+    for sweep in (maxk_sweep, matched_sweep):
+        write_study(sweep)
+    assert main([str(maxk_sweep), str(matched_sweep), "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "orderings.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["config"].split(":")[0] for r in rows} == {maxk_sweep.name, matched_sweep.name}
+    with open(maxk_sweep / "orderings.csv", newline="") as f:
+        assert rows[:len(list(csv.DictReader(f)))] == [r for r in rows if r["config"].startswith(maxk_sweep.name)]
+    with open(tmp_path / "solver_efficiency.csv", newline="") as f:
+        eff = list(csv.DictReader(f))
+    assert {r["study"] for r in eff} == {maxk_sweep.name, matched_sweep.name} and "gain_fraction_bon_held_in" in eff[0]
+    assert main([str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
