@@ -19,9 +19,9 @@ SET_BY_RUN = {"logger": "the logger group (logger=wandb or logger=none)", "callb
 
 
 def check_between(c: Mapping, choices: Mapping | None, multirun: bool) -> None:
-    for rule in (_resume_or_overwrite, _samples_cover_n, _maxk_fits, _prompts_fit, _held_in_fit,
-                 _distill_within_iterations, partial(_processes_share, multirun=multirun), _minibatches_divide,
-                 _trainer_fits, partial(_transform_fits_calibrator, choices=choices), _reward_on_cached_policy):
+    for rule in (_resume_or_overwrite, _samples_cover_n, _maxk_fits, _prompts_fit, _distill_within_iterations,
+                 partial(_processes_share, multirun=multirun), _minibatches_divide, _trainer_fits,
+                 partial(_transform_fits_calibrator, choices=choices), _reward_on_cached_policy):
         rule(c)
 
 
@@ -47,27 +47,22 @@ def _maxk_fits(c) -> None:
 def _samples_cover_n(c) -> None:
     """The win rate at N needs M >= N reference samples and K >= N policy samples per prompt."""
     top = max({int(x) for x in c["eval"]["ns"]} | {int(c["n"])})
-    m, k = c["calibration"]["m"], c["eval"]["k"]
-    if m < top:
-        raise ConfigError(f"calibration.m={m} is below N={top}: the win rate at N needs M >= N reference samples "
-                          "per prompt; raise calibration.m or lower n / eval.ns")
-    if k < top:
-        raise ConfigError(f"eval.k={k} is below N={top}: best-of-N needs K >= N policy samples per prompt; raise "
-                          "eval.k or lower n / eval.ns")
+    for name, have, needs in (("calibration.m", c["calibration"]["m"], "the win rate at N needs M >= N reference"),
+                              ("eval.k", c["eval"]["k"], "best-of-N needs K >= N policy")):
+        if have < top:
+            raise ConfigError(f"{name}={have} is below N={top}: {needs} samples per prompt; raise {name} or lower n "
+                              "/ eval.ns")
 
 
 def _prompts_fit(c) -> None:
-    per, have = c["rl"]["prompts_per_iteration"], c["data"]["train_prompts"]
-    if per > have:
-        raise ConfigError(f"rl.prompts_per_iteration={per} exceeds data.train_prompts={have}: an iteration's prompts "
-                          "are drawn from the training prompts; lower it or raise data.train_prompts")
-
-
-def _held_in_fit(c) -> None:
-    have, held_in = c["data"]["train_prompts"], c["eval"].get("held_in_prompts", 0)
-    if held_in > have:
-        raise ConfigError(f"eval.held_in_prompts={held_in} exceeds data.train_prompts={have}: the held-in evaluation "
-                          f"takes its prompts from the training prompts; e.g. eval.held_in_prompts={have}")
+    """An iteration's prompts and the held-in evaluation's are drawn from the training prompts."""
+    have = c["data"]["train_prompts"]
+    for name, value, fix in (("rl.prompts_per_iteration", c["rl"]["prompts_per_iteration"], "an iteration's prompts "
+                              "are drawn from the training prompts; lower it or raise data.train_prompts"),
+                             ("eval.held_in_prompts", c["eval"].get("held_in_prompts", 0), "the held-in evaluation "
+                              f"takes its prompts from the training prompts; e.g. eval.held_in_prompts={have}")):
+        if value > have:
+            raise ConfigError(f"{name}={value} exceeds data.train_prompts={have}: {fix}")
 
 
 def _distill_within_iterations(c) -> None:
