@@ -49,7 +49,7 @@ def sub(section: type, help: str, *, nullable: bool = False, opt: bool = False, 
     return field(default_factory=section, metadata=meta) if default else field(default=MISSING, metadata=meta)
 
 
-_TOKENS, _PARTIAL = integer(1), one_of(True, text="true")
+_PARTIAL = one_of(True, text="true")
 
 
 @dataclass(kw_only=True)
@@ -113,7 +113,7 @@ _NEUTRAL = ("rollouts sample from the policy itself: the KL estimate and the pol
 
 @dataclass(kw_only=True)
 class GenerationConfig:
-    max_new_tokens: int = key(_TOKENS, "tokens per sampled response: rollouts, calibration cache, evaluation",
+    max_new_tokens: int = key(integer(1), "tokens per sampled response: rollouts, calibration cache, evaluation",
                               default=64)
     temperature: float = key(Rule(lambda v: is_real(v) and v == 1, "1.0"), _NEUTRAL, default=1.0)
     top_k: int | None = key(Rule(lambda v: v is None or is_real(v) and v == 0, "0 (or null)"), _NEUTRAL, default=0)
@@ -196,8 +196,8 @@ class DataConfig:  # conf/data/
     fractions: dict = key(Rule(fractions, "a mapping of train, validation, test to fractions >= 0 summing to 1"),
                           "the partition by prompt", "{train:0.8,validation:0.1,test:0.1}", opt=True)
     seed: int = key(SEED, "the seed of the partition by prompt", 0)
-    max_prompt_tokens: int = key(_TOKENS, "prompts are cut from the left to this many tokens", 192)
-    max_response_tokens: int = key(_TOKENS, "the models' training truncation; changing it rebuilds them", 64)
+    max_prompt_tokens: int = key(integer(1), "prompts are cut from the left to this many tokens", 192)
+    max_response_tokens: int = key(integer(1), "the models' training truncation; changing it rebuilds them", 64)
     limit: int | None = key(nullable(integer(0), "all"), "pairs read per subset; 0: all", 160, opt=True)
     train_prompts: int = key(integer(1), "training prompts, a seeded subset (calibration.seed) of the train partition",
                              128)
