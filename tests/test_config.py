@@ -2,6 +2,7 @@
 unknown key (or a bad value), in a model or reward config too, naming the key and the file, before torch is
 imported; the keys' defaults and docs come from `infalign.config`'s dataclasses."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,7 @@ def compose_train(*overrides):
 
 def test_methods_and_scales_are_separate_groups():
     assert METHODS == ["bon_distill", "bon_exp", "calibrated", "raw", "won_exp"]
-    assert sorted(p.stem for p in (CONF / "scale").glob("*.yaml")) == ["smoke", "smollm2"]
+    assert sorted(p.stem for p in (CONF / "scale").glob("*.yaml")) == ["small", "smoke", "smollm2"]
     assert not (CONF / "experiment").exists() and not (CONF / "preset").exists()
     defaults = yaml.safe_load((CONF / "train.yaml").read_text())["defaults"]
     groups = [next(iter(d)) if isinstance(d, dict) else d for d in defaults]
@@ -171,7 +172,7 @@ def shipped_options():
             overrides = [f"{group}={path.stem}"]
             if group == "study":
                 params = yaml.safe_load(path.read_text())["hydra"]["sweeper"]["params"]
-                overrides += [f"{k}={str(v).split(',')[0].replace('range(5)', '0')}" for k, v in params.items()]
+                overrides += [f"{k}={re.sub(r'^range[(].*', '0', str(v).split(',')[0])}" for k, v in params.items()]
             if group == "transform" and path.stem == "raw":
                 overrides.append("calibrator=passthrough")  # raw rewards go with the passthrough calibrator
             if group == "calibrator" and path.stem == "passthrough":
@@ -184,7 +185,9 @@ def shipped_options():
 # Refused with scale=smoke by design: its model and reward keys are model=tiny's and reward=trained's
 # (conf/scale/smoke.yaml)
 # solver=distill at smoke size: one distillation step per iteration, so its warm-up of 5 steps outlasts the run (warned)
-NOT_AT_SMOKE_SCALE = {"model=hf", "model=smollm2", "reward=hf", "solver=distill", "study=distill"}
+# scale=small and the studies run at it (study=shape evaluates 64 training prompts; smoke trains on 12): their own size
+NOT_AT_SMOKE_SCALE = {"model=hf", "model=smollm2", "reward=hf", "solver=distill", "study=distill", "scale=small",
+                      "study=maxk", "study=shape"}
 
 
 @pytest.mark.parametrize("overrides", list(shipped_options()), ids=" ".join)
