@@ -80,6 +80,41 @@ def test_build_entry_point_caches_everything(built):
     assert again["stages"]["reward"]["path"] == first["stages"]["reward"]["path"]
 
 
+def test_a_run_reads_the_reference_policys_weights_once(built, monkeypatch):
+    """reward.backbone=policy (scale=smoke): the reward model's loader is handed the policy's cache entry by the
+    run (`load_models`) and by the build entry point, and does not load the policy's weights a second time."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from transformers.modeling_utils import PreTrainedModel
+
+    from infalign.runtime.paths import conf_dir
+    from infalign.trainer.pieces import load_models
+
+    cfg, summary = built
+    policy_path = summary["stages"]["policy"]["path"]
+    loads = []
+    from_pretrained = PreTrainedModel.from_pretrained.__func__
+
+    def counting(cls, path, *args, **kwargs):
+        loads.append((cls.__name__, str(path)))
+        return from_pretrained(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(counting))
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        train_cfg = hydra_compose("train", overrides=[
+            "scale=smoke", f"data.root={cfg.data.root}", "data.subsets=[synth]", "data.source=local",
+            f"cache_root={cfg.cache_root}", "reward.train.epochs=4", "progress=false"])
+    assert train_cfg.reward.backbone == "policy"
+    _, _, reward_model, _ = load_models(train_cfg, load_partitions(train_cfg.data))
+    assert isinstance(reward_model, SequenceClassifierReward)
+    # the cached entries of the build (nothing trained here): the policy once, then the reward model's own folder
+    assert loads == [("GPT2LMHeadModel", policy_path), ("GPT2ForSequenceClassification",
+                                                        summary["stages"]["reward"]["path"])]
+    loads.clear()
+    again = build_all(cfg, progress=False)
+    assert again["stages"]["reward"]["cache_hit"] and [p for _, p in loads].count(policy_path) == 1
+
+
 def test_missing_data_root_fails_before_any_build(tmp_path):
     cfg = compose(["scale=smoke", f"data.root={tmp_path / 'none'}", "data.source=local", f"cache_root={tmp_path / 'c'}"])
     with pytest.raises(FileNotFoundError, match="INFALIGN_DATA_ROOT"):

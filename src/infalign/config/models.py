@@ -134,7 +134,10 @@ class TrainedReward(Reward):  # infalign.models.reward_train.trained_reward: Bra
     seed: int = key(SEED, "the seed of its training", 0, opt=True)
     head: Head | None = sub(Head, "the head on frozen features", nullable=True, opt=True)
     train: Training | None = sub(Training, "the Bradley-Terry training", nullable=True, opt=True)
-    runtime: ClassVar[tuple[str, ...]] = ("data_cfg", "model_cfg", "cache_root", "partitions", "progress")
+    # policy_entry: the reference policy's cache entry the caller has just loaded (backbones policy, policy_frozen):
+    # its folder and hash are all this loader needs of it, so it does not load the policy again to find them
+    runtime: ClassVar[tuple[str, ...]] = ("data_cfg", "model_cfg", "cache_root", "partitions", "progress",
+                                          "policy_entry")
 
 
 LOADERS: dict[str, dict[str, type]] = {

@@ -62,11 +62,12 @@ def build_all(cfg: DictConfig, progress: bool = True) -> dict[str, Any]:
     t0 = time.time()
     parts = load_partitions(cfg.data)  # fails fast (missing data root) before any model work
     summary["data"] = {"fingerprint": partition_fingerprint(parts), **{k: len(v) for k, v in parts.items()}}
-    model = tok = None
+    model = tok = policy_entry = None
     if "policy" in stages or cfg.get("samples", 0):
         t = time.time()
         model, tok, entry = call_loader(cfg.model, "model", data_cfg=cfg.data, cache_root=cache_root,
                                         partitions=parts, progress=progress)
+        policy_entry = entry  # the reward stage's backbone (policy, policy_frozen) reads it, not the weights again
         summary["stages"]["policy"] = {"seconds": round(time.time() - t, 1), "path": str(entry.path) if entry else None,
                                        "cache_hit": entry.hit if entry else None, "meta": entry.meta if entry else {}}
         log.info("reference policy ready (%.1f s): %s", time.time() - t,
@@ -74,7 +75,7 @@ def build_all(cfg: DictConfig, progress: bool = True) -> dict[str, Any]:
     if "reward" in stages:
         t = time.time()
         _, entry = call_loader(cfg.reward, "reward", data_cfg=cfg.data, model_cfg=cfg.model, cache_root=cache_root,
-                               partitions=parts, progress=progress)
+                               partitions=parts, progress=progress, policy_entry=policy_entry)
         summary["stages"]["reward"] = {"seconds": round(time.time() - t, 1), "path": str(entry.path) if entry else None,
                                        "cache_hit": entry.hit if entry else None, "meta": entry.meta if entry else {}}
         log.info("reward model ready (%.1f s): %s", time.time() - t, summary["stages"]["reward"]["meta"])

@@ -50,14 +50,16 @@ def _plain(cfg: Any) -> Any:
 def load_policy(model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any] | None = None,
                 cache_root: str | Path | None = None, *,
                 partitions: Mapping[str, list[PreferenceRecord]] | None = None,
-                progress: bool = True) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+                progress: bool = True, return_entry: bool = False) -> tuple:
     """``(model, tokenizer)`` for ``cfg.model``, in eval mode on the CPU; builds and caches ``tiny`` if missing.
 
     ``data_cfg`` (``cfg.data``) is needed by ``tiny`` only; pass ``partitions`` to skip re-reading the data.
+    ``return_entry``: ``(model, tokenizer, cache entry or None)``, the entry to hand the reward model's loader
+    (``load_reward_model(..., policy_entry=...)``) so that it does not load the policy again.
     """
-    model, tokenizer, _ = call_loader(model_cfg, "model", data_cfg=data_cfg, cache_root=cache_root,
-                                      partitions=partitions, progress=progress)
-    return model, tokenizer
+    model, tokenizer, entry = call_loader(model_cfg, "model", data_cfg=data_cfg, cache_root=cache_root,
+                                          partitions=partitions, progress=progress)
+    return (model, tokenizer, entry) if return_entry else (model, tokenizer)
 
 
 # ------------------------------------------------------------------------------------------------ tiny

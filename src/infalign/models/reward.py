@@ -230,16 +230,18 @@ class SequenceClassifierReward(RewardModel):
 # ------------------------------------------------------------------------------------------- loaders
 def load_reward_model(reward_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any] | None = None,
                       model_cfg: Mapping[str, Any] | None = None, cache_root: str | Path | None = None, *,
-                      partitions=None, progress: bool = True) -> RewardModel:
+                      partitions=None, progress: bool = True, policy_entry=None) -> RewardModel:
     """The reward model for ``cfg.reward``; a ``trained`` one is built and cached first if missing.
 
-    ``model_cfg`` (``cfg.model``) is needed only when the reward's backbone is the reference policy. The
-    config's keys are its loader's parameters (plus ``name``): an unknown key is an error, raised first.
+    ``model_cfg`` (``cfg.model``) is needed only when the reward's backbone is the reference policy;
+    ``policy_entry``, that policy's cache entry when the caller has loaded it (``load_policy(...,
+    return_entry=True)``), spares reading its weights again. The config's keys are its loader's parameters (plus
+    ``name``): an unknown key is an error, raised first.
     """
     from infalign.models.loaders import call_loader
 
     rm, _ = call_loader(reward_cfg, "reward", data_cfg=data_cfg, model_cfg=model_cfg, cache_root=cache_root,
-                        partitions=partitions, progress=progress)
+                        partitions=partitions, progress=progress, policy_entry=policy_entry)
     return rm
 
 

@@ -79,13 +79,16 @@ def trained_reward(*, backbone: Backbone = "minilm", head: HeadSettings | None =
                    train: RewardTrainSettings | None = None, seed: int = 0, max_prompt_tokens: int | None = None,
                    max_response_tokens: int | None = None, precision: Precision = "fp32",
                    max_batch_tokens: int = DEFAULT_BATCH_TOKENS, data_cfg: Mapping | None = None,
-                   model_cfg: Mapping | None = None, cache_root=None, partitions=None, progress: bool = True
-                   ) -> tuple[RewardModel, CacheEntry]:
+                   model_cfg: Mapping | None = None, cache_root=None, partitions=None, progress: bool = True,
+                   policy_entry: CacheEntry | None = None) -> tuple[RewardModel, CacheEntry]:
     """``reward=trained``: train (or load from the cache) the Bradley-Terry reward model on the training partition.
 
     ``max_prompt_tokens`` / ``max_response_tokens`` (in the reward model's own tokens) default to the data
     config's budgets; a shorter prompt tail makes frozen-feature extraction cheaper. ``precision`` and
     ``max_batch_tokens`` set how the model scores (not how it is trained: the cached model is the same).
+    The ``policy`` / ``policy_frozen`` backbones are built on the reference policy's cache entry: ``policy_entry``,
+    the one the caller loaded ``model_cfg`` from (the trainer's, ``infalign.trainer.pieces.load_models``); without
+    it, ``model_cfg``'s loader is called here for it, which reads the policy's weights once more.
     """
     from omegaconf import DictConfig, OmegaConf
 
@@ -101,12 +104,14 @@ def trained_reward(*, backbone: Backbone = "minilm", head: HeadSettings | None =
     sources = reward_key_sources(max_prompt_tokens, max_response_tokens)
     policy_path = None
     if backbone in ("policy", "policy_frozen"):
-        if model_cfg is None:
-            raise ValueError(f"reward.backbone={backbone} needs the reference policy config (cfg.model)")
-        from infalign.models.loaders import call_loader
+        pentry = policy_entry
+        if pentry is None:  # a caller that has not loaded the policy: its loader gives the entry (and the weights)
+            if model_cfg is None:
+                raise ValueError(f"reward.backbone={backbone} needs the reference policy config (cfg.model)")
+            from infalign.models.loaders import call_loader
 
-        _, _, pentry = call_loader(model_cfg, "model", data_cfg=data_cfg, cache_root=cache_root, partitions=parts,
-                                   progress=progress)
+            _, _, pentry = call_loader(model_cfg, "model", data_cfg=data_cfg, cache_root=cache_root,
+                                       partitions=parts, progress=progress)
         if pentry is None:
             raise ValueError(f"reward.backbone={backbone} needs a cached reference policy (model=tiny or smollm2)")
         policy_path, key["policy"] = pentry.path, pentry.hash

@@ -169,10 +169,10 @@ _reported: tuple[Any, set[Path]] = (None, set())  # (the run, the entries it has
 
 
 def _first_report(path: Path) -> bool:
-    """Whether the run has not yet reported a hit or a build of the entry at `path` (and now it has). The reward
-    model's loader looks up the reference policy and its tokenizer again (for its backbone), right after the run
-    loaded or built them: without this, their `cache hit` lines printed twice. A run is a Hydra job (each multirun
-    member reports its own hits), else the process."""
+    """Whether the run has not yet reported a hit or a build of the entry at `path` (and now it has). A reward
+    model loader not handed the reference policy's entry looks up the policy and its tokenizer again (for its
+    backbone), right after the caller loaded or built them: without this, their `cache hit` lines printed twice.
+    A run is a Hydra job (each multirun member reports its own hits), else the process."""
     global _reported
     hydra = sys.modules.get("hydra.core.hydra_config")  # never imported here: a Hydra run has imported it
     try:  # a composed config (tests, notebooks) may leave Hydra's runtime unset: then the process

@@ -58,14 +58,16 @@ def check_context(model, cfg) -> None:
 
 def load_models(cfg: DictConfig, partitions):
     """(reference, tokenizer, reward model, LoRA settings or None): loaded from the cache, built there first if
-    missing; the context and LoRA's module names checked before the reward model costs anything."""
-    reference, tokenizer = load_policy(cfg.model, cfg.data, cfg.cache_root, partitions=partitions, progress=cfg.progress)
+    missing; the context and LoRA's module names checked before the reward model costs anything. The reward model's
+    loader gets the policy's cache entry (a backbone built on the policy reads its folder, not its weights again)."""
+    reference, tokenizer, entry = load_policy(cfg.model, cfg.data, cfg.cache_root, partitions=partitions,
+                                              progress=cfg.progress, return_entry=True)
     check_context(reference, cfg)
     lora = check_lora_settings(cfg.model.get("lora"))
     if lora:
         check_target_modules(reference, lora)
     reward_model = load_reward_model(cfg.reward, cfg.data, cfg.model, cfg.cache_root, partitions=partitions,
-                                     progress=cfg.progress)
+                                     progress=cfg.progress, policy_entry=entry)
     check_context(reward_model, cfg)  # its prompt + response budgets, before it scores anything
     return reference, tokenizer, reward_model, lora
 
