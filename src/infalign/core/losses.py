@@ -20,13 +20,7 @@ __all__ = [
     "distillation_weights",
     "GradientNoiseScale",
     "AdaptiveKLController",
-    "KL_PENALTY_MODES",
 ]
-
-# reward: R = Phi(C) - beta * k1 per sequence (the classic estimate, in the advantage);
-# exact: the full-vocabulary per-token KL in the loss (pathwise) plus the KL still to come in the advantage.
-KL_PENALTY_MODES = ("reward", "exact")
-
 
 def sequence_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-sequence KL(pi || pi_ref) estimates for samples drawn from pi.
