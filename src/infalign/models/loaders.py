@@ -19,10 +19,9 @@ from infalign.config.models import Policy, Reward
 from infalign.runtime import signals
 from infalign.runtime.model_paths import PATH_KEYS, model_path_problem
 
-__all__ = ["PROMPT_FORMATS", "PromptFormat", "call_loader", "check_loader_config", "model_path_problem", "PATH_KEYS"]
+__all__ = ["PromptFormat", "call_loader", "check_loader_config", "model_path_problem", "PATH_KEYS"]
 
 PromptFormat = Literal["raw", "chat"]  # raw: the HH text as it is | chat: the tokenizer's chat template
-PROMPT_FORMATS = ("raw", "chat")
 _WHAT = {"model": "the reference policy", "reward": "the reward model"}  # named by a stop signal's message
 
 
