@@ -19,9 +19,8 @@ from omegaconf import OmegaConf
 from infalign.runtime.errors import ConfigError
 from infalign.runtime.paths import conf_dir
 
-__all__ = ["PRESET_GROUPS", "check_presets", "preset_defaults", "preset_values"]
+__all__ = ["check_presets", "preset_defaults", "preset_values"]
 
-PRESET_GROUPS = ("method", "solver", "scale")
 SOLVER_IDENTITY = ("rl.algo", "rl.kl_penalty")  # what makes one solver another: every solver file sets them
 
 
