@@ -39,29 +39,16 @@ import importlib.util
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, TypedDict
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-__all__ = ["ALL_LINEAR", "LORA_INSTALL", "LoraSettings", "adapter_parameter_names", "add_lora",
-           "check_gradient_checkpointing", "check_lora_settings", "check_target_modules",
-           "enable_gradient_checkpointing", "merged_copy", "shared_copy", "update_passes"]
+__all__ = ["ALL_LINEAR", "LORA_INSTALL", "adapter_parameter_names", "add_lora", "check_lora_settings",
+           "check_target_modules", "enable_gradient_checkpointing", "merged_copy", "shared_copy", "update_passes"]
 
 LORA_INSTALL = "pip install 'infalign[lora]'  (or: pip install peft)"
 ALL_LINEAR = "all-linear"  # peft's shorthand: every linear layer but the output head
-
-
-class LoraSettings(TypedDict, total=False):
-    """``model.lora`` (every ``conf/model/*.yaml`` carries it; absent keys take the defaults below)."""
-
-    r: int  # the adapters' rank; 0 = LoRA off (the whole policy trains)
-    alpha: float  # the adapters' scale is alpha / r
-    dropout: float  # dropout on the adapters' input, in the update's passes only; in [0, 1)
-    target_modules: list[str] | str  # module names (a name matches a module whose dotted path ends with it) | all-linear
-    save_merged: bool  # also write policy/merged/: the base with the adapters merged in (plain transformers)
-
-
 DEFAULTS: dict[str, Any] = {"r": 0, "alpha": 16.0, "dropout": 0.0, "target_modules": ALL_LINEAR, "save_merged": False}
 
 
@@ -85,12 +72,6 @@ def check_lora_settings(lora: Mapping | None) -> dict | None:
     targets = s["target_modules"]
     return {**s, "alpha": float(s["alpha"]), "dropout": float(s["dropout"]),
             "target_modules": targets if isinstance(targets, str) else list(targets)}
-
-
-def check_gradient_checkpointing(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"model.gradient_checkpointing must be true or false, got {value!r}")
-    return value
 
 
 # ---------------------------------------------------------------------------------------------- targets
