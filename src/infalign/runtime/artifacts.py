@@ -96,12 +96,6 @@ def cache_root_warning(cache_root: str | Path | None) -> str | None:
     return None
 
 
-def check_cache_root(cache_root: str | Path | None) -> None:
-    """`cache_root_warning`, its warning logged."""
-    if warning := cache_root_warning(cache_root):
-        log.warning("%s", warning)
-
-
 def _discard(path: Path, reason: str) -> None:
     """Move a bad entry out of the way (rename is atomic) and then delete it."""
     log.warning("cache entry %s is invalid (%s): discarding and rebuilding", path, reason)
