@@ -8,7 +8,7 @@ said in the `Efficiency`'s note; `efficiency_columns` flattens both into the col
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from infalign.core.checks import check_n
 from infalign.theory.efficiency import (
@@ -36,9 +36,6 @@ class Efficiency:
     gain_fraction: float
     kl_efficiency: float
     note: str = ""
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def _efficiency(metric: str, kl: float, win: float, curve_at_kl, kl_for_win, what: str) -> Efficiency:
