@@ -10,13 +10,13 @@ TEXTS = ["\n\nHuman: Héllo wörld! 你好 🙂  double  spaces\ttab\n\nAssistan
 def test_round_trip_and_special_tokens(tmp_path):
     recs = parse_pairs(synthetic_pairs(40))[0]
     tok = train_bpe_tokenizer(training_texts(recs) + TEXTS, vocab_size=400)
-    for text in TEXTS + [recs[0].chosen_text]:
+    for text in TEXTS + [recs[0].prompt + recs[0].chosen]:
         ids = tok(text, add_special_tokens=False)["input_ids"]
         assert tok.decode(ids) == text  # byte-level: exact, even for unseen characters
     assert tok.pad_token_id != tok.eos_token_id and tok.padding_side == "left"
     # a response encodes the same alone and after its prompt (no prefix-space surprises)
     r = recs[0]
-    joint = tok(r.chosen_text, add_special_tokens=False)["input_ids"]
+    joint = tok(r.prompt + r.chosen, add_special_tokens=False)["input_ids"]
     assert tok.decode(joint) == r.prompt + r.chosen
     tok.save_pretrained(tmp_path / "t")
     again = load_tokenizer(tmp_path / "t")

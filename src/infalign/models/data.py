@@ -47,14 +47,6 @@ class PreferenceRecord:
     rejected: str  # dispreferred response text
     prompt_id: str  # stable hash of the prompt: groups duplicates, keys partitions and caches
 
-    @property
-    def chosen_text(self) -> str:
-        return self.prompt + self.chosen
-
-    @property
-    def rejected_text(self) -> str:
-        return self.prompt + self.rejected
-
 
 def prompt_id(prompt: str) -> str:
     return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16]
