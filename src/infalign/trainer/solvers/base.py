@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -99,8 +99,7 @@ class Solver(ABC):
         pass
 
     # ------------------------------------------------------------------ the one minibatch loop
-    def minibatch_steps(self, module, buffer, noise=None,
-                        on_gradient: Callable[[int], None] | None = None) -> dict[str, float]:
+    def minibatch_steps(self, module, buffer, noise=None) -> dict[str, float]:
         """`passes()` passes of shuffled minibatch steps over `buffer` (its `minibatches`, seeded by the iteration);
         the mean loss, the gradient's mean norm before clipping, the means of `loss`'s statistics, and with `noise`
         (a GradientNoiseScale) its estimate from the first pass's minibatch gradients."""
