@@ -77,6 +77,7 @@ import torch
 from infalign.core.calibration import check_rewards
 from infalign.core.checks import check_mode, check_n
 from infalign.core.losses import rloo_advantages
+from infalign.core.metrics import log_binom, subset_max_win_probability
 
 __all__ = [
     "MAXK_BASELINES",
@@ -88,15 +89,6 @@ __all__ = [
 ]
 
 MAXK_BASELINES = ("loo", "loo_minus_one", "none")
-
-
-def _log_binom(n: torch.Tensor, r: int) -> torch.Tensor:
-    """log C(n, r) elementwise (float64); -inf where n < r or r < 0 (the coefficient is 0)."""
-    n = n.to(torch.float64)
-    if r < 0:
-        return torch.full_like(n, float("-inf"))
-    out = torch.lgamma(n + 1) - math.lgamma(r + 1) - torch.lgamma((n - r).clamp_min(0) + 1)
-    return torch.where(n >= r, out, torch.full_like(n, float("-inf")))
 
 
 def _check_values(values, name: str = "win_value") -> torch.Tensor:
@@ -120,14 +112,6 @@ def calibrated_win_value(calibrated_reward, n: int, mode: str = "bon") -> torch.
     return u**n if mode == "bon" else 1.0 - (1.0 - u) ** n
 
 
-def _bon_value(a: torch.Tensor, b: torch.Tensor, n: int) -> torch.Tensor:
-    b = b.sort(dim=1).values.contiguous()
-    lt = torch.searchsorted(b, a.contiguous(), right=False)
-    le = torch.searchsorted(b, a.contiguous(), right=True)
-    log_norm = _log_binom(torch.tensor(float(b.shape[1])), n)
-    return 0.5 * (torch.exp(_log_binom(lt, n) - log_norm) + torch.exp(_log_binom(le, n) - log_norm))
-
-
 def win_value(policy_rewards, reference_rewards, n: int, mode: str = "bon") -> torch.Tensor:
     """The exact win value of each policy sample against a prompt's M reference (calibration) samples, with the
     metric's conventions (N-subsets of the reference, ties count half): `[P, k], [P, M] -> [P, k]` float64.
@@ -137,7 +121,9 @@ def win_value(policy_rewards, reference_rewards, n: int, mode: str = "bon") -> t
     n, mode = check_n(n), check_mode(mode)
     if b.shape[1] < n:
         raise ValueError(f"the N={n} win value needs at least N reference samples per prompt, got M={b.shape[1]}")
-    return _bon_value(a, b, n) if mode == "bon" else 1.0 - _bon_value(-a, -b, n)
+    if mode == "bon":
+        return subset_max_win_probability(a, b.sort(dim=1).values.contiguous(), n)
+    return 1.0 - subset_max_win_probability(-a, (-b).sort(dim=1).values.contiguous(), n)
 
 
 def maxk_centered(n: int, k: int, baseline: str = "loo") -> bool:
@@ -166,9 +152,9 @@ def _leave_one_out_max(h: torch.Tensor, m: int) -> torch.Tensor:
     their maximum, for every position p. Position j < p keeps rank j among the others, j > p has rank j-1."""
     k = h.shape[1]
     j = torch.arange(1, k + 1, dtype=torch.float64, device=h.device)
-    log_norm = _log_binom(torch.tensor(float(k - 1)), m).item()
-    below = torch.exp(_log_binom(j - 1, m - 1) - log_norm) * h  # sample j is below p: the max with rank j
-    above = torch.exp(_log_binom(j - 2, m - 1) - log_norm) * h  # sample j is above p: rank j-1
+    log_norm = log_binom(torch.tensor(float(k - 1)), m).item()
+    below = torch.exp(log_binom(j - 1, m - 1) - log_norm) * h  # sample j is below p: the max with rank j
+    above = torch.exp(log_binom(j - 2, m - 1) - log_norm) * h  # sample j is above p: rank j-1
     prefix = below.cumsum(1) - below  # sum over j < p
     suffix = above.flip(1).cumsum(1).flip(1) - above  # sum over j > p
     return prefix + suffix
@@ -179,9 +165,9 @@ def _bon_scores(h: torch.Tensor, n: int, baseline: str) -> torch.Tensor:
     p_count, k = h.shape
     hs, order = h.sort(dim=1, stable=True)
     j = torch.arange(1, k + 1, dtype=torch.float64, device=h.device)
-    log_norm = _log_binom(torch.tensor(float(k)), n).item()
-    own = k * torch.exp(_log_binom(j - 1, n - 1) - log_norm) * hs  # subsets whose max is p itself
-    higher = k * torch.exp(_log_binom(j - 2, n - 2) - log_norm) * hs  # subsets with p whose max is j > p
+    log_norm = log_binom(torch.tensor(float(k)), n).item()
+    own = k * torch.exp(log_binom(j - 1, n - 1) - log_norm) * hs  # subsets whose max is p itself
+    higher = k * torch.exp(log_binom(j - 2, n - 2) - log_norm) * hs  # subsets with p whose max is j > p
     scores = own + (higher.flip(1).cumsum(1).flip(1) - higher)
     if baseline == "loo":
         scores = scores - n * _leave_one_out_max(hs, n)
@@ -238,5 +224,5 @@ def maxk_win_rate(win_values, n: int, mode: str = "bon") -> torch.Tensor:
     sign = 1.0 if mode == "bon" else -1.0
     hs = (sign * h).sort(dim=1).values
     j = torch.arange(1, k + 1, dtype=torch.float64, device=h.device)
-    p_max = torch.exp(_log_binom(j - 1, n - 1) - _log_binom(torch.tensor(float(k)), n).item())
+    p_max = torch.exp(log_binom(j - 1, n - 1) - log_binom(torch.tensor(float(k)), n).item())
     return sign * (p_max * hs).sum(1)

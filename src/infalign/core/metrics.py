@@ -17,14 +17,25 @@ from infalign.core.calibration import check_rewards
 from infalign.core.checks import check_mode, check_n
 
 __all__ = ["InferenceTimeWinRate", "bon_win_rate_per_prompt", "won_win_rate_per_prompt", "inference_win_rate_per_prompt",
-           "weighted_inference_win_rate_per_prompt"]
+           "weighted_inference_win_rate_per_prompt", "log_binom", "subset_max_win_probability"]
 
 
-def _log_binom(n: torch.Tensor, k: int) -> torch.Tensor:
-    """log C(n, k) elementwise for integer tensors n >= 0; -inf where n < k."""
+def log_binom(n: torch.Tensor, k: int) -> torch.Tensor:
+    """log C(n, k) elementwise (float64) for integer-valued tensors n; -inf where n < k or k < 0 (the coefficient is 0)."""
     n = n.to(torch.float64)
+    if k < 0:
+        return torch.full_like(n, float("-inf"))
     out = torch.lgamma(n + 1) - torch.lgamma(torch.tensor(k + 1.0, dtype=torch.float64)) - torch.lgamma(n - k + 1)
     return torch.where(n >= k, out, torch.full_like(n, float("-inf")))
+
+
+def subset_max_win_probability(a: torch.Tensor, b: torch.Tensor, n: int) -> torch.Tensor:
+    """`[P, K], [P, L] -> [P, K]`: the probability that each value of `a` beats the maximum of a random N-subset of
+    its row of `b` (sorted ascending), ties counting half: `(C(lt, N) + C(le, N)) / (2 C(L, N))`."""
+    lt = torch.searchsorted(b, a.contiguous(), right=False)
+    le = torch.searchsorted(b, a.contiguous(), right=True)
+    log_norm = log_binom(torch.tensor(float(b.shape[1])), n)
+    return 0.5 * (torch.exp(log_binom(lt, n) - log_norm) + torch.exp(log_binom(le, n) - log_norm))
 
 
 def _check_n(n, k: int, l: int) -> int:
@@ -43,13 +54,10 @@ def bon_win_rate_per_prompt(policy_rewards, reference_rewards, n: int) -> torch.
     n = _check_n(n, a.shape[1], b.shape[1])
     a = a.sort(dim=1).values.contiguous()
     b = b.sort(dim=1).values.contiguous()
-    k, l = a.shape[1], b.shape[1]
-    lt = torch.searchsorted(b, a, right=False)
-    le = torch.searchsorted(b, a, right=True)
+    k = a.shape[1]
     rank = torch.arange(k, dtype=torch.float64)  # i - 1 for the i-th smallest
-    log_p_max = _log_binom(rank, n - 1) - _log_binom(torch.tensor(float(k)), n)  # P(a_i is the subset max)
-    log_norm = _log_binom(torch.tensor(float(l)), n)
-    p_win = 0.5 * (torch.exp(_log_binom(lt, n) - log_norm) + torch.exp(_log_binom(le, n) - log_norm))
+    log_p_max = log_binom(rank, n - 1) - log_binom(torch.tensor(float(k)), n)  # P(a_i is the subset max)
+    p_win = subset_max_win_probability(a, b, n)
     p_max = torch.exp(log_p_max)
     p_max = p_max / p_max.sum()  # sums to 1 exactly in theory; renormalising removes lgamma rounding
     return (p_max * p_win).sum(dim=1)
@@ -88,12 +96,7 @@ def _weighted_bon(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor, n: int) -> 
     cdf = w.cumsum(dim=1).clamp(max=1.0)
     cdf[:, -1] = 1.0
     p_max = cdf**n - torch.cat([torch.zeros_like(cdf[:, :1]), cdf[:, :-1]], dim=1) ** n
-    l = b.shape[1]
-    lt = torch.searchsorted(b, a, right=False)
-    le = torch.searchsorted(b, a, right=True)
-    log_norm = _log_binom(torch.tensor(float(l)), n)
-    p_win = 0.5 * (torch.exp(_log_binom(lt, n) - log_norm) + torch.exp(_log_binom(le, n) - log_norm))
-    return (p_max * p_win).sum(dim=1)
+    return (p_max * subset_max_win_probability(a, b, n)).sum(dim=1)
 
 
 def weighted_inference_win_rate_per_prompt(policy_rewards, policy_weights, reference_rewards, n: int,
