@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from infalign.runtime.errors import ConfigError
 from infalign.runtime.paths import conf_dir
 
-__all__ = ["check_presets", "preset_defaults", "preset_values"]
+__all__ = ["check_presets", "flatten", "preset_defaults", "preset_values"]
 
 SOLVER_IDENTITY = ("rl.algo", "rl.kl_penalty")  # what makes one solver another: every solver file sets them
 
@@ -30,9 +30,10 @@ def _load(group: str, choice: str) -> dict:
     return (OmegaConf.to_container(OmegaConf.load(path)) or {}) if path.is_file() else {}
 
 
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """`{dotted key: leaf}` of a nested mapping (an empty mapping is a leaf), each key after `prefix`."""
     if isinstance(node, Mapping) and node:
-        return {k: v for key, value in node.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+        return {k: v for key, value in node.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
     return {prefix[:-1]: node}
 
 
@@ -44,7 +45,7 @@ def preset_values(group: str, choice: str) -> dict[str, Any]:
     for entry in raw.get("defaults") or []:
         if isinstance(entry, str) and entry != "_self_":
             out.update(preset_values(group, entry))
-    return {**out, **_flatten({k: v for k, v in raw.items() if k not in ("defaults", "hydra")})}
+    return {**out, **flatten({k: v for k, v in raw.items() if k not in ("defaults", "hydra")})}
 
 
 def preset_defaults(group: str, choice: str) -> dict[str, str]:

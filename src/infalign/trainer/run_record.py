@@ -15,6 +15,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from infalign.runtime.checkpoint_io import _torch_load
+from infalign.runtime.presets import flatten
 
 __all__ = ["ABSENT", "CONFIG_GROUPS", "EXPERIMENT_KEYS", "EXTENSIBLE", "NOT_COMPARED", "SHAPE_KEYS", "checkpoint_state",
            "config_changes", "run_record"]
@@ -59,15 +60,6 @@ def checkpoint_state(path: str | Path) -> dict | None:
             "run_config": ckpt.get("run_config"), "metric_rows": ckpt.get("metric_rows")}
 
 
-def _flatten(value, key: str) -> dict:
-    if isinstance(value, dict) and value:
-        out = {}
-        for k, v in value.items():
-            out.update(_flatten(v, f"{key}.{k}"))
-        return out
-    return {key: value}
-
-
 def _experiment(record: dict) -> dict:
     config = record.get("config") or {}
     flat = {f"choices.{g}": v for g, v in (record.get("choices") or {}).items() if g in CONFIG_GROUPS}
@@ -75,7 +67,7 @@ def _experiment(record: dict) -> dict:
         flat["choices.solver"] = config["solver"]
     for key in EXPERIMENT_KEYS:
         if key in config:
-            flat.update(_flatten(config[key], key))
+            flat.update(flatten(config[key], f"{key}."))
     if not flat.get("model.lora.r"):  # LoRA off (r=0, or a record from before model.lora): its other keys do nothing
         flat = {k: v for k, v in flat.items() if not k.startswith("model.lora.")}
     return {k: v for k, v in flat.items() if k not in NOT_COMPARED}
