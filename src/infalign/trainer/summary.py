@@ -4,10 +4,10 @@ summary in plain words (`print_summary`); `bar_metric`, the win rate the progres
 from __future__ import annotations
 
 import logging
-import math
 import sys
 from pathlib import Path
 
+from infalign.config.rules import is_real
 from infalign.runtime.console import format_number
 
 log = logging.getLogger("infalign.trainer.run")
@@ -46,8 +46,7 @@ def print_summary(final: dict, run_dir: Path, n: int) -> None:
     efficiency, calibrated KL) stay in final_metrics.json and the study tools."""
 
     def num(key):
-        v = final.get(key)
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        return is_real(final.get(key))
 
     def rate(key):
         if not num(key):
