@@ -18,7 +18,7 @@ import importlib.util
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -33,8 +33,7 @@ from infalign.models.data import (
 )
 from infalign.models.loaders import PromptFormat, call_loader
 from infalign.models.prompt_text import hh_to_messages
-from infalign.models.sft import SFTSettings
-from infalign.models.tokenizer import TokenizerSettings, load_or_train_tokenizer
+from infalign.models.tokenizer import load_or_train_tokenizer
 from infalign.runtime.artifacts import get_or_build
 from infalign.runtime.manifest import CacheEntry, fingerprint
 
@@ -80,17 +79,6 @@ TINY_POLICY_SOURCES = {"gpt2": "model.gpt2", "sft": "model.sft", "seed": "model.
                        "max_prompt_tokens": "data.max_prompt_tokens", "max_response_tokens": "data.max_response_tokens"}
 
 
-class _GPT2Optional(TypedDict, total=False):  # (NotRequired[...] is not seen in string annotations on 3.11)
-    dropout: float  # residual, embedding and attention dropout (0.1 when unset)
-
-
-class GPT2Shape(_GPT2Optional):
-    """``model.gpt2`` of ``model=tiny``: n_embd must be divisible by n_head."""
-    n_layer: int
-    n_embd: int
-    n_head: int
-
-
 def gpt2_config(gpt2: Mapping, tokenizer, n_positions: int) -> GPT2Config:
     return GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=int(gpt2["n_embd"]),
                       n_layer=int(gpt2["n_layer"]), n_head=int(gpt2["n_head"]),
@@ -100,7 +88,7 @@ def gpt2_config(gpt2: Mapping, tokenizer, n_positions: int) -> GPT2Config:
                       tie_word_embeddings=True)
 
 
-def tiny_policy(*, gpt2: GPT2Shape, tokenizer: TokenizerSettings, sft: SFTSettings, seed: int = 0,
+def tiny_policy(*, gpt2: Mapping, tokenizer: Mapping, sft: Mapping, seed: int = 0,
                 data_cfg: Mapping | None = None, cache_root: str | Path | None = None,
                 partitions: Mapping[str, list[PreferenceRecord]] | None = None,
                 progress: bool = True) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerBase, CacheEntry]:

@@ -18,7 +18,7 @@ import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal
 
 from infalign.models.bradley_terry import train_finetuned_policy, train_frozen_head
 from infalign.models.data import PARTITION_SOURCES, load_partitions, partition_fingerprint
@@ -30,25 +30,12 @@ from infalign.models.reward import (
 )
 from infalign.models.reward_context import refuse_reward_context
 from infalign.models.reward_embedding import load_embedding_head_reward, minilm_path
-from infalign.models.sft import TrainingPrecision, TrainingSettings
 from infalign.runtime.artifacts import get_or_build
 from infalign.runtime.manifest import CacheEntry
 
 log = logging.getLogger(__name__)
 Backbone = Literal["minilm", "smollm2", "policy_frozen", "policy"]
 FROZEN = ("minilm", "smollm2", "policy_frozen")
-
-
-class HeadSettings(TypedDict, total=False):
-    """``reward.head`` (frozen backbones only): 0 hidden units = a linear head."""
-    hidden: int
-    dropout: float
-
-
-class RewardTrainSettings(TrainingSettings, total=False):
-    """``reward.train``: Bradley-Terry training (:func:`fit_bradley_terry`; batch sizes in the trainers).
-    ``precision``: of the frozen feature extraction (frozen backbones) or of fine-tuning (``policy``)."""
-    precision: TrainingPrecision
 
 
 # -------------------------------------------------------------------------------------------- loader
@@ -75,8 +62,8 @@ def reward_key_sources(max_prompt_tokens: int | None = None, max_response_tokens
             "policy": "the reference policy's cache entry (model.*)"}
 
 
-def trained_reward(*, backbone: Backbone = "minilm", head: HeadSettings | None = None,
-                   train: RewardTrainSettings | None = None, seed: int = 0, max_prompt_tokens: int | None = None,
+def trained_reward(*, backbone: Backbone = "minilm", head: Mapping | None = None,
+                   train: Mapping | None = None, seed: int = 0, max_prompt_tokens: int | None = None,
                    max_response_tokens: int | None = None, precision: Precision = "fp32",
                    max_batch_tokens: int = DEFAULT_BATCH_TOKENS, data_cfg: Mapping | None = None,
                    model_cfg: Mapping | None = None, cache_root=None, partitions=None, progress: bool = True,

@@ -11,7 +11,7 @@ import copy
 import math
 import random
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, TypedDict
+from typing import Any
 
 import lightning as L
 import torch
@@ -22,27 +22,6 @@ from infalign.models.data import PreferenceRecord
 from infalign.models.prompt_text import truncate_prompt
 
 IGNORE = -100
-
-
-# Lightning's precision for building a model: bf16-mixed trains the default reference 1.5x faster on a CPU with
-# avx512_bf16 at the same validation perplexity (docs/benchmarks.md, section 6), which is always measured in fp32.
-TrainingPrecision = Literal["32-true", "bf16-mixed"]
-
-
-class TrainingSettings(TypedDict, total=False):
-    """The optimisation keys every model-training config shares (``model.sft``, ``reward.train``)."""
-    epochs: int
-    batch_size: int
-    lr: float
-    weight_decay: float
-    warmup_steps: int
-    grad_clip: float
-
-
-class SFTSettings(TrainingSettings, total=False):
-    """``model.sft`` of ``model=tiny``: what :func:`run_sft` reads (defaults there)."""
-    loss_on: Literal["all", "response"]
-    precision: TrainingPrecision
 
 
 def encode_dialogue(prompt: str, response: str, tokenizer, max_prompt_tokens: int | None,
@@ -192,7 +171,7 @@ def validate_fp32(module: SFTModule, val_dl: DataLoader) -> dict[str, float]:
 
 
 def run_sft(model: torch.nn.Module, tokenizer, records: Mapping[str, list[PreferenceRecord]],
-            train_cfg: SFTSettings, *, max_prompt_tokens: int | None, max_response_tokens: int | None,
+            train_cfg: Mapping, *, max_prompt_tokens: int | None, max_response_tokens: int | None,
             seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Train ``model`` in place; returns the best validation metrics and the per-epoch history."""
     L.seed_everything(seed, workers=True, verbose=False)

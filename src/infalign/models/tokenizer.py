@@ -7,9 +7,8 @@ rest of the code can treat it like any hub tokenizer, and cached by :mod:`infali
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TypedDict
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -24,12 +23,6 @@ EOS = "<|endoftext|>"
 # A pad token distinct from EOS: SFT masks pad positions out of the loss by id, and with pad == eos the
 # model would never be trained to emit EOS, so generations would not stop.
 PAD = "<|pad|>"
-
-
-class TokenizerSettings(TypedDict, total=False):
-    """``model.tokenizer`` of ``model=tiny``: the byte-level BPE's size (defaults in :func:`tokenizer_key`)."""
-    vocab_size: int
-    min_frequency: int
 
 
 def training_texts(records: Iterable[PreferenceRecord]) -> list[str]:
@@ -73,12 +66,12 @@ def wrap_tokenizer(tok: Tokenizer) -> PreTrainedTokenizerFast:
     )
 
 
-def tokenizer_key(tok_cfg: TokenizerSettings, partition_fp: str) -> dict:
+def tokenizer_key(tok_cfg: Mapping, partition_fp: str) -> dict:
     return {"kind": "bpe", "vocab_size": int(tok_cfg.get("vocab_size", 8192)),
             "min_frequency": int(tok_cfg.get("min_frequency", 2)), "data": partition_fp, "version": 1}
 
 
-def load_or_train_tokenizer(tok_cfg: TokenizerSettings, train_records: list[PreferenceRecord],
+def load_or_train_tokenizer(tok_cfg: Mapping, train_records: list[PreferenceRecord],
                             partition_fp: str, cache_root: str | Path | None = None,
                             ) -> tuple[PreTrainedTokenizerFast, CacheEntry]:
     """The cached tokenizer for this config and data partition, training it first if missing."""
