@@ -163,7 +163,7 @@ def train_finetuned_policy(out: Path, policy_path: Path, parts, train_cfg: Mappi
     rm = SequenceClassifierReward(model, tok, max_prompt_tokens=max_p, max_response_tokens=max_r, append_eos=True)
     bs = int(train_cfg.get("batch_size", 16))
 
-    def batches(recs, shuffle_seed=None):
+    def batches(recs):
         # pairs sorted by length into batches (little padding); the loader shuffles batch order
         recs = sorted(recs, key=lambda r: len(r.prompt) + len(r.chosen) + len(r.rejected))
         out_b = []
