@@ -22,7 +22,7 @@ def files_of(root):
 
 @pytest.fixture(scope="module")
 def finished(session_cache, tmp_path_factory):
-    """A finished 2-iteration smoke run (bon_exp, beta 0.05)."""
+    """A finished 2-iteration smoke run (bon_exp, beta 0.1)."""
     run_dir = tmp_path_factory.mktemp("resume") / "base"
     run_in_process([*ARGS, f"cache_root={session_cache}"], run_dir)
     return run_dir
@@ -43,17 +43,17 @@ def copy_of(run_dir, tmp_path):
 
 def test_the_checkpoint_and_run_config_yaml_record_the_config(finished):
     record = torch.load(finished / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")["run_config"]
-    assert record["config"]["beta"] == 0.05 and record["config"]["rl"]["iterations"] == 2
+    assert record["config"]["beta"] == 0.1 and record["config"]["rl"]["iterations"] == 2
     assert record["choices"]["transform"] == "bon_exp"
     text = (finished / "run_config.yaml").read_text()
-    assert text.startswith("# The resolved config this run started with") and "beta: 0.05" in text
+    assert text.startswith("# The resolved config this run started with") and "beta: 0.1" in text
     assert not (finished / "resume_history.jsonl").exists()  # never resumed
 
 
 @pytest.mark.parametrize("overrides, lines", [
-    (["beta=0.5", "transform=won_exp"], ["beta: 0.05 -> 0.5", "choices.transform: bon_exp -> won_exp",
+    (["beta=0.5", "transform=won_exp"], ["beta: 0.1 -> 0.5", "choices.transform: bon_exp -> won_exp",
                                          "transform._target_: infalign.theory.factories.bon_exp -> "
-                                         "infalign.theory.factories.won_exp", "transform.beta: 0.05 -> 0.5"]),
+                                         "infalign.theory.factories.won_exp", "transform.beta: 0.1 -> 0.5"]),
     (["rl.iterations=1"], ["rl.iterations: 2 -> 1"]),  # fewer iterations is no extension
     (["seed=1", "optimizer.lr=0.01"], ["seed: 0 -> 1", "optimizer.lr: 0.0001 -> 0.01"]),
 ])
@@ -89,13 +89,13 @@ def test_changes_allowed_explicitly_are_applied_and_both_configs_kept(session_ca
     assert original == (finished / "run_config.yaml").read_text()  # never overwritten
     [entry] = [json.loads(line) for line in (run_dir / "resume_history.jsonl").read_text().splitlines()]
     assert entry["from_iteration"] == 2 and entry["resume_allow_changes"] is True and entry["config_checked"]
-    assert entry["changes"] == {"beta": [0.05, 0.5], "transform.beta": [0.05, 0.5]}
+    assert entry["changes"] == {"beta": [0.1, 0.5], "transform.beta": [0.1, 0.5]}
     assert entry["extensions"] == {"rl.iterations": [2, 3]}
     assert "beta=0.5" in entry["overrides"]
     record = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")["run_config"]
     assert record["config"]["beta"] == 0.5  # the checkpoint records what trained it last
     # so the old beta is now the change, and the new one continues without the flag
-    with pytest.raises(ValueError, match=r"(?s)resume refused.*beta: 0\.5 -> 0\.05"):
+    with pytest.raises(ValueError, match=r"(?s)resume refused.*beta: 0\.5 -> 0\.1"):
         run_in_process([*ARGS, "rl.iterations=3", "resume=true", f"cache_root={session_cache}"], run_dir)
     before = files_of(run_dir)
     run_in_process([*ARGS, "rl.iterations=3", "beta=0.5", "resume=true", f"cache_root={session_cache}"], run_dir)

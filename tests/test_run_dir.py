@@ -59,8 +59,8 @@ def test_a_second_run_in_a_running_runs_directory_is_refused_and_changes_nothing
     go_on.touch()
     rc, out = finish(first)
     assert rc == 0, out[-3000:]
-    assert json.loads((run_dir / "final_metrics.json").read_text())["beta"] == 0.05  # its own beta, to the end
-    assert "beta: 0.05" in (run_dir / "logs" / "hparams.yaml").read_text()
+    assert json.loads((run_dir / "final_metrics.json").read_text())["beta"] == 0.1  # its own beta, to the end
+    assert "beta: 0.1" in (run_dir / "logs" / "hparams.yaml").read_text()
 
 
 def test_a_second_sweep_into_a_running_sweeps_directory_is_refused_before_it_writes(session_cache, tmp_path):
@@ -77,7 +77,7 @@ def test_a_second_sweep_into_a_running_sweeps_directory_is_refused_before_it_wri
     rc, out = finish(first)
     assert rc == 0, out[-3000:]
     for m in ("0", "1"):
-        assert "beta: 0.05" in (sweep / m / ".hydra" / "config.yaml").read_text()
+        assert "beta: 0.1" in (sweep / m / ".hydra" / "config.yaml").read_text()
 
 
 @pytest.fixture(scope="module")

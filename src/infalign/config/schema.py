@@ -157,7 +157,7 @@ class CheckpointConfig:
 class TrainConfig:
     """The keys of every run (conf/train.yaml's base); the groups' keys follow."""
     n: int = key(integer(1, integral_float=True), "the N of best-/worst-of-N; n=1 is the standard win rate", default=4)
-    beta: float = key(number("(0, inf)"), "the KL strength; with rl.target_kl its starting value", default=0.05)
+    beta: float = key(number("(0, inf)"), "the KL strength; with rl.target_kl its starting value", default=0.1)
     seed: int = key(SEED, "the run's seed; Lightning takes 0 to 2^32-1", default=0)
     cache_root: str = key(TEXT, "built models and calibration caches ($INFALIGN_CACHE, else <repo>/.cache)",
                           "/data/infalign-cache", default="${infalign.cache_root:}")
