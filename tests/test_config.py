@@ -254,3 +254,16 @@ def test_processes(trainer, expected):
     (0, False), (-2, False), ("0", False), ([], False), ([-1], False), ("gpu", False), (True, False), (1.5, False)])
 def test_the_devices_rule_takes_what_lightning_takes(value, ok):
     assert devices(value) is ok
+
+
+def test_a_study_picks_each_arms_beta_by_solver_method_and_n():
+    """`${infalign.pick:<mapping>,${n}}`: study=maxk and study=shape key their betas by solver, method and N."""
+    from infalign.runtime.paths import pick
+
+    assert pick({4: 0.14, 8: 0.08}, "8") == 0.08 and pick({"a": 1}, "a") == 1 and pick([0.5, 0.2], 1) == 0.2
+    with pytest.raises(KeyError, match="not one of the keys"):
+        pick({4: 0.14}, 16)
+    for overrides, beta in ((["study=maxk", "solver=maxk", "n=8"], 0.04), (["study=maxk", "n=4"], 0.14),
+                            (["study=shape", "method=won_exp"], 0.004), (["study=shape", "method=raw", "n=4"], 0.05)):
+        cfg, _ = compose_train(*overrides, "seed=0")
+        assert cfg.beta == beta, overrides
