@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from infalign.study.archive import archive_members
-from infalign.study.report import write_study
+from infalign.study.report import print_paths, write_study
 from infalign.study.runs import sweep_problem
 
 
@@ -42,14 +42,8 @@ def main(argv: list[str]) -> int:
             print(f"archive: {e}", file=sys.stderr)
             return 2
         sweep_dir = args.archive
-    try:
-        paths = write_study(sweep_dir, args.kls or None)
-    except FileNotFoundError as e:  # every finished member skipped as damaged (each named above), or none evaluated
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for name, path in paths.items():
-        print(f"{name}: {path}")
-    return 0
+    # FileNotFoundError: every finished member skipped as damaged (each named above), or none evaluated
+    return print_paths(lambda: write_study(sweep_dir, args.kls or None))
 
 
 if __name__ == "__main__":

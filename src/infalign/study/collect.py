@@ -13,6 +13,7 @@ from pathlib import Path
 
 from infalign.runtime.atomic import atomic_write_csv
 from infalign.study.orderings import COLUMNS as ORDERING_COLUMNS
+from infalign.study.report import print_paths
 
 
 def _rows(path: Path) -> tuple[list[str], list[dict]]:
@@ -43,14 +44,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("dirs", type=Path, nargs="+", metavar="DIR", help="studies written by python -m infalign.study")
     parser.add_argument("--out", type=Path, required=True, help="the folder of the combined tables (e.g. docs)")
     args = parser.parse_args(argv)
-    try:
-        paths = collect(args.dirs, args.out)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for name, path in paths.items():
-        print(f"{name}: {path}")
-    return 0
+    return print_paths(lambda: collect(args.dirs, args.out))
 
 
 if __name__ == "__main__":
