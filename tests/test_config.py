@@ -264,6 +264,6 @@ def test_a_study_picks_each_arms_beta_by_solver_method_and_n():
     with pytest.raises(KeyError, match="not one of the keys"):
         pick({4: 0.14}, 16)
     for overrides, beta in ((["study=maxk", "solver=maxk", "n=8"], 0.04), (["study=maxk", "n=4"], 0.14),
-                            (["study=shape", "method=won_exp"], 0.004), (["study=shape", "method=raw", "n=4"], 0.05)):
+                            (["study=shape", "method=won_exp"], 0.002), (["study=shape", "method=raw", "n=4"], 0.05)):
         cfg, _ = compose_train(*overrides, "seed=0")
         assert cfg.beta == beta, overrides

@@ -154,7 +154,7 @@ def test_an_offline_wandb_sweep_is_grouped_named_and_shows_samples(run_train, tm
         run_dir = sweep / str(seed)
         wb = offline_run(run_dir)
         # named, grouped by the sweep, tagged
-        assert wb["name"] == f"bon_exp-n4-b0.05-s{seed}" and wb["group"] == "sweep_lr"
+        assert wb["name"] == f"bon_exp-n4-b0.1-s{seed}" and wb["group"] == "sweep_lr"
         assert {"bon_exp", "rloo", "n=4", "scale=smoke"} <= set(wb["tags"])
         # the samples: eval_samples.jsonl, the first 3 eval prompts at each of the 2 evaluations
         rows = [json.loads(line) for line in (run_dir / SAMPLES_JSONL).read_text().splitlines()]
