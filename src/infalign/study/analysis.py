@@ -126,8 +126,7 @@ def run_rows(raw_rows: list[dict], sweep_dir: Path, kl_max: float | None = None)
             notes.append("measured KL <= 0 (sampling noise): theory and optimum are the reference's 0.5")
         theory = {"beta": math.nan, "std": math.nan, "bon": math.nan, "won": math.nan}
         # rebuilt as data (infalign.study.run_config: allow-listed transforms, the recorded t, never executed)
-        # maxk optimises the win rate itself: the transform it records is unused and its tilt no yardstick
-        transform = None if solver == "maxk" else transform_from_run(r, member_dir)
+        transform = transform_from_run(r, member_dir)
         if transform is None:
             notes.append(MAXK_NOTE if solver == "maxk" else RAW_NOTE)
         else:

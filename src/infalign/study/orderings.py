@@ -99,10 +99,8 @@ def _column(metric: str, n: int) -> str:
 
 def _tilt(runs: list[dict], sweep_dir: Path, kl: float, n: int, metric: str) -> float:
     """The `metric` win rate of the tilt of these runs' transform (their first member's, at its yardstick M) at
-    `kl`; NaN for raw or when the tilt cannot spend `kl`."""
+    `kl`; NaN for raw and maxk (no transform) or when the tilt cannot spend `kl`."""
     first = runs[0]
-    if first.get("solver") == "maxk":  # no transform: no tilt to compare with
-        return math.nan
     member_dir = Path(sweep_dir) / first["member"]
     try:
         transform = transform_from_run(final_metrics(member_dir), member_dir)
@@ -111,6 +109,11 @@ def _tilt(runs: list[dict], sweep_dir: Path, kl: float, n: int, metric: str) -> 
         return float(tilt_at_kl(transform, kl, n, first.get("m"))[metric])
     except (ValueError, FileNotFoundError):
         return math.nan
+
+
+def _points(runs: list[dict], x: str, y: str) -> list[tuple[float, float]]:
+    """(KL, metric) of the runs that have both finite."""
+    return [(r[x], r[y]) for r in runs if math.isfinite(r.get(x, math.nan)) and math.isfinite(r.get(y, math.nan))]
 
 
 def _comparisons(runs: list[dict]):
@@ -152,8 +155,7 @@ def ordering_rows(runs: list[dict], sweep_dir: Path) -> list[dict]:
             for (matched, kl_col), prompts in itertools.product(MATCHED.items(), ("held_out", "held_in")):
                 # held_in: the same comparison on training prompts (eval.held_in_prompts), at the run's N only
                 x, y = (kl_col, col) if prompts == "held_out" else (f"{kl_col}_held_in", f"{metric}_held_in")
-                pa = [(r[x], r[y]) for r in side_a if math.isfinite(r.get(x, math.nan)) and math.isfinite(r.get(y, math.nan))]
-                pb = [(r[x], r[y]) for r in side_b if math.isfinite(r.get(x, math.nan)) and math.isfinite(r.get(y, math.nan))]
+                pa, pb = _points(side_a, x, y), _points(side_b, x, y)
                 if not pa or not pb:
                     continue
                 d = matched_difference(*zip(*pa), *zip(*pb))

@@ -139,14 +139,15 @@ def transform_config(cfg_path: Path, recorded: dict | None = None) -> tuple[Call
 
 
 def transform_from_run(row: dict, member_dir: Path) -> Transform | None:
-    """The run's transform as it trained (None for raw rewards), from its saved config and final metrics.
+    """The run's transform as it trained (None for raw rewards, and for a run whose solver used none: maxk records
+    method=maxk), from its saved config and final metrics.
 
     `row`: the run's final_metrics.json; its recorded `n`, `beta` and `t` (the one `t: auto` resolved to in
     training) replace the config's, so neither a resolver nor a solver runs again. Raises ValueError naming
     the config file for anything that is not one of the project's transforms with plain parameters,
     FileNotFoundError without a config.
     """
-    if row.get("transform") == "raw" or row.get("calibrator") == "passthrough":
+    if row.get("transform") == "raw" or row.get("calibrator") == "passthrough" or row.get("method") == "maxk":
         return None
     cfg_path = Path(member_dir) / RUN_CONFIG
     if not cfg_path.exists():
