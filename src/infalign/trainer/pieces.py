@@ -78,6 +78,9 @@ def build_solver(cfg: DictConfig) -> Solver:
     if not isinstance(solver, Solver):
         raise TypeError(f"solver._target_={cfg.solver.get('_target_')} built a {type(solver).__name__}, not a "
                         "infalign.trainer.solvers.Solver (docs/solvers.md)")
+    if not solver.uses_transform and solver.target_metric not in ("bon", "won"):
+        raise TypeError(f"{type(solver).__name__} uses no transform: its target_metric must be bon or won, got "
+                        f"{solver.target_metric!r} (docs/solvers.md)")
     return solver
 
 

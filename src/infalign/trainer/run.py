@@ -95,17 +95,17 @@ def run(cfg: DictConfig) -> dict:
     datamodule = RolloutDataModule(train_prompts, builder, solver, cfg.rl.prompts_per_iteration, cfg.seed)
 
     # method: the method preset chosen (conf/method/; studies group runs by it), else the transform's name; a
-    # solver of the win rate itself (maxk: `mode`) uses no transform, so the method it ran is the solver's name;
+    # solver that uses no transform (`Solver.uses_transform`: maxk) ran its own method, named by its preset;
     # solver: the solver preset chosen (conf/solver/; infalign.runtime.presets keeps it true to what trains);
     # t: the exp family's t as used (t=auto resolved)
-    method = choices.get("solver") if getattr(solver, "mode", None) else choices.get("method") or choices.get("transform")
+    method = (choices.get("method") or choices.get("transform")) if solver.uses_transform else choices.get("solver")
     run_info = {"n": int(cfg.n), "beta": float(cfg.beta), "transform": choices.get("transform"),
                 "method": method, "solver": choices.get("solver"),
                 "t": getattr(transform, "t", None),
                 "t_auto": getattr(transform, "auto", None),
                 "calibrator": choices.get("calibrator"), "seed": int(cfg.seed), "run_dir": str(run_dir)}
-    # what the run is built for: the method's target metric, or the mode of a solver of the win rate itself (maxk)
-    target = getattr(solver, "mode", None) or bar_metric(run_info, transform)
+    # what the run is built for: the method's target metric, or the win rate a solver without transform optimises
+    target = bar_metric(run_info, transform) if solver.uses_transform else solver.target_metric
     win_rates = _win_rates(cfg, eval_prompts, calibration, gen_kwargs, run_dir, target,
                            held_in=held_in_prompts(cfg, train_prompts))
     loggers = _loggers(cfg, choices, run_dir, resume_from, run_info)

@@ -46,6 +46,11 @@ class Solver(ABC):
     """Subclasses set `experience` and `loss` (and may override `step`, `optimizer_steps`, `end_iteration`)."""
 
     loss_key = "policy/loss"  # the mean loss's statistic
+    # A solver learns from the transformed calibrated reward Phi(C) (`buffer.rewards`), and the run is judged on its
+    # method's metric. One that optimises a win rate itself (maxk) uses no transform: it sets `uses_transform =
+    # False` and names the win rate it optimises (`target_metric`: "bon" or "won"), which the run then reports.
+    uses_transform: bool = True
+    target_metric: str | None = None
 
     def __init__(self, *, beta: float, minibatch_size: int, grad_clip: float | None = None,
                  prompts_per_iteration: int = 1):

@@ -25,12 +25,15 @@ __all__ = ["MaxK"]
 
 
 class MaxK(RLOO):
+    uses_transform = False  # the win rate itself, not Phi(C): the run is judged on `target_metric`, its mode
+
     def __init__(self, *, n: int, mode: str = "bon", baseline: str = "auto", kl_penalty: str = "reward", **kwargs):
         super().__init__(**kwargs)
         if mode not in ("bon", "won") or kl_penalty not in ("reward", "exact"):
             raise ValueError(f"solver=maxk: mode must be bon or won and kl_penalty reward or exact, got {mode!r}, "
                              f"{kl_penalty!r}")
         self.n, self.mode, self.exact_kl = int(n), mode, kl_penalty == "exact"
+        self.target_metric = mode
         self.baseline = baseline if baseline != "auto" else ("loo" if self.k >= self.n + 1 else "loo_minus_one")
 
     def advantages(self, buffer, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
