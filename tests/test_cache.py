@@ -6,8 +6,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from infalign.runtime.artifacts import get_or_build, lookup
-from infalign.runtime.manifest import MANIFEST, entry_path, fingerprint, verify_entry
-from infalign.runtime.rebuild import key_changes
+from infalign.runtime.manifest import MANIFEST, entry_path, fingerprint, key_changes, verify_entry
 
 
 def test_fingerprint_canonical():

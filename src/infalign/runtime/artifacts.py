@@ -14,7 +14,7 @@ mismatched entry is logged, moved aside and rebuilt, never used.
     model = AutoModel.from_pretrained(entry.path)
 
 A miss next to entries of the same kind says why before it builds: the stored key of the nearest entry is
-diffed against the new one (:func:`infalign.runtime.rebuild.explain_rebuild`) and logged as a warning, e.g.
+diffed against the new one (:func:`infalign.runtime.manifest.explain_rebuild`) and logged as a warning, e.g.
 ``rebuilding reward: key max_response_tokens (data.max_response_tokens) changed from 64 to 16 (entry
 baface8a4a09b136); this takes about 59 s, as that entry's build did``.
 
@@ -54,10 +54,10 @@ from infalign.runtime.manifest import (
     _canonical,
     _scan_files,
     entry_path,
+    explain_rebuild,
     verify_entry,
 )
 from infalign.runtime.paths import cache_root as default_cache_root
-from infalign.runtime.rebuild import explain_rebuild
 
 log = logging.getLogger(__name__)
 
