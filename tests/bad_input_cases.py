@@ -76,7 +76,7 @@ CASES = [
     case("optimizer.betas=[0.9,1.5]", match=r"optimizer.betas must be a list of two numbers in \[0, 1\) .*got \[0.9, 1.5\]"),
     case("+optimizer.weight_decy=0.1", stage="config", match=r"optimizer.weight_decy: unknown key .*did you mean 'weight_decay'"),
     case("scheduler.warmup_steps=-1", match=r"scheduler.warmup_steps must be an integer >= 0 .*got -1"),
-    case("rl.kl_penalty=loss", match=r"rl.kl_penalty=loss .* is gone"),
+    case("rl.kl_penalty=loss", match=r"rl.kl_penalty must be 'reward' or 'exact' .*got 'loss'; e.g. rl.kl_penalty="),
     case("rl.target_kl=0", match=r"rl.target_kl must be null \(beta stays fixed\) or a positive finite number"),
     case("num_threads=0", match=r"num_threads must be null \(torch's default\) or a positive integer .*use null"),
     # sampling
@@ -92,13 +92,13 @@ CASES = [
     case("trainer.devices=0", match=r"trainer.devices must be a count >= 1, -1 or auto .*got 0"),
     case("trainer.precision=bf17", match=r"trainer.precision must be one of 32-true, bf16-mixed.*got 'bf17'"),
     case("trainer.max_epochs=5", match=r"trainer.max_epochs=5 differs from rl.iterations=3: set rl.iterations instead"),
-    case("+trainer.max_steps=10", match=r"trainer.max_steps=10 would change the number .*set rl.iterations instead"),
+    case("+trainer.max_steps=10", match=r"trainer.max_steps=10: it would change the number .*set rl.iterations instead"),
     case("+trainer.accumulate_grad_batches=2",
          match=r"trainer.accumulate_grad_batches=2: .*manual optimisation.*raise rl.minibatch_size"),
     case("+trainer.gradient_clip_val=1.0", match=r"trainer.gradient_clip_val=1.0: .*set rl.grad_clip instead"),
     case("+trainer.max_epoch=3", stage="config",
          match=r"trainer.max_epoch: unknown key in conf/trainer/default.yaml.*did you mean 'max_epochs'"),
-    # the model and reward configs (their loaders' dataclasses: infalign.config.models)
+    # the model and reward configs (their loaders' keys: infalign.config.schema.LOADERS)
     case("+model.tokenzier=1",
          match=r"model.tokenzier: unknown key in conf/model/tiny.yaml .*; known keys: .*tokenizer"),
     case("+model.sft.lrr=1", match=r"model.sft.lrr: unknown key in conf/model/tiny.yaml .*known keys: .*lr"),

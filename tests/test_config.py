@@ -1,6 +1,6 @@
 """Config groups and the config check: `method=<name>` and `scale=<name>` compose; `check_config` refuses an
 unknown key (or a bad value), in a model or reward config too, naming the key and the file, before torch is
-imported; the keys' defaults and docs come from `infalign.config`'s dataclasses."""
+imported; the keys' defaults and docs come from `infalign.config.schema`."""
 
 import re
 from pathlib import Path
@@ -11,11 +11,11 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
-from infalign.config import ConfigError, TrainConfig, processes
+from infalign.config import RUN, ConfigError, processes
 from infalign.config.__main__ import markdown
 from infalign.config.check import check_config
-from infalign.config.models import LOADERS
 from infalign.config.rules import devices
+from infalign.config.schema import LOADERS, RUNTIME, TRAINER_KEYS, defaults
 from infalign.models.loaders import call_loader, check_loader_config
 from infalign.runtime.paths import conf_dir
 
@@ -125,9 +125,8 @@ def test_required_keys_and_cross_group_rules():
 
 @pytest.mark.parametrize("group", ["model", "reward"])
 def test_every_shipped_config_fits_its_loader(group):
-    """Each file's keys are its loader's dataclass's, and the loader takes every key call_loader passes it."""
+    """Each file's keys are its loader's, and the loader takes every key call_loader passes it."""
     import inspect
-    from dataclasses import fields
 
     from hydra.utils import get_method
 
@@ -136,11 +135,11 @@ def test_every_shipped_config_fits_its_loader(group):
         for key in cfg:
             if OmegaConf.is_missing(cfg, key):  # `???`: the user sets it (model.name_or_path=...)
                 cfg[key] = "x"
-        spec = check_loader_config(cfg, group, str(path))
-        assert spec is LOADERS[group][cfg._target_], path
+        keys = check_loader_config(cfg, group, str(path))
+        assert keys is LOADERS[group][cfg._target_], path
         params = inspect.signature(get_method(cfg._target_)).parameters
-        passed = {f.name for f in fields(spec)} - set(spec.trainer_keys) - {"_target_"}
-        assert passed | set(spec.runtime) <= set(params), (path, (passed | set(spec.runtime)) - set(params))
+        passed = set(keys) - set(TRAINER_KEYS[group]) - {"_target_"} | set(RUNTIME.get(cfg._target_, ()))
+        assert passed <= set(params), (path, passed - set(params))
 
 
 def fake_loader(*, size: int, name_or_path: str = "x", cache_root=None):
@@ -207,17 +206,15 @@ def test_distill_rl_distils_half_of_the_smoke_scales_iterations():
 
 
 def test_the_defaults_are_defined_once():
-    """conf/train.yaml composes the dataclass's defaults (`base_train`) and repeats none of its keys."""
-    from dataclasses import asdict, fields
-
+    """conf/train.yaml composes the schema's defaults (`base_train`) and repeats none of its keys."""
     raw = yaml.safe_load((CONF / "train.yaml").read_text())
     assert raw["defaults"][0] == "base_train"
-    assert not {f.name for f in fields(TrainConfig)} & set(raw)
+    assert not set(RUN) & set(raw)
     cfg, _ = compose_train("logger=none")
-    base = OmegaConf.create(asdict(TrainConfig()))
-    for f in fields(TrainConfig):
-        if f.name not in ("distill",):  # the default solver (conf/solver/rloo.yaml) sets rl.algo and rl.kl_penalty
-            assert OmegaConf.to_container(cfg)[f.name] == OmegaConf.to_container(base)[f.name], f.name
+    base = OmegaConf.create(defaults(RUN))
+    for name in RUN:
+        if name not in ("distill",):  # the default solver (conf/solver/rloo.yaml) sets rl.algo and rl.kl_penalty
+            assert OmegaConf.to_container(cfg)[name] == OmegaConf.to_container(base)[name], name
 
 
 def test_the_configuration_reference_is_current():

@@ -1,25 +1,23 @@
-"""`python -m infalign.config --markdown`: the reference of every key (docs/configuration.md), from the dataclasses."""
+"""`python -m infalign.config --markdown`: the reference of every key (docs/configuration.md), from the schema."""
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import MISSING, fields
 
-from infalign.config.models import LOADERS
-from infalign.config.schema import CALIBRATORS, TRANSFORMS, DataConfig, TrainConfig, TrainerConfig, cli
+from infalign.config.rules import cli
+from infalign.config.schema import CALIBRATORS, DATA, LOADERS, RUN, TRAINER, TRANSFORMS, Section
 
 
-def rows(cls: type, prefix: str = ""):
-    for f in fields(cls):
-        meta, name = f.metadata, prefix + f.name
-        if "section" in meta:
-            yield f"| `{name}` | | {meta['help']}{' (null: off)' if meta['nullable'] else ''} |"
-            yield from rows(meta["section"], name + ".")
+def rows(keys: dict, prefix: str, group: bool):
+    """A table row per key (`group`: its value is an example, the group's file sets it)."""
+    for name, k in keys.items():
+        if isinstance(k, Section):
+            yield f"| `{prefix}{name}` | | {k.help}{' (null: off)' if k.nullable else ''} |"
+            yield from rows(k.keys, f"{prefix}{name}.", group)
             continue
-        default = cli(f.default) if f.default is not MISSING else cli(f.default_factory()) \
-            if f.default_factory is not MISSING else "" if meta["opt"] else "required"
-        allowed = meta["rule"].allowed.replace("|", "\\|")
-        yield f"| `{name}` | `{default}` | {meta['help']}; {allowed}; e.g. `{name}={meta['example']}` |"
+        default = ("" if k.opt else "required") if group else cli(k.value)
+        allowed = k.rule.allowed.replace("|", "\\|")
+        yield f"| `{prefix}{name}` | `{default}` | {k.help}; {allowed}; e.g. `{prefix}{name}={k.shown}` |"
 
 
 def markdown() -> str:
@@ -28,15 +26,15 @@ def markdown() -> str:
            "tests/test_config.py checks this file is current). Set a key on the command line (`python train.py "
            "rl.k=8`); a group's keys come from its file (`conf/<group>/<option>.yaml`), whose values are the "
            "defaults shown there.", ""]
-    sections = [("The run (conf/train.yaml: `base_train`)", TrainConfig, ""), ("`data` (conf/data/)", DataConfig, "data."),
-                ("`trainer` (conf/trainer/; other `lightning.Trainer` parameters are checked against it)",
-                 TrainerConfig, "trainer.")]
+    sections = [("The run (conf/train.yaml: `base_train`)", RUN, "", False), ("`data` (conf/data/)", DATA, "data.", True),
+                ("`trainer` (conf/trainer/; other `lightning.Trainer` parameters are checked against it)", TRAINER,
+                 "trainer.", True)]
     for group, specs in (("model", LOADERS["model"]), ("reward", LOADERS["reward"]), ("transform", TRANSFORMS),
                          ("calibrator", CALIBRATORS)):
-        sections += [(f"`{group}` with `_target_: {target}`", cls, f"{group}.") for target, cls in specs.items()]
-    for title, cls, prefix in sections:
+        sections += [(f"`{group}` with `_target_: {target}`", keys, f"{group}.", True) for target, keys in specs.items()]
+    for title, keys, prefix, group in sections:
         out += [f"## {title}", "", "| key | default | meaning; allowed; example |", "| --- | --- | --- |",
-                *(list(rows(cls, prefix)) or ["| (no keys) | | |"]), ""]
+                *(list(rows(keys, prefix, group)) or ["| (no keys) | | |"]), ""]
     return "\n".join(out)
 
 

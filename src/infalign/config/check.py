@@ -1,7 +1,6 @@
 """The check of a composed config, in one pass before torch is imported: every key against its definition
-(infalign.config.schema, .models), the files it names, the presets (infalign.runtime.presets), the rules between
-keys (each written once, in infalign.config.cross), and the warnings (valid values that lose a diagnostic or some
-speed)."""
+(infalign.config.schema), the files it names, the presets (infalign.runtime.presets), the rules between keys, and
+the warnings (valid values that lose a diagnostic or some speed). A refused value is one line (ConfigError)."""
 
 from __future__ import annotations
 
@@ -10,16 +9,13 @@ import errno
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import MISSING, fields
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from infalign.config.cross import check_between
-from infalign.config.models import LOADERS
-from infalign.config.rules import is_int, is_real, show
-from infalign.config.schema import TRANSFORMS, DataConfig, TrainConfig, TrainerConfig
+from infalign.config.rules import is_int, one_of, processes, show
+from infalign.config.schema import CACHED_POLICIES, CALIBRATORS, DATA, LOADERS, RAW, RUN, TRAINER, TRANSFORMS, Section
 from infalign.runtime.artifacts import CACHE_FIX, cache_root_warning
 from infalign.runtime.atomic import FileWriteError
 from infalign.runtime.errors import ConfigError
@@ -28,28 +24,40 @@ from infalign.runtime.presets import check_presets
 
 log = logging.getLogger("infalign.config")
 GROUPS = ("data", "model", "reward", "calibrator", "transform", "trainer", "logger", "solver", "study", "hydra")
-HYDRA_KEYS = ("_target_", "_partial_", "_convert_", "_recursive_", "_args_")
+OPEN = ("optimizer", "scheduler", "trainer")  # their classes' other parameters: check_targets, once torch is imported
 HINTS = {"lr": "optimizer.lr", "learning_rate": "optimizer.lr", "weight_decay": "optimizer.weight_decay",
          "betas": "optimizer.betas", "epochs": "rl.iterations", "max_epochs": "rl.iterations",
          "batch_size": "rl.minibatch_size", "max_new_tokens": "generation.max_new_tokens", "seed": "seed"}
-MOVED = {f"calibration.{k}": f"data.{k}" for k in ("train_prompts", "eval_prompts", "eval_partition")}  # one release
-RETIRED = {("rl.kl_penalty", "loss"): "rl.kl_penalty=loss (k3 per token in the loss) is gone: its fixed point is not "
-           "the tilted reference pi_ref exp(Phi/beta). Use rl.kl_penalty=exact (the full-vocabulary KL per token in "
-           "the loss, with the KL still to come in the advantage) or reward (k1 per sequence in the reward)"}
+MOVED = {f"calibration.{k}": f"data.{k}" for k in ("train_prompts", "eval_prompts", "eval_partition")}
+ITERATIONS = "it would change the number or length of the iterations: set rl.iterations instead"
+CLIP = "the RL update clips the gradient norm itself (manual optimisation): set rl.grad_clip instead"
+SET_BY_RUN = {"logger": "the logger group (logger=wandb or logger=none)", "callbacks": "infalign's own callbacks",
+              "enable_progress_bar": "progress=true|false", "default_root_dir": "hydra.run.dir",
+              "use_distributed_sampler": "infalign's sampler, which shards each iteration's prompts",
+              "plugins": "infalign's checksummed checkpoint I/O", "enable_checkpointing": "checkpoint.every"}
+TRAINER_OWN = {  # Lightning's parameters that infalign sets or does itself: the values that change nothing, why
+    "max_steps": ((-1, None), ITERATIONS), "min_epochs": ((None,), ITERATIONS), "min_steps": ((None,), ITERATIONS),
+    "max_time": ((None,), ITERATIONS), "fast_dev_run": ((False, None, 0), ITERATIONS),
+    "limit_train_batches": ((None, 1, 1.0), ITERATIONS), "gradient_clip_val": ((None,), CLIP),
+    "gradient_clip_algorithm": ((None,), CLIP),
+    "accumulate_grad_batches": ((None, 1), "the RL update takes one optimizer step per rl.minibatch_size "
+                                "sequences itself (manual optimisation), so Lightning cannot accumulate: raise "
+                                "rl.minibatch_size"),
+    **{name: ((), f"infalign sets it (to {use})") for name, use in SET_BY_RUN.items()},
+}
 
 
 def source(group: str, choices: Mapping | None, *, scale: bool = False) -> str:
+    """The file a group's keys come from, as a message names it."""
     choice, preset = (choices or {}).get(group), (choices or {}).get("scale")
     if not choice:
         return f"the {group} config (conf/{group}/)"
     return f"conf/{group}/{choice}.yaml" + (f" (as composed with conf/scale/{preset}.yaml)" if scale and preset else "")
 
 
-def _unknown(path: str, where: str, known, value=MISSING) -> ConfigError:
+def _unknown(path: str, where: str, known, value) -> ConfigError:
     leaf = path.rsplit(".", 1)[-1]
-    if path in MOVED:
-        return ConfigError(f"{path} moved to {MOVED[path]}; e.g. {MOVED[path]}={value}")
-    if leaf in HINTS and not path.startswith(HINTS[leaf].rsplit(".", 1)[0] + ".") and path != HINTS[leaf]:
+    if leaf in HINTS and path != HINTS[leaf]:
         hint = f"; {leaf} is set as {HINTS[leaf]}"
     else:
         close = difflib.get_close_matches(leaf, list(known), n=1)
@@ -59,80 +67,159 @@ def _unknown(path: str, where: str, known, value=MISSING) -> ConfigError:
     return ConfigError(f"{path}: unknown key in {where}; known keys: {', '.join(sorted(known))}{hint}")
 
 
-def moved_keys(arguments) -> None:
-    """The command line's old names of moved keys, refused before Hydra composes (it would say only `+` appends)."""
-    for arg in arguments:
-        name, _, value = str(arg).partition("=")
-        if name.lstrip("+~") in MOVED:
-            raise _unknown(name.lstrip("+~"), "", (), value)
+def moved_keys(overrides) -> None:
+    """The old names of moved keys, refused before Hydra composes (train.py: Hydra would say only `+` appends)."""
+    for name, _, value in (str(o).lstrip("+~").partition("=") for o in overrides):
+        if name in MOVED:
+            raise ConfigError(f"{name} moved to {MOVED[name]}; e.g. {MOVED[name]}={value}")
 
 
-def check_section(node, cls: type, path: str, where: str) -> None:
-    """`node` (plain data) against dataclass `cls`: no unknown key (unless `cls.open`), every key's rule, required
-    keys set, nested sections in turn."""
+def check_section(node, keys: dict, path: str, where: str) -> None:
+    """`node` (plain data) against `keys`: no unknown key (in an open section: check_targets), every key's rule,
+    the required keys set, the nested sections in turn."""
     if not isinstance(node, Mapping):
         raise ConfigError(f"{path} must be a mapping of its keys ({where}), got {show(node)}")
-    known, at = {f.name: f for f in fields(cls)}, f"{path}." if path else ""
+    at = f"{path}." if path else ""
     for name in node:
-        if name not in known and not getattr(cls, "open", False) and name not in HYDRA_KEYS:
-            raise _unknown(f"{at}{name}", where, known, node[name])
-    for name, f in known.items():
-        full, meta, value = f"{at}{name}", f.metadata, node.get(name, MISSING)
-        if value is MISSING or value == "???":
-            if not meta.get("opt") and f.default is MISSING and f.default_factory is MISSING:
-                raise ConfigError(f"{full} must be set ({meta['help']}; {where}); e.g. {full}={meta.get('example')}")
-        elif "section" in meta:
-            if value is not None or not meta["nullable"]:
-                check_section(value, meta["section"], full, where if path else f"the {name} config ({where})")
-        elif isinstance(value, str) and (full, value) in RETIRED:
-            raise ConfigError(RETIRED[(full, value)])
-        elif not meta["rule"].test(value):
-            raise ConfigError(f"{full} must be {meta['rule'].allowed} ({meta['help']}), got {show(value)}; "
-                              f"e.g. {full}={meta['example']}")
+        if name not in keys and path not in OPEN and not (name.startswith("_") and name.endswith("_")):
+            raise _unknown(at + name, where, keys, node[name])
+    for name, spec in keys.items():
+        full, value = at + name, node.get(name, "???")
+        if isinstance(value, str) and value == "???":  # absent, or Hydra's mandatory value
+            if not spec.opt:
+                example = f"; e.g. {full}={spec.shown}" if not isinstance(spec, Section) else ""
+                raise ConfigError(f"{full} must be set ({spec.help}; {where}){example}")
+        elif isinstance(spec, Section):
+            if value is not None or not spec.nullable:
+                check_section(value, spec.keys, full, where if path else f"the {name} config ({where})")
+        elif not spec.rule.test(value):
+            raise ConfigError(f"{full} must be {spec.rule.allowed} ({spec.help}), got {show(value)}; "
+                              f"e.g. {full}={spec.shown}")
 
 
-def check_loader_keys(node, group: str, where: str) -> type | None:
-    """A model or reward config against its loader's dataclass (None: a loader infalign does not define)."""
+def check_loader_keys(node, group: str, where: str) -> dict | None:
+    """A model or reward config against its loader's keys, which it returns (None: a loader infalign does not
+    define)."""
     if not isinstance(node, Mapping) or not node.get("_target_"):
         raise ConfigError(f"{group}: the config has no _target_ (use a file from conf/{group}/): {show(node)}")
     for name in PATH_KEYS:  # a path that names no usable model (a hub id is left to the hub), before other keys
         if name in node and node[name] != "???" and (problem := model_path_problem(f"{group}.{name}", node[name])):
             raise ConfigError(problem)
-    cls = LOADERS[group].get(str(node["_target_"]))
-    if cls is not None:
-        check_section(node, cls, group, where)
-    return cls
+    keys = LOADERS[group].get(str(node["_target_"]))
+    if keys is not None:
+        check_section(node, keys, group, where)
+    return keys
 
 
 def plain(cfg) -> dict:
-    """The config as plain data, interpolations resolved; `logger` and `hydra` unresolved (Hydra's runtime)."""
-    out, unresolved = {}, OmegaConf.to_container(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
-    for name in cfg:
-        if name in ("logger", "hydra"):
-            out[name] = unresolved[name]
-            continue
-        try:
-            node = cfg[name]
-            out[name] = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
-        except OmegaConfBaseException as e:  # e.g. study.beta_index outside a method's beta grid
-            reason = str(getattr(e, "msg", None) or e).splitlines()[0]
-            raise ConfigError(f"{getattr(e, 'full_key', None) or name} cannot be resolved: {reason}") from None
-    return out
+    """The config as plain data, interpolations resolved; without `logger` and `hydra` (Hydra's runtime)."""
+    try:
+        return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("logger", "hydra")]),
+                                      resolve=True)
+    except OmegaConfBaseException as e:  # e.g. study.beta_index outside a method's beta grid
+        reason = str(getattr(e, "msg", None) or e).splitlines()[0]
+        raise ConfigError(f"{e.full_key} cannot be resolved: {reason}") from None
 
 
-def _keys(c: Mapping, choices: Mapping | None) -> None:
-    top = {f.name: f for f in fields(TrainConfig)}
+def _keys(c: dict, choices: Mapping | None) -> None:
     for name in c:
-        if name not in top and name not in GROUPS:
-            raise _unknown(name, "the config (conf/train.yaml and its groups)", [*top, *GROUPS], c[name])
-    check_section({k: c[k] for k in top if k in c}, TrainConfig, "", "conf/train.yaml")
-    check_section(c.get("data"), DataConfig, "data", source("data", choices))
-    check_section(c.get("trainer"), TrainerConfig, "trainer", source("trainer", choices))
+        if name not in RUN and name not in GROUPS:
+            raise _unknown(name, "the config (conf/train.yaml and its groups)", [*RUN, *GROUPS], c[name])
+    check_section({k: v for k, v in c.items() if k in RUN}, RUN, "", "conf/train.yaml")
+    check_section(c.get("data"), DATA, "data", source("data", choices))
+    check_section(c.get("trainer"), TRAINER, "trainer", source("trainer", choices))
     transform = c.get("transform") or {}
     if isinstance(transform, Mapping) and transform.get("_target_") in TRANSFORMS:
         check_section(transform, TRANSFORMS[transform["_target_"]], "transform", source("transform", choices))
     for group in ("model", "reward"):
         check_loader_keys(c.get(group), group, source(group, choices, scale=True))
+
+
+# ---------------------------------------------------------------------------------------------- between keys
+def _choices_fit(c: dict, choices: Mapping | None) -> None:
+    """The values that must go together."""
+    if c["resume"] is not False and c["overwrite"]:
+        raise ConfigError("resume and overwrite=true contradict each other: resume continues the run in "
+                          "hydra.run.dir, overwrite replaces it; pass one of them")
+    transform, calibrator = (c.get("transform") or {}).get("_target_"), (c.get("calibrator") or {}).get("_target_")
+    if transform in TRANSFORMS and calibrator in CALIBRATORS and (transform in RAW) != (calibrator in RAW):
+        named = {"transform": transform, "calibrator": calibrator, **(choices or {})}
+        raise ConfigError(f"transform={named['transform']} and calibrator={named['calibrator']} do not fit: raw "
+                          "rewards go with calibrator=passthrough, calibrated transforms with calibrator=empirical")
+    # solver=maxk estimates the win rate at N from the rl.k samples of a prompt, against its reference rewards
+    if str((c.get("solver") or {}).get("_target_", "")).endswith(".MaxK"):
+        if c["rl"]["k"] < c["n"]:
+            raise ConfigError(f"rl.k={c['rl']['k']} is below n={c['n']}: solver=maxk estimates the best-of-N win rate "
+                              f"from k >= N samples per prompt; e.g. rl.k={2 * c['n']}")
+        if not str(calibrator).endswith("EmpiricalCalibrator"):
+            raise ConfigError("solver=maxk compares each sample with the reference's samples of its prompt: it needs "
+                              "calibrator=empirical (drop calibrator=passthrough / method=raw)")
+    reward, model = c["reward"], c["model"]
+    backbone = reward.get("backbone") if str(reward["_target_"]).endswith(".trained_reward") else None
+    if backbone in ("policy", "policy_frozen") and model["_target_"] not in CACHED_POLICIES:
+        raise ConfigError(f"reward.backbone={backbone} is built on the cached reference policy (model=tiny or "
+                          f"model=smollm2), but model._target_ is {model['_target_']}; pick another reward.backbone "
+                          "(e.g. minilm) or reward=hf")
+
+
+def _samples_fit(c: dict) -> None:
+    """The win rate at N needs M >= N reference and K >= N policy samples per prompt; the training prompts hold an
+    iteration's prompts and the held-in evaluation's; the distilling iterations are some of rl.iterations."""
+    top, have = max({int(x) for x in c["eval"]["ns"]} | {int(c["n"])}), c["data"]["train_prompts"]
+    for name, value, needs in (("calibration.m", c["calibration"]["m"], "the win rate at N needs M >= N reference"),
+                               ("eval.k", c["eval"]["k"], "best-of-N needs K >= N policy")):
+        if value < top:
+            raise ConfigError(f"{name}={value} is below N={top}: {needs} samples per prompt; raise {name} or lower n "
+                              "/ eval.ns")
+    for name, value, fix in (("rl.prompts_per_iteration", c["rl"]["prompts_per_iteration"], "an iteration's prompts "
+                              "are drawn from the training prompts; lower it or raise data.train_prompts"),
+                             ("eval.held_in_prompts", c["eval"]["held_in_prompts"], "the held-in evaluation takes "
+                              f"its prompts from the training prompts; e.g. eval.held_in_prompts={have}")):
+        if value > have:
+            raise ConfigError(f"{name}={value} exceeds data.train_prompts={have}: {fix}")
+    it, total = c["distill"]["iterations"], c["rl"]["iterations"]
+    if it > total:
+        raise ConfigError(f"distill.iterations must be an integer from 0 to rl.iterations={total} (the first of all "
+                          f"iterations that distil; 0 = off), got {it}; e.g. distill.iterations={total}")
+
+
+def _batches_fit(c: dict, multirun: bool) -> None:
+    """Each of W processes takes an equal share of every iteration's prompts and every minibatch; every optimizer
+    step takes a whole minibatch (a remainder would be a smaller, noisier last step)."""
+    rl, distill, world = c["rl"], c["distill"], processes(c["trainer"])
+    if multirun and world != 1:  # Lightning's launcher re-runs the command line per process: each the whole sweep
+        raise ConfigError("a sweep (-m) runs in one process; it cannot start trainer.devices x trainer.num_nodes "
+                          "processes per member: sweep with a shell loop over single runs instead")
+    world = world or 1
+    for name in ("rl.prompts_per_iteration", "rl.minibatch_size", "distill.minibatch_size"):
+        value = c[name.split(".")[0]][name.split(".")[1]]
+        if value % world:
+            raise ConfigError(f"{name}={value} must be divisible by the {world} processes (trainer.devices x "
+                              f"trainer.num_nodes): each takes an equal share; e.g. {name}="
+                              f"{world * -(-value // world)}")
+    for section, what, used in (("rl", "k", rl["iterations"] > distill["iterations"]),
+                                ("distill", "samples_per_prompt", distill["iterations"] > 0)):
+        total, mb = rl["prompts_per_iteration"] * c[section][what], c[section]["minibatch_size"]
+        if used and total % mb:
+            fits = max(d for d in range(world, mb + 1, world) if total % d == 0)
+            raise ConfigError(f"{section}.minibatch_size must divide the rl.prompts_per_iteration x {section}.{what} "
+                              f"= {total} sequences of an iteration (else the last optimizer step is a smaller one: "
+                              f"{mb} splits them into {-(-total // mb)} steps), got {mb}; e.g. "
+                              f"{section}.minibatch_size={fits}")
+
+
+def _trainer_fits(c: dict) -> None:
+    """rl.iterations is the run's one count of iterations, and the update steps the optimizer itself (manual
+    optimisation): Lightning's own limits, accumulation and clipping would act behind its back."""
+    trainer, iterations = c["trainer"], c["rl"]["iterations"]
+    if trainer.get("max_epochs") != iterations:
+        shown = show(trainer["max_epochs"]) if "max_epochs" in trainer else "absent (Lightning's default: 1000)"
+        raise ConfigError(f"trainer.max_epochs={shown} differs from rl.iterations={iterations}: set rl.iterations "
+                          f"instead (the number of RL iterations, one Lightning epoch each; now {iterations}), and "
+                          "leave trainer.max_epochs at ${rl.iterations}")
+    for name, (neutral, why) in TRAINER_OWN.items():
+        if name in trainer and not one_of(*neutral).test(trainer[name]):
+            raise ConfigError(f"trainer.{name}={show(trainer[name])}: {why}; remove trainer.{name}")
 
 
 # ---------------------------------------------------------------------------------------------- warnings
@@ -147,7 +234,7 @@ def optimizer_steps(c: Mapping) -> int:
 
 def warnings(c: Mapping) -> list[str]:
     out, rl, steps = [], c["rl"], optimizer_steps(c)
-    warmup, cores, threads = (c.get("scheduler") or {}).get("warmup_steps"), os.cpu_count(), c["num_threads"]
+    warmup, cores, threads = (c["scheduler"] or {}).get("warmup_steps"), os.cpu_count(), c["num_threads"]
     lora = c["model"].get("lora") or {}
     if is_int(warmup) and warmup >= steps:
         out.append(f"scheduler.warmup_steps={warmup} is not below the run's {steps} optimizer steps: the learning "
@@ -157,10 +244,10 @@ def warnings(c: Mapping) -> list[str]:
         out.append("rl.grad_noise_scale=true logs nothing: it needs >= 2 minibatches per rollout, and "
                    f"rl.minibatch_size={rl['minibatch_size']} takes all {rl['prompts_per_iteration'] * rl['k']} "
                    "sequences of one; halve rl.minibatch_size or set rl.grad_noise_scale=false")
-    if rl["algo"] == "ppo" and is_real(lora.get("dropout", 0)) and lora.get("dropout", 0) > 0 and lora.get("r"):
+    if rl["algo"] == "ppo" and lora.get("r") and lora.get("dropout", 0) > 0:
         out.append(f"model.lora.dropout={lora['dropout']} with rl.algo=ppo: dropout in the update's passes perturbs "
                    "PPO's probability ratio; e.g. model.lora.dropout=0")
-    if c.get("resume_allow_changes") and c["resume"] is False:
+    if c["resume_allow_changes"] and c["resume"] is False:
         out.append("resume_allow_changes=true does nothing without resume=true or resume=auto")
     if is_int(threads) and cores and threads > cores:
         out.append(f"num_threads={threads} exceeds the {cores} CPU cores here: the threads share them and run "
@@ -175,7 +262,8 @@ def _cache_root(root: str) -> str | None:
     except FileWriteError as e:  # names the folder, the cause and the way out
         raise ConfigError(str(e)) from e
     except OSError as e:  # not a folder: a file, or under one
-        cause = "it is a file" if Path(root).is_file() else f"{e.strerror or e} ({errno.errorcode.get(e.errno, e.errno)})"
+        cause = "it is a file" if Path(root).is_file() else \
+            f"{e.strerror or e} ({errno.errorcode.get(e.errno, e.errno)})"
         raise ConfigError(f"cache_root={root} cannot be the cache directory: {cause}; {CACHE_FIX}") from e
 
 
@@ -189,11 +277,15 @@ def check_config(cfg, choices: Mapping | None = None, *, multirun: bool = False,
     choices = OmegaConf.to_container(choices) if OmegaConf.is_config(choices) else choices
     if overrides is None:
         overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    moved_keys(overrides)
     c = plain(cfg)
     _keys(c, choices)
     if choices is not None:  # each key's own value first, then the presets
         check_presets(choices, list(overrides))
-    check_between(c, choices, multirun)
+    _choices_fit(c, choices)
+    _samples_fit(c)
+    _batches_fit(c, multirun)
+    _trainer_fits(c)
     return [*warnings(c), *filter(None, [_cache_root(c["cache_root"])])]  # last: it creates the folder
 
 
@@ -204,7 +296,7 @@ def check_targets(cfg, choices: Mapping | None = None) -> None:
 
     from hydra.utils import get_method
 
-    for section in ("trainer", "optimizer", "scheduler"):
+    for section in OPEN:
         node = cfg.get(section)
         if not node or not node.get("_target_"):
             continue

