@@ -1,22 +1,23 @@
 """Checkpoint files that survive crashes and refuse to load when damaged or unsafe.
 
-Lightning's default `TorchCheckpointIO` (2.6) writes through an fsspec transaction: the bytes go to a temp
-file in the *system* temp dir and are then `shutil.move`d into place, a copy (not a rename) when /tmp is
-another file system, without fsync. A SIGKILL or power cut mid-copy can leave a truncated `last.ckpt`.
-`SafeCheckpointIO` instead
+Kept instead of Lightning's `TorchCheckpointIO` (2.6.6), which loads a checkpoint with one bit flipped inside its
+tensors without a word, its weights silently different (measured 2026-12-07 with the damaged file of
+tests/test_reliability.py::test_damaged_checkpoint_is_refused_naming_the_file_and_the_way_out[flip]), and writes
+through an fsspec transaction: a temp file in the *system* temp dir, then `shutil.move`, a copy (not a rename)
+when /tmp is another file system, without fsync, so a kill or power cut mid-copy can leave a truncated
+`last.ckpt`. `SafeCheckpointIO`
 
 - writes a temp file next to the target, fsyncs it and renames it (`infalign.runtime.atomic`);
-- records its sha256 in `<name>.sha256` and checks it before loading, so truncation and bit rot are
-  refused with a message naming the file, instead of a zip error from deep inside torch;
-- loads with `torch.load(weights_only=True)`: a checkpoint is data, and unpickling arbitrary objects
-  would run code from whoever wrote the file.
+- records its sha256 in `<name>.sha256` and checks it before loading: truncation and bit rot are refused with a
+  message naming the file, instead of wrong weights or a zip error from deep inside torch;
+- loads with `torch.load(weights_only=True)`: a checkpoint is data, and unpickling arbitrary objects would run
+  code from whoever wrote the file.
 
-The sidecar is written *before* the checkpoint is renamed and lists the new digest followed by the
-previous ones, so a crash between the two renames leaves a valid (older) checkpoint that still verifies.
-
-A full disk (or a directory that became read-only) while saving raises `FileWriteError` naming the checkpoint,
-the cause and what to do; the checkpoint already in place stays. (torch.save turns the disk's `OSError` into
-"unexpected pos 166976 vs 166864", so the writer keeps the first `OSError` it saw.)
+The sidecar is written *before* the checkpoint is renamed and lists the new digest followed by the previous ones,
+so a crash between the two renames leaves a valid (older) checkpoint that still verifies. A full disk (or a
+directory that became read-only) while saving raises `FileWriteError` naming the checkpoint, the cause and what to
+do; the checkpoint already in place stays. (torch.save turns the disk's `OSError` into "unexpected pos 166976 vs
+166864", so the writer keeps the first `OSError` it saw.)
 """
 
 from __future__ import annotations
@@ -97,28 +98,26 @@ def _torch_load(path: Path, **kwargs) -> dict:
                               f"{_what_to_do(path)}") from None
 
 
-def verify_checkpoint(path: str | Path) -> None:
-    """Raise `CheckpointError` unless `path` matches its recorded sha256 (if any) and loads as plain data.
-
-    The load check maps the tensors (`mmap=True`) instead of reading them, so it costs little even for large
-    checkpoints; it catches truncation (no zip directory) and anything `weights_only` refuses."""
+def load_checkpoint(path: str | Path, map_location: Any = "cpu", *, mmap: bool = False,
+                    checksum: bool = True) -> dict:
+    """Check the sha256 (unless `checksum=False`: verified already), then `torch.load(weights_only=True)`; every
+    failure is a `CheckpointError`. `mmap`: map the tensors instead of reading them (torch's zip format only)."""
     path = Path(path)
-    if path.is_dir():  # a sharded checkpoint (DeepSpeed, FSDP sharded): its strategy reads and checks it
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if checksum:
+        _check_digest(path)
+    return _torch_load(path, map_location=map_location, mmap=mmap and zipfile.is_zipfile(path))
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Raise `CheckpointError` unless `path` matches its recorded sha256 (if any) and loads as plain data. The load
+    check maps the tensors, so it costs little even for large checkpoints; it catches truncation (no zip
+    directory) and anything `weights_only` refuses."""
+    if Path(path).is_dir():  # a sharded checkpoint (DeepSpeed, FSDP sharded): its strategy reads and checks it
         log.info("checkpoint %s is a directory (sharded); left to the strategy to load", path)
         return
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    _check_digest(path)
-    _torch_load(path, map_location="cpu", mmap=zipfile.is_zipfile(path))  # mmap needs torch's zip format
-
-
-def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
-    """Verify the checksum, then `torch.load(weights_only=True)`; every failure is a `CheckpointError`."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    _check_digest(path)
-    return _torch_load(path, map_location=map_location)
+    load_checkpoint(path, mmap=True)
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
@@ -165,7 +164,3 @@ class SafeCheckpointIO(TorchCheckpointIO):
         if weights_only is False:
             raise CheckpointError(f"{type(self).__name__} loads checkpoints with weights_only=True only")
         return load_checkpoint(path, map_location=map_location or "cpu")
-
-    def remove_checkpoint(self, path) -> None:
-        super().remove_checkpoint(path)
-        checksum_path(path).unlink(missing_ok=True)

@@ -1,26 +1,27 @@
 """When a run's state is saved, and how a run stops on a signal (how it continues: `infalign.trainer.resume`).
 
 `LastCheckpoint` keeps `checkpoints/last.ckpt` current at safe points only (between RL iterations): every
-`checkpoint.every` iterations, at the end of training, and at the end of the iteration in which SIGINT or
-SIGTERM arrived, after which it stops the run (exit status 128 + signal number, with the command that resumes);
-a signal during the final evaluation stops the run after the final checkpoint. At every other stage (data,
-models, calibration cache, distillation pool, writing the results) `exit_on_stop_signal` around the run stops it
-at once (`infalign.runtime.signals`: nothing half-built is kept) and prints what was stopped and the command that
-continues it. `checkpoint.every` and the resume options are checked with the rest of the config (`infalign.config`).
+`checkpoint.every` iterations, at the end of training (after the final evaluation, which it holds), and at the end
+of the iteration in which SIGINT or SIGTERM arrived, after which it stops the run (exit status 128 + signal number,
+with the command that resumes); a signal during the final evaluation stops the run after the final checkpoint. At
+every other stage (data, models, calibration cache, distillation pool, writing the results) `exit_on_stop_signal`
+around the run stops it at once (`infalign.runtime.signals`: nothing half-built is kept) and prints what was stopped
+and the command that continues it.
 
-Why not Lightning's own machinery:
-- `ModelCheckpoint(save_top_k=0, save_last=True)` in Lightning 2.6 writes `last.ckpt` at an epoch's end only
-  when a top-k checkpoint was written at the same step, which never happens with `save_top_k=0`: it saved
-  only at the end of training, so a crashed run lost everything.
-- On SIGTERM Lightning raises `SIGTERMException` (a `SystemExit` with status 0) right after the current batch,
-  without a checkpoint; on SIGINT, `KeyboardInterrupt` lands wherever the process is (mid-generation) and
-  Lightning exits with status 1, also without a checkpoint. We install our own handlers for the duration of
-  training; a second signal aborts at once.
+Kept instead of Lightning's own machinery (2.6.6), which loses training (both re-measured 2026-12-07):
+- `ModelCheckpoint(save_top_k=0, save_last=True, every_n_epochs=...)` writes `last.ckpt` at an epoch's end only when
+  a top-k checkpoint was written at the same step, never with `save_top_k=0`: the first one is written at the end
+  of training, so tests/test_faults.py::test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run fails
+  ("the run finished before the kill": a killed run lost everything).
+- On SIGTERM Lightning raises `SIGTERMException` (a `SystemExit`, status 0) after the current batch and on SIGINT
+  exits with status 1, neither saving; without our handlers the stop lands mid-iteration and the last periodic
+  checkpoint is all there is: tests/test_faults.py::test_sigterm_and_sigint_stop_at_an_iteration_boundary_with_a_checkpoint
+  fails. Our handlers are in force while training runs; a second signal aborts at once.
 
-The local metric files stay in step with the checkpoint: before each save the CSV loggers are flushed and the
-row counts of `logs/metrics.csv` and `eval_metrics.csv` go into the checkpoint; on resume, rows the dead run
-wrote after its last checkpoint are dropped (the resumed run writes them again), so nothing is lost and
-nothing is counted twice. The run's config and resume history go out with the checkpoint too
+The local metric files stay in step with the checkpoint: before each save the CSV loggers are flushed and the row
+counts of `logs/metrics.csv` and `eval_metrics.csv` go into the checkpoint; on resume, rows the dead run wrote
+after its last checkpoint are dropped (the resumed run writes them again), so nothing is lost and nothing is
+counted twice. The run's config and resume history go out with the checkpoint too
 (`infalign.trainer.resume.write_run_config`, `append_history`).
 """
 
@@ -43,10 +44,9 @@ from infalign.trainer.resume import LAST, append_history, resume_command, write_
 log = logging.getLogger(__name__)
 
 __all__ = ["LastCheckpoint", "TrainingInterrupted", "exit_on_stop_signal", "stopped_message", "truncate_csv",
-           "METRIC_FILES", "STOP_SIGNALS"]
+           "METRIC_FILES"]
 
 METRIC_FILES = ("logs/metrics.csv", "eval_metrics.csv")  # relative to the run directory
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class TrainingInterrupted(Exception):
@@ -61,10 +61,6 @@ class TrainingInterrupted(Exception):
     @property
     def exit_code(self) -> int:
         return 128 + int(self.signum)  # the shell convention for "terminated by signal N"
-
-
-def _count_rows(path: Path) -> int:
-    return len(read_csv_rows(path)[1])
 
 
 def truncate_csv(path: Path, rows: int) -> int:
@@ -82,9 +78,9 @@ class LastCheckpoint(L.Callback):
     `resume_history.jsonl` with the first checkpoint of a resumed run. Place it after `WinRateCallback`:
     the final checkpoint is then written after the final evaluation, and holds it."""
 
-    def __init__(self, run_dir: str | Path, every: int, metric_files: tuple[str, ...] = METRIC_FILES,
-                 run_record: dict | None = None, resume_entry: dict | None = None):
-        self.run_dir, self.every, self.metric_files = Path(run_dir), int(every), tuple(metric_files)
+    def __init__(self, run_dir: str | Path, every: int, run_record: dict | None = None,
+                 resume_entry: dict | None = None):
+        self.run_dir, self.every = Path(run_dir), int(every)
         self.path = self.run_dir / "checkpoints" / LAST
         self.stop_signal: int | None = None
         self._previous_handlers: dict[int, object] = {}
@@ -103,7 +99,7 @@ class LastCheckpoint(L.Callback):
     def _install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return  # only the main thread may set handlers; Lightning's defaults stay in force
-        for s in STOP_SIGNALS:
+        for s in signals.STOP_SIGNALS:
             self._previous_handlers[s] = signal.signal(s, self._on_signal)
 
     def _restore(self) -> None:
@@ -149,7 +145,7 @@ class LastCheckpoint(L.Callback):
         for lg in trainer.loggers:  # Lightning buffers CSV rows (flushes every 100 steps): write them now
             if isinstance(lg, CSVLogger):
                 lg.save()
-        checkpoint["metric_rows"] = {rel: _count_rows(self.run_dir / rel) for rel in self.metric_files}
+        checkpoint["metric_rows"] = {rel: len(read_csv_rows(self.run_dir / rel)[1]) for rel in METRIC_FILES}
         if self.run_record is not None:
             checkpoint["run_config"] = self.run_record  # plain data: loads with weights_only=True
             # the record first, then the checkpoint: a change in the saved state is never missing from it
@@ -182,21 +178,25 @@ def stopped_message(stop: signals.StoppedBySignal, run_dir: Path, task_overrides
 
 
 def exit_on_stop_signal(run):
-    """Decorate the run (`infalign.trainer.run.run`): SIGINT or SIGTERM at any stage stops it at once
-    (`infalign.runtime.signals.stop_on_signals`; during training `LastCheckpoint` handles them), prints what was
-    stopped and what to run next, and exits with status 128 + the signal's number."""
+    """Decorate the run (`infalign.trainer.run.run`): SIGINT or SIGTERM at any stage stops it, at once or during
+    training at the end of the iteration (`LastCheckpoint`), prints what was stopped and what to run next, and
+    exits with status 128 + the signal's number."""
 
     @functools.wraps(run)
     def wrapper(cfg, *args, **kwargs):
+        from hydra.core.hydra_config import HydraConfig
+
         with signals.stop_on_signals():
             try:
                 return run(cfg, *args, **kwargs)
-            except signals.StoppedBySignal as stop:
-                from hydra.core.hydra_config import HydraConfig
-
+            except (signals.StoppedBySignal, TrainingInterrupted) as stop:
                 hydra = HydraConfig.get()
-                message = stopped_message(stop, Path(hydra.runtime.output_dir), list(hydra.overrides.task))
-                log.warning("%s", message.splitlines()[0])  # the run's log records it too
+                run_dir, overrides = Path(hydra.runtime.output_dir), list(hydra.overrides.task)
+                if isinstance(stop, TrainingInterrupted):  # the checkpoint of its last iteration is saved
+                    message = f"{stop}.\nContinue it with:\n  {resume_command(overrides, run_dir)}"
+                else:
+                    message = stopped_message(stop, run_dir, overrides)
+                    log.warning("%s", message.splitlines()[0])  # the run's log records it too
                 print(f"\n{message}", file=sys.stderr, flush=True)
                 raise SystemExit(stop.exit_code) from None
 

@@ -10,7 +10,6 @@ and write final_metrics.json. Each piece is one small function (`infalign.traine
 from __future__ import annotations
 
 import logging
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -31,7 +30,7 @@ from infalign.runtime.console import quiet_console
 from infalign.runtime.identity import run_identity, swept_keys
 from infalign.runtime.loggers import build_loggers, finish_loggers
 from infalign.runtime.run_dir import accept_run, hold_run_dir
-from infalign.trainer.checkpointing import LastCheckpoint, TrainingInterrupted, exit_on_stop_signal
+from infalign.trainer.checkpointing import LastCheckpoint, exit_on_stop_signal
 from infalign.trainer.datamodule import RolloutDataModule
 from infalign.trainer.evaluation import WinRateCallback, atomic_write_json
 from infalign.trainer.experience import RolloutBuilder
@@ -124,7 +123,8 @@ def run(cfg: DictConfig) -> dict:
                           use_distributed_sampler=False, plugins=[SafeCheckpointIO()], enable_checkpointing=False)
     finish_restored_loops(trainer)  # resumed from the final checkpoint: the final evaluation still runs
     try:
-        _fit(trainer, module, datamodule, resume_from, run_dir)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None,
+                    weights_only=True)  # a signal: TrainingInterrupted after the iteration's checkpoint
         if win_rates.final is None:  # never a final_metrics.json without the final evaluation
             raise RuntimeError(f"training in {run_dir} ended without its final evaluation; resume it with "
                                f"{resume_command(HydraConfig.get().overrides.task, run_dir)}")
@@ -181,16 +181,6 @@ def _loggers(cfg: DictConfig, choices, run_dir: Path, resume_from, run_info: dic
         lg.log_hyperparams({**run_info, **{f"run_{k}": v for k, v in identity.items()},
                             **OmegaConf.to_container(cfg, resolve=True)})
     return loggers
-
-
-def _fit(trainer, module, datamodule, resume_from, run_dir: Path) -> None:
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None,
-                    weights_only=True)
-    except TrainingInterrupted as stop:
-        print(f"\n{stop}.\nContinue it with:\n  {resume_command(HydraConfig.get().overrides.task, run_dir)}",
-              file=sys.stderr, flush=True)
-        raise SystemExit(stop.exit_code) from None
 
 
 def _run_identity(cfg: DictConfig, choices) -> dict:

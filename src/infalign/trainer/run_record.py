@@ -9,12 +9,11 @@ weights cannot follow.
 from __future__ import annotations
 
 import json
-import zipfile
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from infalign.runtime.checkpoint_io import _torch_load
+from infalign.runtime.checkpoint_io import load_checkpoint
 from infalign.runtime.presets import flatten
 
 __all__ = ["ABSENT", "CONFIG_GROUPS", "EXPERIMENT_KEYS", "EXTENSIBLE", "NOT_COMPARED", "SHAPE_KEYS", "checkpoint_state",
@@ -52,7 +51,7 @@ def checkpoint_state(path: str | Path) -> dict | None:
     path = Path(path)
     if path.is_dir():
         return None
-    ckpt = _torch_load(path, map_location="cpu", mmap=zipfile.is_zipfile(path))
+    ckpt = load_checkpoint(path, mmap=True, checksum=False)  # verified by resolve_resume just before
     progress = (((ckpt.get("loops") or {}).get("fit_loop") or {}).get("epoch_progress") or {}).get("current") or {}
     # `processed` counts the iterations whose training ended (raised before on_train_epoch_end, where we save)
     iteration = progress.get("processed", int(ckpt.get("epoch", -1)) + 1)
