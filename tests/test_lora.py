@@ -40,7 +40,7 @@ from infalign.trainer import pieces  # noqa: E402
 from infalign.trainer.inprocess import run_in_process  # noqa: E402
 from infalign.trainer.module import InfAlignModule  # noqa: E402
 from infalign.trainer.pieces import calibration_key  # noqa: E402
-from infalign.trainer.run_record import config_changes  # noqa: E402
+from infalign.trainer.resume import config_changes  # noqa: E402
 
 SMOKE = ["scale=smoke", "progress=false", "logger=none", "num_threads=1", "eval.every=0"]
 LORA = ["model.lora.r=4", "model.lora.alpha=8"]

@@ -22,8 +22,7 @@ from infalign.runtime.checkpoint_io import CheckpointError, SafeCheckpointIO, ch
 from infalign.runtime.loggers import GuardedLogger, ResumableCSVLogger, build_loggers
 from infalign.runtime.manifest import entry_path
 from infalign.trainer.checkpointing import truncate_csv
-from infalign.trainer.resume import check_resume, resolve_resume, resume_command
-from infalign.trainer.run_record import config_changes
+from infalign.trainer.resume import check_resume, config_changes, resolve_resume, resume_command
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -22,12 +22,13 @@ The local metric files stay in step with the checkpoint: before each save the CS
 counts of `logs/metrics.csv` and `eval_metrics.csv` go into the checkpoint; on resume, rows the dead run wrote
 after its last checkpoint are dropped (the resumed run writes them again), so nothing is lost and nothing is
 counted twice. The run's config and resume history go out with the checkpoint too
-(`infalign.trainer.resume.write_run_config`, `append_history`).
+(`write_run_config`, `append_history`).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import signal
 import sys
@@ -36,10 +37,11 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger
+from omegaconf import OmegaConf
 
 from infalign.runtime import signals
-from infalign.runtime.atomic import atomic_write_csv, read_csv_rows
-from infalign.trainer.resume import LAST, append_history, resume_command, write_run_config
+from infalign.runtime.atomic import atomic_write_csv, atomic_write_text, read_csv_rows
+from infalign.trainer.resume import LAST, RESUME_HISTORY, RUN_CONFIG, resume_command
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,28 @@ def truncate_csv(path: Path, rows: int) -> int:
         return 0
     atomic_write_csv(path, data[:rows], header)
     return len(data) - rows
+
+
+def write_run_config(run_dir: Path, record: dict, iteration: int) -> None:
+    """`run_config.yaml`: `record` (`run_record`) as YAML, unless the run already has one (`iteration`: where
+    this process started, for the header)."""
+    path = run_dir / RUN_CONFIG
+    if path.exists():
+        return  # never overwritten: the config the run started with
+    since = ("started with" if iteration == 0 else
+             f"resumed with at iteration {iteration} (its checkpoint recorded no config before)")
+    atomic_write_text(path, f"# The resolved config this run {since}; written once, never overwritten.\n"
+                            f"# Resumes, and what each changed, are listed in {RESUME_HISTORY}.\n"
+                            + OmegaConf.to_yaml(record))
+
+
+def append_history(run_dir: Path, entry: dict) -> None:
+    """One line (`ResumePlan.entry`) more in `resume_history.jsonl`, the whole file rewritten atomically."""
+    path = run_dir / RESUME_HISTORY
+    old = path.read_text() if path.is_file() else ""
+    if old and not old.endswith("\n"):
+        old += "\n"
+    atomic_write_text(path, old + json.dumps(entry, sort_keys=True) + "\n")
 
 
 class LastCheckpoint(L.Callback):

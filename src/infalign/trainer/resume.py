@@ -1,18 +1,15 @@
-"""How a run continues after a crash, a kill or a stop signal; the saving itself (when, signals, metric files)
-is `infalign.trainer.checkpointing`. `infalign.trainer.run` calls these before any model is loaded.
+"""How a run continues after a crash, a kill or a stop signal (the saving itself: `infalign.trainer.checkpointing`).
+`infalign.trainer.run` calls these before any model is loaded.
 
-- `resolve_resume`: `resume=true|false|auto` and `overwrite` (checked with the config, `infalign.config`): the
-  checkpoint to continue from, or a fresh start that never clobbers another run's outputs silently.
-- `check_resume`: the checkpoint records the run's resolved config (`infalign.trainer.run_record`; Hydra rewrites
-  `.hydra/config.yaml` whenever a command runs there). A resume whose experiment (`EXPERIMENT_KEYS`) differs is refused,
-  listing the keys, unless `resume_allow_changes=true`; raising `rl.iterations` is always allowed.
-  `run_config.yaml` keeps the config the run started with (written once) and `resume_history.jsonl` one line per
-  resume (what changed), both written by `LastCheckpoint` with the resumed run's first checkpoint. A finished run
-  (checkpoint at the final iteration, `final_metrics.json`, `eval_metrics.csv`, `policy/`) is left as it is.
-- `finish_restored_loops`: a run killed during or after its final evaluation finishes it. Lightning skips the
-  whole fit loop, on_train_start and on_train_end included, when the restored loop is already done; such a
-  loop now runs both hooks (no iteration): the final evaluation runs (or is taken from the checkpoint when it
-  ran before the kill: `WinRateCallback` state) and the final checkpoint is written after it.
+- `resolve_resume`: `resume=true|false|auto` and `overwrite`: the checkpoint to continue from, or a fresh start that
+  never clobbers another run's outputs silently.
+- `check_resume`: every checkpoint records its run (`run_record`: the resolved config and the group choices; Hydra
+  rewrites `.hydra/config.yaml` whenever a command runs there). A resume that changes the experiment
+  (`EXPERIMENT_KEYS`, `config_changes`) is refused, listing the keys, unless `resume_allow_changes=true`, and a
+  change the checkpoint's weights cannot follow (`SHAPE_KEYS`) even then; raising `rl.iterations` is always
+  allowed. `run_config.yaml` keeps the config the run started with and `resume_history.jsonl` one line per resume
+  (both written by `LastCheckpoint` with the checkpoint). A finished run is left as it is (`finished_results`).
+- `finish_restored_loops`: a run killed during its final evaluation finishes it on resume.
 - `resume_command`: the command line that continues a run, printed when a signal stops it.
 """
 from __future__ import annotations
@@ -28,23 +25,40 @@ from pathlib import Path
 from lightning.pytorch.loops.fit_loop import _FitLoop
 from omegaconf import OmegaConf
 
-from infalign.runtime.atomic import atomic_write_text, read_csv_rows, remove_stale_temps
-from infalign.runtime.checkpoint_io import verify_checkpoint
+from infalign.runtime.atomic import read_csv_rows, remove_stale_temps
+from infalign.runtime.checkpoint_io import load_checkpoint, verify_checkpoint
 from infalign.runtime.errors import ConfigError
+from infalign.runtime.presets import flatten
 from infalign.runtime.run_dir import is_first_process
-from infalign.trainer.run_record import SHAPE_KEYS, _inline, _lines, checkpoint_state, config_changes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ResumePlan", "append_history", "check_resume", "finish_restored_loops", "finished_results",
-           "is_first_process", "resolve_resume", "resume_command", "write_run_config", "LAST", "RESUME_HISTORY",
-           "RUN_CONFIG", "RUN_OUTPUTS"]
+__all__ = ["ResumePlan", "check_resume", "checkpoint_state", "config_changes", "finish_restored_loops",
+           "resolve_resume", "resume_command", "run_record", "EXPERIMENT_KEYS", "LAST", "RESUME_HISTORY",
+           "RUN_CONFIG", "SHAPE_KEYS"]
 
 LAST = "last.ckpt"  # checkpoints/last.ckpt: what a run resumes from (kept current by checkpointing.LastCheckpoint)
 RUN_CONFIG = "run_config.yaml"  # the resolved config the run started with: written once, never overwritten
 RESUME_HISTORY = "resume_history.jsonl"  # one JSON line per resume: from where, with which overrides, what changed
-RUN_OUTPUTS = ("checkpoints", "final_metrics.json", "eval_metrics.csv", "eval_samples.jsonl", "logs", "policy", RUN_CONFIG,
-               RESUME_HISTORY)
+RUN_OUTPUTS = ("checkpoints", "final_metrics.json", "eval_metrics.csv", "eval_samples.jsonl", "logs", "policy",
+               RUN_CONFIG, RESUME_HISTORY)
+
+# What defines an experiment: a resume that changes any of these is refused unless resume_allow_changes=true.
+# (eval.*, checkpoint.*, trainer, logger, progress, num_threads, cache_root may change freely; model.lora.* counts
+# only with LoRA on, r > 0, and its save_merged, like model.gradient_checkpointing, may change: NOT_COMPARED.)
+EXPERIMENT_KEYS = ("model", "reward", "data", "calibrator", "transform", "generation", "n", "beta", "seed", "rl",
+                   "optimizer", "scheduler", "distill", "calibration")
+CONFIG_GROUPS = ("model", "reward", "data", "calibrator", "transform", "solver")  # their Hydra choices compared too
+NOT_COMPARED = ("data.root",  # where the data lies, not what it is: a run moved to another machine finds it elsewhere
+                # how the policy is saved and how much memory its update takes, not what it learns
+                "model.lora.save_merged", "model.gradient_checkpointing")
+# What the checkpoint's weights fix: the policy's architecture, vocabulary and LoRA adapter shapes. Loading them
+# into another shape fails with a raw size mismatch after the models were built, so a change of these is refused
+# up front even with resume_allow_changes=true (a prefix of the dotted keys).
+SHAPE_KEYS = ("choices.model", "model.name_or_path", "model.gpt2.", "model.tokenizer.", "model.lora.r",
+              "model.lora.target_modules")
+EXTENSIBLE = "rl.iterations"  # raising it continues a run, finished or not: always allowed
+ABSENT = "<absent>"
 
 
 class MissingCheckpoint(ConfigError, FileNotFoundError):
@@ -59,6 +73,68 @@ class ResumeRefused(ConfigError):
     """A resume whose command changes the run's experiment."""
 
 
+# ---------------------------------------------------------------------------------------- what a checkpoint records
+def run_record(cfg, choices) -> dict:
+    """What a checkpoint records of its run: the resolved config (plain data) and the experiment's group choices."""
+    config = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+    return {"config": config, "choices": {g: (choices or {}).get(g) for g in CONFIG_GROUPS}}
+
+
+def checkpoint_state(path: str | Path) -> dict | None:
+    """A checkpoint's iterations done, global step, recorded run config and metric row counts, read without its
+    tensors (mapped, not loaded); None for a sharded (directory) checkpoint, whose strategy reads it."""
+    path = Path(path)
+    if path.is_dir():
+        return None
+    ckpt = load_checkpoint(path, mmap=True, checksum=False)  # verified by resolve_resume just before
+    progress = (((ckpt.get("loops") or {}).get("fit_loop") or {}).get("epoch_progress") or {}).get("current") or {}
+    # `processed` counts the iterations whose training ended (raised before on_train_epoch_end, where we save)
+    iteration = progress.get("processed", int(ckpt.get("epoch", -1)) + 1)
+    return {"iteration": int(iteration), "global_step": int(ckpt.get("global_step", 0)),
+            "run_config": ckpt.get("run_config"), "metric_rows": ckpt.get("metric_rows")}
+
+
+def _experiment(record: dict) -> dict:
+    config = record.get("config") or {}
+    flat = {f"choices.{g}": v for g, v in (record.get("choices") or {}).items() if g in CONFIG_GROUPS}
+    if "choices.solver" not in flat and isinstance(config.get("solver"), str):  # a record from before the solver node
+        flat["choices.solver"] = config["solver"]
+    for key in EXPERIMENT_KEYS:
+        if key in config:
+            flat.update(flatten(config[key], f"{key}."))
+    if not flat.get("model.lora.r"):  # LoRA off (r=0, or a record from before model.lora): its other keys do nothing
+        flat = {k: v for k, v in flat.items() if not k.startswith("model.lora.")}
+    return {k: v for k, v in flat.items() if k not in NOT_COMPARED}
+
+
+def _same(x, y) -> bool:
+    return x == y and isinstance(x, bool) == isinstance(y, bool)  # 1 == 1.0, but true is not 1
+
+
+def config_changes(old: dict, new: dict) -> tuple[dict, dict]:
+    """`(changes, extensions)` from run record `old` to `new`, each `{dotted key: (old value, new value)}` over
+    the experiment keys; a raised `rl.iterations` is an extension, not a change."""
+    a, b = _experiment(old), _experiment(new)
+    changes = {k: (a.get(k, ABSENT), b.get(k, ABSENT)) for k in sorted(a.keys() | b.keys())
+               if not _same(a.get(k, ABSENT), b.get(k, ABSENT))}
+    extensions = {}
+    if EXTENSIBLE in changes:
+        before, after = changes[EXTENSIBLE]
+        if isinstance(before, int) and isinstance(after, int) and after > before:
+            extensions[EXTENSIBLE] = changes.pop(EXTENSIBLE)
+    return changes, extensions
+
+
+def _show(diff: dict, sep: str = "; ", indent: str = "") -> str:
+    """`key: old -> new` for each of `diff`, joined by `sep` (by default one line: user errors are printed as one)."""
+
+    def text(value) -> str:
+        return value if isinstance(value, str) else json.dumps(value)
+
+    return sep.join(f"{indent}{k}: {text(a)} -> {text(b)}" for k, (a, b) in diff.items())
+
+
+# ---------------------------------------------------------------------------------------- which checkpoint, if any
 def _existing_outputs(run_dir: Path) -> list[str]:
     return [name for name in RUN_OUTPUTS if (p := run_dir / name).is_file() or (p.is_dir() and any(p.iterdir()))]
 
@@ -97,8 +173,8 @@ def resolve_resume(run_dir: Path, resume, overwrite: bool) -> Path | None:
     elif existing:
         if not overwrite:
             raise RunDirTaken(f"{run_dir} already holds a run's outputs ({', '.join(existing)}): pass resume=true "
-                                  "(or resume=auto) to continue it, overwrite=true to replace it, or choose another "
-                                  "hydra.run.dir")
+                              "(or resume=auto) to continue it, overwrite=true to replace it, or choose another "
+                              "hydra.run.dir")
         log.warning("overwrite=true: deleting %s in %s", existing, run_dir)
         _clear_outputs(run_dir, existing)
     return None
@@ -114,6 +190,7 @@ def resume_command(task_overrides: list[str], run_dir: Path, resume: str = "true
     return "python train.py " + " ".join(shlex.quote(a) for a in args)
 
 
+# ---------------------------------------------------------------------------------------- may this command continue it
 @dataclass
 class ResumePlan:
     entry: dict | None = None  # the resume_history.jsonl line, written with the resumed run's first checkpoint
@@ -163,33 +240,37 @@ def check_resume(run_dir: Path, checkpoint: Path, record: dict, *, allow_changes
         if fixed and allow_changes:
             raise ResumeRefused(
                 f"resume refused: the weights in {checkpoint} cannot take the command's policy (old -> new): "
-                f"{_inline(fixed)}. These keys are not changeable, even with resume_allow_changes=true: resume with the "
+                f"{_show(fixed)}. These keys are not changeable, even with resume_allow_changes=true: resume with the "
                 f"run's own values (its config: {run_dir / RUN_CONFIG}), or start a new run in another hydra.run.dir")
         if changes and not allow_changes:
             raise ResumeRefused(
                 f"resume refused: the command changes the experiment that {checkpoint} (iteration "
-                f"{state['iteration']}) was trained with (old -> new): {_inline(changes)}. "
+                f"{state['iteration']}) was trained with (old -> new): {_show(changes)}. "
                 f"Resume with the run's own settings (its config: {run_dir / RUN_CONFIG}; raising rl.iterations is "
                 "allowed), start a new run in another hydra.run.dir, or pass resume_allow_changes=true to continue "
                 f"this run with the new values (both configs are kept: {RUN_CONFIG} and {RESUME_HISTORY})")
         if changes:
             log.warning("resume_allow_changes=true: continuing %s from iteration %d with a changed experiment "
-                        "(recorded in %s):\n%s", run_dir, state["iteration"], RESUME_HISTORY, _lines(changes))
+                        "(recorded in %s):\n%s", run_dir, state["iteration"], RESUME_HISTORY,
+                        _show(changes, "\n", "  "))
         if extensions:
-            log.info("resume: extending the run:\n%s", _lines(extensions))
+            log.info("resume: extending the run:\n%s", _show(extensions, "\n", "  "))
         entry["changes"] = {k: list(v) for k, v in changes.items()}
         entry["extensions"] = {k: list(v) for k, v in extensions.items()}
     return ResumePlan(entry=entry, finished=finished_results(run_dir, state, iterations, n))
 
 
+# ---------------------------------------------------------------------------------------- a restored loop that ends
 class _FitLoopThatEnds(_FitLoop):
     """Lightning's fit loop, except that a loop restored at its end still calls on_train_start and on_train_end.
 
     Lightning 2.6 skips the whole loop, both hooks included, when the restored loop is already done: resuming
-    from the final checkpoint then ran no final evaluation, and the run wrote its results without it. Such a
-    loop now runs no iteration but both hooks, so the final evaluation and the final checkpoint are done.
-    Kept because the stock loop loses the final evaluation: with Lightning's own loop (2026-12-06, Lightning 2.6)
-    tests/test_faults.py::test_sigkill_during_or_after_the_final_evaluation_then_resume_finishes_it[eval:3] fails."""
+    from the checkpoint written at the final iteration, before the final evaluation, then ran no final evaluation,
+    and the run ended without its results. Such a loop now runs no iteration but both hooks, so the final
+    evaluation and the final checkpoint are done. Kept because the stock loop loses the final evaluation: with
+    Lightning's own loop (re-measured 2026-12-07, Lightning 2.6.6)
+    tests/test_faults.py::test_sigkill_during_or_after_the_final_evaluation_then_resume_finishes_it[eval:3] fails
+    ("training ... ended without its final evaluation")."""
 
     @property
     def skip(self) -> bool:
@@ -200,26 +281,3 @@ def finish_restored_loops(trainer) -> None:
     """Let a run resumed from its final checkpoint finish its final evaluation (see `_FitLoopThatEnds`)."""
     if type(trainer.fit_loop) is _FitLoop:  # the same object and state, one property changed
         trainer.fit_loop.__class__ = _FitLoopThatEnds
-
-
-def write_run_config(run_dir: Path, record: dict, iteration: int) -> None:
-    """`run_config.yaml`: `record` (`run_record`) as YAML, unless the run already has one (`iteration`: where
-    this process started, for the header)."""
-    path = run_dir / RUN_CONFIG
-    if path.exists():
-        return  # never overwritten: the config the run started with
-    since = ("started with" if iteration == 0 else
-             f"resumed with at iteration {iteration} (its checkpoint recorded no config before)")
-    atomic_write_text(path, f"# The resolved config this run {since}; written once, never overwritten.\n"
-                            f"# Resumes, and what each changed, are listed in {RESUME_HISTORY}.\n"
-                            + OmegaConf.to_yaml(record))
-
-
-def append_history(run_dir: Path, entry: dict) -> None:
-    """One line (`ResumePlan.entry`) more in `resume_history.jsonl`, the whole file rewritten atomically."""
-    path = run_dir / RESUME_HISTORY
-    old = path.read_text() if path.is_file() and not path.is_symlink() else ""  # a planted link: replaced, unread
-    if old and not old.endswith("\n"):
-        old += "\n"
-    atomic_write_text(path, old + json.dumps(entry, sort_keys=True) + "\n")
-

@@ -38,8 +38,7 @@ from infalign.trainer.module import InfAlignModule
 from infalign.trainer.pieces import build_solver, load_models, sample_sets, save_policy
 from infalign.trainer.progress import IterationProgressBar, win_rate_shown
 from infalign.trainer.prompts import held_in_prompts, prompt_sets
-from infalign.trainer.resume import check_resume, finish_restored_loops, resolve_resume, resume_command
-from infalign.trainer.run_record import run_record
+from infalign.trainer.resume import check_resume, finish_restored_loops, resolve_resume, resume_command, run_record
 from infalign.trainer.summary import bar_metric, print_summary
 
 # The frozen reference (and the policy, whose dropout we turn off) are in eval mode on purpose.
