@@ -34,9 +34,12 @@ def _t_label(final: dict) -> str:
 
 
 def _method_label(final: dict) -> str:
-    """What was trained for: the transform (with its t), or for solver=maxk, which does not use one, the solver."""
-    if final.get("solver") == "maxk":
-        return "solver=maxk (the win rate's own gradient; no transform)"
+    """What was trained for: the transform (with its t), or the solver, for one that uses no transform (maxk: the
+    run's method is then the solver's name, `infalign.trainer.run`)."""
+    if final.get("solver") is not None and final.get("method") == final["solver"]:
+        target = {"bon": "best", "won": "worst"}.get(final.get("metric"))
+        which = f"the {target}-of-{final.get('n')}" if target else "its target"
+        return f"solver={final['solver']} ({which} win rate's own gradient; no transform)"
     return f"transform={final['transform']}{_t_label(final)}"
 
 
