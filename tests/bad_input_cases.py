@@ -47,7 +47,7 @@ CASES = [
     case("transform=won_exp", "transform.t=-1", match=r"transform.t must be auto or a positive finite number .*got -1"),
     case("transform=raw", match=r"transform=raw and calibrator=empirical do not fit"),
     case("study=smoke", "method=bon_exp", "study.beta_index=5", match=r"beta cannot be resolved: .*index 5 is outside"),
-    case("+foo=1", match=r"foo: unknown key in the config .*known keys: .*beta"),
+    case("+foo=1", match=r"foo: unknown key in conf/train.yaml; known keys: .*beta"),
     # samples and sizes
     case("calibration.m=2", match=r"calibration.m=2 is below N=4"),
     case("eval.k=2", match=r"eval.k=2 is below N=4"),

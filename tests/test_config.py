@@ -14,8 +14,7 @@ from omegaconf import OmegaConf, open_dict
 from infalign.config import RUN, ConfigError, processes
 from infalign.config.__main__ import markdown
 from infalign.config.check import check_config
-from infalign.config.rules import devices
-from infalign.config.schema import LOADERS, RUNTIME, TRAINER_KEYS, defaults
+from infalign.config.schema import LOADERS, RUNTIME, TRAINER, TRAINER_KEYS, defaults
 from infalign.models.loaders import call_loader, check_loader_config
 from infalign.runtime.paths import conf_dir
 
@@ -250,7 +249,7 @@ def test_processes(trainer, expected):
     (1, True), (8, True), (-1, True), ("auto", True), ("2", True), ([0, 1], True), ("0,1", True), ("1,", True),
     (0, False), (-2, False), ("0", False), ([], False), ([-1], False), ("gpu", False), (True, False), (1.5, False)])
 def test_the_devices_rule_takes_what_lightning_takes(value, ok):
-    assert devices(value) is ok
+    assert TRAINER["devices"].rule.test(value) is ok
 
 
 def test_a_study_picks_each_arms_beta_by_solver_method_and_n():

@@ -1,11 +1,9 @@
 """The config of `python train.py`: every key defined once (`schema`), checked before torch is imported (`check`),
 its reference printed by `python -m infalign.config --markdown` (docs/configuration.md).
 
-Hydra does not type-check at composition: its errors are several lines with exit status 1, and it knows no ranges.
-A refused value here is one line, `error: <key> must be <allowed> (<meaning>), got <value>; e.g. ...`, with exit
-status 2 (`exit_on_user_error`). So the run's defaults are stored in Hydra's ConfigStore as plain data
-(`base_train`, the first entry of conf/train.yaml's defaults list), and the check compares the composed config
-with the schema key by key.
+Hydra's own type errors are several lines with exit status 1, and Hydra knows no ranges: so the run's defaults are
+stored in Hydra's ConfigStore as plain data (`base_train`, first in conf/train.yaml's defaults list), and the check
+refuses a value in one line, `error: <key> must be <allowed> (<meaning>), got <value>; e.g. ...`, exit status 2.
 """
 
 from __future__ import annotations

@@ -118,10 +118,7 @@ def plain(cfg) -> dict:
 
 
 def _keys(c: dict, choices: Mapping | None) -> None:
-    for name in c:
-        if name not in RUN and name not in GROUPS:
-            raise _unknown(name, "the config (conf/train.yaml and its groups)", [*RUN, *GROUPS], c[name])
-    check_section({k: v for k, v in c.items() if k in RUN}, RUN, "", "conf/train.yaml", every=True)
+    check_section({k: v for k, v in c.items() if k not in GROUPS}, RUN, "", "conf/train.yaml", every=True)
     check_section(c.get("data"), DATA, "data", source("data", choices))
     check_section(c.get("trainer"), TRAINER, "trainer", source("trainer", choices))
     transform = c.get("transform") or {}

@@ -67,22 +67,19 @@ def list_of(rule: Rule, what: str, *, nonempty: bool = False) -> Rule:
                 f"a {'non-empty ' if nonempty else ''}list of {what}")
 
 
-def devices(v) -> bool:
-    """Lightning's `devices`: a count >= 1, -1 or auto (all), a list of device indices, or such a list as text."""
-    if isinstance(v, str):  # "2", "auto", "-1", or device indices: "0,1", "0,"
-        s = v.replace(" ", "")
-        if "," in s:
-            return re.fullmatch(r"\d+(,\d+)*,?", s) is not None
-        return s in ("auto", "-1") or s.isdigit() and int(s) >= 1
+def device_count(v) -> int | None:
+    """Lightning's `devices` as processes per node: None for auto or -1 (Lightning decides), 0 for a value it
+    refuses (it takes a count >= 1, -1 or auto, a list of device indices, or such a list as text)."""
+    if isinstance(v, str) and "," in v:  # device indices: "0,1", "0,"
+        return len(v.rstrip(", ").split(",")) if re.fullmatch(r"\d+(,\d+)*,?", v.replace(" ", "")) else 0
+    if isinstance(v, str):  # "2", "auto", "-1"
+        v = -1 if v.strip() in ("auto", "-1") else int(v) if v.strip().isdigit() else 0
     if isinstance(v, list):
-        return bool(v) and all(is_int(x) and x >= 0 for x in v)
-    return is_int(v) and (v >= 1 or v == -1)
+        return len(v) if v and all(is_int(x) and x >= 0 for x in v) else 0
+    return None if is_int(v) and v == -1 else v if is_int(v) and v >= 1 else 0
 
 
 def processes(trainer: Mapping) -> int | None:
     """Processes a checked trainer config starts: devices x num_nodes; None when Lightning decides (auto, -1)."""
-    n = trainer.get("devices", "auto")
-    if isinstance(n, str):  # "2", "0,1" (device indices), "auto"
-        n = [d for d in n.split(",") if d.strip()] if "," in n else int(n) if n.strip().isdigit() else None
-    count = len(n) if isinstance(n, list) else n if is_int(n) and n >= 1 else None
+    count = device_count(trainer.get("devices", "auto"))
     return count * trainer.get("num_nodes", 1) if count else None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any, NamedTuple
 
-from infalign.config.rules import Rule, cli, devices, integer, is_real, list_of, nullable, one_of, real
+from infalign.config.rules import Rule, cli, device_count, integer, is_real, list_of, nullable, one_of, real
 
 
 class Key(NamedTuple):
@@ -185,8 +185,8 @@ TRAINER = {  # open: Lightning's other parameters are checked against lightning.
     "_target_": Key(TARGET, "the trainer class", "lightning.Trainer", req=True),
     "accelerator": Key(Rule(lambda v: v in ("auto", "cpu", "gpu", "cuda", "mps", "tpu") or instantiated(v), "one of "
                             "auto, cpu, gpu, cuda, mps, tpu"), "the device kind", "cpu"),
-    "devices": Key(Rule(devices, "a count >= 1, -1 or auto (all), or a list of device indices"), "processes per node",
-                   1),
+    "devices": Key(Rule(lambda v: device_count(v) != 0, "a count >= 1, -1 or auto (all), or a list of device "
+                        "indices"), "processes per node", 1),
     "num_nodes": Key(integer(1), "nodes", 1),
     "precision": Key(one_of(*PRECISIONS, text=f"one of {', '.join(PRECISIONS[:8])}, or Lightning's aliases 32, 16, "
                             "bf16, 64"), "how Lightning computes the policy's update", "bf16-mixed"),

@@ -1,7 +1,6 @@
-"""Presets whose choice is recorded (final_metrics.json, the W&B run's name and the study tables name the `method`
-and the `solver`): `check_presets` refuses, in one line, a command line that contradicts them. The preset groups
-(`conf/method/`, `conf/solver/`, `conf/scale/`) set disjoint keys (tests/test_presets.py), so none silently replaces
-another's value. Reads the preset files as plain YAML: it runs before torch is imported.
+"""The presets' files, read as plain YAML before torch is imported, and `check_presets`: the run records the chosen
+`method` and `solver` (final_metrics.json, the W&B run's name, the study tables), so a command line that contradicts
+them is refused. The preset groups (conf/method, conf/solver, conf/scale) set disjoint keys (tests/test_presets.py).
 """
 
 from __future__ import annotations
