@@ -1,6 +1,5 @@
 """Every file the project reads or writes fails with a message naming the file, the cause and what to do; a stop
-signal at any stage says what was stopped and what to run next; nothing written into a run directory follows a
-symbolic link planted there (issue 17, part 2).
+signal at any stage says what was stopped and what to run next (issue 17, part 2).
 
 One table, `CASES` (docs/errors.md's "File and signal errors" table lists the same failures): how the file or the
 environment is broken, the stage that meets it, and a regex the message must match, naming the file and the
@@ -35,7 +34,6 @@ from infalign.runtime.atomic import atomic_write_json
 from infalign.runtime.loggers import ResumableCSVLogger
 
 AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
-PLANTED = "a file the run must not touch\n"  # the target of every planted link
 
 
 # ----------------------------------------------------------------------------------- ways to break things
@@ -129,14 +127,13 @@ def read_only_bits(tmp: Path, monkeypatch) -> dict:
     return {"file": cache}
 
 
-def planted_link(tmp: Path, rel: str) -> dict:
-    """A symbolic link at `<run>/<rel>` to a file outside the run."""
-    target = tmp / "elsewhere.txt"
-    target.write_text(PLANTED)
-    link = tmp / "run" / rel
-    link.parent.mkdir(parents=True, exist_ok=True)
-    link.symlink_to(target)
-    return {"file": link, "target": target, "run": tmp / "run"}
+def metrics_csv(tmp: Path, monkeypatch) -> dict:
+    """A run's logs/metrics.csv, 2,000 rows of one metric."""
+    logger = ResumableCSVLogger(save_dir=tmp / "run", name="logs", version="")
+    for step in range(2000):
+        logger.log_metrics({"train/loss": 1.0}, step=step)
+    logger.save()
+    return {"file": tmp / "run" / "logs" / "metrics.csv", "logger": logger}
 
 
 # ---------------------------------------------------------------------------------------------- stages
@@ -157,21 +154,23 @@ def check_cache_root(c: dict) -> None:
     cache_root_warning(c["file"])
 
 
-def write_job_log(c: dict) -> None:
-    from infalign.runtime.log_files import NoFollowFileHandler
+def add_a_column_without_room(c: dict) -> None:
+    """A new metric (as at a run's first evaluation) makes the CSV logger rewrite metrics.csv with one more column,
+    while the file cannot grow: RLIMIT_FSIZE at 1,000 bytes over its size makes every write past it fail with
+    EFBIG (as a full disk fails with ENOSPC). The rows already written must survive."""
+    import resource
 
-    handler = NoFollowFileHandler(str(c["file"]))
-    handler.start_writing()  # the command runs in its directory (infalign.runtime.run_dir.accept_run)
-    handler.emit(logging.LogRecord("infalign", logging.INFO, __file__, 1, "a line of the run's log", None, None))
-    handler.close()
-
-
-def write_metrics(c: dict) -> None:
-    """The run's CSV logger as a resumed run builds it (`build_loggers`): it appends to logs/metrics.csv."""
-    logger = ResumableCSVLogger(save_dir=str(c["run"]), name="logs", version="", keep_existing=True)
-    logger.log_hyperparams({"beta": 0.05})
-    logger.log_metrics({"train/loss": 1.0}, step=0)
-    logger.save()
+    before = c["file"].read_bytes()
+    c["logger"].log_metrics({"train/loss": 1.0, "eval/kl": 0.5}, step=2000)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel's SIGXFSZ ends the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) + 1000, limits[1]))
+    try:
+        c["logger"].save()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+        assert c["file"].read_bytes() == before, "rows of logs/metrics.csv were lost"
 
 
 def model_config(target: str, value: str) -> dict:
@@ -235,37 +234,13 @@ def final_evaluation_signalled(c: dict) -> None:
         assert saved == [c["file"]], "the final checkpoint comes first"
 
 
-def start_with_planted_links(c: dict) -> None:
-    """A run's start once its directory is accepted (`accept_run`): it writes .hydra/config.yaml and opens
-    train.log, each with a link planted at its name."""
-    from infalign.runtime.log_files import NoFollowFileHandler
-    from infalign.runtime.run_dir import accept_run
-    from infalign.trainer.inprocess import compose_run_config
-
-    run_dir = c["tmp"] / "run"
-    link = run_dir / ".hydra" / "config.yaml"
-    link.parent.mkdir(parents=True)
-    link.symlink_to(c["tmp"] / "elsewhere.txt")
-    cfg = compose_run_config(["scale=smoke"], run_dir)
-    handler = NoFollowFileHandler(str(c["file"]))
-    logging.getLogger().addHandler(handler)
-    try:
-        logging.getLogger("infalign").warning("a line logged before the run was accepted")
-        accept_run(run_dir, cfg)
-    finally:
-        logging.getLogger().removeHandler(handler)
-        handler.close()
-    assert not link.is_symlink() and "n: 4" in link.read_text()  # Hydra's record, written as a plain file
-    assert "a line logged before the run was accepted" in c["file"].read_text()  # held, then written
-
-
 # ------------------------------------------------------------------------------------------------ table
 @dataclass(frozen=True)
 class Case:
     id: str
     breaks: Callable[..., dict]  # (tmp_path, monkeypatch) -> {"file": the file or folder meant, ...}
     stage: Callable[[dict], object]  # what meets it (given breaks' dict and "tmp"): returns what it printed, or raises
-    expect: str | None  # regex over the message; {file}, {target} stand for those paths; None: no message needed
+    expect: str | None  # regex over the message; {file} stands for that path; None: no message needed
     as_root: bool = True  # False: permission bits, which root ignores
 
 
@@ -281,6 +256,8 @@ CASES = [
          r"resume=true"),
     Case("full disk writing a result file", no_space_left, lambda c: atomic_write_json(c["file"], {"a": 1}),
          r"cannot write {file}: No space left on device \(ENOSPC\)\. Free space on the disk that holds"),
+    Case("file size limit reached while logs/metrics.csv gains a column", metrics_csv, add_a_column_without_room,
+         r"cannot write {file}: File too large \(EFBIG\)\. Free space on the disk that holds"),
     Case("read-only cache directory (mount)", read_only_mount, check_cache_root,
          r"cannot write into the cache directory cache_root={file}: Read-only file system \(EROFS\)\. "
          r"Make {file} writable, or set cache_root=.*\$INFALIGN_CACHE"),
@@ -298,15 +275,6 @@ CASES = [
     Case("missing local reward folder", lambda t, m: {"file": "./no/such/reward"},
          lambda c: check_loader_config(model_config("infalign.models.reward.hf_reward", c["file"]), "reward"),
          r"^reward\.name_or_path={file}: no such local folder"),
-    Case("symlink planted at train.log", lambda t, m: planted_link(t, "train.log"), write_job_log,
-         r"infalign: {file} was a symbolic link \(to {target}\); replaced it by a plain file"),
-    Case("symlink planted at logs/metrics.csv", lambda t, m: planted_link(t, "logs/metrics.csv"), write_metrics,
-         r"{file} was a symbolic link \(to {target}\); replaced it by a plain file"),
-    Case("symlink planted at logs/hparams.yaml", lambda t, m: planted_link(t, "logs/hparams.yaml"), write_metrics,
-         None),  # replaced by an atomic rename, silently
-    Case("symlinks planted at train.log and .hydra/config.yaml, at the run's start",
-         lambda t, m: planted_link(t, "train.log"), start_with_planted_links,
-         r"infalign: {file} was a symbolic link \(to {target}\); replaced it"),
     Case("SIGINT while the reference policy trains",
          lambda t, m: {"file": t / "cache"},
          stop_during(signal.SIGINT, "cache miss: policy", "model.sft.epochs=60"),
@@ -339,8 +307,5 @@ def test_failure_names_the_file_and_the_cause(case, tmp_path, monkeypatch, capsy
     finally:
         monkeypatch.undo()  # a patched os.open / os.mkdir must not outlive the stage
     if case.expect is not None:
-        pattern = case.expect.format(**{k: re.escape(str(v)) for k, v in ctx.items() if k in ("file", "target")})
+        pattern = case.expect.format(**{k: re.escape(str(v)) for k, v in ctx.items() if k == "file"})
         assert re.search(pattern, message, re.MULTILINE | re.DOTALL), f"{case.id}: {message!r} !~ {pattern!r}"
-    if "target" in ctx:  # a planted link: its target untouched, the link replaced by a plain file
-        assert ctx["target"].read_text() == PLANTED
-        assert ctx["file"].is_file() and not ctx["file"].is_symlink()

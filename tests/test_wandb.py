@@ -148,8 +148,9 @@ def test_the_guarded_logger_passes_tables_on_only_to_a_logger_that_has_them():
 # ---------------------------------------------------------------------------------------------- end to end
 def test_an_offline_wandb_sweep_is_grouped_named_and_shows_samples(run_train, tmp_path):
     sweep = tmp_path / "sweep_lr"
-    run_train("-m", *SMOKE, "logger=wandb", "seed=0,1", "rl.iterations=2", "eval.every=1", "eval.log_samples=3",
-              f"hydra.sweep.dir={sweep}")
+    out = run_train("-m", *SMOKE, "logger=wandb", "seed=0,1", "rl.iterations=2", "eval.every=1",
+                    "eval.log_samples=3", f"hydra.sweep.dir={sweep}")
+    assert "anonymous" not in out.stdout + out.stderr  # wandb's warning about the anonymous=None Lightning passes
     for seed in (0, 1):
         run_dir = sweep / str(seed)
         wb = offline_run(run_dir)

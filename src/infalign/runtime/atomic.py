@@ -18,8 +18,7 @@ owner-only files and directories of a tree just written the mode a plain create 
 read off a probe file (and directory) created the plain way, so again the umask is never read by setting it.
 
 A write that fails for want of space or permission (`WRITE_ERRNOS`) raises `FileWriteError`, an `OSError` whose
-message names the file, the cause and what to do (`write_error`); `open_no_follow` is the one way to append to a
-file in a run directory: a symbolic link planted there is replaced by a plain file, its target never written.
+message names the file, the cause and what to do (`write_error`).
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ import csv
 import errno
 import io
 import json
-import logging
 import os
 import secrets
 from collections.abc import Callable, Iterable, Mapping
@@ -36,15 +34,12 @@ from pathlib import Path
 from typing import IO, Any
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_write_csv",
-           "atomic_write_figure", "give_plain_modes", "make_temp_dir", "open_no_follow", "plain_mode",
-           "read_csv_rows", "remove_stale_temps", "write_error", "FileWriteError", "TMP_SUFFIX", "WRITE_ERRNOS"]
-
-log = logging.getLogger(__name__)
+           "atomic_write_figure", "give_plain_modes", "make_temp_dir", "plain_mode", "read_csv_rows",
+           "remove_stale_temps", "write_error", "FileWriteError", "TMP_SUFFIX", "WRITE_ERRNOS"]
 
 TMP_SUFFIX = ".tmp"
-# mkstemp's flags: exclusive creation, no following a planted symlink, binary on Windows, not inherited
-_CREATE = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
-           | getattr(os, "O_CLOEXEC", 0))
+# mkstemp's flags: exclusive creation, binary on Windows, not inherited
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
 _TRIES = 100
 # The causes of a failed write that the user, not the program, has to fix: full disk or quota, read-only mount,
 # permissions, a file over the file system's size limit, a failing disk
@@ -176,9 +171,8 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None],
                  before_replace: Callable[[Path], None] | None = None) -> Path:
     """Call `write(binary_file)` on a temp file next to `path`, fsync it, and rename it over `path`.
 
-    `before_replace(temp_path)` runs between the fsync and the rename (e.g. to record a checksum first). The rename
-    replaces a symbolic link at `path` itself, never its target. A full disk or a read-only directory raises
-    `FileWriteError` naming `path` (the old file, if any, is left as it was)."""
+    `before_replace(temp_path)` runs between the fsync and the rename (e.g. to record a checksum first). A full disk
+    or a read-only directory raises `FileWriteError` naming `path` (the old file, if any, is left as it was)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -202,40 +196,6 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None],
         raise
     _fsync_dir(path.parent)
     return path
-
-
-def _warn_replaced(path: Path, target: str) -> None:
-    log.warning("%s was a symbolic link (to %s); replaced it by a plain file, left its target untouched", path, target)
-
-
-def open_no_follow(path: str | Path, mode: str = "a", *, encoding: str | None = "utf-8", errors: str | None = None,
-                   newline: str | None = None, on_link: Callable[[Path, str], None] = _warn_replaced) -> IO:
-    """`open(path, mode)` for writing (`"a"` or `"w"`, text) that never writes through a symbolic link: one found
-    at `path` is removed (its target left as it was), with a warning, and a plain file created in its place.
-
-    For files a run appends to in its directory (the job log, Lightning's metrics CSV), where a planted link
-    would make the run write into any file its user may write. `O_NOFOLLOW` makes the check and the open one
-    step, so a link planted between them is refused too. `on_link(path, link target)` reports a replaced link
-    (default: a logged warning)."""
-    if mode not in ("a", "w"):
-        raise ValueError(f"open_no_follow opens text files for writing with mode 'a' or 'w', got {mode!r}")
-    path = Path(path)
-    flags = (os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-             | (os.O_APPEND if mode == "a" else os.O_TRUNC))
-    for _ in range(3):  # a link re-planted at once after we removed one is refused below
-        try:
-            fd = os.open(path, flags, 0o666)  # 0o666 less the umask, as open() creates a file
-            return os.fdopen(fd, mode, encoding=encoding, errors=errors, newline=newline)
-        except OSError as e:
-            if not path.is_symlink():  # ELOOP (EMLINK on some BSDs) is how O_NOFOLLOW refuses a link
-                if _user_fixable(e):
-                    raise write_error(path, e) from e
-                raise
-        target = os.readlink(path)
-        os.unlink(path)  # the link itself, not what it points to
-        on_link(path, target)
-    raise FileExistsError(f"{path}: a symbolic link is planted there again each time it is removed; refusing to "
-                          "write through it")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

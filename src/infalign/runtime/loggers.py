@@ -1,10 +1,8 @@
 """The run's loggers: the local CSV log, always, plus an optional remote one (W&B) that may never stop training.
 
-- `ResumableCSVLogger`: Lightning's CSV logger deletes an existing `metrics.csv` when it starts; on resume we
-  keep it (the checkpoint's row count trims what the dead run wrote after its last checkpoint, see
-  `infalign.trainer.checkpointing`), and the file is rewritten atomically when new columns appear. Rows are
-  appended with `open_no_follow` and `hparams.yaml` written atomically: Lightning's `open(path, "a")` and
-  `open(path, "w")` would write through a symbolic link planted in the run directory.
+- `ResumableCSVLogger`: Lightning's `CSVLogger`, except that a resumed run appends to its `metrics.csv` (Lightning
+  deletes it; the checkpoint's row count trims what the dead run wrote after its last checkpoint, see
+  `infalign.trainer.checkpointing`) and a new column rewrites the file atomically (Lightning rewrites it in place).
 - `GuardedLogger`: wraps the configured remote logger. If it cannot be created (W&B not installed), cannot
   start (not logged in, no network) or fails mid-run, the failure is reported once as a warning, the logger is
   switched off, and training and the local files (logs/metrics.csv, eval_metrics.csv, final_metrics.json)
@@ -19,22 +17,19 @@
 
 from __future__ import annotations
 
-import csv
 import logging
-import os
-import secrets
 from collections.abc import Mapping
+from functools import partialmethod
 from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
-from lightning.pytorch.core.saving import save_hparams_to_yaml
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
-from infalign.runtime.atomic import TMP_SUFFIX, atomic_write_csv, open_no_follow, read_csv_rows
+from infalign.runtime.atomic import atomic_write_csv, read_csv_rows
 from infalign.runtime.identity import with_identity
 
 log = logging.getLogger(__name__)
@@ -45,58 +40,30 @@ LOCAL_FILES = "logs/metrics.csv, eval_metrics.csv, final_metrics.json"
 
 
 class _CSVWriter(ExperimentWriter):
-    """Lightning's CSV writer, except that a resumed run appends under the existing header, a new column rewrites
-    the file atomically, and no write follows a planted link. Kept because the stock writer (Lightning 2.6) deletes
-    an existing metrics.csv when it starts and rewrites it in place on a new column, where a kill loses every
-    earlier row; the promises are tested in tests/test_reliability.py::
-    test_csv_logger_keeps_earlier_rows_on_resume_and_adds_columns_atomically and tests/test_file_errors.py
-    ("symlink planted at logs/metrics.csv")."""
+    """Lightning's CSV writer (2.6) with two of its private steps replaced; `keep_existing`: a resumed run's."""
 
-    keep_existing = False
+    def __init__(self, log_dir: str, keep_existing: bool):
+        self.keep_existing = keep_existing
+        super().__init__(log_dir)
 
     def _check_log_dir_exists(self) -> None:
+        # Lightning deletes an existing metrics.csv here, and a resumed run would lose the rows of the run it
+        # continues (tests/test_faults.py::test_sigterm_and_sigint_stop_at_an_iteration_boundary_with_a_checkpoint,
+        # tests/test_reliability.py::test_csv_logger_keeps_earlier_rows_on_resume_and_adds_columns_atomically)
         if not self.keep_existing:
             return super()._check_log_dir_exists()
-        # resume: append to the rows already there, under their header
-        self.metrics_keys = read_csv_rows(self.metrics_file_path)[0]
+        self.metrics_keys = read_csv_rows(self.metrics_file_path)[0]  # append under the header already there
 
     def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
-        # Lightning rewrites the file in place: a kill mid-rewrite would lose every earlier row
+        # Lightning rewrites the file in place when a column appears (a run's first evaluation): a full disk or a
+        # kill mid-rewrite would lose every earlier row (tests/test_file_errors.py, "file size limit reached while
+        # logs/metrics.csv gains a column")
         atomic_write_csv(self.metrics_file_path, read_csv_rows(self.metrics_file_path)[1], fieldnames)
-
-    def save(self) -> None:
-        """Lightning's `save` (lightning 2.6 `ExperimentWriter.save`), appending through `open_no_follow`."""
-        if not self.metrics:
-            return
-        new_keys = self._record_new_keys()
-        exists = os.path.isfile(self.metrics_file_path) and not os.path.islink(self.metrics_file_path)
-        if new_keys and exists:
-            self._rewrite_with_new_header(self.metrics_keys)
-        with open_no_follow(self.metrics_file_path, "a" if exists else "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
-            if not exists:  # a fresh file (or a planted link replaced by one) starts with the header
-                writer.writeheader()
-            writer.writerows(self.metrics)
-        self.metrics = []
-
-    def log_hparams(self, params: dict[str, Any]) -> None:
-        """`hparams.yaml` written by Lightning into a fresh temporary name, then renamed over the old one."""
-        self.hparams.update(params)
-        path = os.path.join(self.log_dir, self.NAME_HPARAMS_FILE)
-        tmp = os.path.join(self.log_dir, f".{self.NAME_HPARAMS_FILE}.{secrets.token_hex(4)}{TMP_SUFFIX}")
-        try:
-            save_hparams_to_yaml(tmp, self.hparams)
-            os.replace(tmp, path)  # replaces a link at `path` itself, never its target
-        finally:
-            if os.path.lexists(tmp):
-                os.unlink(tmp)
-
-
-class _AppendingCSVWriter(_CSVWriter):
-    keep_existing = True
 
 
 class ResumableCSVLogger(CSVLogger):
+    """Lightning's `CSVLogger`, writing through `_CSVWriter`; `keep_existing=True` for a resumed run."""
+
     def __init__(self, *args, keep_existing: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.keep_existing = keep_existing
@@ -104,10 +71,9 @@ class ResumableCSVLogger(CSVLogger):
     @property
     @rank_zero_experiment
     def experiment(self) -> ExperimentWriter:
-        if self._experiment is None:
+        if self._experiment is None:  # Lightning's property, with the writer above
             self._fs.makedirs(self.root_dir, exist_ok=True)
-            writer = _AppendingCSVWriter if self.keep_existing else _CSVWriter
-            self._experiment = writer(log_dir=self.log_dir)
+            self._experiment = _CSVWriter(self.log_dir, self.keep_existing)
         return self._experiment
 
 
@@ -116,8 +82,9 @@ class WandbLogger(LightningWandbLogger):
 
     Lightning 2.6 puts `"anonymous": None` into the `wandb.init` arguments unconditionally. None was wandb's
     default (anonymous mode off) in every release that had the argument, so leaving it out changes nothing; and
-    wandb >= 0.23.1, which dropped anonymous mode, then no longer warns that the setting has no effect. Offline
-    mode (`mode: offline`) needs no account either way.
+    wandb >= 0.23.1, which dropped anonymous mode, then no longer warns that the setting has no effect
+    (tests/test_wandb.py::test_an_offline_wandb_sweep_is_grouped_named_and_shows_samples). Offline mode
+    (`mode: offline`) needs no account either way.
     """
 
     def __init__(self, *args, **kwargs):
@@ -136,76 +103,50 @@ class GuardedLogger(Logger):
         self.logger, self.label = logger, label or type(logger).__name__
         self.error: BaseException | None = None
 
-    def _call(self, what: str, *args, **kwargs) -> Any:
-        if self.error is not None:
-            return None
-        try:
-            return getattr(self.logger, what)(*args, **kwargs)
-        except Exception as e:  # noqa: BLE001 - any failure of an optional logger
-            self.fail(e, what)
-            return None
-
     def fail(self, error: BaseException, what: str) -> None:
         self.error = error
         log.warning("logger %s failed in %s (%s: %s); it is switched off for the rest of this run. Training goes "
                     "on, and the local files (%s) stay complete.", self.label, what, type(error).__name__,
                     str(error).splitlines()[0] if str(error) else "", LOCAL_FILES)
 
-    def _get(self, attr: str, default=None):
-        if self.error is not None or not hasattr(type(self.logger), attr):
-            return default  # switched off, or a logger class without this (optional) attribute
-        try:
-            return getattr(self.logger, attr)
-        except Exception as e:  # noqa: BLE001
-            self.fail(e, attr)
-            return default
+    def _get(self, attr: str) -> Any:
+        """`logger.<attr>`; None once switched off, or where the logger has no `attr`."""
+        if self.error is None:
+            try:
+                return getattr(self.logger, attr, None)
+            except Exception as e:  # noqa: BLE001 - any failure of an optional logger
+                self.fail(e, attr)
+        return None
+
+    def _call(self, what: str, *args, **kwargs) -> Any:
+        method = self._get(what)
+        if method is not None:
+            try:
+                return method(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001
+                self.fail(e, what)
+        return None
 
     @property
-    def name(self) -> str | None:
-        return self._get("name", self.label)
+    def name(self) -> str:
+        return self.label
 
     @property
     def version(self) -> int | str | None:
         return self._get("version")
 
     @property
-    def save_dir(self) -> str | None:
-        return self._get("save_dir")
-
-    @property
-    def root_dir(self) -> str | None:
-        return self._get("root_dir")
-
-    @property
-    def log_dir(self) -> str | None:
-        return self._get("log_dir")
-
-    @property
-    def experiment(self) -> Any:
+    def experiment(self) -> Any:  # read by Lightning at setup: where W&B starts its run
         return self._get("experiment")
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self._call("log_metrics", metrics, step=step)
-
-    def log_hyperparams(self, params, *args, **kwargs) -> None:
-        self._call("log_hyperparams", params, *args, **kwargs)
-
-    def log_graph(self, model, input_array=None) -> None:
-        self._call("log_graph", model, input_array)
-
-    def save(self) -> None:
-        self._call("save")
-
-    def finalize(self, status: str) -> None:
-        self._call("finalize", status)
-
-    def after_save_checkpoint(self, checkpoint_callback) -> None:
-        self._call("after_save_checkpoint", checkpoint_callback)
-
-    def log_table(self, key: str, columns: list[str], data: list[list[Any]], step: int | None = None) -> None:
-        """A table (W&B: a `wandb.Table`), where the wrapped logger can log one; else nothing."""
-        if hasattr(type(self.logger), "log_table"):
-            self._call("log_table", key=key, columns=columns, data=data, step=step)
+    # Lightning's logger hooks, and W&B's `log_table` (nothing for a logger without one)
+    log_metrics = partialmethod(_call, "log_metrics")
+    log_hyperparams = partialmethod(_call, "log_hyperparams")
+    log_graph = partialmethod(_call, "log_graph")
+    save = partialmethod(_call, "save")
+    finalize = partialmethod(_call, "finalize")
+    after_save_checkpoint = partialmethod(_call, "after_save_checkpoint")
+    log_table = partialmethod(_call, "log_table")
 
 
 def build_loggers(logger_cfg, run_dir: Path, resuming: bool = False, identity: Mapping | None = None) -> list[Logger]:
@@ -226,17 +167,15 @@ def build_loggers(logger_cfg, run_dir: Path, resuming: bool = False, identity: M
 
 
 def finish_loggers(loggers: list[Logger]) -> None:
-    """End the W&B run between multirun members, so one run's logger never swallows the next."""
+    """End the W&B run between multirun members: Lightning's `WandbLogger.finalize` leaves it open, and the next
+    member's `WandbLogger` would log into it (tests/test_wandb.py::
+    test_an_offline_wandb_sweep_is_grouped_named_and_shows_samples)."""
     for lg in loggers:
-        inner = lg.logger if isinstance(lg, GuardedLogger) else lg
-        if not isinstance(inner, LightningWandbLogger):
-            continue
-        try:
-            import wandb
+        if isinstance(lg, GuardedLogger) and isinstance(lg.logger, LightningWandbLogger):
+            try:
+                import wandb
 
-            wandb.finish()
-        except Exception as e:  # noqa: BLE001
-            if not isinstance(lg, GuardedLogger):
-                raise
-            if lg.error is None:  # reported once: a logger that already failed stays quiet
-                lg.fail(e, "finish")
+                wandb.finish()  # also after a failure: a run may be open
+            except Exception as e:  # noqa: BLE001
+                if lg.error is None:  # reported once: a logger that already failed stays quiet
+                    lg.fail(e, "finish")

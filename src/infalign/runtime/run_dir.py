@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from infalign.runtime.atomic import atomic_write_text
 from infalign.runtime.errors import ConfigError, exit_on_user_error
-from infalign.runtime.log_files import open_run_logs, remove_planted_links
+from infalign.runtime.log_files import open_run_logs
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,6 @@ def accept_run(run_dir: str | Path, cfg: DictConfig) -> None:
     if is_first_process():
         hydra_cfg = HydraConfig.get()
         out = Path(run_dir) / HYDRA_DIR
-        remove_planted_links(out)  # a link at .hydra itself: the files go into a plain folder, the target untouched
         atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg))
         atomic_write_text(out / "hydra.yaml", OmegaConf.to_yaml({"hydra": hydra_cfg}))
         atomic_write_text(out / "overrides.yaml", OmegaConf.to_yaml(hydra_cfg.overrides.task))

@@ -257,7 +257,7 @@ class WinRateCallback(L.Callback):
         rows = [{"iteration": iteration, "step": step, **r} for r in self.sample_rows]
         path = self.out_dir / SAMPLES_JSONL
         kept = []
-        if path.is_file() and not path.is_symlink():  # a planted link is replaced (atomic write), never read
+        if path.is_file():
             kept = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("iteration", 0) < iteration]
         atomic_write_text(path, "".join(f"{line}\n" for line in [*kept, *(json.dumps(r) for r in rows)]))
