@@ -41,17 +41,10 @@ QUIET_BARS = frozenset({"Loading weights", "Writing model shards"})  # transform
 COUNT_KEYS = frozenset({"prompts", "iteration", "step", "epoch"})
 
 
-class _DropPrefix(logging.Filter):
-    def __init__(self, *prefixes: str):
-        super().__init__()
-        self.prefixes = prefixes
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.prefixes)
-
-
 class LightningLineFilter(logging.Filter):
-    """Drops Lightning's tips and its end-of-fit notice; passes each other information line once per process."""
+    """Drops Lightning's tips and its end-of-fit notice; passes each other information line once per process.
+    Lightning (2.6) has no setting for either short of hiding all its information lines
+    (tests/test_console.py::test_a_smoke_run_shows_one_progress_bar_and_each_line_once)."""
 
     DROP = ("💡 Tip:", "`Trainer.fit` stopped: `max_epochs=")
 
@@ -69,8 +62,11 @@ class LightningLineFilter(logging.Filter):
         return True
 
 
+def _transformers_filter(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("`loss_type=None` was set in the config but it is unrecognized")
+
+
 _line_filter = LightningLineFilter()
-_transformers_filter = _DropPrefix("`loss_type=None` was set in the config but it is unrecognized")
 _tqdm_hook_installed = False
 
 

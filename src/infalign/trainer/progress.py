@@ -1,11 +1,13 @@
 """One progress bar over the run's iterations (`progress=true`), instead of Lightning's bar per epoch.
 
-An RL iteration is one Lightning epoch of one batch, so Lightning's own bar restarts every iteration at "1/1"
-and its rate says nothing. `IterationProgressBar` spans the whole run (`rl.iterations`, counting from where a
-resumed run starts), advances once per iteration, and shows the iteration's KL and calibrated reward (what
-`InfAlignModule` logs with `prog_bar=True`) and the latest evaluation's win rate for the run's target metric.
-While it is open, console log lines are written above it (tqdm's `logging_redirect_tqdm`) instead of through
-it. Rank 0 draws it; the other processes draw nothing.
+An RL iteration is one Lightning epoch of one batch, so Lightning's `TQDMProgressBar` restarts every iteration at
+"Epoch <i>: 1/1" and its rate says nothing (tests/test_console.py::
+test_a_smoke_run_shows_one_progress_bar_and_each_line_once fails with it). `IterationProgressBar`, on Lightning's
+`ProgressBar` base for custom bars, spans the whole run (`rl.iterations`, counting from where a resumed run
+starts), advances once per iteration, and shows the iteration's KL and calibrated reward (what `InfAlignModule`
+logs with `prog_bar=True`) and the latest evaluation's win rate for the run's target metric. While it is open,
+console log lines are written above it (tqdm's `logging_redirect_tqdm`) instead of through it. Rank 0 draws it;
+the other processes draw nothing.
 """
 
 from __future__ import annotations
@@ -39,10 +41,9 @@ class IterationProgressBar(ProgressBar):
     """A single tqdm bar over the iterations; `win_rates` is the run's `WinRateCallback` (its `latest` results),
     `win_rate_key` / `label` which win rate to show (`win_rate_shown`)."""
 
-    def __init__(self, win_rates=None, win_rate_key: str | None = None, label: str = "win", file=None):
+    def __init__(self, win_rates=None, win_rate_key: str | None = None, label: str = "win"):
         super().__init__()
         self.win_rates, self.win_rate_key, self.label = win_rates, win_rate_key, label
-        self.file = file
         self.enabled = True
         self.bar: tqdm | None = None
         self._redirect: ExitStack | None = None
@@ -61,11 +62,6 @@ class IterationProgressBar(ProgressBar):
             parts.append(f"{self.label}={format_number(latest[self.win_rate_key])}")
         return ", ".join(parts)
 
-    def print(self, *args, **kwargs) -> None:
-        if self.bar is None:
-            return print(*args, **kwargs)
-        tqdm.write(kwargs.get("sep", " ").join(map(str, args)), file=kwargs.get("file"), end=kwargs.get("end", "\n"))
-
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer, module) -> None:
         if not self.enabled or self.bar is not None:
@@ -75,7 +71,7 @@ class IterationProgressBar(ProgressBar):
         if any(isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.stderr) for h in root.handlers):
             self._redirect.enter_context(logging_redirect_tqdm(tqdm_class=tqdm))  # only a console handler moves
         self.bar = tqdm(total=trainer.max_epochs, initial=trainer.current_epoch, desc=BAR_DESCRIPTION, unit="it",
-                        dynamic_ncols=True, file=self.file if self.file is not None else sys.stderr)
+                        dynamic_ncols=True)
 
     def on_train_epoch_end(self, trainer, module) -> None:
         # after the WinRateCallback's hook (earlier in the callbacks): an evaluation at this iteration is shown
