@@ -71,8 +71,7 @@ RL = {
     "grad_clip": Key(nullable(NONNEGATIVE, "no clipping"), "the gradient norm is clipped to it; 0: no clipping", 1.0),
     "kl_penalty": Key(one_of("reward", "exact"), "reward: k1 KL per sequence in the reward; exact: the "
                       "full-vocabulary KL per token in the loss", "reward"),
-    "target_kl": Key(nullable(POSITIVE, "beta stays fixed"), "adapt beta towards this KL, nats per sequence", None,
-                     6.0),
+    "target_kl": Key(nullable(POSITIVE, "beta stays fixed"), "adapt beta to this KL, nats per sequence", None, 6.0),
     "null_control": Key(BOOL, "shuffle Phi within a prompt's samples: a control that learns nothing", False),
     "grad_noise_scale": Key(BOOL, "log the gradient noise scale (needs >= 2 minibatches per rollout)", True),
 }
@@ -83,8 +82,7 @@ DISTILL = {
     "m": Key(integer(2), "reference samples per training prompt in the pool; leave-one-out needs 2", 64),
     "samples_per_prompt": Key(integer(1), "pool samples resampled per prompt and iteration", 4),
     "prompts_per_batch": Key(integer(1), "prompts per batch while building the pool", 8),
-    "minibatch_size": Key(integer(1), "sequences per distillation step, over all processes", "${rl.minibatch_size}",
-                          64),
+    "minibatch_size": Key(integer(1), "sequences per distillation step over all processes", "${rl.minibatch_size}", 64),
 }
 
 OPTIMIZER = {  # open: its class's other parameters are checked against it once torch is imported
@@ -111,8 +109,7 @@ GENERATION = {
     "top_p": Key(Rule(lambda v: v is None or is_real(v) and v == 1, "1.0 (or null)"), NEUTRAL, 1.0),
     "sampler": Key(one_of("inverse_cdf", "multinomial"), "how a token is drawn, both exactly from the policy: "
                    "inverse_cdf (fastest) or multinomial (generate's own draws)", "inverse_cdf"),
-    "cache_implementation": Key(nullable(TEXT, "the dynamic KV cache"), "transformers' KV-cache layout", None,
-                                "static"),
+    "cache_implementation": Key(nullable(TEXT, "the dynamic KV cache"), "generate's KV cache layout", None, "static"),
 }
 
 CALIBRATION = {
@@ -192,8 +189,7 @@ TRAINER = {  # open: Lightning's other parameters are checked against lightning.
                             "bf16, 64"), "how Lightning computes the policy's update", "bf16-mixed"),
     "strategy": Key(Rule(lambda v: TEXT.test(v) or instantiated(v), "a name or a mapping with _target_"),
                     "how processes share the work", "ddp"),
-    "max_epochs": Key(Rule(lambda v: True, "anything"), "${rl.iterations}: one epoch per RL iteration",
-                      "${rl.iterations}"),
+    "max_epochs": Key(Rule(lambda v: True, "anything"), "one epoch per RL iteration", "${rl.iterations}"),
     "log_every_n_steps": Key(integer(1), "steps between logged rows", 1),
     "num_sanity_val_steps": Key(integer(-1), "Lightning's sanity check, unused here", 0),
     "enable_model_summary": Key(BOOL, "Lightning's model summary", False),
@@ -231,8 +227,7 @@ POLICY = {
     "_target_": Key(TEXT, "the loader", "infalign.models.policy.tiny_policy", req=True),
     "name": Key(TEXT, "the config's label", "tiny"),
     "prompt_format": Key(one_of("raw", "chat"), "raw: the HH text | chat: the tokenizer's chat template", "chat"),
-    "lora": Section("LoRA adapters trained instead of the whole policy (pip install 'infalign[lora]')", LORA,
-                    nullable=True),
+    "lora": Section("LoRA adapters, trained instead of the whole policy (needs infalign[lora])", LORA, nullable=True),
     "gradient_checkpointing": Key(BOOL, "the update recomputes each layer's activations in backward", True),
 }
 
