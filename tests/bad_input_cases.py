@@ -84,7 +84,8 @@ CASES = [
                                              r"itself.*\), got 0.7; e.g. generation.temperature=1.0"),
     case("generation.top_k=50", match=r"generation.top_k must be 0 \(or null\) \(rollouts sample from the policy itself"),
     case("generation.top_p=0.9", match=r"generation.top_p must be 1.0 \(or null\) \(rollouts sample from the policy itself"),
-    case("generation.sampler=greedy", match=r"generation.sampler must be 'inverse_cdf' or 'multinomial' .*got 'greedy'"),
+    case("+generation.sampler=multinomial", match=r"^generation.sampler was removed \(every token is drawn by "
+                                                  r"inverse CDF, exactly from the policy\); drop it$"),
     case("+generation.repetition_penalty=1.3",
          match=r"generation.repetition_penalty: unknown key .*would change the sampling distribution"),
     case("+generation.max_new_token=5", match=r"generation.max_new_token: unknown key .*did you mean 'max_new_tokens'"),
@@ -98,7 +99,7 @@ CASES = [
     case("+trainer.gradient_clip_val=1.0", match=r"trainer.gradient_clip_val=1.0: .*set rl.grad_clip instead"),
     case("+trainer.max_epoch=3", stage="config",
          match=r"trainer.max_epoch: unknown key in conf/trainer/default.yaml.*did you mean 'max_epochs'"),
-    # the model and reward configs (their loaders' keys: infalign.config.schema.LOADERS)
+    # the model and reward configs (their loaders' keys: infalign.config.models.LOADERS)
     case("+model.tokenzier=1",
          match=r"model.tokenzier: unknown key in conf/model/tiny.yaml .*; known keys: .*tokenizer"),
     case("+model.sft.lrr=1", match=r"model.sft.lrr: unknown key in conf/model/tiny.yaml .*known keys: .*lr"),

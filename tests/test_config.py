@@ -1,6 +1,6 @@
 """Config groups and the config check: `method=<name>` and `scale=<name>` compose; `check_config` refuses an
 unknown key (or a bad value), in a model or reward config too, naming the key and the file, before torch is
-imported; the keys' defaults and docs come from `infalign.config.schema`."""
+imported; the keys' defaults and docs come from `infalign.config.schema` and `infalign.config.models`."""
 
 import re
 from pathlib import Path
@@ -14,7 +14,8 @@ from omegaconf import OmegaConf, open_dict
 from infalign.config import RUN, ConfigError, processes
 from infalign.config.__main__ import markdown
 from infalign.config.check import check_config
-from infalign.config.schema import LOADERS, RUNTIME, TRAINER, TRAINER_KEYS, defaults
+from infalign.config.models import LOADERS, RUNTIME, TRAINER_KEYS
+from infalign.config.schema import TRAINER, defaults
 from infalign.models.loaders import call_loader, check_loader_config
 from infalign.runtime.paths import conf_dir
 

@@ -1,5 +1,6 @@
-"""The config of `python train.py`: every key defined once (`schema`), checked before torch is imported (`check`),
-its reference printed by `python -m infalign.config --markdown` (docs/configuration.md).
+"""The config of `python train.py`: every key defined once (`schema`; the model and reward loaders' keys in `models`),
+checked before torch is imported (`check`; the rules between keys in `between`), its reference printed by
+`python -m infalign.config --markdown` (docs/configuration.md).
 
 Hydra's own type errors are several lines with exit status 1, and Hydra knows no ranges: so the run's defaults are
 stored in Hydra's ConfigStore as plain data (`base_train`, first in conf/train.yaml's defaults list), and the check

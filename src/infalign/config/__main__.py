@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from infalign.config.models import LOADERS
 from infalign.config.rules import cli
-from infalign.config.schema import CALIBRATORS, DATA, LOADERS, RUN, TRAINER, TRANSFORMS, Section
+from infalign.config.schema import CALIBRATORS, DATA, RUN, TRAINER, TRANSFORMS, Section
 
 
 def rows(keys: dict, prefix: str, group: bool):

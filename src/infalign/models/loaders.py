@@ -3,9 +3,9 @@
 Each ``conf/model/*.yaml`` and ``conf/reward/*.yaml`` names a loader function in ``_target_``; the loaders
 return ``(model, tokenizer, cache entry)`` (policies) or ``(reward model, cache entry)`` (rewards). The keys a
 config of each loader may hold, with their types and ranges, are defined once, torch-free, in
-:mod:`infalign.config.schema` (checked with the rest of the config before torch is imported). :func:`call_loader`
+:mod:`infalign.config.models` (checked with the rest of the config before torch is imported). :func:`call_loader`
 builds the loader with ``hydra.utils.instantiate(cfg, _partial_=True)`` and calls it with the runtime objects
-(data config, record lists, cache root) that a config cannot hold and that the schema's ``RUNTIME`` names.
+(data config, record lists, cache root) that a config cannot hold and that its ``RUNTIME`` names.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any, Literal
 from omegaconf import DictConfig, OmegaConf
 
 from infalign.config.check import check_loader_keys, source
-from infalign.config.schema import RUNTIME, TRAINER_KEYS
+from infalign.config.models import RUNTIME, TRAINER_KEYS
 from infalign.runtime import signals
 from infalign.runtime.model_paths import PATH_KEYS, model_path_problem
 
