@@ -81,23 +81,24 @@ def tiny_lm():
     return model.eval(), tokenizer
 
 
-@pytest.mark.parametrize("cache", [None, "static"])
-def test_logprobs_match_generate_scores_with_left_padding(tiny_lm, cache):
+def test_logprobs_match_generate_scores_with_left_padding(tiny_lm):
+    """transformers' `generate` scores its own samples of a left-padded batch as `response_logprobs` does."""
+    from infalign.models.sampling import Rollout, tokenize_prompts
+
     model, tokenizer = tiny_lm
     prompts = ["w1 w2 w3 w4 w5 w6", "w7", "w8 w9 w10"]  # very different lengths: heavy left padding
+    batch = tokenize_prompts(tokenizer, prompts)
     torch.manual_seed(1)
-    # multinomial: the sampler's draws are generate's, so the two sample the same tokens
-    kwargs = sampling_kwargs({"max_new_tokens": 8, "cache_implementation": cache, "sampler": "multinomial"})
-    rollout = generate(model, tokenizer, prompts, 2, kwargs)
-    torch.manual_seed(1)
-    batch = tokenizer(prompts, return_tensors="pt", padding=True)
-    out = model.generate(**batch, num_return_sequences=2, pad_token_id=40, eos_token_id=41, output_scores=True,
-                         return_dict_in_generate=True, **{k: v for k, v in kwargs.items() if k != "sampler"})
-    assert torch.equal(out.sequences, rollout.input_ids)  # same samples
+    out = model.generate(**batch, num_return_sequences=2, do_sample=True, top_k=0, max_new_tokens=8, pad_token_id=40,
+                         eos_token_id=41, output_scores=True, return_dict_in_generate=True)
+    prompt_len = batch["input_ids"].shape[1]
+    is_eos = out.sequences[:, prompt_len:] == 41
+    response_mask = ((is_eos.cumsum(-1) - is_eos.long()) == 0).long()  # up to the first EOS, included
+    rollout = Rollout(out.sequences, torch.cat([batch["attention_mask"].repeat_interleave(2, 0), response_mask], 1),
+                      response_mask, prompt_len)
     scores = torch.stack(out.scores, dim=1).log_softmax(-1)  # [S, T, V], unprocessed at temperature 1
     from_generate = scores.gather(-1, rollout.response_ids.unsqueeze(-1)).squeeze(-1) * rollout.response_mask
-    ours = response_logprobs(model, rollout)
-    assert torch.allclose(ours, from_generate, atol=1e-5)
+    assert torch.allclose(response_logprobs(model, rollout), from_generate, atol=1e-5)
 
 
 def test_logprobs_do_not_depend_on_batch_padding(tiny_lm):

@@ -3,18 +3,16 @@
 Two traps handled here:
 - The KL and the policy gradient assume the responses were drawn from the policy's own distribution, so
   rollouts sample at temperature 1 with no top-k / top-p (the config check, `infalign.config`, refuses anything
-  else), otherwise the k1 KL estimate is biased and can go negative. The sampler (`_sample`) applies
-  no logits processor at all and never reads the checkpoint's own `generation_config` (repetition penalty,
-  n-gram bans, minimum lengths, ...); the `model.generate` path (only for `generation.cache_implementation`)
-  switches all of those off (`pure_sampling.PURE_SAMPLING`) and refuses to sample if one would still apply.
-- Left-padded prompts need position ids that start at the first real token (as `generate` builds them);
+  else; `pure_sampling.check_sampler_kwargs` any other setting), otherwise the k1 KL estimate is biased and can
+  go negative. The sampler (`_sample`) applies no logits processor at all and never reads the checkpoint's own
+  `generation_config` (repetition penalty, n-gram bans, minimum lengths, ...).
+- Left-padded prompts need position ids that start at the first real token (as transformers' `generate` builds them);
   `infalign.models.logprobs.response_logprobs` uses the same, so the scored distribution is the sampled one.
 
 Why a sampler of our own and not `model.generate` (measured in docs/benchmarks.md, section 6): no per-step
 processor, stopping-criteria and mask machinery; keys/values written into room allocated once instead of
-concatenated every step; rows that have ended leave the batch; and (`generation.sampler=inverse_cdf`, the
-default) one random number per token drawn instead of one per vocabulary entry. `generation.sampler=multinomial`
-draws exactly the tokens `model.generate` draws for a seed (tested).
+concatenated every step; rows that have ended leave the batch; and one random number per token drawn instead
+of one per vocabulary entry (`_draw`).
 Costs avoided besides (docs/benchmarks.md, section 3): the k samples of a prompt share its forward pass (once
 per distinct prompt, its keys/values then fanned out to the k rows), in sampling and in `response_logprobs`,
 gradients included; the sampler records the log-probs of the tokens it samples, so the rollout needs no
@@ -27,10 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
 
 from infalign.models.kv_cache import _prompt_cache, _run
-from infalign.models.pure_sampling import check_pure_sampling, check_sampler_kwargs, generate_kwargs
+from infalign.models.pure_sampling import check_sampler_kwargs
 
 __all__ = ["Rollout", "tokenize_prompts", "generate", "decode_responses", "rollout_from_tokens"]
 
@@ -64,39 +61,6 @@ class Rollout:
         return self.response_mask.sum(-1)
 
 
-class _SampledLogProbs(LogitsProcessor):
-    """Records log pi(y_t) of each sampled token and the entropy of pi at each step, inside `generate`.
-
-    A logits processor sees each step's scores before the token is drawn; the drawn tokens show up as the
-    last input ids of later calls (the final ones in `finish`). The scores are kept by reference and turned
-    into log-probs a chunk of steps at a time, up to `budget_bytes` of them: one large op instead of several
-    small ones per decoding step, which matters on a few busy CPU cores where every op pays for a thread
-    barrier. Custom processors run after the model's own and before the sampling warpers; `generate` switches
-    both off (`PURE_SAMPLING`, whatever the checkpoint's `generation_config` sets, and checks that none is
-    left): these are the probabilities the tokens were drawn from.
-    """
-
-    def __init__(self, budget_bytes: int = 256 * 2**20):
-        self.budget, self.pending, self.logps, self.entropies = budget_bytes, [], [], []
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.pending and (len(self.pending) + 1) * scores.numel() * 4 > self.budget:
-            self._flush(input_ids[:, -len(self.pending):])
-        self.pending.append(scores)
-        return scores
-
-    def _flush(self, tokens: torch.Tensor) -> None:
-        logp = torch.log_softmax(torch.stack(self.pending, 1).float(), dim=-1)  # [S, C, V]
-        self.logps.append(logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1))
-        self.entropies.append(-(logp.exp() * logp).sum(-1))
-        self.pending = []
-
-    def finish(self, response: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.pending:
-            self._flush(response[:, -len(self.pending):])
-        return torch.cat(self.logps, 1), torch.cat(self.entropies, 1)
-
-
 def _autocast_on(device: torch.device) -> bool:
     try:
         return torch.is_autocast_enabled(device.type)
@@ -104,31 +68,19 @@ def _autocast_on(device: torch.device) -> bool:
         return torch.is_autocast_enabled() if device.type == "cuda" else torch.is_autocast_cpu_enabled()
 
 
-def _draw(probs: torch.Tensor, rows: torch.Tensor, n_rows: int, sampler: str, in_place: bool) -> torch.Tensor:
-    """One token per row of `probs` (`[len(rows), V]`, the rows still sampling of `n_rows`), exactly from it.
-
-    `inverse_cdf`: one uniform u per row, the first token whose cumulative probability exceeds u (in float64:
-    in float32 the running sum's rounding, ~3e-8, would distort the rarest tokens' probabilities).
-    `multinomial`: the draws of `torch.multinomial(probs, 1)`, which `model.generate` makes: one Exp(1) variate
-    q per row and vocabulary entry, argmax(p / q) (ATen, one sample per row). `generate` draws them for every
-    row until all have ended, so q is drawn for all `n_rows` rows and the rows still sampling use theirs: a
-    seed gives the tokens `generate` gives (tested). Those 8192 variates per row are most of the cost: 0.56 of
-    1.36 s of the default rollout (cProfile); inverse_cdf draws one number per row (docs/benchmarks.md, 6).
-    """
-    if sampler == "inverse_cdf":
-        cdf = probs.double().cumsum_(dim=-1)
-        u = torch.rand(len(probs), 1, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
-        return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_max_(probs.shape[-1] - 1)
-    if sampler != "multinomial":
-        raise ValueError(f"unknown sampler {sampler!r}; use inverse_cdf or multinomial")
-    q = torch.empty((n_rows, probs.shape[-1]), device=probs.device).exponential_()
-    q = q if len(rows) == n_rows else q[rows]
-    return (probs.div_(q) if in_place else probs / q).argmax(dim=-1)
+def _draw(probs: torch.Tensor) -> torch.Tensor:
+    """One token per row of `probs` (`[rows, V]`), exactly from it: one uniform u per row, the first token whose
+    cumulative probability exceeds u (in float64: in float32 the running sum's rounding, ~3e-8, would distort the
+    rarest tokens' probabilities). One random number per row, not one per vocabulary entry as `torch.multinomial`
+    draws (docs/benchmarks.md, section 6)."""
+    cdf = probs.double().cumsum_(dim=-1)
+    u = torch.rand(len(probs), 1, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_max_(probs.shape[-1] - 1)
 
 
 @torch.no_grad()
 def _sample(model, batch: dict[str, torch.Tensor], k: int, max_new_tokens: int, eos_id: int, pad_id: int,
-            record: bool, sampler: str = "inverse_cdf") -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+            record: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Ancestral sampling at temperature 1: `[S, T]` tokens (pad after EOS) and, with `record`, the log-prob
     of each sampled token and the entropy at each step (0 after EOS).
 
@@ -138,7 +90,7 @@ def _sample(model, batch: dict[str, torch.Tensor], k: int, max_new_tokens: int, 
     """
     ids, mask = batch["input_ids"], batch["attention_mask"]
     device, n_rows, prompt_len = ids.device, ids.shape[0] * k, ids.shape[1]
-    position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as `generate` builds them for left padding
+    position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as transformers' generate builds them
     cache = _prompt_cache(model, ids, mask, position_ids, k, room=max_new_tokens)
     attention = torch.cat([mask.repeat_interleave(k, dim=0), mask.new_ones(n_rows, max_new_tokens)], dim=1)
     last_token = ids[:, -1:].repeat_interleave(k, dim=0)
@@ -153,7 +105,7 @@ def _sample(model, batch: dict[str, torch.Tensor], k: int, max_new_tokens: int, 
         logits = _run(model, cache, input_ids=last_token, attention_mask=attention[rows, : prompt_len + t],
                       position_ids=last_position + t, logits_to_keep=1).logits[:, -1].float()
         probs = torch.softmax(logits, dim=-1)
-        step = _draw(probs, rows, n_rows, sampler, in_place=not record)
+        step = _draw(probs)
         step = torch.where(sampling, step, pad_id)
         tokens[rows, t] = step
         steps = t + 1
@@ -182,8 +134,7 @@ def generate(model, tokenizer, prompts: list[str], k: int, gen_kwargs: dict, *, 
 
     With `record_logprobs`, the rollout carries the sampled tokens' log-probs and the per-step entropy
     (in fp32 runs only: under autocast the scores are low-precision, and the caller rescores in fp32).
-    With `generation.cache_implementation` set (e.g. "static", for compiled GPU decoding), sampling goes
-    through `model.generate` instead, with every processor switched off and checked (`check_pure_sampling`).
+    `gen_kwargs`: `pure_sampling.sampling_kwargs`, refused unless they ask for pure samples.
     """
     was_training = model.training
     model.eval()
@@ -191,15 +142,10 @@ def generate(model, tokenizer, prompts: list[str], k: int, gen_kwargs: dict, *, 
     record = record_logprobs and not _autocast_on(device)
     try:
         batch = tokenize_prompts(tokenizer, prompts, device)
-        if gen_kwargs.get("cache_implementation"):
-            out, logprobs, entropy = _hf_generate(model, tokenizer, batch, k, gen_kwargs, record)
-            response = out[:, batch["input_ids"].shape[1]:]
-        else:
-            check_sampler_kwargs(gen_kwargs)
-            response, logprobs, entropy = _sample(model, batch, k, int(gen_kwargs["max_new_tokens"]),
-                                                  tokenizer.eos_token_id, tokenizer.pad_token_id, record,
-                                                  gen_kwargs.get("sampler", "inverse_cdf"))
-            out = torch.cat([batch["input_ids"].repeat_interleave(k, dim=0), response], dim=1)
+        check_sampler_kwargs(gen_kwargs)
+        response, logprobs, entropy = _sample(model, batch, k, int(gen_kwargs["max_new_tokens"]),
+                                              tokenizer.eos_token_id, tokenizer.pad_token_id, record)
+        out = torch.cat([batch["input_ids"].repeat_interleave(k, dim=0), response], dim=1)
     finally:
         model.train(was_training)
     # A response ends at its first EOS (kept: the policy chose to stop); everything after is padding.
@@ -217,20 +163,6 @@ def generate(model, tokenizer, prompts: list[str], k: int, gen_kwargs: dict, *, 
         logprobs=logprobs,
         entropy=entropy,
     )
-
-
-def _hf_generate(model, tokenizer, batch, k: int, gen_kwargs: dict, record: bool):
-    """`model.generate` with every probability-changing setting neutral (checked), for the cache
-    implementations `_sample` does not have; the log-probs recorded by a logits processor."""
-    recorder = _SampledLogProbs() if record else None
-    call_kwargs = generate_kwargs(tokenizer, gen_kwargs)
-    check_pure_sampling(model, call_kwargs, gen_kwargs, batch)
-    out = model.generate(**batch, num_return_sequences=k,
-                         logits_processor=LogitsProcessorList([recorder] if recorder else []), **call_kwargs)
-    logprobs = entropy = None
-    if recorder is not None:
-        logprobs, entropy = recorder.finish(out[:, batch["input_ids"].shape[1]:])
-    return out, logprobs, entropy
 
 
 def decode_responses(tokenizer, rollout: Rollout) -> list[str]:

@@ -96,8 +96,7 @@ def calibration_key(cfg: DictConfig, partitions, prompt_ids: list[str], gen_kwar
                        if k != "max_batch_tokens"},
             "data": partition_fingerprint(partitions), "max_prompt_tokens": int(cfg.data.max_prompt_tokens),
             "prompts": fingerprint(prompt_ids), "m": int(cfg.calibration.m), "seed": int(cfg.calibration.seed),
-            # the KV-cache layout changes no probabilities, so it does not split the cache
-            "generation": {k: v for k, v in gen_kwargs.items() if k != "cache_implementation"}}
+            "generation": gen_kwargs}
 
 
 def sample_sets(cfg: DictConfig, partitions, train: list[Prompt], held_out: list[Prompt], models: dict,

@@ -51,7 +51,9 @@ EXPERIMENT_KEYS = ("model", "reward", "data", "calibrator", "transform", "genera
 CONFIG_GROUPS = ("model", "reward", "data", "calibrator", "transform", "solver")  # their Hydra choices compared too
 NOT_COMPARED = ("data.root",  # where the data lies, not what it is: a run moved to another machine finds it elsewhere
                 # how the policy is saved and how much memory its update takes, not what it learns
-                "model.lora.save_merged", "model.gradient_checkpointing")
+                "model.lora.save_merged", "model.gradient_checkpointing",
+                # removed keys an older checkpoint records; every sampler drew exactly from the policy
+                "generation.sampler", "generation.cache_implementation")
 # What the checkpoint's weights fix: the policy's architecture, vocabulary and LoRA adapter shapes. Loading them
 # into another shape fails with a raw size mismatch after the models were built, so a change of these is refused
 # up front even with resume_allow_changes=true (a prefix of the dotted keys).
