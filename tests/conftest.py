@@ -33,3 +33,19 @@ def run_train(session_cache):
         return out
 
     return _run
+
+
+
+# A finished 2-iteration smoke run (the default method bon_exp, beta 0.1; no evaluation but the final one), made in
+# process once per session. Tests read it, or copy it (shutil.copytree) to resume or change it: never write into it.
+FINISHED_SMOKE_ARGS = ["scale=smoke", "progress=false", "logger=none", "num_threads=1", "rl.iterations=2", "eval.every=0"]
+
+
+@pytest.fixture(scope="session")
+def finished_smoke_run(session_cache, tmp_path_factory) -> Path:
+    from infalign.trainer.inprocess import run_in_process
+
+    run_dir = tmp_path_factory.mktemp("finished_smoke") / "run"
+    run_in_process([*FINISHED_SMOKE_ARGS, f"cache_root={session_cache}"], run_dir)
+    return run_dir
+

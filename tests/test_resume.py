@@ -8,11 +8,10 @@ import shutil
 
 import pytest
 import torch
+from conftest import FINISHED_SMOKE_ARGS as ARGS  # the run `finished` (2 iterations, eval.every=0) was made with them
 
 import infalign.trainer.pieces
 from infalign.trainer.inprocess import run_in_process
-
-ARGS = ["scale=smoke", "progress=false", "logger=none", "num_threads=1", "rl.iterations=2", "eval.every=0"]
 
 
 def files_of(root):
@@ -21,11 +20,10 @@ def files_of(root):
 
 
 @pytest.fixture(scope="module")
-def finished(session_cache, tmp_path_factory):
-    """A finished 2-iteration smoke run (bon_exp, beta 0.1)."""
-    run_dir = tmp_path_factory.mktemp("resume") / "base"
-    run_in_process([*ARGS, f"cache_root={session_cache}"], run_dir)
-    return run_dir
+def finished(finished_smoke_run):
+    """A finished 2-iteration smoke run (bon_exp, beta 0.1), shared by the session (tests/conftest.py): copied
+    (`copy_of`) before any command runs in it."""
+    return finished_smoke_run
 
 
 @pytest.fixture

@@ -3,9 +3,11 @@
 import csv
 import json
 import math
+import shutil
 
 import pytest
 import torch
+from conftest import FINISHED_SMOKE_ARGS
 from hydra import compose, initialize_config_dir
 
 from infalign.config.check import check_config
@@ -48,16 +50,16 @@ def test_smoke_run_end_to_end(run_train, tmp_path):
 
 def test_a_method_preset_runs_at_the_smoke_scale(run_train, tmp_path):
     """`method=<name> scale=<name>`: the groups compose (the method picks transform and calibrator, the scale the
-    sizes), and final_metrics.json records the method preset's name."""
-    args = ["scale=smoke", "logger=none", "progress=false", "rl.iterations=1", "eval.every=0"]
-    run_train("method=bon_exp", *args, f"hydra.run.dir={tmp_path / 'bon_exp'}")
-    final = read_final(tmp_path / "bon_exp")
+    sizes), and final_metrics.json records the method preset's name. Both presets as one sweep (`-m`)."""
+    sweep = tmp_path / "sweep"
+    run_train("-m", "method=bon_exp,calibrated", "scale=smoke", "logger=none", "progress=false", "rl.iterations=1",
+              "eval.every=0", f"hydra.sweep.dir={sweep}")
+    final = read_final(sweep / "0")
     assert final["method"] == "bon_exp" and final["transform"] == "bon_exp" and final["calibrator"] == "empirical"
     assert final["iteration"] == 1 and final["eval/prompts"] == 6  # smoke-sized: data.eval_prompts=6
     assert final["t_auto"] is True  # bon_exp.yaml: t: auto, chosen for n
     # a method named otherwise than its transform: the record is the preset's name
-    run_train("method=calibrated", *args, f"hydra.run.dir={tmp_path / 'calibrated'}")
-    final = read_final(tmp_path / "calibrated")
+    final = read_final(sweep / "1")
     assert final["method"] == "calibrated" and final["transform"] == "identity" and final["eval/prompts"] == 6
 
 
@@ -83,11 +85,16 @@ def test_multirun_over_n_trains_for_each_n_and_shares_the_calibration_cache(run_
     assert (sweep / "sweep_summary.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_resume_continues_and_matches_an_uninterrupted_run(run_train, tmp_path):
+def test_resume_continues_and_matches_an_uninterrupted_run(run_train, finished_smoke_run, session_cache, tmp_path):
+    """A finished 2-iteration run (tests/conftest.py, copied) continued to 3 iterations by `python train.py ...
+    resume=true` ends as the uninterrupted 3-iteration run (made in process: what train.py runs)."""
+    from infalign.trainer.inprocess import run_in_process
+
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    args = [*SMOKE, "logger=none", "eval.every=0"]
-    run_train(*args, "rl.iterations=3", f"hydra.run.dir={straight}")
-    run_train(*args, "rl.iterations=2", f"hydra.run.dir={resumed}")
+    args = FINISHED_SMOKE_ARGS  # those of the finished run: logger=none, eval.every=0, num_threads=1
+    run_in_process([*args, "rl.iterations=3", f"cache_root={session_cache}"], straight)
+    shutil.copytree(finished_smoke_run, resumed)
+    assert read_final(resumed)["iteration"] == 2
     refused = run_train(*args, "rl.iterations=3", f"hydra.run.dir={resumed}", check=False)
     assert refused.returncode != 0 and "resume=true" in refused.stderr  # never clobbers a run silently
     run_train(*args, "rl.iterations=3", "resume=true", f"hydra.run.dir={resumed}")
