@@ -35,7 +35,6 @@ def run_train(session_cache):
     return _run
 
 
-
 # A finished 2-iteration smoke run (the default method bon_exp, beta 0.1; no evaluation but the final one), made in
 # process once per session. Tests read it, or copy it (shutil.copytree) to resume or change it: never write into it.
 FINISHED_SMOKE_ARGS = ["scale=smoke", "progress=false", "logger=none", "num_threads=1", "rl.iterations=2", "eval.every=0"]
