@@ -18,9 +18,11 @@ SMOKE = ["scale=smoke", "progress=false", "logger=none", "num_threads=1", "eval.
 
 
 @pytest.mark.parametrize("extra", [[], ["rl.kl_penalty=exact", "solver.mode=won"]])
-def test_maxk_trains_a_smoke_run(run_train, tmp_path, extra):
-    run_dir = tmp_path / "run"
-    run_train(*SMOKE, "solver=maxk", "n=4", *extra, f"hydra.run.dir={run_dir}")
+def test_maxk_trains_a_smoke_run(session_cache, tmp_path, extra):
+    from infalign.trainer.inprocess import run_in_process
+
+    run_dir = tmp_path / "run"  # in process: the config check and the run `python train.py` makes
+    run_in_process([*SMOKE, "solver=maxk", "n=4", *extra, f"cache_root={session_cache}"], run_dir)
     final = json.loads((run_dir / "final_metrics.json").read_text())
     assert final["solver"] == "maxk" and final["iteration"] == 3 and final["eval/kl"] > 0
     header = (run_dir / "logs" / "metrics.csv").read_text().splitlines()[0]

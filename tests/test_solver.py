@@ -1,6 +1,6 @@
 """The KL-efficient solver's parts (issue 15): the exact per-token KL and its gradient, distillation's weights,
 the leave-one-out calibration, the learning-rate schedule, the gradient noise scale, the null control; and
-each solver end to end at the smoke scale."""
+each solver end to end at the smoke scale (in process: the config check and the run `python train.py` makes)."""
 
 import csv
 import itertools
@@ -247,9 +247,16 @@ def _logged(run_dir):
     return list(csv.DictReader(open(run_dir / "logs" / "metrics.csv")))
 
 
-def test_exact_kl_solver_runs_and_logs_its_kl(run_train, tmp_path):
+def _train(session_cache, run_dir, *overrides):
+    """What `python train.py <SMOKE> <overrides> hydra.run.dir=<run_dir>` runs, in this process (no start-up)."""
+    from infalign.trainer.inprocess import run_in_process
+
+    return run_in_process([*SMOKE, *overrides, f"cache_root={session_cache}"], run_dir)
+
+
+def test_exact_kl_solver_runs_and_logs_its_kl(session_cache, tmp_path):
     run_dir = tmp_path / "exact"
-    run_train(*SMOKE, "solver=exact", f"hydra.run.dir={run_dir}")
+    _train(session_cache, run_dir, "solver=exact")
     rows = [r for r in _logged(run_dir) if r.get("train/kl/exact")]
     assert len(rows) == 3 and all(float(r["train/kl/exact"]) >= 0 for r in rows)
     # 2 minibatches per iteration at smoke size: the estimator runs; its scale is logged (> 0) only where defined
@@ -263,10 +270,10 @@ def test_k3_loss_mode_is_refused_with_the_replacement(run_train, tmp_path):
     assert out.returncode != 0 and "rl.kl_penalty=exact" in out.stderr + out.stdout
 
 
-def test_distillation_then_rl_with_a_schedule(run_train, tmp_path):
+def test_distillation_then_rl_with_a_schedule(session_cache, tmp_path):
     run_dir = tmp_path / "distill"
-    run_train(*SMOKE, "solver=distill_rl", "distill.iterations=2", "distill.m=8", "scheduler.warmup_steps=2",
-              "scheduler.final_lr_fraction=0.1", f"hydra.run.dir={run_dir}")
+    _train(session_cache, run_dir, "solver=distill_rl", "distill.iterations=2", "distill.m=8",
+           "scheduler.warmup_steps=2", "scheduler.final_lr_fraction=0.1")
     rows = _logged(run_dir)
     distilled = [r for r in rows if r.get("train/distill/ess")]
     rl = [r for r in rows if r.get("train/kl/k1")]
@@ -279,13 +286,13 @@ def test_distillation_then_rl_with_a_schedule(run_train, tmp_path):
     assert ckpt["lr_schedulers"], "the schedule's state is checkpointed"
 
 
-def test_null_control_spends_kl_at_win_rate_one_half(run_train, tmp_path):
+def test_null_control_spends_kl_at_win_rate_one_half(session_cache, tmp_path):
     """Phi shuffled within each prompt's samples: the policy still moves (KL > 0) but learns nothing of the
     reward, so its win rates stay at 0.5 within their standard errors. A leak of the reward's order into the
     advantages shows up here as a win rate off 0.5."""
     run_dir = tmp_path / "null"
-    run_train(*SMOKE, "rl.null_control=true", "rl.iterations=6", "optimizer.lr=3e-3", "eval.every=0",
-              "data.eval_prompts=12", "eval.k=16", f"hydra.run.dir={run_dir}")
+    _train(session_cache, run_dir, "rl.null_control=true", "rl.iterations=6", "optimizer.lr=3e-3", "eval.every=0",
+           "data.eval_prompts=12", "eval.k=16")
     final = _final(run_dir)
     assert final["eval/kl"] > 0.01, "the null control must spend KL (drift) for the check to mean anything"
     for key in ("eval/bon_win_rate@1", "eval/bon_win_rate@4"):

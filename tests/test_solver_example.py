@@ -2,7 +2,6 @@
 a smoke run (one file + one YAML, nothing else changed); and the solver interface on its own."""
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -25,11 +24,16 @@ def _write_example(root: Path) -> None:
     (root / "conf" / "solver" / "best_of_k.yaml").write_text(yaml)
 
 
-def test_the_docs_example_solver_trains_a_smoke_run(run_train, tmp_path, monkeypatch):
+def test_the_docs_example_solver_trains_a_smoke_run(session_cache, tmp_path, monkeypatch):
+    """In process: the config check and the run `PYTHONPATH=<tmp> python train.py ... solver=best_of_k
+    hydra.searchpath=[file://<tmp>/conf]` makes (the folder on sys.path, as PYTHONPATH puts it there)."""
+    from infalign.trainer.inprocess import run_in_process
+
     _write_example(tmp_path)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p))
+    monkeypatch.syspath_prepend(str(tmp_path))
     run_dir = tmp_path / "run"
-    run_train(*SMOKE, "solver=best_of_k", f"hydra.searchpath=[file://{tmp_path / 'conf'}]", f"hydra.run.dir={run_dir}")
+    run_in_process([*SMOKE, "solver=best_of_k", f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+                    f"cache_root={session_cache}"], run_dir)
     final = json.loads((run_dir / "final_metrics.json").read_text())
     assert final["solver"] == "best_of_k" and final["iteration"] == 3
     rows = [r for r in (run_dir / "logs" / "metrics.csv").read_text().splitlines()[1:] if r]
