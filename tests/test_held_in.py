@@ -23,13 +23,10 @@ def rows(path):
 
 @pytest.fixture(scope="module")
 def runs(run_train, tmp_path_factory):
-    """The same smoke run without and with 4 held-in prompts."""
-    out = {}
-    for held_in in (0, HELD_IN):
-        run_dir = tmp_path_factory.mktemp(f"held_in_{held_in}")
-        run_train(*SMOKE, f"eval.held_in_prompts={held_in}", f"hydra.run.dir={run_dir}")
-        out[held_in] = run_dir
-    return out
+    """The same smoke run without and with 4 held-in prompts: one sweep (`-m`), its two members."""
+    sweep = tmp_path_factory.mktemp("held_in") / "sweep"
+    run_train("-m", *SMOKE, f"eval.held_in_prompts=0,{HELD_IN}", f"hydra.sweep.dir={sweep}")
+    return {0: sweep / "0", HELD_IN: sweep / "1"}
 
 
 def test_the_held_in_prompts_are_evaluated_and_written_beside_the_held_out_ones(runs):

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHORT = ["scale=smoke", "logger=none", "progress=false", "num_threads=1"]
+# one iteration, no evaluation but the final one: each first command needs only to run, hold its directory, finish
+SHORT = ["scale=smoke", "logger=none", "progress=false", "num_threads=1", "rl.iterations=1", "eval.every=0"]
 
 
 def files_of(directory: Path) -> dict[str, str]:
@@ -49,8 +50,11 @@ def test_a_second_run_in_a_running_runs_directory_is_refused_and_changes_nothing
     first = train(session_cache, *SHORT, *waiting(go_on), f"hydra.run.dir={run_dir}")
     wait_for(run_dir / ".hydra" / "config.yaml", first)  # written once the first command runs there
     before = files_of(run_dir)
-    for extra in (["overwrite=true", "beta=0.2"], ["resume=auto"], ["beta=0.2"]):
-        rc, out = finish(train(session_cache, *SHORT, *extra, f"hydra.run.dir={run_dir}"))
+    # the three second commands side by side (each is refused on its own: the first command holds the directory)
+    seconds = [train(session_cache, *SHORT, *extra, f"hydra.run.dir={run_dir}")
+               for extra in (["overwrite=true", "beta=0.2"], ["resume=auto"], ["beta=0.2"])]
+    for second in seconds:
+        rc, out = finish(second)
         assert rc == 2, out[-3000:]
         assert out.strip().splitlines()[-1].startswith("error: ") and "is in use by another command" in out, out
         after = files_of(run_dir)  # the first run goes on writing its own files; its record stays its own

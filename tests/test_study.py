@@ -366,14 +366,14 @@ def test_smoke_study_end_to_end(smoke_study):
         assert 0 < float(r["length_start"]) and 0 < float(r["length_end"])
 
 
-def test_rerunning_a_study_into_its_directory_skips_finished_members(run_train, tmp_path):
+def test_rerunning_a_study_into_its_directory_skips_finished_members(run_train, smoke_study, tmp_path):
     """`resume=auto` on a sweep: a member that finished is left untouched (nothing loaded or written), a member
-    that is missing is trained, and the study is rewritten over all of them."""
+    that is missing is trained, and the study is rewritten over all of them. On a copy of the smoke study (its
+    members: calibrated seeds 0, 1, then bon_exp seeds 0, 1), the same command again with `resume=auto`."""
     sweep = tmp_path / "study"
-    args = ["-m", "study=smoke", "seed=0", "rl.iterations=1", "progress=false", "num_threads=1", "resume=auto",
-            f"hydra.sweep.dir={sweep}"]
-    run_train(*args)
-    finals = {i: (sweep / str(i) / "final_metrics.json").read_bytes() for i in (0, 1)}
+    shutil.copytree(smoke_study, sweep)
+    args = ["-m", "study=smoke", "progress=false", "num_threads=1", "resume=auto", f"hydra.sweep.dir={sweep}"]
+    finals = {i: (sweep / str(i) / "final_metrics.json").read_bytes() for i in range(4)}
     final = json.loads(finals[0])
     assert final["solver"] == "rloo" and final["metric"] == "std" and final["calibration_m"] == 8  # calibrated
     assert math.isfinite(final["eval/kl_calibrated"]) and "kl_calibrated" not in final  # one name per metric
@@ -383,14 +383,17 @@ def test_rerunning_a_study_into_its_directory_skips_finished_members(run_train, 
         <= set(per_prompt[0])
     mean = np.mean([float(r["bon_win_rate@4"]) for r in per_prompt])
     assert mean == pytest.approx(final["eval/bon_win_rate@4"], abs=1e-9)  # the per-prompt rows average to the metric
-    stamp = (sweep / "0" / "checkpoints" / "last.ckpt").stat().st_mtime_ns
-    shutil.rmtree(sweep / "1")  # as if the sweep had been stopped before its second member
+    stamps = {i: (sweep / str(i) / "checkpoints" / "last.ckpt").stat().st_mtime_ns for i in range(3)}
+    assert json.loads(finals[3])["method"] == "bon_exp"
+    shutil.rmtree(sweep / "3")  # as if the sweep had been stopped before its last member
+    (sweep / "solver_efficiency.csv").unlink()  # rewritten by the rerun
 
     out = run_train(*args)
-    assert out.stdout.count("nothing to resume, no file changed") == 1  # member 0 only
-    assert (sweep / "0" / "final_metrics.json").read_bytes() == finals[0]
-    assert (sweep / "0" / "checkpoints" / "last.ckpt").stat().st_mtime_ns == stamp
-    assert json.loads((sweep / "1" / "final_metrics.json").read_text())["method"] == "bon_exp"  # trained again
+    assert out.stdout.count("nothing to resume, no file changed") == 3  # members 0, 1 and 2 only
+    for i in range(3):
+        assert (sweep / str(i) / "final_metrics.json").read_bytes() == finals[i]
+        assert (sweep / str(i) / "checkpoints" / "last.ckpt").stat().st_mtime_ns == stamps[i]
+    assert json.loads((sweep / "3" / "final_metrics.json").read_text())["method"] == "bon_exp"  # trained again
     rows = list(csv.DictReader(open(sweep / "solver_efficiency.csv")))
     assert [(r["solver"], r["method"]) for r in rows] == [("rloo", "calibrated"), ("rloo", "bon_exp")]
 
