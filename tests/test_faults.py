@@ -21,9 +21,11 @@ from infalign.runtime.checkpoint_io import verify_checkpoint
 from infalign.trainer.inprocess import run_in_process
 
 REPO = Path(__file__).resolve().parents[1]
-# 30 iterations (~0.1-0.3 s each here), a checkpoint after every one, an evaluation every 10
-ARGS = ["scale=smoke", "progress=false", "logger=none", "num_threads=1", "rl.iterations=30", "eval.every=10",
-        "checkpoint.every=1"]
+# 12 iterations (~0.1-0.3 s each here), a checkpoint after every one, an evaluation every 4 (3 in all, the last one
+# the final evaluation); EXTENDED: a run of 8 of them (evaluated at 4 and 8), extended to 12
+ITERATIONS, EVERY, EXTENDED = 12, 4, 8
+ARGS = ["scale=smoke", "progress=false", "logger=none", "num_threads=1", f"rl.iterations={ITERATIONS}",
+        f"eval.every={EVERY}", "checkpoint.every=1"]
 VOLATILE = ("run_dir", "wall_seconds", "calibration_cache_hit")  # final_metrics.json fields that may differ
 TIMING = ("train/time/", "train/throughput/")  # wall-clock columns of logs/metrics.csv
 
@@ -57,7 +59,7 @@ def assert_same_run(a: Path, b: Path) -> None:
     ra, rb = (list(csv.DictReader(open(d / "logs" / "metrics.csv"))) for d in (a, b))
     # two rows per iteration (its statistics; its learning rate, from LearningRateMonitor) and one per evaluation:
     # none lost, none twice
-    assert len(ra) == len(rb) == 2 * 30 + 3
+    assert len(ra) == len(rb) == 2 * ITERATIONS + 3
     for x, y in zip(ra, rb):
         assert {k: v for k, v in x.items() if not k.startswith(TIMING)} == \
                {k: v for k, v in y.items() if not k.startswith(TIMING)}
@@ -89,7 +91,7 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(session_c
     assert proc.returncode == -signal.SIGKILL
     assert not (run_dir / "final_metrics.json").exists(), "the run finished before the kill"
     verify_checkpoint(ckpt)  # whatever the kill interrupted, the checkpoint in place is whole
-    assert 1 <= iteration_of(ckpt) < 30
+    assert 1 <= iteration_of(ckpt) < ITERATIONS
     run_in_process([*ARGS, "resume=auto", f"cache_root={session_cache}"], run_dir)  # auto: finds the checkpoint
     assert_same_run(straight, run_dir)
     assert not [p for p in run_dir.rglob("*") if p.name.endswith(".tmp")], "temporary files left behind"
@@ -110,7 +112,7 @@ def test_sigterm_and_sigint_stop_at_an_iteration_boundary_with_a_checkpoint(sess
         assert not (run_dir / "final_metrics.json").exists()
         verify_checkpoint(ckpt)
         stopped_at = int(err.split("stopped after iteration ")[1].split(",")[0])
-        assert iteration_of(ckpt) == stopped_at < 30  # saved at the stop, not only at the last periodic save
+        assert iteration_of(ckpt) == stopped_at < ITERATIONS  # saved at the stop, not only at the last periodic save
         last_mtime = ckpt.stat().st_mtime
     run_in_process([*ARGS, "resume=true", f"cache_root={session_cache}"], run_dir)
     assert_same_run(straight, run_dir)
@@ -146,7 +148,7 @@ def test_resuming_a_finished_run_changes_nothing(session_cache, straight, tmp_pa
     for mode in ("auto", "true"):
         final = run_in_process([*ARGS, f"resume={mode}", f"cache_root={session_cache}"], run_dir)
         assert "is already finished" in capsys.readouterr().out
-        assert final["iteration"] == 30 and "eval/bon_win_rate@4" in final
+        assert final["iteration"] == ITERATIONS and "eval/bon_win_rate@4" in final
         assert files_of(run_dir) == results  # byte for byte, nothing added
 
 
@@ -155,7 +157,7 @@ def test_sigkill_during_or_after_the_final_evaluation_then_resume_finishes_it(se
                                                                               kill_at):
     """A deterministic SIGKILL (tests/fake_loggers.py KillingLogger): `eval:3` while the final (3rd) evaluation
     logs its metrics, its eval_metrics.csv row not yet written, the checkpoint in place the one after iteration
-    30's training; `finalize` after the final evaluation and the final checkpoint, before policy/ and
+    ITERATIONS' (the last one's) training; `finalize` after the final evaluation and the final checkpoint, before policy/ and
     final_metrics.json. The resume runs the evaluation, or takes it from the checkpoint, exactly once."""
     run_dir = tmp_path / "killed"
     proc = start(session_cache, run_dir, "+logger._target_=tests.fake_loggers.KillingLogger", f"+logger.kill_at={kill_at}")
@@ -165,10 +167,10 @@ def test_sigkill_during_or_after_the_final_evaluation_then_resume_finishes_it(se
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     verify_checkpoint(ckpt)
     state = torch.load(ckpt, weights_only=True, map_location="cpu")
-    assert state["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"] == 30  # at the final iteration
+    assert state["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"] == ITERATIONS  # the final iteration
     assert ("WinRateCallback" in state["callbacks"]) == (kill_at == "finalize")  # holds the final evaluation
     evals = list(csv.DictReader(open(run_dir / "eval_metrics.csv")))
-    assert [int(r["iteration"]) for r in evals] == ([10, 20] if kill_at == "eval:3" else [10, 20, 30])
+    assert [int(r["iteration"]) for r in evals] == [EVERY, 2 * EVERY, 3 * EVERY][:2 if kill_at == "eval:3" else 3]
     run_in_process([*ARGS, "resume=auto", f"cache_root={session_cache}"], run_dir)
     assert_same_run(straight, run_dir)
     again = files_of(run_dir)
@@ -178,13 +180,13 @@ def test_sigkill_during_or_after_the_final_evaluation_then_resume_finishes_it(se
 
 def test_extending_a_finished_run_continues_it_like_an_uninterrupted_run(session_cache, straight, tmp_path):
     run_dir = tmp_path / "extended"
-    shorter = [a if not a.startswith("rl.iterations=") else "rl.iterations=20" for a in ARGS]
-    run_in_process([*shorter, f"cache_root={session_cache}"], run_dir)  # finished at 20, evaluated at 10 and 20
-    assert json.loads((run_dir / "final_metrics.json").read_text())["iteration"] == 20
-    run_in_process([*ARGS, "resume=true", f"cache_root={session_cache}"], run_dir)  # rl.iterations 20 -> 30
-    # the final evaluation at 20 is the one an uninterrupted 30-iteration run makes there (eval.every=10)
+    shorter = [a if not a.startswith("rl.iterations=") else f"rl.iterations={EXTENDED}" for a in ARGS]
+    run_in_process([*shorter, f"cache_root={session_cache}"], run_dir)  # finished at 8, evaluated at 4 and 8
+    assert json.loads((run_dir / "final_metrics.json").read_text())["iteration"] == EXTENDED
+    run_in_process([*ARGS, "resume=true", f"cache_root={session_cache}"], run_dir)  # rl.iterations 8 -> 12
+    # the final evaluation at 8 is the one an uninterrupted 12-iteration run makes there (eval.every=4)
     assert_same_run(straight, run_dir)
     history = [json.loads(line) for line in (run_dir / "resume_history.jsonl").read_text().splitlines()]
     assert [(h["from_iteration"], h["changes"], h["extensions"]) for h in history] == \
-           [(20, {}, {"rl.iterations": [20, 30]})]
-    assert "iterations: 20" in (run_dir / "run_config.yaml").read_text()  # the config the run started with
+           [(EXTENDED, {}, {"rl.iterations": [EXTENDED, ITERATIONS]})]
+    assert f"iterations: {EXTENDED}" in (run_dir / "run_config.yaml").read_text()  # the config the run started with
