@@ -58,15 +58,17 @@ def test_atomic_write_keeps_the_old_file_when_the_writer_dies(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]  # no temp file left
 
 
+UMASKS = [0o022, 0o077, 0o002]  # each test below runs one Python process that sets each of them in turn
+
+
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
-@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
-def test_atomic_writes_get_the_mode_a_plain_open_gives_and_leave_the_umask_alone(tmp_path, umask):
+def test_atomic_writes_get_the_mode_a_plain_open_gives_and_leave_the_umask_alone(tmp_path):
     """0o666 less the umask, as `open(path, "w")` would create it (not mkstemp's owner-only 0600), and importing
     or using the module never sets the process umask, even for a moment (other threads' files would get it)."""
     script = textwrap.dedent(f"""
         import json, os, sys
         from pathlib import Path
-        os.umask({umask:#o})
+        os.umask({UMASKS[0]:#o})
         calls = []
         real_umask = os.umask
         os.umask = lambda mask: calls.append(mask) or real_umask(mask)
@@ -74,30 +76,41 @@ def test_atomic_writes_get_the_mode_a_plain_open_gives_and_leave_the_umask_alone
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        out = Path(sys.argv[1])
-        atomic_write_text(out / "a.txt", "x")
-        atomic_write_csv(out / "b.csv", [{{"a": 1}}])
-        atomic_write_figure(out / "c.png", plt.figure(figsize=(1, 1)), dpi=20)
-        with open(out / "plain.txt", "w") as f:
-            f.write("x")
-        modes = {{p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}}
-        print(json.dumps({{"modes": modes, "umask_calls": calls, "umask": real_umask({umask:#o})}}))
+        results = {{}}
+        for umask in {UMASKS!r}:
+            real_umask(umask)  # the test's own change, not recorded in `calls`
+            out = Path(sys.argv[1]) / oct(umask)
+            out.mkdir()
+            atomic_write_text(out / "a.txt", "x")
+            atomic_write_csv(out / "b.csv", [{{"a": 1}}])
+            atomic_write_figure(out / "c.png", plt.figure(figsize=(1, 1)), dpi=20)
+            with open(out / "plain.txt", "w") as f:
+                f.write("x")
+            modes = {{p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}}
+            current = real_umask(umask)
+            results[umask] = {{"modes": modes, "umask": current}}
+        print(json.dumps({{"results": results, "umask_calls": calls}}))
     """)
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, check=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["modes"] == {name: 0o666 & ~umask for name in ("a.txt", "b.csv", "c.png", "plain.txt")}
-    assert result["umask_calls"] == [] and result["umask"] == umask
+    assert result["umask_calls"] == []
+    assert sorted(int(u) for u in result["results"]) == sorted(UMASKS)
+    for umask in UMASKS:
+        got = result["results"][str(umask)]
+        assert got["modes"] == {name: 0o666 & ~umask for name in ("a.txt", "b.csv", "c.png", "plain.txt")}, oct(umask)
+        assert got["umask"] == umask
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
-@pytest.mark.parametrize("umask", [0o022, 0o007])
-def test_saved_policy_and_cache_entries_get_the_umask_modes(tmp_path, umask):
+def test_saved_policy_and_cache_entries_get_the_umask_modes(tmp_path):
     """policy/ (model.safetensors included: safetensors alone writes it 0600) and a cache entry built with
-    safetensors' save_file get 0o666 / 0o777 less the umask, every file and directory, and the umask is never set."""
+    safetensors' save_file get 0o666 / 0o777 less the umask, every file and directory, and the umask is never set;
+    under umask 0o022 and 0o007 in turn."""
+    umasks = [0o022, 0o007]
     script = textwrap.dedent(f"""
         import json, os, sys
         from pathlib import Path
-        os.umask({umask:#o})
+        os.umask({umasks[0]:#o})
         calls = []
         real_umask = os.umask
         os.umask = lambda mask: calls.append(mask) or real_umask(mask)
@@ -107,25 +120,35 @@ def test_saved_policy_and_cache_entries_get_the_umask_modes(tmp_path, umask):
         from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
         from infalign.runtime.artifacts import get_or_build
         from infalign.trainer.pieces import save_policy as _save_policy
-        out = Path(sys.argv[1])
         tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({{"a": 0, "<eos>": 1}}, unk_token="a")),
                                       eos_token="<eos>", pad_token="<eos>")
         model = GPT2LMHeadModel(GPT2Config(vocab_size=2, n_positions=8, n_embd=8, n_layer=1, n_head=2, bos_token_id=1,
                                            eos_token_id=1))
-        for _ in range(2):  # a new policy/, then one saved over it
-            _save_policy(model, tok, out / "run" / "policy")
-        get_or_build(out / "cache", "reference_samples", {{"k": 1}},
-                     lambda d: save_file({{"rewards": torch.zeros(2)}}, str(d / "rewards.safetensors")))
-        modes = {{str(p.relative_to(out)): [p.is_dir(), p.stat().st_mode & 0o7777] for p in sorted(out.rglob("*"))}}
-        print(json.dumps({{"modes": modes, "umask_calls": calls, "umask": real_umask({umask:#o})}}))
+        results = {{}}
+        for umask in {umasks!r}:
+            real_umask(umask)  # the test's own change, not recorded in `calls`
+            out = Path(sys.argv[1]) / oct(umask)
+            out.mkdir()
+            for _ in range(2):  # a new policy/, then one saved over it
+                _save_policy(model, tok, out / "run" / "policy")
+            get_or_build(out / "cache", "reference_samples", {{"k": 1}},
+                         lambda d: save_file({{"rewards": torch.zeros(2)}}, str(d / "rewards.safetensors")))
+            modes = {{str(p.relative_to(out)): [p.is_dir(), p.stat().st_mode & 0o7777] for p in sorted(out.rglob("*"))}}
+            results[umask] = {{"modes": modes, "umask": real_umask(umask)}}
+        print(json.dumps({{"results": results, "umask_calls": calls}}))
     """)
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, check=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    modes = result["modes"]
-    assert "run/policy/model.safetensors" in modes and any(p.endswith("rewards.safetensors") for p in modes)
-    assert not any(".tmp" in p or "probe" in p for p in modes)  # no temp build, no probe left behind
-    assert {p: m for p, (_, m) in modes.items()} == {p: (0o777 if d else 0o666) & ~umask for p, (d, _) in modes.items()}
-    assert result["umask_calls"] == [] and result["umask"] == umask
+    assert result["umask_calls"] == []
+    assert sorted(int(u) for u in result["results"]) == sorted(umasks)
+    for umask in umasks:
+        got = result["results"][str(umask)]
+        modes = got["modes"]
+        assert "run/policy/model.safetensors" in modes and any(p.endswith("rewards.safetensors") for p in modes)
+        assert not any(".tmp" in p or "probe" in p for p in modes)  # no temp build, no probe left behind
+        assert {p: m for p, (_, m) in modes.items()} == \
+            {p: (0o777 if d else 0o666) & ~umask for p, (d, _) in modes.items()}, oct(umask)
+        assert got["umask"] == umask
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")

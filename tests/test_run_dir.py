@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -48,7 +49,8 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
 def test_a_second_run_in_a_running_runs_directory_is_refused_and_changes_nothing(session_cache, tmp_path):
     run_dir, go_on = tmp_path / "run", tmp_path / "go_on"
     first = train(session_cache, *SHORT, *waiting(go_on), f"hydra.run.dir={run_dir}")
-    wait_for(run_dir / ".hydra" / "config.yaml", first)  # written once the first command runs there
+    # written once the first command runs there (config.yaml, hydra.yaml, then overrides.yaml: the record whole)
+    wait_for(run_dir / ".hydra" / "overrides.yaml", first)
     before = files_of(run_dir)
     # the three second commands side by side (each is refused on its own: the first command holds the directory)
     seconds = [train(session_cache, *SHORT, *extra, f"hydra.run.dir={run_dir}")
@@ -92,17 +94,33 @@ def finished_sweep(session_cache, tmp_path_factory):
     return sweep
 
 
-@pytest.mark.parametrize("extra, rc, says", [
+IDLE = [  # (extra overrides, exit status, what the output says)
     ([], 2, "already holds a run's outputs"),  # no resume flag
     (["beta=-1"], 2, "error: beta must be a positive"),  # a bad value
     (["resume=true", "beta=0.2"], 2, "error: resume refused"),  # a changed experiment
     (["resume=auto"], 0, "is already finished"),  # nothing to do
     (["resume=true"], 0, "is already finished"),
-])
-def test_a_refused_or_idle_command_changes_no_file_in_the_run(session_cache, finished_sweep, extra, rc, says):
-    member = finished_sweep / "0"
-    before = files_of(member)
-    got, out = finish(train(session_cache, *SHORT, "seed=3", *extra, f"hydra.run.dir={member}"))
+]
+
+
+@pytest.fixture(scope="module")
+def idle_commands(session_cache, finished_sweep, tmp_path_factory):
+    """Each IDLE command in its own copy of the finished member (one command per directory), side by side:
+    case -> (the copy, its files before, exit status, output)."""
+    root = tmp_path_factory.mktemp("idle")
+    started = []
+    for i, (extra, _, _) in enumerate(IDLE):
+        member = root / str(i)
+        shutil.copytree(finished_sweep / "0", member)
+        before = files_of(member)
+        started.append((member, before, train(session_cache, *SHORT, "seed=3", *extra, f"hydra.run.dir={member}")))
+    return [(member, before, *finish(proc)) for member, before, proc in started]
+
+
+@pytest.mark.parametrize("case", range(len(IDLE)), ids=[says for _, _, says in IDLE])
+def test_a_refused_or_idle_command_changes_no_file_in_the_run(idle_commands, case):
+    _, rc, says = IDLE[case]
+    member, before, got, out = idle_commands[case]
     assert got == rc and says in out, out[-3000:]
     assert "Traceback" not in out  # a refusal is one line (exit status 2)
     assert files_of(member) == before  # .hydra/*, train.log and every result, byte for byte
