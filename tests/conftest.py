@@ -20,19 +20,36 @@ def session_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("infalign-cache")
 
 
+def _train_command(session_cache: Path, overrides) -> tuple[list[str], dict]:
+    env = {**os.environ, "INFALIGN_CACHE": str(session_cache), "PYTHONUNBUFFERED": "1"}
+    return [sys.executable, str(REPO / "train.py"), *overrides], env
+
+
 @pytest.fixture(scope="session")
 def run_train(session_cache):
     """Run `python train.py ...` in a subprocess with the session cache; returns the CompletedProcess."""
 
     def _run(*overrides: str, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
-        env = {**os.environ, "INFALIGN_CACHE": str(session_cache), "PYTHONUNBUFFERED": "1"}
-        cmd = [sys.executable, str(REPO / "train.py"), *overrides]
+        cmd, env = _train_command(session_cache, overrides)
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd or REPO)
         if check and out.returncode != 0:
             raise AssertionError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
         return out
 
     return _run
+
+
+@pytest.fixture(scope="session")
+def start_train(session_cache):
+    """Start `python train.py ...` as `run_train` runs it, without waiting (the test does something else meanwhile);
+    returns the Popen (text pipes: `communicate()`)."""
+
+    def _start(*overrides: str, cwd: Path | None = None) -> subprocess.Popen:
+        cmd, env = _train_command(session_cache, overrides)
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                cwd=cwd or REPO)
+
+    return _start
 
 
 # A finished 2-iteration smoke run (the default method bon_exp, beta 0.1; no evaluation but the final one), made in

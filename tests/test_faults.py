@@ -152,17 +152,33 @@ def test_resuming_a_finished_run_changes_nothing(session_cache, straight, tmp_pa
         assert files_of(run_dir) == results  # byte for byte, nothing added
 
 
-@pytest.mark.parametrize("kill_at", ["eval:3", "finalize"])
-def test_sigkill_during_or_after_the_final_evaluation_then_resume_finishes_it(session_cache, straight, tmp_path,
-                                                                              kill_at):
+KILLS = ["eval:3", "finalize"]
+
+
+@pytest.fixture(scope="module")
+def killed_at_the_end(session_cache, tmp_path_factory) -> dict:
+    """Both deterministic kills below, their commands started side by side, each in its own run directory:
+    kill_at -> (run directory, exit status, stderr)."""
+    root = tmp_path_factory.mktemp("killed")
+    procs = {kill_at: start(session_cache, root / kill_at.replace(":", "_"),
+                            "+logger._target_=tests.fake_loggers.KillingLogger", f"+logger.kill_at={kill_at}")
+             for kill_at in KILLS}
+    out = {}
+    for kill_at, proc in procs.items():
+        _, err = proc.communicate(timeout=600)
+        out[kill_at] = (root / kill_at.replace(":", "_"), proc.returncode, err)
+    return out
+
+
+@pytest.mark.parametrize("kill_at", KILLS)
+def test_sigkill_during_or_after_the_final_evaluation_then_resume_finishes_it(session_cache, killed_at_the_end,
+                                                                              straight, kill_at):
     """A deterministic SIGKILL (tests/fake_loggers.py KillingLogger): `eval:3` while the final (3rd) evaluation
-    logs its metrics, its eval_metrics.csv row not yet written, the checkpoint in place the one after iteration
-    ITERATIONS' (the last one's) training; `finalize` after the final evaluation and the final checkpoint, before policy/ and
+    logs its metrics, its eval_metrics.csv row not yet written, the checkpoint in place the one after the last
+    iteration's training; `finalize` after the final evaluation and the final checkpoint, before policy/ and
     final_metrics.json. The resume runs the evaluation, or takes it from the checkpoint, exactly once."""
-    run_dir = tmp_path / "killed"
-    proc = start(session_cache, run_dir, "+logger._target_=tests.fake_loggers.KillingLogger", f"+logger.kill_at={kill_at}")
-    _, err = proc.communicate(timeout=600)
-    assert proc.returncode == -signal.SIGKILL, err[-3000:]
+    run_dir, returncode, err = killed_at_the_end[kill_at]
+    assert returncode == -signal.SIGKILL, err[-3000:]
     assert not (run_dir / "final_metrics.json").exists() and not (run_dir / "policy").exists()
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     verify_checkpoint(ckpt)

@@ -235,8 +235,14 @@ def efficiency_sweep(tmp_path_factory):
     return root
 
 
-def test_runs_on_the_at_m_tilt_have_gain_fraction_and_kl_efficiency_one(efficiency_sweep):
-    study = analyze_sweep(efficiency_sweep)
+@pytest.fixture(scope="module")
+def efficiency_study(efficiency_sweep):
+    """analyze_sweep(efficiency_sweep), once: the tests below read it (write_study analyses the sweep itself)."""
+    return analyze_sweep(efficiency_sweep)
+
+
+def test_runs_on_the_at_m_tilt_have_gain_fraction_and_kl_efficiency_one(efficiency_study):
+    study = efficiency_study
     assert {r["m"] for r in study.runs} == {16} and {r["solver"] for r in study.runs} == {"rloo", "ppo"}
     for r in study.runs:
         key = r["metric"]
@@ -272,8 +278,8 @@ def test_solver_efficiency_csv_and_the_markdown_tables(efficiency_sweep):
     assert "calibrated [ppo]" in md  # two solvers: one curve per (method, solver)
 
 
-def test_paired_comparison_per_prompt_mean_and_standard_error(efficiency_sweep):
-    study = analyze_sweep(efficiency_sweep)
+def test_paired_comparison_per_prompt_mean_and_standard_error(efficiency_study):
+    study = efficiency_study
     rows = [p for p in study.paired if (p["method_a"], p["method_b"]) == ("calibrated [rloo]", "bon_exp [rloo]")]
     assert {p["metric"] for p in rows} == {"std", "bon"} and len(rows) == 4  # 2 betas of calibrated x 2 metrics
     for p in rows:

@@ -85,18 +85,20 @@ def test_multirun_over_n_trains_for_each_n_and_shares_the_calibration_cache(run_
     assert (sweep / "sweep_summary.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_resume_continues_and_matches_an_uninterrupted_run(run_train, finished_smoke_run, session_cache, tmp_path):
+def test_resume_continues_and_matches_an_uninterrupted_run(run_train, start_train, finished_smoke_run,
+                                                           session_cache, tmp_path):
     """A finished 2-iteration run (tests/conftest.py, copied) continued to 3 iterations by `python train.py ...
     resume=true` ends as the uninterrupted 3-iteration run (made in process: what train.py runs)."""
     from infalign.trainer.inprocess import run_in_process
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     args = FINISHED_SMOKE_ARGS  # those of the finished run: logger=none, eval.every=0, num_threads=1
-    run_in_process([*args, "rl.iterations=3", f"cache_root={session_cache}"], straight)
     shutil.copytree(finished_smoke_run, resumed)
     assert read_final(resumed)["iteration"] == 2
-    refused = run_train(*args, "rl.iterations=3", f"hydra.run.dir={resumed}", check=False)
-    assert refused.returncode != 0 and "resume=true" in refused.stderr  # never clobbers a run silently
+    refusing = start_train(*args, "rl.iterations=3", f"hydra.run.dir={resumed}")  # meanwhile, the straight run:
+    run_in_process([*args, "rl.iterations=3", f"cache_root={session_cache}"], straight)
+    _, err = refusing.communicate(timeout=600)
+    assert refusing.returncode != 0 and "resume=true" in err, err[-3000:]  # never clobbers a run silently
     run_train(*args, "rl.iterations=3", "resume=true", f"hydra.run.dir={resumed}")
     a, b = read_final(straight), read_final(resumed)
     assert b["step"] == a["step"] == 6
