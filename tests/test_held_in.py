@@ -22,11 +22,17 @@ def rows(path):
 
 
 @pytest.fixture(scope="module")
-def runs(run_train, tmp_path_factory):
-    """The same smoke run without and with 4 held-in prompts: one sweep (`-m`), its two members."""
-    sweep = tmp_path_factory.mktemp("held_in") / "sweep"
-    run_train("-m", *SMOKE, f"eval.held_in_prompts=0,{HELD_IN}", f"hydra.sweep.dir={sweep}")
-    return {0: sweep / "0", HELD_IN: sweep / "1"}
+def runs(session_cache, tmp_path_factory):
+    """The same smoke run without and with 4 held-in prompts (in process: the config check and the run
+    `python train.py` makes)."""
+    from infalign.trainer.inprocess import run_in_process
+
+    out = {}
+    for held_in in (0, HELD_IN):
+        run_dir = tmp_path_factory.mktemp(f"held_in_{held_in}")
+        run_in_process([*SMOKE, f"eval.held_in_prompts={held_in}", f"cache_root={session_cache}"], run_dir)
+        out[held_in] = run_dir
+    return out
 
 
 def test_the_held_in_prompts_are_evaluated_and_written_beside_the_held_out_ones(runs):

@@ -48,18 +48,22 @@ def test_smoke_run_end_to_end(run_train, tmp_path):
     assert ckpt["global_step"] == 3 * 2  # 3 iterations x (4 prompts x k=4 / minibatch 8) optimizer steps
 
 
-def test_a_method_preset_runs_at_the_smoke_scale(run_train, tmp_path):
+def test_a_method_preset_runs_at_the_smoke_scale(session_cache, tmp_path):
     """`method=<name> scale=<name>`: the groups compose (the method picks transform and calibrator, the scale the
-    sizes), and final_metrics.json records the method preset's name. Both presets as one sweep (`-m`)."""
-    sweep = tmp_path / "sweep"
-    run_train("-m", "method=bon_exp,calibrated", "scale=smoke", "logger=none", "progress=false", "rl.iterations=1",
-              "eval.every=0", f"hydra.sweep.dir={sweep}")
-    final = read_final(sweep / "0")
+    sizes), and final_metrics.json records the method preset's name. In process: the config check and the run
+    `python train.py method=<name> scale=smoke ...` makes."""
+    from infalign.trainer.inprocess import run_in_process
+
+    args = ["scale=smoke", "logger=none", "progress=false", "rl.iterations=1", "eval.every=0",
+            f"cache_root={session_cache}"]
+    run_in_process(["method=bon_exp", *args], tmp_path / "bon_exp")
+    final = read_final(tmp_path / "bon_exp")
     assert final["method"] == "bon_exp" and final["transform"] == "bon_exp" and final["calibrator"] == "empirical"
     assert final["iteration"] == 1 and final["eval/prompts"] == 6  # smoke-sized: data.eval_prompts=6
     assert final["t_auto"] is True  # bon_exp.yaml: t: auto, chosen for n
     # a method named otherwise than its transform: the record is the preset's name
-    final = read_final(sweep / "1")
+    run_in_process(["method=calibrated", *args], tmp_path / "calibrated")
+    final = read_final(tmp_path / "calibrated")
     assert final["method"] == "calibrated" and final["transform"] == "identity" and final["eval/prompts"] == 6
 
 

@@ -166,8 +166,14 @@ def matched_sweep(tmp_path_factory):
     return root
 
 
-def test_orderings_csv_at_matched_kl_with_the_shape_transfer(matched_sweep):
-    paths = write_study(matched_sweep)
+@pytest.fixture(scope="module")
+def matched_paths(matched_sweep):
+    """write_study(matched_sweep), once (the tests below read its files)."""
+    return write_study(matched_sweep)
+
+
+def test_orderings_csv_at_matched_kl_with_the_shape_transfer(matched_sweep, matched_paths):
+    paths = matched_paths
     with open(paths["orderings"], newline="") as f:
         reader = csv.DictReader(f)
         rows = list(reader)
@@ -222,8 +228,14 @@ def maxk_sweep(tmp_path_factory):
     return root
 
 
-def test_maxk_is_compared_with_each_method_of_another_solver_without_a_tilt(maxk_sweep):
-    study = analyze_sweep(maxk_sweep)
+@pytest.fixture(scope="module")
+def maxk_study(maxk_sweep):
+    """analyze_sweep(maxk_sweep), once (the two tests below read it)."""
+    return analyze_sweep(maxk_sweep)
+
+
+def test_maxk_is_compared_with_each_method_of_another_solver_without_a_tilt(maxk_study):
+    study = maxk_study
     maxk_runs = [r for r in study.runs if r["solver"] == "maxk"]
     assert len(maxk_runs) == 4 and all(math.isnan(r["theory_bon"]) for r in maxk_runs)  # not bon_exp's tilt
     assert all(r["metric"] == "bon" for r in maxk_runs)
@@ -236,8 +248,8 @@ def test_maxk_is_compared_with_each_method_of_another_solver_without_a_tilt(maxk
     assert ("maxk", "bon_exp", "std", "kl") not in got and not any(o["a"] == "won_exp" for o in study.orderings)
 
 
-def test_orderings_on_the_training_prompts_beside_the_held_out_ones(maxk_sweep):
-    study = analyze_sweep(maxk_sweep)
+def test_orderings_on_the_training_prompts_beside_the_held_out_ones(maxk_study):
+    study = maxk_study
     got = {(o["a"], o["b"], o["metric"], o["matched"]): o for o in study.orderings}
     assert got[("bon_exp", "calibrated", "bon@4", "calibrated_kl")]["diff"] == pytest.approx(0.02, abs=1e-9)
     held_in = got[("bon_exp", "calibrated", "bon@4_held_in", "calibrated_kl")]
@@ -247,11 +259,10 @@ def test_orderings_on_the_training_prompts_beside_the_held_out_ones(maxk_sweep):
     assert held_in["shape_transfer"] == pytest.approx(0.05 / held_in["tilt_diff"], rel=1e-9)
 
 
-def test_collect_joins_several_studies_tables(maxk_sweep, matched_sweep, tmp_path):
+def test_collect_joins_several_studies_tables(maxk_sweep, matched_sweep, matched_paths, tmp_path):
     from infalign.study.collect import main
 
-    for sweep in (maxk_sweep, matched_sweep):
-        write_study(sweep)
+    write_study(maxk_sweep)  # matched_sweep's tables: matched_paths
     assert main([str(maxk_sweep), str(matched_sweep), "--out", str(tmp_path)]) == 0
     with open(tmp_path / "orderings.csv", newline="") as f:
         rows = list(csv.DictReader(f))
