@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -69,29 +70,41 @@ def test_a_second_run_in_a_running_runs_directory_is_refused_and_changes_nothing
     assert "beta: 0.1" in (run_dir / "logs" / "hparams.yaml").read_text()
 
 
-def test_a_second_sweep_into_a_running_sweeps_directory_is_refused_before_it_writes(session_cache, tmp_path):
-    sweep, go_on = tmp_path / "sweep", tmp_path / "go_on"
+@pytest.fixture(scope="module")
+def held_sweep(session_cache, tmp_path_factory):
+    """A sweep (seed=1,2) held at its first member's first metrics while a second sweep into its directory runs,
+    then let go: what the test below checks, and a finished sweep for the tests after it (`finished_sweep`)."""
+    root = tmp_path_factory.mktemp("held")
+    sweep, go_on = root / "sweep", root / "go_on"
     first = train(session_cache, "-m", *SHORT, *waiting(go_on), "seed=1,2", f"hydra.sweep.dir={sweep}")
     wait_for(sweep / "0" / ".hydra" / "config.yaml", first)
     multirun = (sweep / "multirun.yaml").read_bytes()
     member = files_of(sweep / "0")
-    rc, out = finish(train(session_cache, "-m", *SHORT, "beta=0.2", "seed=1,2", f"hydra.sweep.dir={sweep}"))
-    assert rc == 2 and "is in use by another command" in out, out[-3000:]
-    assert (sweep / "multirun.yaml").read_bytes() == multirun
-    assert files_of(sweep / "0")[".hydra/config.yaml"] == member[".hydra/config.yaml"]
+    second = finish(train(session_cache, "-m", *SHORT, "beta=0.2", "seed=1,2", f"hydra.sweep.dir={sweep}"))
+    after = {"multirun.yaml": (sweep / "multirun.yaml").read_bytes(), "member": files_of(sweep / "0")}
     go_on.touch()
-    rc, out = finish(first)
+    return SimpleNamespace(sweep=sweep, multirun=multirun, member=member, second=second, after=after,
+                           first=finish(first))
+
+
+def test_a_second_sweep_into_a_running_sweeps_directory_is_refused_before_it_writes(held_sweep):
+    rc, out = held_sweep.second
+    assert rc == 2 and "is in use by another command" in out, out[-3000:]
+    assert held_sweep.after["multirun.yaml"] == held_sweep.multirun
+    assert held_sweep.after["member"][".hydra/config.yaml"] == held_sweep.member[".hydra/config.yaml"]
+    rc, out = held_sweep.first
     assert rc == 0, out[-3000:]
     for m in ("0", "1"):
-        assert "beta: 0.1" in (sweep / m / ".hydra" / "config.yaml").read_text()
+        assert "beta: 0.1" in (held_sweep.sweep / m / ".hydra" / "config.yaml").read_text()
 
 
 @pytest.fixture(scope="module")
-def finished_sweep(session_cache, tmp_path_factory):
-    sweep = tmp_path_factory.mktemp("finished") / "sweep"
-    rc, out = finish(train(session_cache, "-m", *SHORT, "seed=3", f"hydra.sweep.dir={sweep}"))
+def finished_sweep(held_sweep):
+    """The sweep above, finished: members 0 (seed=1) and 1 (seed=2), run with SHORT (and a logger that waited,
+    which is no part of the experiment)."""
+    rc, out = held_sweep.first
     assert rc == 0, out[-3000:]
-    return sweep
+    return held_sweep.sweep
 
 
 IDLE = [  # (extra overrides, exit status, what the output says)
@@ -113,7 +126,7 @@ def idle_commands(session_cache, finished_sweep, tmp_path_factory):
         member = root / str(i)
         shutil.copytree(finished_sweep / "0", member)
         before = files_of(member)
-        started.append((member, before, train(session_cache, *SHORT, "seed=3", *extra, f"hydra.run.dir={member}")))
+        started.append((member, before, train(session_cache, *SHORT, "seed=1", *extra, f"hydra.run.dir={member}")))
     return [(member, before, *finish(proc)) for member, before, proc in started]
 
 
@@ -133,7 +146,7 @@ def test_archive_resume_archive_again(session_cache, finished_sweep, tmp_path):
     cmd = [sys.executable, "-m", "infalign.study", str(finished_sweep), "--archive", str(archive)]
     first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-3000:]
-    rc, out = finish(train(session_cache, "-m", *SHORT, "seed=3", "resume=auto", f"hydra.sweep.dir={finished_sweep}"))
+    rc, out = finish(train(session_cache, "-m", *SHORT, "seed=1,2", "resume=auto", f"hydra.sweep.dir={finished_sweep}"))
     assert rc == 0 and "is already finished" in out, out[-3000:]
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]

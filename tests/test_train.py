@@ -1,4 +1,5 @@
-"""End to end: `python train.py scale=smoke` and friends, on the seconds-sized smoke scale."""
+"""End to end: `python train.py scale=smoke` and friends, on the seconds-sized smoke scale (runs that only need
+what the command runs, in process: `infalign.trainer.inprocess`)."""
 
 import csv
 import json
