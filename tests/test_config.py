@@ -186,7 +186,7 @@ def shipped_options():
 # solver=distill at smoke size: one distillation step per iteration, so its warm-up of 5 steps outlasts the run (warned)
 # scale=small and the studies run at it (study=shape evaluates 64 training prompts; smoke trains on 12): their own size
 NOT_AT_SMOKE_SCALE = {"model=hf", "model=smollm2", "reward=hf", "solver=distill", "study=distill", "scale=small",
-                      "study=maxk", "study=shape"}
+                      "study=maxk", "study=shape", "study=shape_lr"}
 
 
 @pytest.mark.parametrize("overrides", list(shipped_options()), ids=" ".join)
@@ -261,6 +261,9 @@ def test_a_study_picks_each_arms_beta_by_solver_method_and_n():
     with pytest.raises(KeyError, match="not one of the keys"):
         pick({4: 0.14}, 16)
     for overrides, beta in ((["study=maxk", "solver=maxk", "n=8"], 0.04), (["study=maxk", "n=4"], 0.14),
-                            (["study=shape", "method=won_exp"], 0.002), (["study=shape", "method=raw", "n=4"], 0.05)):
+                            (["study=shape", "method=won_exp"], 0.002), (["study=shape", "method=raw", "n=4"], 0.05),
+                            (["study=shape_lr", "method=bon_exp"], 0.15), (["study=shape_lr", "n=4"], 0.14)):
         cfg, _ = compose_train(*overrides, "seed=0")
         assert cfg.beta == beta, overrides
+    cfg, _ = compose_train("study=shape_lr", "seed=0")  # study=shape composed first, its own learning rate
+    assert cfg.optimizer.lr == 1e-3 and cfg.data.train_prompts == 16 and cfg.study.name == "shape_lr"
