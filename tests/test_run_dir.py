@@ -139,14 +139,15 @@ def test_a_refused_or_idle_command_changes_no_file_in_the_run(idle_commands, cas
     assert files_of(member) == before  # .hydra/*, train.log and every result, byte for byte
 
 
-def test_archive_resume_archive_again(session_cache, finished_sweep, tmp_path):
+def test_archive_resume_archive_again(session_cache, finished_sweep, tmp_path, capsys):
     """The README's study workflow: archive, `-m ... resume=auto` the sweep (its members are finished), archive
-    again: the members are unchanged, so the second archive finds nothing new (it raised ArchiveConflictError)."""
+    again: the members are unchanged, so the second archive finds nothing new (it raised ArchiveConflictError).
+    The archive command `python -m infalign.study SWEEP --archive DIR` is its `main` here, in this process."""
+    from infalign.study.__main__ import main
+
     archive = tmp_path / "archive"
-    cmd = [sys.executable, "-m", "infalign.study", str(finished_sweep), "--archive", str(archive)]
-    first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    assert first.returncode == 0, first.stderr[-3000:]
+    argv = [str(finished_sweep), "--archive", str(archive)]
+    assert main(argv) == 0, capsys.readouterr().err[-3000:]
     rc, out = finish(train(session_cache, "-m", *SHORT, "seed=1,2", "resume=auto", f"hydra.sweep.dir={finished_sweep}"))
     assert rc == 0 and "is already finished" in out, out[-3000:]
-    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    assert again.returncode == 0, again.stderr[-3000:]
+    assert main(argv) == 0, capsys.readouterr().err[-3000:]

@@ -342,11 +342,24 @@ def test_write_study_writes_tables_and_figures(closed_form_sweep):
 
 
 # ------------------------------------------------------------------------------------------ smoke study
-@pytest.fixture(scope="module")
-def smoke_study(run_train, tmp_path_factory):
-    """`python train.py -m study=smoke`: calibrated and bon_exp x 1 beta x 2 seeds on the smoke models."""
+@pytest.fixture(scope="module", autouse=True)
+def smoke_study_started(start_train, tmp_path_factory):
+    """`python train.py -m study=smoke`, started with this module's first test: it runs beside the tests above
+    (configs and analyses in this process, none of which reads it) until `smoke_study` waits for it."""
     sweep = tmp_path_factory.mktemp("study") / "smoke"
-    run_train("-m", "study=smoke", "progress=false", "num_threads=1", f"hydra.sweep.dir={sweep}")
+    proc = start_train("-m", "study=smoke", "progress=false", "num_threads=1", f"hydra.sweep.dir={sweep}")
+    yield sweep, proc
+    if proc.poll() is None:  # no test read it (a selection of the tests above): not left running
+        proc.kill()
+        proc.communicate()
+
+
+@pytest.fixture(scope="module")
+def smoke_study(smoke_study_started):
+    """`python train.py -m study=smoke`: calibrated and bon_exp x 1 beta x 2 seeds on the smoke models."""
+    sweep, proc = smoke_study_started
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, f"the smoke study failed ({proc.returncode}):\n{out[-3000:]}\n{err[-5000:]}"
     return sweep
 
 
@@ -416,15 +429,28 @@ def test_study_diagnostics_table_recomputes_the_runs(smoke_study):
         assert 0 < float(cells[2]) < 10  # the closed-form KL at the run's beta
 
 
-def execute(name: str, parameters: str) -> nbformat.NotebookNode:
+def execute(*notebooks: tuple[str, str]) -> list[nbformat.NotebookNode]:
+    """Each `(name, parameters)` notebook executed with its `parameters` cell replaced, all side by side (one
+    kernel each); the executed notebooks, in order."""
+    import asyncio
+
     from nbclient import NotebookClient
 
-    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
-    cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
-    assert len(cells) == 1, f"{name}: one cell tagged `parameters`"
-    cells[0].source = parameters
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO_ROOT)}}).execute()
-    return nb
+    nbs, clients = [], []
+    for name, parameters in notebooks:
+        nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+        cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(cells) == 1, f"{name}: one cell tagged `parameters`"
+        cells[0].source = parameters
+        nbs.append(nb)
+        clients.append(NotebookClient(nb, timeout=300, kernel_name="python3",
+                                      resources={"metadata": {"path": str(REPO_ROOT)}}))
+
+    async def run_all():
+        await asyncio.gather(*(c.async_execute() for c in clients))
+
+    asyncio.run(run_all())
+    return nbs
 
 
 def images(nb) -> int:
@@ -432,12 +458,12 @@ def images(nb) -> int:
 
 
 def test_notebooks_execute(smoke_study):
-    nb = execute("sweep_results.ipynb", f"sweep_dir = {str(smoke_study)!r}\nmatched_kl = None")
-    assert images(nb) >= 4  # bon, won, standard, gaps
-    text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    sweep_nb, theory_nb = execute(("sweep_results.ipynb", f"sweep_dir = {str(smoke_study)!r}\nmatched_kl = None"),
+                                  ("theory_explorer.ipynb", "ns = [4]\npoints = 6\nkl_grid = [0.5]\ncells = 1024"))
+    assert images(sweep_nb) >= 4  # bon, won, standard, gaps
+    text = "".join(o.get("text", "") for c in sweep_nb.cells for o in c.get("outputs", []))
     assert "4 runs" in text and "calibrated" in text
-    nb = execute("theory_explorer.ipynb", "ns = [4]\npoints = 6\nkl_grid = [0.5]\ncells = 1024")
-    assert images(nb) >= 4
+    assert images(theory_nb) >= 4
 
 
 def test_notebooks_are_committed_without_outputs():

@@ -21,34 +21,6 @@ def read_final(run_dir):
     return json.loads((run_dir / "final_metrics.json").read_text())
 
 
-def test_smoke_run_end_to_end(run_train, tmp_path):
-    run_dir = tmp_path / "run"
-    out = run_train(*SMOKE, "logger=wandb", f"hydra.run.dir={run_dir}")
-    final = read_final(run_dir)
-    for n in (1, 2, 4):  # eval.ns of the smoke scale, with the run's n=4
-        for mode in ("bon", "won"):
-            for suffix in ("", "_se"):
-                assert math.isfinite(final[f"eval/{mode}_win_rate@{n}{suffix}"])
-    assert math.isfinite(final["eval/kl"]) and math.isfinite(final["eval/reward_calibrated"])
-    assert final["transform"] == "bon_exp" and final["n"] == 4 and final["iteration"] == 3
-    rows = list(csv.DictReader(open(run_dir / "eval_metrics.csv")))
-    assert [int(r["iteration"]) for r in rows] == [2, 3]  # every 2 iterations, and at the end
-    logged = open(run_dir / "logs" / "metrics.csv").readline()
-    for key in ("train/policy/loss", "train/kl/k1", "train/kl/k3", "train/reward/raw", "train/reward/calibrated",
-                "train/reward/transformed", "train/policy/entropy", "train/policy/response_length"):
-        assert key in logged
-    assert (run_dir / "checkpoints" / "last.ckpt").exists()
-    assert list((run_dir / "wandb").glob("offline-run-*")), "W&B offline run missing"
-    assert "best-of-4 win rate" in out.stdout  # the end-of-run summary
-    from transformers import AutoModelForCausalLM
-
-    policy = AutoModelForCausalLM.from_pretrained(run_dir / "policy")  # loads directly with transformers
-    assert (run_dir / "policy" / "model.safetensors").exists() and policy.config.n_layer == 1
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")  # plain data
-    assert not [k for k in ckpt["state_dict"] if k.startswith("reference.")], "frozen reference saved in checkpoint"
-    assert ckpt["global_step"] == 3 * 2  # 3 iterations x (4 prompts x k=4 / minibatch 8) optimizer steps
-
-
 def test_a_method_preset_runs_at_the_smoke_scale(session_cache, tmp_path):
     """`method=<name> scale=<name>`: the groups compose (the method picks transform and calibrator, the scale the
     sizes), and final_metrics.json records the method preset's name. In process: the config check and the run
@@ -109,6 +81,47 @@ def test_resume_continues_and_matches_an_uninterrupted_run(run_train, start_trai
     assert b["step"] == a["step"] == 6
     for key in ("eval/kl", "eval/bon_win_rate@4", "eval/won_win_rate@4", "eval/reward_raw"):
         assert b[key] == pytest.approx(a[key], abs=1e-6), key
+
+
+@pytest.fixture(scope="module", autouse=True)
+def smoke_run_started(start_train, tmp_path_factory):
+    """`python train.py scale=smoke logger=wandb`, test_smoke_run_end_to_end's run: started with this module's
+    first test, it runs beside the tests before that one (their runs are others)."""
+    run_dir = tmp_path_factory.mktemp("smoke") / "run"
+    proc = start_train(*SMOKE, "logger=wandb", f"hydra.run.dir={run_dir}")
+    yield run_dir, proc
+    if proc.poll() is None:  # no test read it (a selection of the other tests): not left running
+        proc.kill()
+        proc.communicate()
+
+
+def test_smoke_run_end_to_end(smoke_run_started):
+    run_dir, proc = smoke_run_started
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, f"the smoke run failed ({proc.returncode}):\n{out[-3000:]}\n{err[-5000:]}"
+    final = read_final(run_dir)
+    for n in (1, 2, 4):  # eval.ns of the smoke scale, with the run's n=4
+        for mode in ("bon", "won"):
+            for suffix in ("", "_se"):
+                assert math.isfinite(final[f"eval/{mode}_win_rate@{n}{suffix}"])
+    assert math.isfinite(final["eval/kl"]) and math.isfinite(final["eval/reward_calibrated"])
+    assert final["transform"] == "bon_exp" and final["n"] == 4 and final["iteration"] == 3
+    rows = list(csv.DictReader(open(run_dir / "eval_metrics.csv")))
+    assert [int(r["iteration"]) for r in rows] == [2, 3]  # every 2 iterations, and at the end
+    logged = open(run_dir / "logs" / "metrics.csv").readline()
+    for key in ("train/policy/loss", "train/kl/k1", "train/kl/k3", "train/reward/raw", "train/reward/calibrated",
+                "train/reward/transformed", "train/policy/entropy", "train/policy/response_length"):
+        assert key in logged
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+    assert list((run_dir / "wandb").glob("offline-run-*")), "W&B offline run missing"
+    assert "best-of-4 win rate" in out  # the end-of-run summary
+    from transformers import AutoModelForCausalLM
+
+    policy = AutoModelForCausalLM.from_pretrained(run_dir / "policy")  # loads directly with transformers
+    assert (run_dir / "policy" / "model.safetensors").exists() and policy.config.n_layer == 1
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")  # plain data
+    assert not [k for k in ckpt["state_dict"] if k.startswith("reference.")], "frozen reference saved in checkpoint"
+    assert ckpt["global_step"] == 3 * 2  # 3 iterations x (4 prompts x k=4 / minibatch 8) optimizer steps
 
 
 def compose_train(*overrides):
