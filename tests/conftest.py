@@ -1,4 +1,5 @@
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -42,14 +43,23 @@ def run_train(session_cache):
 @pytest.fixture(scope="session")
 def start_train(session_cache):
     """Start `python train.py ...` as `run_train` runs it, without waiting (the test does something else meanwhile);
-    returns the Popen (text pipes: `communicate()`)."""
+    returns the Popen (text pipes: `communicate()`). Its own process group: `stop_started` ends it and any process
+    it started (a DDP run's other ranks)."""
 
     def _start(*overrides: str, cwd: Path | None = None) -> subprocess.Popen:
         cmd, env = _train_command(session_cache, overrides)
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                cwd=cwd or REPO)
+                                cwd=cwd or REPO, start_new_session=True)
 
     return _start
+
+
+def stop_started(proc: subprocess.Popen) -> None:
+    """A fixture's teardown for a `start_train` command no test waited for (only other tests were selected):
+    its process group is killed, not left running."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
 
 
 # A finished 2-iteration smoke run (the default method bon_exp, beta 0.1; no evaluation but the final one), made in

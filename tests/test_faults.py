@@ -155,18 +155,30 @@ def test_resuming_a_finished_run_changes_nothing(session_cache, straight, tmp_pa
 KILLS = ["eval:3", "finalize"]
 
 
-@pytest.fixture(scope="module")
-def killed_at_the_end(session_cache, tmp_path_factory) -> dict:
-    """Both deterministic kills below, their commands started side by side, each in its own run directory:
-    kill_at -> (run directory, exit status, stderr)."""
+@pytest.fixture(scope="module", autouse=True)
+def killed_at_the_end_started(session_cache, tmp_path_factory):
+    """Both deterministic kills below (a logger kills its own run at a fixed point, no timing involved), their
+    commands started side by side with this module's first test, each in its own run directory: they run beside
+    the tests before the one that reads them. kill_at -> (run directory, process)."""
     root = tmp_path_factory.mktemp("killed")
-    procs = {kill_at: start(session_cache, root / kill_at.replace(":", "_"),
-                            "+logger._target_=tests.fake_loggers.KillingLogger", f"+logger.kill_at={kill_at}")
+    procs = {kill_at: (root / kill_at.replace(":", "_"),
+                       start(session_cache, root / kill_at.replace(":", "_"),
+                             "+logger._target_=tests.fake_loggers.KillingLogger", f"+logger.kill_at={kill_at}"))
              for kill_at in KILLS}
+    yield procs
+    for _, proc in procs.values():  # if no test read them (a selection of the other tests): not left running
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+@pytest.fixture(scope="module")
+def killed_at_the_end(killed_at_the_end_started) -> dict:
+    """kill_at -> (run directory, exit status, stderr), once both commands ended."""
     out = {}
-    for kill_at, proc in procs.items():
+    for kill_at, (run_dir, proc) in killed_at_the_end_started.items():
         _, err = proc.communicate(timeout=600)
-        out[kill_at] = (root / kill_at.replace(":", "_"), proc.returncode, err)
+        out[kill_at] = (run_dir, proc.returncode, err)
     return out
 
 

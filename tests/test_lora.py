@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import stop_started
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
@@ -418,11 +419,22 @@ def test_a_bad_target_module_fails_before_the_reward_model_loads(session_cache, 
                        tmp_path / "bad")
 
 
-def test_a_ddp_run_trains_the_adapters(run_train, tmp_path):
+@pytest.fixture(scope="module", autouse=True)
+def ddp_run_started(start_train, tmp_path_factory):
+    """`python train.py ... trainer=ddp trainer.devices=2` with LoRA (test_a_ddp_run_trains_the_adapters' run),
+    started with this module's first test: it runs beside the tests before that one (in this process)."""
+    run_dir = tmp_path_factory.mktemp("lora_ddp") / "ddp"
+    proc = start_train(*SMOKE, *LORA, "calibration.seed=7", "eval.prompts_per_batch=2", "trainer=ddp",
+                       "trainer.devices=2", f"hydra.run.dir={run_dir}")
+    yield run_dir, proc
+    stop_started(proc)  # if no test read it (a selection of the other tests)
+
+
+def test_a_ddp_run_trains_the_adapters(ddp_run_started):
     """trainer=ddp with 2 CPU processes (gloo): DDP syncs the adapters' gradients (the only trainable tensors)."""
-    run_dir = tmp_path / "ddp"
-    run_train(*SMOKE, *LORA, "calibration.seed=7", "eval.prompts_per_batch=2", "trainer=ddp", "trainer.devices=2",
-              f"hydra.run.dir={run_dir}")
+    run_dir, proc = ddp_run_started
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, f"the DDP run failed ({proc.returncode}):\n{out[-3000:]}\n{err[-5000:]}"
     final = json.loads((run_dir / "final_metrics.json").read_text())
     assert final["step"] == 3 * 2 and final["eval/prompts"] == 6  # as one process: tests/test_distributed.py
     adapter = load_file(str(run_dir / "policy" / "adapter_model.safetensors"))

@@ -13,6 +13,7 @@ import sys
 import nbformat
 import numpy as np
 import pytest
+from conftest import stop_started
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -349,9 +350,7 @@ def smoke_study_started(start_train, tmp_path_factory):
     sweep = tmp_path_factory.mktemp("study") / "smoke"
     proc = start_train("-m", "study=smoke", "progress=false", "num_threads=1", f"hydra.sweep.dir={sweep}")
     yield sweep, proc
-    if proc.poll() is None:  # no test read it (a selection of the tests above): not left running
-        proc.kill()
-        proc.communicate()
+    stop_started(proc)  # if no test read it (a selection of the other tests)
 
 
 @pytest.fixture(scope="module")

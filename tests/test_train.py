@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import FINISHED_SMOKE_ARGS
+from conftest import FINISHED_SMOKE_ARGS, stop_started
 from hydra import compose, initialize_config_dir
 
 from infalign.config.check import check_config
@@ -90,9 +90,7 @@ def smoke_run_started(start_train, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("smoke") / "run"
     proc = start_train(*SMOKE, "logger=wandb", f"hydra.run.dir={run_dir}")
     yield run_dir, proc
-    if proc.poll() is None:  # no test read it (a selection of the other tests): not left running
-        proc.kill()
-        proc.communicate()
+    stop_started(proc)  # if no test read it (a selection of the other tests)
 
 
 def test_smoke_run_end_to_end(smoke_run_started):
