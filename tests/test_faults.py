@@ -21,9 +21,10 @@ from infalign.runtime.checkpoint_io import verify_checkpoint
 from infalign.trainer.inprocess import run_in_process
 
 REPO = Path(__file__).resolve().parents[1]
-# 12 iterations (~0.1-0.3 s each here), a checkpoint after every one, an evaluation every 4 (3 in all, the last one
-# the final evaluation); EXTENDED: a run of 8 of them (evaluated at 4 and 8), extended to 12
-ITERATIONS, EVERY, EXTENDED = 12, 4, 8
+# 30 iterations (~0.1-0.3 s each here), a checkpoint after every one, an evaluation every 10 (3 in all, the last one
+# the final evaluation; the first one well after the iterations the timed kill and stops below land in: a kill during
+# an evaluation's file writes is another case); EXTENDED: a run of 20 of them (evaluated at 10 and 20), extended to 30
+ITERATIONS, EVERY, EXTENDED = 30, 10, 20
 ARGS = ["scale=smoke", "progress=false", "logger=none", "num_threads=1", f"rl.iterations={ITERATIONS}",
         f"eval.every={EVERY}", "checkpoint.every=1"]
 VOLATILE = ("run_dir", "wall_seconds", "calibration_cache_hit")  # final_metrics.json fields that may differ
@@ -209,10 +210,10 @@ def test_sigkill_during_or_after_the_final_evaluation_then_resume_finishes_it(se
 def test_extending_a_finished_run_continues_it_like_an_uninterrupted_run(session_cache, straight, tmp_path):
     run_dir = tmp_path / "extended"
     shorter = [a if not a.startswith("rl.iterations=") else f"rl.iterations={EXTENDED}" for a in ARGS]
-    run_in_process([*shorter, f"cache_root={session_cache}"], run_dir)  # finished at 8, evaluated at 4 and 8
+    run_in_process([*shorter, f"cache_root={session_cache}"], run_dir)  # finished at 20, evaluated at 10 and 20
     assert json.loads((run_dir / "final_metrics.json").read_text())["iteration"] == EXTENDED
-    run_in_process([*ARGS, "resume=true", f"cache_root={session_cache}"], run_dir)  # rl.iterations 8 -> 12
-    # the final evaluation at 8 is the one an uninterrupted 12-iteration run makes there (eval.every=4)
+    run_in_process([*ARGS, "resume=true", f"cache_root={session_cache}"], run_dir)  # rl.iterations 20 -> 30
+    # the final evaluation at 20 is the one an uninterrupted 30-iteration run makes there (eval.every=10)
     assert_same_run(straight, run_dir)
     history = [json.loads(line) for line in (run_dir / "resume_history.jsonl").read_text().splitlines()]
     assert [(h["from_iteration"], h["changes"], h["extensions"]) for h in history] == \
