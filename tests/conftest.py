@@ -54,6 +54,13 @@ def start_train(session_cache):
     return _start
 
 
+def finish_started(proc: subprocess.Popen, what: str, timeout: float = 600) -> tuple[str, str]:
+    """Wait for a `start_train` command and require it to have succeeded; returns (stdout, stderr)."""
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, f"{what} failed ({proc.returncode}):\n{out[-3000:]}\n{err[-5000:]}"
+    return out, err
+
+
 def stop_started(proc: subprocess.Popen) -> None:
     """A fixture's teardown for a `start_train` command no test waited for (only other tests were selected):
     its process group is killed, not left running."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import stop_started
+from conftest import finish_started, stop_started
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
@@ -433,8 +433,7 @@ def ddp_run_started(start_train, tmp_path_factory):
 def test_a_ddp_run_trains_the_adapters(ddp_run_started):
     """trainer=ddp with 2 CPU processes (gloo): DDP syncs the adapters' gradients (the only trainable tensors)."""
     run_dir, proc = ddp_run_started
-    out, err = proc.communicate(timeout=900)
-    assert proc.returncode == 0, f"the DDP run failed ({proc.returncode}):\n{out[-3000:]}\n{err[-5000:]}"
+    finish_started(proc, "the DDP run", timeout=900)
     final = json.loads((run_dir / "final_metrics.json").read_text())
     assert final["step"] == 3 * 2 and final["eval/prompts"] == 6  # as one process: tests/test_distributed.py
     adapter = load_file(str(run_dir / "policy" / "adapter_model.safetensors"))

@@ -98,3 +98,18 @@ def test_changes_allowed_explicitly_are_applied_and_both_configs_kept(session_ca
     before = files_of(run_dir)
     run_in_process([*ARGS, "rl.iterations=3", "beta=0.5", "resume=true", f"cache_root={session_cache}"], run_dir)
     assert files_of(run_dir) == before  # finished: nothing to do, nothing recorded
+
+
+def test_a_resume_clears_the_temp_files_a_killed_write_left_in_the_run(finished, tmp_path):
+    """A kill during an atomic write (an evaluation's files, the metrics log, a checkpoint) leaves its temp file;
+    the resume's start removes them wherever the run writes, and leaves the outputs themselves alone."""
+    from infalign.trainer.resume import resolve_resume
+
+    run = copy_of(finished, tmp_path)
+    stale = [run / ".eval_samples.jsonl.ab12.tmp", run / "logs" / ".metrics.csv.cd34.tmp",
+             run / "checkpoints" / ".last.ckpt.ef56.tmp"]
+    for path in stale:
+        path.write_text("half-written")
+    assert resolve_resume(run, True, False) == run / "checkpoints" / "last.ckpt"
+    assert not any(path.exists() for path in stale)
+    assert (run / "final_metrics.json").is_file() and (run / "logs" / "metrics.csv").is_file()

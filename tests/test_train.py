@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import FINISHED_SMOKE_ARGS, stop_started
+from conftest import FINISHED_SMOKE_ARGS, finish_started, stop_started
 from hydra import compose, initialize_config_dir
 
 from infalign.config.check import check_config
@@ -95,8 +95,7 @@ def smoke_run_started(start_train, tmp_path_factory):
 
 def test_smoke_run_end_to_end(smoke_run_started):
     run_dir, proc = smoke_run_started
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, f"the smoke run failed ({proc.returncode}):\n{out[-3000:]}\n{err[-5000:]}"
+    out, err = finish_started(proc, "the smoke run")
     final = read_final(run_dir)
     for n in (1, 2, 4):  # eval.ns of the smoke scale, with the run's n=4
         for mode in ("bon", "won"):

@@ -160,7 +160,8 @@ def resolve_resume(run_dir: Path, resume, overwrite: bool) -> Path | None:
     last = run_dir / "checkpoints" / LAST
     if not is_first_process():
         return last if resume is not False and last.exists() else None
-    remove_stale_temps(last.parent)  # what a kill during a checkpoint write leaves behind
+    for folder in (run_dir, run_dir / "logs", last.parent):  # what a kill during an atomic write leaves behind:
+        remove_stale_temps(folder)  # an evaluation's files, the metrics log, a checkpoint
     if resume is True and not last.exists():
         raise MissingCheckpoint(f"resume=true but {last} does not exist: point hydra.run.dir at the run to "
                                 "continue, or pass resume=auto to start afresh when there is no checkpoint")
