@@ -173,6 +173,31 @@ def add_a_column_without_room(c: dict) -> None:
         assert c["file"].read_bytes() == before, "rows of logs/metrics.csv were lost"
 
 
+def append_rows_without_room(c: dict) -> None:
+    """The CSV logger appends 99 rows to metrics.csv (no new column) while the file can grow by 100 bytes: the
+    append fails part-way, leaving a half-written row. A resume trims the file to the checkpoint's rows
+    (`truncate_csv`, here the 2,000 already there), which must give back exactly the rows written before."""
+    import resource
+
+    from infalign.runtime.atomic import read_csv_rows
+    from infalign.trainer.checkpointing import truncate_csv
+
+    before = read_csv_rows(c["file"])
+    for step in range(2000, 2099):  # 99 rows: the 100th would flush them here (flush_logs_every_n_steps)
+        c["logger"].log_metrics({"train/loss": 1.0}, step=step)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (c["file"].stat().st_size + 100, limits[1]))
+    try:
+        c["logger"].save()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+        assert len(read_csv_rows(c["file"])[1]) > 2000, "the append wrote nothing: the case tests no half row"
+        truncate_csv(c["file"], 2000)
+        assert read_csv_rows(c["file"]) == before, "a resume does not give back the rows written before"
+
+
 def model_config(target: str, value: str) -> dict:
     return {"_target_": target, "name": "hf", "name_or_path": value}
 
@@ -258,6 +283,8 @@ CASES = [
          r"cannot write {file}: No space left on device \(ENOSPC\)\. Free space on the disk that holds"),
     Case("file size limit reached while logs/metrics.csv gains a column", metrics_csv, add_a_column_without_room,
          r"cannot write {file}: File too large \(EFBIG\)\. Free space on the disk that holds"),
+    Case("full disk appending rows to logs/metrics.csv", metrics_csv, append_rows_without_room,
+         r"cannot write {file}: File too large \(EFBIG\)\. Free space on the disk that holds .*resume=true"),
     Case("read-only cache directory (mount)", read_only_mount, check_cache_root,
          r"cannot write into the cache directory cache_root={file}: Read-only file system \(EROFS\)\. "
          r"Make {file} writable, or set cache_root=.*\$INFALIGN_CACHE"),

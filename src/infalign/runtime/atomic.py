@@ -163,7 +163,7 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _user_fixable(e: BaseException) -> bool:
+def user_fixable(e: BaseException) -> bool:
     return isinstance(e, OSError) and not isinstance(e, FileWriteError) and e.errno in WRITE_ERRNOS
 
 
@@ -178,7 +178,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None],
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = _create_temp(path)
     except OSError as e:
-        if _user_fixable(e):
+        if user_fixable(e):
             raise write_error(path, e) from e
         raise
     try:
@@ -191,7 +191,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None],
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        if _user_fixable(e):
+        if user_fixable(e):
             raise write_error(path, e) from e
         raise
     _fsync_dir(path.parent)
