@@ -169,8 +169,9 @@ def shipped_options():
     for group in GROUPS:
         for path in sorted((CONF / group).glob("*.yaml")):
             overrides = [f"{group}={path.stem}"]
-            if group == "study":
-                params = yaml.safe_load(path.read_text())["hydra"]["sweeper"]["params"]
+            if group == "study":  # composed: a study may take its sweep from the study it composes
+                with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+                    params = compose("train", overrides, return_hydra_config=True).hydra.sweeper.params
                 overrides += [f"{k}={re.sub(r'^range[(].*', '0', str(v).split(',')[0])}" for k, v in params.items()]
             if group == "transform" and path.stem == "raw":
                 overrides.append("calibrator=passthrough")  # raw rewards go with the passthrough calibrator
