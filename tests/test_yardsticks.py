@@ -201,6 +201,8 @@ def test_orderings_csv_at_matched_kl_with_the_shape_transfer(matched_sweep, matc
     row = got[("bon_exp", "calibrated", "bon@4", "calibrated_kl")]
     assert float(row["shape_transfer"]) == pytest.approx(0.02 / tilt, rel=1e-6)
     assert float(row["shape_transfer_se"]) == pytest.approx(float(row["se"]) / tilt, abs=1e-12)
+    # matched on sequence KL: no shape transfer (a tilt's KL is over calibrated ranks; it has no sequence KL)
+    assert math.isnan(float(got[("bon_exp", "calibrated", "bon@4", "kl")]["shape_transfer"]))
     assert "## The claimed orderings at matched KL" in paths["markdown"].read_text()
 
 

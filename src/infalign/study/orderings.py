@@ -14,14 +14,14 @@ Done twice, `matched` = `calibrated_kl` (the KL in calibrated space, `eval/kl_ca
 see) and `kl` (the sequence KL, `eval/kl`). NaN where a side has fewer than 3 runs or a single KL (no slope
 with an s.e.).
 
-`shape_transfer` = (measured A - B) / (tilt A - tilt B) on the row's metric (A's target) at the row's common KL:
-how much of the difference between the two transforms' exact tilts the trained policies realise. The tilts are
-the closed forms of each side's own transform at the M its target was calibrated with (`yardstick_m`: the pool's
-M - 1 for distillation, `calibration.m` for RL) spending the common KL (`infalign.theory.efficiency.tilt_at_kl`;
-the closed form's KL is the KL over calibrated ranks, so the `calibrated_kl` row is the one that compares like
-with like; the `kl` row evaluates the tilts at the sequence KL, as the study's theory columns do).
-`shape_transfer_se` = se / |tilt A - tilt B| (delta method; the tilts' Monte Carlo error, ~0.001, is left out).
-NaN where a side has no tilt (`raw`).
+`shape_transfer` = (measured A - B) / (tilt A - tilt B) on the row's metric (A's target) at the row's common
+calibrated KL: how much of the difference between the two transforms' exact tilts the trained policies realise.
+The tilts are the closed forms of each side's own transform at the M its target was calibrated with
+(`yardstick_m`: the pool's M - 1 for distillation, `calibration.m` for RL) spending the common KL
+(`infalign.theory.efficiency.tilt_at_kl`). `shape_transfer_se` = se / |tilt A - tilt B| (delta method; the
+tilts' Monte Carlo error, ~0.001, is left out). NaN where a side has no tilt (`raw`), and on the `kl` rows: a
+closed form's KL is the KL over calibrated ranks, so a tilt has no sequence KL to be read at (read there, it gave
+ratios such as 3.2 that measure nothing).
 
 Each comparison is made on the held-out evaluation prompts (`metric` e.g. `bon@4`) and, where the runs evaluated
 training prompts too (`eval.held_in_prompts`), on those (`bon@4_held_in`: the run's N only).
@@ -159,7 +159,8 @@ def ordering_rows(runs: list[dict], sweep_dir: Path) -> list[dict]:
                 if not pa or not pb:
                     continue
                 d = matched_difference(*zip(*pa), *zip(*pb))
-                tilt = _tilt(side_a, sweep_dir, d["kl"], n, metric) - _tilt(side_b, sweep_dir, d["kl"], n, metric)
+                tilt = (_tilt(side_a, sweep_dir, d["kl"], n, metric) - _tilt(side_b, sweep_dir, d["kl"], n, metric)
+                        if matched == "calibrated_kl" else math.nan)  # a tilt's KL is calibrated (docstring)
                 ok = math.isfinite(tilt) and abs(tilt) > 1e-12
                 out.append({"a": a, "b": b, "metric": col if prompts == "held_out" else f"{col}_held_in",
                             "matched": matched, "diff": d["diff"], "se": d["se"],
