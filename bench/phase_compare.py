@@ -52,6 +52,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))  # this checkout's infalign, for the one writer below
+
+from infalign.runtime.atomic import atomic_write_text  # noqa: E402
+
 PHASES = ("generate", "score", "calibrate", "logprobs", "update")
 TOKENS_COLUMN = "train/throughput/generated_tokens_per_s"
 # Override keys that decide which models are built: they go to `infalign.models.build` / build_default.py too
@@ -311,27 +315,6 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Temp file in the same directory, then os.replace: a reader never sees half a file. Created as `open(path,
-    "w")` creates a file, mode 0o666 less the umask (`tempfile.mkstemp`'s would stay owner-only, 0600)."""
-    for _ in range(100):
-        tmp = str(path.parent / f".{path.name}.{os.urandom(4).hex()}.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
-            break
-        except FileExistsError:
-            continue
-    else:
-        raise FileExistsError(f"no free temporary file name next to {path}")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for both trees' train.py (e.g. scale=smoke)")
@@ -434,8 +417,8 @@ def main(argv: list[str] | None = None) -> None:
            "trees": {k: {"root": str(t["root"]), "cache": str(t["cache"]), "revision": t["revision"], **t["check"]}
                      for k, t in trees.items()},
            "table": table, "runs": runs}
-    write_atomic(stem.with_suffix(".json"), json.dumps(raw, indent=1, default=str))
-    write_atomic(stem.with_suffix(".md"), report)
+    atomic_write_text(stem.with_suffix(".json"), json.dumps(raw, indent=1, default=str))
+    atomic_write_text(stem.with_suffix(".md"), report)
     print(f"written: {stem}.md, {stem}.json", file=sys.stderr)
 
 

@@ -3,7 +3,6 @@ No training: synthetic metrics.csv / final_metrics.json / manifest.json."""
 import csv
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -117,16 +116,3 @@ def test_zero_before_gives_no_ratio():
     (row,) = pc.compare(pairs, [("calibrate", "calibrate")])
     assert row["ratio"] is None and row["pairs"] == 0
     assert "| calibrate | 0.00 | 0.00100 | n/a | n/a | 0 |" in pc.markdown_table([row])
-
-
-def test_write_atomic_leaves_no_temp_file_and_gets_the_umask_mode(tmp_path):
-    old_umask = os.umask(0o022)  # a plain open gives 0o644 (mkstemp's temp file would stay 0o600)
-    try:
-        pc.write_atomic(tmp_path / "a.md", "hello")
-        pc.write_atomic(tmp_path / "a.md", "again")
-    finally:
-        os.umask(old_umask)
-    assert [p.name for p in tmp_path.iterdir()] == ["a.md"]
-    assert (tmp_path / "a.md").read_text() == "again"
-    if os.name == "posix":
-        assert (tmp_path / "a.md").stat().st_mode & 0o777 == 0o644
