@@ -8,6 +8,7 @@ import pytest
 from infalign.study.__main__ import main
 from infalign.study.archive import ARCHIVED_FILES, ArchiveConflictError, archive_members
 from infalign.study.runs import collect_runs, per_prompt_rows
+from infalign.study.tilt_fit import read_tilt_fit
 
 
 def member(sweep, name, seed, win=0.6, finished=True):
@@ -22,6 +23,7 @@ def member(sweep, name, seed, win=0.6, finished=True):
     (d / "checkpoints").mkdir()
     (d / "checkpoints" / "last.ckpt").write_bytes(b"weights")
     (d / "eval_samples.jsonl").write_text("{}\n")
+    (d / "tilt_fit.json").write_text(json.dumps({"held_out": {"slope": 0.5 + seed, "shape": 0.25}}))
     with open(d / "eval_per_prompt.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["prompt_id", "bon_win_rate@1", "bon_win_rate@4"])
@@ -57,6 +59,7 @@ def test_archive_copies_what_the_study_reads_of_finished_members_only(tmp_path):
     # the archive is a sweep directory: the study reads the same runs and per-prompt tables from it
     assert collect_runs(dest) == collect_runs(sweep)
     assert per_prompt_rows(dest / "raw_beta1.0_seed1") == per_prompt_rows(sweep / "raw_beta1.0_seed1")
+    assert read_tilt_fit(dest / "raw_beta1.0_seed1") == {"slope": 1.5, "shape": 0.25}  # the tilt fit, where it ran
 
 
 def test_a_later_part_adds_members_and_a_rerun_changes_nothing(tmp_path):

@@ -5,7 +5,8 @@ sessions (or machines) loses its finished members with the machine, and with the
 paired comparison needs (issue 15: eight seeds per side were lost that way). `archive_members` copies what
 the study reads of each finished member (`ARCHIVED_FILES`: its final metrics, saved config, per-prompt table
 and metrics log; never checkpoints or samples) into a directory that is committed, one folder per member under
-the member's own name, so that directory is itself a sweep directory: `python -m infalign.study <archive>`
+the member's own name (its tilt fit too, where `python -m infalign.study.tilt_fit` was run on it), so that
+directory is itself a sweep directory: `python -m infalign.study <archive>`
 analyses it, and later parts are archived into it.
 
 Nothing is overwritten: a member whose files are already archived with the same bytes is skipped; one whose
@@ -22,13 +23,15 @@ from pathlib import Path
 
 from infalign.runtime.atomic import atomic_write_bytes
 from infalign.study.runs import FINAL_METRICS, METRICS_LOG, PER_PROMPT, RUN_CONFIG, finished_members
+from infalign.study.tilt_fit import OUTPUT as TILT_FIT
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ARCHIVED_FILES", "ArchiveConflictError", "ArchiveResult", "archive_members"]
 
-# what infalign.study reads of a member (runs.py); final_metrics.json last: it marks the member finished
-ARCHIVED_FILES = (RUN_CONFIG, ".hydra/overrides.yaml", PER_PROMPT, METRICS_LOG, FINAL_METRICS)
+# what infalign.study reads of a member (runs.py; the tilt fit, where it was run, tilt_fit.py); final_metrics.json
+# last: it marks the member finished
+ARCHIVED_FILES = (RUN_CONFIG, ".hydra/overrides.yaml", PER_PROMPT, METRICS_LOG, TILT_FIT, FINAL_METRICS)
 SWEEP_FILES = ("multirun.yaml",)  # the sweep's saved config (study.matched_kl): kept from the first part archived
 
 
