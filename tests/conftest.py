@@ -69,6 +69,15 @@ def stop_started(proc: subprocess.Popen) -> None:
         proc.communicate()
 
 
+def study_sweep(study: str):
+    """A study preset's sweep (`hydra.sweeper.params`) as Hydra composes it: a study may take it from the study
+    it composes (conf/study/shape_lr.yaml: study=shape's)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("train", [f"study={study}"], return_hydra_config=True).hydra.sweeper.params
+
+
 # A finished 2-iteration smoke run (the default method bon_exp, beta 0.1; no evaluation but the final one), made in
 # process once per session. Tests read it, or copy it (shutil.copytree) to resume or change it: never write into it.
 FINISHED_SMOKE_ARGS = ["scale=smoke", "progress=false", "logger=none", "num_threads=1", "rl.iterations=2", "eval.every=0"]

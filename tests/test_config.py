@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import study_sweep
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
@@ -169,9 +170,8 @@ def shipped_options():
     for group in GROUPS:
         for path in sorted((CONF / group).glob("*.yaml")):
             overrides = [f"{group}={path.stem}"]
-            if group == "study":  # composed: a study may take its sweep from the study it composes
-                with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-                    params = compose("train", overrides, return_hydra_config=True).hydra.sweeper.params
+            if group == "study":
+                params = study_sweep(path.stem)
                 overrides += [f"{k}={re.sub(r'^range[(].*', '0', str(v).split(',')[0])}" for k, v in params.items()]
             if group == "transform" and path.stem == "raw":
                 overrides.append("calibrator=passthrough")  # raw rewards go with the passthrough calibrator

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import stop_started
 
 from infalign.runtime.checkpoint_io import verify_checkpoint
 from infalign.trainer.inprocess import run_in_process
@@ -34,7 +35,8 @@ TIMING = ("train/time/", "train/throughput/")  # wall-clock columns of logs/metr
 def start(session_cache, run_dir, *extra) -> subprocess.Popen:
     env = {**os.environ, "INFALIGN_CACHE": str(session_cache), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, str(REPO / "train.py"), *ARGS, *extra, f"hydra.run.dir={run_dir}"],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group: stop_started
 
 
 def wait_for_checkpoint(proc, ckpt: Path, newer_than: float = 0.0, timeout: float = 300) -> None:
@@ -168,9 +170,7 @@ def killed_at_the_end_started(session_cache, tmp_path_factory):
              for kill_at in KILLS}
     yield procs
     for _, proc in procs.values():  # if no test read them (a selection of the other tests): not left running
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        stop_started(proc)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import sys
 import nbformat
 import numpy as np
 import pytest
-from conftest import stop_started
+from conftest import finish_started, stop_started, study_sweep
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -37,14 +37,13 @@ METHODS = {  # preset -> (transform class, calibrator class)
 }
 
 
-def compose_train(*overrides, hydra_cfg=False):
+def compose_train(*overrides):
     """The composed config; Hydra's config set as train.py has it (a study's beta reads the method choice)."""
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
-    if not hydra_cfg:
-        with open_dict(cfg):
-            del cfg["hydra"]
+    with open_dict(cfg):
+        del cfg["hydra"]
     return cfg
 
 
@@ -63,7 +62,7 @@ def test_method_presets_choose_transform_and_calibrator(method):
 
 @pytest.mark.parametrize("study, min_seeds", [("bon", 3), ("won", 3), ("compact", 3), ("smoke", 2)])
 def test_study_sweeps_every_method_over_its_own_beta_grid(study, min_seeds):
-    params = compose_train(f"study={study}", hydra_cfg=True).hydra.sweeper.params
+    params = study_sweep(study)
     parser = OverridesParser.create()
 
     def values(key):
@@ -357,8 +356,7 @@ def smoke_study_started(start_train, tmp_path_factory):
 def smoke_study(smoke_study_started):
     """`python train.py -m study=smoke`: calibrated and bon_exp x 1 beta x 2 seeds on the smoke models."""
     sweep, proc = smoke_study_started
-    out, err = proc.communicate(timeout=900)
-    assert proc.returncode == 0, f"the smoke study failed ({proc.returncode}):\n{out[-3000:]}\n{err[-5000:]}"
+    finish_started(proc, "the smoke study", timeout=900)
     return sweep
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import study_sweep
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
@@ -84,8 +85,7 @@ def test_a_study_prints_its_first_member_or_the_one_named(tmp_path):
                      "bon_exp": "infalign.theory.factories.bon_exp"}[method]
         assert cfg["transform"]["_target_"] == transform
     for study in sorted(p.stem for p in (CONF / "study").glob("*.yaml")):  # each study's first member is its sweep's
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):  # composed: a study may take its
-            params = compose("train", [f"study={study}"], return_hydra_config=True).hydra.sweeper.params  # sweep
+        params = study_sweep(study)
         cfg, choices = compose_train(f"study={study}")
         assert choices["method"] == params["method"].split(",")[0], study
         OmegaConf.to_container(cfg, resolve=True)  # beta resolves from the method's grid

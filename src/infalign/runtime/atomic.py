@@ -29,13 +29,14 @@ import io
 import json
 import os
 import secrets
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_write_csv",
            "atomic_write_figure", "give_plain_modes", "make_temp_dir", "plain_mode", "read_csv_rows",
-           "remove_stale_temps", "write_error", "FileWriteError", "TMP_SUFFIX", "WRITE_ERRNOS"]
+           "remove_stale_temps", "write_error", "write_errors", "FileWriteError", "TMP_SUFFIX", "WRITE_ERRNOS"]
 
 TMP_SUFFIX = ".tmp"
 # mkstemp's flags: exclusive creation, binary on Windows, not inherited
@@ -163,8 +164,16 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def user_fixable(e: BaseException) -> bool:
-    return isinstance(e, OSError) and not isinstance(e, FileWriteError) and e.errno in WRITE_ERRNOS
+@contextmanager
+def write_errors(path: str | Path, fix: str = "write it elsewhere") -> Iterator[None]:
+    """Writes to `path` within: an `OSError` the user has to fix (`WRITE_ERRNOS`: full disk, read-only, ...) comes
+    out as `write_error`'s `FileWriteError` naming `path` and `fix`; any other error as it was."""
+    try:
+        yield
+    except OSError as e:
+        if isinstance(e, FileWriteError) or e.errno not in WRITE_ERRNOS:
+            raise
+        raise write_error(path, e, fix=fix) from e
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None],
@@ -174,26 +183,20 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None],
     `before_replace(temp_path)` runs between the fsync and the rename (e.g. to record a checksum first). A full disk
     or a read-only directory raises `FileWriteError` naming `path` (the old file, if any, is left as it was)."""
     path = Path(path)
-    try:
+    with write_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = _create_temp(path)
-    except OSError as e:
-        if user_fixable(e):
-            raise write_error(path, e) from e
-        raise
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if before_replace is not None:
-            before_replace(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if user_fixable(e):
-            raise write_error(path, e) from e
-        raise
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            if before_replace is not None:
+                before_replace(Path(tmp))
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     _fsync_dir(path.parent)
     return path
 

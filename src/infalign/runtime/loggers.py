@@ -29,7 +29,7 @@ from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
-from infalign.runtime.atomic import atomic_write_csv, read_csv_rows, user_fixable, write_error
+from infalign.runtime.atomic import atomic_write_csv, read_csv_rows, write_errors
 from infalign.runtime.identity import with_identity
 
 log = logging.getLogger(__name__)
@@ -64,13 +64,9 @@ class _CSVWriter(ExperimentWriter):
         # Lightning appends the buffered rows with a plain write: a full disk would end the run in a traceback
         # (tests/test_file_errors.py, "full disk appending rows to logs/metrics.csv"); the one-line error names the
         # file and the fix, and a resume trims a half-written row (infalign.trainer.checkpointing)
-        try:
+        with write_errors(self.metrics_file_path, fix="start again with hydra.run.dir on another disk; this run "
+                          "continues with resume=true once there is room"):
             super().save()
-        except OSError as e:
-            if not user_fixable(e):
-                raise
-            raise write_error(self.metrics_file_path, e, fix="start again with hydra.run.dir on another disk; this run "
-                              "continues with resume=true once there is room") from e
 
 
 class ResumableCSVLogger(CSVLogger):

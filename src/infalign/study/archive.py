@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from infalign.runtime.atomic import atomic_write_bytes
-from infalign.study.runs import FINAL_METRICS, METRICS_LOG, PER_PROMPT, RUN_CONFIG, finished_members
-from infalign.study.tilt_fit import OUTPUT as TILT_FIT
+from infalign.study.runs import FINAL_METRICS, METRICS_LOG, PER_PROMPT, RUN_CONFIG, TILT_FIT, finished_members
 
 log = logging.getLogger(__name__)
 

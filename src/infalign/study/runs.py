@@ -41,6 +41,7 @@ FINAL_METRICS = "final_metrics.json"   # written last: a member that has it fini
 RUN_CONFIG = ".hydra/config.yaml"
 METRICS_LOG = "logs/metrics.csv"
 PER_PROMPT = "eval_per_prompt.csv"
+TILT_FIT = "tilt_fit.json"  # python -m infalign.study.tilt_fit <member>, where it was run
 FINISHED = f"*/{FINAL_METRICS}"
 
 

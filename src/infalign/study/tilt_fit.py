@@ -53,11 +53,11 @@ from pathlib import Path
 
 import numpy as np
 
+from infalign.study.runs import TILT_FIT
 from infalign.study.tilt_regression import fit_slope
 
-__all__ = ["OUTPUT", "read_tilt_fit", "tilt_fit"]
+__all__ = ["read_tilt_fit", "tilt_fit"]
 
-OUTPUT = "tilt_fit.json"
 PROMPT_SETS = ("held_out", "train")
 
 
@@ -191,7 +191,7 @@ def tilt_fit(run_dir, cache_root=None, prompts: str = "held_out", max_prompts: i
               "transform": final.get("transform"), "method": final.get("method"), "solver": final.get("solver"),
               "t": final.get("t"), "beta": beta, "seed": final.get("seed"), **stats}
     if write:
-        out = run_dir / OUTPUT
+        out = run_dir / TILT_FIT
         try:
             stored = json.loads(out.read_text()) if out.is_file() else {}
         except (OSError, ValueError):
@@ -204,7 +204,7 @@ def tilt_fit(run_dir, cache_root=None, prompts: str = "held_out", max_prompts: i
 
 def read_tilt_fit(member_dir, prompt_set: str = "held_out") -> dict:
     """`<member>/tilt_fit.json`'s entry for `prompt_set` (empty when absent or unreadable): data only."""
-    path = Path(member_dir) / OUTPUT
+    path = Path(member_dir) / TILT_FIT
     try:
         stored = json.loads(path.read_text()) if path.is_file() else {}
     except (OSError, ValueError):
