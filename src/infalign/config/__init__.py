@@ -1,4 +1,4 @@
-"""The config of `python train.py`: every key defined once (`schema`; the model and reward loaders' keys in `models`),
+"""The config of `python train.py`: every key defined once (`schema`; the groups a `_target_` builds in `models`),
 checked before torch is imported (`check`; the rules between keys in `between`), its reference printed by
 `python -m infalign.config --markdown` (docs/configuration.md).
 

@@ -1,14 +1,12 @@
-"""The rules between keys of a composed config (plain data, each key already checked against its definition):
-the values that must go together, the samples the win rate at N needs, the processes' shares of every batch, and
-Lightning's parameters that infalign sets itself. Each raises `ConfigError` (one line) on the first that breaks."""
+"""The rules between keys of a composed config (plain data, each key already checked on its own), each written once:
+each raises `ConfigError` (one line) on the first that breaks."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from infalign.config.models import CACHED_POLICIES
+from infalign.config.models import CACHED_POLICIES, CALIBRATORS, RAW, TRANSFORMS
 from infalign.config.rules import processes, show
-from infalign.config.schema import CALIBRATORS, RAW, TRANSFORMS
 from infalign.runtime.errors import ConfigError
 
 ITERATIONS = "it would change the number or length of the iterations: set rl.iterations instead"
@@ -17,8 +15,8 @@ TRAINER_OWN = {  # Lightning's parameters that infalign sets, or whose work it d
     **dict.fromkeys(("max_steps", "min_epochs", "min_steps", "max_time", "fast_dev_run", "limit_train_batches"),
                     ITERATIONS),
     "accumulate_grad_batches": MANUAL + "one step per rl.minibatch_size sequences; raise rl.minibatch_size instead",
-    "gradient_clip_val": MANUAL + "it clips the gradient norm; set rl.grad_clip instead",
-    "gradient_clip_algorithm": MANUAL + "it clips the gradient norm; set rl.grad_clip instead",
+    **dict.fromkeys(("gradient_clip_val", "gradient_clip_algorithm"), MANUAL + "it clips the gradient norm; set "
+                    "rl.grad_clip instead"),
     **{name: f"infalign sets it (to {use})" for name, use in (
         ("logger", "the logger group: logger=wandb or logger=none"), ("callbacks", "infalign's own callbacks"),
         ("enable_progress_bar", "progress=true|false"), ("default_root_dir", "hydra.run.dir"),

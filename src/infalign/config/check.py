@@ -1,7 +1,6 @@
-"""The check of a composed config, in one pass before torch is imported: every key against its definition
-(infalign.config.schema, the model and reward loaders' in infalign.config.models), the files it names, the presets
-(infalign.runtime.presets), the rules between keys (infalign.config.between), and the warnings (valid values
-that lose a diagnostic or some speed). A refused value is one line (ConfigError)."""
+"""The check of a composed config, in one pass before torch is imported: every key against its definition (schema,
+models), the files it names, the presets, the rules between keys (between), then the warnings: valid values that
+lose a diagnostic or some speed. A refused value is one line (ConfigError)."""
 
 from __future__ import annotations
 
@@ -16,7 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 from infalign.config.between import batches_fit, choices_fit, samples_fit, trainer_fits
 from infalign.config.models import LOADERS
 from infalign.config.rules import is_int, show
-from infalign.config.schema import DATA, RUN, TRAINER, TRANSFORMS, Section
+from infalign.config.schema import DATA, RUN, TRAINER, Section
 from infalign.runtime.artifacts import CACHE_FIX, cache_root_warning
 from infalign.runtime.atomic import FileWriteError
 from infalign.runtime.errors import ConfigError
@@ -42,9 +41,25 @@ def source(group: str, choices: Mapping | None, *, scale: bool = False) -> str:
     return f"conf/{group}/{choice}.yaml" + (f" (as composed with conf/scale/{preset}.yaml)" if scale and preset else "")
 
 
-def _unknown(path: str, where: str, known, value) -> ConfigError:
+def old_key(path: str, value) -> ConfigError | None:
+    """The refusal of a key that moved or was removed (one release), naming the fix."""
     if path in REMOVED:
         return ConfigError(f"{path} was removed ({REMOVED[path]}); drop it")
+    if path in MOVED:
+        return ConfigError(f"{path} moved to {MOVED[path]}; e.g. {MOVED[path]}={value}")
+    return None
+
+
+def moved_keys(overrides) -> None:
+    """train.py, before Hydra composes (which would say only that `+` appends): the old names refused."""
+    for name, _, value in (str(o).lstrip("+~").partition("=") for o in overrides):
+        if error := old_key(name, value):
+            raise error
+
+
+def _unknown(path: str, where: str, known, value) -> ConfigError:
+    if error := old_key(path, value):
+        return error
     leaf = path.rsplit(".", 1)[-1]
     if leaf in HINTS and path != HINTS[leaf]:
         hint = f"; {leaf} is set as {HINTS[leaf]}"
@@ -54,16 +69,6 @@ def _unknown(path: str, where: str, known, value) -> ConfigError:
     if path.startswith("generation."):
         hint += f"; rollouts sample from the policy itself: {path}={show(value)} would change the sampling distribution"
     return ConfigError(f"{path}: unknown key in {where}; known keys: {', '.join(sorted(known))}{hint}")
-
-
-def moved_keys(overrides) -> None:
-    """The old names of moved and removed keys, refused before Hydra composes (train.py: Hydra would say only `+`
-    appends)."""
-    for name, _, value in (str(o).lstrip("+~").partition("=") for o in overrides):
-        if name in REMOVED:
-            raise _unknown(name, "", (), value)
-        if name in MOVED:
-            raise ConfigError(f"{name} moved to {MOVED[name]}; e.g. {MOVED[name]}={value}")
 
 
 def check_section(node, keys: dict, path: str, where: str, every: bool = False) -> None:
@@ -90,11 +95,12 @@ def check_section(node, keys: dict, path: str, where: str, every: bool = False) 
 
 
 def check_loader_keys(node, group: str, where: str) -> dict | None:
-    """A model or reward config against its loader's keys, which it returns (None: a loader infalign does not
-    define)."""
+    """A group's config against the keys of the function its `_target_` names (its loader), which it returns (None:
+    one infalign does not define). A path that names no usable model is refused first (a hub id is left to the hub).
+    """
     if not isinstance(node, Mapping) or not node.get("_target_"):
         raise ConfigError(f"{group}: the config has no _target_ (use a file from conf/{group}/): {show(node)}")
-    for name in PATH_KEYS:  # a path that names no usable model (a hub id is left to the hub), before other keys
+    for name in PATH_KEYS:
         if name in node and node[name] != "???" and (problem := model_path_problem(f"{group}.{name}", node[name])):
             raise ConfigError(problem)
     keys = LOADERS[group].get(str(node["_target_"]))
@@ -111,17 +117,6 @@ def plain(cfg) -> dict:
     except OmegaConfBaseException as e:  # e.g. study.beta_index outside a method's beta grid
         reason = str(getattr(e, "msg", None) or e).splitlines()[0]
         raise ConfigError(f"{e.full_key} cannot be resolved: {reason}") from None
-
-
-def _keys(c: dict, choices: Mapping | None) -> None:
-    check_section({k: v for k, v in c.items() if k not in GROUPS}, RUN, "", "conf/train.yaml", every=True)
-    check_section(c.get("data"), DATA, "data", source("data", choices))
-    check_section(c.get("trainer"), TRAINER, "trainer", source("trainer", choices))
-    transform = c.get("transform") or {}
-    if isinstance(transform, Mapping) and transform.get("_target_") in TRANSFORMS:
-        check_section(transform, TRANSFORMS[transform["_target_"]], "transform", source("transform", choices))
-    for group in ("model", "reward"):
-        check_loader_keys(c.get(group), group, source(group, choices, scale=True))
 
 
 # ---------------------------------------------------------------------------------------------- warnings
@@ -168,20 +163,22 @@ def _cache_root(root: str) -> str | None:
 
 
 def check_config(cfg, choices: Mapping | None = None, *, multirun: bool = False, overrides=None) -> list[str]:
-    """Check the composed config once, before torch: raise `ConfigError` (one line) on the first refused value,
-    return the warnings (valid values that lose something). `choices`: Hydra's group choices (named in the
-    messages; the presets are checked when given); `overrides`: the command line's (default: Hydra's);
-    `multirun`: a -m member."""
+    """Raise `ConfigError` (one line) on the first refused value, return the warnings. `choices`: Hydra's group
+    choices (named in the messages; the presets are checked when given); `overrides`: the command line's (default:
+    Hydra's); `multirun`: a -m member."""
     from hydra.core.hydra_config import HydraConfig
 
     choices = OmegaConf.to_container(choices) if OmegaConf.is_config(choices) else choices
-    if overrides is None:
-        overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    moved_keys(overrides)
     c = plain(cfg)
-    _keys(c, choices)
+    check_section({k: v for k, v in c.items() if k not in GROUPS}, RUN, "", "conf/train.yaml", every=True)
+    check_section(c.get("data"), DATA, "data", source("data", choices))
+    check_section(c.get("trainer"), TRAINER, "trainer", source("trainer", choices))
+    for group in LOADERS:
+        check_loader_keys(c.get(group), group, source(group, choices, scale=group in ("model", "reward")))
     if choices is not None:  # each key's own value first, then the presets
-        check_presets(choices, list(overrides))
+        if overrides is None:
+            overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+        check_presets(choices, overrides)
     choices_fit(c, choices)
     samples_fit(c)
     batches_fit(c, multirun)
@@ -191,7 +188,7 @@ def check_config(cfg, choices: Mapping | None = None, *, multirun: bool = False,
 
 def check_targets(cfg, choices: Mapping | None = None) -> None:
     """Once torch can be imported (run(), before any model): the open sections' other keys against their class's
-    parameters (Lightning's Trainer, the optimizer, the schedule), each class its own source."""
+    parameters (Lightning's Trainer, the optimizer, the schedule)."""
     import inspect
 
     from hydra.utils import get_method

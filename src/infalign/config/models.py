@@ -1,15 +1,12 @@
-"""The model and reward configs' keys (conf/model/, conf/reward/): per loader, the keys a config with that
-`_target_` may hold (`LOADERS`), the ones the trainer reads itself (`TRAINER_KEYS`), and what the caller passes a
-loader (`RUNTIME`). Checked with the rest of the config (`infalign.config.check`); loaded by `infalign.models.loaders`.
-"""
+"""The keys of the groups whose `_target_` names the function that builds them (`LOADERS`: model, reward, transform,
+calibrator): per function, the keys its config may hold. For the model and reward loaders (infalign.models.loaders)
+also the keys the trainer reads itself (`TRAINER_KEYS`) and what the caller passes (`RUNTIME`)."""
 
 from __future__ import annotations
 
 from infalign.config.rules import Rule, integer, list_of, nullable, one_of
-from infalign.config.schema import BOOL, DROPOUT, NONNEGATIVE, POSITIVE, SEED, TEXT, Key, Section
+from infalign.config.schema import BOOL, DROPOUT, N, NONNEGATIVE, POSITIVE, SEED, TEXT, Key, Section
 
-# models (conf/model/) and rewards (conf/reward/): per loader, the keys a config with that `_target_` may hold: the
-# loader's keyword parameters, and the group's keys the trainer reads (TRAINER_KEYS, never passed to the loader)
 LORA = {
     "r": Key(integer(0), "the adapters' rank; 0 = off (the whole policy trains)", 8),
     "alpha": Key(POSITIVE, "the adapters' scale is alpha / r", 16),
@@ -54,12 +51,16 @@ TINY_POLICY = {  # a GPT-2 trained by SFT on the training partition
         **TRAINING, "loss_on": Key(one_of("all", "response"), "the tokens the SFT loss reads", "all")}, req=True),
 }
 
-HF_POLICY = {  # any causal LM by hub id or local folder
-    **POLICY,
+HUB = {  # a model by hub id or local folder
     "name_or_path": Key(TEXT, "a hub id (org/name) or a local folder", "gpt2", req=True),
     "revision": Key(nullable(TEXT, "the default branch"), "the hub revision", "main"),
-    "tokenizer_name_or_path": Key(nullable(TEXT, "name_or_path's"), "the tokenizer's hub id or folder", "gpt2"),
     "trust_remote_code": Key(BOOL, "run the repository's own code", True),
+}
+
+HF_POLICY = {  # any causal LM
+    **POLICY,
+    **HUB,
+    "tokenizer_name_or_path": Key(nullable(TEXT, "name_or_path's"), "the tokenizer's hub id or folder", "gpt2"),
     "dtype": Key(TEXT, "the weights' torch dtype (or auto)", "float32"),
 }
 
@@ -82,12 +83,10 @@ REWARD = {
     "max_batch_tokens": Key(integer(1), "padded tokens per forward pass (pairs batched by length)", 2048),
 }
 
-HF_REWARD = {  # any sequence classifier by hub id or local folder
+HF_REWARD = {  # any sequence classifier
     **REWARD,
-    "name_or_path": Key(TEXT, "a hub id (org/name) or a local folder", "OpenAssistant/reward-model-deberta-v3-base",
-                        req=True),
-    "revision": Key(nullable(TEXT, "the default branch"), "the hub revision", "main"),
-    "trust_remote_code": Key(BOOL, "run the repository's own code", True),
+    **HUB,
+    "name_or_path": HUB["name_or_path"]._replace(value="OpenAssistant/reward-model-deberta-v3-base"),
     "input_format": Key(one_of("concat", "pair"), "prompt+response as one text, or as a text pair", "pair"),
     "label_index": Key(integer(0), "the logit read as the reward", 0),
 }
@@ -103,10 +102,28 @@ TRAINED_REWARD = {  # Bradley-Terry on the training pairs
     "train": Section("the Bradley-Terry training", TRAINING, nullable=True),
 }
 
+EXP = {
+    "t": Key(Rule(lambda v: v == "auto" or POSITIVE.test(v), "auto or a positive finite number"), "the exp "
+             "transform's t; auto: the t infalign.theory picks for n and beta", 4),
+    "n": Key(N, "the N it is built for", "${n}"),
+    "beta": Key(POSITIVE, "the beta it is built for", "${beta}"),
+    "target_kl": Key(nullable(POSITIVE, "the KL of the optimum at beta"), "the KL t=auto tunes for", 0.5),
+}
+OPTIMAL = {"n": EXP["n"], "mode": Key(one_of("bon", "won"), "best-of-N or worst-of-N", "bon"), "beta": EXP["beta"]}
+LOG = {"m": Key(nullable(integer(1), "continuous u"), "the calibration's M", "${calibration.m}"),
+       "eps": Key(POSITIVE, "the floor of log(u)", 1e-3)}
+_T, _C = "infalign.theory.factories.", "infalign.core."
+TRANSFORMS = {_T + "bon_exp": EXP, _T + "won_exp": EXP, _T + "optimal": OPTIMAL, _C + "transforms.LogTransform": LOG,
+              _C + "transforms.IdentityTransform": {}, _C + "transforms.RawTransform": {}}
+CALIBRATORS = {_C + "calibration.EmpiricalCalibrator": {}, _C + "calibration.PassThroughCalibrator": {}}
+RAW = (_C + "transforms.RawTransform", _C + "calibration.PassThroughCalibrator")
+
 _P, _R = "infalign.models.policy.", "infalign.models."
 LOADERS = {
     "model": {_P + "tiny_policy": TINY_POLICY, _P + "hf_policy": HF_POLICY, _P + "smollm2_policy": SMOLLM2_POLICY},
     "reward": {_R + "reward.hf_reward": HF_REWARD, _R + "reward_train.trained_reward": TRAINED_REWARD},
+    "transform": TRANSFORMS,
+    "calibrator": CALIBRATORS,
 }
 CACHED_POLICIES = (_P + "tiny_policy", _P + "smollm2_policy")
 TRAINER_KEYS = {"model": ("name", "prompt_format", "lora", "gradient_checkpointing"), "reward": ("name",)}

@@ -36,14 +36,12 @@ def is_real(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def integer(lo: int, hi: float = math.inf, *, whole_float: bool = False) -> Rule:
-    """An integer in [lo, hi]; `whole_float`: 4.0 counts as 4 (N, which the theory also takes as a float)."""
-    def test(v):
-        return (is_int(v) or whole_float and is_real(v) and float(v).is_integer()) and lo <= v <= hi
-
+def integer(lo: int, hi: float = math.inf) -> Rule:
     if hi < math.inf:
-        return Rule(test, f"an integer from {lo} to {hi}")
-    return Rule(test, "a positive integer" if lo == 1 else f"an integer >= {lo}")
+        allowed = f"an integer from {lo} to {hi}"
+    else:
+        allowed = "a positive integer" if lo == 1 else f"an integer >= {lo}"
+    return Rule(lambda v: is_int(v) and lo <= v <= hi, allowed)
 
 
 def real(test: Callable[[float], bool], allowed: str) -> Rule:

@@ -1,9 +1,7 @@
 """Every key of `python train.py`'s config, once: its rule (type and range), one-line meaning and value.
 
-`RUN` holds the keys of every run; their values are the defaults, the base of conf/train.yaml (`base_train`, see
-`infalign.config`). A config group's file sets its own keys, so their values here are examples: `DATA` and
-`TRAINER` (conf/data, conf/trainer), and per function a `_target_` names, the keys a config of it may hold:
-`TRANSFORMS` (conf/transform); the model and reward loaders' keys are in `infalign.config.models`.
+`RUN`'s values are the run's defaults, the base of conf/train.yaml (`base_train`); `DATA` and `TRAINER`'s are
+examples, since a group's file sets its own keys (the groups a `_target_` builds: `infalign.config.models`).
 """
 
 from __future__ import annotations
@@ -55,7 +53,7 @@ DROPOUT = real(lambda v: 0 <= v < 1, "a number in [0, 1)")
 BOOL = one_of(True, False, text="true or false")
 TEXT = Rule(lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string")
 SEED = integer(0, 2**32 - 1)  # Lightning's seed_everything replaces a seed outside it by 0, with a warning
-N = integer(1, whole_float=True)
+N = real(lambda v: v >= 1 and float(v).is_integer(), "a positive integer")  # 4.0 too: the theory takes floats
 TARGET = Rule(lambda v: isinstance(v, str) and re.fullmatch(r"[\w.]+", v) is not None, "a dotted import path")
 NEUTRAL = ("rollouts sample from the policy itself: the KL estimate and the policy gradient assume it, and the "
            "calibration samples and evaluation sample the same way")
@@ -191,20 +189,3 @@ TRAINER = {  # open: Lightning's other parameters are checked against lightning.
     "num_sanity_val_steps": Key(integer(-1), "Lightning's sanity check, unused here", 0),
     "enable_model_summary": Key(BOOL, "Lightning's model summary", False),
 }
-
-# transforms (conf/transform/) and calibrators (conf/calibrator/): the keys of each; RAW: raw rewards, together
-EXP = {
-    "t": Key(Rule(lambda v: v == "auto" or POSITIVE.test(v), "auto or a positive finite number"), "the exp "
-             "transform's t; auto: the t infalign.theory picks for n and beta", 4),
-    "n": Key(N, "the N it is built for", "${n}"),
-    "beta": Key(POSITIVE, "the beta it is built for", "${beta}"),
-    "target_kl": Key(nullable(POSITIVE, "the KL of the optimum at beta"), "the KL t=auto tunes for", 0.5),
-}
-OPTIMAL = {"n": EXP["n"], "mode": Key(one_of("bon", "won"), "best-of-N or worst-of-N", "bon"), "beta": EXP["beta"]}
-LOG = {"m": Key(nullable(integer(1), "continuous u"), "the calibration's M", "${calibration.m}"),
-       "eps": Key(POSITIVE, "the floor of log(u)", 1e-3)}
-_T, _C = "infalign.theory.factories.", "infalign.core."
-TRANSFORMS = {_T + "bon_exp": EXP, _T + "won_exp": EXP, _T + "optimal": OPTIMAL, _C + "transforms.LogTransform": LOG,
-              _C + "transforms.IdentityTransform": {}, _C + "transforms.RawTransform": {}}
-CALIBRATORS = {_C + "calibration.EmpiricalCalibrator": {}, _C + "calibration.PassThroughCalibrator": {}}
-RAW = (_C + "transforms.RawTransform", _C + "calibration.PassThroughCalibrator")

@@ -1,7 +1,5 @@
-"""The presets' files, read as plain YAML before torch is imported, and `check_presets`: the run records the chosen
-`method` and `solver` (final_metrics.json, the W&B run's name, the study tables), so a command line that contradicts
-them is refused. The preset groups (conf/method, conf/solver, conf/scale) set disjoint keys (tests/test_presets.py).
-"""
+"""The presets' files as plain YAML, and `check_presets`: the run records the chosen `method` and `solver`, so a
+command line that contradicts them is refused. The preset groups set disjoint keys (tests/test_presets.py)."""
 
 from __future__ import annotations
 
@@ -47,9 +45,8 @@ def preset_defaults(group: str, choice: str) -> dict[str, str]:
 
 
 def check_presets(choices: Mapping, overrides: Sequence[str] = ()) -> None:
-    """Refuse a `transform=` or `calibrator=` other than the chosen `method=`'s; an `rl.algo` or `rl.kl_penalty`
-    (what makes one solver another) other than the chosen solver's; a `distill.*` key under a solver that does not
-    distil. `choices`: Hydra's group choices; `overrides`: the command line's."""
+    """Refuse a `transform=` or `calibrator=` other than the `method=`'s; an `rl.algo` or `rl.kl_penalty` (what
+    makes one solver another) other than the solver's; a `distill.*` key under a solver that does not distil."""
     given = {key.lstrip("+~"): value for key, _, value in (str(o).partition("=") for o in overrides)}
     method, solver = choices.get("method"), choices.get("solver")
     pair = preset_defaults("method", method) if method else {}
