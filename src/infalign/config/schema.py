@@ -55,8 +55,7 @@ TEXT = Rule(lambda v: isinstance(v, str) and v.strip() != "", "a non-empty strin
 SEED = integer(0, 2**32 - 1)  # Lightning's seed_everything replaces a seed outside it by 0, with a warning
 N = real(lambda v: v >= 1 and float(v).is_integer(), "a positive integer")  # 4.0 too: the theory takes floats
 TARGET = Rule(lambda v: isinstance(v, str) and re.fullmatch(r"[\w.]+", v) is not None, "a dotted import path")
-NEUTRAL = ("rollouts sample from the policy itself: the KL estimate and the policy gradient assume it, and the "
-           "calibration samples and evaluation sample the same way")
+NEUTRAL = "rollouts sample from the policy itself, as the KL estimate, the policy gradient and the calibration assume"
 
 RL = {
     "algo": Key(one_of("rloo", "ppo"), "RLOO, or PPO-clip with several passes over a rollout", "rloo"),
@@ -75,8 +74,7 @@ RL = {
 }
 
 DISTILL = {
-    "iterations": Key(integer(0), "the iterations that distil (of rl.iterations): solver=distill_rl's first stage; "
-                      "solver=distill sets rl.iterations", 0),
+    "iterations": Key(integer(0), "how many of the first rl.iterations distil (distill_rl: half; distill: all)", 0),
     "m": Key(integer(2), "reference samples per training prompt in the pool; leave-one-out needs 2", 64),
     "samples_per_prompt": Key(integer(1), "pool samples resampled per prompt and iteration", 4),
     "prompts_per_batch": Key(integer(1), "prompts per batch while building the pool", 8),
@@ -138,8 +136,8 @@ RUN = {
                        "for torch's default", None, 2),
     "progress": Key(BOOL, "progress bars over the iterations and the builds", True),
     "rl": Section("the policy-gradient solver", RL),
-    "distill": Section("the distillation solver: the first iterations fit the tilt by weighted maximum likelihood on "
-                       "reference samples", DISTILL),
+    "distill": Section("the distillation solver: the tilt fit by weighted maximum likelihood on reference samples",
+                       DISTILL),
     "optimizer": Section("the policy's optimizer, a partial", OPTIMIZER),
     "scheduler": Section("the learning-rate schedule; null: constant", SCHEDULER, nullable=True),
     "generation": Section("sampling: rollouts, reference samples, evaluation", GENERATION),
