@@ -43,8 +43,7 @@ def _curves_by_run(sweep_dir: Path, rows: list[dict]) -> tuple[dict[tuple[str, i
 
     from infalign.study.run_config import transform_from_run, yardstick_m
     from infalign.study.runs import RUN_CONFIG
-    from infalign.theory import tilted_density
-    from infalign.theory.efficiency import calibrated_transform
+    from infalign.theory import at_m, tilted_density
 
     curves, keys, betas = {}, [], np.geomspace(0.005, 5.0, 30)
     for row in rows:
@@ -66,7 +65,7 @@ def _curves_by_run(sweep_dir: Path, rows: list[dict]) -> tuple[dict[tuple[str, i
         keys[-1] = (label, n)
         if (label, n) in curves:
             continue
-        phi = calibrated_transform(transform, m)
+        phi = at_m(transform, m)  # beta grids: the smooth form is enough
         pts = []
         for b in betas:
             d = tilted_density(phi, float(b))
