@@ -24,7 +24,8 @@ from infalign.theory.finite_m import cache_averaged_summary
 from infalign.theory.solve import LOG_BETA_RANGE, optimal_density
 
 __all__ = ["GRID_CELLS", "KL_FLOOR", "METHOD_METRICS", "METRICS", "measured_win_rate", "optimal_tilt_at_kl",
-           "optimum_at", "optimum_curve", "optimum_kl_for_win_rate", "target_metric", "tilt_at_kl", "tilt_kl_for_win_rate"]
+           "optimum_at", "optimum_curve", "optimum_kl_for_win_rate", "target_metric", "tilt_at_kl",
+           "tilt_kl_for_win_rate"]
 
 GRID_CELLS = 4096  # theory grid: win rates within ~1e-5 of the 16k default, far below any seed SE, 4x faster
 KL_FLOOR = 1e-6  # at or below this measured KL (k1 can dip below 0 by sampling noise) the policy is the reference
