@@ -65,7 +65,7 @@ def test_sweep_summary_skips_a_planted_target_with_a_warning(planted_sweep, vict
     assert csv_path.read_text().count("\n") == 3 and png_path.read_bytes()[:4] == b"\x89PNG"  # both runs' rows
     warning = next(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert str(bad_cfg) in warning and "builtins.open" in warning and "infalign.core.transforms.BoNExpTransform" in warning
-    assert list(_theory_curves(sweep, collect_runs(sweep))) == [("identity", 4)]  # the legit member's curve only
+    assert list(_theory_curves(sweep, collect_runs(sweep))[0]) == [("identity", 4)]  # the legit member's curve only
     assert not list(sweep.glob(".*.tmp"))  # the atomic writers left no temp files
 
 
@@ -129,6 +129,6 @@ def test_recorded_t_is_used_and_no_solver_runs(tmp_path, monkeypatch):
         member = plant(sweep, i, cfg, final=final)
         transform = transform_from_run(final, member)
         assert type(transform) is cls and transform.t == t
-    curves = _theory_curves(sweep, collect_runs(sweep))
+    curves = _theory_curves(sweep, collect_runs(sweep))[0]
     assert sorted(curves) == [("bon_exp(t=7.5)", 4), ("won_exp(t=3.25)", 4)]
     assert write_summary(sweep) is not None

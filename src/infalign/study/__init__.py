@@ -1,13 +1,5 @@
 """Studies: a sweep of methods x beta x seeds read as win-rate-vs-KL curves with error bars, compared with
-the closed-form theory (infalign.theory). No Lightning: it reads the runs' final_metrics.json.
-
-    runs.py      reading a sweep's runs as data (which finished, final metrics, logs)
-    run_config.py  a run's saved config read as data (the transform it trained with, recorded values)
-    analysis.py  the study computed from them: theory, gaps, matched KL
-    seed_means.py  the runs' mean ± s.e. over seeds per solver x method x n x beta
-    paired.py    paired per-prompt differences between methods, their s.e., the closed forms' prediction
-    figures.py, report.py   the study's figures and tables, written into the sweep directory
-    sweep.py     the Hydra end-of-multirun callback: the raw sweep summary, then the study
+the closed-form theory (infalign.theory). No Lightning: it reads the runs' files (docs/development.md, Layout).
 
     python -m infalign.study <sweep dir>     (also run by the sweep callback at the end of every multirun)
 """

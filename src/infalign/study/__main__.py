@@ -11,20 +11,17 @@ write the tables and figures of DIR, every member archived there so far. DIR is 
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
 
 from infalign.study.archive import archive_members
-from infalign.study.report import print_paths, write_study
+from infalign.study.report import cli_parser, print_paths, write_study
 from infalign.study.runs import sweep_problem
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m infalign.study", description=__doc__.strip().split("\n\n")[0],
-                                     epilog="\n\n".join(__doc__.strip().split("\n\n")[1:]),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli_parser("python -m infalign.study", __doc__)
     parser.add_argument("sweep_dir", type=Path, help="a sweep directory (hydra.sweep.dir of `train.py -m`)")
     parser.add_argument("kls", type=float, nargs="*", metavar="KL", help="matched-KL comparison points (nats)")
     parser.add_argument("--archive", type=Path, metavar="DIR", help="archive the finished members into DIR, "

@@ -1,29 +1,12 @@
-"""A sweep's runs as a study: gaps to theory and KL efficiency per run, mean ± SE over seeds per solver x method
-x beta, win rates at matched KL, paired per-prompt comparisons between methods.
+"""A sweep's runs as a study: per run its theory, optimum, gaps and KL efficiency; mean ± s.e. over seeds per
+solver x method x beta; win rates at matched KL; paired per-prompt comparisons; the claimed orderings.
 
-Every number comes from the members' `final_metrics.json` and `eval_per_prompt.csv` (read by
-`infalign.study.runs`; measured on the same held-out prompts against the same cached reference samples) and
-from `infalign.theory` evaluated at each run's measured KL:
-
-- theory for the run's transform: the beta at which the optimal tilt of that transform, seen through the
-  M-sample calibration its target was built with (`yardstick_m`: `calibration.m` for RL, the pool's `distill.m` - 1
-  for distillation, whose pool samples are calibrated leave-one-out; the exact fixed-cache form,
-  infalign.theory.finite_m), spends the measured KL
-  (`beta_for_kl`), then that policy's win rates. It is what the transform would give if RL reached its
-  optimum; `raw` has no such value (its reward is uncalibrated, so no model-agnostic theory);
-- the optimum: the best any policy can do at that KL (the fixed-point optimal transform for best-/worst-of-N,
-  traced over beta; for the standard win rate the identity transform, which is optimal for N = 1);
-- KL efficiency (infalign.theory.efficiency) on the run's target metric (bon / won / std): the gain fraction
-  (the run's gain over 0.5 per the curve's gain at the same KL) and the KL efficiency (the KL the curve needs for
-  the run's win rate per KL spent), against the tilt and against the optimum; and the gain fraction against the
-  same tilt on every metric (`gain_fraction_<std|bon|won>`, issue 30 item 1), held-in beside held-out when the run
-  recorded a held-in evaluation (`eval_held_in/*`: `gain_fraction_<metric>_held_in`, NaN otherwise);
-- the claimed orderings at matched KL with the shape transfer (infalign.study.orderings, orderings.csv).
-
-`gap = measured - theoretical`: negative when the run falls short of the closed form.
-Matched-KL values are interpolated only inside the KL range each method measured, never extrapolated or
-interpolated towards the reference.
-numpy/scipy and infalign.theory only: no Lightning, no training.
+Every number comes from the members' files (`infalign.study.runs`) and from `infalign.theory` at each run's
+measured KL. *Theory* is the optimal tilt of the run's own transform, seen through the M-sample calibration its
+target was built with (`yardstick_m`: `calibration.m` for RL, the pool's `distill.m` - 1 for distillation), that
+spends the measured KL: what the transform gives if RL reached its optimum (`raw` has none: its reward is
+uncalibrated). The *optimum* is the best any policy reaches at that KL. `gap = measured - theoretical`: negative
+when the run falls short. Matched-KL values are interpolated only inside each method's measured KL range.
 """
 
 from __future__ import annotations
@@ -35,47 +18,22 @@ from pathlib import Path
 
 import numpy as np
 
-from infalign.study.orderings import ordering_rows
-from infalign.study.paired import curve_label, paired_comparisons, predicted_difference
+from infalign.study.orderings import metric_column, ordering_rows
+from infalign.study.paired import curves_at, paired_comparisons, predicted_difference
 from infalign.study.run_config import calibration_m, run_solver, transform_from_run, yardstick_m
 from infalign.study.runs import collect_runs, logged_values
 from infalign.study.seed_means import aggregate, efficiency_rows
 from infalign.study.tilt_fit import read_tilt_fit
-from infalign.theory import default_grid
-from infalign.theory.efficiency import (  # the optimum lives in theory (the trainer uses it too); re-exported here
-    BETA_START,
-    BETA_STOP,
-    GRID_CELLS,
-    KL_FLOOR,
-    PER_DECADE,
-    optimum_at,
-    optimum_curve,
-    target_metric,
-    tilt_at_kl,
-)
-from infalign.theory.run_efficiency import efficiency_columns
+from infalign.theory.efficiency import KL_FLOOR, optimum_at, optimum_curve, target_metric, tilt_at_kl
+from infalign.theory.run_efficiency import efficiency_columns, gain_fraction
 
-__all__ = ["BETA_START", "BETA_STOP", "PER_DECADE", "Study", "analyze_sweep", "matched_kl", "metric_column",
-           "optimum_curve", "optimum_at", "paired_comparisons", "predicted_difference", "run_rows", "theory_at_kl"]
+# the study's names for what it re-exports: the optimal tilt of a transform at a KL, on the study's grid
+theory_at_kl = tilt_at_kl
+__all__ = ["Study", "analyze_sweep", "matched_kl", "metric_column", "optimum_curve", "optimum_at",
+           "paired_comparisons", "predicted_difference", "run_rows", "theory_at_kl"]
 
 RAW_NOTE = "raw reward: uncalibrated, no closed-form theory for its transform (gap to the optimum only)"
 MAXK_NOTE = "maxk: optimises the win rate itself, no transform and so no tilt (gap to the optimum only)"
-
-
-def _grid():
-    return default_grid(GRID_CELLS)
-
-
-# ---------------------------------------------------------------------------------------------- theory
-def theory_at_kl(transform, kl: float, n: int, m: int | None = None) -> dict:
-    """Win rates of the optimal tilt of `transform` (through an `m`-sample calibration; None: continuous) that
-    spends `kl` nats: {beta, std, bon, won} (`infalign.theory.efficiency.tilt_at_kl` on the study's grid)."""
-    return tilt_at_kl(transform, kl, n, m, _grid())
-
-
-def metric_column(metric: str, n: int) -> str:
-    """The study-row column of `metric` at N = `n` (std, bon@N, won@N)."""
-    return "std" if metric == "std" else f"{metric}@{n}"
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -97,10 +55,22 @@ def _number(value) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
 
 
-def run_rows(raw_rows: list[dict], sweep_dir: Path, kl_max: float | None = None) -> list[dict]:
+NO_TILT = {"beta": math.nan, "std": math.nan, "bon": math.nan, "won": math.nan}
+
+
+def _tilt(transform, kl: float, n: int, m: int | None, notes: list[str], what: str) -> dict:
+    """The optimal tilt of the run's transform spending `kl` ({beta, std, bon, won}); NaN, with a note, where it
+    cannot (e.g. won_exp with a large t cannot reach the measured KL)."""
+    try:
+        return tilt_at_kl(transform, kl, n, m)
+    except ValueError as e:
+        notes.append(f"{what} n/a: {e}")
+        return NO_TILT
+
+
+def run_rows(raw_rows: list[dict], sweep_dir: Path) -> list[dict]:
     """One flat row per finished run: identity columns, measured win rates, theory, optimum, gaps, efficiency."""
-    if kl_max is None:
-        kl_max = max([float(r.get("eval/kl", 0.0)) for r in raw_rows] + [0.0])
+    kl_max = max([float(r.get("eval/kl", 0.0)) for r in raw_rows] + [0.0])
     for n in {int(r["n"]) for r in raw_rows}:  # trace each optimum once, far enough for every run
         for key in ("std", "bon", "won"):
             optimum_curve(n, key, kl_max)
@@ -124,16 +94,11 @@ def run_rows(raw_rows: list[dict], sweep_dir: Path, kl_max: float | None = None)
         notes = []
         if row["kl"] <= KL_FLOOR:
             notes.append("measured KL <= 0 (sampling noise): theory and optimum are the reference's 0.5")
-        theory = {"beta": math.nan, "std": math.nan, "bon": math.nan, "won": math.nan}
         # rebuilt as data (infalign.study.run_config: allow-listed transforms, the recorded t, never executed)
         transform = transform_from_run(r, member_dir)
         if transform is None:
             notes.append(MAXK_NOTE if solver == "maxk" else RAW_NOTE)
-        else:
-            try:
-                theory = theory_at_kl(transform, row["kl"], n, m)
-            except ValueError as e:  # e.g. won_exp with a large t cannot reach the measured KL
-                notes.append(f"theory n/a: {e}")
+        theory = NO_TILT if transform is None else _tilt(transform, row["kl"], n, m, notes, "theory")
         row["theory_beta"] = theory["beta"]
         for key in ("std", "bon", "won"):
             opt = optimum_at(n, key, row["kl"]) if row["kl"] > KL_FLOOR else 0.5
@@ -141,7 +106,7 @@ def run_rows(raw_rows: list[dict], sweep_dir: Path, kl_max: float | None = None)
             row[f"gap_theory_{key}"] = measured[key] - theory[key]
             row[f"gap_opt_{key}"] = measured[key] - opt
         for key in ("std", "bon", "won"):  # per metric: the share of the same tilt's gain on that metric
-            row[f"gain_fraction_{key}"] = _gain_fraction(measured[key], theory[key])
+            row[f"gain_fraction_{key}"] = gain_fraction(measured[key], theory[key])
         row.update(_held_in(r, transform, n, m, notes))
         fit = read_tilt_fit(member_dir)  # `python -m infalign.study.tilt_fit <member>` (issue 30 item 3); NaN before
         row["tilt_slope"], row["tilt_shape"] = _number(fit.get("slope")), _number(fit.get("shape"))
@@ -162,13 +127,6 @@ def run_rows(raw_rows: list[dict], sweep_dir: Path, kl_max: float | None = None)
     return out
 
 
-def _gain_fraction(win: float, tilt: float) -> float:
-    """(win - 0.5) / (tilt - 0.5) on one metric: the run's gain over the reference as a share of the gain of
-    its tilt (at the run's KL and yardstick M) on the same metric; NaN without a tilt or with no gain to share."""
-    gain = tilt - 0.5
-    return (win - 0.5) / gain if math.isfinite(win) and math.isfinite(gain) and gain > 1e-12 else math.nan
-
-
 HELD_IN = "eval_held_in"  # the held-in evaluation's keys in final_metrics.json (training prompts)
 
 
@@ -181,14 +139,10 @@ def _held_in(r: dict, transform, n: int, m: int | None, notes: list[str]) -> dic
                 "won": _number(r.get(f"{HELD_IN}/won_win_rate@{n}"))}
     out = {"kl_held_in": kl, "kl_calibrated_held_in": _number(r.get(f"{HELD_IN}/kl_calibrated")),
            **{f"{k}_held_in": v for k, v in measured.items()}}
-    theory = {"std": math.nan, "bon": math.nan, "won": math.nan}
-    if transform is not None and math.isfinite(kl):
-        try:
-            theory = theory_at_kl(transform, kl, n, m)
-        except ValueError as e:
-            notes.append(f"held-in theory n/a: {e}")
+    has_tilt = transform is not None and math.isfinite(kl)
+    theory = _tilt(transform, kl, n, m, notes, "held-in theory") if has_tilt else NO_TILT
     for key in ("std", "bon", "won"):
-        out[f"gain_fraction_{key}_held_in"] = _gain_fraction(measured[key], theory[key])
+        out[f"gain_fraction_{key}_held_in"] = gain_fraction(measured[key], theory[key])
     return out
 
 
@@ -207,22 +161,13 @@ def _auto_kls(curves: dict[str, np.ndarray], points: int) -> list[float]:
 
 
 def matched_kl(groups: list[dict], kls=None, points: int = 3) -> list[dict]:
-    """Win rates of every method at common KL values, interpolated linearly along its mean curve (KL sorted).
-
-    `kls`: the KL values, or None for `points` values over the range all methods measured. Only inside each
-    method's measured KL range: beyond its largest or below its smallest measured KL a method gets NaN. The
-    reference (KL 0, win rate 0.5) is not a measured point: the chord from it to a method's first point is a
-    lower bound for a concave curve, drawn dotted in the figures but never reported as a result. The SE is
-    interpolated the same way (an approximation: neighbouring points are independent runs).
+    """Win rates of every method at common KL values (`kls`, else `points` over the range all methods measured),
+    interpolated linearly along its mean curve, only inside the method's measured KL range (NaN beyond it; the
+    reference is no measured point). The s.e. is interpolated likewise (neighbouring points are independent runs).
     """
     out = []
     for n in sorted({g["n"] for g in groups}):
-        curves = {}
-        for label in dict.fromkeys(curve_label(g) for g in groups if g["n"] == n):
-            pts = sorted((g for g in groups if g["n"] == n and curve_label(g) == label and math.isfinite(g["kl"])),
-                         key=lambda g: g["kl"])
-            if pts:
-                curves[label] = pts
+        curves = curves_at(groups, n)
         if kls:
             targets = [float(k) for k in kls]
         else:

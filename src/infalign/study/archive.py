@@ -1,18 +1,12 @@
 """Keeping a study's results beside the code: copy each finished member's data files out of a sweep directory.
 
-A sweep directory lives under `outputs/`, which is not committed, so a study run in parts over several
-sessions (or machines) loses its finished members with the machine, and with them the per-prompt tables the
-paired comparison needs (issue 15: eight seeds per side were lost that way). `archive_members` copies what
-the study reads of each finished member (`ARCHIVED_FILES`: its final metrics, saved config, per-prompt table
-and metrics log; never checkpoints or samples) into a directory that is committed, one folder per member under
-the member's own name (its tilt fit too, where `python -m infalign.study.tilt_fit` was run on it), so that
-directory is itself a sweep directory: `python -m infalign.study <archive>`
-analyses it, and later parts are archived into it.
-
-Nothing is overwritten: a member whose files are already archived with the same bytes is skipped; one whose
-archived files differ raises before anything is written (two runs under one name are two results, not one).
-Each file is written atomically and `final_metrics.json` last, so an interrupted archive never holds a member
-that looks finished without its tables. Plain file copies: no Lightning, no training.
+A sweep directory lives under `outputs/`, which is not committed, so a study run in parts loses its finished
+members with the machine (issue 15 lost eight seeds per side that way). `archive_members` copies what the study
+reads of each member (`ARCHIVED_FILES`, never checkpoints or samples) into a committed directory, one folder per
+member, so the archive is itself a sweep directory (`python -m infalign.study <archive>`) and later parts join it.
+Nothing is overwritten: a member already archived with other bytes is refused before anything is written (two
+runs under one name are two results); `final_metrics.json` is written last, so an interrupted archive never
+holds a member that looks finished without its tables.
 """
 
 from __future__ import annotations

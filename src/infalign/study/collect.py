@@ -6,14 +6,13 @@ OUT/solver_efficiency.csv are replaced atomically; nothing is computed here."""
 
 from __future__ import annotations
 
-import argparse
 import csv
 import sys
 from pathlib import Path
 
 from infalign.runtime.atomic import atomic_write_csv
 from infalign.study.orderings import COLUMNS as ORDERING_COLUMNS
-from infalign.study.report import print_paths
+from infalign.study.report import cli_parser, print_paths
 
 
 def _rows(path: Path) -> tuple[list[str], list[dict]]:
@@ -40,7 +39,7 @@ def collect(dirs: list[Path], out: Path) -> dict[str, Path]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m infalign.study.collect", description=__doc__.split("\n\n")[0])
+    parser = cli_parser("python -m infalign.study.collect", __doc__)
     parser.add_argument("dirs", type=Path, nargs="+", metavar="DIR", help="studies written by python -m infalign.study")
     parser.add_argument("--out", type=Path, required=True, help="the folder of the combined tables (e.g. docs)")
     args = parser.parse_args(argv)

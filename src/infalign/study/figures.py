@@ -1,17 +1,9 @@
-"""Study figures: win rate vs KL per method (mean ± SE over seeds), the theoretical optimum for comparison.
+"""Study figures: win rate vs KL per method (mean ± s.e. over seeds) against the best any policy reaches.
 
-    study_bon.png       best-of-N win rate vs KL, one panel per N of eval.ns (N > 1)
-    study_won.png       worst-of-N win rate vs KL, likewise
-    study_standard.png  standard win rate (N = 1) vs KL
-
-Each method is a curve through its (mean KL, mean win rate) points over beta, each point named by its beta, with
-standard-error bars over seeds on both axes (a point with one seed: that run's own s.e. over the eval prompts);
-the seeds themselves are faint dots; a dotted chord joins each curve to the reference
-(black star: KL 0, win rate 0.5) to guide the eye only: it is not measured, and the study reports no value
-on it (matched KL stays inside each method's measured range). The black dashed line is the best win rate any
-policy can reach at that KL (infalign.theory; for the standard win rate the identity transform).
-With several solvers in one sweep each (method, solver) is its own curve (`label`). The legend sits outside the
-panels. `metric_series` is what a panel draws, as data (tests/test_figures.py); `plot_metric` only draws it.
+study_bon.png, study_won.png (one panel per N of eval.ns, N > 1) and study_standard.png (N = 1). Each curve runs
+through a method's points over beta (each named by its beta; one seed: that run's own s.e. over the eval prompts),
+the seeds faint beside it; the dotted chord to the reference (KL 0, 0.5) only guides the eye, no value is reported
+on it. `metric_series` is what a panel draws, as data (tests/test_figures.py); `plot_metric` only draws it.
 """
 
 from __future__ import annotations
@@ -22,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from infalign.runtime.atomic import atomic_write_figure
-from infalign.study.analysis import Study, optimum_curve
+from infalign.study.analysis import Study, metric_column, optimum_curve
 from infalign.study.runs import per_prompt_rows
 
 __all__ = ["metric_series", "plot_metric", "study_figure", "write_figures", "TITLES"]
@@ -63,7 +55,7 @@ def metric_series(study: Study, key: str, n: int, show_runs: bool = True, optimu
       error bars: the s.e. over seeds, or with a single seed that run's own s.e. over the eval prompts;
     - "seeds": the same curve's runs, one faint dot each (label None: not in the legend);
     - "reference": the star at (KL 0, win rate 0.5); "optimum": the best any policy reaches at N = `n`."""
-    col = "std" if key == "std" else f"{key}@{n}"
+    col = metric_column(key, n)
     out = []
     for i, (label, run_n) in enumerate(_curves(study)):
         color = f"C{i % 10}"  # by the curve's index over all panels: one colour per method in every panel

@@ -1,36 +1,18 @@
-"""The three orderings the paper claims, each a comparison of two methods at matched KL (a study's
-`orderings.csv`; issue 30, item 1):
+"""The three orderings the paper claims, each two methods compared at matched KL (a study's `orderings.csv`;
+issue 30, item 1): bon_exp > calibrated on best-of-N, won_exp > calibrated on worst-of-N, calibrated >= raw on the
+standard win rate; and (issue 31) the maxk solver against bon_exp and calibrated trained by another solver.
 
-    bon_exp > calibrated    on best-of-N (at the run's N)
-    won_exp > calibrated    on worst-of-N
-    calibrated >= raw       on the standard win rate
+Two methods' runs rarely spend the same KL, and the win rate rises with KL, so each method's metric is regressed
+on KL across its seeds (OLS) and both fits are read at one common KL, the mean of the two sides' mean KLs; the s.e.
+comes from each fit's prediction variance (the sides are independent). Matched twice: on the KL in calibrated space
+(the KL the reward can see) and on the sequence KL. NaN where a side has fewer than 3 runs or a single KL.
 
-Two methods' runs rarely spend the same KL, and the win rate rises with KL, so their mean difference mixes the
-methods' effect with the KL difference. Here each method's metric is regressed on KL across its runs (its seeds:
-ordinary least squares, `metric = intercept + slope * KL`) and both fits are evaluated at one common KL, the
-mean of the two groups' mean KLs; `diff` = A's value there - B's, `se` = sqrt(se_A^2 + se_B^2) from each fit's
-prediction variance `s^2 (1/n + (KL - mean KL)^2 / Sxx)` (the two methods' runs are independent), `z` = diff / se.
-Done twice, `matched` = `calibrated_kl` (the KL in calibrated space, `eval/kl_calibrated`: the KL the reward can
-see) and `kl` (the sequence KL, `eval/kl`). NaN where a side has fewer than 3 runs or a single KL (no slope
-with an s.e.).
-
-`shape_transfer` = (measured A - B) / (tilt A - tilt B) on the row's metric (A's target) at the row's common
-calibrated KL: how much of the difference between the two transforms' exact tilts the trained policies realise.
-The tilts are the closed forms of each side's own transform at the M its target was calibrated with
-(`yardstick_m`: the pool's M - 1 for distillation, `calibration.m` for RL) spending the common KL
-(`infalign.theory.efficiency.tilt_at_kl`). `shape_transfer_se` = se / |tilt A - tilt B| (delta method; the
-tilts' Monte Carlo error, ~0.001, is left out). NaN where a side has no tilt (`raw`), and on the `kl` rows: a
-closed form's KL is the KL over calibrated ranks, so a tilt has no sequence KL to be read at (read there, it gave
-ratios such as 3.2 that measure nothing).
-
-Each comparison is made on the held-out evaluation prompts (`metric` e.g. `bon@4`) and, where the runs evaluated
-training prompts too (`eval.held_in_prompts`), on those (`bon@4_held_in`: the run's N only).
-
-The maxk solver (issue 31) is compared with bon_exp and calibrated (won_exp and calibrated for worst-of-N) trained
-by another solver at the same N (`MAXK_ORDERINGS`; `config` names both solvers); its rows have no shape transfer.
-
-One row per ordering, matched space and configuration (`config`: the sweep, the solver, N, and each side's beta;
-B's beta is the one at the closest mean KL to A's when a method has several). numpy and infalign.theory only.
+`shape_transfer` = (A - B) / (tilt A - tilt B) at the common calibrated KL: how much of the difference between the
+two transforms' exact tilts (each at the M its target was calibrated with) the trained policies realise; NaN for
+raw and maxk (no tilt) and on the sequence-KL rows (a closed form's KL is over calibrated ranks, so a tilt has no
+sequence KL to be read at). Each comparison is made on the held-out prompts and, where the runs evaluated them
+(`eval.held_in_prompts`), on the training prompts (`<metric>_held_in`). One row per ordering, matched space and
+configuration (`config`: the sweep, solver(s), N and each side's beta; B's the one at the closest mean KL to A's).
 """
 
 from __future__ import annotations
@@ -45,7 +27,8 @@ from infalign.study.run_config import transform_from_run
 from infalign.study.runs import final_metrics
 from infalign.theory.efficiency import tilt_at_kl
 
-__all__ = ["COLUMNS", "MATCHED", "MAXK_ORDERINGS", "ORDERINGS", "kl_fit", "matched_difference", "ordering_rows"]
+__all__ = ["COLUMNS", "MATCHED", "MAXK_ORDERINGS", "ORDERINGS", "kl_fit", "matched_difference", "metric_column",
+           "ordering_rows"]
 
 ORDERINGS = (("bon_exp", "calibrated", "bon"), ("won_exp", "calibrated", "won"), ("calibrated", "raw", "std"))
 # issue 31: the win rate optimised directly (solver=maxk, recorded as method maxk) against CTRL's transform and
@@ -93,7 +76,8 @@ def matched_difference(xa, ya, xb, yb, x0: float | None = None) -> dict:
             "slope_a": fa["slope"], "slope_b": fb["slope"], "seeds_a": fa["n"], "seeds_b": fb["n"]}
 
 
-def _column(metric: str, n: int) -> str:
+def metric_column(metric: str, n: int) -> str:
+    """The run-row column of `metric` at N = `n` (std, bon@N, won@N)."""
     return "std" if metric == "std" else f"{metric}@{n}"
 
 
@@ -137,7 +121,7 @@ def ordering_rows(runs: list[dict], sweep_dir: Path) -> list[dict]:
     sweep_dir = Path(sweep_dir)
     out = []
     for solver_a, a, solver_b, b, n, metric in _comparisons(runs):
-        col = _column(metric, n)
+        col = metric_column(metric, n)
         arm_a = [r for r in runs if r["solver"] == solver_a and r["n"] == n and r["method"] == a
                  and (solver_a != "maxk" or r.get("metric") == metric)]
         arm_b = [r for r in runs if r["solver"] == solver_b and r["n"] == n and r["method"] == b]

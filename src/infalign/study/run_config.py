@@ -1,26 +1,13 @@
-"""A run's saved config read as data: the transform it trained with and the other values it recorded.
+"""A run's saved config read as data: the transform it trained with (`transform_from_run`) and other recorded
+values (`calibration_m`, `yardstick_m`, `run_solver`, `config_value`).
 
-- `transform_from_run`: the member's transform rebuilt from its saved config and recorded values;
-- `calibration_m`, `yardstick_m`, `run_solver`, `config_value`: other recorded values (the calibration's M, the M
-  the run's target was calibrated with, the solver).
-
-A results folder may come from anyone, so its `.hydra/config.yaml` is never handed to Hydra's
-`instantiate` (which imports and calls whatever `_target_` names: `builtins.open` with mode "w" truncates a
-file). Instead `transform_from_run`:
-
-- loads the config with `OmegaConf.load` (a safe YAML loader) and reads it as plain containers, unresolved;
-- accepts only a `_target_` among the project's own transforms (`ALLOWED_TRANSFORMS`: the classes of
-  `infalign.core.transforms` and the builders of `infalign.theory.factories`), looked up in a table of already
-  imported callables: the string is never imported or called;
-- passes only the parameters the class's constructor accepts, each a plain number, string, bool or null;
-  a value may be a plain reference to another key of the saved config (`n: ${n}`, followed by hand to a
-  plain value), never a resolver call (`${oc.env:...}`, `${infalign.*:}`) or a nested node;
-- takes `n` and `beta` (`RECORDED_ROOT_KEYS`) from final_metrics.json, where the run recorded the values
-  its config resolved to (a study's `beta: ${infalign.pick:...}` needs no resolver), and the recorded `t`
-  (the one `t: auto` resolved to in training), so no solver runs again.
-
-The member's files themselves (which runs finished, their final metrics and logs) are read by
-`infalign.study.runs`.
+A results folder may come from anyone, so its `.hydra/config.yaml` is never handed to Hydra's `instantiate`
+(which imports and calls whatever `_target_` names: `builtins.open` with mode "w" truncates a file). It is loaded
+with a safe YAML loader and read unresolved; only a `_target_` among the project's own transforms
+(`ALLOWED_TRANSFORMS`, a table of already imported callables) is called, with only the parameters its constructor
+accepts, each a plain scalar or a plain `${key}` reference followed by hand (never a resolver or a nested node).
+`n`, `beta` and `t` come from final_metrics.json, where the run recorded what its config resolved to (so neither
+a resolver nor the `t: auto` solver runs again).
 """
 from __future__ import annotations
 

@@ -1,20 +1,7 @@
-"""Reading a sweep's runs as data: which runs finished, what each recorded, and the transform it trained with.
-
-Everything the study (`infalign.study.analysis`), the sweep summary (`infalign.study.sweep`) and the bench
-scripts know about a run comes through here, and only by reading files, never by executing them:
-
-- `find_sweep_dir`: the sweep to read (a given directory, `$INFALIGN_SWEEP_DIR`, else the newest one);
-- `finished_members`: every finished member the study can read, in sweep (job) order; a damaged one (its
-  `final_metrics.json` no JSON object, its `eval_per_prompt.csv` with a value that is no finite number) is named
-  with the file and the reason in one warning and left out, of the tables and of an archive alike;
-- `collect_runs`: the `final_metrics.json` of each of those members;
-- `logged_values`: one column of a member's `logs/metrics.csv`;
-- `per_prompt_rows`: the member's eval_per_prompt.csv (paired comparisons between methods).
-
-The member's saved config (the transform it trained with, the other values it recorded) is read as data by
-`infalign.study.run_config`.
-
-Reading only: nothing here computes a result (the study does) or writes a file (study.report, study.sweep).
+"""Reading a sweep's runs as data, never executing them: which members finished and can be read
+(`finished_members`: a damaged one is named in one warning and left out, of the tables and of an archive alike),
+their final metrics, logged values and per-prompt tables. The saved config is read by `infalign.study.run_config`.
+Nothing here computes a result or writes a file.
 """
 
 from __future__ import annotations
@@ -32,7 +19,7 @@ from infalign.runtime.paths import REPO_ROOT
 log = logging.getLogger(__name__)
 
 __all__ = ["FINAL_METRICS", "FINISHED", "METRICS_LOG", "PER_PROMPT", "RUN_CONFIG", "SWEEP_DIR_ENV", "collect_runs",
-           "final_metrics", "find_sweep_dir", "finished_members", "logged_values", "member_problem", "per_prompt_rows",
+           "final_metrics", "find_sweep_dir", "finished_members", "logged_values", "per_prompt_rows",
            "sweep_problem"]
 
 SWEEP_DIR_ENV = "INFALIGN_SWEEP_DIR"  # the sweep a notebook reads when it is given none
@@ -60,13 +47,10 @@ def _newest_sweep(root: Path) -> Path | None:
 
 def find_sweep_dir(sweep_dir: str | Path | None = None, root: str | Path | None = None,
                    environ: Mapping[str, str] | None = None) -> Path:
-    """The sweep directory to read, absolute: `sweep_dir` if given, else `$INFALIGN_SWEEP_DIR` (`SWEEP_DIR_ENV`) if
-    set, else the directory under `root` (default `<repo>/outputs/multirun`) whose latest finished run is the
-    newest. Any directory will do (a custom `hydra.sweep.dir` too): a relative path is taken from the repository
-    root, or from the current directory when it exists only there; `~` is expanded.
-
-    Raises FileNotFoundError, saying where the path came from, when it is not a directory or has no finished
-    run (`<member>/final_metrics.json`), or when `root` holds no sweep with one."""
+    """The sweep directory to read, absolute: `sweep_dir` if given, else `$INFALIGN_SWEEP_DIR` if set, else the
+    directory under `root` (default `<repo>/outputs/multirun`) whose latest finished run is the newest. A relative
+    path is taken from the repository root, or from the current directory when it exists only there. Raises
+    FileNotFoundError, saying where the path came from, when it is no sweep with a finished run."""
     environ = os.environ if environ is None else environ
     if sweep_dir is not None and str(sweep_dir).strip():
         given, source = sweep_dir, "sweep_dir"
@@ -117,34 +101,26 @@ def final_metrics(member_dir: Path) -> dict:
     return row
 
 
-def member_problem(member_dir: Path) -> str | None:
-    """Why a finished member cannot be used (one line naming the file and the reason), or None: the readers'
-    own checks (`final_metrics`, `per_prompt_rows`), so a member is judged by exactly what the study would read."""
-    try:
-        final_metrics(member_dir)
-        per_prompt_rows(member_dir)
-    except ValueError as e:
-        return str(e)
-    return None
-
-
 def finished_members(sweep_dir: Path) -> list[Path]:
-    """The folders of the finished members (those with final_metrics.json; failed ones have none) that the study
-    can read, in sweep (job) order: member 10 after member 9, not after member 1.
+    """The folders of the finished members (those with final_metrics.json) that the study can read, in sweep (job)
+    order: member 10 after member 9, not after member 1.
 
-    A damaged member (`member_problem`) is left out with one warning naming the file and the reason, never read
-    further: the study's tables would crash on it or, for a NaN in its per-prompt table, silently turn the
-    paired comparison into n/a, and an archive would keep it as a result."""
+    A damaged member is left out with one warning naming the file and the reason (the readers' own checks, so a
+    member is judged by exactly what the study reads): the tables would crash on it or, for a NaN in its
+    per-prompt table, silently turn the paired comparison into n/a, and an archive would keep it as a result."""
     def job_order(path: Path):
         name = path.parent.name
         return (0, int(name), "") if name.isdigit() else (1, 0, name)
 
     members = []
     for path in sorted(Path(sweep_dir).glob(FINISHED), key=job_order):
-        if problem := member_problem(path.parent):
-            log.warning("skipped member %s: %s", path.parent.name, problem)
-        else:
-            members.append(path.parent)
+        try:
+            final_metrics(path.parent)
+            per_prompt_rows(path.parent)
+        except ValueError as e:
+            log.warning("skipped member %s: %s", path.parent.name, e)
+            continue
+        members.append(path.parent)
     return members
 
 
@@ -164,12 +140,9 @@ def logged_values(member_dir: Path, column: str) -> list[float]:
 
 
 def per_prompt_rows(member_dir: Path) -> dict[str, dict[str, float]]:
-    """The member's eval_per_prompt.csv (final evaluation, one row per held-out prompt) as {prompt_id: {column:
-    value}}; empty for runs written before it existed.
-
-    ValueError naming the file, line and column for a value that is not a finite number (empty, NaN, text, a row
-    cut short): the trainer writes every column for every prompt, so such a table is damaged, and a NaN would
-    make every paired comparison with the member n/a."""
+    """The member's eval_per_prompt.csv (one row per held-out prompt) as {prompt_id: {column: value}}; empty for
+    runs written before it existed. ValueError naming the file, line and column for a value that is no finite
+    number: the trainer writes every column for every prompt, so such a table is damaged."""
     path = Path(member_dir) / PER_PROMPT
     if not path.exists():
         return {}

@@ -1,9 +1,5 @@
-"""A study's runs averaged over seeds: one row per (solver, method, n, beta), each column's mean and standard error.
-
-`aggregate` groups a sweep's run rows (`infalign.study.analysis.run_rows`) by solver, method, N and beta, in sweep
-order, and gives every measured, theory and efficiency column's mean over seeds with its standard error over seeds
-(`<col>_se`; NaN with a single seed); `efficiency_rows` picks from those groups the columns of
-`solver_efficiency.csv`.
+"""A study's runs averaged over seeds: per (solver, method, n, beta), in sweep order, each column's mean and its
+standard error over seeds (`<col>_se`; NaN with a single seed); `efficiency_rows` picks solver_efficiency.csv's.
 """
 from __future__ import annotations
 

@@ -1,22 +1,11 @@
 """End-of-multirun summary: one row per run and win rate vs KL with the theory curves overlaid.
 
-A Hydra callback (`hydra.callbacks.sweep_summary` in conf/train.yaml): when a multirun ends it reads
-each member's `final_metrics.json` (`infalign.study.runs`) and writes `sweep_summary.csv` and
-`sweep_summary.png` into the sweep directory, then the study tables and figures (`infalign.study.report`:
-study_results.md, ...). `python -m infalign.study.sweep <sweep dir>` rebuilds the summary,
+A Hydra callback (`hydra.callbacks.sweep_summary` in conf/train.yaml): when a multirun ends it writes
+`sweep_summary.csv` (every key of every member's final_metrics.json, verbatim) and `sweep_summary.png` (each run's
+point ± its s.e. against the optimal-policy curve of its own transform over beta), then the study tables and figures
+(`infalign.study.report`). The summary needs no analysis, so it is written first and stays when the study fails (a
+member without eval/kl, a refused config). `python -m infalign.study.sweep <sweep dir>` rebuilds the summary,
 `python -m infalign.study <sweep dir>` the study.
-
-The two overlap (one row per run, win rate vs KL) but answer different questions, so both are written:
-
-- the summary is the sweep's raw record: `sweep_summary.csv` is every key of every member's
-  final_metrics.json, verbatim (calibration cache, timings, every eval metric, whatever the run recorded),
-  and `sweep_summary.png` every run's own point (± its s.e.) against the optimal-policy curve of its own transform
-  over beta (none for raw and optimal), in one colour per method and N, labelled with N and beta
-  (`summary_series`: what it draws, as data). It needs no analysis, so it is written for any multirun, first, and stays
-  when the study fails (a member without eval/kl, a refused config);
-- the study (`study_*.csv`, `.md`, `.png`) is the analysis: selected, renamed columns, theory and optimum at
-  each run's measured KL, gaps, mean ± s.e. over seeds per method x beta, matched KL, and curves against the
-  best any policy can reach.
 """
 
 from __future__ import annotations
@@ -36,15 +25,16 @@ log = logging.getLogger(__name__)
 __all__ = ["SweepSummaryCallback", "summary_series", "write_summary"]
 
 
-def _curves_by_run(sweep_dir: Path, rows: list[dict]) -> tuple[dict[tuple[str, int], list[tuple[float, float, float]]],
-                                                                 list[tuple[str, int] | None]]:
-    """(curves, keys): curves as `_theory_curves`, and for each row the (label, n) key of its own curve (None: none)."""
+def _theory_curves(sweep_dir: Path, rows: list[dict]) -> tuple[dict, list]:
+    """(curves, keys): (transform label, n) -> [(kl, bon, won)] of the optimal policy over a beta grid, for each
+    member's transform seen through its M-sample calibration; and for each row the key of its own curve (None:
+    none). The transform is rebuilt as data (infalign.study.run_config: nothing executed); a member whose config
+    is refused is logged and gets no curve, its measured points still show."""
     import numpy as np
 
     from infalign.study.run_config import transform_from_run, yardstick_m
     from infalign.study.runs import RUN_CONFIG
-    from infalign.theory import tilted_density
-    from infalign.theory.efficiency import calibrated_transform
+    from infalign.theory import at_m, tilted_density
 
     curves, keys, betas = {}, [], np.geomspace(0.005, 5.0, 30)
     for row in rows:
@@ -66,22 +56,13 @@ def _curves_by_run(sweep_dir: Path, rows: list[dict]) -> tuple[dict[tuple[str, i
         keys[-1] = (label, n)
         if (label, n) in curves:
             continue
-        phi = calibrated_transform(transform, m)
+        phi = at_m(transform, m)  # beta grids: the smooth form is enough
         pts = []
         for b in betas:
             d = tilted_density(phi, float(b))
             pts.append((d.kl(), d.bon_win_rate(n), d.won_win_rate(n)))
         curves[(label, n)] = pts
     return curves, keys
-
-
-def _theory_curves(sweep_dir: Path, rows: list[dict]) -> dict[tuple[str, int], list[tuple[float, float, float]]]:
-    """(transform, n) -> [(kl, bon, won)] of the optimal policy over a beta grid, from each member's config, for
-    the transform seen through the member's M-sample calibration (`at_m`, infalign.theory.finite_m).
-
-    The transform is rebuilt as data (infalign.study.run_config: allow-listed transforms, the recorded t, nothing
-    executed); a member whose config is refused is logged and gets no curve, its measured points still show."""
-    return _curves_by_run(sweep_dir, rows)[0]
 
 
 MARKERS, LINESTYLES = "osD^v<>ph*", ("-", "--", "-.", ":")
@@ -98,7 +79,7 @@ def summary_series(sweep_dir: Path, rows: list[dict]) -> dict[str, list[dict]]:
     Colour is keyed by (method, N): a run's points and the theory line of its own transform share one. Within it
     markers tell betas apart and line styles the curves (an exp transform's t depends on beta: near-identical
     curves for two betas); each label names method, N and beta(s). A curve follows the first run it belongs to."""
-    curves, keys = _curves_by_run(sweep_dir, rows)
+    curves, keys = _theory_curves(sweep_dir, rows)
     method_of = [r.get("method") or r.get("transform") for r in rows]
     out = {"bon": [], "won": []}
     for gi, (method, n) in enumerate(sorted({(m, int(r["n"])) for m, r in zip(method_of, rows)})):

@@ -1,54 +1,31 @@
 """Tilt fit: how closely a trained policy is the tilt its transform asks for, measured with no sampling.
 
-The optimum of the KL-regularised objective is the tilt pi*(y|x) = pi_ref(y|x) exp(Phi(C(x, y)) / beta) / Z(x)
-(math page, section 2). So on reference samples y_1..y_M of a prompt x the exact tilt has
+The exact tilt pi*(y|x) ∝ pi_ref(y|x) exp(Phi(C(x, y)) / beta) has, on a prompt's reference samples, log pi -
+log pi_ref = Phi(C)/beta - log Z(x): within a prompt a straight line of slope 1. The run's stored reference samples
+(their token ids, as drawn) are scored under its saved policy and the reference, calibrated leave-one-out against
+the prompt's other M - 1 samples, transformed with the run's recorded t, and regressed within prompts
+(`fit_slope`): `slope` (1 = the tilt, 0 = the reference), `shape` (the slope on the part of Phi not linear in C:
+0 for the identity's shape), `shape_ratio`, `r2`, the per-prompt slopes' spread and `logratio_mean`
+(docs/sweeps.md, Tilt fit, defines each).
 
-    log pi(y_j|x) - log pi_ref(y_j|x) = Phi(C_j) / beta - log Z(x):
-
-within a prompt, the log-ratio is an exact straight line in Phi(C)/beta with slope 1. `tilt_fit` scores the
-run's stored reference samples (their token ids, as drawn) under the run's saved policy and the reference,
-calibrates each sample leave-one-out against the prompt's other M - 1 samples (`leave_one_out_calibrated`), applies
-the run's transform (its recorded t), and regresses. Statistics (`fit_slope`; "~" = demeaned within the prompt,
-which removes log Z(x); every prompt's samples pooled):
-
-- `slope`: OLS of logratio~ on (Phi(C)/beta)~. 1 = the tilt exactly; 0 = the reference (or a policy whose
-  log-ratio does not move with Phi(C) on these samples); between = a tilt at a larger beta. `slope_se`: its
-  standard error clustered by prompt (`slope_se_simple`: the homoscedastic one). `r2`: share of the within-prompt
-  variance of the log-ratio that Phi(C)/beta explains (1 for the exact tilt; the rest is drift the calibrated
-  reward does not see).
-- `shape`: the coefficient on Phi(C)/beta when the log-ratio~ is regressed on Phi(C)/beta~ and C/beta~ together,
-  i.e. the slope on the part of Phi that is not linear in C (for bon_exp its convexity, for won_exp its
-  concavity). 1 for the exact tilt, 0 for any policy whose log-ratio is linear in C (the identity's shape:
-  calibrated RLHF at any beta, and the reference); for the transform's tilt at another temperature s (log-ratio =
-  s Phi(C)/beta) it is s, like the slope. `shape_se`: clustered by prompt.
-- `shape_ratio` = shape / slope: 1 = the policy follows the transform's shape (in proportion to how far it
-  follows the tilt at all), 0 = it tilts linearly in C, as the identity would. Noisy when the slope is near 0.
-  None (with `shape`) for a transform linear in C (identity), where there is no shape beyond the identity's.
-- `prompt_slope_median`, `prompt_slope_q25`, `prompt_slope_q75`: the per-prompt slopes' spread; `per_prompt`
-  lists each prompt's slope.
-- `logratio_mean`: the mean log-ratio on reference samples, an estimate of -KL(pi_ref || pi) (nats).
-
-Samples: `prompts="held_out"`: the calibration cache's M samples of each evaluation prompt (fresh reference
-samples the run never trained on); `prompts="train"`: the distillation pool's paths (the samples a distill run
-trained on) when the run has a pool, else the calibration cache's samples of the training prompts (an RL run's
-calibration set). Nothing is sampled or scored by the reward model: the cache entries hold the token ids and
-rewards, and a missing entry is an error (the run's cache_root: pass `cache_root=` for a moved cache).
+`held_out`: the calibration cache's samples of the evaluation prompts; `train`: the distillation pool's paths for
+a run that trained on a pool, else the cache's samples of the training prompts. Nothing is sampled or scored by the
+reward model: a missing cache entry is an error (--cache-root for a moved cache).
 
     python -m infalign.study.tilt_fit <run_dir> [--prompts held_out|train|both] [--max-prompts N]
                                       [--max-samples K] [--cache-root DIR] [--device cpu]
 
-prints one JSON line and writes `<run_dir>/tilt_fit.json` ({"held_out": {...}, "train": {...}}, each prompt set
-replacing only its own entry, written atomically). The study tables read its `held_out` slope and shape
-(`infalign.study.analysis`). The run's own config builds its models (as a resume would), so run it only on runs
-you trust; the study tables only read the JSON.
+prints one JSON line per prompt set and writes `<run_dir>/tilt_fit.json` ({"held_out": {...}, "train": {...}},
+each set replacing only its own entry, atomically), whose `held_out` slope and shape the study tables read. The
+run's own config builds its models (as a resume would): run it only on runs you trust.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -176,9 +153,7 @@ def tilt_fit(run_dir, cache_root=None, prompts: str = "held_out", max_prompts: i
         for start in range(0, len(chosen), batch_prompts):
             part = slice(start, start + batch_prompts)
             rollout = rollout_from_tokens(tokenizer, [p.text for p in chosen[part]], tokens[part], lengths[part])
-            rollout = type(rollout)(**{f: getattr(rollout, f).to(device) if torch.is_tensor(getattr(rollout, f))
-                                       else getattr(rollout, f) for f in ("input_ids", "attention_mask",
-                                                                           "response_mask", "prompt_len")})
+            rollout = replace(rollout, **{f: v.to(device) for f, v in vars(rollout).items() if torch.is_tensor(v)})
             mask = rollout.response_mask.to(torch.float64)
             lp = response_logprobs(policy, rollout).to(torch.float64) * mask
             lr = response_logprobs(reference, rollout).to(torch.float64) * mask
@@ -191,33 +166,30 @@ def tilt_fit(run_dir, cache_root=None, prompts: str = "held_out", max_prompts: i
               "transform": final.get("transform"), "method": final.get("method"), "solver": final.get("solver"),
               "t": final.get("t"), "beta": beta, "seed": final.get("seed"), **stats}
     if write:
-        out = run_dir / TILT_FIT
-        try:
-            stored = json.loads(out.read_text()) if out.is_file() else {}
-        except (OSError, ValueError):
-            stored = {}
-        stored = stored if isinstance(stored, dict) else {}
-        stored[prompts] = result
-        atomic_write_json(out, stored)
+        atomic_write_json(run_dir / TILT_FIT, {**_stored(run_dir), prompts: result})
     return result
 
 
-def read_tilt_fit(member_dir, prompt_set: str = "held_out") -> dict:
-    """`<member>/tilt_fit.json`'s entry for `prompt_set` (empty when absent or unreadable): data only."""
-    path = Path(member_dir) / TILT_FIT
+def _stored(run_dir) -> dict:
+    """`<run>/tilt_fit.json` as a dict (empty when absent or unreadable)."""
+    path = Path(run_dir) / TILT_FIT
     try:
         stored = json.loads(path.read_text()) if path.is_file() else {}
     except (OSError, ValueError):
         return {}
-    entry = stored.get(prompt_set) if isinstance(stored, dict) else None
+    return stored if isinstance(stored, dict) else {}
+
+
+def read_tilt_fit(member_dir, prompt_set: str = "held_out") -> dict:
+    """`<member>/tilt_fit.json`'s entry for `prompt_set` (empty when absent or unreadable): data only."""
+    entry = _stored(member_dir).get(prompt_set)
     return entry if isinstance(entry, dict) else {}
 
 
 def main(argv: list[str]) -> int:
-    doc = __doc__.strip()
-    parser = argparse.ArgumentParser(prog="python -m infalign.study.tilt_fit", description=doc.split("\n\n")[0],
-                                     epilog="\n\n".join(doc.split("\n\n")[1:]),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from infalign.study.report import cli_parser  # not at the top: the report imports the study (and this module)
+
+    parser = cli_parser("python -m infalign.study.tilt_fit", __doc__)
     parser.add_argument("run_dir", type=Path, help="a finished run directory (final_metrics.json, policy/)")
     parser.add_argument("--prompts", choices=(*PROMPT_SETS, "both"), default="held_out")
     parser.add_argument("--max-prompts", type=int, default=None, help="the first N prompts of the set")

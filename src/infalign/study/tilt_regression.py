@@ -1,10 +1,5 @@
-"""The tilt fit's regression (`infalign.study.tilt_fit`): a policy's log-ratio on reference samples regressed on
-Phi(C)/beta within prompts.
-
-`fit_slope` demeans within each prompt (which removes log Z(x)), fits the slope by OLS with its standard error
-clustered by prompt, the shape (the coefficient on Phi(C)/beta with C/beta beside it), their ratio and the
-per-prompt slopes' spread; what each statistic means is in `infalign.study.tilt_fit`'s docstring. Plain numpy on
-arrays: no model, no run directory.
+"""The tilt fit's regression (`infalign.study.tilt_fit`; docs/sweeps.md, Tilt fit, defines each statistic): a policy's
+log-ratio on reference samples regressed on Phi(C)/beta within prompts, the s.e. clustered by prompt. Plain numpy.
 """
 from __future__ import annotations
 

@@ -19,17 +19,7 @@ from scipy.special import logsumexp
 
 from infalign.core.checks import check_beta, check_mode, check_n
 
-__all__ = [
-    "TiltedDensity",
-    "default_grid",
-    "tilted_density",
-    "kl",
-    "win_rate",
-    "bon_win_rate",
-    "won_win_rate",
-    "inference_win_rate",
-    "analyze",
-]
+__all__ = ["TiltedDensity", "analyze", "default_grid", "inference_win_rate", "kl", "tilted_density"]
 
 
 @lru_cache(maxsize=8)
@@ -108,20 +98,14 @@ class TiltedDensity:
 
     def summary(self, n: int) -> dict[str, float]:
         """KL and the standard, best-of-N and worst-of-N win rates."""
-        return {
-            "kl": self.kl(),
-            "win_rate": self.win_rate(),
-            "bon_win_rate": self.bon_win_rate(n),
-            "won_win_rate": self.won_win_rate(n),
-        }
+        return {"kl": self.kl(), "win_rate": self.win_rate(), "bon_win_rate": self.bon_win_rate(n),
+                "won_win_rate": self.won_win_rate(n)}
 
 
 def _phi_values(transform, grid: np.ndarray) -> np.ndarray:
     if getattr(transform, "needs_calibration", True) is False:
-        raise ValueError(
-            "the raw transform has no model-agnostic analysis: the theory needs a calibrated reward "
-            "(choose transform=identity, bon_exp, won_exp, log or optimal)"
-        )
+        raise ValueError("the raw transform has no model-agnostic analysis: the theory needs a calibrated reward "
+                         "(choose transform=identity, bon_exp, won_exp, log or optimal)")
     values = np.asarray(transform(grid), dtype=np.float64)
     if values.shape != grid.shape or not np.all(np.isfinite(values)):
         raise ValueError(f"transform {transform!r} must map the grid on [0, 1] to finite values of the same shape")
@@ -140,29 +124,12 @@ def tilted_density(transform, beta: float, grid: np.ndarray | None = None) -> Ti
     mass = np.exp(log_cell - log_z)
     mass /= mass.sum()
     frac = _cell_mean_fraction(slope_total)
-    return TiltedDensity(
-        grid=grid,
-        log_density=lam - log_z,
-        cell_mass=mass,
-        cell_mean=grid[:-1] + width * frac,
-        cell_mean_log_density=lam[:-1] - log_z + slope_total * frac,
-    )
+    return TiltedDensity(grid=grid, log_density=lam - log_z, cell_mass=mass, cell_mean=grid[:-1] + width * frac,
+                         cell_mean_log_density=lam[:-1] - log_z + slope_total * frac)
 
 
 def kl(transform, beta: float, grid=None) -> float:
     return tilted_density(transform, beta, grid).kl()
-
-
-def win_rate(transform, beta: float, grid=None) -> float:
-    return tilted_density(transform, beta, grid).win_rate()
-
-
-def bon_win_rate(transform, beta: float, n: int, grid=None) -> float:
-    return tilted_density(transform, beta, grid).bon_win_rate(n)
-
-
-def won_win_rate(transform, beta: float, n: int, grid=None) -> float:
-    return tilted_density(transform, beta, grid).won_win_rate(n)
 
 
 def inference_win_rate(density: TiltedDensity, n: int, mode: str) -> float:

@@ -1,33 +1,14 @@
-"""How KL-efficiently a run turned KL into win rate (issue 15): its measured (KL, win rate) against two curves.
+"""How KL-efficiently a run turned KL into win rate (issue 15): the two win-rate-vs-KL curves `W(kl)` a run's
+measured (KL, win rate) on its **target metric** is judged against (math page, section 3).
 
-A run spends KL `k` (measured, k1, nats per response) and reaches win rate `w` on its **target metric**
-(`bon`: best-of-N at the run's N, for bon_exp and bon_distill/log; `won`: worst-of-N, for won_exp; `std`: the
-standard win rate, for calibrated/identity and for raw, whose objective is the expected reward). Two
-win-rate-vs-KL curves `W(kl)` of the closed-form theory (math page, section 3) are the yardsticks:
+- the **tilt** of the run's own transform, `pi_ref exp(Phi(C) / beta)` over beta, C the run's M-sample
+  calibration, in the exact fixed-cache form (`cache_averaged_summary`, which docs/frontier.md matched on our
+  data): what RL on this reward reaches if the solver finds its objective's optimum. Raw rewards have none;
+- the **optimum**: the best win rate any policy reaches at that KL (the fixed-point optimal transform for
+  best-/worst-of-N, the identity for the standard win rate), traced once per (N, metric) and reused.
 
-- the **tilt** of the run's own transform, `pi_ref exp(Phi(C) / beta)` over beta, with C the run's M-sample
-  calibration: the exact expectation over calibration sets (`infalign.theory.finite_m.cache_averaged_summary`,
-  which the frontier of docs/frontier.md matches on our data within 1-3 standard errors): what RL on this
-  reward reaches if the solver finds the optimum of its objective exactly. The gap to it is the solver's;
-  `raw` has no such curve (uncalibrated reward, no model-agnostic theory);
-- the **optimum**: the best win rate any policy reaches at that KL for the metric (the fixed-point optimal
-  transform for best-/worst-of-N, identity for the standard win rate), independent of M. The gap to it is the
-  solver's plus the transform's.
-
-For a curve `W`, with `W^-1` its inverse (both increase from the reference, KL 0 and win rate 0.5):
-
-    gain_fraction = (w - 0.5) / (W(k) - 0.5)     the share of the curve's gain at the run's KL that the run got
-    kl_efficiency = W^-1(w) / k                  the KL the curve needs for the run's win rate, per KL spent
-
-Both are 1 for a run on the curve; above 1 the run beat it (possible for the tilt: the tilt maximises
-`E[Phi] - beta KL`, not the metric; for the optimum only by noise). A run at or below 0.5 has a gain fraction
-<= 0 and KL efficiency 0 (the curve needs no KL for that). A run at the reference's KL (<= `KL_FLOOR`) has
-neither: both are 0/0 (NaN, with a note). A win rate above all the curve reaches is capped at the curve's end
-and said so in the note (the efficiency is then a lower bound). These two numbers are computed by
-`infalign.theory.run_efficiency`; this module holds the curves.
-
-The optimum curve is traced once per (N, metric) and reused (`optimum_curve`, `optimum_at`; the study imports
-them from here). Pure numpy/scipy: no torch, no Lightning.
+`infalign.theory.run_efficiency` turns them into a run's gain fraction `(w - 0.5) / (W(k) - 0.5)` and KL
+efficiency `W^-1(w) / k`. Pure numpy/scipy: no torch, no Lightning.
 """
 
 from __future__ import annotations
@@ -38,17 +19,19 @@ import numpy as np
 from scipy.optimize import brentq
 
 from infalign.core.checks import check_n
-from infalign.theory.core import TiltedDensity, default_grid, tilted_density
+from infalign.theory.core import default_grid, tilted_density
+from infalign.theory.finite_m import cache_averaged_summary
 from infalign.theory.solve import LOG_BETA_RANGE, optimal_density
 
-__all__ = ["GRID_CELLS", "KL_FLOOR", "METHOD_METRICS", "METRICS", "calibrated_transform", "measured_win_rate",
-           "metric_win_rate", "optimal_tilt_at_kl", "optimum_at", "optimum_curve", "optimum_kl_for_win_rate",
-           "target_metric", "tilt_at_kl", "tilt_kl_for_win_rate"]
+__all__ = ["GRID_CELLS", "KL_FLOOR", "METHOD_METRICS", "METRICS", "measured_win_rate", "optimal_tilt_at_kl",
+           "optimum_at", "optimum_curve", "optimum_kl_for_win_rate", "target_metric", "tilt_at_kl",
+           "tilt_kl_for_win_rate"]
 
 GRID_CELLS = 4096  # theory grid: win rates within ~1e-5 of the 16k default, far below any seed SE, 4x faster
 KL_FLOOR = 1e-6  # at or below this measured KL (k1 can dip below 0 by sampling noise) the policy is the reference
 BETA_START, BETA_STOP, PER_DECADE = 30.0, 1e-4, 8  # the optimum is traced from KL ~ 0 up to where it is needed
 METRICS = ("std", "bon", "won")
+SUMMARY_KEYS = {"std": "win_rate", "bon": "bon_win_rate", "won": "won_win_rate"}  # TiltedDensity.summary's names
 # the metric each method (conf/method/) or transform (conf/transform/) is built for (math page, section 2)
 METHOD_METRICS = {"bon_exp": "bon", "bon_distill": "bon", "log": "bon", "won_exp": "won",
                   "calibrated": "std", "identity": "std", "raw": "std"}
@@ -78,17 +61,6 @@ def target_metric(method: str | None = None, transform=None, metric: str | None 
                      f"(one of {METRICS})")
 
 
-def metric_win_rate(density: TiltedDensity, metric: str, n: int) -> float:
-    """The `metric` win rate (std, bon or won at N = `n`) of a tilted density."""
-    if metric == "std":
-        return density.win_rate()
-    if metric == "bon":
-        return density.bon_win_rate(n)
-    if metric == "won":
-        return density.won_win_rate(n)
-    raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-
-
 def measured_win_rate(final: dict, metric: str, n: int) -> float:
     """The run's measured `metric` win rate from its final metrics (`eval/..._win_rate@N` keys); NaN if absent."""
     key = {"std": "eval/bon_win_rate@1", "bon": f"eval/bon_win_rate@{n}", "won": f"eval/won_win_rate@{n}"}[metric]
@@ -97,31 +69,18 @@ def measured_win_rate(final: dict, metric: str, n: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- the tilt
-def calibrated_transform(transform, m: int | None):
-    """`transform` averaged over the Binomial(M, u) of calibrated ranks (`infalign.theory.finite_m.at_m`), the
-    transform itself for `m` None. Kept for beta grids; the efficiency's tilt curve uses the exact fixed-cache
-    form (`_tilt_summary`), because `at_m` misplaces sharp tilts by 15-40% in KL (docs/frontier.md)."""
-    if m is None:
-        return transform
-    from infalign.theory.finite_m import at_m
-
-    return at_m(transform, int(m))
-
-
 TILT_DRAWS = 2000  # calibration sets averaged by the exact fixed-cache form: Monte Carlo se ~0.005 nats, 0.001 win rate
 
 
 def _tilt_summary(transform, beta: float, n: int, m: int | None, grid) -> dict:
     """KL and win rates {kl, std, bon, won} of the tilt `exp(Phi(C)/beta)`: for an `m`-sample calibration the
     exact expectation over calibration sets (`cache_averaged_summary`, seeded, so a smooth function of beta,
-    which the root searches below need), as docs/frontier.md measured it on our data; else the continuous form."""
+    which the root searches below need; `at_m` misplaces sharp tilts by 15-40% in KL); else the continuous form."""
     if m is None:
-        d = tilted_density(transform, beta, grid)
-        return {"kl": d.kl(), "std": d.win_rate(), "bon": d.bon_win_rate(n), "won": d.won_win_rate(n)}
-    from infalign.theory.finite_m import cache_averaged_summary
-
-    r = cache_averaged_summary(transform, beta, int(m), n, draws=TILT_DRAWS, seed=0)
-    return {"kl": r["kl"], "std": r["win_rate"], "bon": r["bon_win_rate"], "won": r["won_win_rate"]}
+        r = tilted_density(transform, beta, grid).summary(n)
+    else:
+        r = cache_averaged_summary(transform, beta, int(m), n, draws=TILT_DRAWS, seed=0)
+    return {"kl": r["kl"], **{metric: r[key] for metric, key in SUMMARY_KEYS.items()}}
 
 
 def tilt_at_kl(transform, kl: float, n: int, m: int | None = None, grid=None) -> dict:
@@ -191,7 +150,7 @@ def _trace_optimum(n: int, metric: str, kl_needed: float) -> tuple[np.ndarray, n
             d = optimal_density(n, metric, float(beta), _grid())
         if d.kl() > kls[-1]:  # KL grows as beta falls; drop numerically flat points so x stays increasing
             kls.append(d.kl())
-            wins.append(metric_win_rate(d, metric, n))
+            wins.append(d.summary(n)[SUMMARY_KEYS[metric]])
         if kls[-1] > kl_needed:
             break
     return np.array(kls), np.maximum.accumulate(np.array(wins))

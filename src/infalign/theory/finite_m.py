@@ -1,22 +1,17 @@
 """The closed forms under the M-sample calibration the runs actually use (math page, section 2, step 1).
 
-A run calibrates against M reference samples per prompt, `C = (#{ref < r} + 0.5 #{ref == r}) / M`. For
-continuous rewards and a response whose true quantile under the reference is `u`, `C = b / M` where `b` counts
-the cache samples below it. Two ways to carry this into the closed forms of `infalign.theory.core`:
+A run calibrates against M reference samples per prompt: a response at true quantile `u` gets `C = b / M`, `b` the
+cache samples below it. Two ways to carry this into the closed forms of `infalign.theory.core`:
 
-- `at_m(transform, m)`: average the transform over the cache, `Phi_M(u) = E[Phi(b/M)]`, `b ~ Binomial(M, u)`,
-  and tilt by that smooth transform. Every closed form of the theory (`tilted_density`, `beta_for_kl`,
-  `best_t`, ...) then evaluates unchanged. It is the optimum when each response meets a fresh calibration
-  set; it is cheap and smooth, so the study uses it for theory gaps and beta grids.
-- `cache_averaged_summary(...)`: the exact expectation for a *fixed* cache, which is what a run (and the
-  frontier of `infalign.study.frontier`) realises. Given the cache, `C` is constant between consecutive cache
-  quantiles, so the tilt `p(u) ∝ exp(Phi(b/M)/beta)` is piecewise constant, with cells of widths
-  `s_0..s_M ~ Dirichlet(1, ..., 1)` (the uniform spacings of M quantiles). Per cache the KL and the win rates
-  have closed forms; their expectation over caches is taken by seeded Monte Carlo over the spacings.
+- `at_m(transform, m)`: the transform averaged over caches, `Phi_M(u) = E[Phi(b/M)]`, `b ~ Binomial(M, u)`; every
+  closed form then evaluates unchanged. Cheap and smooth: the study's beta grids use it.
+- `cache_averaged_summary(...)`: the exact expectation for a *fixed* cache, which a run (and the frontier of
+  `infalign.study.frontier`) realises. Given the cache the tilt is piecewise constant on cells of widths
+  `s_0..s_M ~ Dirichlet(1, ..., 1)`; per cache the KL and win rates are closed forms, averaged over caches by
+  seeded Monte Carlo.
 
-How far apart they are (`python -c "from infalign.theory.finite_m import compare; compare()"`, M = 16, N = 4,
-4000 draws, measured 2026-11-23; the exact KL's Monte Carlo standard error in brackets; "cont." is the
-continuous form, M = infinity):
+They part where the tilt is sharp between neighbouring ranks (`compare()`, M = 16, N = 4, 4000 draws, measured
+2026-11-23; the exact KL's Monte Carlo s.e. in brackets; "cont." = M infinite):
 
     transform        beta   KL exact      KL at_m  KL cont.  bon exact  bon at_m  won exact  won at_m
     identity         0.05   2.014(0.008)  1.996    1.996     0.9306     0.9518    0.9985     0.9994
@@ -27,18 +22,9 @@ continuous form, M = infinity):
     won_exp t=8      0.10   0.277(0.002)  0.305    0.251     0.6264     0.6436    0.8508     0.8856
     won_exp t=13.8   0.05   0.229(0.002)  0.286    0.201     0.5910     0.6166    0.8147     0.8753
 
-(the last row is `factories.won_exp(n=4, beta=0.05)`: the issue's "0.29 nats at M = 16 against 0.20
-continuous" is the `at_m` figure; a fixed cache spends 0.23.) `at_m` is `exp(E[Phi]/beta)` where the fixed
-cache has `E[exp(Phi/beta)]`-like behaviour, so the two part where the tilt is sharp between neighbouring
-ranks: identity and mild tilts agree to about 1-3 % in KL and 0.01-0.02 in the win rates; won_exp with a
-large `t/beta` (a calibrated 0 is heavily punished, so the mass below the cache's minimum, of random width,
-vanishes) differs by 15-25 % in KL and 0.03-0.06 in the worst-of-N win rate; bon_exp at small beta (all mass
-in the top cell, width ~ Beta(1, M)) by 40 %. The exact per-cache values were checked against a direct
-simulation (fresh samples calibrated against sampled caches; tests/test_finite_m.py). So: `at_m` for beta
-grids and for the M-vs-continuous gap at a glance; `cache_averaged_summary` whenever a realised fixed-cache
-tilt (a run, the frontier) is compared with theory.
-
-Pure numpy/scipy: no torch, no Lightning.
+(the last row is `factories.won_exp(n=4, beta=0.05)`). So `at_m` for beta grids, `cache_averaged_summary`
+whenever a realised fixed-cache tilt (a run, the frontier) is compared with theory; the exact per-cache values
+were checked against a direct simulation (tests/test_finite_m.py). Pure numpy/scipy: no torch, no Lightning.
 """
 
 from __future__ import annotations

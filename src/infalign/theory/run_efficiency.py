@@ -1,9 +1,11 @@
 """A run's measured (KL, win rate) against the theory's curves: its gain fraction and KL efficiency (issue 15).
 
 For a curve `W` of :mod:`infalign.theory.efficiency` (the tilt of the run's own transform, `tilt_efficiency`, or
-the optimum, `optimum_efficiency`), `gain_fraction = (w - 0.5) / (W(k) - 0.5)` and `kl_efficiency = W^-1(w) / k`,
-with the edge cases (a run at the reference's KL, at or below `KL_FLOOR`; a win rate above the curve's reach)
-said in the `Efficiency`'s note; `efficiency_columns` flattens both into the columns the study records.
+the optimum, `optimum_efficiency`), `gain_fraction = (w - 0.5) / (W(k) - 0.5)` and `kl_efficiency = W^-1(w) / k`:
+both 1 on the curve, above 1 the run beat it (possible against the tilt, which maximises `E[Phi] - beta KL`, not
+the metric). The edge cases (a run at the reference's KL, at or below `KL_FLOOR`; a win rate above the curve's
+reach, where the KL efficiency is a lower bound) are said in the `Efficiency`'s note; `efficiency_columns`
+flattens both into the columns the study records.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from infalign.theory.efficiency import (
     tilt_kl_for_win_rate,
 )
 
-__all__ = ["Efficiency", "efficiency_columns", "optimum_efficiency", "tilt_efficiency"]
+__all__ = ["Efficiency", "efficiency_columns", "gain_fraction", "optimum_efficiency", "tilt_efficiency"]
 
 
 # ---------------------------------------------------------------------------------------------- efficiency
@@ -36,6 +38,13 @@ class Efficiency:
     gain_fraction: float
     kl_efficiency: float
     note: str = ""
+
+
+def gain_fraction(win: float, curve_win: float) -> float:
+    """(win - 0.5) / (curve_win - 0.5): the share of the curve's gain over the reference the run got; NaN without
+    a curve or with no gain to share."""
+    gain = curve_win - 0.5
+    return (win - 0.5) / gain if math.isfinite(gain) and gain > 1e-12 else math.nan
 
 
 def _efficiency(metric: str, kl: float, win: float, curve_at_kl, kl_for_win, what: str) -> Efficiency:
@@ -54,9 +63,7 @@ def _efficiency(metric: str, kl: float, win: float, curve_at_kl, kl_for_win, wha
     if capped:
         notes.append(f"{what}: measured win rate {win:.4f} is above all it reaches; KL needed capped at its end "
                      f"({needed:.4g} nats), so the KL efficiency is a lower bound")
-    gain = at_kl - 0.5
-    gain_fraction = (win - 0.5) / gain if math.isfinite(gain) and gain > 1e-12 else math.nan
-    return Efficiency(metric, kl, win, at_kl, needed, gain_fraction, needed / kl, "; ".join(notes))
+    return Efficiency(metric, kl, win, at_kl, needed, gain_fraction(win, at_kl), needed / kl, "; ".join(notes))
 
 
 def tilt_efficiency(transform, kl: float, win: float, n: int, metric: str, m: int | None = None,

@@ -12,12 +12,7 @@ from scipy.optimize import brentq, minimize_scalar
 
 from infalign.core.checks import check_beta, check_mode, check_n
 from infalign.core.transforms import BoNExpTransform, WoNExpTransform
-from infalign.theory.core import (
-    TiltedDensity,
-    default_grid,
-    inference_win_rate,
-    tilted_density,
-)
+from infalign.theory.core import TiltedDensity, default_grid, inference_win_rate, tilted_density
 
 __all__ = ["beta_for_kl", "best_t", "optimal_transform", "optimal_density", "win_rate_curves", "TabulatedPhi"]
 
@@ -43,20 +38,13 @@ def beta_for_kl(transform, target_kl: float, grid=None) -> float:
 
     lo, hi = LOG_BETA_RANGE
     if gap(lo) < 0:
-        raise ValueError(
-            f"transform {transform!r} cannot reach KL {target_kl}: its KL at beta={math.exp(lo):.1e} is "
-            f"{gap(lo) + target_kl:.4g} nats; ask for a smaller target KL"
-        )
+        raise ValueError(f"transform {transform!r} cannot reach KL {target_kl}: its KL at beta={math.exp(lo):.1e} is "
+                         f"{gap(lo) + target_kl:.4g} nats; ask for a smaller target KL")
     return math.exp(brentq(gap, lo, hi, xtol=1e-10, rtol=1e-10))
 
 
-def best_t(
-    mode: str,
-    n: int,
-    target_kl: float,
-    t_range: tuple[float, float] = (0.05, 300.0),
-    grid=None,
-) -> dict[str, float]:
+def best_t(mode: str, n: int, target_kl: float, t_range: tuple[float, float] = (0.05, 300.0),
+           grid=None) -> dict[str, float]:
     """The `t` of `bon_exp` (mode "bon") or `won_exp` (mode "won") that maximises the best-/worst-of-N
     win rate at KL = `target_kl`. Returns {"t", "beta", "win_rate"} (the last in the chosen mode).
 
@@ -113,15 +101,8 @@ def _functional_derivative(density: TiltedDensity, n: int, mode: str) -> np.ndar
     return -n * n * (from_left[-1] - from_left)
 
 
-def optimal_transform(
-    n: int,
-    mode: str,
-    beta: float,
-    grid=None,
-    damping: float = 0.5,
-    tol: float = 1e-10,
-    max_iter: int = 2000,
-) -> tuple[np.ndarray, np.ndarray]:
+def optimal_transform(n: int, mode: str, beta: float, grid=None, damping: float = 0.5, tol: float = 1e-10,
+                      max_iter: int = 2000) -> tuple[np.ndarray, np.ndarray]:
     """The optimal transform `Phi*` for N, mode and beta by damped fixed-point iteration from `Phi = u`.
 
     Returns `(grid, values)`. The damping halves whenever the residual grows, which keeps small-beta
@@ -140,10 +121,8 @@ def optimal_transform(
             damping = max(damping * 0.5, 1e-3)
         last_residual = residual
         phi = (1.0 - damping) * phi + damping * target
-    raise RuntimeError(
-        f"optimal transform did not converge for n={n}, mode={mode}, beta={beta} in {max_iter} iterations "
-        f"(residual {last_residual:.2e}); try a larger beta or max_iter"
-    )
+    raise RuntimeError(f"optimal transform did not converge for n={n}, mode={mode}, beta={beta} in {max_iter} "
+                       f"iterations (residual {last_residual:.2e}); try a larger beta or max_iter")
 
 
 def optimal_density(n: int, mode: str, beta: float, grid=None) -> TiltedDensity:
