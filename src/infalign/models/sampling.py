@@ -21,9 +21,7 @@ __all__ = ["Rollout", "tokenize_prompts", "generate", "decode_responses", "rollo
 
 
 def tokenize_prompts(tokenizer, prompts: list[str], device=None) -> dict[str, torch.Tensor]:
-    """Left-padded prompt batch (generation appends on the right)."""
-    if tokenizer.pad_token_id is None:
-        raise ValueError("tokenizer has no pad token: set one (e.g. tokenizer.pad_token = tokenizer.eos_token)")
+    """Left-padded prompt batch (generation appends on the right; every loader gives its tokenizer a pad token)."""
     tokenizer.padding_side = "left"
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
@@ -165,9 +163,6 @@ def rollout_from_tokens(tokenizer, prompts: list[str], tokens: torch.Tensor, len
     as `generate` lays them out (the prompt left-padded, the response after it, padding after its end). Used to
     train on stored reference samples (distillation): the exact token paths the reference drew, not the
     decoded text re-encoded, which may split into a path the reference rarely draws."""
-    if tokens.dim() != 3 or tuple(lengths.shape) != tuple(tokens.shape[:2]) or tokens.shape[0] != len(prompts):
-        raise ValueError(f"rollout_from_tokens needs tokens [P, k, T] and lengths [P, k] for P = {len(prompts)} "
-                         f"prompts, got {tuple(tokens.shape)} and {tuple(lengths.shape)}")
     p, k, _ = tokens.shape
     width = max(1, int(lengths.max()))
     response_mask = (torch.arange(width) < lengths.reshape(-1, 1)).long()
