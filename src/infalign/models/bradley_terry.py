@@ -53,7 +53,8 @@ def pairwise_accuracy(rm: RewardModel, records: list[PreferenceRecord]) -> float
     if not records:
         return float("nan")
     prompts = [r.prompt for r in records]
-    return tie_accuracy(rm.score(prompts, [r.chosen for r in records]) - rm.score(prompts, [r.rejected for r in records]))
+    chosen, rejected = rm.score(prompts, [r.chosen for r in records]), rm.score(prompts, [r.rejected for r in records])
+    return tie_accuracy(chosen - rejected)
 
 
 # ------------------------------------------------------------------------------------- frozen + head

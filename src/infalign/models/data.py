@@ -1,4 +1,4 @@
-"""HH-RLHF preference pairs: loading, prompt/response splitting, the by-prompt partition, truncation.
+"""HH-RLHF preference pairs: loading, prompt/response splitting, the by-prompt partition.
 
 Every stage (tokenizer, SFT reference, reward model, calibration, RL) calls :func:`load_partitions` with the
 same ``cfg.data`` and therefore sees the same train / validation / test partition; its

@@ -131,8 +131,6 @@ def hf_policy(*, name_or_path: str, revision: str | None = None, trust_remote_co
               dtype: str = "float32", tokenizer_name_or_path: str | None = None,
               ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, None]:
     """Any causal LM from the hub or a local folder (``data_cfg``/``cache_root`` are not needed)."""
-    if not name_or_path:
-        raise ValueError("model.name_or_path is required for the hf policy (hub name or local folder)")
     check_weights("model.name_or_path", name_or_path)  # before the tokenizer: one line, not five frames deep
     tok = AutoTokenizer.from_pretrained(tokenizer_name_or_path or name_or_path, revision=revision,
                                         trust_remote_code=trust_remote_code)

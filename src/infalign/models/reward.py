@@ -155,8 +155,6 @@ class SequenceClassifierReward(RewardModel):
 
     def __init__(self, model: nn.Module, tokenizer, *, input_format: str = "concat", label_index: int = 0,
                  max_prompt_tokens: int = 192, max_response_tokens: int = 64, append_eos: bool = False):
-        if input_format not in ("concat", "pair"):
-            raise ValueError(f"input_format must be concat or pair, got {input_format!r}")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.input_format, self.label_index = input_format, label_index
         self.max_prompt_tokens, self.max_response_tokens = max_prompt_tokens, max_response_tokens
@@ -212,13 +210,9 @@ class SequenceClassifierReward(RewardModel):
 def load_reward_model(reward_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any] | None = None,
                       model_cfg: Mapping[str, Any] | None = None, cache_root: str | Path | None = None, *,
                       partitions=None, progress: bool = True, policy_entry=None) -> RewardModel:
-    """The reward model for ``cfg.reward``; a ``trained`` one is built and cached first if missing.
-
-    ``model_cfg`` (``cfg.model``) is needed only when the reward's backbone is the reference policy;
-    ``policy_entry``, that policy's cache entry when the caller has loaded it (``load_policy(...,
-    return_entry=True)``), spares reading its weights again. The config's keys are its loader's parameters (plus
-    ``name``): an unknown key is an error, raised first.
-    """
+    """The reward model for ``cfg.reward``; a ``trained`` one is built and cached first if missing. ``model_cfg``
+    is needed only when the reward's backbone is the reference policy; ``policy_entry``, that policy's cache entry
+    when the caller has loaded it (``load_policy(..., return_entry=True)``), spares reading its weights again."""
     from infalign.models.loaders import call_loader
 
     rm, _ = call_loader(reward_cfg, "reward", data_cfg=data_cfg, model_cfg=model_cfg, cache_root=cache_root,
@@ -232,8 +226,6 @@ def hf_reward(*, name_or_path: str, revision: str | None = None, trust_remote_co
               max_batch_tokens: int = DEFAULT_BATCH_TOKENS) -> tuple[RewardModel, None]:
     """``reward=hf``: any ``AutoModelForSequenceClassification`` by hub name or local folder, scored in
     ``precision`` in batches of at most ``max_batch_tokens`` padded tokens."""
-    if not name_or_path:
-        raise ValueError("reward.name_or_path is required for the hf reward model (hub name or local folder)")
     check_weights("reward.name_or_path", name_or_path)
     tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     ensure_pad_token(tok, f"reward.name_or_path={name_or_path}")  # before the weights load
