@@ -163,6 +163,9 @@ def rollout_from_tokens(tokenizer, prompts: list[str], tokens: torch.Tensor, len
     as `generate` lays them out (the prompt left-padded, the response after it, padding after its end). Used to
     train on stored reference samples (distillation): the exact token paths the reference drew, not the
     decoded text re-encoded, which may split into a path the reference rarely draws."""
+    if tokens.dim() != 3 or tuple(lengths.shape) != tuple(tokens.shape[:2]) or tokens.shape[0] != len(prompts):
+        raise ValueError(f"rollout_from_tokens needs tokens [P, k, T] and lengths [P, k] for P = {len(prompts)} "
+                         f"prompts, got {tuple(tokens.shape)} and {tuple(lengths.shape)}")
     p, k, _ = tokens.shape
     width = max(1, int(lengths.max()))
     response_mask = (torch.arange(width) < lengths.reshape(-1, 1)).long()
