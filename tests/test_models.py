@@ -166,7 +166,7 @@ def test_bf16_sft_reports_the_fp32_perplexity(tiny_cfg):
     """model.sft.precision=bf16-mixed trains under autocast; the perplexity it reports is the fp32 model's."""
     from transformers import GPT2LMHeadModel
 
-    from infalign.models.sft import perplexities
+    from infalign.models.sft import SFTModule, validate_fp32
 
     parts = load_partitions(tiny_cfg.data)
     tok = train_bpe_tokenizer(training_texts(parts["train"]), 384)
@@ -175,7 +175,12 @@ def test_bf16_sft_reports_the_fp32_perplexity(tiny_cfg):
     settings = {"epochs": 2, "batch_size": 16, "lr": 3e-3, "warmup_steps": 2, "precision": "bf16-mixed"}
     metrics = run_sft(model, tok, parts, settings, max_prompt_tokens=48, max_response_tokens=16, progress=False)
     _, val_dl = sft_loaders(parts, tok, batch_size=16, max_prompt_tokens=48, max_response_tokens=16)
-    fp32 = perplexities(model, val_dl)
+    fp32 = validate_fp32(SFTModule(model), val_dl)
     assert metrics["val/ppl"] == pytest.approx(fp32["val/ppl"], rel=1e-6)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert perplexities(model, val_dl)["val/ppl"] != fp32["val/ppl"]  # the check above can tell bf16 from fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # outer autocast switched off inside
+        assert validate_fp32(SFTModule(model), val_dl)["val/ppl"] == fp32["val/ppl"]
+    module = SFTModule(model)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for batch in val_dl:
+            module.validation_step(batch, 0)
+    assert float(module.val_ppl.compute()) != fp32["val/ppl"]  # the check above can tell bf16 from fp32

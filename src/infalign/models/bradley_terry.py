@@ -1,13 +1,18 @@
-"""Training a reward model on preference pairs with the Bradley-Terry loss (for ``reward=trained``):
-``P(chosen > rejected) = sigmoid(r(x, y_c) - r(x, y_r))``, its negative log minimised (:func:`fit_bradley_terry`).
-`train_frozen_head` trains a small head on a frozen encoder's features, computed once for every pair;
-`train_finetuned_policy` fine-tunes the reference policy's GPT-2 end to end with a scalar head.
+"""Training a reward model on preference pairs with the Bradley-Terry loss (for ``reward=trained``).
+
+``P(chosen > rejected) = sigmoid(r(x, y_c) - r(x, y_r))``; the loss is its negative log (`BradleyTerryModule`,
+fitted by `fit_bradley_terry` with model selection on validation accuracy). `train_frozen_head` trains a small head
+on a frozen encoder's features, computed once for every pair (`encode_pairs`); `train_finetuned_policy` fine-tunes
+the reference policy's GPT-2 end to end with a scalar head. `pairwise_accuracy` is the held-out measure.
+`infalign.models.reward_train` builds and caches the result.
 """
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -17,35 +22,75 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from infalign.models.data import PreferenceRecord
-from infalign.models.reward import DEFAULT_BATCH_TOKENS, RewardModel, SequenceClassifierReward
+from infalign.models.reward import (
+    DEFAULT_BATCH_TOKENS,
+    RewardModel,
+    SequenceClassifierReward,
+)
 from infalign.models.reward_embedding import load_frozen_encoder, make_head
-from infalign.models.sft import fit
+from infalign.models.sft import warmup_cosine_factor
 
 
-def tie_accuracy(margin: torch.Tensor) -> float:
-    """Fraction of pairs whose chosen response scores higher; ties count half (a constant scorer gets chance)."""
-    return float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean())
+class BradleyTerryModule(L.LightningModule):
+    """Trains ``scorer(batch) -> rewards`` on (chosen, rejected) batches; keeps the best-validation weights."""
+
+    def __init__(self, scorer: nn.Module, score_fn, lr: float, weight_decay: float, warmup_steps: int, total_steps: int):
+        super().__init__()
+        self.scorer, self.score_fn = scorer, score_fn
+        self.lr, self.weight_decay, self.warmup_steps, self.total_steps = lr, weight_decay, warmup_steps, total_steps
+        self.best: dict[str, Any] = {"acc": -1.0, "state": None, "epoch": -1}
+        self._val: list[torch.Tensor] = []
+
+    def _margin(self, batch) -> torch.Tensor:
+        chosen, rejected = batch
+        return self.score_fn(self.scorer, chosen) - self.score_fn(self.scorer, rejected)
+
+    def training_step(self, batch, batch_idx):
+        margin = self._margin(batch)
+        loss = -nn.functional.logsigmoid(margin).mean()
+        self.log("train/bt_loss", loss, prog_bar=True, batch_size=len(margin))
+        self.log("train/acc", (margin > 0).float().mean(), batch_size=len(margin))
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self._val.append(self._margin(batch).detach())
+
+    def on_validation_epoch_end(self):
+        margin = torch.cat(self._val)
+        self._val.clear()
+        # ties (margin == 0) count half: a constant scorer gets exactly chance
+        acc = float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean())
+        self.log_dict({"val/acc": acc, "val/bt_loss": float(-nn.functional.logsigmoid(margin).mean())}, prog_bar=True)
+        if not self.trainer.sanity_checking and acc > self.best["acc"]:
+            self.best = {"acc": acc, "state": copy.deepcopy(self.scorer.state_dict()), "epoch": self.current_epoch}
+
+    def on_fit_end(self):
+        if self.best["state"] is not None:
+            self.scorer.load_state_dict(self.best["state"])
+
+    def configure_optimizers(self):
+        params = [p for p in self.scorer.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_cosine_factor(s, self.warmup_steps, self.total_steps, 0.0))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 def fit_bradley_terry(scorer: nn.Module, score_fn, train_dl: DataLoader, val_dl: DataLoader, train_cfg: Mapping,
                       seed: int, progress: bool) -> dict:
-    """Train ``score_fn(scorer, batch) -> rewards`` on (chosen, rejected) batches; keeps the best-validation-accuracy
-    weights."""
     L.seed_everything(seed, verbose=False)
-
-    def margin(batch) -> torch.Tensor:
-        chosen, rejected = batch
-        return score_fn(scorer, chosen) - score_fn(scorer, rejected)
-
-    def evaluate(dl) -> dict[str, float]:
-        m = torch.cat([margin(b) for b in dl])
-        return {"val/acc": tie_accuracy(m), "val/bt_loss": float(-nn.functional.logsigmoid(m).mean())}
-
-    best = fit(scorer, lambda b: -nn.functional.logsigmoid(margin(b)).mean(), evaluate, train_dl, val_dl, train_cfg,
-               epochs=int(train_cfg.get("epochs", 20)), params=[p for p in scorer.parameters() if p.requires_grad],
-               score=lambda m: m["val/acc"], floor=0.0, progress=progress, desc="Bradley-Terry")
+    epochs = int(train_cfg.get("epochs", 20))
+    total = epochs * len(train_dl)
+    module = BradleyTerryModule(scorer, score_fn, float(train_cfg.get("lr", 1e-3)),
+                                float(train_cfg.get("weight_decay", 0.01)),
+                                int(train_cfg.get("warmup_steps", max(1, total // 20))), total)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
+                        gradient_clip_val=float(train_cfg.get("grad_clip", 1.0)), log_every_n_steps=10,
+                        precision=train_cfg.get("precision", "32-true"))
+    trainer.fit(module, train_dl, val_dl)
     scorer.eval()
-    return {"val_acc": best["val/acc"], "best_epoch": best["epoch"]}
+    return {"val_acc": module.best["acc"], "best_epoch": module.best["epoch"]}
 
 
 def pairwise_accuracy(rm: RewardModel, records: list[PreferenceRecord]) -> float:
@@ -53,8 +98,8 @@ def pairwise_accuracy(rm: RewardModel, records: list[PreferenceRecord]) -> float
     if not records:
         return float("nan")
     prompts = [r.prompt for r in records]
-    chosen, rejected = rm.score(prompts, [r.chosen for r in records]), rm.score(prompts, [r.rejected for r in records])
-    return tie_accuracy(chosen - rejected)
+    margin = rm.score(prompts, [r.chosen for r in records]) - rm.score(prompts, [r.rejected for r in records])
+    return float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean())
 
 
 # ------------------------------------------------------------------------------------- frozen + head
@@ -97,7 +142,8 @@ def train_frozen_head(out: Path, backbone: str, parts, head_cfg: Mapping, train_
                                 {**train_cfg, "precision": "32-true"}, seed, progress)
     with torch.no_grad():
         c, r = feats["test"]
-        metrics["test_acc"] = tie_accuracy(head(c).squeeze(-1) - head(r).squeeze(-1))
+        margin = head(c).squeeze(-1) - head(r).squeeze(-1)
+        metrics["test_acc"] = float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean())
     save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(out / "head.safetensors"))
     spec = {"backbone": backbone, "dim": enc.dim, "hidden": int(head_cfg.get("hidden", 256)),
             "dropout": float(head_cfg.get("dropout", 0.1)), "max_prompt_tokens": max_p, "max_response_tokens": max_r}

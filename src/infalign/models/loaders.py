@@ -1,21 +1,27 @@
-"""Model and reward configs to loader calls: each ``conf/model/*.yaml`` and ``conf/reward/*.yaml`` names its loader
-in ``_target_``; the keys a config of each loader may hold are defined once, torch-free, in
-:mod:`infalign.config.models`, which also names the runtime objects (data config, records, cache root) that the
-caller passes each loader because a config cannot hold them (``RUNTIME``).
+"""Model and reward configs to loader calls.
+
+Each ``conf/model/*.yaml`` and ``conf/reward/*.yaml`` names a loader function in ``_target_``; the loaders
+return ``(model, tokenizer, cache entry)`` (policies) or ``(reward model, cache entry)`` (rewards). The keys a
+config of each loader may hold, with their types and ranges, are defined once, torch-free, in
+:mod:`infalign.config.models` (checked with the rest of the config before torch is imported). :func:`call_loader`
+builds the loader with ``hydra.utils.instantiate(cfg, _partial_=True)`` and calls it with the runtime objects
+(data config, record lists, cache root) that a config cannot hold and that its ``RUNTIME`` names.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
 
 from infalign.config.check import check_loader_keys, source
 from infalign.config.models import RUNTIME, TRAINER_KEYS
 from infalign.runtime import signals
+from infalign.runtime.model_paths import PATH_KEYS, model_path_problem
 
-__all__ = ["call_loader", "check_loader_config"]
+__all__ = ["PromptFormat", "call_loader", "check_loader_config", "model_path_problem", "PATH_KEYS"]
 
+PromptFormat = Literal["raw", "chat"]  # raw: the HH text as it is | chat: the tokenizer's chat template
 _WHAT = {"model": "the reference policy", "reward": "the reward model"}  # named by a stop signal's message
 
 
@@ -28,7 +34,7 @@ def check_loader_config(cfg: Mapping[str, Any], group: str, source_file: str | N
 
 
 def call_loader(cfg: Mapping[str, Any], group: str, **runtime: Any) -> Any:
-    """``instantiate(cfg, _partial_=True)`` called with the runtime objects its ``RUNTIME`` entry names."""
+    """``instantiate(cfg, _partial_=True)`` called with the runtime objects the loader's dataclass names."""
     from hydra.utils import instantiate
 
     check_loader_config(cfg, group)

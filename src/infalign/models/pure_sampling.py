@@ -1,6 +1,10 @@
-"""Pure sampling: `cfg.generation` as the sampler's kwargs (`sampling_kwargs`), and the check that they ask for
-samples from the policy itself (`check_sampler_kwargs`): the KL estimate and the policy gradient assume them, and
-the sampler (`infalign.models.sampling`) would silently ignore any other setting.
+"""Pure sampling: `cfg.generation` as the sampler's kwargs, and the check that they ask for pure samples only.
+
+The KL estimate and the policy gradient assume responses drawn from the policy itself, so rollouts, the
+calibration samples and evaluation sample at temperature 1 with no top-k / top-p, through the project's own
+sampler (`infalign.models.sampling`), which applies no logits processor and never reads the checkpoint's own
+`generation_config`. `sampling_kwargs` turns `cfg.generation` (checked by `infalign.config`) into its kwargs;
+`check_sampler_kwargs` refuses any setting the sampler would otherwise ignore.
 """
 
 from __future__ import annotations
@@ -15,8 +19,12 @@ NEUTRAL = {"sampler": ("inverse_cdf",), "do_sample": (True,), "temperature": (1.
 
 
 def sampling_kwargs(gen_cfg) -> dict:
-    """The sampler's kwargs from `cfg.generation` (rollouts, the calibration samples and evaluation alike). Any
-    other key of `gen_cfg` is passed on, so that `sampling.generate` refuses it instead of dropping it."""
+    """The sampler's kwargs from `cfg.generation`, whose values the config check (`infalign.config`, before torch)
+    has refused unless they sample from the policy itself: temperature 1, no top-k / top-p, no other key. There is
+    no separate generation config for evaluation: the calibration samples and the win-rate evaluation sample
+    exactly like training. Any other key of `gen_cfg` is passed on, so `sampling.generate` refuses one that would
+    change the probabilities instead of it being dropped.
+    """
     from omegaconf import OmegaConf
 
     gen = OmegaConf.to_container(gen_cfg, resolve=True) if OmegaConf.is_config(gen_cfg) else dict(gen_cfg)

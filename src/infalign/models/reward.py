@@ -134,14 +134,14 @@ def _cut(ids: list[int], keep_last: int) -> list[int]:
     return ids[max(0, len(ids) - keep_last):] if keep_last > 0 else []
 
 
-def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and their attention mask."""
+def _pad(rows: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
     width = max(1, max(len(r) for r in rows))
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
+        sl = slice(0, len(r)) if side == "right" else slice(width - len(r), width)
+        ids[i, sl] = torch.tensor(r, dtype=torch.long)
+        mask[i, sl] = 1
     return ids, mask
 
 
@@ -186,7 +186,7 @@ class SequenceClassifierReward(RewardModel):
         if self.input_format == "pair":  # the tokenizer pads every field it made (token_type_ids too)
             self.tokenizer.padding_side = "right"
             return dict(self.tokenizer.pad(rows, return_tensors="pt"))
-        ids, mask = _pad([r["input_ids"] for r in rows], self.tokenizer.pad_token_id)
+        ids, mask = _pad([r["input_ids"] for r in rows], self.tokenizer.pad_token_id, "right")
         return {"input_ids": ids, "attention_mask": mask}
 
     def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, torch.Tensor]:

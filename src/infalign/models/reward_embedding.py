@@ -1,6 +1,9 @@
-"""The embedding-head reward (``reward=trained`` with a frozen backbone): a frozen pretrained encoder, pooled
-(:class:`FrozenEncoder`: all-MiniLM-L6-v2, SmolLM2 or the reference policy's own transformer), feeds a small head
-trained by :mod:`infalign.models.bradley_terry` (:class:`EmbeddingHeadReward`).
+"""The embedding-head reward: a frozen pretrained encoder whose pooled features feed a small trained head.
+
+:class:`FrozenEncoder` pools all-MiniLM-L6-v2, SmolLM2 or the reference policy's own backbone
+(:func:`load_frozen_encoder`); :class:`EmbeddingHeadReward` scores a pair with the head on those features, behind
+the :class:`infalign.models.reward.RewardModel` interface. :mod:`infalign.models.reward_train` trains the head
+(``reward=trained``) and loads it back with :func:`load_embedding_head_reward`.
 """
 from __future__ import annotations
 
@@ -45,14 +48,16 @@ class FrozenEncoder(nn.Module):
 
     def _pool(self, rows: list[list[int]]) -> torch.Tensor:
         dev = next(self.model.parameters()).device
-        ids, mask = _pad(rows, self.tokenizer.pad_token_id)
+        ids, mask = _pad(rows, self.tokenizer.pad_token_id, "right")
         ids, mask = ids.to(dev), mask.to(dev)
         hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
         if self.pooling == "mean":
             m = mask.unsqueeze(-1).float()
             pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
-        else:  # last: the last real token (right padding)
+        elif self.pooling == "last":
             pooled = hidden[torch.arange(len(rows), device=dev), mask.sum(1) - 1]
+        else:
+            raise ValueError(f"pooling must be mean or last, got {self.pooling!r}")
         return nn.functional.normalize(pooled, dim=-1)
 
     def context_use(self):
@@ -112,6 +117,8 @@ def load_frozen_encoder(backbone: str, max_prompt_tokens: int, max_response_toke
         lm, tok, _ = smollm2_policy(cache_root=cache_root)
         model, pooling = lm.model, "last"
     elif backbone == "policy_frozen":
+        if policy_path is None:
+            raise ValueError("backbone=policy_frozen needs the reference policy's folder")
         model = AutoModel.from_pretrained(policy_path, use_safetensors=True)  # our cached policy: never a pickle
         tok, pooling = AutoTokenizer.from_pretrained(policy_path), "last"
     else:

@@ -21,7 +21,9 @@ __all__ = ["Rollout", "tokenize_prompts", "generate", "decode_responses", "rollo
 
 
 def tokenize_prompts(tokenizer, prompts: list[str], device=None) -> dict[str, torch.Tensor]:
-    """Left-padded prompt batch (generation appends on the right; every loader gives its tokenizer a pad token)."""
+    """Left-padded prompt batch (generation appends on the right)."""
+    if tokenizer.pad_token_id is None:
+        raise ValueError("tokenizer has no pad token: set one (e.g. tokenizer.pad_token = tokenizer.eos_token)")
     tokenizer.padding_side = "left"
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}

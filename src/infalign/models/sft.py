@@ -1,5 +1,4 @@
-"""Supervised fine-tuning (SFT) of the reference policy on the chosen dialogues of the training partition, and
-the training loop it shares with the Bradley-Terry reward model (:func:`fit`).
+"""Supervised fine-tuning (SFT) of the reference policy on the chosen dialogues of the training partition.
 
 Loss on all tokens by default (``loss_on: all``): the tiny reference is trained from scratch on ~1.8k
 dialogues, and the prompt side (Human turns and earlier Assistant turns) is ~3/4 of the tokens; training on
@@ -9,16 +8,15 @@ both the all-token perplexity and the perplexity of the final responses (what th
 from __future__ import annotations
 
 import copy
-import functools
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import random
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 from torchmetrics.text import Perplexity
-from tqdm.auto import tqdm
 
 from infalign.models.data import PreferenceRecord
 from infalign.models.prompt_text import truncate_prompt
@@ -94,86 +92,97 @@ def warmup_cosine_factor(step: int, warmup: int, total: int, floor: float = 0.1)
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def fit(net: torch.nn.Module, loss: Callable[[Any], torch.Tensor], evaluate: Callable[[Iterable], dict[str, float]],
-        train_dl: DataLoader, val_dl: DataLoader, train_cfg: Mapping, *, epochs: int, params: list,
-        score: Callable[[dict], float], floor: float, betas: tuple[float, float] = (0.9, 0.999),
-        progress: bool = True, desc: str = "training") -> dict[str, Any]:
-    """Train `net` on `loss(batch)` for `epochs` epochs and end with the weights of the epoch whose validation
-    metrics (`evaluate(val_dl)`, after each epoch) `score` highest: with ~1.8k examples the last epoch can already
-    overfit. AdamW over `params` (tensors or groups), `warmup_cosine_factor` down to `floor` per optimizer step,
-    gradients clipped to `grad_clip`; `precision: bf16-mixed` runs the forward passes under CPU autocast. Returns
-    the best epoch's metrics with its "epoch", and the per-epoch "history"."""
-    total = epochs * len(train_dl)
-    warmup = int(train_cfg.get("warmup_steps", max(1, total // 20)))
-    opt = torch.optim.AdamW(params, lr=float(train_cfg.get("lr", 1e-3)),
-                            weight_decay=float(train_cfg.get("weight_decay", 0.01)), betas=betas)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine_factor(s, warmup, total, floor))
-    clip = float(train_cfg.get("grad_clip", 1.0))
-    # bf16-mixed: as Lightning runs it, without autocast's cache of cast weights (with it, the chosen and rejected
-    # passes of one Bradley-Terry step would share one cast and sum their gradients in bf16)
-    bf16 = train_cfg.get("precision", "32-true") == "bf16-mixed"
-    autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16, enabled=bf16, cache_enabled=False)
-    best: dict[str, Any] = {"score": -math.inf, "metrics": {}, "state": None}
-    history, shown = [], {}
-    bar = tqdm(total=total, desc=desc, disable=not progress)
-    for epoch in range(epochs):
-        net.train()
-        for batch in train_dl:
-            with autocast():
-                value = loss(batch)
-            opt.zero_grad()
-            value.backward()
-            if clip > 0:
-                torch.nn.utils.clip_grad_norm_([p for group in opt.param_groups for p in group["params"]], clip)
-            opt.step()
-            sched.step()
-            bar.update()
-            bar.set_postfix(loss=f"{value.item():.3f}", **shown)
-        net.eval()
-        with torch.no_grad(), autocast():
-            metrics = {"epoch": epoch, **evaluate(val_dl)}
-        history.append(metrics)
-        shown = {k: f"{v:.4g}" for k, v in metrics.items() if k != "epoch"}
-        if score(metrics) > best["score"]:
-            best = {"score": score(metrics), "metrics": metrics, "state": copy.deepcopy(net.state_dict())}
-    bar.close()
-    if best["state"] is not None:
-        net.load_state_dict(best["state"])
-    return {**best["metrics"], "history": history}
+class SFTModule(L.LightningModule):
+    """Causal-LM fine-tuning of any ``transformers`` causal LM; keeps the best-validation weights."""
 
+    def __init__(self, model: torch.nn.Module, lr: float = 1e-3, weight_decay: float = 0.01,
+                 warmup_steps: int = 50, total_steps: int = 1000):
+        super().__init__()
+        self.model = model
+        self.lr, self.weight_decay = lr, weight_decay
+        self.warmup_steps, self.total_steps = warmup_steps, total_steps
+        self.val_ppl = Perplexity(ignore_index=IGNORE)
+        self.val_response_ppl = Perplexity(ignore_index=IGNORE)
+        self.best: dict[str, Any] = {"val_loss": float("inf"), "state": None, "metrics": {}}
+        self.history: list[dict[str, float]] = []
 
-@torch.no_grad()
-def perplexities(model: torch.nn.Module, val_dl: Iterable) -> dict[str, float]:
-    """Validation perplexity over every real token (whatever loss_on trained on) and over the final responses."""
-    ppl, response_ppl = Perplexity(ignore_index=IGNORE), Perplexity(ignore_index=IGNORE)
-    for batch in val_dl:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    def training_step(self, batch, batch_idx):
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return out.loss
+
+    def validation_step(self, batch, batch_idx):
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logits = logits[:, :-1].float()  # position t predicts token t+1
-        ppl.update(logits, batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, IGNORE))
-        response_ppl.update(logits, batch["response_labels"][:, 1:])
-    value = float(ppl.compute())
-    return {"val/ppl": value, "val/response_ppl": float(response_ppl.compute()), "val/loss": math.log(value)}
+        # the all-token metric always covers every real token, whatever loss_on trained on
+        all_labels = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, IGNORE)
+        self.val_ppl.update(logits, all_labels)
+        self.val_response_ppl.update(logits, batch["response_labels"][:, 1:])
+
+    def on_validation_epoch_end(self):
+        ppl, rppl = self.val_ppl.compute(), self.val_response_ppl.compute()
+        self.val_ppl.reset()
+        self.val_response_ppl.reset()
+        metrics = {"val/ppl": float(ppl), "val/response_ppl": float(rppl), "val/loss": math.log(float(ppl))}
+        self.log_dict(metrics, prog_bar=True)
+        if self.trainer.sanity_checking:
+            return
+        self.history.append({"epoch": self.current_epoch, **metrics})
+        if metrics["val/loss"] < self.best["val_loss"]:
+            self.best = {"val_loss": metrics["val/loss"], "metrics": {**metrics, "epoch": self.current_epoch},
+                         "state": copy.deepcopy(self.model.state_dict())}
+
+    def on_fit_end(self):
+        # With ~1.8k dialogues the last epoch can already overfit: restore the best-validation weights.
+        if self.best["state"] is not None:
+            self.model.load_state_dict(self.best["state"])
+
+    def configure_optimizers(self):
+        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2]
+        no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.lr, betas=(0.9, 0.98))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_cosine_factor(s, self.warmup_steps, self.total_steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def validate_fp32(module: SFTModule, val_dl: DataLoader) -> dict[str, float]:
+    """Validation perplexities of ``module.model`` as it is, in fp32 (no autocast)."""
+    module.val_ppl.reset()
+    module.val_response_ppl.reset()
+    device = next(module.model.parameters()).device
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        for batch in val_dl:
+            module.validation_step(batch, 0)
+    ppl, rppl = float(module.val_ppl.compute()), float(module.val_response_ppl.compute())
+    module.val_ppl.reset()
+    module.val_response_ppl.reset()
+    return {"val/ppl": ppl, "val/response_ppl": rppl, "val/loss": math.log(ppl)}
 
 
 def run_sft(model: torch.nn.Module, tokenizer, records: Mapping[str, list[PreferenceRecord]],
             train_cfg: Mapping, *, max_prompt_tokens: int | None, max_response_tokens: int | None,
             seed: int = 0, progress: bool = True) -> dict[str, Any]:
-    """Train ``model`` (any ``transformers`` causal LM) in place; returns the best validation metrics (always those
-    of the fp32 model, whatever precision trained it) and the per-epoch history."""
+    """Train ``model`` in place; returns the best validation metrics and the per-epoch history."""
     L.seed_everything(seed, workers=True, verbose=False)
+    random.seed(seed)
     train_dl, val_dl = sft_loaders(records, tokenizer, batch_size=int(train_cfg.get("batch_size", 16)),
                                    max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens,
                                    loss_on=train_cfg.get("loss_on", "all"))
     epochs = int(train_cfg.get("epochs", 3))
-    decay = [p for p in model.parameters() if p.ndim >= 2]  # no weight decay on biases and norms
-    groups = [{"params": decay, "weight_decay": float(train_cfg.get("weight_decay", 0.01))},
-              {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}]
-    metrics = fit(model, lambda b: model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                                         labels=b["labels"]).loss,
-                  lambda dl: perplexities(model, dl), train_dl, val_dl, train_cfg, epochs=epochs, params=groups,
-                  score=lambda m: -m["val/loss"], floor=0.1, betas=(0.9, 0.98), progress=progress, desc="SFT")
+    total = epochs * len(train_dl)
+    module = SFTModule(model, lr=float(train_cfg.get("lr", 1e-3)),
+                       weight_decay=float(train_cfg.get("weight_decay", 0.01)),
+                       warmup_steps=int(train_cfg.get("warmup_steps", max(1, total // 20))), total_steps=total)
+    precision = train_cfg.get("precision", "32-true")
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
+                        num_sanity_val_steps=0, gradient_clip_val=float(train_cfg.get("grad_clip", 1.0)),
+                        log_every_n_steps=10, deterministic=False, precision=precision)
+    model.train()  # callers may hand over a model in eval mode (from_pretrained returns one)
+    trainer.fit(module, train_dl, val_dl)
     model.eval()
-    if train_cfg.get("precision", "32-true") != "32-true":
-        with torch.autocast("cpu", enabled=False):
-            metrics.update(perplexities(model, val_dl))
-    return {**metrics, "train_steps": epochs * len(train_dl)}
+    if precision != "32-true":  # the reported perplexity is the fp32 model's, whatever precision trained it
+        module.best["metrics"].update(validate_fp32(module, val_dl))
+    return {**module.best["metrics"], "history": module.history, "train_steps": total}
