@@ -23,7 +23,7 @@ from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadMo
 from infalign.models.checks import check_weights, context_of
 from infalign.models.policy import hf_policy
 from infalign.models.reward import hf_reward
-from infalign.models.reward_context import check_reward_context
+from infalign.models.checks import check_reward_context
 from infalign.runtime.errors import ConfigError
 from infalign.runtime.paths import conf_dir
 

@@ -22,6 +22,8 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from infalign.config.check import check_section, source
+from infalign.config.schema import DATA
 from infalign.models.data import load_partitions, partition_fingerprint
 from infalign.models.loaders import call_loader, check_loader_config
 from infalign.models.policy import format_prompts
@@ -55,11 +57,20 @@ def build_all(cfg: DictConfig, progress: bool = True) -> dict[str, Any]:
     stages = list(cfg.get("stages", STAGES))
     if unknown := set(stages) - set(STAGES):
         raise ConfigError(f"stages: unknown stages {sorted(unknown)}; choose from {list(STAGES)}, e.g. stages=[policy]")
-    check_loader_config(cfg.model, "model")  # an unknown key, a bad value: refused before any work
+    # an unknown key, a bad value: refused before any work, as train.py's config check does
+    check_section(OmegaConf.to_container(cfg.data, resolve=True), DATA, "data", source("data", None))
+    check_loader_config(cfg.model, "model")
     check_loader_config(cfg.reward, "reward")
     cache_root = cfg.get("cache_root")
     summary: dict[str, Any] = {"cache_root": str(cache_root), "stages": {}}
     t0 = time.time()
+
+    def built(stage: str, what: str, t: float, entry) -> None:
+        summary["stages"][stage] = {"seconds": round(time.time() - t, 1), "path": str(entry.path) if entry else None,
+                                    "cache_hit": entry.hit if entry else None, "meta": entry.meta if entry else {}}
+        log.info("%s ready (%.1f s): %s", what, time.time() - t,
+                 {k: v for k, v in summary["stages"][stage]["meta"].items() if k != "history"})
+
     parts = load_partitions(cfg.data)  # fails fast (missing data root) before any model work
     summary["data"] = {"fingerprint": partition_fingerprint(parts), **{k: len(v) for k, v in parts.items()}}
     model = tok = policy_entry = None
@@ -68,17 +79,12 @@ def build_all(cfg: DictConfig, progress: bool = True) -> dict[str, Any]:
         model, tok, entry = call_loader(cfg.model, "model", data_cfg=cfg.data, cache_root=cache_root,
                                         partitions=parts, progress=progress)
         policy_entry = entry  # the reward stage's backbone (policy, policy_frozen) reads it, not the weights again
-        summary["stages"]["policy"] = {"seconds": round(time.time() - t, 1), "path": str(entry.path) if entry else None,
-                                       "cache_hit": entry.hit if entry else None, "meta": entry.meta if entry else {}}
-        log.info("reference policy ready (%.1f s): %s", time.time() - t,
-                 {k: v for k, v in summary["stages"]["policy"]["meta"].items() if k != "history"})
+        built("policy", "reference policy", t, entry)
     if "reward" in stages:
         t = time.time()
         _, entry = call_loader(cfg.reward, "reward", data_cfg=cfg.data, model_cfg=cfg.model, cache_root=cache_root,
                                partitions=parts, progress=progress, policy_entry=policy_entry)
-        summary["stages"]["reward"] = {"seconds": round(time.time() - t, 1), "path": str(entry.path) if entry else None,
-                                       "cache_hit": entry.hit if entry else None, "meta": entry.meta if entry else {}}
-        log.info("reward model ready (%.1f s): %s", time.time() - t, summary["stages"]["reward"]["meta"])
+        built("reward", "reward model", t, entry)
     if n := int(cfg.get("samples", 0)):
         prompts = [r.prompt for r in parts["test"][:n]]
         responses = sample_responses(model, tok, prompts, int(cfg.data.max_response_tokens),

@@ -1,15 +1,9 @@
-"""The checks that need a model's own files or its loaded config: one-line ``ConfigError`` naming the key or folder.
-
-The config schema refuses what the config alone shows (a missing folder, a folder without ``config.json``:
-:mod:`infalign.runtime.model_paths`). What only the model shows is refused here, as soon as the model (or its
-``config.json``) is read and before anything is computed with it, in the same one-line form (``train.py``
-prints ``error: ...`` and exits 2; the build and theory CLIs too):
-
-- a folder with ``config.json`` but no weights (:func:`check_weights`): transformers would fail five frames deep;
-- a tokenizer that has neither a pad nor an EOS token (:func:`ensure_pad_token`; one with EOS only pads with it);
-- a context shorter than the tokens a model is fed (:func:`context_of`, :func:`check_context`): the policy's
-  ``data.max_prompt_tokens + generation.max_new_tokens``, the reward model's prompt and response budgets; a
-  position past the model's table would end in ``IndexError: index out of range in self`` mid-computation.
+"""The checks that need a model's own files or its loaded config, as soon as they are read and before anything is
+computed with them: one-line ``ConfigError`` naming the key or folder (``train.py`` prints ``error: ...`` and exits
+2). What the config alone shows (a missing folder, no ``config.json``) is refused earlier,
+:mod:`infalign.runtime.model_paths`. Refused here: a folder with ``config.json`` but no weights (transformers would
+fail five frames deep), a tokenizer with neither a pad nor an EOS token, and a context shorter than the tokens a
+model is fed (a position past the model's table would end in ``IndexError: index out of range in self``).
 """
 from __future__ import annotations
 
@@ -19,7 +13,8 @@ from typing import Any
 
 from infalign.runtime.errors import ConfigError
 
-__all__ = ["ConfigError", "check_context", "check_weights", "context_of", "ensure_pad_token", "fitting_budgets"]
+__all__ = ["ConfigError", "check_context", "check_reward_context", "check_weights", "context_of", "ensure_pad_token",
+           "fitting_budgets", "refuse_reward_context"]
 
 # What `from_pretrained` reads from a local folder (transformers.utils' SAFE_WEIGHTS_NAME, ..._INDEX_NAME,
 # WEIGHTS_NAME, ..._INDEX_NAME): one of them, or a file the config names itself (`transformers_weights`)
@@ -104,3 +99,27 @@ def check_context(need: int, what: str, context: tuple[int, str] | None, model: 
         return
     raise ConfigError(f"{what} = {need} exceeds the context of {model}: {context[0]} positions ({context[1]} in "
                       f"its config): the longest sequence would run past the positions it was built for; {fix}")
+
+
+def check_reward_context(rm, prompt_key: str = "reward.max_prompt_tokens",
+                         response_key: str = "reward.max_response_tokens") -> None:
+    """Refuse a reward model (an `infalign.models.reward.RewardModel`) whose context is shorter than one scored
+    pair: the prompt's tail (``prompt_key``), the response's head (``response_key``) and the tokens its input
+    format adds."""
+    use = rm.context_use()
+    if use is not None:
+        refuse_reward_context(*use, rm.source, prompt_key, response_key)
+
+
+def refuse_reward_context(prompt_tokens: int, response_tokens: int, extra: int, context: tuple[int, str] | None,
+                          source: str, prompt_key: str, response_key: str) -> None:
+    """:func:`check_reward_context` for a model not loaded yet (``context``: :func:`context_of` of its config)."""
+    if context is None:
+        return
+    a, b = fitting_budgets(context[0], prompt_tokens, response_tokens, extra)
+    fix = f"lower them to fit, e.g. {prompt_key}={a} {response_key}={b}"
+    if prompt_key.startswith("data."):  # reward=trained with null budgets: they can be the reward's own
+        fix += f" (or reward.max_prompt_tokens={a} reward.max_response_tokens={b}, for the reward model alone)"
+    added = f" (+ {extra} the input format adds)" if extra else ""
+    check_context(prompt_tokens + response_tokens + extra, f"{prompt_key} + {response_key}{added}", context, source,
+                  fix)

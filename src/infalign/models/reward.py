@@ -1,19 +1,14 @@
 """Reward models behind one interface: ``score(prompts, responses) -> Tensor[B]`` (float32, no grad, eval).
 
-- :class:`SequenceClassifierReward`: any ``AutoModelForSequenceClassification`` with one output (hub models
-  via ``conf/reward/hf.yaml``; also the fine-tuned GPT-2 reward built by :mod:`infalign.models.reward_train`).
-- :class:`infalign.models.reward_embedding.EmbeddingHeadReward`: a frozen pretrained encoder (all-MiniLM-L6-v2,
-  SmolLM2, or the reference policy's backbone) whose pooled features feed a small trained head.
-
-Every reward model takes text and uses its own tokenizer, so it can score any policy's samples.
+:class:`SequenceClassifierReward` is any ``AutoModelForSequenceClassification`` with one output (``reward=hf``, and
+the fine-tuned GPT-2 of ``reward.backbone=policy``); :mod:`infalign.models.reward_embedding` has the frozen encoder
+with a trained head. Every reward model takes text and uses its own tokenizer, so it can score any policy's samples.
 """
 from __future__ import annotations
 
-import logging
 import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,9 +17,6 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from infalign.models.checks import ConfigError, check_weights, context_of, ensure_pad_token
-
-log = logging.getLogger(__name__)
-
 
 Precision = Literal["fp32", "bf16"]
 PRECISIONS = typing.get_args(Precision)
@@ -62,17 +54,6 @@ def forward_by_length(lengths: Sequence[int], fn: Callable[[list[int]], torch.Te
     return out
 
 
-@contextmanager
-def precision_context(device: torch.device, precision: Precision):
-    """The frozen reward model's own precision wherever it scores (calibration cache, rollouts, evaluation),
-    whatever the trainer's: bf16 autocast, or fp32 with any surrounding autocast switched off. Rewards that
-    are compared with each other (a rollout's with the cached reference's) are then scored alike."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"reward.precision must be one of {PRECISIONS}, got {precision!r}")
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        yield
-
-
 class RewardModel(ABC):
     """Scores (prompt, response) text pairs; higher is better.
 
@@ -103,9 +84,7 @@ class RewardModel(ABC):
             if precision not in PRECISIONS:
                 raise ValueError(f"reward.precision must be one of {PRECISIONS}, got {precision!r}")
             self.precision = precision
-        if max_batch_tokens is not None:
-            if int(max_batch_tokens) < 1:
-                raise ValueError(f"reward.max_batch_tokens must be >= 1, got {max_batch_tokens}")
+        if max_batch_tokens is not None:  # length_batches refuses one below 1
             self.max_batch_tokens = int(max_batch_tokens)
         return self
 
@@ -117,7 +96,9 @@ class RewardModel(ABC):
             m.eval()
         if not prompts:
             return torch.zeros(0, dtype=torch.float32)
-        with precision_context(self.device, self.precision):
+        # the model's own precision wherever it scores, whatever the trainer's (fp32: any surrounding autocast off),
+        # so that rewards compared with each other (a rollout's and the cached reference's) are scored alike
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             return self._score_all(list(prompts), list(responses)).float().cpu()
 
     __call__ = score
@@ -174,8 +155,6 @@ class SequenceClassifierReward(RewardModel):
 
     def __init__(self, model: nn.Module, tokenizer, *, input_format: str = "concat", label_index: int = 0,
                  max_prompt_tokens: int = 192, max_response_tokens: int = 64, append_eos: bool = False):
-        if input_format not in ("concat", "pair"):
-            raise ValueError(f"input_format must be concat or pair, got {input_format!r}")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.input_format, self.label_index = input_format, label_index
         self.max_prompt_tokens, self.max_response_tokens = max_prompt_tokens, max_response_tokens
@@ -231,13 +210,9 @@ class SequenceClassifierReward(RewardModel):
 def load_reward_model(reward_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any] | None = None,
                       model_cfg: Mapping[str, Any] | None = None, cache_root: str | Path | None = None, *,
                       partitions=None, progress: bool = True, policy_entry=None) -> RewardModel:
-    """The reward model for ``cfg.reward``; a ``trained`` one is built and cached first if missing.
-
-    ``model_cfg`` (``cfg.model``) is needed only when the reward's backbone is the reference policy;
-    ``policy_entry``, that policy's cache entry when the caller has loaded it (``load_policy(...,
-    return_entry=True)``), spares reading its weights again. The config's keys are its loader's parameters (plus
-    ``name``): an unknown key is an error, raised first.
-    """
+    """The reward model for ``cfg.reward``; a ``trained`` one is built and cached first if missing. ``model_cfg``
+    is needed only when the reward's backbone is the reference policy; ``policy_entry``, that policy's cache entry
+    when the caller has loaded it (``load_policy(..., return_entry=True)``), spares reading its weights again."""
     from infalign.models.loaders import call_loader
 
     rm, _ = call_loader(reward_cfg, "reward", data_cfg=data_cfg, model_cfg=model_cfg, cache_root=cache_root,
@@ -251,8 +226,6 @@ def hf_reward(*, name_or_path: str, revision: str | None = None, trust_remote_co
               max_batch_tokens: int = DEFAULT_BATCH_TOKENS) -> tuple[RewardModel, None]:
     """``reward=hf``: any ``AutoModelForSequenceClassification`` by hub name or local folder, scored in
     ``precision`` in batches of at most ``max_batch_tokens`` padded tokens."""
-    if not name_or_path:
-        raise ValueError("reward.name_or_path is required for the hf reward model (hub name or local folder)")
     check_weights("reward.name_or_path", name_or_path)
     tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     ensure_pad_token(tok, f"reward.name_or_path={name_or_path}")  # before the weights load
@@ -267,14 +240,9 @@ def hf_reward(*, name_or_path: str, revision: str | None = None, trust_remote_co
 
 
 def _refuse_missing_weights(name_or_path: str, model: nn.Module, missing_keys) -> None:
-    """Refuse a reward model whose saved weights lack some of its parameters, before it scores anything.
-
-    transformers initialises a missing parameter at random and only prints a load report: a causal LM folder
-    given as ``reward.name_or_path`` loads with a random ``score.weight`` head, and the run trains on noise.
-    Any missing key is refused, not only the head's: transformers already leaves out the keys a model may lack
-    by design (``_keys_to_ignore_on_load_missing``, tied weights), so what it still reports is a parameter the
-    reward would compute with at random.
-    """
+    """Refuse a reward model whose saved weights lack some of its parameters: transformers would initialise them
+    at random with only a load report (a causal LM folder loads with a random ``score.weight`` head). The keys a
+    model may lack by design (tied weights, ``_keys_to_ignore_on_load_missing``) are not reported."""
     if not missing_keys:
         return
     saved = ", ".join(getattr(model.config, "architectures", None) or []) or "a model"

@@ -1,16 +1,8 @@
-"""Training the ``trained`` reward model with the Bradley-Terry loss, and its cached loader.
-
-Bradley-Terry: ``P(chosen > rejected) = sigmoid(r(x, y_c) - r(x, y_r))``; the loss is its negative log.
-Backbones (``reward.backbone``):
-
-- ``minilm`` / ``smollm2`` / ``policy_frozen``: frozen pretrained encoder; its features are computed once
-  for every pair, then only a small head is trained (cheap: many epochs in seconds).
-- ``policy``: the reference policy's GPT-2, fine-tuned end to end with a scalar head
-  (``GPT2ForSequenceClassification``), saved with ``save_pretrained`` so ``conf/reward/hf.yaml`` can load it.
-
-Model selection uses validation-partition accuracy; the held-out pairwise accuracy on the test partition is
-reported and stored in the cache manifest. The training itself is `infalign.models.bradley_terry`; this module
-builds, caches and loads the result.
+"""``reward=trained``: the Bradley-Terry reward model built (training: :mod:`infalign.models.bradley_terry`), cached
+under a key of everything that determines it, and loaded back. Backbones (``reward.backbone``): a frozen encoder
+(``minilm``, ``smollm2``, ``policy_frozen``) with a small head trained on its features, or the reference policy's
+GPT-2 fine-tuned end to end (``policy``). Models are selected on validation accuracy; the held-out test accuracy
+goes into the cache manifest.
 """
 from __future__ import annotations
 
@@ -21,14 +13,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from infalign.models.bradley_terry import train_finetuned_policy, train_frozen_head
+from infalign.models.checks import context_of, refuse_reward_context
 from infalign.models.data import PARTITION_SOURCES, load_partitions, partition_fingerprint
-from infalign.models.reward import (
-    DEFAULT_BATCH_TOKENS,
-    Precision,
-    RewardModel,
-    SequenceClassifierReward,
-)
-from infalign.models.reward_context import refuse_reward_context
+from infalign.models.reward import DEFAULT_BATCH_TOKENS, Precision, RewardModel, SequenceClassifierReward
 from infalign.models.reward_embedding import load_embedding_head_reward, minilm_path
 from infalign.runtime.artifacts import get_or_build
 from infalign.runtime.manifest import CacheEntry
@@ -127,8 +114,6 @@ def _backbone_context(backbone: str, policy_path) -> tuple[int, tuple[int, str] 
     """``(tokens its input adds to the two budgets, its context)`` of a backbone, from its config.json alone (no
     weights loaded). SmolLM2 (8192 positions) and a backbone not installed give no limit here: its loading says."""
     from transformers import AutoConfig
-
-    from infalign.models.checks import context_of
 
     if backbone == "minilm":
         try:

@@ -1,23 +1,11 @@
-"""Sampling responses and scoring their tokens: a KV-cached sampler, log-probs on response positions.
+"""Pure samples of a policy with their log-probs: the KV-cached sampler of rollouts, calibration and evaluation.
 
-Two traps handled here:
-- The KL and the policy gradient assume the responses were drawn from the policy's own distribution, so
-  rollouts sample at temperature 1 with no top-k / top-p (the config check, `infalign.config`, refuses anything
-  else; `pure_sampling.check_sampler_kwargs` any other setting), otherwise the k1 KL estimate is biased and can
-  go negative. The sampler (`_sample`) applies no logits processor at all and never reads the checkpoint's own
-  `generation_config` (repetition penalty, n-gram bans, minimum lengths, ...).
-- Left-padded prompts need position ids that start at the first real token (as transformers' `generate` builds them);
-  `infalign.models.logprobs.response_logprobs` uses the same, so the scored distribution is the sampled one.
-
-Why a sampler of our own and not `model.generate` (measured in docs/benchmarks.md, section 6): no per-step
-processor, stopping-criteria and mask machinery; keys/values written into room allocated once instead of
-concatenated every step; rows that have ended leave the batch; and one random number per token drawn instead
-of one per vocabulary entry (`_draw`).
-Costs avoided besides (docs/benchmarks.md, section 3): the k samples of a prompt share its forward pass (once
-per distinct prompt, its keys/values then fanned out to the k rows), in sampling and in `response_logprobs`,
-gradients included; the sampler records the log-probs of the tokens it samples, so the rollout needs no
-second forward pass of the policy for them; `response_logprobs` runs no column past the longest response.
-No Lightning here.
+The KL and the policy gradient assume responses drawn from the policy's own distribution, so `_sample` draws at
+temperature 1 with no logits processor and never reads the checkpoint's `generation_config` (`pure_sampling`
+refuses any other setting). Left-padded prompts get position ids that start at their first real token, as in
+transformers' `generate` and `infalign.models.logprobs`. Why not `model.generate` (docs/benchmarks.md, sections
+3 and 6): each prompt runs once for its k samples, keys/values go into room allocated once, ended rows leave the
+batch, one random number is drawn per token, and the sampled tokens' log-probs come without a second pass.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torchmetrics.text import Perplexity
 
 from infalign.models.data import PreferenceRecord
@@ -58,24 +58,15 @@ def collate(examples: Sequence[tuple[list[int], int]], pad_id: int, loss_on: str
         response_labels[i, n_prompt: len(ids)] = t[n_prompt:]
     if loss_on == "response":
         labels = response_labels.clone()
-    elif loss_on != "all":
-        raise ValueError(f"loss_on must be 'all' or 'response', got {loss_on!r}")
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "response_labels": response_labels}
 
 
-class BucketedBatches(Dataset):
+def bucketed_batches(examples: list[tuple[list[int], int]], batch_size: int, pad_id: int,
+                     loss_on: str = "all") -> list[dict[str, torch.Tensor]]:
     """Pre-collated batches of similar length (little padding); the DataLoader shuffles their order."""
-
-    def __init__(self, examples: list[tuple[list[int], int]], batch_size: int, pad_id: int, loss_on: str = "all"):
-        order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
-        self.batches = [collate([examples[i] for i in order[s: s + batch_size]], pad_id, loss_on)
-                        for s in range(0, len(order), batch_size)]
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return self.batches[i]
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
+    return [collate([examples[i] for i in order[s: s + batch_size]], pad_id, loss_on)
+            for s in range(0, len(order), batch_size)]
 
 
 def sft_loaders(records: Mapping[str, list[PreferenceRecord]], tokenizer, *, batch_size: int,
@@ -85,8 +76,8 @@ def sft_loaders(records: Mapping[str, list[PreferenceRecord]], tokenizer, *, bat
         return [encode_dialogue(r.prompt, r.chosen, tokenizer, max_prompt_tokens, max_response_tokens) for r in recs]
 
     pad = tokenizer.pad_token_id
-    train = BucketedBatches(examples(records["train"]), batch_size, pad, loss_on)
-    val = BucketedBatches(examples(records["validation"]), batch_size, pad, loss_on)
+    train = bucketed_batches(examples(records["train"]), batch_size, pad, loss_on)
+    val = bucketed_batches(examples(records["validation"]), batch_size, pad, loss_on)
     # batch_size=None: items already are batches
     return DataLoader(train, batch_size=None, shuffle=True), DataLoader(val, batch_size=None)
 

@@ -51,10 +51,6 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 8192, min_freque
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    return wrap_tokenizer(tok)
-
-
-def wrap_tokenizer(tok: Tokenizer) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=EOS,

@@ -31,9 +31,8 @@ def check_context(model, cfg) -> None:
     """The longest sequence a model is fed fits its context: ConfigError (one line) as it loads, before it computes.
     The policy: a prompt (`data.max_prompt_tokens`) and its sample (`generation.max_new_tokens`). The reward model
     (a `RewardModel`): a prompt's tail and a response's head (`reward.max_*_tokens`, else `data.max_*_tokens`)."""
-    from infalign.models.checks import check_context, context_of, fitting_budgets
+    from infalign.models.checks import check_context, check_reward_context, context_of, fitting_budgets
     from infalign.models.reward import RewardModel
-    from infalign.models.reward_context import check_reward_context
 
     if isinstance(model, RewardModel):
         check_reward_context(model, *(f"reward.{k}" if cfg.reward.get(k) is not None else f"data.{k}"
