@@ -156,7 +156,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
             if not (isinstance(cause, OSError) and cause.errno in WRITE_ERRNOS):
                 raise
             side = f" (its checksum file {e.path.name})" if isinstance(e, FileWriteError) and e.path != path else ""
-            raise write_error(path, cause, what=f"checkpoint{side}",
+            raise write_error(path, cause, subject=f"checkpoint{side} {path}",
                               fix="point hydra.run.dir elsewhere. The checkpoint already there, if any, is unchanged: "
                                   "continue the run with resume=true once there is room") from None
 
