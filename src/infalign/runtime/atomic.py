@@ -24,7 +24,7 @@ import os
 import secrets
 import stat
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
 
@@ -133,16 +133,12 @@ def give_plain_modes(root: str | Path) -> list[Path]:
 
 
 def _fsync_dir(directory: Path) -> None:
-    try:
+    with suppress(OSError):  # some file systems (and Windows) cannot open a directory: the rename still happened
         fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # some file systems (and Windows) cannot open a directory: the rename still happened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 @contextmanager
@@ -226,10 +222,7 @@ def read_csv_rows(path: str | Path) -> tuple[list[str], list[dict[str, str]]]:
 
 def remove_stale_temps(directory: str | Path) -> list[Path]:
     """Delete the temp files a crashed `atomic_write` left in `directory` (not recursive)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    stale = [p for p in directory.iterdir() if p.is_file() and p.name.startswith(".") and p.name.endswith(TMP_SUFFIX)]
+    stale = [p for p in Path(directory).glob(f".*{TMP_SUFFIX}") if p.is_file()]
     for p in stale:
         p.unlink(missing_ok=True)
     return stale

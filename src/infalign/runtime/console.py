@@ -89,13 +89,9 @@ def _quiet_transformers_bars() -> None:
 def quiet_console() -> None:
     """Set up the console for a run (idempotent; see the module's docstring)."""
     _route_lightning_logs()
-    for name in LIGHTNING_LINE_LOGGERS:
-        logger = logging.getLogger(name)
-        if _line_filter not in logger.filters:
-            logger.addFilter(_line_filter)
-    transformers_logger = logging.getLogger("transformers.modeling_utils")
-    if _transformers_filter not in transformers_logger.filters:
-        transformers_logger.addFilter(_transformers_filter)
+    for name in LIGHTNING_LINE_LOGGERS:  # addFilter adds a filter once
+        logging.getLogger(name).addFilter(_line_filter)
+    logging.getLogger("transformers.modeling_utils").addFilter(_transformers_filter)
     _quiet_transformers_bars()
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree")
@@ -119,15 +115,15 @@ def format_number(value, digits: int = 3) -> str:
     return text.lstrip("-") if float(text) == 0 else text
 
 
-def format_metrics(metrics: Mapping, digits: int = 3, strip: str = "") -> str:
+def format_metrics(metrics: Mapping, strip: str = "") -> str:
     """`key=value, ...` with `format_number`; a count (`prompts`, `iteration`, ...) holding an integral float is
     written as an integer. `strip` is a prefix removed from the keys (`eval/`)."""
     parts = []
     for key, value in metrics.items():
-        name = key[len(strip):] if strip and key.startswith(strip) else key
+        name = key.removeprefix(strip)
         if hasattr(value, "item"):
             value = value.item()
         if name.rsplit("/", 1)[-1] in COUNT_KEYS and isinstance(value, float) and value.is_integer():
             value = int(value)
-        parts.append(f"{name}={format_number(value, digits)}")
+        parts.append(f"{name}={format_number(value)}")
     return ", ".join(parts)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -35,8 +36,7 @@ class StoppedBySignal(BaseException):
 
     def __init__(self, signum: int, stage: str):
         self.signum, self.stage = int(signum), stage
-        self.signal_name = signal.Signals(signum).name
-        super().__init__(f"stopped by {self.signal_name} while {stage}")
+        super().__init__(f"stopped by {signal.Signals(signum).name} while {stage}")
 
     @property
     def exit_code(self) -> int:
@@ -74,11 +74,7 @@ def _raise_pending() -> None:
 
 
 def _in_finalizer(frame) -> bool:
-    while frame is not None:
-        if frame.f_code.co_name == "__del__":
-            return True
-        frame = frame.f_back
-    return False
+    return any(f.f_code.co_name == "__del__" for f, _ in traceback.walk_stack(frame))
 
 
 def current_stage() -> str:
@@ -89,8 +85,8 @@ def current_stage() -> str:
 
 
 @contextmanager
-def stop_on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
-    """Within the block the first of `signals` raises `StoppedBySignal` (naming the current stage); a second one
+def stop_on_signals() -> Iterator[None]:
+    """Within the block the first of `STOP_SIGNALS` raises `StoppedBySignal` (naming the current stage); a second one
     kills the process at once. The previous handlers come back on exit. Off the main thread (where Python allows
     no handler) it changes nothing."""
     if threading.current_thread() is not threading.main_thread():
@@ -111,7 +107,7 @@ def stop_on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
             return
         raise _stop["pending"]
 
-    previous = {s: signal.signal(s, handler) for s in signals}
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     _stop.update(pending=None, resent=False)
     try:
         with stage(BASE_STAGE):
