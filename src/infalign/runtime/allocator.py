@@ -1,16 +1,11 @@
 """glibc malloc settings for the trainer, applied once at start-up by `train.py` (opt out: INFALIGN_MALLOC_TUNING=0).
 
-Why: an RL iteration allocates and frees the same large tensors over and over (logits, activations and
-their gradients, each tens to hundreds of MiB). glibc serves any block above its mmap threshold (dynamic,
-at most 32 MiB) with fresh pages from mmap and gives them back with munmap on free, so the kernel faults
-in and zeroes those pages again on every use. Measured on the benchmark setting of docs/benchmarks.md,
-section 3 (1 thread): 25% of TRL's CPU time per iteration is such kernel time, 12% of ours; with the
-thresholds raised, freed blocks stay in the heap for the next iteration: ours 0.88 -> 0.30 s kernel time.
-The cost: the process keeps its peak heap between iterations instead of returning it to the system (peak
-RSS there: 1.45 -> 1.61 GB).
-
-Equivalent environment: MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824. Settings the
-user made (those variables, or GLIBC_TUNABLES) are left alone. Not glibc (macOS, musl): nothing happens.
+An RL iteration allocates and frees the same large tensors over and over. glibc serves a block above its mmap
+threshold (at most 32 MiB) with fresh pages and unmaps them on free, so the kernel faults in and zeroes them again
+on every use; with the thresholds raised, freed blocks stay in the heap for the next iteration (docs/benchmarks.md,
+section 3: kernel time per iteration 0.88 -> 0.30 s; the cost, peak RSS kept: 1.45 -> 1.61 GB). Equivalent to
+MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824; settings the user made (those variables, or
+GLIBC_TUNABLES) win. Not glibc (macOS, musl): nothing happens.
 """
 
 from __future__ import annotations
@@ -29,7 +24,7 @@ THRESHOLD = 1 << 30  # 1 GiB: larger than any single tensor of the default runs;
 USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
 
 
-def tune_malloc(threshold: int = THRESHOLD) -> bool:
+def tune_malloc() -> bool:
     """Raise glibc's mmap and trim thresholds in this process; True if they were set."""
     if os.environ.get("INFALIGN_MALLOC_TUNING", "1").strip().lower() in ("0", "false", "no", "off"):
         return False
@@ -42,6 +37,6 @@ def tune_malloc(threshold: int = THRESHOLD) -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    ok = mallopt(M_MMAP_THRESHOLD, threshold) == 1 and mallopt(M_TRIM_THRESHOLD, threshold) == 1
-    log.debug("glibc mallopt mmap/trim thresholds = %d: %s", threshold, "set" if ok else "refused")
+    ok = mallopt(M_MMAP_THRESHOLD, THRESHOLD) == 1 and mallopt(M_TRIM_THRESHOLD, THRESHOLD) == 1
+    log.debug("glibc mallopt mmap/trim thresholds = %d: %s", THRESHOLD, "set" if ok else "refused")
     return ok

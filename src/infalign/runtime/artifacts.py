@@ -1,28 +1,13 @@
 """A small content-addressed cache of build artefacts (tokenizers, models, calibration tables, ...).
 
-An entry lives at ``<cache_root>/<kind>/<hash>`` where ``hash = fingerprint(key)`` and ``key`` is a
-JSON-able description of *everything* that determines the artefact (config, data fingerprint, seed, ...).
-A changed config therefore gives a new entry, never a stale one.
-
-Entries are built by a callback into a private temporary directory next to the final one, a
-``manifest.json`` (key, creation time, sha256 + size of every file, free-form ``meta``) is written, and the
-directory is renamed into place in one step, so a crash mid-build never leaves a half-entry under the final
-name. On every load the manifest is checked against the key and the files on disk; a corrupt, truncated or
-mismatched entry is logged, moved aside and rebuilt, never used.
+An entry lives at `<cache_root>/<kind>/<fingerprint(key)>`, where `key` describes everything that determines the
+artefact (config, data fingerprint, seed, ...), so a changed config gives a new entry, never a stale one. A build
+writes into a temporary directory beside the entry, adds `manifest.json` (key, sha256 and size of every file) and
+renames it into place in one step: a crash never leaves a half-entry under the final name. Every load checks the
+manifest; a damaged entry is logged, moved aside and rebuilt, never used. A miss beside entries of the same kind
+logs which keys changed against the nearest one (`infalign.runtime.manifest.explain_rebuild`).
 
     entry = get_or_build(cache_root, "policy", key, lambda tmp: train_and_save(tmp))
-    model = AutoModel.from_pretrained(entry.path)
-
-A miss next to entries of the same kind says why before it builds: the stored key of the nearest entry is
-diffed against the new one (:func:`infalign.runtime.manifest.explain_rebuild`) and logged as a warning, e.g.
-``rebuilding reward: key max_response_tokens (data.max_response_tokens) changed from 64 to 16 (entry
-baface8a4a09b136); this takes about 59 s, as that entry's build did``.
-
-A cache root that cannot be written (read-only, no permission, full) fails with a message naming the directory,
-the cause and the way out (``cache_root=...`` or ``$INFALIGN_CACHE``): up front when it holds no entry at all
-(:func:`cache_root_warning`, which the config schema applies before torch is imported), else when an entry has
-to be built there. A build marks its stage (:mod:`infalign.runtime.signals`), so a stop signal during it names
-it; its temporary directory is removed.
 """
 from __future__ import annotations
 
@@ -32,6 +17,7 @@ import os
 import shutil
 import socket
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -43,7 +29,6 @@ from infalign.runtime.atomic import (
     WRITE_ERRNOS,
     atomic_write_text,  # noqa: F401  (re-exported: build.py imports it from here)
     give_plain_modes,
-    make_temp_dir,
     plain_mode,
     write_error,
 )
@@ -51,8 +36,8 @@ from infalign.runtime.manifest import (
     MANIFEST,
     MANIFEST_VERSION,
     CacheEntry,
-    _canonical,
     _scan_files,
+    canonical,
     entry_path,
     explain_rebuild,
     verify_entry,
@@ -72,11 +57,6 @@ KIND_LABELS = {"tokenizer": "the tokenizer", "policy": "the reference policy", "
 CACHE_FIX = "set cache_root=<a writable folder> (or $INFALIGN_CACHE) to keep the cache elsewhere"
 
 
-def cache_write_error(directory: Path, error: OSError, subject: str) -> OSError:
-    """The `FileWriteError` of a cache that cannot be written (`infalign.runtime.atomic.write_error`)."""
-    return write_error(directory, error, subject=subject, fix=CACHE_FIX)
-
-
 def cache_root_warning(cache_root: str | Path | None) -> str | None:
     """Refuse in milliseconds a cache root that cannot be written and holds no entry: every model would have to be
     built there, and the first build would fail after the data was read. A read-only root that holds entries is
@@ -92,7 +72,7 @@ def cache_root_warning(cache_root: str | Path | None) -> str | None:
         if root.is_dir() and any(not p.name.startswith(".") for p in root.iterdir()):
             return (f"cache_root {root} cannot be written ({e.strerror}): its entries are used, but one that must be "
                     f"built fails; {CACHE_FIX}")
-        raise cache_write_error(root, e, f"into the cache directory cache_root={root}") from None
+        raise write_error(root, e, fix=CACHE_FIX, subject=f"into the cache directory cache_root={root}") from None
     return None
 
 
@@ -163,10 +143,9 @@ _reported: tuple[Any, set[Path]] = (None, set())  # (the run, the entries it has
 
 
 def _first_report(path: Path) -> bool:
-    """Whether the run has not yet reported a hit or a build of the entry at `path` (and now it has). A reward
-    model loader not handed the reference policy's entry looks up the policy and its tokenizer again (for its
-    backbone), right after the caller loaded or built them: without this, their `cache hit` lines printed twice.
-    A run is a Hydra job (each multirun member reports its own hits), else the process."""
+    """Whether the run has not yet reported a hit or a build of the entry at `path` (and now it has): the reward
+    model's loader looks up the policy and its tokenizer again, right after the caller loaded them. A run is a
+    Hydra job (each multirun member reports its own hits), else the process."""
     global _reported
     hydra = sys.modules.get("hydra.core.hydra_config")  # never imported here: a Hydra run has imported it
     try:  # a composed config (tests, notebooks) may leave Hydra's runtime unset: then the process
@@ -189,16 +168,15 @@ def get_or_build(
     sources: Mapping[str, str] | None = None,
     what: str | None = None,
 ) -> CacheEntry:
-    """Return the entry for ``key`` under ``<cache_root>/<kind>/``, building it first if needed.
+    """The entry for `key` under `<cache_root>/<kind>/`, built first if needed.
 
-    ``build(tmp_dir)`` writes the artefact's files into ``tmp_dir`` and may return a JSON-able ``meta``
-    dict (metrics, versions) that is stored in the manifest and returned as ``entry.meta``.
-    If two processes build the same entry concurrently, the first rename wins and the other's copy is
-    dropped; both return a valid entry. Where other entries of ``kind`` exist, the keys that changed against
-    the nearest one are logged before the build (``sources``: see :func:`explain_rebuild`). ``what`` names the
-    artefact in the build's stage (default: :data:`KIND_LABELS`), e.g. ``"the distillation pool"``.
+    `build(tmp_dir)` writes the artefact's files into `tmp_dir` and may return a JSON-able `meta` dict (stored in
+    the manifest, returned as `entry.meta`). Two processes building one entry: the first rename wins, both return a
+    valid entry. `sources`: see `explain_rebuild`; `what` names the artefact in the stage a stop signal names
+    (default: `KIND_LABELS`), e.g. `"the distillation pool"`. A cache that cannot be written raises the one-line
+    `FileWriteError` naming it and the way out (`CACHE_FIX`); the temporary directory is removed.
     """
-    key = _canonical(key)
+    key = canonical(key)
     path = entry_path(cache_root, kind, key)
     if (hit := lookup(cache_root, kind, key)) is not None:
         # once per entry and run at INFO; a repeat lookup at DEBUG
@@ -214,23 +192,14 @@ def get_or_build(
     if why:
         log.warning("%s", why)
     label = what or KIND_LABELS.get(kind, kind)
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_dead_builds(path.parent)
-        tmp = make_temp_dir(path.parent, _temp_prefix(path.name))  # 0o777 less the umask, not mkdtemp's 0700
-    except OSError as e:
-        if e.errno not in WRITE_ERRNOS:
-            raise
-        raise cache_write_error(path.parent, e, f"{label} into the cache at {path.parent}") from None
-    try:
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path.name), dir=path.parent))  # 0700: give_plain_modes
         t0 = time.time()
-        try:
-            with signals.stage(f"building {label}"):
-                meta = dict(build(tmp) or {})
-        except OSError as e:  # what the build writes into its temporary directory, on a full disk say
-            if e.errno not in WRITE_ERRNOS or not _written_in(e, tmp):
-                raise
-            raise cache_write_error(path.parent, e, f"{label} into the cache at {path.parent}") from None
+        with signals.stage(f"building {label}"):
+            meta = dict(build(tmp) or {})
         give_plain_modes(tmp)  # safetensors writes model files 0600: readable by whom the umask allows
         manifest = {
             "version": MANIFEST_VERSION,
@@ -239,7 +208,7 @@ def get_or_build(
             "key": key,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "build_seconds": round(time.time() - t0, 3),
-            "meta": _canonical(meta),
+            "meta": canonical(meta),
             "files": _scan_files(tmp),
         }
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
@@ -250,8 +219,12 @@ def get_or_build(
                 log.info("cache entry %s/%s was built concurrently; using that one", kind, path.name)
                 return other
             raise CacheError(f"could not move the built entry into place at {path}: {e}") from e
+    except OSError as e:  # making the build's directory, or what the build writes there (on a full disk, say)
+        if e.errno not in WRITE_ERRNOS or (tmp is not None and not _written_in(e, tmp)):
+            raise
+        raise write_error(path.parent, e, fix=CACHE_FIX, subject=f"{label} into the cache at {path.parent}") from None
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     log.info("cache stored: %s (%.1f s)", path, manifest["build_seconds"])
     _first_report(path)  # a later lookup in this run is no news

@@ -1,24 +1,17 @@
 """Crash-safe file writes: a reader sees the old file or the new one, never half of one.
 
-Every writer goes through the same three steps: write a temporary file in the target's directory (the
-rename must stay on one file system), flush and fsync it (so a power cut after the rename cannot leave a
-renamed but empty file), then `os.replace` it over the target and fsync the directory (so the rename itself
-is durable). A crash before the rename leaves the old file untouched plus a `.<name>.<random>.tmp` file;
-`remove_stale_temps` clears those on the next start.
+A writer writes a temporary file beside the target (the rename must stay on one file system), fsyncs it (a power
+cut after the rename must not leave a renamed but empty file), `os.replace`s it over the target and fsyncs the
+directory. A crash before the rename leaves the old file plus a `.<name>.<random>.tmp`, which `remove_stale_temps`
+clears on the next start.
 
-The temp file is created with `os.open(..., 0o666)`, as `open(path, "w")` creates a file, so the kernel applies
-the process umask (and a directory's default ACL) and the renamed file gets the mode a plain write would have
-given it. (`tempfile.mkstemp` would create it owner-only, 0600; reading the umask to chmod it afterwards means
-setting it, `os.umask`, which is process-wide and races with other threads creating files.)
+Modes: the temp file is created with `os.open(..., 0o666)`, as `open(path, "w")` creates one, so the umask (and a
+default ACL) applies; `tempfile.mkstemp` would make it 0600, and reading the umask means setting it, process-wide,
+racing other threads. Other libraries write owner-only too (safetensors' `model.safetensors`, `mkdtemp`'s
+directories): `give_plain_modes` gives such a tree the modes a plain create would, read off a probe file.
 
-The same goes for what other libraries write: safetensors (0.8) saves through an owner-only temp file, so
-`model.safetensors` lands 0600 while `config.json` beside it gets the umask's mode, and `tempfile.mkdtemp` makes
-0700 directories. `make_temp_dir` creates a build directory as `os.mkdir` does, and `give_plain_modes` gives the
-owner-only files and directories of a tree just written the mode a plain create would have given them there,
-read off a probe file (and directory) created the plain way, so again the umask is never read by setting it.
-
-A write that fails for want of space or permission (`WRITE_ERRNOS`) raises `FileWriteError`, an `OSError` whose
-message names the file, the cause and what to do (`write_error`).
+A write that fails for a cause the user has to fix (`WRITE_ERRNOS`) raises `FileWriteError`, naming the file, the
+cause and what to do.
 """
 
 from __future__ import annotations
@@ -29,14 +22,15 @@ import io
 import json
 import os
 import secrets
+import stat
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_write_csv",
-           "atomic_write_figure", "give_plain_modes", "make_temp_dir", "plain_mode", "read_csv_rows",
-           "remove_stale_temps", "write_error", "write_errors", "FileWriteError", "TMP_SUFFIX", "WRITE_ERRNOS"]
+           "atomic_write_figure", "give_plain_modes", "plain_mode", "read_csv_rows", "remove_stale_temps",
+           "write_error", "write_errors", "FileWriteError", "TMP_SUFFIX", "WRITE_ERRNOS"]
 
 TMP_SUFFIX = ".tmp"
 # mkstemp's flags: exclusive creation, binary on Windows, not inherited
@@ -57,11 +51,11 @@ class FileWriteError(OSError):
         self.errno, self.path = code, Path(path)  # no strerror: str() stays the message alone
 
 
-def write_error(path: str | Path, error: OSError, what: str = "", fix: str = "write it elsewhere",
+def write_error(path: str | Path, error: OSError, fix: str = "write it elsewhere",
                 subject: str | None = None) -> FileWriteError:
-    """`FileWriteError` for `error` (raised writing `path`): `cannot write <what> <path>: <cause> (<ERRNO>). <what
-    to do>`; `subject` replaces `<what> <path>`. The advice names the directory to free space on or make writable
-    (`path` when it is a directory, else the one that holds it) and ends with `fix`."""
+    """`FileWriteError` for `error` (raised writing `path`): `cannot write <subject>: <cause> (<ERRNO>). <what to
+    do>`, `subject` by default `path`. The advice names the directory to free space on or make writable (`path`
+    when it is a directory, else the one that holds it) and ends with `fix`."""
     path = Path(path)
     code = error.errno
     cause = f"{error.strerror or error} ({errno.errorcode.get(code, code)})" if code else str(error)
@@ -72,58 +66,45 @@ def write_error(path: str | Path, error: OSError, what: str = "", fix: str = "wr
         todo = f"Make {folder} writable, or {fix}"
     else:
         todo = f"Check the disk that holds {folder}, or {fix}"
-    subject = subject or f"{what + ' ' if what else ''}{path}"
-    return FileWriteError(f"cannot write {subject}: {cause}. {todo}.", code, path)
+    return FileWriteError(f"cannot write {subject or path}: {cause}. {todo}.", code, path)
+
+
+def _new(directory: Path, prefix: str, create: Callable[[str], Any]) -> tuple[Any, str]:
+    """`(create(name), name)` for the first free `<directory>/<prefix><random>.tmp`."""
+    for _ in range(_TRIES):
+        name = str(directory / f"{prefix}{secrets.token_hex(4)}{TMP_SUFFIX}")
+        try:
+            return create(name), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free name {prefix}<random>{TMP_SUFFIX} in {directory} after {_TRIES} tries")
+
+
+def _open_plain(name: str) -> int:
+    return os.open(name, _CREATE, 0o666)  # 0o666 less the umask, as open(name, "w") creates it (module docstring)
 
 
 def _create_temp(path: Path) -> tuple[int, str]:
-    """`(fd, name)` of a new `.<name>.<random>.tmp` next to `path`, mode 0o666 less the umask (module docstring)."""
-    for _ in range(_TRIES):
-        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
-        try:
-            return os.open(tmp, _CREATE, 0o666), tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"no free temporary file name next to {path} after {_TRIES} tries")
-
-
-def make_temp_dir(parent: str | Path, prefix: str) -> Path:
-    """A new directory `<parent>/<prefix><random>`, mode 0o777 less the umask as `os.mkdir` makes one (where
-    `tempfile.mkdtemp` would make it owner-only, 0700, and the renamed build would stay so)."""
-    parent = Path(parent)
-    for _ in range(_TRIES):
-        path = parent / f"{prefix}{secrets.token_hex(4)}"
-        try:
-            os.mkdir(path, 0o777)
-            return path
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"no free directory name {prefix}<random> in {parent} after {_TRIES} tries")
+    """`(fd, name)` of a new `.<name>.<random>.tmp` next to `path`."""
+    return _new(path.parent, f".{path.name}.", _open_plain)
 
 
 def plain_mode(directory: str | Path, *, is_dir: bool = False) -> int:
-    """The permission bits a new file (`is_dir`: directory) created the plain way in `directory` gets now: 0o666
-    (0o777) less the umask, or what the directory's default ACL gives, plus a set-group-ID bit a directory
-    inherits. Read off a probe created and removed in `directory`, never by setting the umask."""
+    """The permission bits a new file (`is_dir`: directory) created the plain way in `directory` gets now (the
+    umask, or the directory's default ACL, plus a set-group-ID bit a directory inherits), read off a probe."""
     directory = Path(directory)
-    for _ in range(_TRIES):
-        probe = directory / f".mode-probe.{secrets.token_hex(4)}{TMP_SUFFIX}"
+    if is_dir:
+        _, probe = _new(directory, ".mode-probe.", lambda name: os.mkdir(name, 0o777))
         try:
-            if is_dir:
-                os.mkdir(probe, 0o777)
-                try:
-                    return os.stat(probe).st_mode & 0o7777
-                finally:
-                    os.rmdir(probe)
-            fd = os.open(probe, _CREATE, 0o666)
-            try:
-                return os.fstat(fd).st_mode & 0o777
-            finally:
-                os.close(fd)
-                os.unlink(probe)
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"no free probe name in {directory} after {_TRIES} tries")
+            return os.stat(probe).st_mode & 0o7777
+        finally:
+            os.rmdir(probe)
+    fd, probe = _new(directory, ".mode-probe.", _open_plain)
+    try:
+        return os.fstat(fd).st_mode & 0o777
+    finally:
+        os.close(fd)
+        os.unlink(probe)
 
 
 def give_plain_modes(root: str | Path) -> list[Path]:
@@ -137,31 +118,27 @@ def give_plain_modes(root: str | Path) -> list[Path]:
     file_mode, dir_mode = plain_mode(root), plain_mode(root.parent, is_dir=True)
     changed = []
     for path in [root, *sorted(root.rglob("*"))]:
-        if path.is_symlink():
+        mode = path.lstat().st_mode
+        if stat.S_ISDIR(mode):
+            want = dir_mode
+        elif stat.S_ISREG(mode):  # an executable stays executable wherever it is readable
+            want = file_mode | ((file_mode & 0o444) >> 2 if mode & 0o100 else 0)
+        else:  # a symbolic link (not followed), a socket, ...
             continue
-        st = path.stat()
-        is_dir = path.is_dir()
-        want = dir_mode if is_dir else file_mode
-        if not (is_dir or path.is_file()) or st.st_mode & 0o077 or (st.st_mode & 0o7777) == want:
+        if mode & 0o077 or mode & 0o7777 == want:
             continue
-        if not is_dir and st.st_mode & 0o100:  # an executable stays executable wherever it is readable
-            want |= (want & 0o444) >> 2
         os.chmod(path, want)
         changed.append(path)
     return changed
 
 
 def _fsync_dir(directory: Path) -> None:
-    try:
+    with suppress(OSError):  # some file systems (and Windows) cannot open a directory: the rename still happened
         fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # some file systems (and Windows) cannot open a directory: the rename still happened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 @contextmanager
@@ -245,10 +222,7 @@ def read_csv_rows(path: str | Path) -> tuple[list[str], list[dict[str, str]]]:
 
 def remove_stale_temps(directory: str | Path) -> list[Path]:
     """Delete the temp files a crashed `atomic_write` left in `directory` (not recursive)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    stale = [p for p in directory.iterdir() if p.is_file() and p.name.startswith(".") and p.name.endswith(TMP_SUFFIX)]
+    stale = [p for p in Path(directory).glob(f".*{TMP_SUFFIX}") if p.is_file()]
     for p in stale:
         p.unlink(missing_ok=True)
     return stale

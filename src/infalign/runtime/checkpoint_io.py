@@ -1,23 +1,13 @@
 """Checkpoint files that survive crashes and refuse to load when damaged or unsafe.
 
-Kept instead of Lightning's `TorchCheckpointIO` (2.6.6), which loads a checkpoint with one bit flipped inside its
-tensors without a word, its weights silently different (measured 2026-12-07 with the damaged file of
-tests/test_reliability.py::test_damaged_checkpoint_is_refused_naming_the_file_and_the_way_out[flip]), and writes
-through an fsspec transaction: a temp file in the *system* temp dir, then `shutil.move`, a copy (not a rename)
-when /tmp is another file system, without fsync, so a kill or power cut mid-copy can leave a truncated
-`last.ckpt`. `SafeCheckpointIO`
-
-- writes a temp file next to the target, fsyncs it and renames it (`infalign.runtime.atomic`);
-- records its sha256 in `<name>.sha256` and checks it before loading: truncation and bit rot are refused with a
-  message naming the file, instead of wrong weights or a zip error from deep inside torch;
-- loads with `torch.load(weights_only=True)`: a checkpoint is data, and unpickling arbitrary objects would run
-  code from whoever wrote the file.
-
-The sidecar is written *before* the checkpoint is renamed and lists the new digest followed by the previous ones,
-so a crash between the two renames leaves a valid (older) checkpoint that still verifies. A full disk (or a
-directory that became read-only) while saving raises `FileWriteError` naming the checkpoint, the cause and what to
-do; the checkpoint already in place stays. (torch.save turns the disk's `OSError` into "unexpected pos 166976 vs
-166864", so the writer keeps the first `OSError` it saw.)
+Kept instead of Lightning's `TorchCheckpointIO` (2.6.6), which loads a checkpoint with a bit flipped inside its
+tensors without a word (tests/test_reliability.py::test_damaged_checkpoint_is_refused_naming_the_file_and_the_way_out
+[flip]) and writes through a temp file in the system temp dir and `shutil.move`: a copy across file systems, without
+fsync, so a kill mid-copy can leave a truncated `last.ckpt`. Here a checkpoint is written atomically
+(`infalign.runtime.atomic`); its sha256 goes to `<name>.sha256` before the rename, listed before the previous
+digests, so whatever is in place after a crash verifies; it is checked before loading, and the load is
+`torch.load(weights_only=True)`: a checkpoint is data, and unpickling arbitrary objects would run code from the file.
+A full disk raises `FileWriteError` naming the checkpoint (torch.save would say "unexpected pos 166976 vs 166864").
 """
 
 from __future__ import annotations
@@ -72,20 +62,22 @@ def _what_to_do(path: Path) -> str:
             f"(its checkpoints and metrics are replaced), or point hydra.run.dir elsewhere.")
 
 
-def _check_digest(path: Path) -> None:
-    digests = _known_digests(path)
-    if digests is None:
+def load_checkpoint(path: str | Path, map_location: Any = "cpu", *, mmap: bool = False,
+                    checksum: bool = True) -> dict:
+    """Check the sha256 (unless `checksum=False`: verified already), then `torch.load(weights_only=True)`; every
+    failure is a `CheckpointError` naming the file. `mmap`: map the tensors instead of reading them (zip format)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    digests = _known_digests(path) if checksum else None
+    if checksum and digests is None:
         log.info("checkpoint %s has no checksum file; it is load-checked only", path)
-    elif file_sha256(path) not in digests:
+    elif checksum and file_sha256(path) not in digests:
         raise CheckpointError(
             f"checkpoint {path} is corrupted or truncated: its sha256 does not match {checksum_path(path).name} "
             f"({path.stat().st_size} bytes on disk). {_what_to_do(path)}")
-
-
-def _torch_load(path: Path, **kwargs) -> dict:
-    """`torch.load(weights_only=True)` with every failure turned into a `CheckpointError` naming the file."""
     try:
-        return torch.load(path, weights_only=True, **kwargs)
+        return torch.load(path, map_location=map_location, mmap=mmap and zipfile.is_zipfile(path), weights_only=True)
     except pickle.UnpicklingError as e:
         # weights_only refuses any class it does not know: the file would run code if unpickled fully
         raise CheckpointError(
@@ -96,18 +88,6 @@ def _torch_load(path: Path, **kwargs) -> dict:
         raise CheckpointError(f"checkpoint {path} cannot be read (truncated or not a checkpoint: "
                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
                               f"{_what_to_do(path)}") from None
-
-
-def load_checkpoint(path: str | Path, map_location: Any = "cpu", *, mmap: bool = False,
-                    checksum: bool = True) -> dict:
-    """Check the sha256 (unless `checksum=False`: verified already), then `torch.load(weights_only=True)`; every
-    failure is a `CheckpointError`. `mmap`: map the tensors instead of reading them (torch's zip format only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if checksum:
-        _check_digest(path)
-    return _torch_load(path, map_location=map_location, mmap=mmap and zipfile.is_zipfile(path))
 
 
 def verify_checkpoint(path: str | Path) -> None:
@@ -156,7 +136,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
             if not (isinstance(cause, OSError) and cause.errno in WRITE_ERRNOS):
                 raise
             side = f" (its checksum file {e.path.name})" if isinstance(e, FileWriteError) and e.path != path else ""
-            raise write_error(path, cause, what=f"checkpoint{side}",
+            raise write_error(path, cause, subject=f"checkpoint{side} {path}",
                               fix="point hydra.run.dir elsewhere. The checkpoint already there, if any, is unchanged: "
                                   "continue the run with resume=true once there is room") from None
 

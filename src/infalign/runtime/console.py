@@ -1,26 +1,14 @@
 """What a run prints: every line once, nothing that is not the user's business, numbers formatted for reading.
 
-`quiet_console()` is the one place where the console output of the libraries under the trainer is decided; `run`
-calls it first, after Hydra has set up logging:
+`quiet_console()` decides the console output of the libraries under the trainer (`run` calls it first, once Hydra
+has set up logging). Lightning's logger has a handler of its own and also propagates to Hydra's: each line came
+twice, so Lightning's handlers go and its lines reach the console (and train.log) through Hydra's once. Dropped:
+Lightning's tips and its "`Trainer.fit` stopped" notice, a repeat of any other Lightning information line (each
+Trainer of a run says "GPU available: ..."), transformers' per-load and per-save bars and its "`loss_type=None`"
+notice (None is every config's default), and the FutureWarning Lightning's own use of `LeafSpec()` raises.
 
-- Lightning's lines once: `import lightning` gives its `lightning` logger a handler of its own ("INFO: ...") that
-  also propagates to the root logger, where Hydra's handlers print (and file) the same line again. Once the root
-  logger has handlers, Lightning's own are removed and every Lightning logger propagates: each line goes through
-  Hydra's handlers only, so it is printed once and kept in the run's log file.
-- Lightning's advertising tips (litlogger, litmodels) and its "`Trainer.fit` stopped: `max_epochs=...` reached"
-  (the progress bar and the end-of-run summary say it) are dropped; any other information line of Lightning is
-  shown once per process (the model builds and the RL loop each start a Trainer, and each would repeat
-  "GPU available: ..."). Lightning's warnings always pass.
-- transformers' "Loading weights" and "Writing model shards" bars (milliseconds each, several per run) are
-  switched off; download bars of the Hub are left alone.
-- transformers' "`loss_type=None` was set in the config but it is unrecognized" (None is every config's default,
-  and the loss it falls back to is the one a causal LM takes) is dropped.
-- Lightning's own use of a deprecated torch API (`lightning/pytorch/utilities/_pytree.py` constructs
-  `LeafSpec()`, which recent torch deprecates) is not the user's business: that one FutureWarning is filtered,
-  matched on its message, its category and Lightning's module.
-
-`format_number` / `format_metrics` write numbers as the log lines and the progress bar show them: counts as
-integers, everything else with 3 decimals, and no sign on a value that rounds to zero (`0.000`, not `-0.000`).
+`format_number` / `format_metrics`: counts as integers, everything else with 3 decimals, no sign on a value that
+rounds to zero (`0.000`, not `-0.000`).
 """
 
 from __future__ import annotations
@@ -85,12 +73,8 @@ def _quiet_transformers_bars() -> None:
     global _tqdm_hook_installed
     if _tqdm_hook_installed:
         return
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return
-    if not hasattr(hf_logging, "set_tqdm_hook"):  # transformers < 5: no per-bar hook; leave its bars as they are
-        return
+    from transformers.utils import logging as hf_logging
+
     previous = None
 
     def hook(factory, args, kwargs):
@@ -105,13 +89,9 @@ def _quiet_transformers_bars() -> None:
 def quiet_console() -> None:
     """Set up the console for a run (idempotent; see the module's docstring)."""
     _route_lightning_logs()
-    for name in LIGHTNING_LINE_LOGGERS:
-        logger = logging.getLogger(name)
-        if _line_filter not in logger.filters:
-            logger.addFilter(_line_filter)
-    transformers_logger = logging.getLogger("transformers.modeling_utils")
-    if _transformers_filter not in transformers_logger.filters:
-        transformers_logger.addFilter(_transformers_filter)
+    for name in LIGHTNING_LINE_LOGGERS:  # addFilter adds a filter once
+        logging.getLogger(name).addFilter(_line_filter)
+    logging.getLogger("transformers.modeling_utils").addFilter(_transformers_filter)
     _quiet_transformers_bars()
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree")
@@ -135,15 +115,15 @@ def format_number(value, digits: int = 3) -> str:
     return text.lstrip("-") if float(text) == 0 else text
 
 
-def format_metrics(metrics: Mapping, digits: int = 3, strip: str = "") -> str:
+def format_metrics(metrics: Mapping, strip: str = "") -> str:
     """`key=value, ...` with `format_number`; a count (`prompts`, `iteration`, ...) holding an integral float is
     written as an integer. `strip` is a prefix removed from the keys (`eval/`)."""
     parts = []
     for key, value in metrics.items():
-        name = key[len(strip):] if strip and key.startswith(strip) else key
+        name = key.removeprefix(strip)
         if hasattr(value, "item"):
             value = value.item()
         if name.rsplit("/", 1)[-1] in COUNT_KEYS and isinstance(value, float) and value.is_integer():
             value = int(value)
-        parts.append(f"{name}={format_number(value, digits)}")
+        parts.append(f"{name}={format_number(value)}")
     return ", ".join(parts)

@@ -1,10 +1,6 @@
-"""The few collectives the trainer needs outside Lightning's hooks, on torch.distributed's default group.
-
-Lightning's DDP, FSDP and DeepSpeed strategies all create the default process group (gloo on CPU, nccl on
-GPU) before `LightningDataModule.setup`, so code that runs there (building the calibration cache) can
-split work across ranks with these. Outside a distributed run they degrade to the one-process case,
-so the same code path serves both. No Lightning here.
-"""
+"""The few collectives the trainer needs outside Lightning's hooks (the calibration cache, split across ranks in
+`LightningDataModule.setup`, where every Lightning strategy has made the default process group); outside a
+distributed run they are the one-process case."""
 
 from __future__ import annotations
 

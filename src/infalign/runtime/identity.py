@@ -1,10 +1,6 @@
-"""A run's name, group and tags on the remote logger (W&B), from its config, its Hydra choices and its sweep.
+"""A run's name, group and tags on the remote logger (W&B), from its config, its Hydra choices and its sweep;
+`with_identity` fills them into a logger config (`infalign.runtime.loggers.build_loggers`)."""
 
-`run_identity` names a run by method, n, beta and seed (plus the values of any other key its sweep varies, which
-`swept_keys` finds), groups it by its sweep directory (members of one sweep in one group) and tags it with method,
-solver, n and the study; `with_identity` fills these into a logger config's `name` / `group` (where null) and
-`tags` (added to the configured ones), as `infalign.runtime.loggers.build_loggers` does.
-"""
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -15,7 +11,6 @@ from omegaconf import DictConfig, OmegaConf
 __all__ = ["MAX_GROUP", "MAX_TAG", "NAMED_KEYS", "run_identity", "swept_keys", "with_identity"]
 
 
-# ---------------------------------------------------------------------------------------------- name, group, tags
 NAMED_KEYS = ("method", "transform", "n", "beta", "seed", "study.beta_index")  # in the name already (beta_index: beta)
 MAX_GROUP = 128  # W&B's limit on a group's length
 MAX_TAG = 64  # and on a tag's

@@ -1,13 +1,10 @@
-"""The run's log file (`<run>/train.log`): written only once the command runs in its directory.
+"""The run's log file (`<run>/train.log`), written only once the command runs in its directory.
 
-Hydra's default job logging opens `train.log` with `logging.FileHandler` as the job starts, before the project
-has looked at the run directory: a command that is then refused (a run already there, a busy directory, a
-finished run with nothing to do) would still append to it. `HeldFileHandler`
-(`conf/hydra/job_logging/infalign.yaml`, selected in `conf/train.yaml`) holds its records in memory until
-`open_run_logs()` (called by `infalign.runtime.run_dir.accept_run`), then writes them and what follows; a refused
-command's records never reach the file (tests/test_run_dir.py::
-test_a_refused_or_idle_command_changes_no_file_in_the_run compares train.log byte for byte). Hydra's `.hydra/*.yaml` files are
-written by `accept_run` too, atomically (conf/train.yaml sets `hydra.output_subdir: null`).
+Hydra's job logging opens `train.log` as the job starts, before the run directory is checked: a refused command
+(a run already there, a busy directory, nothing to do) would still append to it. `HeldFileHandler`
+(conf/hydra/job_logging/infalign.yaml) holds its records in memory until `open_run_logs()` (called by
+`infalign.runtime.run_dir.accept_run`); a refused command's never reach the file (tests/test_run_dir.py::
+test_a_refused_or_idle_command_changes_no_file_in_the_run).
 """
 
 from __future__ import annotations
@@ -19,11 +16,10 @@ __all__ = ["HeldFileHandler", "open_run_logs"]
 
 class HeldFileHandler(logging.FileHandler):
     """`logging.FileHandler` that opens and writes nothing until `start_writing()`; records before it are held, in
-    order (see the module docstring)."""
+    order."""
 
-    def __init__(self, filename, mode: str = "a", encoding: str | None = None, delay: bool = True,
-                 errors: str | None = None):
-        super().__init__(filename, mode=mode, encoding=encoding, delay=True, errors=errors)  # opened once writing starts
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "delay": True})  # the file is opened once writing starts
         self._held: list[logging.LogRecord] | None = []
 
     def emit(self, record: logging.LogRecord) -> None:

@@ -1,18 +1,8 @@
-"""The run's loggers: the local CSV log, always, plus an optional remote one (W&B) that may never stop training.
+"""The run's loggers: the local CSV log, always, and an optional remote one (W&B) that may never stop training.
 
-- `ResumableCSVLogger`: Lightning's `CSVLogger`, except that a resumed run appends to its `metrics.csv` (Lightning
-  deletes it; the checkpoint's row count trims what the dead run wrote after its last checkpoint, see
-  `infalign.trainer.checkpointing`) and a new column rewrites the file atomically (Lightning rewrites it in place).
-- `GuardedLogger`: wraps the configured remote logger. If it cannot be created (W&B not installed), cannot
-  start (not logged in, no network) or fails mid-run, the failure is reported once as a warning, the logger is
-  switched off, and training and the local files (logs/metrics.csv, eval_metrics.csv, final_metrics.json)
-  carry on unaffected.
-- `WandbLogger`: Lightning's W&B logger (conf/logger/wandb.yaml), minus the `anonymous=None` that Lightning
-  always hands to `wandb.init`: wandb >= 0.23.1 removed anonymous mode and warns "The anonymous setting has no
-  effect" whenever the argument is passed at all, even as None.
-- `build_loggers`: the CSV logger and the guarded remote one, whose name, group and tags
-  (`infalign.runtime.identity.run_identity`) it fills into the logger config's `name` / `group` (where null) and
-  `tags` (added to the configured ones).
+`build_loggers` gives Lightning's `CSVLogger` with two of its writer's steps replaced (`_CSVWriter`: a resumed
+run appends, a new column rewrites the file atomically) and the configured remote logger inside `GuardedLogger`,
+named, grouped and tagged by `infalign.runtime.identity.run_identity`.
 """
 
 from __future__ import annotations
@@ -86,14 +76,9 @@ class ResumableCSVLogger(CSVLogger):
 
 
 class WandbLogger(LightningWandbLogger):
-    """Lightning's `WandbLogger`, without passing `anonymous` to `wandb.init` unless it was asked for.
-
-    Lightning 2.6 puts `"anonymous": None` into the `wandb.init` arguments unconditionally. None was wandb's
-    default (anonymous mode off) in every release that had the argument, so leaving it out changes nothing; and
-    wandb >= 0.23.1, which dropped anonymous mode, then no longer warns that the setting has no effect
-    (tests/test_wandb.py::test_an_offline_wandb_sweep_is_grouped_named_and_shows_samples). Offline mode
-    (`mode: offline`) needs no account either way.
-    """
+    """Lightning's `WandbLogger`, without the `anonymous=None` Lightning 2.6 always hands to `wandb.init`: None was
+    the default in every wandb release that had the setting, and wandb >= 0.23.1 warns that it "has no effect"
+    whenever it is passed (tests/test_wandb.py::test_an_offline_wandb_sweep_is_grouped_named_and_shows_samples)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -1,24 +1,19 @@
-"""The address and the manifest of a cache entry (:mod:`infalign.runtime.artifacts`), and why a missed key is rebuilt.
+"""The address and the manifest of a cache entry (`infalign.runtime.artifacts`), and why a missed key is rebuilt.
 
-A key is turned into canonical JSON and hashed (:func:`fingerprint`); the entry for it lives at
-``<cache_root>/<kind>/<hash>`` (:func:`entry_path`). Its ``manifest.json`` records the key and the sha256 and size
-of every file, and :func:`verify_entry` checks an entry on disk against it. This is the cache's on-disk format,
-with no building in it; the fingerprint is also what other modules use to name data and runs.
-
-On a miss next to entries of the same kind, :func:`infalign.runtime.artifacts.get_or_build` logs
-:func:`explain_rebuild`'s sentence, e.g. ``rebuilding reward: key max_response_tokens (data.max_response_tokens)
-changed from 64 to 16 (entry baface8a4a09b136); this takes about 59 s, as that entry's build did``. Only the
-manifests are read: this explains a miss, it never vouches for an entry.
+A key's address is the sha256 of its canonical JSON (`fingerprint`), also what other modules name data and runs by;
+`manifest.json` records the key and the sha256 and size of every file (`verify_entry`). `explain_rebuild` reads
+only the manifests: it explains a miss, it never vouches for an entry.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from infalign.runtime.paths import cache_root as default_cache_root
 
@@ -26,51 +21,35 @@ MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 
 
-def _canonical(obj: Any) -> Any:
-    """Turn configs and common scalars into plain JSON types, rejecting anything ambiguous."""
-    try:  # DictConfig/ListConfig -> plain containers, interpolations resolved
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(obj, (DictConfig, ListConfig)):
-            obj = OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a hard dependency
-        pass
-    if isinstance(obj, Mapping):
-        out = {}
-        for k, v in obj.items():
-            if not isinstance(k, str):
-                raise TypeError(f"fingerprint keys must be strings, got {k!r} ({type(k).__name__})")
-            out[k] = _canonical(v)
-        return out
-    if isinstance(obj, (list, tuple)):
-        return [_canonical(v) for v in obj]
+def _plain(obj: Any) -> Any:
+    """What `json.dumps` cannot write itself: configs (interpolations resolved) and paths; anything else refused."""
+    if isinstance(obj, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(obj, resolve=True)
     if isinstance(obj, Path):
         return str(obj)
-    if isinstance(obj, float) and not math.isfinite(obj):
-        raise ValueError(f"cannot fingerprint non-finite float {obj!r}")
-    if obj is None or isinstance(obj, (str, int, float, bool)):
-        return obj
     raise TypeError(f"cannot fingerprint object of type {type(obj).__name__}: {obj!r}")
 
 
 def canonical_json(obj: Any) -> str:
-    return json.dumps(_canonical(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """One text per value: keys sorted, no spaces, `1` and `1.0` apart, NaN and infinity refused (ValueError)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_plain)
+
+
+def canonical(obj: Any) -> Any:
+    """`obj` as plain JSON types (what the manifest stores)."""
+    return json.loads(canonical_json(obj))
 
 
 def fingerprint(obj: Any, length: int = 16) -> str:
-    """sha256 of the canonical JSON of ``obj`` (dicts, lists, DictConfigs, scalars), as hex.
-
-    Key order does not matter; ``1`` and ``1.0`` differ (JSON keeps them apart), so keep config types
-    stable. ``length`` truncates the hex digest (16 hex chars = 64 bits, plenty for cache directories).
-    """
+    """sha256 of `canonical_json(obj)` as hex, cut to `length` characters (16: 64 bits, plenty for a cache)."""
     digest = hashlib.sha256(canonical_json(obj).encode("utf-8")).hexdigest()
     return digest[:length] if length else digest
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(chunk):
+        while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()
 
@@ -96,8 +75,8 @@ def _scan_files(root: Path) -> dict[str, dict]:
     return files
 
 
-def verify_entry(path: Path, key: Any | None = None) -> tuple[bool, str, dict]:
-    """Check an entry against its manifest (and ``key`` if given): ``(ok, reason, manifest)``."""
+def verify_entry(path: Path, key: Any) -> tuple[bool, str, dict]:
+    """Check an entry against its manifest and `key`: `(ok, reason, manifest)`."""
     mpath = Path(path) / MANIFEST
     if not mpath.is_file():
         return False, "manifest missing (interrupted build?)", {}
@@ -107,7 +86,7 @@ def verify_entry(path: Path, key: Any | None = None) -> tuple[bool, str, dict]:
         return False, f"manifest unreadable: {e}", {}
     if manifest.get("version") != MANIFEST_VERSION:
         return False, f"manifest version {manifest.get('version')!r} != {MANIFEST_VERSION}", manifest
-    if key is not None and canonical_json(manifest.get("key")) != canonical_json(key):
+    if canonical_json(manifest.get("key")) != canonical_json(key):
         return False, "manifest key differs from the requested key (hash collision or tampering)", manifest
     if manifest.get("hash") != Path(path).name:
         return False, f"manifest hash {manifest.get('hash')!r} != directory name", manifest
@@ -152,7 +131,7 @@ def _leaves(obj: Any, prefix: str = "") -> dict[str, Any]:
 def key_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
     """``(dotted.path, old value, new value)`` for every leaf in which two keys differ (``"(absent)"`` where
     one key lacks it), sorted by path."""
-    a, b = _leaves(_canonical(old)), _leaves(_canonical(new))
+    a, b = _leaves(canonical(old)), _leaves(canonical(new))
     return [(p, a.get(p, _ABSENT), b.get(p, _ABSENT)) for p in sorted(set(a) | set(b))
             if canonical_json(a.get(p, _ABSENT)) != canonical_json(b.get(p, _ABSENT))]
 
@@ -162,12 +141,11 @@ def nearest_entry(kind_dir: Path, key: Mapping[str, Any]) -> tuple[str, dict, li
 
     Closest: the fewest changed leaves, then the newest. Only entries of the same sort are compared: the same
     ``kind`` field in the key (a tiny GPT-2 versus a converted SmolLM2, say) and the same ``stream`` (the
-    calibration samples versus a distillation pool). Only the manifests are read (no checksums): this explains
-    a miss, it does not vouch for an entry.
+    calibration samples versus a distillation pool).
     """
     if not kind_dir.is_dir():
         return None
-    key = _canonical(key)
+    key = canonical(key)
     own, best, best_rank = fingerprint(key), None, None
     for p in kind_dir.iterdir():
         if p.name.startswith(".") or p.name == own or not p.is_dir():
@@ -182,17 +160,10 @@ def nearest_entry(kind_dir: Path, key: Mapping[str, Any]) -> tuple[str, dict, li
         changes = key_changes(old, key)
         if not changes:
             continue
-        rank = (len(changes), -_mtime(p / MANIFEST))
+        rank = (len(changes), -(p / MANIFEST).stat().st_mtime)
         if best_rank is None or rank < best_rank:
             best, best_rank = (p.name, manifest, changes), rank
     return best
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return 0.0
 
 
 def _duration(seconds: float) -> str:

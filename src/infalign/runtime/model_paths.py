@@ -1,11 +1,8 @@
-"""Is a model's ``name_or_path`` a local folder, a hub id, or neither? Checked before anything loads.
+"""Is a model's `name_or_path` a local folder, a hub id, or neither? Checked before anything loads.
 
-Given a path that does not exist, transformers takes the text for a hub id and fails four chained tracebacks deep
-about the characters a repository id may hold. :func:`model_path_problem` says what is wrong in one line instead;
-it imports nothing heavy (no torch, no transformers), so a config check can call it in milliseconds: the config
-check (``infalign.config.check``, before torch is imported) and ``infalign.models.loaders.check_loader_config``
-do, for every key in :data:`PATH_KEYS`. It lives in ``infalign.runtime`` for the schema, which imports nothing
-outside that package.
+Given a path that does not exist, transformers takes it for a hub id and fails four tracebacks deep about the
+characters a repository id may hold; `model_path_problem` says what is wrong in one line, without torch or
+transformers, so the config check can call it in milliseconds.
 """
 
 from __future__ import annotations

@@ -1,9 +1,5 @@
-"""Where the project's config tree lives.
-
-The Hydra configs sit at the repository root (`conf/`, as in lightning-hydra-template) rather than inside
-the package, so entry points find them relative to this file in an editable install (the supported way,
-see docs/development.md) or through `INFALIGN_CONF_DIR`.
-"""
+"""Where the project's config tree, data and cache live, and the config's own resolvers. The configs sit at the
+repository root (`conf/`), found beside this file in an editable install or through `INFALIGN_CONF_DIR`."""
 
 from __future__ import annotations
 

@@ -1,16 +1,10 @@
 """One command per run directory, and no file changed by a command that does not run there.
 
-- `hold_run_dir`: an exclusive lock on a run (or sweep) directory for the rest of this process. A second
-  command aimed at a directory that a running command holds is refused in one line before it writes anything.
-- `SweepDirLock`: the Hydra callback (conf/train.yaml `hydra.callbacks`) that holds `hydra.sweep.dir` from
-  `on_multirun_start`, which Hydra calls before its sweeper writes `multirun.yaml` there.
-- `accept_run`: called by `run()` once the command is going to train in its directory (not refused, not a
-  finished run with nothing to do): only then are Hydra's record of the command (`.hydra/config.yaml`,
-  `hydra.yaml`, `overrides.yaml`) and `train.log` written. conf/train.yaml sets `hydra.output_subdir: null`, so
-  Hydra itself no longer writes `.hydra/` at every start, and the job log file holds its lines until then
-  (`infalign.runtime.log_files`).
-
-Stdlib, omegaconf and Hydra only: train.py and the sweep callback use it before torch is imported.
+`hold_run_dir` locks a run (or sweep) directory for the rest of the process: a second command aimed at it is
+refused in one line before it writes anything. `SweepDirLock` (a Hydra callback) takes the sweep directory's lock
+before Hydra writes `multirun.yaml` there. `accept_run` marks the command as the one that trains there: only then
+are Hydra's record of it (`.hydra/*.yaml`; conf/train.yaml sets `hydra.output_subdir: null`) and `train.log`
+written. Stdlib, omegaconf and Hydra only: used before torch is imported.
 """
 
 from __future__ import annotations
@@ -43,11 +37,9 @@ _RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "JSM_NAMES
 def is_first_process() -> bool:
     """True unless the environment marks this as a non-zero rank of a distributed run (no process group yet).
 
-    Not Lightning's `rank_zero_only.rank == 0` / `rank_zero._get_rank()` (2.6), which differ: `_get_rank` takes the
-    first of RANK, LOCAL_RANK, SLURM_PROCID, JSM_NAMESPACE_RANK that is set and ignores NODE_RANK, so before its
-    launcher starts the processes the main process of node 1 (only NODE_RANK=1 set) would count as rank 0 and
-    clear a shared run directory; `rank_zero_only.rank` is that value as of Lightning's import (or what an
-    earlier Trainer's strategy set), not the environment now.
+    Not Lightning's `rank_zero._get_rank()` (2.6), which ignores NODE_RANK: before its launcher starts the
+    processes, the main process of node 1 (only NODE_RANK=1 set) would count as rank 0 and clear a shared run
+    directory; nor `rank_zero_only.rank`, which is that value as of Lightning's import, not the environment now.
     """
     return all(os.environ.get(k, "0") in ("", "0") for k in _RANK_VARIABLES)
 

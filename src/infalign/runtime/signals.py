@@ -1,21 +1,15 @@
 """A stop signal (SIGINT, SIGTERM) at any stage of a run: say what was stopped, keep nothing half-built.
 
-During RL training `infalign.trainer.checkpointing.LastCheckpoint` takes the signals over: it finishes the
-iteration, saves `last.ckpt` and stops. Before training (reading the data, building or loading the models, the
-calibration cache, the distillation pool) and after it (writing the results) there is nothing to save, and
-Python's own handling says nothing useful: SIGTERM's default action kills the process on the spot, printing
-nothing (exit status 143) and running no cleanup; SIGINT's `KeyboardInterrupt` ends in a traceback. Inside
-`stop_on_signals` the first signal raises `StoppedBySignal` where the main thread is, so every build unwinds
-through its own cleanup (a cache build removes its temporary directory, an atomic write its temporary file), and
-the caller prints what was stopped (`stage`, `progress`) and what to run next. A second signal kills the process
-at once, as the default action would.
+During RL training `infalign.trainer.checkpointing.LastCheckpoint` takes the signals over (it finishes the
+iteration, saves `last.ckpt` and stops). Before and after training there is nothing to save, and Python's own
+handling says nothing useful (SIGTERM kills on the spot, printing nothing and cleaning nothing up; SIGINT ends in a
+traceback). Inside `stop_on_signals` the first signal raises `StoppedBySignal` where the main thread is, so every
+build unwinds through its own cleanup, and the caller prints what was stopped (`stage`, `progress`) and what to run
+next. A second signal kills the process at once, as the default action would.
 
-An exception raised in a `__del__` is printed and dropped by Python ("Exception ignored in ..."), and a signal
-may well land in one (the garbage collector runs finalizers at any allocation): the stop would be lost and the
-run go on. So a signal that lands in a finalizer is sent again 50 ms later, and a stop not yet raised is raised
-at the next stage boundary or progress step.
-
-Only the light standard library here: `infalign.runtime.artifacts` and the data reader mark their stages too.
+Python prints and drops an exception raised in a `__del__` ("Exception ignored in ..."), and the garbage collector
+runs finalizers at any allocation: a signal that lands in one is sent again 50 ms later, and a stop not yet raised
+is raised at the next stage boundary or progress step. Stdlib only: the cache and the data reader mark stages too.
 """
 
 from __future__ import annotations
@@ -23,6 +17,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -41,8 +36,7 @@ class StoppedBySignal(BaseException):
 
     def __init__(self, signum: int, stage: str):
         self.signum, self.stage = int(signum), stage
-        self.signal_name = signal.Signals(signum).name
-        super().__init__(f"stopped by {self.signal_name} while {stage}")
+        super().__init__(f"stopped by {signal.Signals(signum).name} while {stage}")
 
     @property
     def exit_code(self) -> int:
@@ -58,10 +52,7 @@ def stage(label: str) -> Iterator[None]:
     try:
         yield
     finally:  # by identity: list.remove compares by value, and two stages may carry the same label
-        for i in range(len(_stages) - 1, -1, -1):
-            if _stages[i] is entry:
-                del _stages[i]
-                break
+        _stages[:] = [s for s in _stages if s is not entry]
 
 
 def progress(text: str) -> None:
@@ -83,11 +74,7 @@ def _raise_pending() -> None:
 
 
 def _in_finalizer(frame) -> bool:
-    while frame is not None:
-        if frame.f_code.co_name == "__del__":
-            return True
-        frame = frame.f_back
-    return False
+    return any(f.f_code.co_name == "__del__" for f, _ in traceback.walk_stack(frame))
 
 
 def current_stage() -> str:
@@ -98,8 +85,8 @@ def current_stage() -> str:
 
 
 @contextmanager
-def stop_on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
-    """Within the block the first of `signals` raises `StoppedBySignal` (naming the current stage); a second one
+def stop_on_signals() -> Iterator[None]:
+    """Within the block the first of `STOP_SIGNALS` raises `StoppedBySignal` (naming the current stage); a second one
     kills the process at once. The previous handlers come back on exit. Off the main thread (where Python allows
     no handler) it changes nothing."""
     if threading.current_thread() is not threading.main_thread():
@@ -120,7 +107,7 @@ def stop_on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
             return
         raise _stop["pending"]
 
-    previous = {s: signal.signal(s, handler) for s in signals}
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     _stop.update(pending=None, resent=False)
     try:
         with stage(BASE_STAGE):

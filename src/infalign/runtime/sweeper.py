@@ -1,26 +1,12 @@
 """Every member of a sweep checked before the first one trains; a study preset refused without `-m`.
 
-`CheckedSweeper` is Hydra's `BasicSweeper` (the cartesian product of the command line's and `hydra.sweeper.params`'
-values, run in batches by the launcher) with one step in front: `sweep()` composes every member's config, as the
-launcher will, and runs the config check on each (`check_config(..., multirun=True)`, with the member's own
-`hydra.runtime.choices` and overrides). A refused member stops the sweep before Hydra writes `multirun.yaml` or any
-member directory: one line `error: member <k> (<its overrides>): <message>`, exit status 2, where <k> is the member's
-`hydra.job.num`. Without it a sweep trained the members before the refused one, then stopped without the sweep's
-summary (`python train.py -m scale=smoke n=2,16`: member 1 has calibration.m=8 below N=16).
-
-Hydra instantiates sweepers only from its plugin namespace, so the sweeper config conf/hydra/sweeper/infalign.yaml
-(selected in conf/train.yaml: `override hydra/sweeper: infalign`) names the plugin class
-`hydra_plugins.infalign_sweeper.InfalignSweeper` (src/hydra_plugins/infalign_sweeper.py: this class under that
-name); `max_batch_size` and `params` are BasicSweeper's, so `hydra.sweeper.params` in the study presets is unchanged.
-`hydra/sweeper=basic` on the command line runs Hydra's own, unchecked.
-The sweep directory's lock (`infalign.runtime.run_dir.SweepDirLock`, a callback on `on_multirun_start`) is taken
-before the sweeper starts, as before: a second sweep into a busy directory is refused before anything is composed.
-
-`refuse_study_without_multirun`: a study preset (`conf/study/`) is a sweep, its members set by
-`hydra.sweeper.params`; run without `-m` it is refused in one line naming the command to run instead.
-
-Stdlib, omegaconf and Hydra only at import (the config check is imported when a sweep starts): Hydra imports the
-plugin module on every start of every Hydra app in this environment.
+`CheckedSweeper` is Hydra's `BasicSweeper` with one step in front: `sweep()` composes every member's config, as the
+launcher will, and runs the config check on each. A refused member stops the sweep before Hydra writes anything:
+one line `error: member <k> (<its overrides>): <message>`, exit status 2 (without it, `python train.py -m
+scale=smoke n=2,16` trained member 0, then stopped at member 1). Hydra instantiates sweepers only from its plugin
+namespace: conf/hydra/sweeper/infalign.yaml names `hydra_plugins.infalign_sweeper.InfalignSweeper`, this class;
+`hydra/sweeper=basic` runs Hydra's own, unchecked. Stdlib, omegaconf and Hydra only at import: Hydra imports the
+plugin on every start of every Hydra app in this environment.
 """
 
 from __future__ import annotations
@@ -35,24 +21,17 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-__all__ = ["CheckedSweeper", "member_overrides", "refuse_study_without_multirun"]
+from infalign.runtime.errors import ConfigError, exit_on_user_error
+
+__all__ = ["CheckedSweeper", "refuse_study_without_multirun"]
 
 
-def _schema():
-    """The config check and its one-line exit (torch-free)."""
-    from infalign.config.check import check_config
-    from infalign.runtime.errors import ConfigError, exit_on_user_error
-
-    return ConfigError, check_config, exit_on_user_error
-
-
-def member_overrides(sweeper: BasicSweeper, arguments: Sequence[str]) -> list[list[list[str]]]:
-    """The members' overrides in the batches BasicSweeper.sweep runs them (`hydra.sweeper.params` first, then the
+def _member_overrides(sweeper: BasicSweeper, arguments: Sequence[str]) -> list[list[str]]:
+    """The members' overrides in the order BasicSweeper.sweep runs them (`hydra.sweeper.params` first, then the
     command line's task overrides, expanded as its `split_arguments` does)."""
-    assert sweeper.hydra_context is not None
     params = sweeper._parse_config() + list(arguments)
     overrides = OverridesParser.create(config_loader=sweeper.hydra_context.config_loader).parse_overrides(params)
-    return sweeper.split_arguments(overrides, sweeper.max_batch_size)
+    return [member for batch in sweeper.split_arguments(overrides, sweeper.max_batch_size) for member in batch]
 
 
 class CheckedSweeper(BasicSweeper):
@@ -78,10 +57,10 @@ class CheckedSweeper(BasicSweeper):
 
     def check_members(self, arguments: Sequence[str]) -> None:
         """Compose and check every member; the first refused one exits (one line, status 2)."""
-        assert self.config is not None and self.hydra_context is not None
-        ConfigError, check_config, exit_on_user_error = _schema()
+        from infalign.config.check import check_config  # the config package: only when a sweep starts
+
         loader = self.hydra_context.config_loader
-        members = [m for batch in member_overrides(self, arguments) for m in batch]
+        members = _member_overrides(self, arguments)
         master = HydraConfig.instance().cfg  # restored below, as Hydra's run_job restores it
         try:
             for num, overrides in enumerate(members):
@@ -114,10 +93,8 @@ def refuse_study_without_multirun(choices: Mapping | DictConfig, task_overrides:
                                   multirun: bool) -> None:
     """A study preset run without `-m`: ConfigError naming the command that runs it (its sweep's members are set
     by the preset's `hydra.sweeper.params`, which only a multirun reads)."""
-    study = choices.get("study") if choices is not None else None
+    study = choices.get("study")
     if multirun or study in (None, "null"):
         return
-    from infalign.runtime.errors import ConfigError
-
     command = " ".join(["python train.py -m", *(str(o) for o in task_overrides)])
     raise ConfigError(f"study={study} is a sweep: run it with -m ({command})")
