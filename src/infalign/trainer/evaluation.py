@@ -1,32 +1,17 @@
 """Win-rate evaluation as a Lightning callback: best-of-N and worst-of-N win rates against the reference.
 
-Every `every` iterations and at the end of training, the policy samples `k` responses for each held-out
-prompt; the torchmetrics `InferenceTimeWinRate` compares their rewards with the M cached reference
-rewards of the same prompt (exact U-statistic, any K, M >= N). Results go to every logger (W&B, CSV),
-to `eval_metrics.csv` (one row per evaluation); the final one is kept in `final` for `final_metrics.json`,
-and in the checkpoints written after it: a run killed after its final evaluation takes it from there on resume
-instead of evaluating (and writing its rows) twice.
+Every `every` iterations and at the end of training the policy samples `k` responses per held-out prompt; the
+torchmetrics `InferenceTimeWinRate` compares their rewards with the M cached reference rewards of the same prompt
+(exact U-statistic). Besides the win rates: the k1/k3 KL, the KL in calibrated space (`CalibratedRankKL`) and the
+mean response lengths of policy and reference (a policy that wins by answering shorter shows it). Results go to
+every logger at step = the iteration (the training metrics' axis) and to `eval_metrics.csv`; the final one also to
+`eval_per_prompt.csv` and, in `final`, to final_metrics.json and the checkpoints written after it (a run killed
+after its final evaluation takes it from there on resume instead of evaluating twice).
 
-Besides the win rates and the k1/k3 sequence KL, every evaluation logs `eval/kl_calibrated`, the KL in
-calibrated space (`CalibratedRankKL`), and the mean response length in tokens of the policy's samples and of
-the reference's (`eval/response_tokens`, `eval/reference_response_tokens`: a policy that wins by answering
-shorter shows it beside its win rate); the final one writes `eval_per_prompt.csv`: one row per held-out
-prompt (its win rates, mean k1 KL and mean calibrated reward), so that methods can be compared prompt by prompt.
-
-Held-in beside held-out (`eval.held_in_prompts` = H > 0): every evaluation also measures H of the run's training
-prompts the same way (same k, the same cached reference samples: the calibration cache holds every training
-prompt's), by an evaluator of its own (`held_in`): its metrics under `eval_held_in/` in the same logged row, the
-same eval_metrics.csv row and final_metrics.json, its final per-prompt rows in `eval_per_prompt_held_in.csv`. Its
-batches are seeded from the `evaluation_held_in` stream, and it runs after the held-out prompts: the held-out
-numbers are bit for bit those of the run without it.
-
-Every evaluation is logged at step = its iteration (the number of iterations the policy has trained), the axis
-of the training metrics too (Lightning logs those at the batches so far: one batch per iteration), so
-dashboards show one axis; `optimizer_step` (the optimizer steps at that point) is logged with it.
-
-Samples to read (`eval.log_samples` = S, 0 = off): at every evaluation, for each of the first S held-out prompts,
-the policy's and the reference's samples go to `eval_samples.jsonl` and to the logger's table `eval/samples`
-(what a row holds: `infalign.trainer.eval_samples`).
+`eval.held_in_prompts` = H > 0: H training prompts measured the same way by an evaluator of its own
+(`eval_held_in/*`), after the held-out prompts and from its own seed stream, so the held-out numbers are bit for
+bit those of a run without it. `eval.log_samples` = S > 0: samples of the first S prompts to read
+(`infalign.trainer.eval_samples`).
 """
 
 from __future__ import annotations

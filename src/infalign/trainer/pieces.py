@@ -1,6 +1,6 @@
 """The pieces `infalign.trainer.run.run` assembles, each built by one small function: the models, the sample sets
-(the calibration cache and the distillation pool, one `CachedSamples` object each), the solver, the module, the
-DataModule and its `RolloutBuilder`, the evaluation callback; and the policy's atomic save at the end."""
+(the calibration cache and the distillation pool, one `CachedSamples` each), the solver; and the policy's atomic
+save at the end."""
 
 from __future__ import annotations
 

@@ -2,12 +2,9 @@
 
 An RL iteration is one Lightning epoch of one batch, so Lightning's `TQDMProgressBar` restarts every iteration at
 "Epoch <i>: 1/1" and its rate says nothing (tests/test_console.py::
-test_a_smoke_run_shows_one_progress_bar_and_each_line_once fails with it). `IterationProgressBar`, on Lightning's
-`ProgressBar` base for custom bars, spans the whole run (`rl.iterations`, counting from where a resumed run
-starts), advances once per iteration, and shows the iteration's KL and calibrated reward (what `InfAlignModule`
-logs with `prog_bar=True`) and the latest evaluation's win rate for the run's target metric. While it is open,
-console log lines are written above it (tqdm's `logging_redirect_tqdm`) instead of through it. Rank 0 draws it;
-the other processes draw nothing.
+test_a_smoke_run_shows_one_progress_bar_and_each_line_once fails with it). This bar spans the whole run, shows the
+iteration's KL and calibrated reward and the latest evaluation's target win rate, and writes console log lines
+above itself while open. Rank 0 draws it.
 """
 
 from __future__ import annotations

@@ -1,10 +1,5 @@
-"""Sampling and scoring responses for the trainer, and the buffer one RL iteration's update reads.
-
-`sample_and_score` is the one path from prompts to scored samples (generate -> decode -> score -> check
-finite -> `[P, k]` rewards), shared by the training rollouts (`RolloutBuilder`), the win-rate
-evaluation (`infalign.trainer.evaluation`) and the calibration cache (`infalign.trainer.calibration_cache`).
-`RolloutBuffer` holds an iteration's experience (built by `infalign.trainer.experience.RolloutBuilder`) with
-what the solver needs and deals it out in minibatches.
+"""`sample_and_score`, the one path from prompts to scored samples (training rollouts, the evaluation, the
+calibration cache), and `RolloutBuffer`, an iteration's experience dealt out in minibatches to the solver.
 """
 
 from __future__ import annotations
@@ -88,15 +83,10 @@ class RolloutBuffer:
         return self.rollout.input_ids.shape[0]
 
     def minibatches(self, size: int, generator: torch.Generator):
-        """Shuffled minibatches (`Minibatch`) covering the buffer once.
-
-        With `group` = k (the buffer holds k consecutive samples per prompt, as `generate` lays them out) and a
-        `size` that is a multiple of it, the prompts are shuffled and each prompt's k samples stay in one
-        minibatch: the prompt then runs once per minibatch in `response_logprobs` (its keys/values shared by the
-        k samples), not once per sample. SmolLM2's prompts (~250 tokens) are 5x its responses (48), so this
-        decides the update's activations and time (docs/benchmarks.md, SmolLM2). Each minibatch's leave-one-out
-        advantages then also sum to zero, as over the whole rollout.
-        """
+        """Shuffled minibatches (`Minibatch`) covering the buffer once. With `size` a multiple of `group` each
+        prompt's k samples stay in one minibatch: the prompt then runs once per minibatch in `response_logprobs`,
+        not once per sample (SmolLM2's prompts are 5x its responses: docs/benchmarks.md), and each minibatch's
+        leave-one-out advantages sum to zero, as over the whole rollout."""
         n, group = len(self), self.group
         if group > 1 and size % group == 0 and n % group == 0:
             groups = torch.randperm(n // group, generator=generator)
