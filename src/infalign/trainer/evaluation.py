@@ -55,15 +55,11 @@ class WinRateCallback(L.Callback):
                  batch_prompts: int = 8, log_samples: int = 0, n: int | None = None, mode: str = "bon",
                  held_in_prompts: list[Prompt] | None = None, prefix: str = "eval", stream: str = "evaluation",
                  per_prompt_csv: str = PER_PROMPT_CSV):
-        """`held_in_prompts`: training prompts evaluated the same way beside the held-out `eval_prompts` (same k,
-        same cached reference samples), by an evaluator of its own: metrics `eval_held_in/*`, rows in
-        `eval_per_prompt_held_in.csv`, samples from the `evaluation_held_in` stream (the held-out samples and
-        numbers are those of a run without it). `prefix`, `stream`, `per_prompt_csv`: that evaluator's."""
-        eval_prompts = [Prompt(*p) for p in eval_prompts]
+        """`held_in_prompts`: training prompts evaluated beside `eval_prompts` by an evaluator of its own, whose
+        `prefix`, `stream` and `per_prompt_csv` these are (see the module's docstring)."""
+        self.prompts = [Prompt(*p) for p in eval_prompts]
         self.prefix, self.stream, self.per_prompt_csv = prefix, stream, per_prompt_csv
-        self.prompt_ids = [p.id for p in eval_prompts]
-        self.prompts = [p.text for p in eval_prompts]  # as the policy reads them
-        self.reward_prompts = [p.reward_text for p in eval_prompts]  # as the reward model reads them
+        self.prompt_ids = [p.id for p in self.prompts]
         if len(set(self.prompt_ids)) != len(self.prompt_ids):
             raise ValueError("evaluation prompts must be unique: each prompt is counted once")
         self.ns, self.k, self.every = sorted(set(ns)), int(k), int(every)
@@ -159,11 +155,10 @@ class WinRateCallback(L.Callback):
             for b in range(rank, len(starts), world):
                 rows = range(starts[b], min(starts[b] + self.batch_prompts, len(self.prompts)))
                 torch.manual_seed(derive_seed(self.seed, self.stream, b))
-                ids = [self.prompt_ids[i] for i in rows]
-                prompts = [self.prompts[i] for i in rows]
-                reward_prompts = [self.reward_prompts[i] for i in rows]
-                scored = sample_and_score(module.policy, module.tokenizer, module.reward_model, prompts, reward_prompts,
-                                          self.k, self.gen_kwargs, where="an evaluation sample")
+                batch = [self.prompts[i] for i in rows]
+                ids, reward_prompts = [p.id for p in batch], [p.reward_text for p in batch]
+                scored = sample_and_score(module.policy, module.tokenizer, module.reward_model, [p.text for p in batch],
+                                          reward_prompts, self.k, self.gen_kwargs, where="an evaluation sample")
                 rollout, raw = scored.rollout, scored.rewards.double().to(device)
                 ref = self.reference_samples.rewards_for(ids).double().to(device)
                 for metric in self.metrics.values():

@@ -12,18 +12,7 @@ import torch
 
 from infalign.models.sampling import Rollout, decode_responses, generate
 
-__all__ = ["Minibatch", "RolloutBuffer", "Scored", "check_finite_rewards", "sample_and_score"]
-
-
-def check_finite_rewards(rewards: torch.Tensor, prompts: list[str], where: str) -> None:
-    """Refuse NaN/inf rewards with the prompt that produced them (flattened prompt-major `[P * k]`)."""
-    bad = ~torch.isfinite(rewards)
-    if bad.any():
-        row = int(bad.nonzero()[0, 0]) * len(prompts) // rewards.numel()
-        raise ValueError(
-            f"the reward model returned {int(bad.sum())} non-finite score(s) for {where}, first for the prompt "
-            f"{prompts[row][-200:]!r}; check the reward model (its dtype, its inputs' length)"
-        )
+__all__ = ["Minibatch", "RolloutBuffer", "Scored", "sample_and_score"]
 
 
 class Scored(NamedTuple):
@@ -38,16 +27,18 @@ class Scored(NamedTuple):
 
 def sample_and_score(model, tokenizer, reward_model, prompts: list[str], reward_prompts: list[str], k: int,
                      gen_kwargs: dict, *, where: str, record_logprobs: bool = False) -> Scored:
-    """Sample `k` responses per prompt with `model` (`infalign.models.sampling.generate`: pure samples) and score
-    them with `reward_model`, which reads the prompts as `reward_prompts`; non-finite rewards are refused,
-    naming `where` they came from."""
+    """Sample `k` responses per prompt with `model` (pure samples) and score them with `reward_model`, which reads
+    the prompts as `reward_prompts`; non-finite rewards are refused, naming `where` they came from."""
     start = time.perf_counter()
     rollout = generate(model, tokenizer, prompts, k, gen_kwargs, record_logprobs=record_logprobs)
     sampled = time.perf_counter()
     texts = decode_responses(tokenizer, rollout)
-    rewards = reward_model.score([p for p in reward_prompts for _ in range(k)], texts)
-    check_finite_rewards(rewards, reward_prompts, where)
-    rewards = rewards.view(len(prompts), k)
+    rewards = reward_model.score([p for p in reward_prompts for _ in range(k)], texts).view(len(prompts), k)
+    bad = ~torch.isfinite(rewards)
+    if bad.any():
+        raise ValueError(f"the reward model returned {int(bad.sum())} non-finite score(s) for {where}, first for the "
+                         f"prompt {reward_prompts[int(bad.nonzero()[0, 0])][-200:]!r}; check the reward model (its "
+                         "dtype, its inputs' length)")
     return Scored(rollout, texts, rewards, sampled - start, time.perf_counter() - sampled)
 
 
