@@ -91,10 +91,9 @@ def append_history(run_dir: Path, entry: dict) -> None:
 
 
 class LastCheckpoint(L.Callback):
-    """`run_record` (`infalign.trainer.run_record.run_record(cfg, choices)`) goes into every checkpoint and, with the
-    first one, into `run_config.yaml` if the run has none; `resume_entry` (`check_resume`) is appended to
-    `resume_history.jsonl` with the first checkpoint of a resumed run. Place it after `WinRateCallback`:
-    the final checkpoint is then written after the final evaluation, and holds it."""
+    """`run_record` goes into every checkpoint (and `run_config.yaml`), `resume_entry` into `resume_history.jsonl`
+    with a resumed run's first checkpoint. Placed after `WinRateCallback`, its final checkpoint holds the final
+    evaluation."""
 
     def __init__(self, run_dir: str | Path, every: int, run_record: dict | None = None,
                  resume_entry: dict | None = None):

@@ -34,7 +34,7 @@ from infalign.trainer.experience import RolloutBuilder
 from infalign.trainer.module import InfAlignModule
 from infalign.trainer.pieces import build_solver, load_models, sample_sets, save_policy
 from infalign.trainer.progress import IterationProgressBar, win_rate_shown
-from infalign.trainer.prompts import held_in_prompts, prompt_sets
+from infalign.trainer.prompts import prompt_sets
 from infalign.trainer.resume import (
     ResumePlan,
     check_resume,
@@ -103,14 +103,15 @@ def run(cfg: DictConfig) -> dict:
                 "calibrator": choices.get("calibrator"), "seed": int(cfg.seed), "run_dir": str(run_dir)}
     # what the run is built for: the method's target metric, or the win rate a solver without transform optimises
     target = bar_metric(run_info, transform) if solver.uses_transform else solver.target_metric
-    # its samples table shows the run's own pick: best-of-n, or worst-of-n for a worst-of-N method; held-in:
-    # training prompts evaluated beside the held-out ones (their reference samples are in the calibration cache)
+    # its samples table shows the run's own pick: best-of-n, or worst-of-n for a worst-of-N method. Held-in: the
+    # first eval.held_in_prompts training prompts, which prompt_sets drew in an order fixed by calibration.seed
+    # alone (the same subset for every run seed, method and data.train_prompts)
     win_rates = WinRateCallback(eval_prompts, calibration, ns=sorted({int(x) for x in cfg.eval.ns} | {int(cfg.n)}),
                                 k=cfg.eval.k, every=cfg.eval.every, gen_kwargs=gen_kwargs, out_dir=run_dir,
                                 seed=int(cfg.seed), batch_prompts=int(cfg.eval.prompts_per_batch),
                                 log_samples=int(cfg.eval.get("log_samples", 0)), n=int(cfg.n),
                                 mode="won" if target == "won" else "bon",
-                                held_in_prompts=held_in_prompts(cfg, train_prompts) or None)
+                                held_in_prompts=train_prompts[: int(cfg.eval.held_in_prompts)] or None)
     loggers = _loggers(cfg, choices, run_dir, resume_from, run_info)
     # last.ckpt between iterations, and on SIGINT/SIGTERM (infalign.trainer.checkpointing); after win_rates in the
     # callbacks: the final checkpoint follows (and holds) the final evaluation
