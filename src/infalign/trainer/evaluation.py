@@ -247,15 +247,16 @@ class WinRateCallback(L.Callback):
                                  data=[[r[c] for c in SAMPLE_COLUMNS] for r in rows], step=iteration)
 
     def run_eval(self, trainer, module, iteration: int, final: bool = False) -> dict:
-        results = self.evaluate(module)
-        results = {"iteration": iteration, "step": trainer.global_step, **results}
-        evaluated = self._evaluators()
+        results = {"iteration": iteration, "step": trainer.global_step, **self.evaluate(module)}
+        evaluated = [self] if self.held_in is None else [self, self.held_in]
         logged = {**{k: v for k, v in results.items() if k.startswith(tuple(f"{e.prefix}/" for e in evaluated))},
                   OPTIMIZER_STEP: trainer.global_step}
         for logger in trainer.loggers:  # step: the iteration, the training metrics' axis (not the optimizer step)
             logger.log_metrics(logged, step=iteration)
         if trainer.is_global_zero:
-            self._append_csv(results)
+            # rewritten whole and renamed into place (infalign.runtime.atomic): a kill mid-write never truncates it
+            csv = self.out_dir / "eval_metrics.csv"
+            atomic_write_csv(csv, [*read_csv_rows(csv)[1], results])
             if self.log_samples:
                 self._write_samples(trainer, iteration, trainer.global_step)
             for e in evaluated:
@@ -267,13 +268,3 @@ class WinRateCallback(L.Callback):
                                          if k.startswith(f"{e.prefix}/") and "_se" not in k}, strip=f"{e.prefix}/"))
         self.latest = results
         return results
-
-    def _evaluators(self) -> list[WinRateCallback]:
-        """This evaluation's, then the held-in one's (if any)."""
-        return [self] if self.held_in is None else [self, self.held_in]
-
-    def _append_csv(self, row: dict) -> None:
-        # rewritten whole and renamed into place (infalign.runtime.atomic): a kill mid-write never truncates it
-        path = self.out_dir / "eval_metrics.csv"
-        rows = read_csv_rows(path)[1] + [dict(row)]
-        atomic_write_csv(path, rows)

@@ -45,4 +45,3 @@ def prompt_sets(cfg, partitions, tokenizer) -> tuple[list[Prompt], list[Prompt]]
         return [Prompt(pid, text, reward) for (pid, _), text, reward in zip(items, format_prompts(hh, tokenizer, fmt), hh)]
 
     return render(train), render(held_out)
-
