@@ -1,10 +1,9 @@
 """The calibration cache: M reference responses per prompt and their rewards, generated once.
 
-The reference policy is frozen, so its samples and their rewards depend only on (reference model, reward
-model, prompt set, M, generation config, seed). They are built once into the content-addressed cache
-(`infalign.runtime.artifacts`: temp dir + atomic rename, manifest with checksums verified on every load) and reused
-by every run and sweep member with the same key. They serve twice: as the calibration set `z_1..z_M`
-of each training prompt and as the reference side of the win-rate evaluation.
+The reference policy is frozen, so its samples and their rewards depend only on (reference model, reward model,
+prompt set, M, generation config, seed): built once into the content-addressed cache (`infalign.runtime.artifacts`)
+and reused by every run with the same key, as the calibration set of each training prompt and as the reference
+side of the win-rate evaluation.
 """
 
 from __future__ import annotations
@@ -115,24 +114,11 @@ def load_reference_samples(path: Path, prompt_ids: list[str], m: int, hit: bool 
                             response_lengths=lengths)
 
 
-def load_or_build_reference_samples(
-    *,
-    cache_root,
-    key: dict,
-    prompt_ids: list[str],
-    prompts: list[str],
-    reward_prompts: list[str],
-    reference,
-    tokenizer,
-    reward_model,
-    m: int,
-    gen_kwargs: dict,
-    seed: int,
-    prompts_per_batch: int = 8,
-    progress: bool = True,
-    stream: str = "calibration_cache",
-    what: str = "calibration cache",
-) -> ReferenceSamples:
+def load_or_build_reference_samples(*, cache_root, key: dict, prompt_ids: list[str], prompts: list[str],
+                                    reward_prompts: list[str], reference, tokenizer, reward_model, m: int,
+                                    gen_kwargs: dict, seed: int, prompts_per_batch: int = 8, progress: bool = True,
+                                    stream: str = "calibration_cache", what: str = "calibration cache",
+                                    ) -> ReferenceSamples:
     """Load the calibration cache for `key`, or generate and score `m` reference samples per prompt first.
 
     `prompts` are the policy's inputs, `reward_prompts` the same prompts as the reward model reads them.
@@ -158,8 +144,7 @@ def load_or_build_reference_samples(
                 torch.manual_seed(derive_seed(seed, stream, b))
                 scored = sample_and_score(reference, tokenizer, reward_model, chunk, reward_chunk, m, gen_kwargs,
                                           where=f"the {what}")
-                texts = scored.texts
-                r = scored.rollout
+                r, texts = scored.rollout, scored.texts
                 ids = r.response_ids.masked_fill(r.response_mask == 0, tokenizer.pad_token_id).cpu().to(torch.int32)
                 done[b] = (scored.rewards.float().cpu(), [texts[i * m : (i + 1) * m] for i in range(len(chunk))],
                            ids, r.lengths.cpu().to(torch.int32))
@@ -173,18 +158,17 @@ def load_or_build_reference_samples(
                 nonlocal gathered
                 batches = {b: v for shard in all_gather_object(sample_my_share()) for b, v in shard.items()}
                 gathered = True
-                table = torch.cat([batches[b][0] for b in range(len(starts))]).contiguous()
-                responses = [r for b in range(len(starts)) for r in batches[b][1]]
-                width = max(batches[b][2].shape[1] for b in range(len(starts)))  # batches end at different steps
-                tokens = torch.cat([torch.nn.functional.pad(batches[b][2], (0, width - batches[b][2].shape[1]),
-                                                            value=int(tokenizer.pad_token_id))
-                                    for b in range(len(starts))])
-                lengths = torch.cat([batches[b][3] for b in range(len(starts))]).view(len(prompts), m)
+                rewards, responses, tokens, lengths = zip(*(batches[b] for b in range(len(starts))))
+                table = torch.cat(rewards).contiguous()
+                width = max(t.shape[1] for t in tokens)  # batches end at different steps
+                pad = int(tokenizer.pad_token_id)
+                tokens = torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=pad) for t in tokens])
                 save_file({"rewards": table}, str(out / "rewards.safetensors"))
-                save_file({"tokens": tokens.view(len(prompts), m, -1).contiguous(), "lengths": lengths},
+                save_file({"tokens": tokens.view(len(prompts), m, -1).contiguous(),
+                           "lengths": torch.cat(lengths).view(len(prompts), m)},
                           str(out / "response_tokens.safetensors"))
                 (out / "prompt_ids.json").write_text(json.dumps(prompt_ids))
-                (out / "responses.json").write_text(json.dumps(responses))
+                (out / "responses.json").write_text(json.dumps([r for chunk in responses for r in chunk]))
                 return {"prompts": len(prompts), "m": m, "mean_reward": float(table.mean()), "processes": world}
 
             entry = get_or_build(cache_root, KIND, key, build, what=f"the {what}")  # temp dir + atomic rename: once

@@ -1,12 +1,9 @@
 """When a run's state is saved, and how a run stops on a signal (how it continues: `infalign.trainer.resume`).
 
-`LastCheckpoint` keeps `checkpoints/last.ckpt` current at safe points only (between RL iterations): every
-`checkpoint.every` iterations, at the end of training (after the final evaluation, which it holds), and at the end
-of the iteration in which SIGINT or SIGTERM arrived, after which it stops the run (exit status 128 + signal number,
-with the command that resumes); a signal during the final evaluation stops the run after the final checkpoint. At
-every other stage (data, models, calibration cache, distillation pool, writing the results) `exit_on_stop_signal`
-around the run stops it at once (`infalign.runtime.signals`: nothing half-built is kept) and prints what was stopped
-and the command that continues it.
+`LastCheckpoint` keeps `checkpoints/last.ckpt` current between RL iterations: every `checkpoint.every`
+iterations, at the end of training (after the final evaluation, which it holds), and at the end of the iteration
+in which SIGINT or SIGTERM arrived, after which the run stops (exit status 128 + signal number, with the command
+that resumes). At any other stage `exit_on_stop_signal` stops the run at once (nothing half-built is kept).
 
 Kept instead of Lightning's own machinery (2.6.6), which loses training (both re-measured 2026-12-07):
 - `ModelCheckpoint(save_top_k=0, save_last=True, every_n_epochs=...)` writes `last.ckpt` at an epoch's end only when
@@ -16,13 +13,10 @@ Kept instead of Lightning's own machinery (2.6.6), which loses training (both re
 - On SIGTERM Lightning raises `SIGTERMException` (a `SystemExit`, status 0) after the current batch and on SIGINT
   exits with status 1, neither saving; without our handlers the stop lands mid-iteration and the last periodic
   checkpoint is all there is: tests/test_faults.py::test_sigterm_and_sigint_stop_at_an_iteration_boundary_with_a_checkpoint
-  fails. Our handlers are in force while training runs; a second signal aborts at once.
+  fails.
 
-The local metric files stay in step with the checkpoint: before each save the CSV loggers are flushed and the row
-counts of `logs/metrics.csv` and `eval_metrics.csv` go into the checkpoint; on resume, rows the dead run wrote
-after its last checkpoint are dropped (the resumed run writes them again), so nothing is lost and nothing is
-counted twice. The run's config and resume history go out with the checkpoint too
-(`write_run_config`, `append_history`).
+The local metric files stay in step with the checkpoint: it records their row counts, and a resume drops the rows
+a dead run wrote after it (the resumed run writes them again): nothing lost, nothing counted twice.
 """
 
 from __future__ import annotations
@@ -97,10 +91,9 @@ def append_history(run_dir: Path, entry: dict) -> None:
 
 
 class LastCheckpoint(L.Callback):
-    """`run_record` (`infalign.trainer.run_record.run_record(cfg, choices)`) goes into every checkpoint and, with the
-    first one, into `run_config.yaml` if the run has none; `resume_entry` (`check_resume`) is appended to
-    `resume_history.jsonl` with the first checkpoint of a resumed run. Place it after `WinRateCallback`:
-    the final checkpoint is then written after the final evaluation, and holds it."""
+    """`run_record` goes into every checkpoint (and `run_config.yaml`), `resume_entry` into `resume_history.jsonl`
+    with a resumed run's first checkpoint. Placed after `WinRateCallback`, its final checkpoint holds the final
+    evaluation."""
 
     def __init__(self, run_dir: str | Path, every: int, run_record: dict | None = None,
                  resume_entry: dict | None = None):

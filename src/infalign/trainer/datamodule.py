@@ -1,12 +1,9 @@
 """The experience of every iteration, as a LightningDataModule: its training "batch" is the iteration's
-`RolloutBuffer`, built from the iteration's prompts by the `RolloutBuilder` it is given.
+`RolloutBuffer`, built by the `RolloutBuilder` it is given from the iteration's prompts, as the solver asks
+(`Solver.experience`).
 
-One training iteration = one Lightning epoch of one batch. Making the iteration an epoch means a checkpoint always
-falls between iterations, so resuming continues with the next iteration's prompts (the sampler derives them from
-the seed and the epoch number) instead of restarting an epoch. The solver says which experience each iteration
-needs (`Solver.experience`: the policy's samples, scored, calibrated and transformed, or the distillation pool's
-drawn by weight); the builder makes it, inside Lightning's precision context (as the training step runs), and the
-module hands it to the solver (`InfAlignModule.training_step`).
+One training iteration = one Lightning epoch of one batch, so a checkpoint always falls between iterations and a
+resumed run continues with the next iteration's prompts (derived from the seed and the epoch number).
 """
 
 from __future__ import annotations
@@ -25,11 +22,8 @@ __all__ = ["Experiences", "IterationSampler", "RolloutDataModule"]
 
 class IterationSampler(Sampler[int]):
     """Yields this process's share of the `per_iteration` prompt indices of the current epoch (= iteration),
-    walking through seeded permutations of all prompts, so the data order depends only on (seed, iteration).
-
-    Distributed, rank r of W takes every W-th index of the iteration's list: the shares are disjoint and
-    cover the iteration once, with no padding repeats (Lightning's DistributedSampler would pad and reshuffle,
-    so the trainer runs with `use_distributed_sampler=False`)."""
+    walking through seeded permutations of all prompts: the order depends only on (seed, iteration). Rank r of W
+    takes every W-th index, with no padding repeats (Lightning's DistributedSampler would pad and reshuffle)."""
 
     def __init__(self, num_prompts: int, per_iteration: int, seed: int):
         if per_iteration > num_prompts:

@@ -1,6 +1,5 @@
-"""The evaluation's own metrics (torchmetrics, synchronised across processes like the win rates): the KL in
-calibrated space (`CalibratedRankKL`, from the histogram of the policy samples' ranks among the reference's) and
-the per-prompt table behind eval_per_prompt.csv (`PerPromptTable`)."""
+"""The evaluation's own torchmetrics, synchronised across processes like the win rates: the KL in calibrated space
+(`CalibratedRankKL`) and the per-prompt table behind eval_per_prompt.csv (`PerPromptTable`)."""
 
 from __future__ import annotations
 
@@ -15,13 +14,9 @@ __all__ = ["CalibratedRankKL", "PerPromptTable", "calibrated_rank_histogram", "r
 # ---------------------------------------------------------------------------------------------- KL in calibrated space
 def calibrated_rank_histogram(policy_rewards, reference_rewards) -> torch.Tensor:
     """How many policy samples sit at each rank b = 0..M among the M reference samples of their prompt, summed
-    over prompts: `[P, K], [P, M] -> [M + 1]` (float64; the calibrated reward is C = b / M).
-
-    A sample tied with reference samples (`lt` below it, `le` at or below it; its C*2M is `lt + le`, a
-    half-tie) has its unit mass spread evenly over the ranks lt..le: the rank it gets under a random
-    tie-break. That keeps the reference's own rank distribution exactly uniform on 0..M whatever the
-    reward's ties (M + 1 exchangeable samples, ties broken at random), so no continuity assumption is needed.
-    """
+    over prompts: `[P, K], [P, M] -> [M + 1]` (float64). A sample tied with reference samples has its unit mass
+    spread evenly over the ranks it ties (a random tie-break): the reference's own ranks then stay exactly uniform
+    on 0..M whatever the reward's ties, with no continuity assumption."""
     a, b = check_rewards(policy_rewards, reference_rewards)
     m = b.shape[1]
     ref = b.sort(dim=1).values.contiguous()
@@ -37,19 +32,11 @@ def calibrated_rank_histogram(policy_rewards, reference_rewards) -> torch.Tensor
 
 def rank_kl(counts: torch.Tensor, prompts: int | float | None = None, miller_madow: bool = True) -> torch.Tensor:
     """KL(policy ranks || uniform on 0..M) of a rank histogram `[M + 1]` (plug-in), with two bias corrections
-    when `miller_madow`:
-
-    - Miller-Madow, `(bins with mass - 1) / (2 samples)`: the plug-in's entropy term is biased low by about
-      that much (the cross term against the known uniform is unbiased);
-    - the fixed calibration set of each prompt, `M / (2 (M + 2) prompts)` when `prompts` is given: given its M
-      reference samples, a prompt's rank distribution is not uniform but the spacings of the M reference
-      quantiles (Dirichlet(1, ..., 1)), uniform only on average over calibration sets; pooled over P prompts
-      their mean deviates from uniform by a chi-square-like amount whose expected KL is that term (measured:
-      0.0093 at P = 48, M = 16 under policy = reference, against 0.0093 predicted; 0.055 at the smoke scale's
-      P = 6, M = 8, against 0.067).
-
-    May be slightly negative after the corrections, like k1: left so, so that means over seeds stay unbiased.
-    NaN without samples."""
+    when `miller_madow`: Miller-Madow's `(bins with mass - 1) / (2 samples)`, and with `prompts` given the fixed
+    calibration set of each prompt's `M / (2 (M + 2) prompts)` (given its M reference samples a prompt's rank
+    distribution is Dirichlet(1, ..., 1), uniform only on average; measured 0.0093 at P = 48, M = 16 under
+    policy = reference, against 0.0093 predicted). May be slightly negative, like k1: left so, so that means over
+    seeds stay unbiased. NaN without samples."""
     counts = counts.to(torch.float64)
     total = counts.sum()
     if total <= 0:
@@ -67,26 +54,13 @@ def rank_kl(counts: torch.Tensor, prompts: int | float | None = None, miller_mad
 
 
 class CalibratedRankKL(Metric):
-    """The KL in calibrated space: KL(ranks of the policy's samples among the reference samples || uniform).
+    """The KL in calibrated space: KL(ranks of the policy's samples among the reference samples || uniform),
+    the ranks pooled over every prompt into one histogram (summed across processes).
 
-    Each held-out policy sample gets its rank b = 0..M among its prompt's M reference samples (ties broken at
-    random, `calibrated_rank_histogram`); the ranks are pooled over every prompt into one histogram and
-    compared with the reference's own rank distribution, uniform on 0..M (`rank_kl`: plug-in, less the
-    Miller-Madow bias and the bias of one fixed calibration set per prompt).
-
-    It is a lower bound of the sequence KL(pi || pi_ref) (the k1 estimate's expectation), up to the
-    finite-prompt approximation: the rank is a randomised function of the response (the M reference samples
-    and the tie-break are noise independent of it), so by the data-processing inequality its KL per prompt is
-    at most KL(pi(.|x) || pi_ref(.|x)); pooling prompts mixes the per-prompt rank distributions with the same
-    weights on both sides, and by the joint convexity of KL the pooled KL is at most the mean over prompts.
-    The approximation: the reference's ranks are uniform on average over calibration sets, and each prompt
-    has one fixed set, so with few prompts the reference's pooled histogram is only close to uniform; `rank_kl`
-    removes the expected excess this gives under the reference (about M / (2 (M + 2) P), 0.009 nats for 48
-    prompts), but its noise remains: with few prompts (the smoke scale's 6) the estimate can exceed the k1 KL.
-    It measures how far the policy moved in the only coordinate the calibrated reward sees: a KL much
-    larger than this is spent on changes that no calibrated transform rewards.
-
-    State: the histogram, summed across processes (exact under distributed evaluation).
+    It is a lower bound of the sequence KL(pi || pi_ref) up to the finite-prompt approximation (the rank is a
+    randomised function of the response: data processing, then joint convexity over prompts); with few prompts
+    (the smoke scale's 6) its noise can take it above the k1 KL. It measures how far the policy moved in the only
+    coordinate the calibrated reward sees: a KL much larger than this is spent on changes no transform rewards.
     """
 
     is_differentiable = False

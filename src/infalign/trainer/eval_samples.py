@@ -1,16 +1,9 @@
-"""The samples an evaluation shows to read: what a row of `eval_samples.jsonl` (and of the logger's table
-`eval/samples`) holds, and how its prompt is shown.
+"""What a row of `eval_samples.jsonl` (and of the logger's table `eval/samples`) holds, and how its prompt is shown.
 
-Samples to read (`eval.log_samples` = S, 0 = off): at every evaluation, for each of the first S held-out prompts,
-the policy's first sample and the reference's first cached sample, and the pick of the run's best-of-n (`pick`
-`bon@n`; the worst of n, `won@n`, for a worst-of-N run) among the first n samples of each, by raw reward as the
-win rate compares them; each with its length in tokens and its raw and calibrated rewards (the policy's C
-against the prompt's M reference samples, the reference sample's against the other M - 1). The prompt is shown
-as the models read it, but one cut from the left mid-turn (`truncate_prompt`) starts at its first whole word,
-after "…" (`shown_prompt`). `infalign.trainer.evaluation.WinRateCallback` writes them to `eval_samples.jsonl` in
-the run directory (one JSON object per prompt and evaluation, rewritten atomically; rows of an evaluation that a
-resumed run repeats are replaced, never doubled) and, where the logger can show one, to a table `eval/samples`
-(W&B: a `wandb.Table` per evaluation).
+For each of the first `eval.log_samples` held-out prompts at every evaluation: the policy's first sample, the
+reference's first cached one, and the pick of the run's best-of-n (worst-of-n for a worst-of-N run) among the
+first n of each by raw reward, as the win rate compares them; each with its length in tokens and its raw and
+calibrated rewards. Rows of an evaluation that a resumed run repeats are replaced, never doubled.
 """
 from __future__ import annotations
 

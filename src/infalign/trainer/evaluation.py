@@ -1,32 +1,17 @@
 """Win-rate evaluation as a Lightning callback: best-of-N and worst-of-N win rates against the reference.
 
-Every `every` iterations and at the end of training, the policy samples `k` responses for each held-out
-prompt; the torchmetrics `InferenceTimeWinRate` compares their rewards with the M cached reference
-rewards of the same prompt (exact U-statistic, any K, M >= N). Results go to every logger (W&B, CSV),
-to `eval_metrics.csv` (one row per evaluation); the final one is kept in `final` for `final_metrics.json`,
-and in the checkpoints written after it: a run killed after its final evaluation takes it from there on resume
-instead of evaluating (and writing its rows) twice.
+Every `every` iterations and at the end of training the policy samples `k` responses per held-out prompt; the
+torchmetrics `InferenceTimeWinRate` compares their rewards with the M cached reference rewards of the same prompt
+(exact U-statistic). Besides the win rates: the k1/k3 KL, the KL in calibrated space (`CalibratedRankKL`) and the
+mean response lengths of policy and reference (a policy that wins by answering shorter shows it). Results go to
+every logger at step = the iteration (the training metrics' axis) and to `eval_metrics.csv`; the final one also to
+`eval_per_prompt.csv` and, in `final`, to final_metrics.json and the checkpoints written after it (a run killed
+after its final evaluation takes it from there on resume instead of evaluating twice).
 
-Besides the win rates and the k1/k3 sequence KL, every evaluation logs `eval/kl_calibrated`, the KL in
-calibrated space (`CalibratedRankKL`), and the mean response length in tokens of the policy's samples and of
-the reference's (`eval/response_tokens`, `eval/reference_response_tokens`: a policy that wins by answering
-shorter shows it beside its win rate); the final one writes `eval_per_prompt.csv`: one row per held-out
-prompt (its win rates, mean k1 KL and mean calibrated reward), so that methods can be compared prompt by prompt.
-
-Held-in beside held-out (`eval.held_in_prompts` = H > 0): every evaluation also measures H of the run's training
-prompts the same way (same k, the same cached reference samples: the calibration cache holds every training
-prompt's), by an evaluator of its own (`held_in`): its metrics under `eval_held_in/` in the same logged row, the
-same eval_metrics.csv row and final_metrics.json, its final per-prompt rows in `eval_per_prompt_held_in.csv`. Its
-batches are seeded from the `evaluation_held_in` stream, and it runs after the held-out prompts: the held-out
-numbers are bit for bit those of the run without it.
-
-Every evaluation is logged at step = its iteration (the number of iterations the policy has trained), the axis
-of the training metrics too (Lightning logs those at the batches so far: one batch per iteration), so
-dashboards show one axis; `optimizer_step` (the optimizer steps at that point) is logged with it.
-
-Samples to read (`eval.log_samples` = S, 0 = off): at every evaluation, for each of the first S held-out prompts,
-the policy's and the reference's samples go to `eval_samples.jsonl` and to the logger's table `eval/samples`
-(what a row holds: `infalign.trainer.eval_samples`).
+`eval.held_in_prompts` = H > 0: H training prompts measured the same way by an evaluator of its own
+(`eval_held_in/*`), after the held-out prompts and from its own seed stream, so the held-out numbers are bit for
+bit those of a run without it. `eval.log_samples` = S > 0: samples of the first S prompts to read
+(`infalign.trainer.eval_samples`).
 """
 
 from __future__ import annotations
@@ -70,15 +55,11 @@ class WinRateCallback(L.Callback):
                  batch_prompts: int = 8, log_samples: int = 0, n: int | None = None, mode: str = "bon",
                  held_in_prompts: list[Prompt] | None = None, prefix: str = "eval", stream: str = "evaluation",
                  per_prompt_csv: str = PER_PROMPT_CSV):
-        """`held_in_prompts`: training prompts evaluated the same way beside the held-out `eval_prompts` (same k,
-        same cached reference samples), by an evaluator of its own: metrics `eval_held_in/*`, rows in
-        `eval_per_prompt_held_in.csv`, samples from the `evaluation_held_in` stream (the held-out samples and
-        numbers are those of a run without it). `prefix`, `stream`, `per_prompt_csv`: that evaluator's."""
-        eval_prompts = [Prompt(*p) for p in eval_prompts]
+        """`held_in_prompts`: training prompts evaluated beside `eval_prompts` by an evaluator of its own, whose
+        `prefix`, `stream` and `per_prompt_csv` these are (see the module's docstring)."""
+        self.prompts = [Prompt(*p) for p in eval_prompts]
         self.prefix, self.stream, self.per_prompt_csv = prefix, stream, per_prompt_csv
-        self.prompt_ids = [p.id for p in eval_prompts]
-        self.prompts = [p.text for p in eval_prompts]  # as the policy reads them
-        self.reward_prompts = [p.reward_text for p in eval_prompts]  # as the reward model reads them
+        self.prompt_ids = [p.id for p in self.prompts]
         if len(set(self.prompt_ids)) != len(self.prompt_ids):
             raise ValueError("evaluation prompts must be unique: each prompt is counted once")
         self.ns, self.k, self.every = sorted(set(ns)), int(k), int(every)
@@ -174,11 +155,10 @@ class WinRateCallback(L.Callback):
             for b in range(rank, len(starts), world):
                 rows = range(starts[b], min(starts[b] + self.batch_prompts, len(self.prompts)))
                 torch.manual_seed(derive_seed(self.seed, self.stream, b))
-                ids = [self.prompt_ids[i] for i in rows]
-                prompts = [self.prompts[i] for i in rows]
-                reward_prompts = [self.reward_prompts[i] for i in rows]
-                scored = sample_and_score(module.policy, module.tokenizer, module.reward_model, prompts, reward_prompts,
-                                          self.k, self.gen_kwargs, where="an evaluation sample")
+                batch = [self.prompts[i] for i in rows]
+                ids, reward_prompts = [p.id for p in batch], [p.reward_text for p in batch]
+                scored = sample_and_score(module.policy, module.tokenizer, module.reward_model, [p.text for p in batch],
+                                          reward_prompts, self.k, self.gen_kwargs, where="an evaluation sample")
                 rollout, raw = scored.rollout, scored.rewards.double().to(device)
                 ref = self.reference_samples.rewards_for(ids).double().to(device)
                 for metric in self.metrics.values():
@@ -267,15 +247,16 @@ class WinRateCallback(L.Callback):
                                  data=[[r[c] for c in SAMPLE_COLUMNS] for r in rows], step=iteration)
 
     def run_eval(self, trainer, module, iteration: int, final: bool = False) -> dict:
-        results = self.evaluate(module)
-        results = {"iteration": iteration, "step": trainer.global_step, **results}
-        evaluated = self._evaluators()
+        results = {"iteration": iteration, "step": trainer.global_step, **self.evaluate(module)}
+        evaluated = [self] if self.held_in is None else [self, self.held_in]
         logged = {**{k: v for k, v in results.items() if k.startswith(tuple(f"{e.prefix}/" for e in evaluated))},
                   OPTIMIZER_STEP: trainer.global_step}
         for logger in trainer.loggers:  # step: the iteration, the training metrics' axis (not the optimizer step)
             logger.log_metrics(logged, step=iteration)
         if trainer.is_global_zero:
-            self._append_csv(results)
+            # rewritten whole and renamed into place (infalign.runtime.atomic): a kill mid-write never truncates it
+            csv = self.out_dir / "eval_metrics.csv"
+            atomic_write_csv(csv, [*read_csv_rows(csv)[1], results])
             if self.log_samples:
                 self._write_samples(trainer, iteration, trainer.global_step)
             for e in evaluated:
@@ -287,13 +268,3 @@ class WinRateCallback(L.Callback):
                                          if k.startswith(f"{e.prefix}/") and "_se" not in k}, strip=f"{e.prefix}/"))
         self.latest = results
         return results
-
-    def _evaluators(self) -> list[WinRateCallback]:
-        """This evaluation's, then the held-in one's (if any)."""
-        return [self] if self.held_in is None else [self, self.held_in]
-
-    def _append_csv(self, row: dict) -> None:
-        # rewritten whole and renamed into place (infalign.runtime.atomic): a kill mid-write never truncates it
-        path = self.out_dir / "eval_metrics.csv"
-        rows = read_csv_rows(path)[1] + [dict(row)]
-        atomic_write_csv(path, rows)

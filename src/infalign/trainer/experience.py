@@ -1,15 +1,10 @@
 """Experience: what an iteration learns from, built from prompts by `RolloutBuilder` (the DataModule's worker).
 
-For an RL iteration (`rollout`, top to bottom): sample k responses per prompt with the policy and score them
-(`sample_and_score`), calibrate the rewards against the calibration cache's reference rewards and transform them,
-then the log-probs of the policy and the frozen reference and the KL between them. For a distillation iteration
-(`pool`): for each prompt, weights w_i ∝ exp(Phi(C_i) / beta) over its pool of reference samples (C_i: sample i
-against the prompt's other samples) and `samples_per_prompt` samples drawn by w. Either way a `RolloutBuffer`,
-which the solver (`infalign.trainer.solvers`) turns into optimizer steps.
-
-The builder is given the models it shares with the LightningModule (the policy, the frozen reference, the
-reward model, the calibrator, the transform) and the two sample sets (`CachedSamples`: the calibration cache,
-the distillation pool) explicitly; `setup` puts the frozen models on the device and loads or builds the sets.
+An RL iteration (`rollout`): k samples per prompt from the policy, scored, calibrated against the calibration
+cache and transformed, with the log-probs of the policy and the frozen reference and the KL between them. A
+distillation iteration (`pool`): for each prompt, samples of its pool of reference samples drawn by
+w ∝ exp(Phi(C) / beta). The builder is given the models it shares with the LightningModule and the two sample
+sets (`CachedSamples`) explicitly.
 """
 
 from __future__ import annotations

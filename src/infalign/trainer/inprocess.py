@@ -1,10 +1,8 @@
 """Run `train.py`'s job inside the current Python process (tests, notebooks, the soak benchmark).
 
-`hydra.main` does three things before calling the job: composes the config, fills `hydra.runtime`
-(output dir, choices) and makes it the global `HydraConfig`, then hands the job the config without its
-`hydra` node. `compose_run_config` does the same with Hydra's compose API, so `infalign.trainer.run.run` sees what
-it sees under `python train.py`. Repeating runs in one process is also what exposes leaks (memory, open
-files) that separate processes would hide.
+`compose_run_config` does with Hydra's compose API what `hydra.main` does before calling the job (compose the
+config, fill `hydra.runtime` and make it the global `HydraConfig`, drop the `hydra` node), so the job sees what it
+sees under `python train.py`. Repeated runs in one process also expose leaks that separate processes would hide.
 """
 
 from __future__ import annotations

@@ -1,49 +1,29 @@
 """The CTRL LightningModule: it holds the policy, the frozen reference, the reward model, the calibrator, the
-transform and the solver; one `training_step` is one iteration: the iteration's experience (a `RolloutBuffer`,
-built by the DataModule: `infalign.trainer.experience`) handed to the solver (`infalign.trainer.solvers`), whose
-optimizer steps it is, and its statistics logged.
+transform and the solver. One `training_step` is one iteration: the experience the DataModule built
+(`infalign.trainer.experience`) handed to the solver, whose optimizer steps it is (manual optimisation:
+`global_step` counts optimizer steps), and its statistics logged under `train/` at step = the iteration, the
+axis the evaluations use too; `optimizer_step` beside it.
 
-Manual optimisation, so `global_step` counts optimizer steps; the solver clips and steps (the one minibatch loop,
-`Solver.minibatch_steps`, which also measures the gradient's norm: `train/grad/norm`). The optimizer is the
-configured `optimizer` partial (conf/train.yaml), called with the policy's trainable parameters; the learning-rate
-schedule the `scheduler` partial, stepped after every step over the solver's `optimizer_steps` (its value is
-logged as `train/lr` by Lightning's `LearningRateMonitor`, which `infalign.trainer.run` adds).
-
-Every statistic is logged once, under `train/...`; the iteration's KL and calibrated reward also go to the
-progress bar as `kl` and `reward` (`logger=False`: in `trainer.callback_metrics`, not logged a second time).
-The row's step is the iteration (Lightning's batches so far: one batch per iteration), the axis the evaluations
-log at too (`infalign.trainer.evaluation`); `optimizer_step` beside it: the optimizer steps before this
-iteration's, those of the policy whose samples the row measures (as an evaluation's at that iteration).
-
-The reference is a submodule (Lightning moves it and casts it with the policy) but frozen, in eval mode, and
-left out of checkpoints; the reward model is a plain attribute (it may hold several modules), put on the device
-by the DataModule's `RolloutBuilder` before it samples with it. The solver's state (an adaptive beta, the
-gradient noise scale's averages) is checkpointed beside the weights.
-
-With LoRA (`model.lora.r > 0`, `infalign.models.lora`) the policy shares the reference's weights (the same
-tensors) and trains adapters only: the optimizer gets the adapters, checkpoints hold the adapters (and their
-optimizer state), and `peft_model` saves them. `model.gradient_checkpointing` and LoRA's dropout act in the
-update's passes only (`update_passes`, around the solver's forward and backward passes).
+The reference is a frozen submodule (Lightning moves and casts it with the policy) left out of checkpoints; the
+reward model is a plain attribute (it may hold several modules). With LoRA the policy shares the reference's
+weights and checkpoints hold only the adapters.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
 
 import lightning as L
 import torch
 
-from infalign.models.lora import (
-    adapter_parameter_names,
-    add_lora,
-    check_lora_settings,
-    enable_gradient_checkpointing,
-    merged_copy,
-)
+from infalign.models.lora import adapter_parameter_names, add_lora, check_lora_settings, enable_gradient_checkpointing
 from infalign.runtime.seeds import derive_seed
 from infalign.trainer.solvers.base import Solver, gradient_norm
+
+log = logging.getLogger(__name__)
 
 __all__ = ["InfAlignModule", "LR_KEY", "gradient_norm"]
 
@@ -61,6 +41,11 @@ class InfAlignModule(L.LightningModule):
         self.lora = check_lora_settings(lora)  # None: LoRA off
         if self.lora:  # the reference's very weights, plus adapters: no second copy of the model
             self.policy, peft_model = add_lora(reference, self.lora, seed=derive_seed(seed, "lora_init"))
+            params = list(self.policy.parameters())  # shared tensors counted once
+            trainable, total = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+            log.info("LoRA r=%d on %s: %s of %s policy parameters train (%.2f%%); the reference shares the base "
+                     "weights", self.lora["r"], self.lora["target_modules"], f"{trainable:,}", f"{total:,}",
+                     100 * trainable / total)
         else:
             self.policy, peft_model = copy.deepcopy(reference).requires_grad_(True), None
         # a plain attribute, not a submodule: it wraps self.policy, whose weights must appear once in state_dict
@@ -90,20 +75,9 @@ class InfAlignModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         self.solver.check(self.trainer.world_size)
 
-    def trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, all) parameter counts of the policy (shared tensors counted once)."""
-        params = list(self.policy.parameters())
-        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
     def policy_to_save(self) -> torch.nn.Module:
         """What `policy/` holds: the whole policy, or with LoRA the peft model (its save_pretrained: the adapters)."""
         return self.peft_model if self.peft_model is not None else self.policy
-
-    def merged_policy(self) -> torch.nn.Module:
-        """With LoRA: a plain transformers model, the base with the adapters merged in (a new copy)."""
-        if self.peft_model is None:
-            raise ValueError("merged_policy: LoRA is off (model.lora.r=0), there is nothing to merge")
-        return merged_copy(self.peft_model)
 
     # ------------------------------------------------------------------ one iteration
     def training_step(self, buffer, batch_idx):

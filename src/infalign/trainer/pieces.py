@@ -1,6 +1,6 @@
 """The pieces `infalign.trainer.run.run` assembles, each built by one small function: the models, the sample sets
-(the calibration cache and the distillation pool, one `CachedSamples` object each), the solver, the module, the
-DataModule and its `RolloutBuilder`, the evaluation callback; and the policy's atomic save at the end."""
+(the calibration cache and the distillation pool, one `CachedSamples` each), the solver; and the policy's atomic
+save at the end."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from infalign.models.data import partition_fingerprint
 from infalign.models.lora import check_lora_settings, check_target_modules
 from infalign.models.policy import load_policy
 from infalign.models.reward import load_reward_model
+from infalign.models.checks import check_reward_context
 from infalign.runtime.atomic import give_plain_modes
 from infalign.runtime.manifest import fingerprint
 from infalign.trainer.calibration_cache import CachedSamples
@@ -28,16 +29,10 @@ POLICY_ONLY_KEYS = ("lora", "gradient_checkpointing")  # model.* keys that chang
 
 
 def check_context(model, cfg) -> None:
-    """The longest sequence a model is fed fits its context: ConfigError (one line) as it loads, before it computes.
-    The policy: a prompt (`data.max_prompt_tokens`) and its sample (`generation.max_new_tokens`). The reward model
-    (a `RewardModel`): a prompt's tail and a response's head (`reward.max_*_tokens`, else `data.max_*_tokens`)."""
-    from infalign.models.checks import check_context, check_reward_context, context_of, fitting_budgets
-    from infalign.models.reward import RewardModel
+    """A prompt (`data.max_prompt_tokens`) and its sample (`generation.max_new_tokens`) fit the policy's context:
+    ConfigError (one line) as it loads, before it computes."""
+    from infalign.models.checks import check_context, context_of, fitting_budgets
 
-    if isinstance(model, RewardModel):
-        check_reward_context(model, *(f"reward.{k}" if cfg.reward.get(k) is not None else f"data.{k}"
-                                      for k in ("max_prompt_tokens", "max_response_tokens")))
-        return
     context, model_cfg = context_of(model.config), cfg.get("model") or {}
     prompt, new = int(cfg.data.max_prompt_tokens), int(cfg.generation.max_new_tokens)
     what = "data.max_prompt_tokens + generation.max_new_tokens"
@@ -67,7 +62,9 @@ def load_models(cfg: DictConfig, partitions):
         check_target_modules(reference, lora)
     reward_model = load_reward_model(cfg.reward, cfg.data, cfg.model, cfg.cache_root, partitions=partitions,
                                      progress=cfg.progress, policy_entry=entry)
-    check_context(reward_model, cfg)  # its prompt + response budgets, before it scores anything
+    # a prompt's tail and a response's head fit its context (reward.max_*_tokens, else data.max_*_tokens)
+    check_reward_context(reward_model, *(f"reward.{k}" if cfg.reward.get(k) is not None else f"data.{k}"
+                                         for k in ("max_prompt_tokens", "max_response_tokens")))
     return reference, tokenizer, reward_model, lora
 
 

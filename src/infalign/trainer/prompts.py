@@ -9,7 +9,7 @@ import torch
 from infalign.models.policy import format_prompts
 from infalign.models.prompt_text import truncate_prompt
 
-__all__ = ["Prompt", "held_in_prompts", "prompt_sets"]
+__all__ = ["Prompt", "prompt_sets"]
 
 
 class Prompt(NamedTuple):
@@ -45,11 +45,3 @@ def prompt_sets(cfg, partitions, tokenizer) -> tuple[list[Prompt], list[Prompt]]
         return [Prompt(pid, text, reward) for (pid, _), text, reward in zip(items, format_prompts(hh, tokenizer, fmt), hh)]
 
     return render(train), render(held_out)
-
-
-def held_in_prompts(cfg, train: list[Prompt]) -> list[Prompt]:
-    """The training prompts the held-in evaluation measures (`eval.held_in_prompts`, 0 = none): the first of the
-    training prompts, which `prompt_sets` drew in a seeded random order (calibration.seed). So the subset is fixed
-    by calibration.seed alone, the same for every run seed and method (paired comparisons), and the same
-    prompts whatever data.train_prompts (the first of one permutation)."""
-    return list(train[: int(cfg.eval.get("held_in_prompts", 0) or 0)])

@@ -1,16 +1,8 @@
-"""How a run continues after a crash, a kill or a stop signal (the saving itself: `infalign.trainer.checkpointing`).
-`infalign.trainer.run` calls these before any model is loaded.
-
-- `resolve_resume`: `resume=true|false|auto` and `overwrite`: the checkpoint to continue from, or a fresh start that
-  never clobbers another run's outputs silently.
-- `check_resume`: every checkpoint records its run (`run_record`: the resolved config and the group choices; Hydra
-  rewrites `.hydra/config.yaml` whenever a command runs there). A resume that changes the experiment
-  (`EXPERIMENT_KEYS`, `config_changes`) is refused, listing the keys, unless `resume_allow_changes=true`, and a
-  change the checkpoint's weights cannot follow (`SHAPE_KEYS`) even then; raising `rl.iterations` is always
-  allowed. `run_config.yaml` keeps the config the run started with and `resume_history.jsonl` one line per resume
-  (both written by `LastCheckpoint` with the checkpoint). A finished run is left as it is (`finished_results`).
-- `finish_restored_loops`: a run killed during its final evaluation finishes it on resume.
-- `resume_command`: the command line that continues a run, printed when a signal stops it.
+"""How a run continues after a crash, a kill or a stop signal (the saving itself: `infalign.trainer.checkpointing`),
+decided before any model is loaded: which checkpoint (`resolve_resume`, never clobbering another run's outputs),
+whether this command may continue it (`check_resume`: a changed experiment is refused, listing the keys, unless
+`resume_allow_changes=true`; raising `rl.iterations` is always allowed; a finished run is left as it is), and
+the command line that continues it (`resume_command`).
 """
 from __future__ import annotations
 
@@ -260,18 +252,22 @@ def check_resume(run_dir: Path, checkpoint: Path, record: dict, *, allow_changes
             log.info("resume: extending the run:\n%s", _show(extensions, "\n", "  "))
         entry["changes"] = {k: list(v) for k, v in changes.items()}
         entry["extensions"] = {k: list(v) for k, v in extensions.items()}
-    return ResumePlan(entry=entry, finished=finished_results(run_dir, state, iterations, n))
+    finished = finished_results(run_dir, state, iterations, n)
+    if finished is not None:
+        print(f"infalign: {run_dir} is already finished (iteration {finished['iteration']} of "
+              f"rl.iterations={iterations}; final_metrics.json, eval_metrics.csv and policy/ complete): "
+              "nothing to resume, no file changed. Raise rl.iterations to train it further.", flush=True)
+        log.info("resume: %s is already finished; nothing done", run_dir)
+    return ResumePlan(entry=entry, finished=finished)
 
 
 # ---------------------------------------------------------------------------------------- a restored loop that ends
 class _FitLoopThatEnds(_FitLoop):
     """Lightning's fit loop, except that a loop restored at its end still calls on_train_start and on_train_end.
 
-    Lightning 2.6 skips the whole loop, both hooks included, when the restored loop is already done: resuming
-    from the checkpoint written at the final iteration, before the final evaluation, then ran no final evaluation,
-    and the run ended without its results. Such a loop now runs no iteration but both hooks, so the final
-    evaluation and the final checkpoint are done. Kept because the stock loop loses the final evaluation: with
-    Lightning's own loop (re-measured 2026-12-07, Lightning 2.6.6)
+    Lightning 2.6 skips a restored loop that is already done, both hooks included, so a run resumed from the
+    checkpoint of its final iteration, written before the final evaluation, ended without its results. Kept
+    because the stock loop loses the final evaluation (re-measured 2026-12-07, Lightning 2.6.6):
     tests/test_faults.py::test_sigkill_during_or_after_the_final_evaluation_then_resume_finishes_it[eval:3] fails
     ("training ... ended without its final evaluation")."""
 
@@ -281,6 +277,5 @@ class _FitLoopThatEnds(_FitLoop):
 
 
 def finish_restored_loops(trainer) -> None:
-    """Let a run resumed from its final checkpoint finish its final evaluation (see `_FitLoopThatEnds`)."""
-    if type(trainer.fit_loop) is _FitLoop:  # the same object and state, one property changed
+    if type(trainer.fit_loop) is _FitLoop:  # the same object and state, one property changed (_FitLoopThatEnds)
         trainer.fit_loop.__class__ = _FitLoopThatEnds

@@ -1,10 +1,5 @@
-"""Sampling and scoring responses for the trainer, and the buffer one RL iteration's update reads.
-
-`sample_and_score` is the one path from prompts to scored samples (generate -> decode -> score -> check
-finite -> `[P, k]` rewards), shared by the training rollouts (`RolloutBuilder`), the win-rate
-evaluation (`infalign.trainer.evaluation`) and the calibration cache (`infalign.trainer.calibration_cache`).
-`RolloutBuffer` holds an iteration's experience (built by `infalign.trainer.experience.RolloutBuilder`) with
-what the solver needs and deals it out in minibatches.
+"""`sample_and_score`, the one path from prompts to scored samples (training rollouts, the evaluation, the
+calibration cache), and `RolloutBuffer`, an iteration's experience dealt out in minibatches to the solver.
 """
 
 from __future__ import annotations
@@ -17,18 +12,7 @@ import torch
 
 from infalign.models.sampling import Rollout, decode_responses, generate
 
-__all__ = ["Minibatch", "RolloutBuffer", "Scored", "check_finite_rewards", "sample_and_score"]
-
-
-def check_finite_rewards(rewards: torch.Tensor, prompts: list[str], where: str) -> None:
-    """Refuse NaN/inf rewards with the prompt that produced them (flattened prompt-major `[P * k]`)."""
-    bad = ~torch.isfinite(rewards)
-    if bad.any():
-        row = int(bad.nonzero()[0, 0]) * len(prompts) // rewards.numel()
-        raise ValueError(
-            f"the reward model returned {int(bad.sum())} non-finite score(s) for {where}, first for the prompt "
-            f"{prompts[row][-200:]!r}; check the reward model (its dtype, its inputs' length)"
-        )
+__all__ = ["Minibatch", "RolloutBuffer", "Scored", "sample_and_score"]
 
 
 class Scored(NamedTuple):
@@ -43,16 +27,18 @@ class Scored(NamedTuple):
 
 def sample_and_score(model, tokenizer, reward_model, prompts: list[str], reward_prompts: list[str], k: int,
                      gen_kwargs: dict, *, where: str, record_logprobs: bool = False) -> Scored:
-    """Sample `k` responses per prompt with `model` (`infalign.models.sampling.generate`: pure samples) and score
-    them with `reward_model`, which reads the prompts as `reward_prompts`; non-finite rewards are refused,
-    naming `where` they came from."""
+    """Sample `k` responses per prompt with `model` (pure samples) and score them with `reward_model`, which reads
+    the prompts as `reward_prompts`; non-finite rewards are refused, naming `where` they came from."""
     start = time.perf_counter()
     rollout = generate(model, tokenizer, prompts, k, gen_kwargs, record_logprobs=record_logprobs)
     sampled = time.perf_counter()
     texts = decode_responses(tokenizer, rollout)
-    rewards = reward_model.score([p for p in reward_prompts for _ in range(k)], texts)
-    check_finite_rewards(rewards, reward_prompts, where)
-    rewards = rewards.view(len(prompts), k)
+    rewards = reward_model.score([p for p in reward_prompts for _ in range(k)], texts).view(len(prompts), k)
+    bad = ~torch.isfinite(rewards)
+    if bad.any():
+        raise ValueError(f"the reward model returned {int(bad.sum())} non-finite score(s) for {where}, first for the "
+                         f"prompt {reward_prompts[int(bad.nonzero()[0, 0])][-200:]!r}; check the reward model (its "
+                         "dtype, its inputs' length)")
     return Scored(rollout, texts, rewards, sampled - start, time.perf_counter() - sampled)
 
 
@@ -88,15 +74,10 @@ class RolloutBuffer:
         return self.rollout.input_ids.shape[0]
 
     def minibatches(self, size: int, generator: torch.Generator):
-        """Shuffled minibatches (`Minibatch`) covering the buffer once.
-
-        With `group` = k (the buffer holds k consecutive samples per prompt, as `generate` lays them out) and a
-        `size` that is a multiple of it, the prompts are shuffled and each prompt's k samples stay in one
-        minibatch: the prompt then runs once per minibatch in `response_logprobs` (its keys/values shared by the
-        k samples), not once per sample. SmolLM2's prompts (~250 tokens) are 5x its responses (48), so this
-        decides the update's activations and time (docs/benchmarks.md, SmolLM2). Each minibatch's leave-one-out
-        advantages then also sum to zero, as over the whole rollout.
-        """
+        """Shuffled minibatches (`Minibatch`) covering the buffer once. With `size` a multiple of `group` each
+        prompt's k samples stay in one minibatch: the prompt then runs once per minibatch in `response_logprobs`,
+        not once per sample (SmolLM2's prompts are 5x its responses: docs/benchmarks.md), and each minibatch's
+        leave-one-out advantages sum to zero, as over the whole rollout."""
         n, group = len(self), self.group
         if group > 1 and size % group == 0 and n % group == 0:
             groups = torch.randperm(n // group, generator=generator)

@@ -1,10 +1,6 @@
-"""The main job behind `python train.py`: check the config, build the pieces, fit, report.
-
-`run` is the recipe, top to bottom: check the config and the run directory (before any model: a bad value or a
-busy directory is refused in seconds), load the models, build the sample sets, the solver, the module, the
-DataModule (with its `RolloutBuilder`, which shares the module's models) and the callbacks, fit, save the policy
-and write final_metrics.json. Each piece is one small function (`infalign.trainer.pieces`) or a Hydra
-`instantiate`; the calibration cache and the distillation pool are one object each, handed to whoever reads them.
+"""The main job behind `python train.py`, as a recipe read top to bottom: check the config and the run directory
+(before any model: a bad value or a busy directory is refused in seconds), load the models, build the pieces
+(`infalign.trainer.pieces` or Hydra `instantiate`), fit, save the policy and write final_metrics.json.
 """
 
 from __future__ import annotations
@@ -24,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from infalign.config.check import check_targets
 from infalign.models.data import load_partitions
+from infalign.models.lora import merged_copy
 from infalign.models.pure_sampling import sampling_kwargs
 from infalign.runtime.checkpoint_io import SafeCheckpointIO
 from infalign.runtime.console import quiet_console
@@ -37,8 +34,15 @@ from infalign.trainer.experience import RolloutBuilder
 from infalign.trainer.module import InfAlignModule
 from infalign.trainer.pieces import build_solver, load_models, sample_sets, save_policy
 from infalign.trainer.progress import IterationProgressBar, win_rate_shown
-from infalign.trainer.prompts import held_in_prompts, prompt_sets
-from infalign.trainer.resume import check_resume, finish_restored_loops, resolve_resume, resume_command, run_record
+from infalign.trainer.prompts import prompt_sets
+from infalign.trainer.resume import (
+    ResumePlan,
+    check_resume,
+    finish_restored_loops,
+    resolve_resume,
+    resume_command,
+    run_record,
+)
 from infalign.trainer.summary import bar_metric, print_summary
 
 # The frozen reference (and the policy, whose dropout we turn off) are in eval mode on purpose.
@@ -59,9 +63,11 @@ def run(cfg: DictConfig) -> dict:
     hold_run_dir(run_dir)  # one command at a time: refused here, in one line, while another one runs there
     resume_from = resolve_resume(run_dir, cfg.resume, cfg.overwrite)  # refuses a bad checkpoint here, in seconds
     record = run_record(cfg, choices)
-    resume_entry, finished = _check_resume(cfg, run_dir, resume_from, record)
-    if finished is not None:
-        return finished
+    plan = ResumePlan() if resume_from is None else check_resume(
+        run_dir, resume_from, record, allow_changes=bool(cfg.get("resume_allow_changes", False)),
+        iterations=int(cfg.rl.iterations), n=int(cfg.n), overrides=hydra.overrides.task)
+    if plan.finished is not None:  # still before any model: a changed experiment refused, a finished run left as is
+        return plan.finished
     accept_run(run_dir, cfg)  # only now: .hydra/*.yaml and train.log (a refused command changed no file there)
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))
@@ -82,36 +88,36 @@ def run(cfg: DictConfig) -> dict:
                             seed=int(cfg.seed), lora=lora,
                             scheduler=instantiate(cfg.scheduler, _convert_="all") if cfg.get("scheduler") else None,
                             gradient_checkpointing=bool(cfg.model.get("gradient_checkpointing", False)))
-    if lora:
-        trainable, total = module.trainable_parameters()
-        log.info("LoRA r=%d on %s: %s of %s policy parameters train (%.2f%%); the reference shares the base weights",
-                 lora["r"], lora["target_modules"], f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     builder = RolloutBuilder(policy=module.policy, reference=module.reference, tokenizer=tokenizer,
                              reward_model=reward_model, calibrator=calibrator, transform=transform,
                              gen_kwargs=gen_kwargs, seed=int(cfg.seed), calibration=calibration, pool=pool,
                              null_control=bool(cfg.rl.null_control))
     datamodule = RolloutDataModule(train_prompts, builder, solver, cfg.rl.prompts_per_iteration, cfg.seed)
 
-    # method: the method preset chosen (conf/method/; studies group runs by it), else the transform's name; a
-    # solver that uses no transform (`Solver.uses_transform`: maxk) ran its own method, named by its preset;
-    # solver: the solver preset chosen (conf/solver/; infalign.runtime.presets keeps it true to what trains);
-    # t: the exp family's t as used (t=auto resolved)
+    # method: the method preset chosen (studies group runs by it), else the transform's name; a solver that uses
+    # no transform (maxk) ran its own method, named by its preset; t: the exp family's t as used (t=auto resolved)
     method = (choices.get("method") or choices.get("transform")) if solver.uses_transform else choices.get("solver")
     run_info = {"n": int(cfg.n), "beta": float(cfg.beta), "transform": choices.get("transform"),
-                "method": method, "solver": choices.get("solver"),
-                "t": getattr(transform, "t", None),
+                "method": method, "solver": choices.get("solver"), "t": getattr(transform, "t", None),
                 "t_auto": getattr(transform, "auto", None),
                 "calibrator": choices.get("calibrator"), "seed": int(cfg.seed), "run_dir": str(run_dir)}
     # what the run is built for: the method's target metric, or the win rate a solver without transform optimises
     target = bar_metric(run_info, transform) if solver.uses_transform else solver.target_metric
-    win_rates = _win_rates(cfg, eval_prompts, calibration, gen_kwargs, run_dir, target,
-                           held_in=held_in_prompts(cfg, train_prompts))
+    # its samples table shows the run's own pick: best-of-n, or worst-of-n for a worst-of-N method. Held-in: the
+    # first eval.held_in_prompts training prompts, which prompt_sets drew in an order fixed by calibration.seed
+    # alone (the same subset for every run seed, method and data.train_prompts)
+    win_rates = WinRateCallback(eval_prompts, calibration, ns=sorted({int(x) for x in cfg.eval.ns} | {int(cfg.n)}),
+                                k=cfg.eval.k, every=cfg.eval.every, gen_kwargs=gen_kwargs, out_dir=run_dir,
+                                seed=int(cfg.seed), batch_prompts=int(cfg.eval.prompts_per_batch),
+                                log_samples=int(cfg.eval.get("log_samples", 0)), n=int(cfg.n),
+                                mode="won" if target == "won" else "bon",
+                                held_in_prompts=train_prompts[: int(cfg.eval.held_in_prompts)] or None)
     loggers = _loggers(cfg, choices, run_dir, resume_from, run_info)
     # last.ckpt between iterations, and on SIGINT/SIGTERM (infalign.trainer.checkpointing); after win_rates in the
     # callbacks: the final checkpoint follows (and holds) the final evaluation
     # LearningRateMonitor: the learning rate at each iteration's first optimizer step, as train/lr
     callbacks = [win_rates, LastCheckpoint(run_dir, every=int(cfg.checkpoint.every), run_record=record,
-                                           resume_entry=resume_entry), LearningRateMonitor(logging_interval="step")]
+                                           resume_entry=plan.entry), LearningRateMonitor(logging_interval="step")]
     if cfg.progress:  # one bar over the iterations, after win_rates: it shows the evaluation of its iteration
         callbacks.append(IterationProgressBar(win_rates, *win_rate_shown(target, int(cfg.n))))
     # use_distributed_sampler=False: IterationSampler shards each iteration's prompts by rank itself; Lightning's
@@ -129,46 +135,17 @@ def run(cfg: DictConfig) -> dict:
                                f"{resume_command(HydraConfig.get().overrides.task, run_dir)}")
         if trainer.is_global_zero:
             save_policy(module.policy_to_save(), tokenizer, run_dir / "policy",
-                        merged=module.merged_policy() if lora and lora["save_merged"] else None)
-        final = {**run_info, **(win_rates.final or {}), "calibration_cache": str(calibration.get().cache_path),
-                 "calibration_cache_hit": calibration.get().cache_hit}
-        # what the run was built for and the M it calibrated with; the research yardsticks (gain fraction, KL
-        # efficiency, the tilt's and the optimum's win rates) are the study tools' (python -m infalign.study)
-        final.update(metric=target, calibration_m=int(cfg.calibration.m))
-        final["wall_seconds"] = round(time.time() - started, 1)
+                        merged=merged_copy(module.peft_model) if lora and lora["save_merged"] else None)
+        # the research yardsticks (gain fraction, KL efficiency) are the study tools' (python -m infalign.study)
+        final = {**run_info, **win_rates.final, "calibration_cache": str(calibration.get().cache_path),
+                 "calibration_cache_hit": calibration.get().cache_hit, "metric": target,
+                 "calibration_m": int(cfg.calibration.m), "wall_seconds": round(time.time() - started, 1)}
         if trainer.is_global_zero:
             atomic_write_json(run_dir / "final_metrics.json", final)
             print_summary(final, run_dir, int(cfg.n))
         return final
     finally:
         finish_loggers(loggers)  # between multirun members, so one run's W&B logger never swallows the next
-
-
-def _check_resume(cfg: DictConfig, run_dir: Path, resume_from, record) -> tuple[dict | None, dict | None]:
-    """(the resume's history entry, the final metrics of a run that is already finished): still before any model,
-    a changed experiment is refused and a finished run left as is."""
-    if resume_from is None:
-        return None, None
-    plan = check_resume(run_dir, resume_from, record, allow_changes=bool(cfg.get("resume_allow_changes", False)),
-                        iterations=int(cfg.rl.iterations), n=int(cfg.n), overrides=HydraConfig.get().overrides.task)
-    if plan.finished is not None:
-        print(f"infalign: {run_dir} is already finished (iteration {plan.finished['iteration']} of "
-              f"rl.iterations={cfg.rl.iterations}; final_metrics.json, eval_metrics.csv and policy/ complete): "
-              "nothing to resume, no file changed. Raise rl.iterations to train it further.", flush=True)
-        log.info("resume: %s is already finished; nothing done", run_dir)
-    return plan.entry, plan.finished
-
-
-def _win_rates(cfg: DictConfig, eval_prompts, calibration, gen_kwargs: dict, run_dir: Path, target: str,
-               held_in=None):
-    """The evaluation callback; its samples table shows the run's own pick: best-of-n, or worst-of-n for a
-    worst-of-N method (`target`). `held_in`: training prompts evaluated beside the held-out ones (eval_held_in/*;
-    their reference samples are in the calibration cache, which holds every training prompt's)."""
-    return WinRateCallback(eval_prompts, calibration, ns=sorted({int(x) for x in cfg.eval.ns} | {int(cfg.n)}),
-                           k=cfg.eval.k, every=cfg.eval.every, gen_kwargs=gen_kwargs, out_dir=run_dir,
-                           seed=int(cfg.seed), batch_prompts=int(cfg.eval.prompts_per_batch),
-                           log_samples=int(cfg.eval.get("log_samples", 0)), n=int(cfg.n),
-                           mode="won" if target == "won" else "bon", held_in_prompts=held_in or None)
 
 
 def _loggers(cfg: DictConfig, choices, run_dir: Path, resume_from, run_info: dict) -> list:

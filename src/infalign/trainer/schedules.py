@@ -1,10 +1,8 @@
-"""Learning-rate schedules over optimizer steps, as `scheduler` partials (conf/train.yaml): called with the
-optimizer and the run's total number of optimizer steps, they return a torch scheduler that the module
-hands to Lightning (`configure_optimizers`, interval "step"), so its state is checkpointed and resumed.
+"""The learning-rate schedule of the `scheduler` partial (conf/train.yaml): called with the optimizer and the run's
+total optimizer steps, it returns a torch scheduler the module hands to Lightning (checkpointed and resumed).
 
-Why a warm-up matters here: Adam's first steps move every parameter by about the learning rate whatever
-the gradient's signal-to-noise ratio (its second-moment estimate starts at the first squared gradient), and
-a policy-gradient gradient is mostly noise (the gradient noise scale, logged as `grad/noise_scale`).
+Why a warm-up matters here: Adam's first steps move every parameter by about the learning rate whatever the
+gradient's signal-to-noise ratio, and a policy-gradient gradient is mostly noise (logged as `grad/noise_scale`).
 """
 
 from __future__ import annotations

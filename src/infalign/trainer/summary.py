@@ -1,5 +1,4 @@
-"""What a finished run reports: its efficiency numbers (`efficiency_metrics`, from the theory) and the end-of-run
-summary in plain words (`print_summary`); `bar_metric`, the win rate the progress bar shows."""
+"""The end-of-run summary in plain words (`print_summary`); `bar_metric`, the win rate the run is built for."""
 
 from __future__ import annotations
 
@@ -25,22 +24,16 @@ def bar_metric(run_info: dict, transform) -> str:
         return "bon"
 
 
-def _t_label(final: dict) -> str:
-    """` (t=21.09, auto for n=4)` for the exp family: the t the run trained with, and whether the theory chose it."""
-    t = final.get("t")
-    if t is None:
-        return ""
-    return f" (t={t:.4g}{', auto for n=' + str(final['n']) if final.get('t_auto') else ''})"
-
-
 def _method_label(final: dict) -> str:
-    """What was trained for: the transform (with its t), or the solver, for one that uses no transform (maxk: the
-    run's method is then the solver's name, `infalign.trainer.run`)."""
+    """What was trained for: the transform, with the exp family's t (` (t=21.09, auto for n=4)`: whether the theory
+    chose it), or the solver, for one that uses no transform (maxk: the run's method is then the solver's name)."""
     if final.get("solver") is not None and final.get("method") == final["solver"]:
         target = {"bon": "best", "won": "worst"}.get(final.get("metric"))
         which = f"the {target}-of-{final.get('n')}" if target else "its target"
         return f"solver={final['solver']} ({which} win rate's own gradient; no transform)"
-    return f"transform={final['transform']}{_t_label(final)}"
+    t = final.get("t")
+    auto = f", auto for n={final['n']}" if final.get("t_auto") else ""
+    return f"transform={final['transform']}" + ("" if t is None else f" (t={t:.4g}{auto})")
 
 
 def print_summary(final: dict, run_dir: Path, n: int) -> None:

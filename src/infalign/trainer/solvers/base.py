@@ -1,9 +1,7 @@
 """The solver interface: how one iteration's experience becomes optimizer steps.
 
-A solver says which experience it learns from at each iteration (`experience`: the policy's own samples, scored,
-calibrated and transformed, or the distillation pool's samples drawn by weight; the DataModule's
-`infalign.trainer.experience.RolloutBuilder` builds it) and turns that buffer into optimizer steps (`step`,
-called by `InfAlignModule.training_step`), returning the statistics to log. Its loss is its own (`loss`); the one
+A solver says which experience it learns from at each iteration (`experience`, built by the DataModule) and turns
+that buffer into optimizer steps (`step`), returning the statistics to log. Its loss is its own (`loss`); the one
 minibatch loop (`minibatch_steps`: shuffle, loss, backward, clip, step, schedule) is shared. docs/solvers.md shows
 how to add one: a file with a subclass, and a YAML in conf/solver/ whose `solver._target_` names it.
 """
@@ -115,7 +113,7 @@ class Solver(ABC):
         size = self.minibatch_size // module.trainer.world_size
         # the noise scale needs >= 2 equal minibatches of the first pass (ppo's later passes reuse the samples)
         noise = noise if len(buffer) % size == 0 and len(buffer) // size >= 2 else None
-        losses, norms, grad_sq, extra, grad_sum = [], [], [], {}, None
+        losses, norms, extra, grad_sum = [], [], {}, None
         start = time.perf_counter()
         for p in range(self.passes()):
             for minibatch in buffer.minibatches(size, generator):
@@ -129,12 +127,11 @@ class Solver(ABC):
                     grad_sum = ([g.detach().double().clone() for g in grads] if grad_sum is None
                                 else [acc.add_(g.detach().double()) for acc, g in zip(grad_sum, grads)])
                 norms.append(self.clip_and_step(module, optimizer))
-                if p == 0:
-                    grad_sq.append(norms[-1] ** 2)
                 losses.append(loss.item())
         out = {"time/update": time.perf_counter() - start, self.loss_key: sum(losses) / len(losses),
                "grad/norm": sum(norms) / len(norms)}  # before clipping, mean over the iteration's steps
         if noise is not None and grad_sum is not None:
+            grad_sq = [norm**2 for norm in norms[: len(norms) // self.passes()]]  # the first pass's steps
             steps = len(grad_sq)
             big_sq = sum(float(g.pow(2).sum()) for g in grad_sum) / steps**2  # |mean of the minibatch gradients|^2
             # no grad/noise_scale while it is undefined (|G|^2 estimate <= 0); the same keys on every process
