@@ -121,6 +121,8 @@ CASES = [
     case("resume=true", "overwrite=true", match=r"resume and overwrite=true contradict each other"),
     case("checkpoint.every=-1", match=r"checkpoint.every must be an integer >= 0 .*got -1"),
     case("data.source=ftp", match=r"data.source must be one of 'local', 'hub', 'auto' .*got 'ftp'"),
+    case("data.fractions={train:0.9,validation:0.2}", match=r"data.fractions must be a mapping of train, validation, "
+         r"test to fractions >= 0 summing to 1 .*got \{'train': 0.9, 'validation': 0.2, 'test': 0.1\}"),
     case(setup="read_only_cache", label="an empty `cache_root` that cannot be written",
          match=r"^cannot write into the cache directory cache_root=\S+: Read-only file system \(EROFS\)\. Make \S+ "
                r"writable, or set cache_root=<a writable folder> \(or \$INFALIGN_CACHE\)"),

@@ -72,9 +72,13 @@ def test_partition_deterministic_and_disjoint_by_prompt():
 
 
 @pytest.mark.parametrize("fr", [{"train": 0.9, "validation": 0.2}, {"train": 1.2, "test": -0.2}, {"training": 1.0}])
-def test_bad_fractions_raise(fr):
-    with pytest.raises(ValueError, match="fractions"):
-        partition_by_prompt(_records(10), fr, seed=0)
+def test_bad_fractions_are_refused_by_the_config(fr):
+    """partition_by_prompt trusts data.fractions: the config check is its one rule (tests/bad_input_cases.py runs it
+    through train.py)."""
+    from infalign.config.schema import DATA
+
+    assert not DATA["fractions"].rule.test(fr)
+    assert DATA["fractions"].rule.test({"train": 0.8, "validation": 0.1, "test": 0.1})
 
 
 def test_truncation_keeps_final_marker_and_budget():
