@@ -184,3 +184,36 @@ def test_bf16_sft_reports_the_fp32_perplexity(tiny_cfg):
         for batch in val_dl:
             module.validation_step(batch, 0)
     assert float(module.val_ppl.compute()) != fp32["val/ppl"]  # the check above can tell bf16 from fp32
+
+
+def test_training_ends_with_the_best_validation_epoch():
+    """Model selection: the weights kept are those of the best validation epoch (the highest accuracy for the
+    Bradley-Terry loss), not the last one's."""
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from infalign.models.bradley_terry import BradleyTerryModule
+    from infalign.models.sft import fit
+
+    g = torch.Generator().manual_seed(0)
+
+    def pairs(n):  # (chosen, rejected) features with random labels: the validation accuracy goes up and down
+        return torch.randn(n, 4, generator=g), torch.randn(n, 4, generator=g)
+
+    train, val = pairs(64), pairs(32)
+    torch.manual_seed(0)
+    head = nn.Linear(4, 1)
+
+    def score(h, x):
+        return h(x).squeeze(-1)
+
+    module = fit(BradleyTerryModule, head, DataLoader(TensorDataset(*train), batch_size=8, shuffle=True),
+                 DataLoader(TensorDataset(*val), batch_size=32), {"lr": 0.3, "warmup_steps": 1}, epochs=8, seed=0,
+                 progress=False, score_fn=score)
+    accs = [h["val/acc"] for h in module.history]
+    assert accs[-1] < max(accs)  # the last epoch is not the best: the check below can tell them apart
+    assert module.best_metrics["val/acc"] == max(accs) and module.best_metrics["epoch"] == accs.index(max(accs))
+    with torch.no_grad():
+        margin = score(head, val[0]) - score(head, val[1])
+    assert float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean()) == max(accs)
+    assert not head.training

@@ -8,13 +8,10 @@ the reference policy's GPT-2 end to end with a scalar head. `pairwise_accuracy` 
 """
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
-import lightning as L
 import torch
 from safetensors.torch import save_file
 from torch import nn
@@ -28,22 +25,23 @@ from infalign.models.reward import (
     SequenceClassifierReward,
 )
 from infalign.models.reward_embedding import load_frozen_encoder, make_head
-from infalign.models.sft import warmup_cosine_factor
+from infalign.models.sft import BestValidationModule, fit
 
 
-class BradleyTerryModule(L.LightningModule):
-    """Trains ``scorer(batch) -> rewards`` on (chosen, rejected) batches; keeps the best-validation weights."""
+class BradleyTerryModule(BestValidationModule):
+    """Trains ``score_fn(model, batch) -> rewards`` on (chosen, rejected) batches; keeps the weights of the best
+    validation accuracy."""
 
-    def __init__(self, scorer: nn.Module, score_fn, lr: float, weight_decay: float, warmup_steps: int, total_steps: int):
-        super().__init__()
-        self.scorer, self.score_fn = scorer, score_fn
-        self.lr, self.weight_decay, self.warmup_steps, self.total_steps = lr, weight_decay, warmup_steps, total_steps
-        self.best: dict[str, Any] = {"acc": -1.0, "state": None, "epoch": -1}
+    monitor, mode = "val/acc", "max"
+
+    def __init__(self, model: nn.Module, score_fn, **optim):
+        super().__init__(model, **optim)
+        self.score_fn = score_fn
         self._val: list[torch.Tensor] = []
 
     def _margin(self, batch) -> torch.Tensor:
         chosen, rejected = batch
-        return self.score_fn(self.scorer, chosen) - self.score_fn(self.scorer, rejected)
+        return self.score_fn(self.model, chosen) - self.score_fn(self.model, rejected)
 
     def training_step(self, batch, batch_idx):
         margin = self._margin(batch)
@@ -60,37 +58,14 @@ class BradleyTerryModule(L.LightningModule):
         self._val.clear()
         # ties (margin == 0) count half: a constant scorer gets exactly chance
         acc = float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean())
-        self.log_dict({"val/acc": acc, "val/bt_loss": float(-nn.functional.logsigmoid(margin).mean())}, prog_bar=True)
-        if not self.trainer.sanity_checking and acc > self.best["acc"]:
-            self.best = {"acc": acc, "state": copy.deepcopy(self.scorer.state_dict()), "epoch": self.current_epoch}
-
-    def on_fit_end(self):
-        if self.best["state"] is not None:
-            self.scorer.load_state_dict(self.best["state"])
-
-    def configure_optimizers(self):
-        params = [p for p in self.scorer.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: warmup_cosine_factor(s, self.warmup_steps, self.total_steps, 0.0))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        self.end_validation_epoch({"val/acc": acc, "val/bt_loss": float(-nn.functional.logsigmoid(margin).mean())})
 
 
 def fit_bradley_terry(scorer: nn.Module, score_fn, train_dl: DataLoader, val_dl: DataLoader, train_cfg: Mapping,
                       seed: int, progress: bool) -> dict:
-    L.seed_everything(seed, verbose=False)
-    epochs = int(train_cfg.get("epochs", 20))
-    total = epochs * len(train_dl)
-    module = BradleyTerryModule(scorer, score_fn, float(train_cfg.get("lr", 1e-3)),
-                                float(train_cfg.get("weight_decay", 0.01)),
-                                int(train_cfg.get("warmup_steps", max(1, total // 20))), total)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
-                        gradient_clip_val=float(train_cfg.get("grad_clip", 1.0)), log_every_n_steps=10,
-                        precision=train_cfg.get("precision", "32-true"))
-    trainer.fit(module, train_dl, val_dl)
-    scorer.eval()
-    return {"val_acc": module.best["acc"], "best_epoch": module.best["epoch"]}
+    module = fit(BradleyTerryModule, scorer, train_dl, val_dl, train_cfg, epochs=int(train_cfg.get("epochs", 20)),
+                 seed=seed, progress=progress, score_fn=score_fn)
+    return {"val_acc": module.best_metrics["val/acc"], "best_epoch": module.best_metrics["epoch"]}
 
 
 def pairwise_accuracy(rm: RewardModel, records: list[PreferenceRecord]) -> float:
@@ -175,7 +150,6 @@ def train_finetuned_policy(out: Path, policy_path: Path, parts, train_cfg: Mappi
 
     train_dl = DataLoader(batches(parts["train"]), batch_size=None, shuffle=True)
     val_dl = DataLoader(batches(parts["validation"]), batch_size=None)
-    model.train()
     metrics = fit_bradley_terry(model, lambda m, b: m(**b).logits[:, 0], train_dl, val_dl, train_cfg, seed, progress)
     metrics["test_acc"] = pairwise_accuracy(rm, parts["test"])
     model.save_pretrained(out, safe_serialization=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -92,8 +91,14 @@ def warmup_cosine_factor(step: int, warmup: int, total: int, floor: float = 0.1)
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-class SFTModule(L.LightningModule):
-    """Causal-LM fine-tuning of any ``transformers`` causal LM; keeps the best-validation weights."""
+class BestValidationModule(L.LightningModule):
+    """What SFT and the Bradley-Terry reward share: AdamW over the warm-up + cosine schedule (stepped every optimizer
+    step), and the weights of the best validation epoch by ``monitor``, restored when fit ends (with ~1.8k dialogues
+    the last epoch can already overfit). A subclass hands each validation epoch's metrics to `end_validation_epoch`."""
+
+    monitor: str  # the metric that picks the best epoch, and whether lower ("min") or higher ("max") is better
+    mode: str
+    betas, lr_floor = (0.9, 0.999), 0.0
 
     def __init__(self, model: torch.nn.Module, lr: float = 1e-3, weight_decay: float = 0.01,
                  warmup_steps: int = 50, total_steps: int = 1000):
@@ -101,10 +106,65 @@ class SFTModule(L.LightningModule):
         self.model = model
         self.lr, self.weight_decay = lr, weight_decay
         self.warmup_steps, self.total_steps = warmup_steps, total_steps
+        self.best_score = -math.inf if self.mode == "max" else math.inf
+        self.best_metrics: dict[str, float] = {}
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.history: list[dict[str, float]] = []
+
+    def end_validation_epoch(self, metrics: dict[str, float]) -> None:
+        self.log_dict(metrics, prog_bar=True)
+        self.history.append({"epoch": self.current_epoch, **metrics})
+        score = metrics[self.monitor]
+        if (score > self.best_score) if self.mode == "max" else (score < self.best_score):
+            self.best_score = score
+            self.best_metrics = {**metrics, "epoch": self.current_epoch}
+            self.best_state = copy.deepcopy(self.model.state_dict())
+
+    def on_fit_end(self):
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.param_groups(), lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_cosine_factor(s, self.warmup_steps, self.total_steps, self.lr_floor))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def fit(module_type: type[BestValidationModule], model: torch.nn.Module, train_dl: DataLoader, val_dl: DataLoader,
+        train_cfg: Mapping, *, epochs: int, seed: int, progress: bool, **module_args) -> BestValidationModule:
+    """Trains ``model`` in place and returns its `module_type` module, which holds the best validation metrics.
+    Lightning runs the loop on the CPU (``train_cfg.precision``, gradients clipped at ``train_cfg.grad_clip``; no
+    logger, no checkpoints); the model ends with its best-validation weights, in eval mode."""
+    total = epochs * len(train_dl)
+    module = module_type(model, lr=float(train_cfg.get("lr", 1e-3)),
+                         weight_decay=float(train_cfg.get("weight_decay", 0.01)),
+                         warmup_steps=int(train_cfg.get("warmup_steps", max(1, total // 20))), total_steps=total,
+                         **module_args)
+    L.seed_everything(seed, workers=True, verbose=False)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
+                        gradient_clip_val=float(train_cfg.get("grad_clip", 1.0)), log_every_n_steps=10,
+                        deterministic=False, precision=train_cfg.get("precision", "32-true"))
+    module.train()  # callers may hand over a model in eval mode (from_pretrained returns one)
+    trainer.fit(module, train_dl, val_dl)
+    module.eval()
+    return module
+
+
+class SFTModule(BestValidationModule):
+    """Causal-LM fine-tuning of any ``transformers`` causal LM; keeps the weights of the lowest validation loss."""
+
+    monitor, mode = "val/loss", "min"
+    betas, lr_floor = (0.9, 0.98), 0.1
+
+    def __init__(self, model: torch.nn.Module, **optim):
+        super().__init__(model, **optim)
         self.val_ppl = Perplexity(ignore_index=IGNORE)
         self.val_response_ppl = Perplexity(ignore_index=IGNORE)
-        self.best: dict[str, Any] = {"val_loss": float("inf"), "state": None, "metrics": {}}
-        self.history: list[dict[str, float]] = []
 
     def training_step(self, batch, batch_idx):
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
@@ -120,31 +180,19 @@ class SFTModule(L.LightningModule):
         self.val_response_ppl.update(logits, batch["response_labels"][:, 1:])
 
     def on_validation_epoch_end(self):
-        ppl, rppl = self.val_ppl.compute(), self.val_response_ppl.compute()
+        self.end_validation_epoch(self.pop_perplexities())
+
+    def pop_perplexities(self) -> dict[str, float]:
+        """The validation metrics of the batches seen since the last call; the counts then start again."""
+        ppl, rppl = float(self.val_ppl.compute()), float(self.val_response_ppl.compute())
         self.val_ppl.reset()
         self.val_response_ppl.reset()
-        metrics = {"val/ppl": float(ppl), "val/response_ppl": float(rppl), "val/loss": math.log(float(ppl))}
-        self.log_dict(metrics, prog_bar=True)
-        if self.trainer.sanity_checking:
-            return
-        self.history.append({"epoch": self.current_epoch, **metrics})
-        if metrics["val/loss"] < self.best["val_loss"]:
-            self.best = {"val_loss": metrics["val/loss"], "metrics": {**metrics, "epoch": self.current_epoch},
-                         "state": copy.deepcopy(self.model.state_dict())}
+        return {"val/ppl": ppl, "val/response_ppl": rppl, "val/loss": math.log(ppl)}
 
-    def on_fit_end(self):
-        # With ~1.8k dialogues the last epoch can already overfit: restore the best-validation weights.
-        if self.best["state"] is not None:
-            self.model.load_state_dict(self.best["state"])
-
-    def configure_optimizers(self):
-        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2]
-        no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.lr, betas=(0.9, 0.98))
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: warmup_cosine_factor(s, self.warmup_steps, self.total_steps))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+    def param_groups(self) -> list[dict[str, Any]]:
+        decay = [p for p in self.model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in self.model.parameters() if p.ndim < 2]
+        return [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def validate_fp32(module: SFTModule, val_dl: DataLoader) -> dict[str, float]:
@@ -155,34 +203,18 @@ def validate_fp32(module: SFTModule, val_dl: DataLoader) -> dict[str, float]:
     with torch.no_grad(), torch.autocast(device.type, enabled=False):
         for batch in val_dl:
             module.validation_step(batch, 0)
-    ppl, rppl = float(module.val_ppl.compute()), float(module.val_response_ppl.compute())
-    module.val_ppl.reset()
-    module.val_response_ppl.reset()
-    return {"val/ppl": ppl, "val/response_ppl": rppl, "val/loss": math.log(ppl)}
+    return module.pop_perplexities()
 
 
 def run_sft(model: torch.nn.Module, tokenizer, records: Mapping[str, list[PreferenceRecord]],
             train_cfg: Mapping, *, max_prompt_tokens: int | None, max_response_tokens: int | None,
             seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Train ``model`` in place; returns the best validation metrics and the per-epoch history."""
-    L.seed_everything(seed, workers=True, verbose=False)
-    random.seed(seed)
     train_dl, val_dl = sft_loaders(records, tokenizer, batch_size=int(train_cfg.get("batch_size", 16)),
                                    max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens,
                                    loss_on=train_cfg.get("loss_on", "all"))
-    epochs = int(train_cfg.get("epochs", 3))
-    total = epochs * len(train_dl)
-    module = SFTModule(model, lr=float(train_cfg.get("lr", 1e-3)),
-                       weight_decay=float(train_cfg.get("weight_decay", 0.01)),
-                       warmup_steps=int(train_cfg.get("warmup_steps", max(1, total // 20))), total_steps=total)
-    precision = train_cfg.get("precision", "32-true")
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
-                        num_sanity_val_steps=0, gradient_clip_val=float(train_cfg.get("grad_clip", 1.0)),
-                        log_every_n_steps=10, deterministic=False, precision=precision)
-    model.train()  # callers may hand over a model in eval mode (from_pretrained returns one)
-    trainer.fit(module, train_dl, val_dl)
-    model.eval()
-    if precision != "32-true":  # the reported perplexity is the fp32 model's, whatever precision trained it
-        module.best["metrics"].update(validate_fp32(module, val_dl))
-    return {**module.best["metrics"], "history": module.history, "train_steps": total}
+    module = fit(SFTModule, model, train_dl, val_dl, train_cfg, epochs=int(train_cfg.get("epochs", 3)), seed=seed,
+                 progress=progress)
+    if train_cfg.get("precision", "32-true") != "32-true":  # the reported perplexity is the fp32 model's
+        module.best_metrics.update(validate_fp32(module, val_dl))
+    return {**module.best_metrics, "history": module.history, "train_steps": module.total_steps}
