@@ -150,8 +150,8 @@ def fake_loader(*, size: int, name_or_path: str = "x", cache_root=None):
 def test_call_loader_passes_a_loader_it_does_not_define_every_key_but_the_groups_own():
     cfg = OmegaConf.create({"_target_": f"{__name__}.fake_loader", "name": "fake", "size": 3})
     assert call_loader(cfg, "reward", cache_root="/c", data_cfg={"a": 1}) == (3, "x", None)  # `name`: not passed
-    with pytest.raises(ConfigError, match=r"reward: the config has no _target_"):
-        call_loader({"size": 3}, "reward")
+    with pytest.raises(ConfigError, match=r"reward: the config has no _target_"):  # the config check, not the loader
+        check_loader_config({"size": 3}, "reward")
 
 
 def test_optional_nested_keys_may_be_left_out():

@@ -14,9 +14,11 @@ import errno
 import logging
 import os
 import re
+import resource
 import select
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import pytest
 from hh_helpers import synthetic_pairs, write_jsonl_gz
-from test_faults import start
+from test_faults import ARGS, REPO, start
 
 import infalign.runtime.checkpoint_io as checkpoint_io
 from infalign.models.data import load_partitions
@@ -336,3 +338,32 @@ def test_failure_names_the_file_and_the_cause(case, tmp_path, monkeypatch, capsy
     if case.expect is not None:
         pattern = case.expect.format(**{k: re.escape(str(v)) for k, v in ctx.items() if k == "file"})
         assert re.search(pattern, message, re.MULTILINE | re.DOTALL), f"{case.id}: {message!r} !~ {pattern!r}"
+
+
+def _file_size_limit(max_bytes: int) -> Callable[[], None]:
+    """A child's RLIMIT_FSIZE: a write past it fails with EFBIG, as a full disk fails with ENOSPC."""
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel's SIGXFSZ ends the process instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+
+    return limit
+
+
+@pytest.mark.parametrize("cache", ["fresh", "built"])
+def test_a_run_that_cannot_write_ends_in_one_line(cache, tmp_path, session_cache, run_train):
+    """`python train.py` on a disk that fills: one `error:` line naming the file, the cause and the way out, exit
+    status 2, no traceback. "fresh": the reference policy's weights, written by safetensors, whose own error
+    (SafetensorError, not an OSError) infalign.runtime.artifacts reads the cause from; "built": the checkpoint."""
+    root = session_cache if cache == "built" else tmp_path / "cache"
+    if cache == "built":
+        run_train(*ARGS, f"hydra.run.dir={tmp_path / 'warm'}")  # every model in the cache first
+    env = {**os.environ, "INFALIGN_CACHE": str(root)}
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *ARGS, f"hydra.run.dir={tmp_path / 'run'}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+                          preexec_fn=_file_size_limit(64 * 1024))
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    what = "the reference policy into the cache at" if cache == "fresh" else r"checkpoint \S+last\.ckpt"
+    assert re.match(rf"error: cannot write {what}.*: File too large \(EFBIG\)\. Free space on the disk", last), last
+    assert not list(root.glob("*/.tmp-*")), "a half-built cache entry was left behind"

@@ -34,10 +34,10 @@ def check_loader_config(cfg: Mapping[str, Any], group: str, source_file: str | N
 
 
 def call_loader(cfg: Mapping[str, Any], group: str, **runtime: Any) -> Any:
-    """``instantiate(cfg, _partial_=True)`` called with the runtime objects the loader's dataclass names."""
+    """``instantiate(cfg, _partial_=True)`` called with the runtime objects the loader's dataclass names. `cfg` was
+    checked with the run's config (or by the build CLI): it is not checked again here."""
     from hydra.utils import instantiate
 
-    check_loader_config(cfg, group)
     values = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     skip = TRAINER_KEYS[group]
     loader = instantiate({k: v for k, v in values.items() if k not in skip}, _partial_=True, _convert_="all")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import sys
@@ -23,6 +24,8 @@ import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+from safetensors import SafetensorError
 
 from infalign.runtime import signals
 from infalign.runtime.atomic import (
@@ -132,11 +135,17 @@ def lookup(cache_root: str | Path | None, kind: str, key: Any) -> CacheEntry | N
     return CacheEntry(path=path, key=manifest["key"], meta=manifest.get("meta", {}), hit=True)
 
 
-def _written_in(error: OSError, folder: Path) -> bool:
-    """Whether `error` came from a file inside `folder` (its `filename`, or a `FileWriteError`'s `path`); an error
-    that names no file is taken to, since the build writes nowhere else."""
+def _failed_write(error: Exception, folder: Path | None) -> OSError | None:
+    """The OSError behind a build's failed write that the user fixes (a full disk, a read-only folder: WRITE_ERRNOS),
+    else None. Only a file inside `folder` counts (its `filename`, or a `FileWriteError`'s `path`; an error that names
+    no file does, as the build writes nowhere else). safetensors reports a failed write as its own error, "I/O error:
+    File too large (os error 27)" (tests/test_file_errors.py, the run on a file-size limit)."""
+    if isinstance(error, SafetensorError):
+        code = re.search(r"\(os error (\d+)\)", str(error))
+        error = OSError(int(code[1]), os.strerror(int(code[1]))) if code else OSError(str(error))
     name = getattr(error, "path", None) or error.filename
-    return name is None or str(name).startswith(str(folder))
+    inside = folder is None or name is None or str(name).startswith(str(folder))
+    return error if error.errno in WRITE_ERRNOS and inside else None
 
 
 _reported: tuple[Any, set[Path]] = (None, set())  # (the run, the entries it has reported a hit or a build of)
@@ -219,10 +228,11 @@ def get_or_build(
                 log.info("cache entry %s/%s was built concurrently; using that one", kind, path.name)
                 return other
             raise CacheError(f"could not move the built entry into place at {path}: {e}") from e
-    except OSError as e:  # making the build's directory, or what the build writes there (on a full disk, say)
-        if e.errno not in WRITE_ERRNOS or (tmp is not None and not _written_in(e, tmp)):
+    except (OSError, SafetensorError) as e:  # making the build's directory, or what the build writes there
+        if (failed := _failed_write(e, tmp)) is None:
             raise
-        raise write_error(path.parent, e, fix=CACHE_FIX, subject=f"{label} into the cache at {path.parent}") from None
+        raise write_error(path.parent, failed, fix=CACHE_FIX, subject=f"{label} into the cache at {path.parent}") \
+            from None
     finally:
         if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
