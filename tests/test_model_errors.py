@@ -303,9 +303,9 @@ def test_train_py_help_options_compose_and_pass_or_refuse_in_one_line():
                 assert "\n" not in str(e), f"{group}={option}: {e}"
 
 
-def test_study_cli_help_and_a_missing_directory():
-    out = subprocess.run([sys.executable, "-m", "infalign.study", "--help"], capture_output=True, text=True, cwd=REPO)
-    assert out.returncode == 0 and "--archive DIR" in out.stdout
-    out = subprocess.run([sys.executable, "-m", "infalign.study", "/nonexistent"], capture_output=True, text=True,
-                         cwd=REPO)
+@pytest.mark.parametrize("cli, option", [("infalign.study", "--archive DIR"), ("infalign.study.sweep", "sweep_dir")])
+def test_study_cli_help_and_a_missing_directory(cli, option):
+    out = subprocess.run([sys.executable, "-m", cli, "--help"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0 and option in out.stdout
+    out = subprocess.run([sys.executable, "-m", cli, "/nonexistent"], capture_output=True, text=True, cwd=REPO)
     assert one_line_error(out).startswith("/nonexistent is not a directory")

@@ -167,14 +167,17 @@ class SweepSummaryCallback(Callback):
 
 
 if __name__ == "__main__":
+    from infalign.study.report import cli_parser
     from infalign.study.runs import sweep_problem
 
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m infalign.study.sweep <sweep dir>")
-    if problem := sweep_problem(Path(sys.argv[1])):
+    parser = cli_parser("python -m infalign.study.sweep", "Rebuild a sweep's sweep_summary.csv and sweep_summary.png "
+                        "(what the sweep callback writes when a multirun ends).")
+    parser.add_argument("sweep_dir", type=Path, help="a sweep directory (hydra.sweep.dir of `train.py -m`)")
+    sweep_dir = parser.parse_args().sweep_dir  # exits 2 with a usage line on bad input
+    if problem := sweep_problem(sweep_dir):
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
-    written = write_summary(Path(sys.argv[1]))
+    written = write_summary(sweep_dir)
     if written is None:  # every finished member skipped as damaged: each was named in a warning
         sys.exit(2)
     print(*written, sep="\n")
