@@ -20,10 +20,9 @@ from omegaconf import OmegaConf, open_dict
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from infalign.models.checks import check_weights, context_of
+from infalign.models.checks import check_reward_context, check_weights, context_of
 from infalign.models.policy import hf_policy
 from infalign.models.reward import hf_reward
-from infalign.models.checks import check_reward_context
 from infalign.runtime.errors import ConfigError
 from infalign.runtime.paths import conf_dir
 

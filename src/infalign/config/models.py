@@ -5,7 +5,7 @@ also the keys the trainer reads itself (`TRAINER_KEYS`) and what the caller pass
 from __future__ import annotations
 
 from infalign.config.rules import Rule, integer, list_of, nullable, one_of
-from infalign.config.schema import BOOL, DROPOUT, N, NONNEGATIVE, POSITIVE, SEED, TEXT, Key, Section
+from infalign.config.schema import BOOL, DROPOUT, NONNEGATIVE, POSITIVE, SEED, TEXT, Key, N, Section
 
 LORA = {
     "r": Key(integer(0), "the adapters' rank; 0 = off (the whole policy trains)", 8),

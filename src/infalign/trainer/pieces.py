@@ -11,11 +11,11 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from infalign.models.checks import check_reward_context
 from infalign.models.data import partition_fingerprint
 from infalign.models.lora import check_lora_settings, check_target_modules
 from infalign.models.policy import load_policy
 from infalign.models.reward import load_reward_model
-from infalign.models.checks import check_reward_context
 from infalign.runtime.atomic import give_plain_modes
 from infalign.runtime.manifest import fingerprint
 from infalign.trainer.calibration_cache import CachedSamples
