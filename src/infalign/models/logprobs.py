@@ -82,7 +82,11 @@ def _response_states(model, rollout: Rollout, head: torch.nn.Module | None) -> t
     cache = DynamicCache()
     _run(model.base_model, cache, input_ids=ids[first, :first_position], attention_mask=mask[first, :first_position],
          position_ids=position_ids[first, :first_position])
-    cache.batch_select_indices(inverse)  # an indexing op: autograd sums the k rows' gradients back
+    # each row's copy of its prompt's cache; autograd sums the rows' gradients back. index_select, not the cache's
+    # batch_select_indices: the backward of advanced indexing adds them with atomic adds across CPU threads, in no
+    # fixed order (tests/test_logprobs.py::test_gradients_are_bit_identical_on_several_threads)
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys.index_select(0, inverse), layer.values.index_select(0, inverse)
     out = _run(body, cache, input_ids=ids[:, first_position:-1], attention_mask=mask[:, :-1],
                position_ids=position_ids[:, first_position:-1])
     return (out.last_hidden_state if head is not None else out.logits), width
