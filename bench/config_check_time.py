@@ -34,6 +34,7 @@ HYDRA_OWN = ("transform=foo",)  # refused by Hydra itself (an unknown option): t
 def load_cases():
     spec = importlib.util.spec_from_file_location("bad_input_cases", REPO / "tests" / "bad_input_cases.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up while the class is made
     spec.loader.exec_module(module)
     return [c for c in module.CASES if c.stage == "schema" and not c.setup]
 
