@@ -23,7 +23,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from infalign.config import ConfigError, exit_on_user_error  # noqa: E402 (stdlib + omegaconf)
 from infalign.config.check import check_config, moved_keys, report  # noqa: E402 (stdlib + omegaconf)
-from infalign.runtime.atomic import FileWriteError  # noqa: E402 (stdlib)
+from infalign.runtime.errors import UserError  # noqa: E402 (stdlib)
 from infalign.runtime.paths import conf_dir  # noqa: E402
 from infalign.runtime.sweeper import refuse_study_without_multirun  # noqa: E402 (hydra, omegaconf)
 
@@ -40,8 +40,8 @@ def main(cfg: DictConfig) -> float | None:
         from infalign.trainer.run import run  # torch, Lightning: only for a config that passed
 
         final = run(cfg)  # its own checks (those that need torch or the model) raise ConfigError too
-    except (ConfigError, FileWriteError) as e:  # one line, exit status 2 (the traceback with HYDRA_FULL_ERROR=1);
-        exit_on_user_error(e)  # FileWriteError: a full disk or a read-only folder, named with the way out
+    except UserError as e:  # a refused value, a full disk: one line, exit status 2 (traceback: HYDRA_FULL_ERROR=1)
+        exit_on_user_error(e)
     return final.get(f"eval/bon_win_rate@{cfg.n}")
 
 

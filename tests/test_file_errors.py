@@ -86,6 +86,23 @@ def full_disk_for_checkpoints(tmp: Path, monkeypatch) -> dict:
     return {"file": tmp / "run" / "checkpoints" / "last.ckpt"}
 
 
+def save_policy_without_room(c: dict) -> None:
+    """`save_policy` whose model's safetensors write meets a full disk: safetensors' own error, not an OSError."""
+    from safetensors import SafetensorError
+
+    from infalign.trainer.pieces import save_policy
+
+    class Policy:
+        def save_pretrained(self, folder, **_):
+            Path(folder).mkdir(parents=True)
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    try:
+        save_policy(Policy(), object(), c["file"])
+    finally:
+        assert not c["file"].with_name(".policy.tmp").exists(), "the half-written policy was left behind"
+
+
 def no_space_left(tmp: Path, monkeypatch) -> dict:
     import infalign.runtime.atomic as atomic
 
@@ -281,6 +298,8 @@ CASES = [
     Case("full disk writing a checkpoint", full_disk_for_checkpoints, save_checkpoint,
          r"cannot write checkpoint {file}: No space left on device \(ENOSPC\)\. Free space on the disk .*"
          r"resume=true"),
+    Case("full disk writing the trained policy (safetensors)", lambda t, m: {"file": t / "run" / "policy"},
+         save_policy_without_room, r"cannot write {file}: No space left on device \(ENOSPC\)\. Free space on the disk"),
     Case("full disk writing a result file", no_space_left, lambda c: atomic_write_json(c["file"], {"a": 1}),
          r"cannot write {file}: No space left on device \(ENOSPC\)\. Free space on the disk that holds"),
     Case("file size limit reached while logs/metrics.csv gains a column", metrics_csv, add_a_column_without_room,
@@ -350,20 +369,23 @@ def _file_size_limit(max_bytes: int) -> Callable[[], None]:
     return limit
 
 
-@pytest.mark.parametrize("cache", ["fresh", "built"])
+@pytest.mark.parametrize("cache", ["fresh", "built", "build CLI"])
 def test_a_run_that_cannot_write_ends_in_one_line(cache, tmp_path, session_cache, run_train):
-    """`python train.py` on a disk that fills: one `error:` line naming the file, the cause and the way out, exit
-    status 2, no traceback. "fresh": the reference policy's weights, written by safetensors, whose own error
-    (SafetensorError, not an OSError) infalign.runtime.artifacts reads the cause from; "built": the checkpoint."""
+    """A command on a disk that fills: one `error:` line naming the file, the cause and the way out, exit status 2,
+    no traceback. "fresh": `python train.py` writing the reference policy's weights, written by safetensors, whose
+    own error (SafetensorError, not an OSError) infalign.runtime.atomic.os_error reads the cause from; "built": its
+    checkpoint; "build CLI": `python -m infalign.models.build` writing the policy's weights."""
     root = session_cache if cache == "built" else tmp_path / "cache"
     if cache == "built":
         run_train(*ARGS, f"hydra.run.dir={tmp_path / 'warm'}")  # every model in the cache first
+    command = ["-m", "infalign.models.build", "scale=smoke", "stages=[policy]"] if cache == "build CLI" else \
+        [str(REPO / "train.py"), *ARGS]
     env = {**os.environ, "INFALIGN_CACHE": str(root)}
-    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *ARGS, f"hydra.run.dir={tmp_path / 'run'}"],
+    proc = subprocess.run([sys.executable, *command, f"hydra.run.dir={tmp_path / 'run'}"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
                           preexec_fn=_file_size_limit(64 * 1024))
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    what = "the reference policy into the cache at" if cache == "fresh" else r"checkpoint \S+last\.ckpt"
+    what = r"checkpoint \S+last\.ckpt" if cache == "built" else "the reference policy into the cache at"
     assert re.match(rf"error: cannot write {what}.*: File too large \(EFBIG\)\. Free space on the disk", last), last
     assert not list(root.glob("*/.tmp-*")), "a half-built cache entry was left behind"

@@ -28,7 +28,7 @@ from infalign.models.data import load_partitions, partition_fingerprint
 from infalign.models.loaders import call_loader, check_loader_config
 from infalign.models.policy import format_prompts
 from infalign.runtime.artifacts import atomic_write_text
-from infalign.runtime.errors import ConfigError, exit_on_user_error
+from infalign.runtime.errors import ConfigError, UserError, exit_on_user_error
 from infalign.runtime.paths import conf_dir
 
 log = logging.getLogger("infalign.models.build")
@@ -103,7 +103,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     log.info("build config:\n%s", OmegaConf.to_yaml(cfg))
     try:
         summary = build_all(cfg, progress=bool(cfg.get("progress", True)))
-    except ConfigError as e:  # a refused key, file or model: one line `error: ...`, exit status 2, as train.py
+    except UserError as e:  # a refused key, file or model, a full disk: one line `error: ...`, exit 2, as train.py
         exit_on_user_error(e)
     out = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir) / "build_summary.json"
     atomic_write_text(out, json.dumps(summary, indent=2, default=str))

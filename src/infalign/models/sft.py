@@ -106,7 +106,6 @@ class BestValidationModule(L.LightningModule):
         self.model = model
         self.lr, self.weight_decay = lr, weight_decay
         self.warmup_steps, self.total_steps = warmup_steps, total_steps
-        self.best_score = -math.inf if self.mode == "max" else math.inf
         self.best_metrics: dict[str, float] = {}
         self.best_state: dict[str, torch.Tensor] | None = None
         self.history: list[dict[str, float]] = []
@@ -114,9 +113,8 @@ class BestValidationModule(L.LightningModule):
     def end_validation_epoch(self, metrics: dict[str, float]) -> None:
         self.log_dict(metrics, prog_bar=True)
         self.history.append({"epoch": self.current_epoch, **metrics})
-        score = metrics[self.monitor]
-        if (score > self.best_score) if self.mode == "max" else (score < self.best_score):
-            self.best_score = score
+        score, best = metrics[self.monitor], self.best_metrics.get(self.monitor)
+        if best is None or ((score > best) if self.mode == "max" else (score < best)):
             self.best_metrics = {**metrics, "epoch": self.current_epoch}
             self.best_state = copy.deepcopy(self.model.state_dict())
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import socket
 import sys
@@ -32,6 +31,7 @@ from infalign.runtime.atomic import (
     WRITE_ERRNOS,
     atomic_write_text,  # noqa: F401  (re-exported: build.py imports it from here)
     give_plain_modes,
+    os_error,
     plain_mode,
     write_error,
 )
@@ -136,13 +136,11 @@ def lookup(cache_root: str | Path | None, kind: str, key: Any) -> CacheEntry | N
 
 
 def _failed_write(error: Exception, folder: Path | None) -> OSError | None:
-    """The OSError behind a build's failed write that the user fixes (a full disk, a read-only folder: WRITE_ERRNOS),
-    else None. Only a file inside `folder` counts (its `filename`, or a `FileWriteError`'s `path`; an error that names
-    no file does, as the build writes nowhere else). safetensors reports a failed write as its own error, "I/O error:
-    File too large (os error 27)" (tests/test_file_errors.py, the run on a file-size limit)."""
-    if isinstance(error, SafetensorError):
-        code = re.search(r"\(os error (\d+)\)", str(error))
-        error = OSError(int(code[1]), os.strerror(int(code[1]))) if code else OSError(str(error))
+    """The OSError behind a build's failed write that the user fixes (a full disk, a read-only folder: WRITE_ERRNOS;
+    `atomic.os_error`), else None. Only a file inside `folder` counts (its `filename`, or a `FileWriteError`'s
+    `path`; an error that names no file does, as the build writes nowhere else)."""
+    if (error := os_error(error)) is None:
+        return None
     name = getattr(error, "path", None) or error.filename
     inside = folder is None or name is None or str(name).startswith(str(folder))
     return error if error.errno in WRITE_ERRNOS and inside else None

@@ -21,6 +21,7 @@ import errno
 import io
 import json
 import os
+import re
 import secrets
 import stat
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -28,9 +29,13 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
 
+from safetensors import SafetensorError
+
+from infalign.runtime.errors import UserError
+
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_write_csv",
            "atomic_write_figure", "give_plain_modes", "plain_mode", "read_csv_rows", "remove_stale_temps",
-           "write_error", "write_errors", "FileWriteError", "TMP_SUFFIX", "WRITE_ERRNOS"]
+           "os_error", "write_error", "write_errors", "FileWriteError", "TMP_SUFFIX", "WRITE_ERRNOS"]
 
 TMP_SUFFIX = ".tmp"
 # mkstemp's flags: exclusive creation, binary on Windows, not inherited
@@ -42,9 +47,10 @@ WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
-class FileWriteError(OSError):
+class FileWriteError(OSError, UserError):
     """A file could not be written; the message names it, the cause and what to do. An `OSError` (with the
-    cause's `errno`), so handlers of the original error still catch it; `path` is the file."""
+    cause's `errno`), so handlers of the original error still catch it; `path` is the file. A `UserError`: an entry
+    point reports it in one line."""
 
     def __init__(self, message: str, code: int | None, path: Path):
         super().__init__(message)
@@ -141,16 +147,28 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
+def os_error(error: BaseException) -> OSError | None:
+    """The OSError behind a failed write, else None: `error` itself, or the one safetensors (`save_pretrained`)
+    reports as its own error, "I/O error: File too large (os error 27)" (tests/test_file_errors.py, the run on a
+    file-size limit)."""
+    if isinstance(error, OSError):
+        return error
+    code = re.search(r"\(os error (\d+)\)", str(error)) if isinstance(error, SafetensorError) else None
+    return OSError(int(code[1]), os.strerror(int(code[1]))) if code else None
+
+
 @contextmanager
 def write_errors(path: str | Path, fix: str = "write it elsewhere") -> Iterator[None]:
-    """Writes to `path` within: an `OSError` the user has to fix (`WRITE_ERRNOS`: full disk, read-only, ...) comes
-    out as `write_error`'s `FileWriteError` naming `path` and `fix`; any other error as it was."""
+    """Writes to `path` within: an `OSError` the user has to fix (`WRITE_ERRNOS`: full disk, read-only, ...), or
+    safetensors' error for one, comes out as `write_error`'s `FileWriteError` naming `path` and `fix`; any other
+    error as it was."""
     try:
         yield
-    except OSError as e:
-        if isinstance(e, FileWriteError) or e.errno not in WRITE_ERRNOS:
+    except (OSError, SafetensorError) as e:
+        cause = os_error(e)
+        if isinstance(e, FileWriteError) or cause is None or cause.errno not in WRITE_ERRNOS:
             raise
-        raise write_error(path, e, fix=fix) from e
+        raise write_error(path, cause, fix=fix) from e
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None],

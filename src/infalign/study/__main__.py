@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 from infalign.study.archive import archive_members
-from infalign.study.report import cli_parser, print_paths, write_study
+from infalign.study.cli import cli_parser, print_paths
+from infalign.study.report import write_study
 from infalign.study.runs import sweep_problem
 
 

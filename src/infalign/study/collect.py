@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 from infalign.runtime.atomic import atomic_write_csv
+from infalign.study.cli import cli_parser, print_paths
 from infalign.study.orderings import COLUMNS as ORDERING_COLUMNS
-from infalign.study.report import cli_parser, print_paths
 
 
 def _rows(path: Path) -> tuple[list[str], list[dict]]:

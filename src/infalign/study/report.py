@@ -14,10 +14,8 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
-import sys
 from pathlib import Path
 
 from infalign.runtime.atomic import atomic_write_csv, atomic_write_text
@@ -27,7 +25,7 @@ from infalign.study.orderings import COLUMNS as ORDERING_COLUMNS
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EFFICIENCY_COLUMNS", "cli_parser", "print_paths", "write_study", "markdown", "study_kls_from_sweep"]
+__all__ = ["EFFICIENCY_COLUMNS", "write_study", "markdown", "study_kls_from_sweep"]
 
 # solver_efficiency.csv: these first, in this order (then their standard errors over seeds)
 EFFICIENCY_COLUMNS = ["solver", "method", "n", "beta", "seeds", "kl", "metric", "win_rate", "optimum_win_rate_at_kl",
@@ -204,23 +202,3 @@ def write_study(sweep_dir, kls=None, points: int = 3) -> dict[str, Path]:
     paths.update({f"figure_{k}": p for k, p in figures.items()})
     log.info("study: %s", ", ".join(str(p) for p in paths.values()))
     return paths
-
-
-def cli_parser(prog: str, doc: str) -> argparse.ArgumentParser:
-    """A study CLI's parser: its module docstring's first paragraph as the description, the rest as the epilog."""
-    description, _, epilog = doc.strip().partition("\n\n")
-    return argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-
-
-def print_paths(write) -> int:
-    """The study CLIs' ending: call `write()` (returns {name: path}) and print one line per file, exit status 0;
-    a FileNotFoundError (no study to read: its message names the folder and the fix) is one `error:` line, 2."""
-    try:
-        paths = write()
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for name, path in paths.items():
-        print(f"{name}: {path}")
-    return 0

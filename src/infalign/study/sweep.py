@@ -167,7 +167,7 @@ class SweepSummaryCallback(Callback):
 
 
 if __name__ == "__main__":
-    from infalign.study.report import cli_parser
+    from infalign.study.cli import cli_parser
     from infalign.study.runs import sweep_problem
 
     parser = cli_parser("python -m infalign.study.sweep", "Rebuild a sweep's sweep_summary.csv and sweep_summary.png "

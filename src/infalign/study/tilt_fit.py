@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from infalign.study.cli import cli_parser
 from infalign.study.runs import TILT_FIT
 from infalign.study.tilt_regression import fit_slope
 
@@ -187,7 +188,6 @@ def read_tilt_fit(member_dir, prompt_set: str = "held_out") -> dict:
 
 
 def main(argv: list[str]) -> int:
-    from infalign.study.report import cli_parser  # not at the top: the report imports the study (and this module)
 
     parser = cli_parser("python -m infalign.study.tilt_fit", __doc__)
     parser.add_argument("run_dir", type=Path, help="a finished run directory (final_metrics.json, policy/)")

@@ -16,7 +16,7 @@ from infalign.models.data import partition_fingerprint
 from infalign.models.lora import check_lora_settings, check_target_modules
 from infalign.models.policy import load_policy
 from infalign.models.reward import load_reward_model
-from infalign.runtime.atomic import give_plain_modes
+from infalign.runtime.atomic import give_plain_modes, write_errors
 from infalign.runtime.manifest import fingerprint
 from infalign.trainer.calibration_cache import CachedSamples
 from infalign.trainer.prompts import Prompt
@@ -128,16 +128,21 @@ def save_policy(policy, tokenizer, out: Path, merged=None) -> None:
     when asked for (model.lora.save_merged), the merged model, written with the tokenizer to `merged/`."""
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp, safe_serialization=True)
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:  # padding/truncation are what the last encode call left (each call sets its own):
-        backend.no_padding()  # saved, tokenizer.json would depend on the run's history (a resumed run's differed)
-        backend.no_truncation()
-    tokenizer.save_pretrained(tmp)
-    if merged is not None:  # its own folder: beside adapter_config.json, transformers would load the adapter instead
-        merged.save_pretrained(tmp / "merged", safe_serialization=True)
-        tokenizer.save_pretrained(tmp / "merged")
-    give_plain_modes(tmp)
+    try:
+        with write_errors(out):  # a full disk: one line naming the folder (safetensors says "I/O error")
+            policy.save_pretrained(tmp, safe_serialization=True)
+            backend = getattr(tokenizer, "backend_tokenizer", None)
+            if backend is not None:  # padding/truncation are what the last encode call left (each call sets its
+                backend.no_padding()  # own): saved, tokenizer.json would depend on the run's history
+                backend.no_truncation()
+            tokenizer.save_pretrained(tmp)
+            if merged is not None:  # its own folder: beside adapter_config.json, transformers would load the adapter
+                merged.save_pretrained(tmp / "merged", safe_serialization=True)
+                tokenizer.save_pretrained(tmp / "merged")
+            give_plain_modes(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = out.with_name(f".{out.name}.old")
     if out.exists():
         os.replace(out, old)
